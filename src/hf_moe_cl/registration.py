@@ -1,0 +1,61 @@
+"""Registration of the MoE-LoRA method in peft's lookup tables.
+
+peft's `register_peft_method` only accepts names listed in its `PeftType` enum, which third-party methods cannot
+extend. peft itself only ever uses the peft type as a dictionary key (and `.value` in error messages), so a string
+that also answers `.value` is a complete stand-in for an enum member.
+"""
+
+from __future__ import annotations
+
+
+class ExternalPeftType(str):
+    """A peft type defined outside peft's enum; behaves like a `PeftType` member wherever peft uses one."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+MOE_LORA = ExternalPeftType("MOE_LORA")
+MOE_LORA_PREFIX = "moe_lora_"
+
+
+def register_moe_lora() -> None:
+    """Make `get_peft_model`, `PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know MoE-LoRA.
+
+    Idempotent: calling it again (re-import, reload) leaves the tables as they are. A different method already
+    registered under the same name or prefix is an error rather than being overwritten.
+    """
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+
+    from .tuners.moe_lora import MoELoraConfig, MoELoraModel
+
+    wanted = {
+        id(PEFT_TYPE_TO_CONFIG_MAPPING): MoELoraConfig,
+        id(PEFT_TYPE_TO_TUNER_MAPPING): MoELoraModel,
+        id(PEFT_TYPE_TO_PREFIX_MAPPING): MOE_LORA_PREFIX,
+    }
+    for table in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
+        present = table.get(MOE_LORA)
+        expected = wanted[id(table)]
+        if present is not None and getattr(present, "__qualname__", present) != getattr(
+            expected, "__qualname__", expected
+        ):
+            raise KeyError(
+                f"peft already has a method registered as {MOE_LORA!r} ({present!r}); "
+                "uninstall the other package that registers it."
+            )
+    other = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == MOE_LORA_PREFIX and t != MOE_LORA]
+    if other:
+        raise KeyError(f"peft method {other[0]!r} already uses the prefix {MOE_LORA_PREFIX!r}.")
+    PEFT_TYPE_TO_CONFIG_MAPPING[MOE_LORA] = MoELoraConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[MOE_LORA] = MoELoraModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[MOE_LORA] = MOE_LORA_PREFIX

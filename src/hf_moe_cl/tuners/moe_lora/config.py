@@ -1,0 +1,113 @@
+"""Configuration of the task-routed mixture of expert LoRAs (MoE-Adapters, Yu et al., CVPR 2024)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from transformers.activations import ACT2FN
+
+from ...registration import MOE_LORA
+from ...safetensors_files import check_safetensors_file
+
+# The paper's placement: one expert bank per transformer block of both CLIP towers, in parallel to the MLP.
+CLIP_BLOCK_TARGETS = r".*(vision_model|text_model)\.encoder\.layers\.\d+"
+
+
+@dataclass
+class MoELoraConfig(PeftConfig):
+    """Configuration of a [`MoELoraModel`].
+
+    The defaults reproduce MoE-Adapters: 22 experts of rank 64 with ReLU and scale 0.1 in every encoder block of
+    both towers, top-2 noisy gating from the block's token-0 state, one router per task. Targeting `nn.Linear`
+    modules by name instead (e.g. `["q_proj", "v_proj"]`) gives LoRA-style experts on those projections.
+    """
+
+    num_tasks: int = field(default=1, metadata={"help": "Number of task routers; grow later with `add_task()`."})
+    num_experts: int = field(default=22, metadata={"help": "Experts per adapted module."})
+    top_k: int = field(default=2, metadata={"help": "Experts each sample is routed to."})
+    r: int = field(default=64, metadata={"help": "Rank (bottleneck width) of every expert."})
+    expert_activation: Optional[str] = field(
+        default="relu",
+        metadata={
+            "help": "Activation between down- and up-projection (a `transformers.activations` name). "
+            "None gives plain LoRA experts."
+        },
+    )
+    expert_scale: float = field(default=0.1, metadata={"help": "Multiplier of every expert's output."})
+    expert_dropout: float = field(default=0.1, metadata={"help": "Dropout after the activation, in training."})
+    expert_bias: bool = field(
+        default=True, metadata={"help": "Give the down- and up-projection a bias, as the paper's adapter does."}
+    )
+    noisy_gating: bool = field(
+        default=True, metadata={"help": "Add learned Gaussian noise to the router logits in training."}
+    )
+    noise_epsilon: float = field(default=1e-2, metadata={"help": "Floor of the router noise's standard deviation."})
+    load_balancing_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the importance+load balancing loss returned by `aux_loss()`; the official code "
+            "uses none."
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules to adapt: transformer blocks (expert bank beside the MLP) or nn.Linear modules "
+            "(LoRA-style). A regex string is matched in full; a list matches module-name suffixes. None adapts "
+            "every encoder block of both CLIP towers."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules not to adapt, same syntax as `target_modules`."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Other modules to train and save in full, e.g. a classification head."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Zero-initialise up-projections and routers so the adapted model starts equal to the base "
+            "model. Only for tests of the routing mechanics should this be False."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MOE_LORA
+        for name in ("num_tasks", "num_experts", "top_k", "r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or add experts."
+            )
+        if self.expert_activation is not None and self.expert_activation not in ACT2FN:
+            raise ValueError(
+                f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
+                f"{sorted(ACT2FN)}."
+            )
+        if not math.isfinite(self.expert_scale):
+            raise ValueError(f"`expert_scale` must be a finite number, got {self.expert_scale!r}.")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"`expert_dropout` must be in [0, 1), got {self.expert_dropout!r}.")
+        if self.noise_epsilon < 0 or self.load_balancing_coef < 0:
+            raise ValueError("`noise_epsilon` and `load_balancing_coef` must be non-negative.")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config; for a local adapter folder, also check its weights file before peft parses it."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = os.path.join(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            check_safetensors_file(weights)
+        return config

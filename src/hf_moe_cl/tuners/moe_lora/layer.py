@@ -1,0 +1,385 @@
+"""Tuner layers: a bank of low-rank experts with one router per task, beside a block's MLP or a Linear."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .config import MoELoraConfig
+from .gating import noisy_top_k
+
+EXPERT_PARAMS = ("moe_lora_A", "moe_lora_B", "moe_lora_bias_A", "moe_lora_bias_B")
+ROUTER_PARAMS = ("moe_lora_router_gate", "moe_lora_router_noise")
+
+
+@dataclass(frozen=True)
+class TaskRoute:
+    """Which task router each sample uses: one task for the whole batch, or one per sample (-1: no adapter)."""
+
+    task: Optional[int] = None
+    task_ids: Optional[torch.Tensor] = None
+    active: Optional[torch.Tensor] = None  # indices of the samples whose task id is >= 0
+
+    @classmethod
+    def per_sample(cls, task_ids: torch.Tensor) -> "TaskRoute":
+        task_ids = task_ids.long().flatten()
+        return cls(task_ids=task_ids, active=torch.nonzero(task_ids >= 0).flatten())
+
+    @property
+    def routes_nothing(self) -> bool:
+        if self.task_ids is None:
+            return self.task is None
+        return self.active.numel() == 0
+
+
+class MoELoraLayer(BaseTunerLayer):
+    """Stacked experts (expert dimension first) and stacked task routers (task dimension first).
+
+    Activate-freeze is enforced per slice: a frozen expert or router is read from a snapshot taken when it was
+    frozen, so no optimizer (momentum, weight decay) can move it, and the parameter slice itself is rewritten from
+    the snapshot before every `state_dict()`.
+    """
+
+    adapter_layer_names = EXPERT_PARAMS + ROUTER_PARAMS
+    other_param_names = (
+        "moe_lora_counts",
+        "moe_lora_frozen_by",
+        "moe_lora_router_frozen",
+        "moe_lora_snapshot",
+        "moe_lora_dropout",
+        "moe_lora_options",
+    )
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        for name in EXPERT_PARAMS + ROUTER_PARAMS:
+            setattr(self, name, nn.ParameterDict())
+        self.moe_lora_counts = BufferDict(persistent=True)
+        self.moe_lora_frozen_by = BufferDict(persistent=True)
+        self.moe_lora_router_frozen = BufferDict(persistent=True)
+        self.moe_lora_snapshot = nn.ModuleDict()
+        self.moe_lora_dropout = nn.ModuleDict()
+        self.moe_lora_options: dict[str, MoELoraConfig] = {}
+        self.route: Optional[TaskRoute] = None
+        self.balance_loss: Optional[torch.Tensor] = None
+        self.kwargs = kwargs
+        self.register_state_dict_pre_hook(_write_frozen_slices_before_save)
+        self.register_load_state_dict_post_hook(_snapshot_frozen_slices_after_load)
+
+    def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False, **kwargs) -> None:
+        num_experts, rank, num_tasks = config.num_experts, config.r, config.num_tasks
+        bound_a = 1.0 / math.sqrt(self.in_features)
+        self.moe_lora_A[adapter_name] = nn.Parameter(
+            torch.empty(num_experts, self.in_features, rank).uniform_(-bound_a, bound_a)
+        )
+        up = torch.zeros(num_experts, rank, self.out_features)
+        gate = torch.zeros(num_tasks, self.in_features, num_experts)
+        if not config.init_weights:
+            up.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+            gate.normal_(0.0, 1.0)
+        self.moe_lora_B[adapter_name] = nn.Parameter(up)
+        if config.expert_bias:
+            self.moe_lora_bias_A[adapter_name] = nn.Parameter(torch.zeros(num_experts, rank))
+            self.moe_lora_bias_B[adapter_name] = nn.Parameter(torch.zeros(num_experts, self.out_features))
+        self.moe_lora_router_gate[adapter_name] = nn.Parameter(gate)
+        self.moe_lora_router_noise[adapter_name] = nn.Parameter(torch.zeros(num_tasks, self.in_features, num_experts))
+        self.moe_lora_counts[adapter_name] = torch.zeros(num_tasks, num_experts, dtype=torch.long)
+        self.moe_lora_frozen_by[adapter_name] = torch.full((num_experts,), -1, dtype=torch.long)
+        self.moe_lora_router_frozen[adapter_name] = torch.zeros(num_tasks, dtype=torch.bool)
+        self.moe_lora_snapshot[adapter_name] = BufferDict(persistent=False)
+        self.moe_lora_dropout[adapter_name] = (
+            nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
+        )
+        self.moe_lora_options[adapter_name] = config
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _get_base_layer_device_and_dtype(self, base_layer):
+        device, dtype = super()._get_base_layer_device_and_dtype(base_layer)
+        if device is None:
+            param = next(base_layer.parameters(), None)
+            if param is not None:
+                device, dtype = param.device, param.dtype
+        return device, dtype
+
+    # ----- frozen slices -------------------------------------------------------------------------------------------
+    def _frozen_rows(self, adapter: str, name: str) -> torch.Tensor:
+        if name in ROUTER_PARAMS:
+            return self.moe_lora_router_frozen[adapter]
+        return self.moe_lora_frozen_by[adapter] >= 0
+
+    def effective(self, adapter: str, name: str) -> torch.Tensor:
+        """The parameter as the forward pass sees it: frozen slices come from their snapshot."""
+        param = getattr(self, name)[adapter]
+        snapshots = self.moe_lora_snapshot[adapter]
+        if name not in snapshots:
+            return param
+        rows = self._frozen_rows(adapter, name).view(-1, *([1] * (param.dim() - 1)))
+        return torch.where(rows, snapshots[name], param)
+
+    def _snapshot_rows(self, adapter: str, name: str, rows: torch.Tensor) -> None:
+        param = getattr(self, name)[adapter].detach()
+        snapshots = self.moe_lora_snapshot[adapter]
+        if name not in snapshots:
+            snapshots[name] = param.clone()
+        else:
+            snapshots[name][rows] = param[rows]
+
+    def write_frozen_slices(self) -> None:
+        """Copy every snapshot back into its parameter, undoing what an optimizer did to frozen slices."""
+        with torch.no_grad():
+            for adapter in self.moe_lora_snapshot:
+                for name in self.moe_lora_snapshot[adapter].keys():
+                    getattr(self, name)[adapter].data.copy_(self.effective(adapter, name))
+
+    def freeze_experts(self, adapter: str, experts: list[int], task: int) -> list[int]:
+        frozen_by = self.moe_lora_frozen_by[adapter]
+        new = [e for e in experts if int(frozen_by[e]) < 0]
+        if not new:
+            return []
+        rows = torch.tensor(new, device=frozen_by.device)
+        with torch.no_grad():
+            frozen_by[rows] = task
+            for name in EXPERT_PARAMS:
+                if adapter in getattr(self, name):
+                    self._snapshot_rows(adapter, name, rows)
+        return new
+
+    def freeze_router(self, adapter: str, task: int) -> None:
+        with torch.no_grad():
+            self.moe_lora_router_frozen[adapter][task] = True
+            rows = torch.tensor([task], device=self.moe_lora_router_frozen[adapter].device)
+            for name in ROUTER_PARAMS:
+                self._snapshot_rows(adapter, name, rows)
+
+    def add_task(self, adapter: str) -> None:
+        """Append a zero-initialised router (and its bookkeeping rows) for one more task."""
+        with torch.no_grad():
+            for name in ROUTER_PARAMS:
+                old = getattr(self, name)[adapter]
+                grown = torch.cat([old.detach(), old.new_zeros(1, *old.shape[1:])])
+                getattr(self, name)[adapter] = nn.Parameter(grown, requires_grad=old.requires_grad)
+                snapshots = self.moe_lora_snapshot[adapter]
+                if name in snapshots:
+                    snapshots[name] = torch.cat([snapshots[name], grown[-1:].clone()])
+            counts = self.moe_lora_counts[adapter]
+            self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(1, counts.shape[1])])
+            frozen = self.moe_lora_router_frozen[adapter]
+            self.moe_lora_router_frozen[adapter] = torch.cat([frozen, frozen.new_zeros(1)])
+
+    def merge_top_experts(self, adapter: str, task: int, optimizer: Optional[torch.optim.Optimizer]):
+        """Average the task's two most-selected experts into its least-selected trainable one.
+
+        Returns `(sources, target)` or None when the task has no selections yet or no trainable expert is left
+        outside the two sources. The target's optimizer state (e.g. Adam moments) is zeroed so stale statistics
+        of the overwritten expert do not steer the merged weights.
+        """
+        counts = self.moe_lora_counts[adapter][task]
+        if int(counts.sum()) == 0 or counts.numel() < 3:
+            return None
+        order = torch.sort(counts, descending=True, stable=True).indices
+        sources = order[:2].tolist()
+        trainable = (self.moe_lora_frozen_by[adapter] < 0).clone()
+        trainable[sources] = False
+        if not bool(trainable.any()):
+            return None
+        candidates = torch.nonzero(trainable).flatten()
+        target = int(candidates[torch.argmin(counts[candidates])])
+        with torch.no_grad():
+            for name in EXPERT_PARAMS:
+                if adapter not in getattr(self, name):
+                    continue
+                param = getattr(self, name)[adapter]
+                value = self.effective(adapter, name)
+                param.data[target] = (value[sources[0]] + value[sources[1]]) / 2
+                state = optimizer.state.get(param, {}) if optimizer is not None else {}
+                for tensor in state.values():
+                    if torch.is_tensor(tensor) and tensor.shape == param.shape:
+                        tensor[target] = 0
+        return sources, target
+
+    # ----- forward -------------------------------------------------------------------------------------------------
+    def _route(self, batch: int) -> Optional[TaskRoute]:
+        route = self.route
+        if route is None or route.routes_nothing or self.disable_adapters:
+            return None
+        if route.task_ids is not None and route.task_ids.shape[0] != batch:
+            raise ValueError(
+                f"{route.task_ids.shape[0]} task ids were given for a batch of {batch} samples; pass one task id "
+                "per sample of the tower being run (or use set_task() for a whole batch)."
+            )
+        return route
+
+    def moe_delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sum over the active adapters of the routed experts' output for `x` (batch, [tokens,] in_features)."""
+        self.balance_loss = None
+        route = self._route(x.shape[0])
+        if route is None:
+            return None
+        if route.task_ids is None:
+            inputs, task_ids = x, None
+        else:
+            active = route.active.to(x.device)
+            partial = active.numel() != x.shape[0]
+            inputs = x.index_select(0, active) if partial else x
+            task_ids = route.task_ids.to(x.device)
+            task_ids = task_ids.index_select(0, active) if partial else task_ids
+        total = None
+        for adapter in self.active_adapters:
+            if adapter not in self.moe_lora_A:
+                continue
+            delta = self._experts_forward(adapter, inputs, route.task, task_ids)
+            total = delta if total is None else total + delta
+        if total is None or route.task_ids is None or not partial:
+            return total
+        full = total.new_zeros(x.shape[:-1] + (self.out_features,))
+        return full.index_add(0, active, total)
+
+    def _experts_forward(
+        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        options = self.moe_lora_options[adapter]
+        num_tasks = self.moe_lora_router_gate[adapter].shape[0]
+        if task is not None and not 0 <= task < num_tasks:
+            raise ValueError(f"Task id {task} is out of range: this adapter has {num_tasks} task routers.")
+        weight_a = self.moe_lora_A[adapter]
+        x = x.to(weight_a.dtype)
+        tokens = x if x.dim() == 3 else x.unsqueeze(1)
+        batch, length, dim = tokens.shape
+        router_input = tokens[:, 0]
+        gate = self.effective(adapter, "moe_lora_router_gate")
+        noise = self.effective(adapter, "moe_lora_router_noise")
+        if task_ids is None:
+            gate, noise = gate[task], noise[task]
+        else:
+            gate, noise = gate[task_ids], noise[task_ids]
+        routing = noisy_top_k(
+            router_input,
+            gate,
+            noise,
+            top_k=options.top_k,
+            noisy=options.noisy_gating and self.training,
+            noise_epsilon=options.noise_epsilon,
+            with_balance_loss=self.training and options.load_balancing_coef > 0,
+        )
+        if routing.balance_loss is not None:
+            loss = options.load_balancing_coef * routing.balance_loss
+            self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss
+        experts, mix = routing.experts, routing.weights.to(weight_a.dtype)
+        if self.training:
+            self._count(adapter, experts, task, task_ids)
+
+        top_k, rank = experts.shape[1], weight_a.shape[-1]
+        down = self.effective(adapter, "moe_lora_A")[experts]  # (batch, k, dim, rank)
+        hidden = torch.bmm(tokens, down.permute(0, 2, 1, 3).reshape(batch, dim, top_k * rank))
+        if adapter in self.moe_lora_bias_A:
+            hidden = hidden + self.effective(adapter, "moe_lora_bias_A")[experts].reshape(batch, 1, top_k * rank)
+        if options.expert_activation is not None:
+            hidden = ACT2FN[options.expert_activation](hidden)
+        hidden = self.moe_lora_dropout[adapter](hidden)
+        hidden = hidden * mix.repeat_interleave(rank, dim=1).unsqueeze(1)
+        up = self.effective(adapter, "moe_lora_B")[experts].reshape(batch, top_k * rank, self.out_features)
+        out = torch.bmm(hidden, up)
+        if adapter in self.moe_lora_bias_B:
+            bias = (mix.unsqueeze(-1) * self.effective(adapter, "moe_lora_bias_B")[experts]).sum(1)
+            out = out + bias.unsqueeze(1)
+        out = out * options.expert_scale
+        return out if x.dim() == 3 else out.squeeze(1)
+
+    def _count(self, adapter: str, experts: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor]):
+        with torch.no_grad():
+            counts = self.moe_lora_counts[adapter]
+            flat = experts.flatten()
+            if task_ids is None:
+                counts[task].index_add_(0, flat, torch.ones_like(flat))
+            else:
+                rows = task_ids.repeat_interleave(experts.shape[1])
+                counts.index_put_((rows, flat), torch.ones_like(flat), accumulate=True)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(
+            "MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; "
+            "keep the adapter, or call unload() to get the base model back."
+        )
+
+
+def _write_frozen_slices_before_save(module: MoELoraLayer, prefix: str, keep_vars: bool) -> None:
+    module.write_frozen_slices()
+
+
+def _snapshot_frozen_slices_after_load(module: MoELoraLayer, incompatible_keys) -> None:
+    """Loaded parameters hold the frozen values: rebuild the snapshots from them."""
+    with torch.no_grad():
+        for adapter in module.moe_lora_snapshot:
+            snapshots = module.moe_lora_snapshot[adapter]
+            for name in EXPERT_PARAMS + ROUTER_PARAMS:
+                params = getattr(module, name)
+                if adapter in params and bool(module._frozen_rows(adapter, name).any()):
+                    snapshots[name] = params[adapter].detach().clone()
+                elif name in snapshots:
+                    del snapshots[name]
+
+
+class MoELoraBlock(nn.Module, MoELoraLayer):
+    """Expert bank beside a pre-LN transformer block's MLP, as in MoE-Adapters.
+
+    The experts read the post-attention residual stream (the input of `layer_norm2`) and their output is added to
+    the block's output: block(x) + experts(h_mid), routed by token 0 of h_mid (CLS for images, SOT for text).
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoELoraConfig, **kwargs) -> None:
+        super().__init__()
+        width = base_layer.layer_norm2.normalized_shape[0]
+        MoELoraLayer.__init__(self, base_layer, width, width, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        kwargs.pop("task_ids", None)
+        if self._route(hidden_states.shape[0]) is None:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        residual_stream = []
+        handle = self.base_layer.layer_norm2.register_forward_pre_hook(
+            lambda _module, inputs: residual_stream.append(inputs[0])
+        )
+        try:
+            output = self.base_layer(hidden_states, *args, **kwargs)
+        finally:
+            handle.remove()
+        delta = self.moe_delta(residual_stream[-1])
+        if delta is None:
+            return output
+        if isinstance(output, tuple):
+            return (output[0] + delta.to(output[0].dtype),) + output[1:]
+        return output + delta.to(output.dtype)
+
+    def __repr__(self) -> str:
+        return "moe_lora." + super().__repr__()
+
+
+class MoELoraLinear(nn.Module, MoELoraLayer):
+    """LoRA-style placement: experts read a Linear's input and add to its output, routed by token 0 of the input."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: MoELoraConfig, **kwargs) -> None:
+        super().__init__()
+        linear = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        MoELoraLayer.__init__(self, base_layer, linear.in_features, linear.out_features, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        delta = self.moe_delta(x)
+        return result if delta is None else result + delta.to(result.dtype)
+
+    def __repr__(self) -> str:
+        return "moe_lora." + super().__repr__()

@@ -1,0 +1,240 @@
+"""`MoELoraModel`: injects task-routed expert banks into a CLIP model and manages tasks, freezing and merging."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ...registration import MOE_LORA_PREFIX
+from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
+from .layer import EXPERT_PARAMS, MoELoraBlock, MoELoraLayer, MoELoraLinear, TaskRoute
+
+TARGETS_BY_MODEL_TYPE = {
+    "clip": CLIP_BLOCK_TARGETS,
+    "clip_vision_model": r".*vision_model\.encoder\.layers\.\d+",
+    "clip_text_model": r".*text_model\.encoder\.layers\.\d+",
+}
+
+TaskIds = Union[None, int, torch.Tensor]
+
+
+def tower_of(layer_name: str) -> str:
+    """'vision' or 'text' for a module name of a CLIP model ('other' outside both towers)."""
+    if "vision_model" in layer_name:
+        return "vision"
+    if "text_model" in layer_name:
+        return "text"
+    return "other"
+
+
+class MoELoraModel(BaseTuner):
+    """Task-routed mixture of expert LoRAs (MoE-Adapters) as a peft tuner.
+
+    Use through `get_peft_model(clip, MoELoraConfig(...))`; the methods below are reachable from the returned
+    `PeftModel`. Task 0 is routed after creation; `set_task(None)` (or -1) gives the untouched base model.
+    """
+
+    prefix: str = MOE_LORA_PREFIX
+    tuner_layer_cls = MoELoraLayer
+    target_module_mapping = TARGETS_BY_MODEL_TYPE
+
+    def _create_and_replace(
+        self,
+        peft_config: MoELoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, MoELoraLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = self._create_new_module(peft_config, adapter_name, target, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: MoELoraConfig, adapter_name: str, target: nn.Module, key: str) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Linear):
+            return MoELoraLinear(target, adapter_name, config)
+        if isinstance(getattr(base, "layer_norm2", None), nn.LayerNorm) and hasattr(base, "mlp"):
+            return MoELoraBlock(target, adapter_name, config)
+        raise ValueError(
+            f"Target module {key!r} ({type(base).__name__}) is not supported by MoE-LoRA: it adapts transformer "
+            "blocks that have `layer_norm2` and `mlp` (the default placement) or `nn.Linear` modules. Change "
+            "`target_modules` in MoELoraConfig."
+        )
+
+    def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
+        self.set_task(0)
+
+    def _check_merge_allowed(self):
+        raise ValueError(
+            "MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; "
+            "keep the adapter, or call unload() to get the base model back."
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = model.state_dict()
+        for key, value in remapped.items():
+            if key in expected and expected[key].shape != value.shape:
+                raise ValueError(
+                    f"The MoE-LoRA checkpoint does not match this model: {key!r} has shape {tuple(value.shape)} in "
+                    f"the checkpoint but {tuple(expected[key].shape)} here. Load it on the base model it was "
+                    f"trained on ({config.base_model_name_or_path!r}) with the adapter_config.json saved beside it."
+                )
+        return remapped
+
+    # ----- introspection -------------------------------------------------------------------------------------------
+    def moe_layers(self) -> dict[str, MoELoraLayer]:
+        """Adapted modules by name, in model order."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, MoELoraLayer)}
+
+    def _adapter(self) -> str:
+        adapters = [a for a in self.active_adapters if isinstance(self.peft_config.get(a), MoELoraConfig)]
+        if len(adapters) != 1:
+            raise ValueError(
+                f"Task management needs exactly one active MoE-LoRA adapter, found {adapters}; "
+                "call set_adapter(name) first."
+            )
+        return adapters[0]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.peft_config[self._adapter()].num_tasks
+
+    def _check_task(self, task: int) -> int:
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+            raise ValueError(
+                f"Task id {task!r} is out of range: this adapter has {self.num_tasks} task routers (ids 0 to "
+                f"{self.num_tasks - 1}; -1 or None is the zero-shot base model). Use add_task() to add one."
+            )
+        return task
+
+    # ----- routing -------------------------------------------------------------------------------------------------
+    def _make_route(self, task_ids: TaskIds) -> TaskRoute:
+        if task_ids is None or (isinstance(task_ids, int) and task_ids == -1):
+            return TaskRoute()
+        if isinstance(task_ids, int):
+            return TaskRoute(task=self._check_task(task_ids))
+        ids = torch.as_tensor(task_ids).long().flatten()
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
+            raise ValueError(
+                f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
+                f"from {int(ids.min())} to {int(ids.max())}."
+            )
+        return TaskRoute.per_sample(ids)
+
+    def set_task(self, task: Optional[int]) -> None:
+        """Route every sample through `task`'s router; None or -1 gives the unadapted base model."""
+        route = self._make_route(task)
+        for layer in self.moe_layers().values():
+            layer.route = route
+
+    @contextmanager
+    def routing(self, task_ids: TaskIds):
+        """Temporarily route with an int task or per-sample ids (a tensor of length batch, -1 for zero-shot)."""
+        route = self._make_route(task_ids)
+        layers = list(self.moe_layers().values())
+        previous = [layer.route for layer in layers]
+        for layer in layers:
+            layer.route = route
+        try:
+            yield
+        finally:
+            for layer, old in zip(layers, previous):
+                layer.route = old
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Lets `peft_model(..., task_ids=...)` route a mixed batch, as peft does with `adapter_names`."""
+        if kwargs.get("task_ids") is None:
+            yield
+            return
+        with self.routing(kwargs["task_ids"]):
+            yield
+
+    # ----- tasks ---------------------------------------------------------------------------------------------------
+    def add_task(self) -> int:
+        """Append a router for a new task to every layer and return its id."""
+        adapter = self._adapter()
+        for layer in self.moe_layers().values():
+            layer.add_task(adapter)
+        self.peft_config[adapter].num_tasks += 1
+        return self.peft_config[adapter].num_tasks - 1
+
+    def selection_counts(self, task: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """How often each expert was selected in training: (tasks, experts) per layer, or (experts,) for one task."""
+        adapter = self._adapter()
+        counts = {name: layer.moe_lora_counts[adapter] for name, layer in self.moe_layers().items()}
+        if task is None:
+            return counts
+        self._check_task(task)
+        return {name: c[task] for name, c in counts.items()}
+
+    def freeze_most_selected(self, task: int, k: Optional[int] = None) -> dict[str, list[int]]:
+        """Activate-freeze: per layer, freeze the k experts `task` selected most (default k = top_k) and its router.
+
+        Experts the task never selected are not frozen. Returns the experts newly frozen per layer.
+        """
+        adapter = self._adapter()
+        self._check_task(task)
+        k = self.peft_config[adapter].top_k if k is None else k
+        if k < 0:
+            raise ValueError(f"k must be non-negative, got {k}.")
+        newly = {}
+        for name, layer in self.moe_layers().items():
+            counts = layer.moe_lora_counts[adapter][task]
+            chosen = [e for e in torch.sort(counts, descending=True, stable=True).indices[:k].tolist() if counts[e] > 0]
+            newly[name] = layer.freeze_experts(adapter, chosen, task)
+            layer.freeze_router(adapter, task)
+        return newly
+
+    def frozen_experts(self) -> dict[str, dict[int, int]]:
+        """Per layer, frozen expert -> the task that froze it."""
+        adapter = self._adapter()
+        result = {}
+        for name, layer in self.moe_layers().items():
+            frozen_by = layer.moe_lora_frozen_by[adapter].tolist()
+            result[name] = {e: t for e, t in enumerate(frozen_by) if t >= 0}
+        return result
+
+    def frozen_routers(self) -> list[int]:
+        layers = list(self.moe_layers().values())
+        if not layers:
+            return []
+        return torch.nonzero(layers[0].moe_lora_router_frozen[self._adapter()]).flatten().tolist()
+
+    def merge_experts(self, task: int, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, tuple]:
+        """Expert merging (Park, 2024): per layer, average `task`'s two most-selected experts into its
+        least-selected trainable expert and reset that expert's optimizer state. Returns {layer: (sources, target)}
+        for the layers where a merge happened."""
+        adapter = self._adapter()
+        self._check_task(task)
+        merged = {}
+        for name, layer in self.moe_layers().items():
+            result = layer.merge_top_experts(adapter, task, optimizer)
+            if result is not None:
+                merged[name] = result
+        return merged
+
+    def expert_parameters(self, layer_name: str) -> dict[str, torch.Tensor]:
+        """The effective (frozen slices from their snapshot) stacked expert tensors of one layer."""
+        adapter = self._adapter()
+        layer = self.moe_layers()[layer_name]
+        return {n: layer.effective(adapter, n).detach() for n in EXPERT_PARAMS if adapter in getattr(layer, n)}
+
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the load-balancing losses of the last training forward (None when the coefficient is 0)."""
+        losses = [layer.balance_loss for layer in self.moe_layers().values() if layer.balance_loss is not None]
+        return torch.stack(losses).sum() if losses else None
