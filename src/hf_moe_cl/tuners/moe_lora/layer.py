@@ -79,7 +79,7 @@ class MoELoraLayer(BaseTunerLayer):
         num_experts, rank, num_tasks = config.num_experts, config.r, config.num_tasks
         bound_a = 1.0 / math.sqrt(self.in_features)
         self.moe_lora_A[adapter_name] = nn.Parameter(
-            torch.empty(num_experts, self.in_features, rank).uniform_(-bound_a, bound_a)
+            torch.empty(num_experts, rank, self.in_features).uniform_(-bound_a, bound_a)
         )
         up = torch.zeros(num_experts, rank, self.out_features)
         gate = torch.zeros(num_tasks, self.in_features, num_experts)
@@ -278,20 +278,24 @@ class MoELoraLayer(BaseTunerLayer):
         if self.training:
             self._count(adapter, experts, task, task_ids)
 
-        top_k, rank = experts.shape[1], weight_a.shape[-1]
-        down = self.effective(adapter, "moe_lora_A")[experts]  # (batch, k, dim, rank)
-        hidden = torch.bmm(tokens, down.permute(0, 2, 1, 3).reshape(batch, dim, top_k * rank))
+        # Gather only the chosen experts' weights, one (k*rank)-wide adapter per sample, and run two bmm's.
+        # index_select (not advanced indexing) keeps the backward an index_add, the cheap scatter.
+        top_k, rank = experts.shape[1], weight_a.shape[1]
+        chosen = experts.flatten()
+        down = self.effective(adapter, "moe_lora_A").index_select(0, chosen).view(batch, top_k * rank, dim)
+        hidden = torch.bmm(tokens, down.transpose(1, 2))
         if adapter in self.moe_lora_bias_A:
-            hidden = hidden + self.effective(adapter, "moe_lora_bias_A")[experts].reshape(batch, 1, top_k * rank)
+            bias_a = self.effective(adapter, "moe_lora_bias_A").index_select(0, chosen)
+            hidden = hidden + bias_a.view(batch, 1, top_k * rank)
         if options.expert_activation is not None:
             hidden = ACT2FN[options.expert_activation](hidden)
         hidden = self.moe_lora_dropout[adapter](hidden)
         hidden = hidden * mix.repeat_interleave(rank, dim=1).unsqueeze(1)
-        up = self.effective(adapter, "moe_lora_B")[experts].reshape(batch, top_k * rank, self.out_features)
-        out = torch.bmm(hidden, up)
+        up = self.effective(adapter, "moe_lora_B").index_select(0, chosen)
+        out = torch.bmm(hidden, up.view(batch, top_k * rank, self.out_features))
         if adapter in self.moe_lora_bias_B:
-            bias = (mix.unsqueeze(-1) * self.effective(adapter, "moe_lora_bias_B")[experts]).sum(1)
-            out = out + bias.unsqueeze(1)
+            bias_b = self.effective(adapter, "moe_lora_bias_B").index_select(0, chosen)
+            out = out + (mix.unsqueeze(-1) * bias_b.view(batch, top_k, self.out_features)).sum(1).unsqueeze(1)
         out = out * options.expert_scale
         return out if x.dim() == 3 else out.squeeze(1)
 

@@ -73,6 +73,13 @@ class MoELoraModel(BaseTuner):
             "`target_modules` in MoELoraConfig."
         )
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if new_module is getattr(child, "base_layer", None):
+            # unloading: put the wrapped block or Linear back as it was
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
         self.set_task(0)
 

@@ -1,0 +1,177 @@
+"""Train-step time, trainable parameters and training memory of MoE-LoRA against peft LoRA and full fine-tuning.
+
+Everything is measured in one run on the same batch, so the printed ratios compare like with like:
+    python benchmarks/step_time.py [--assets_dir ../shared/assets] [--batch_size 64] [--steps 20] [--device cpu]
+--model vit-b16-random times a randomly initialised CLIP of the paper's size (use a small --batch_size on CPU).
+On CUDA, memory is the peak allocated; on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from hf_moe_cl import MoELoraConfig
+from hf_moe_cl.assets import assets_dir
+
+
+def make_batch(path, batch_size, image_size, device):
+    tokenizer = CLIPTokenizer.from_pretrained(path / "proxy-clip")
+    prompts = [f"a photo of a {c}." for c in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                               "horse", "ship", "truck"]]
+    text = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
+    labels = torch.randint(0, len(prompts), (batch_size,), generator=generator).to(device)
+    return pixels, text, labels
+
+
+def train_step(model, optimizer, pixels, text, labels):
+    image = model.get_image_features(pixel_values=pixels).pooler_output
+    texts = model.get_text_features(**text).pooler_output
+    image = torch.nn.functional.normalize(image, dim=-1)
+    texts = torch.nn.functional.normalize(texts, dim=-1)
+    logits = model.logit_scale.exp() * image @ texts.T
+    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def training_memory(model, optimizer, batch, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, optimizer, *batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(model, optimizer, *batch)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return params + 3 * trainable + sum(saved)
+
+
+def timed_step(model, optimizer, batch, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_step(model, optimizer, *batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_all(models, batch, steps, device):
+    """Median step time per model, models interleaved step by step so machine noise hits all of them alike."""
+    optimizers = {}
+    for name, model in models.items():
+        model.to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizers[name] = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        for _ in range(2):
+            train_step(model, optimizers[name], *batch)
+    times = {name: [] for name in models}
+    for _ in range(steps):
+        for name, model in models.items():
+            times[name].append(timed_step(model, optimizers[name], batch, device))
+    return {
+        name: {
+            "name": name,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "step_s": statistics.median(times[name]),
+            "memory": training_memory(model, optimizers[name], batch, device),
+        }
+        for name, model in models.items()
+    }
+
+
+def vit_b16_config():
+    return CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16),
+        projection_dim=512,
+    )
+
+
+def paper_parameter_count():
+    """Trainable MoE parameters of the paper's setting (ViT-B/16 CLIP, 11 tasks) on a locally built config."""
+    with torch.device("meta"):
+        model = get_peft_model(CLIPModel(vit_b16_config()), MoELoraConfig(num_tasks=11))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets_dir", default=None)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model",
+        choices=["proxy-clip", "vit-b16-random"],
+        default="proxy-clip",
+        help="proxy-clip from the assets, or a randomly initialised ViT-B/16-sized CLIP (timings only)",
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    path = assets_dir(args.assets_dir)
+    if args.model == "proxy-clip":
+        base = CLIPModel.from_pretrained(path / "proxy-clip", dtype=torch.float32)
+    else:
+        base = CLIPModel(vit_b16_config())
+    batch = make_batch(path, args.batch_size, base.config.vision_config.image_size, device)
+    linear_targets = ["q_proj", "v_proj"]
+    candidates = {
+        "full fine-tune": lambda: copy.deepcopy(base),
+        "peft LoRA (q,v)": lambda: get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=linear_targets)
+        ),
+        "MoE-LoRA 22e top-2 (q,v)": lambda: get_peft_model(
+            copy.deepcopy(base), MoELoraConfig(r=args.rank, target_modules=linear_targets, expert_activation=None,
+                                               expert_bias=False, expert_dropout=0.0)
+        ),
+        "MoE-Adapters 22e top-2 (blocks)": lambda: get_peft_model(copy.deepcopy(base), MoELoraConfig(r=args.rank)),
+        "MoE-Adapters 2e top-2 (blocks)": lambda: get_peft_model(
+            copy.deepcopy(base), MoELoraConfig(r=args.rank, num_experts=2)
+        ),
+    }
+    results = measure_all({name: build() for name, build in candidates.items()}, batch, args.steps, device)
+    print(f"model={args.model} device={device} batch={args.batch_size} rank={args.rank} steps={args.steps} "
+          "(median step time, models interleaved)")
+    print(f"{'method':34s} {'trainable':>10s} {'step ms':>9s} {'memory MiB':>11s}")
+    for r in results.values():
+        print(f"{r['name']:34s} {r['trainable']:10,d} {1000 * r['step_s']:9.1f} {r['memory'] / 2**20:11.1f}")
+
+    def ratio(a, b, key):
+        return results[a][key] / results[b][key]
+
+    lora, moe_lin = "peft LoRA (q,v)", "MoE-LoRA 22e top-2 (q,v)"
+    moe22, moe2, full = "MoE-Adapters 22e top-2 (blocks)", "MoE-Adapters 2e top-2 (blocks)", "full fine-tune"
+    print(f"step time  MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'step_s'):.2f}  (target <= 1.3)")
+    print(f"step time  MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'step_s'):.2f}")
+    print(f"step time  MoE(22) / MoE(2), blocks             : {ratio(moe22, moe2, 'step_s'):.2f}  (target <= 1.1)")
+    print(f"step time  MoE-Adapters(22) / full fine-tune     : {ratio(moe22, full, 'step_s'):.2f}  (target <= 0.7)")
+    print(f"memory     MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'memory'):.2f}")
+    print(f"memory     MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'memory'):.2f}")
+    print(f"paper setting (ViT-B/16 config, 11 tasks): {paper_parameter_count():,d} trainable MoE parameters "
+          "(paper: 51.1M)")
+
+
+if __name__ == "__main__":
+    main()
