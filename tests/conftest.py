@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import string
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
@@ -66,3 +68,38 @@ def tiny_tokenizer_dir(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
     return tmp_path
+
+
+PALETTE = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220), (220, 30, 220)]
+
+
+def colour_task(name, num_classes=3, n_train=24, n_eval=12, seed=0, mode="RGB", offset=0):
+    """A learnable task: the class is the image's colour (with noise)."""
+    from datasets import Dataset
+    from PIL import Image
+
+    from hf_moe_cl.tasks import ContinualTask
+
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = [i % num_classes for i in range(n)]
+        images = []
+        for label in labels:
+            colour = np.array(PALETTE[(label + offset) % len(PALETTE)], dtype=np.float32)
+            pixels = np.clip(colour + rng.normal(0, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
+            images.append(Image.fromarray(pixels).convert(mode))
+        return Dataset.from_dict({"image": images, "label": labels})
+
+    names = ["red", "green", "blue", "yellow", "cyan", "magenta"]
+    classnames = [names[(i + offset) % len(names)] for i in range(num_classes)]
+    return ContinualTask(name=name, train_dataset=split(n_train), eval_dataset=split(n_eval), classnames=classnames,
+                         templates=["a photo of {}.", "{} colour."])
+
+
+@pytest.fixture
+def clip_processor(tiny_tokenizer_dir):
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(tiny_tokenizer_dir))

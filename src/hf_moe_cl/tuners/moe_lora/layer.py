@@ -176,14 +176,14 @@ class MoELoraLayer(BaseTunerLayer):
             frozen = self.moe_lora_router_frozen[adapter]
             self.moe_lora_router_frozen[adapter] = torch.cat([frozen, frozen.new_zeros(1)])
 
-    def merge_top_experts(self, adapter: str, task: int, optimizer: Optional[torch.optim.Optimizer]):
-        """Average the task's two most-selected experts into its least-selected trainable one.
+    def merge_top_experts(self, adapter: str, counts: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]):
+        """Average the two most-selected experts (by a task's `counts`) into its least-selected trainable one.
 
         Returns `(sources, target)` or None when the task has no selections yet or no trainable expert is left
         outside the two sources. The target's optimizer state (e.g. Adam moments) is zeroed so stale statistics
         of the overwritten expert do not steer the merged weights.
         """
-        counts = self.moe_lora_counts[adapter][task]
+        counts = counts.to(self.moe_lora_frozen_by[adapter].device)
         if int(counts.sum()) == 0 or counts.numel() < 3:
             return None
         order = torch.sort(counts, descending=True, stable=True).indices

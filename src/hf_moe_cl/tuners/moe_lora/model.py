@@ -189,10 +189,27 @@ class MoELoraModel(BaseTuner):
         self._check_task(task)
         return {name: c[task] for name, c in counts.items()}
 
-    def freeze_most_selected(self, task: int, k: Optional[int] = None) -> dict[str, list[int]]:
+    def set_selection_counts(self, task: int, counts: dict[str, torch.Tensor]) -> None:
+        """Overwrite one task's counts, e.g. with the sum over data-parallel processes."""
+        adapter = self._adapter()
+        self._check_task(task)
+        for name, layer in self.moe_layers().items():
+            layer.moe_lora_counts[adapter][task] = counts[name].to(layer.moe_lora_counts[adapter].device)
+
+    @property
+    def active_task(self) -> Optional[int]:
+        """The task every sample is routed to (None when routing is per sample or zero-shot)."""
+        layers = list(self.moe_layers().values())
+        route = layers[0].route if layers else None
+        return None if route is None else route.task
+
+    def freeze_most_selected(
+        self, task: int, k: Optional[int] = None, counts: Optional[dict[str, torch.Tensor]] = None
+    ) -> dict[str, list[int]]:
         """Activate-freeze: per layer, freeze the k experts `task` selected most (default k = top_k) and its router.
 
-        Experts the task never selected are not frozen. Returns the experts newly frozen per layer.
+        Experts the task never selected are not frozen. `counts` ({layer: (experts,)}) replaces the layer's own
+        counts, e.g. with counts summed over processes. Returns the experts newly frozen per layer.
         """
         adapter = self._adapter()
         self._check_task(task)
@@ -201,8 +218,9 @@ class MoELoraModel(BaseTuner):
             raise ValueError(f"k must be non-negative, got {k}.")
         newly = {}
         for name, layer in self.moe_layers().items():
-            counts = layer.moe_lora_counts[adapter][task]
-            chosen = [e for e in torch.sort(counts, descending=True, stable=True).indices[:k].tolist() if counts[e] > 0]
+            task_counts = layer.moe_lora_counts[adapter][task] if counts is None else counts[name]
+            order = torch.sort(task_counts, descending=True, stable=True).indices[:k].tolist()
+            chosen = [e for e in order if task_counts[e] > 0]
             newly[name] = layer.freeze_experts(adapter, chosen, task)
             layer.freeze_router(adapter, task)
         return newly
@@ -222,15 +240,21 @@ class MoELoraModel(BaseTuner):
             return []
         return torch.nonzero(layers[0].moe_lora_router_frozen[self._adapter()]).flatten().tolist()
 
-    def merge_experts(self, task: int, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, tuple]:
+    def merge_experts(
+        self,
+        task: int,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        counts: Optional[dict[str, torch.Tensor]] = None,
+    ) -> dict[str, tuple]:
         """Expert merging (Park, 2024): per layer, average `task`'s two most-selected experts into its
-        least-selected trainable expert and reset that expert's optimizer state. Returns {layer: (sources, target)}
-        for the layers where a merge happened."""
+        least-selected trainable expert and reset that expert's optimizer state. `counts` as in
+        `freeze_most_selected`. Returns {layer: (sources, target)} for the layers where a merge happened."""
         adapter = self._adapter()
         self._check_task(task)
         merged = {}
         for name, layer in self.moe_layers().items():
-            result = layer.merge_top_experts(adapter, task, optimizer)
+            task_counts = layer.moe_lora_counts[adapter][task] if counts is None else counts[name]
+            result = layer.merge_top_experts(adapter, task_counts, optimizer)
             if result is not None:
                 merged[name] = result
         return merged

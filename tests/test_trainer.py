@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hf_moe_cl import MoELoraConfig
+from hf_moe_cl.trainer import ContinualTrainer, ContinualTrainingArguments, ExpertMergingCallback
+
+from conftest import colour_task, tiny_clip
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), max_steps=6, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
+                  per_device_train_batch_size=8, per_device_eval_batch_size=16, report_to="none",
+                  disable_tqdm=True, logging_strategy="no", seed=3)
+    values.update(overrides)
+    return ContinualTrainingArguments(**values)
+
+
+def moe_model(**overrides):
+    values = dict(num_tasks=2, num_experts=4, top_k=2, r=4)
+    values.update(overrides)
+    return get_peft_model(tiny_clip(), MoELoraConfig(**values))
+
+
+def two_tasks():
+    return [colour_task("first", seed=0), colour_task("second", seed=1, offset=3, mode="L")]
+
+
+def test_moe_sequence_freezes_routes_and_saves_each_task(tmp_path, clip_processor):
+    tasks = two_tasks()
+    model = moe_model()
+    trainer = ContinualTrainer(model=model, args=make_args(tmp_path, weight_decay=0.1), processing_class=clip_processor)
+    zero_shot_second = trainer.evaluate_task(tasks[1], route=None)
+    result = trainer.train_tasks(tasks)
+
+    assert result.task_names == ["first", "second"]
+    assert len(result.accuracy_matrix) == 2 and all(len(row) == 2 for row in result.accuracy_matrix)
+    assert result.accuracy_matrix[0][1] == zero_shot_second  # unseen task through the untouched CLIP
+    assert set(result.metrics) == {"transfer", "average", "last"}
+    frozen = model.base_model.frozen_experts()
+    assert {t for layer in frozen.values() for t in layer.values()} == {0, 1}
+    assert model.base_model.frozen_routers() == [0, 1]
+
+    first = tmp_path / "task-00-first"
+    progress = json.loads((first / "continual_progress.json").read_text())
+    assert progress["finished_task"] == 0 and len(progress["accuracy_matrix"]) == 1
+    after_first = load_file(first / "adapter_model.safetensors")
+    final = model.state_dict()
+    checked = 0
+    for layer, experts in frozen.items():
+        for expert, task in experts.items():
+            if task != 0:
+                continue
+            for tensor in ("moe_lora_A", "moe_lora_B", "moe_lora_bias_A", "moe_lora_bias_B"):
+                saved = after_first[f"base_model.model.{layer}.{tensor}"][expert]
+                assert torch.equal(final[f"base_model.model.{layer}.{tensor}.default"][expert], saved)
+                checked += 1
+    assert checked > 0
+
+
+class StopAtTask(TrainerCallback):
+    def __init__(self, trainer, name):
+        self.trainer, self.name = trainer, name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.current_task.name == self.name:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, clip_processor):
+    tasks = two_tasks()
+    straight_model = moe_model()
+    straight = ContinualTrainer(model=straight_model, args=make_args(tmp_path / "a"), processing_class=clip_processor)
+    expected = straight.train_tasks(tasks)
+
+    interrupted = ContinualTrainer(model=moe_model(), args=make_args(tmp_path / "b"), processing_class=clip_processor)
+    interrupted.add_callback(StopAtTask(interrupted, "second"))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train_tasks(tasks)
+    assert not (tmp_path / "b" / "task-01-second").exists()
+
+    resumed_model = moe_model()
+    resumed = ContinualTrainer(model=resumed_model, args=make_args(tmp_path / "b"), processing_class=clip_processor)
+    result = resumed.train_tasks(tasks, resume=True)
+    assert result.accuracy_matrix == expected.accuracy_matrix
+    a, b = straight_model.state_dict(), resumed_model.state_dict()
+    for key in a:
+        if ".moe_lora_" in key:
+            assert torch.equal(a[key], b[key]), key
+    assert resumed_model.base_model.frozen_experts() == straight_model.base_model.frozen_experts()
+
+
+def test_resume_refuses_another_task_sequence(tmp_path, clip_processor):
+    tasks = two_tasks()
+    args = make_args(tmp_path, max_steps=1)
+    ContinualTrainer(model=moe_model(), args=args, processing_class=clip_processor).train_tasks(tasks[:1])
+    with pytest.raises(ValueError, match="Cannot resume"):
+        ContinualTrainer(model=moe_model(), args=args, processing_class=clip_processor).train_tasks(
+            [tasks[0], colour_task("third")], resume=True
+        )
+
+
+def test_expert_merging_callback_merges_during_training(tmp_path, clip_processor):
+    trainer = ContinualTrainer(model=moe_model(num_experts=5), args=make_args(tmp_path, merge_experts_every=2),
+                               processing_class=clip_processor)
+    trainer.train_tasks(two_tasks()[:1])
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ExpertMergingCallback))
+    assert callback.merges == 3
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baselines_run_in_the_same_harness(tmp_path, clip_processor, method):
+    model = tiny_clip()
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = ContinualTrainer(model=model, args=make_args(tmp_path), processing_class=clip_processor)
+    result = trainer.train_tasks(two_tasks())
+    assert len(result.accuracy_matrix) == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "task-01-second").is_dir()
+
+
+def test_new_tasks_get_routers_automatically(tmp_path, clip_processor):
+    model = moe_model(num_tasks=1)
+    ContinualTrainer(model=model, args=make_args(tmp_path, max_steps=1), processing_class=clip_processor).train_tasks(
+        two_tasks()
+    )
+    assert model.base_model.num_tasks == 2
+
+
+def test_bad_tasks_fail_before_any_training(tmp_path, clip_processor):
+    broken = colour_task("broken")
+    broken.classnames = broken.classnames[:2]  # labels go up to 2
+    model = moe_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = ContinualTrainer(model=model, args=make_args(tmp_path), processing_class=clip_processor)
+    with pytest.raises(ValueError, match="labels range from 0 to 2 but there are 2 class names"):
+        trainer.train_tasks([colour_task("fine"), broken])
+    assert not any(tmp_path.glob("task-*"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="CLIPProcessor"):
+        ContinualTrainer(model=model, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="unique"):
+        trainer.train_tasks([colour_task("same"), colour_task("same")])
