@@ -53,8 +53,7 @@ def clip_inputs():
     }
 
 
-@pytest.fixture
-def tiny_tokenizer_dir(tmp_path):
+def write_tiny_tokenizer(tmp_path):
     """A character-level CLIP BPE tokenizer (letters, digits, punctuation) written to disk."""
     symbols = list(string.ascii_lowercase + string.digits + ".,:'\"-")
     vocab = {}
@@ -68,6 +67,11 @@ def tiny_tokenizer_dir(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
     return tmp_path
+
+
+@pytest.fixture
+def tiny_tokenizer_dir(tmp_path):
+    return write_tiny_tokenizer(tmp_path)
 
 
 PALETTE = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220), (220, 30, 220)]

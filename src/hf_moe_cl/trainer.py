@@ -21,6 +21,7 @@ from .prompts import class_text_features, tokenize_prompts
 from .safetensors_files import check_safetensors_file
 from .tasks import ContinualTask
 from .tuners.moe_lora import MoELoraModel
+from .tuners.moe_lora.model import tower_of
 
 PROGRESS_FILE = "continual_progress.json"
 
@@ -83,11 +84,18 @@ def moe_of(model) -> Optional[MoELoraModel]:
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
-    """This task's expert-selection counts summed over all processes (every rank gets the same numbers)."""
+    """This task's expert-selection counts over all processes, equal on every rank and to a 1-process run.
+
+    Image batches are split across processes, so vision-tower counts are summed; every process encodes the same
+    class prompts, so text-tower counts are averaged.
+    """
     counts = {name: row.clone() for name, row in moe.selection_counts(task).items()}
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for row in counts.values():
+        world = dist.get_world_size()
+        for name, row in counts.items():
             dist.all_reduce(row)
+            if tower_of(name) == "text":
+                row //= world
     return counts
 
 

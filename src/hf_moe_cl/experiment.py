@@ -1,0 +1,87 @@
+"""One continual-learning experiment: a method, a base CLIP, a task sequence -> an accuracy matrix.
+
+Every method goes through the same `ContinualTrainer` (tasks, loss, schedule, evaluation), so the comparison is
+side by side: MoE-Adapters, zero-shot CLIP, continual full fine-tuning, continual peft LoRA, and individual full
+fine-tuning per task (each task from the pretrained model: the upper bound).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model
+
+from .trainer import ContinualResult, ContinualTrainer, ContinualTrainingArguments
+from .tuners.moe_lora import MoELoraConfig
+
+METHODS = ("moe-adapters", "zero-shot", "full-finetune", "lora", "individual-finetune")
+
+
+@dataclass
+class MethodArguments:
+    """Which method to run and its adapter sizes."""
+
+    method: str = field(default="moe-adapters", metadata={"help": f"One of {', '.join(METHODS)}."})
+    num_experts: int = field(default=22, metadata={"help": "MoE-Adapters: experts per block."})
+    top_k: int = field(default=2, metadata={"help": "MoE-Adapters: experts per sample."})
+    rank: int = field(default=64, metadata={"help": "Rank of MoE experts and of the LoRA baseline."})
+    noisy_gating: bool = field(default=True, metadata={"help": "MoE-Adapters: noisy top-k gating in training."})
+    lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "LoRA baseline: comma-separated modules."})
+    use_task_learning_rates: bool = field(
+        default=True,
+        metadata={"help": "MoE-Adapters: use each task's own learning rate (the paper's) where the preset has one."},
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+
+
+def build_model(method_args: MethodArguments, base, num_tasks: int):
+    """The trainable model of a continual method, on a private copy of `base`."""
+    model = copy.deepcopy(base)
+    if method_args.method == "moe-adapters":
+        config = MoELoraConfig(num_tasks=num_tasks, num_experts=method_args.num_experts, top_k=method_args.top_k,
+                               r=method_args.rank, noisy_gating=method_args.noisy_gating)
+        return get_peft_model(model, config)
+    if method_args.method == "lora":
+        targets = [t.strip() for t in method_args.lora_targets.split(",") if t.strip()]
+        return get_peft_model(model, LoraConfig(r=method_args.rank, lora_alpha=method_args.rank,
+                                                target_modules=targets))
+    return model
+
+
+def _with(args: ContinualTrainingArguments, **changes) -> ContinualTrainingArguments:
+    return dataclasses.replace(args, **changes)
+
+
+def run_method(method_args: MethodArguments, base, processor, tasks, args: ContinualTrainingArguments,
+               resume: bool = False) -> ContinualResult:
+    """Run one method over `tasks`; checkpoints go under `args.output_dir`."""
+    names = [task.name for task in tasks]
+    method = method_args.method
+    if method in ("full-finetune", "lora", "individual-finetune") or not method_args.use_task_learning_rates:
+        args = _with(args, task_learning_rates=[args.learning_rate] * len(tasks))
+    if method in ("zero-shot", "individual-finetune"):
+        zero_shot = zero_shot_row(base, processor, tasks, args)
+        if method == "zero-shot":
+            return ContinualResult(names, [list(zero_shot) for _ in tasks])
+        own = []
+        for task in tasks:
+            task_args = _with(args, output_dir=str(Path(args.output_dir) / f"individual-{task.name}"),
+                              task_learning_rates=[args.learning_rate])
+            trainer = ContinualTrainer(model=copy.deepcopy(base), args=task_args, processing_class=processor)
+            own.append(trainer.train_tasks([task], resume=resume).accuracy_matrix[0][0])
+        matrix = [[own[j] if j <= i else zero_shot[j] for j in range(len(tasks))] for i in range(len(tasks))]
+        return ContinualResult(names, matrix)
+    model = build_model(method_args, base, num_tasks=1 if args.shared_router else len(tasks))
+    trainer = ContinualTrainer(model=model, args=args, processing_class=processor)
+    return trainer.train_tasks(tasks, resume=resume)
+
+
+def zero_shot_row(base, processor, tasks, args: ContinualTrainingArguments) -> list[float]:
+    evaluator = ContinualTrainer(model=copy.deepcopy(base), args=_with(args, max_steps=0), processing_class=processor)
+    return [evaluator.evaluate_task(task, route=None) for task in tasks]
