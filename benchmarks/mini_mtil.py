@@ -1,0 +1,77 @@
+"""Every method of the harness on the `mini` preset (six real datasets, proxy CLIP), one table at the end.
+
+    python benchmarks/mini_mtil.py [--steps_per_task 200] [--assets_dir ../shared/assets] [--output_dir runs/mini]
+
+Prints Transfer / Average / Last per method (ZSCL definitions) and the zero-shot accuracy per task, and writes
+each method's accuracy matrix, metrics and heatmap under output_dir/<method>/ plus results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPModel, CLIPProcessor
+
+import hf_moe_cl  # noqa: F401
+from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.experiment import MethodArguments, run_method
+from hf_moe_cl.presets import mini_mtil_tasks
+from hf_moe_cl.reporting import markdown_table, write_report
+from hf_moe_cl.trainer import ContinualTrainingArguments
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets_dir", default=None)
+    parser.add_argument("--output_dir", default="runs/mini_mtil")
+    parser.add_argument("--steps_per_task", type=int, default=200)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr_moe", type=float, default=5e-3)
+    parser.add_argument("--lr_lora", type=float, default=5e-3)
+    parser.add_argument("--lr_full", type=float, default=5e-5)
+    parser.add_argument("--methods", default="zero-shot,full-finetune,lora,moe-adapters,individual-finetune")
+    args = parser.parse_args()
+
+    root = assets_dir(args.assets_dir)
+    base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
+    tasks = mini_mtil_tasks(root)
+    rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
+             "individual-finetune": args.lr_full, "zero-shot": 0.0}
+    rows, matrices, seconds = {}, {}, {}
+    for method in args.methods.split(","):
+        start = time.perf_counter()
+        training = ContinualTrainingArguments(
+            output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
+            warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=True,
+            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, disable_tqdm=True,
+            logging_strategy="no", save_task_checkpoints=False, seed=0,
+        )
+        result = run_method(MethodArguments(method=method), base, processor, tasks, training)
+        rows[method] = write_report(Path(args.output_dir) / method, method, result.task_names, result.accuracy_matrix)
+        matrices[method] = result.accuracy_matrix
+        seconds[method] = time.perf_counter() - start
+        print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
+
+    names = [task.name for task in tasks]
+    table = markdown_table(rows)
+    lines = [f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
+             + ", ".join(f"{m} {rates[m]:g}" for m in rows if m != "zero-shot"), "", table, ""]
+    if "zero-shot" in matrices:
+        lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
+                  "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
+    lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
+    report = "\n".join(lines)
+    print(report)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_dir) / "results.md").write_text(report + "\n")
+    (Path(args.output_dir) / "results.json").write_text(json.dumps({"tasks": names, "matrices": matrices,
+                                                                      "metrics": rows, "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()
