@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import load_from_disk
 from transformers import CLIPModel, CLIPProcessor
 
 import hf_moe_cl  # noqa: F401
@@ -28,32 +29,45 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets_dir", default=None)
     parser.add_argument("--output_dir", default="runs/mini_mtil")
-    parser.add_argument("--steps_per_task", type=int, default=200)
+    parser.add_argument("--steps_per_task", type=int, default=150)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr_moe", type=float, default=5e-3)
     parser.add_argument("--lr_lora", type=float, default=5e-3)
     parser.add_argument("--lr_full", type=float, default=5e-5)
     parser.add_argument("--methods", default="zero-shot,full-finetune,lora,moe-adapters,individual-finetune")
+    parser.add_argument("--task_agnostic", action="store_true",
+                        help="MoE-Adapters also trains DDAS (reference: reference/tinyimagenet-ref) and reports the "
+                        "task-agnostic matrix, DDAS's task confusion and the unseen-task share sent to zero-shot")
+    parser.add_argument("--ddas_feature_layer", type=int, default=None)
     args = parser.parse_args()
 
     root = assets_dir(args.assets_dir)
     base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
     processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
     tasks = mini_mtil_tasks(root)
+    reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
              "individual-finetune": args.lr_full, "zero-shot": 0.0}
-    rows, matrices, seconds = {}, {}, {}
+    rows, matrices, seconds, selections = {}, {}, {}, {}
     for method in args.methods.split(","):
         start = time.perf_counter()
         training = ContinualTrainingArguments(
             output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
             warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=True,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, disable_tqdm=True,
-            logging_strategy="no", save_task_checkpoints=False, seed=0,
+            logging_strategy="no", save_task_checkpoints=False, seed=0, ddas=args.task_agnostic,
+            task_agnostic_eval=args.task_agnostic, ddas_feature_layer=args.ddas_feature_layer,
         )
-        result = run_method(MethodArguments(method=method), base, processor, tasks, training)
+        result = run_method(MethodArguments(method=method), base, processor, tasks, training,
+                            ddas_reference=reference)
         rows[method] = write_report(Path(args.output_dir) / method, method, result.task_names, result.accuracy_matrix)
         matrices[method] = result.accuracy_matrix
+        if result.task_agnostic_matrix is not None:
+            agnostic = f"{method} task-agnostic (DDAS)"
+            rows[agnostic] = write_report(Path(args.output_dir) / f"{method}-task-agnostic", agnostic,
+                                          result.task_names, result.task_agnostic_matrix)
+            matrices[agnostic] = result.task_agnostic_matrix
+            selections[method] = result.task_selection
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
@@ -64,13 +78,25 @@ def main():
     if "zero-shot" in matrices:
         lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
                   "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
+    for method, stages in selections.items():
+        lines += [f"DDAS task selection after the last task ({method}): rows = images of a task, columns = where "
+                  "DDAS sent them (% of the task's test images)", "",
+                  "| images of | zero-shot | " + " | ".join(names) + " | correct |",
+                  "| --- |" + " ---: |" * (len(names) + 2)]
+        for j, counts in enumerate(stages[-1]):
+            share = [100.0 * c / sum(counts) for c in counts]
+            lines.append(f"| {names[j]} | " + " | ".join(f"{s:.1f}" for s in share) + f" | {share[j + 1]:.1f} |")
+        unseen = [stages[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
+        to_zero_shot = 100.0 * sum(c[0] for c in unseen) / sum(sum(c) for c in unseen)
+        lines += ["", f"Images of tasks not yet learned that DDAS sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
     lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
     report = "\n".join(lines)
     print(report)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "results.md").write_text(report + "\n")
     (Path(args.output_dir) / "results.json").write_text(json.dumps({"tasks": names, "matrices": matrices,
-                                                                      "metrics": rows, "seconds": seconds}))
+                                                                      "metrics": rows, "seconds": seconds,
+                                                                      "ddas_selection": selections}))
 
 
 if __name__ == "__main__":

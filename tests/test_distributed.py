@@ -3,7 +3,6 @@ global batch: expert-selection counts are all-reduced before freezing and mergin
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,12 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(command, cwd):
@@ -28,8 +21,8 @@ def run(command, cwd):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     run([sys.executable, WORKER, str(single), "8"], cwd=tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), WORKER, str(double), "8"], cwd=tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
+         str(double), "8"], cwd=tmp_path)
     one = json.loads((single / "summary.json").read_text())
     two = json.loads((double / "summary.json").read_text())
     assert one["world"] == 1 and two["world"] == 2

@@ -322,3 +322,23 @@ def test_merge_and_unload_refuses_and_unload_restores_the_base(clip_inputs):
         model.merge_and_unload()
     base = model.unload()
     assert torch.equal(logits(base, clip_inputs), reference)
+
+
+def test_push_to_hub_uploads_the_folder_peft_saves(tmp_path, monkeypatch, clip_inputs):
+    import shutil
+    import types
+
+    import transformers.utils.hub as hub
+
+    uploaded = tmp_path / "uploaded"
+    fake_api = types.SimpleNamespace(create_repo=lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(hub, "hf_api", lambda: fake_api)
+    monkeypatch.setattr(hub, "create_and_tag_model_card",
+                        lambda *a, **kw: types.SimpleNamespace(save=lambda path: open(path, "w").write("card")))
+    monkeypatch.setattr(PeftModel, "_upload_modified_files",
+                        lambda self, folder, repo_id, **kw: shutil.copytree(folder, uploaded))
+    model = get_peft_model(tiny_clip(), small_config(init_weights=False)).eval()
+    model.push_to_hub("someone/moe-clip")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(uploaded))
+    loaded = PeftModel.from_pretrained(tiny_clip(), uploaded).eval()
+    assert torch.equal(logits(loaded, clip_inputs), logits(model, clip_inputs))

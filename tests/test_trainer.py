@@ -147,3 +147,14 @@ def test_bad_tasks_fail_before_any_training(tmp_path, clip_processor):
         ContinualTrainer(model=model, args=make_args(tmp_path))
     with pytest.raises(ValueError, match="unique"):
         trainer.train_tasks([colour_task("same"), colour_task("same")])
+
+
+def test_shared_router_mode_is_the_class_incremental_setting(tmp_path, clip_processor):
+    model = moe_model(num_tasks=1)
+    args = make_args(tmp_path, shared_router=True, evaluate_all_tasks=False)
+    result = ContinualTrainer(model=model, args=args, processing_class=clip_processor).train_tasks(two_tasks())
+    assert model.base_model.num_tasks == 1
+    assert all(not experts for experts in model.base_model.frozen_experts().values())
+    assert result.accuracy_matrix[0][1] is None and result.accuracy_matrix[1][0] is None
+    counts = model.base_model.selection_counts()["vision_model.encoder.layers.0"]
+    assert counts[0].sum() == 2 * 6 * 8 * 2  # two tasks x 6 steps x batch 8 x top-2, all through router 0

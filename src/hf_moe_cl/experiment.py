@@ -59,13 +59,15 @@ def _with(args: ContinualTrainingArguments, **changes) -> ContinualTrainingArgum
 
 
 def run_method(method_args: MethodArguments, base, processor, tasks, args: ContinualTrainingArguments,
-               resume: bool = False) -> ContinualResult:
-    """Run one method over `tasks`; checkpoints go under `args.output_dir`."""
+               resume: bool = False, ddas_reference=None) -> ContinualResult:
+    """Run one method over `tasks`; checkpoints go under `args.output_dir`. `ddas_reference` (reference images)
+    is used by MoE-Adapters when `args.ddas` is set."""
     names = [task.name for task in tasks]
     method = method_args.method
     if method in ("full-finetune", "lora", "individual-finetune") or not method_args.use_task_learning_rates:
         args = _with(args, task_learning_rates=[args.learning_rate] * len(tasks))
     if method in ("zero-shot", "individual-finetune"):
+        args = _with(args, ddas=False, task_agnostic_eval=False)
         zero_shot = zero_shot_row(base, processor, tasks, args)
         if method == "zero-shot":
             return ContinualResult(names, [list(zero_shot) for _ in tasks])
@@ -78,7 +80,9 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
         matrix = [[own[j] if j <= i else zero_shot[j] for j in range(len(tasks))] for i in range(len(tasks))]
         return ContinualResult(names, matrix)
     model = build_model(method_args, base, num_tasks=1 if args.shared_router else len(tasks))
-    trainer = ContinualTrainer(model=model, args=args, processing_class=processor)
+    if method != "moe-adapters":
+        args = _with(args, ddas=False, task_agnostic_eval=False)
+    trainer = ContinualTrainer(model=model, args=args, processing_class=processor, ddas_reference=ddas_reference)
     return trainer.train_tasks(tasks, resume=resume)
 
 

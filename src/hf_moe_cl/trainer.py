@@ -11,17 +11,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from datasets import Dataset
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .collator import ImageClassificationCollator
+from .ddas import DistributionSelector, clip_image_features, load_selector, selector_features
 from .metrics import mtil_metrics
 from .prompts import class_text_features, tokenize_prompts
 from .safetensors_files import check_safetensors_file
 from .tasks import ContinualTask
 from .tuners.moe_lora import MoELoraModel
-from .tuners.moe_lora.model import tower_of
+from .tuners.moe_lora.model import find_moe, tower_of
 
 PROGRESS_FILE = "continual_progress.json"
 
@@ -65,22 +67,42 @@ class ContinualTrainingArguments(TrainingArguments):
     save_task_checkpoints: bool = field(
         default=True, metadata={"help": "Save the model and the matrix so far after every task (needed to resume)."}
     )
+    ddas: bool = field(
+        default=False,
+        metadata={"help": "Train a DDAS selector (MoE-LoRA): a reference autoencoder once, one per task after it."},
+    )
+    ddas_feature_layer: Optional[int] = field(
+        default=None,
+        metadata={"help": "DDAS features: None = the untouched CLIP's image embedding; k = tokens after k blocks."},
+    )
+    ddas_hidden_dim: int = field(default=100, metadata={"help": "Hidden width of every DDAS autoencoder."})
+    ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder."})
+    ddas_reference_steps: int = field(default=1000, metadata={"help": "Training steps of the reference one."})
+    ddas_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the autoencoders."})
+    ddas_threshold: Optional[float] = field(
+        default=None, metadata={"help": "Fixed zero-shot threshold; None calibrates one per task on held-out data."}
+    )
+    ddas_quantile: float = field(
+        default=0.95, metadata={"help": "Calibrated threshold: this quantile of held-out in-task errors."}
+    )
+    ddas_max_images: int = field(default=2000, metadata={"help": "Images per task used to fit its autoencoder."})
+    task_agnostic_eval: bool = field(
+        default=False,
+        metadata={"help": "Also fill a task-agnostic accuracy matrix: DDAS picks every image's router."},
+    )
 
 
 @dataclass
 class ContinualResult:
     task_names: list[str]
     accuracy_matrix: list[list[Optional[float]]]
+    task_agnostic_matrix: Optional[list[list[float]]] = None
+    # per stage, per evaluated task: how many images DDAS sent to [zero-shot, task 0, task 1, ...]
+    task_selection: Optional[list[list[list[int]]]] = None
 
     @property
     def metrics(self) -> dict[str, float]:
         return mtil_metrics(self.accuracy_matrix)
-
-
-def moe_of(model) -> Optional[MoELoraModel]:
-    """The MoE-LoRA tuner inside a PeftModel (None for other models)."""
-    tuner = getattr(model, "base_model", None)
-    return tuner if isinstance(tuner, MoELoraModel) else None
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -109,7 +131,7 @@ class ExpertMergingCallback(TrainerCallback):
         self.merges = 0
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        moe = moe_of(model)
+        moe = find_moe(model)
         task = moe.active_task if moe is not None else None
         if task is None or state.global_step % self.every:
             return
@@ -128,7 +150,7 @@ class ContinualTrainer(Trainer):
     """
 
     def __init__(self, model=None, args: Optional[ContinualTrainingArguments] = None, processing_class=None,
-                 **kwargs):
+                 ddas_reference: Optional[Dataset] = None, **kwargs):
         if processing_class is None or not hasattr(processing_class, "tokenizer"):
             raise ValueError("ContinualTrainer needs `processing_class=CLIPProcessor(...)` (tokenizer + image processor).")
         if kwargs.get("data_collator") is None:
@@ -142,6 +164,7 @@ class ContinualTrainer(Trainer):
         super().__init__(model=model, args=args, processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.current_task: Optional[ContinualTask] = None
         self._prompt_tokens: Optional[dict[str, torch.Tensor]] = None
+        self.ddas_reference = ddas_reference
 
     # ----- loss ----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -150,7 +173,7 @@ class ContinualTrainer(Trainer):
         loss = F.cross_entropy(
             outputs.logits_per_image.float(), inputs["labels"], label_smoothing=self.args.label_smoothing_factor
         )
-        moe = moe_of(self.model)
+        moe = find_moe(self.model)
         aux = moe.aux_loss() if moe is not None else None
         if aux is not None:
             loss = loss + aux
@@ -162,7 +185,7 @@ class ContinualTrainer(Trainer):
         """Top-1 accuracy (%) on the task's eval set; `route` is the task router (None: zero-shot / plain model)."""
         model = self.model
         model.eval()
-        moe = moe_of(model)
+        moe = find_moe(model)
         device = self.args.device
         context = moe.routing(route) if moe is not None else nullcontext()
         with context:
@@ -175,6 +198,84 @@ class ContinualTrainer(Trainer):
                 correct += int((predictions == labels).sum())
                 total += labels.numel()
         return 100.0 * correct / total
+
+    @torch.no_grad()
+    def evaluate_task_agnostic(self, task: ContinualTask) -> tuple[float, list[int]]:
+        """Accuracy (%) when DDAS picks every image's router, and how many images went to [zero-shot, task 0, ...].
+
+        Images are classified among the task's class names, the text encoded through the router DDAS chose.
+        """
+        model = self.model
+        model.eval()
+        moe = find_moe(model)
+        selector = moe.selector
+        device = self.args.device
+        text_by_route: dict[int, torch.Tensor] = {}
+        correct = total = 0
+        selected = torch.zeros(selector.num_tasks + 1, dtype=torch.long, device=device)
+        for batch in self.get_eval_dataloader(task.eval_dataset):
+            pixels = batch["pixel_values"].to(device)
+            routes = selector.select(selector_features(selector, model, pixels))
+            with moe.routing(routes):
+                image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+            predictions = torch.empty_like(routes)
+            for route in routes.unique().tolist():
+                if route not in text_by_route:
+                    with moe.routing(route if route >= 0 else None):
+                        text_by_route[route] = class_text_features(
+                            model, self.processing_class.tokenizer, task.classnames, task.templates, device
+                        )
+                chosen = routes == route
+                predictions[chosen] = (image[chosen] @ text_by_route[route].T).argmax(-1)
+            predictions, labels, routes = self.accelerator.gather_for_metrics(
+                (predictions, batch["labels"].to(device), routes)
+            )
+            correct += int((predictions == labels).sum())
+            total += labels.numel()
+            selected += torch.bincount(routes + 1, minlength=selector.num_tasks + 1)
+        return 100.0 * correct / total, selected.tolist()
+
+    # ----- DDAS ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _selector_input(self, dataset: Dataset, selector) -> torch.Tensor:
+        """DDAS features of up to `ddas_max_images` images, gathered from every process."""
+        if len(dataset) > self.args.ddas_max_images:
+            dataset = dataset.select(range(self.args.ddas_max_images))
+        self.model.eval()
+        features = []
+        for batch in self.get_eval_dataloader(dataset):
+            pixels = batch["pixel_values"].to(self.args.device)
+            features.append(self.accelerator.gather_for_metrics(selector_features(selector, self.model, pixels)))
+        return torch.cat(features)
+
+    def _ensure_selector(self, moe: MoELoraModel):
+        if moe.selector is not None and bool(moe.selector.trained[0]):
+            return moe.selector
+        if self.ddas_reference is None or len(self.ddas_reference) == 0:
+            raise ValueError(
+                "args.ddas needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. "
+                "Tiny ImageNet; the shared assets have reference/tinyimagenet-ref)."
+            )
+        probe = self.ddas_reference.select(range(1))
+        batch = self.data_collator([{"image": probe[0]["image"], "label": 0}])
+        pixels = batch["pixel_values"].to(self.args.device)
+        dim = clip_image_features(self.model, pixels, self.args.ddas_feature_layer).shape[-1]
+        selector = DistributionSelector(dim, moe.num_tasks, hidden_dim=self.args.ddas_hidden_dim,
+                                        feature_layer=self.args.ddas_feature_layer)
+        moe.attach_selector(selector)
+        reference = self.ddas_reference
+        if "label" not in reference.column_names:
+            reference = reference.add_column("label", [0] * len(reference))
+        selector.fit_reference(self._selector_input(reference, selector), steps=self.args.ddas_reference_steps,
+                               lr=self.args.ddas_learning_rate, seed=self.args.seed)
+        return selector
+
+    def _fit_task_selector(self, index: int, task: ContinualTask) -> None:
+        selector = self._ensure_selector(find_moe(self.model))
+        selector.fit_task(index, self._selector_input(task.train_dataset, selector),
+                          steps=self.args.ddas_task_steps, lr=self.args.ddas_learning_rate,
+                          threshold=self.args.ddas_threshold, quantile=self.args.ddas_quantile,
+                          seed=self.args.seed)
 
     # ----- the task loop -------------------------------------------------------------------------------------------
     def train_tasks(self, tasks: list[ContinualTask], resume: bool = False) -> ContinualResult:
@@ -192,19 +293,32 @@ class ContinualTrainer(Trainer):
             raise ValueError(
                 f"task_learning_rates has {len(self.args.task_learning_rates)} entries for {len(tasks)} tasks."
             )
-        moe = moe_of(self.model)
+        moe = find_moe(self.model)
+        uses_ddas = self.args.ddas or self.args.task_agnostic_eval
+        if uses_ddas and (moe is None or self.args.shared_router):
+            raise ValueError("DDAS and task-agnostic evaluation need a MoE-LoRA model with one router per task.")
+        if self.args.task_agnostic_eval and not self.args.ddas and moe.selector is None:
+            raise ValueError("task_agnostic_eval needs a DDAS selector: set ddas=True (or attach a trained one).")
+        if self.args.ddas and (self.ddas_reference is None or len(self.ddas_reference) == 0):
+            raise ValueError("ddas=True needs reference images: pass `ddas_reference=` to ContinualTrainer.")
         if moe is not None and not self.args.shared_router:
             while moe.num_tasks < len(tasks):
                 moe.add_task()
         names = [task.name for task in tasks]
         matrix: list[list[Optional[float]]] = []
+        agnostic: Optional[list] = [] if self.args.task_agnostic_eval else None
+        selection: Optional[list] = [] if self.args.task_agnostic_eval else None
         start = 0
         if resume:
-            start, matrix = self._resume(names)
+            start, matrix, agnostic = self._resume(names)
         for index in range(start, len(tasks)):
             task = tasks[index]
             if train:
                 self._train_one_task(index, task)
+            if moe is not None and not self.args.shared_router:
+                self._record_task_info(moe, index, task)
+            if self.args.ddas:
+                self._fit_task_selector(index, task)
             row = []
             for j, other in enumerate(tasks):
                 if self.args.evaluate_all_tasks or j == index:
@@ -213,19 +327,33 @@ class ContinualTrainer(Trainer):
                     row.append(None)
             matrix.append(row)
             self.log({f"accuracy/{other}": acc for other, acc in zip(names, row) if acc is not None})
+            if agnostic is not None:
+                evaluated = [self.evaluate_task_agnostic(other) for other in tasks]
+                agnostic.append([accuracy for accuracy, _ in evaluated])
+                selection.append([counts for _, counts in evaluated])
+                self.log({f"task_agnostic_accuracy/{n}": a for n, a in zip(names, agnostic[-1])})
             if self.args.save_task_checkpoints:
-                self._save_task(index, names, matrix)
-        return ContinualResult(task_names=names, accuracy_matrix=matrix)
+                self._save_task(index, names, matrix, agnostic)
+        return ContinualResult(task_names=names, accuracy_matrix=matrix, task_agnostic_matrix=agnostic,
+                               task_selection=selection)
+
+    @staticmethod
+    def _record_task_info(moe: MoELoraModel, index: int, task: ContinualTask) -> None:
+        config = moe.peft_config[moe._adapter()]
+        info = list(config.task_info or [])
+        info += [None] * (index + 1 - len(info))
+        info[index] = {"name": task.name, "classnames": list(task.classnames), "templates": list(task.templates)}
+        config.task_info = info
 
     def _route_for(self, task_index: int, seen: bool) -> Optional[int]:
-        if moe_of(self.model) is None or not seen:
+        if find_moe(self.model) is None or not seen:
             return None
         return 0 if self.args.shared_router else task_index
 
     def _train_one_task(self, index: int, task: ContinualTask) -> None:
         set_seed(self.args.seed + index)
         self.current_task = task
-        moe = moe_of(self.model)
+        moe = find_moe(self.model)
         route = self._route_for(index, seen=True)
         if moe is not None:
             moe.set_task(route)
@@ -247,13 +375,14 @@ class ContinualTrainer(Trainer):
     def _task_dir(self, index: int, name: str) -> Path:
         return Path(self.args.output_dir) / f"task-{index:02d}-{name}"
 
-    def _save_task(self, index: int, names: list[str], matrix) -> None:
+    def _save_task(self, index: int, names: list[str], matrix, agnostic) -> None:
         folder = self._task_dir(index, names[index])
         if self.is_world_process_zero():
             folder.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(folder)
             self.state.save_to_json(str(folder / "trainer_state.json"))
-            progress = {"finished_task": index, "task_names": names, "accuracy_matrix": matrix}
+            progress = {"finished_task": index, "task_names": names, "accuracy_matrix": matrix,
+                        "task_agnostic_matrix": agnostic}
             (folder / PROGRESS_FILE).write_text(json.dumps(progress, indent=1))
         self.accelerator.wait_for_everyone()
 
@@ -263,7 +392,7 @@ class ContinualTrainer(Trainer):
             if (self._task_dir(index, name) / PROGRESS_FILE).is_file():
                 finished = index
         if finished is None:
-            return 0, []
+            return 0, [], [] if self.args.task_agnostic_eval else None
         folder = self._task_dir(finished, names[finished])
         progress = json.loads((folder / PROGRESS_FILE).read_text())
         if progress["task_names"] != names:
@@ -272,13 +401,20 @@ class ContinualTrainer(Trainer):
                 "Use another output_dir or the same task sequence."
             )
         self._load_weights(folder)
-        return finished + 1, progress["accuracy_matrix"]
+        return finished + 1, progress["accuracy_matrix"], progress.get("task_agnostic_matrix")
 
     def _load_weights(self, folder: Path) -> None:
         if isinstance(self.model, PeftModel):
             path = folder / "adapter_model.safetensors"
             check_safetensors_file(path)
             set_peft_model_state_dict(self.model, load_file(path))
+            moe = find_moe(self.model)
+            selector = load_selector(str(folder), expected_tasks=moe.num_tasks) if moe is not None else None
+            if selector is not None:
+                moe.attach_selector(selector)
+            if moe is not None:
+                moe.peft_config[moe._adapter()].task_info = json.loads(
+                    (folder / "adapter_config.json").read_text()).get("task_info")
         else:
             state = {}
             for path in sorted(folder.glob("model*.safetensors")):

@@ -68,6 +68,13 @@ class MoELoraConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Other modules to train and save in full, e.g. a classification head."}
     )
+    task_info: Optional[list[dict]] = field(
+        default=None,
+        metadata={
+            "help": "Per trained task: name, class names and prompt templates (filled by ContinualTrainer); used by "
+            "TaskAgnosticClassifier and the model card."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -103,11 +110,27 @@ class MoELoraConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's save path: also writes an attached DDAS selector beside the adapter (ddas_config.json +
+        ddas.safetensors), so save_pretrained and push_to_hub carry it."""
+        super().save_pretrained(save_directory, **kwargs)
+        reference = getattr(self, "_selector_ref", None)
+        selector = reference() if reference is not None else None
+        if selector is not None:
+            from ...ddas import save_selector
+
+            save_selector(selector, save_directory)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load the config; for a local adapter folder, also check its weights file before peft parses it."""
+        """Load the config; check a local adapter's weights file before peft parses it, and load a DDAS selector
+        saved beside it (the tuner attaches it when it is built)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = os.path.join(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
         if os.path.isfile(weights):
             check_safetensors_file(weights)
+        from ...ddas import load_selector
+
+        config._loaded_selector = load_selector(folder, expected_tasks=config.num_tasks)
         return config

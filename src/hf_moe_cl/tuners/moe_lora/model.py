@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Optional, Union
 
@@ -20,6 +21,13 @@ TARGETS_BY_MODEL_TYPE = {
 }
 
 TaskIds = Union[None, int, torch.Tensor]
+SELECTOR_ATTRIBUTE = "moe_lora_ddas"
+
+
+def find_moe(model) -> Optional["MoELoraModel"]:
+    """The MoE-LoRA tuner inside a PeftModel (None for other models)."""
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, MoELoraModel) else None
 
 
 def tower_of(layer_name: str) -> str:
@@ -82,6 +90,32 @@ class MoELoraModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
         self.set_task(0)
+        loaded = getattr(config, "_loaded_selector", None)
+        if loaded is not None:
+            config._loaded_selector = None
+            self.attach_selector(loaded)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The DDAS selector has files of its own (written by MoELoraConfig.save_pretrained), not the adapter's."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {k: v for k, v in selected.items() if f".{SELECTOR_ATTRIBUTE}." not in k}
+
+    # ----- DDAS ----------------------------------------------------------------------------------------------------
+    def attach_selector(self, selector) -> None:
+        """Attach a DDAS selector: it moves with the model and is saved, pushed and loaded with the adapter."""
+        if selector.num_tasks != self.num_tasks:
+            raise ValueError(
+                f"The DDAS selector has {selector.num_tasks} task autoencoders but the adapter has "
+                f"{self.num_tasks} task routers; build it with num_tasks={self.num_tasks}."
+            )
+        device = next(self.model.parameters()).device
+        setattr(self, SELECTOR_ATTRIBUTE, selector.to(device))
+        self.peft_config[self._adapter()]._selector_ref = weakref.ref(selector)
+
+    @property
+    def selector(self):
+        return self._modules.get(SELECTOR_ATTRIBUTE)
 
     def _check_merge_allowed(self):
         raise ValueError(
@@ -177,6 +211,8 @@ class MoELoraModel(BaseTuner):
         adapter = self._adapter()
         for layer in self.moe_layers().values():
             layer.add_task(adapter)
+        if self.selector is not None:
+            self.selector.add_task()
         self.peft_config[adapter].num_tasks += 1
         return self.peft_config[adapter].num_tasks - 1
 
