@@ -39,6 +39,7 @@ def main():
                         help="MoE-Adapters also trains DDAS (reference: reference/tinyimagenet-ref) and reports the "
                         "task-agnostic matrix, DDAS's task confusion and the unseen-task share sent to zero-shot")
     parser.add_argument("--ddas_feature_layer", type=int, default=None)
+    parser.add_argument("--ddas_task_steps", type=int, default=300, help="paper: 300")
     args = parser.parse_args()
 
     root = assets_dir(args.assets_dir)
@@ -47,8 +48,8 @@ def main():
     tasks = mini_mtil_tasks(root)
     reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
-             "individual-finetune": args.lr_full, "zero-shot": 0.0}
-    rows, matrices, seconds, selections = {}, {}, {}, {}
+             "individual-finetune": args.lr_full, "zero-shot": 0.0, "condu": args.lr_lora}
+    rows, matrices, seconds, selections, identification = {}, {}, {}, {}, {}
     for method in args.methods.split(","):
         start = time.perf_counter()
         training = ContinualTrainingArguments(
@@ -57,6 +58,7 @@ def main():
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, disable_tqdm=True,
             logging_strategy="no", save_task_checkpoints=False, seed=0, ddas=args.task_agnostic,
             task_agnostic_eval=args.task_agnostic, ddas_feature_layer=args.ddas_feature_layer,
+            ddas_task_steps=args.ddas_task_steps,
         )
         result = run_method(MethodArguments(method=method), base, processor, tasks, training,
                             ddas_reference=reference)
@@ -68,6 +70,8 @@ def main():
                                           result.task_names, result.task_agnostic_matrix)
             matrices[agnostic] = result.task_agnostic_matrix
             selections[method] = result.task_selection
+        if result.task_identification is not None:
+            identification[method] = result.task_identification
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
@@ -89,6 +93,10 @@ def main():
         unseen = [stages[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
         to_zero_shot = 100.0 * sum(c[0] for c in unseen) / sum(sum(c) for c in unseen)
         lines += ["", f"Images of tasks not yet learned that DDAS sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
+    for method, shares in identification.items():
+        lines += [f"{method}: semantic voting, % of each task's test images whose best-voted task is that task "
+                  "(after the last task)", "", "| " + " | ".join(names) + " |", "|" + " ---: |" * len(names),
+                  "| " + " | ".join(f"{s:.1f}" for s in shares) + " |", ""]
     lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
     report = "\n".join(lines)
     print(report)
@@ -96,7 +104,8 @@ def main():
     (Path(args.output_dir) / "results.md").write_text(report + "\n")
     (Path(args.output_dir) / "results.json").write_text(json.dumps({"tasks": names, "matrices": matrices,
                                                                       "metrics": rows, "seconds": seconds,
-                                                                      "ddas_selection": selections}))
+                                                                      "ddas_selection": selections,
+                                                                      "task_identification": identification}))
 
 
 if __name__ == "__main__":

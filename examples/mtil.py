@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from datasets import load_dataset
+from datasets import load_dataset, load_from_disk
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
@@ -68,6 +68,11 @@ class ExperimentArguments:
     )
     few_shot: int = field(default=5, metadata={"help": "Examples per class in few-shot presets."})
     resume: bool = field(default=False, metadata={"help": "Continue after the last finished task in output_dir."})
+    ddas_reference: Optional[str] = field(
+        default=None,
+        metadata={"help": "With --ddas: reference images (a saved dataset folder or a Hub dataset id with an image "
+                  "column); default for `mini`: the assets' reference/tinyimagenet-ref."},
+    )
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -120,7 +125,12 @@ def main():
     logger.info("preset %s, method %s, %d tasks: %s", experiment.preset, method_args.method, len(tasks),
                 [t.name for t in tasks])
 
-    result = run_method(method_args, base, processor, tasks, training_args, resume=experiment.resume)
+    reference = None
+    if training_args.ddas:
+        source = experiment.ddas_reference or str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref")
+        reference = load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
+    result = run_method(method_args, base, processor, tasks, training_args, resume=experiment.resume,
+                        ddas_reference=reference)
     if not training_args.process_index == 0:
         return
     output = Path(training_args.output_dir)
@@ -132,6 +142,10 @@ def main():
     else:
         metrics = write_report(output, method_args.method, result.task_names, result.accuracy_matrix)
         print((output / "metrics.md").read_text())
+        if result.task_agnostic_matrix is not None:
+            agnostic = write_report(output / "task_agnostic", f"{method_args.method} task-agnostic",
+                                    result.task_names, result.task_agnostic_matrix)
+            metrics.update({f"task_agnostic_{name}": value for name, value in agnostic.items()})
         print(json.dumps({"tasks": result.task_names, "accuracy_matrix": result.accuracy_matrix}, indent=1))
     print(json.dumps({"method": method_args.method, **metrics}))
 

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
+from transformers import set_seed
 
+from .condu_learner import ConDULearner
 from .trainer import ContinualResult, ContinualTrainer, ContinualTrainingArguments
 from .tuners.moe_lora import MoELoraConfig
 
-METHODS = ("moe-adapters", "zero-shot", "full-finetune", "lora", "individual-finetune")
+METHODS = ("moe-adapters", "zero-shot", "full-finetune", "lora", "individual-finetune", "condu")
 
 
 @dataclass
@@ -30,6 +32,10 @@ class MethodArguments:
     rank: int = field(default=64, metadata={"help": "Rank of MoE experts and of the LoRA baseline."})
     noisy_gating: bool = field(default=True, metadata={"help": "MoE-Adapters: noisy top-k gating in training."})
     lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "LoRA baseline: comma-separated modules."})
+    condu_top_k: int = field(default=4, metadata={"help": "ConDU: tasks voted for per image without a task id."})
+    condu_weighting: str = field(
+        default="uniform", metadata={"help": "ConDU: 'uniform' averaging (official) or 'similarity'-weighted."}
+    )
     use_task_learning_rates: bool = field(
         default=True,
         metadata={"help": "MoE-Adapters: use each task's own learning rate (the paper's) where the preset has one."},
@@ -64,7 +70,7 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
     is used by MoE-Adapters when `args.ddas` is set."""
     names = [task.name for task in tasks]
     method = method_args.method
-    if method in ("full-finetune", "lora", "individual-finetune") or not method_args.use_task_learning_rates:
+    if method in ("full-finetune", "lora", "individual-finetune", "condu") or not method_args.use_task_learning_rates:
         args = _with(args, task_learning_rates=[args.learning_rate] * len(tasks))
     if method in ("zero-shot", "individual-finetune"):
         args = _with(args, ddas=False, task_agnostic_eval=False)
@@ -79,6 +85,15 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
             own.append(trainer.train_tasks([task], resume=resume).accuracy_matrix[0][0])
         matrix = [[own[j] if j <= i else zero_shot[j] for j in range(len(tasks))] for i in range(len(tasks))]
         return ContinualResult(names, matrix)
+    set_seed(args.seed)  # adapter initialisation does not depend on what ran before
+    if method == "condu":
+        targets = tuple(t.strip() for t in method_args.lora_targets.split(",") if t.strip())
+        learner = ConDULearner(copy.deepcopy(base), processor, _with(args, ddas=False, task_agnostic_eval=False),
+                               rank=method_args.rank, lora_targets=targets, top_k_tasks=method_args.condu_top_k,
+                               weighting=method_args.condu_weighting)
+        result = learner.run(tasks)
+        learner.save_pretrained(str(Path(args.output_dir) / "condu-triggers"))
+        return result
     model = build_model(method_args, base, num_tasks=1 if args.shared_router else len(tasks))
     if method != "moe-adapters":
         args = _with(args, ddas=False, task_agnostic_eval=False)

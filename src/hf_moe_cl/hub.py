@@ -33,13 +33,18 @@ def model_card(model, metrics: Optional[dict[str, float]] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def push_to_hub(model, repo_id: str, metrics: Optional[dict[str, float]] = None, private: bool = False,
-                token: Optional[str] = None, commit_message: str = "Upload continual CLIP adapter") -> str:
-    """Save the adapter (with its selector) and model card to a folder and upload it; returns the commit URL."""
+def upload_folder(save, repo_id: str, card: str, private: bool = False, token: Optional[str] = None,
+                  commit_message: str = "Upload continual CLIP") -> str:
+    """`save(folder)` writes the files; they and the model card go up through huggingface_hub's upload API."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        (Path(folder) / "README.md").write_text(model_card(model, metrics))
+        save(folder)
+        (Path(folder) / "README.md").write_text(card)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message)
     return str(info)
+
+
+def push_to_hub(model, repo_id: str, metrics: Optional[dict[str, float]] = None, **kwargs) -> str:
+    """Upload a MoE-LoRA adapter with its DDAS selector and a model card; returns the commit URL."""
+    return upload_folder(model.save_pretrained, repo_id, model_card(model, metrics), **kwargs)

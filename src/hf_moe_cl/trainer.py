@@ -99,6 +99,8 @@ class ContinualResult:
     task_agnostic_matrix: Optional[list[list[float]]] = None
     # per stage, per evaluated task: how many images DDAS sent to [zero-shot, task 0, task 1, ...]
     task_selection: Optional[list[list[list[int]]]] = None
+    # ConDU after the last task: per task, % of its images whose best-voted task is the task itself
+    task_identification: Optional[list[float]] = None
 
     @property
     def metrics(self) -> dict[str, float]:
