@@ -84,6 +84,15 @@ def main():
         candidates[f"DDAS ({label}) + MoE"] = (
             lambda c=classifier: c.classify(pixels, candidate_labels=meta["classnames"])
         )
+    routes = torch.arange(pixels.shape[0]) % len(MINI_TASKS)
+
+    @torch.no_grad()
+    def routed_only(c=classifier):
+        with c.moe.routing(routes):
+            image = F.normalize(c.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        return (image @ text.T).argmax(-1)
+
+    candidates["MoE routed forward only (routes given)"] = routed_only
     times = {name: [] for name in candidates}
     for run in candidates.values():
         run()

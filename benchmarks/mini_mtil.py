@@ -25,6 +25,31 @@ from hf_moe_cl.reporting import markdown_table, write_report
 from hf_moe_cl.trainer import ContinualTrainingArguments
 
 
+def summary(header, names, rows, matrices, seconds, selections, identification) -> str:
+    """The Markdown report: metrics per method, zero-shot per task, DDAS selection, ConDU voting, run times."""
+    lines = [header, "", markdown_table(rows), ""]
+    if "zero-shot" in matrices:
+        lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
+                  "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
+    for method, stages in selections.items():
+        lines += [f"DDAS task selection after the last task ({method}): rows = images of a task, columns = where "
+                  "DDAS sent them (% of the task's test images)", "",
+                  "| images of | zero-shot | " + " | ".join(names) + " | correct |",
+                  "| --- |" + " ---: |" * (len(names) + 2)]
+        for j, counts in enumerate(stages[-1]):
+            share = [100.0 * c / sum(counts) for c in counts]
+            lines.append(f"| {names[j]} | " + " | ".join(f"{s:.1f}" for s in share) + f" | {share[j + 1]:.1f} |")
+        unseen = [stages[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
+        to_zero_shot = 100.0 * sum(c[0] for c in unseen) / sum(sum(c) for c in unseen)
+        lines += ["", f"Images of tasks not yet learned that DDAS sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
+    for method, shares in identification.items():
+        lines += [f"{method}: semantic voting, % of each task's test images whose best-voted task is that task "
+                  "(after the last task)", "", "| " + " | ".join(names) + " |", "|" + " ---: |" * len(names),
+                  "| " + " | ".join(f"{s:.1f}" for s in shares) + " |", ""]
+    lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets_dir", default=None)
@@ -65,47 +90,28 @@ def main():
         rows[method] = write_report(Path(args.output_dir) / method, method, result.task_names, result.accuracy_matrix)
         matrices[method] = result.accuracy_matrix
         if result.task_agnostic_matrix is not None:
-            agnostic = f"{method} task-agnostic (DDAS)"
+            agnostic = f"{method} task-agnostic ({'voting' if method == 'condu' else 'DDAS'})"
             rows[agnostic] = write_report(Path(args.output_dir) / f"{method}-task-agnostic", agnostic,
                                           result.task_names, result.task_agnostic_matrix)
             matrices[agnostic] = result.task_agnostic_matrix
-            selections[method] = result.task_selection
+            if result.task_selection is not None:
+                selections[method] = result.task_selection
         if result.task_identification is not None:
             identification[method] = result.task_identification
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
     names = [task.name for task in tasks]
-    table = markdown_table(rows)
-    lines = [f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
-             + ", ".join(f"{m} {rates[m]:g}" for m in rows if m != "zero-shot"), "", table, ""]
-    if "zero-shot" in matrices:
-        lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
-                  "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
-    for method, stages in selections.items():
-        lines += [f"DDAS task selection after the last task ({method}): rows = images of a task, columns = where "
-                  "DDAS sent them (% of the task's test images)", "",
-                  "| images of | zero-shot | " + " | ".join(names) + " | correct |",
-                  "| --- |" + " ---: |" * (len(names) + 2)]
-        for j, counts in enumerate(stages[-1]):
-            share = [100.0 * c / sum(counts) for c in counts]
-            lines.append(f"| {names[j]} | " + " | ".join(f"{s:.1f}" for s in share) + f" | {share[j + 1]:.1f} |")
-        unseen = [stages[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
-        to_zero_shot = 100.0 * sum(c[0] for c in unseen) / sum(sum(c) for c in unseen)
-        lines += ["", f"Images of tasks not yet learned that DDAS sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
-    for method, shares in identification.items():
-        lines += [f"{method}: semantic voting, % of each task's test images whose best-voted task is that task "
-                  "(after the last task)", "", "| " + " | ".join(names) + " |", "|" + " ---: |" * len(names),
-                  "| " + " | ".join(f"{s:.1f}" for s in shares) + " |", ""]
-    lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
-    report = "\n".join(lines)
-    print(report)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "results.md").write_text(report + "\n")
     (Path(args.output_dir) / "results.json").write_text(json.dumps({"tasks": names, "matrices": matrices,
                                                                       "metrics": rows, "seconds": seconds,
                                                                       "ddas_selection": selections,
                                                                       "task_identification": identification}))
+    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
+              + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
+    report = summary(header, names, rows, matrices, seconds, selections, identification)
+    print(report)
+    (Path(args.output_dir) / "results.md").write_text(report + "\n")
 
 
 if __name__ == "__main__":
