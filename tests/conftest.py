@@ -101,9 +101,14 @@ def colour_task(name, num_classes=3, n_train=24, n_eval=12, seed=0, mode="RGB", 
                          templates=["a photo of {}.", "{} colour."])
 
 
-@pytest.fixture
-def clip_processor(tiny_tokenizer_dir):
+def tiny_clip_processor(tokenizer_dir):
+    """A CLIPProcessor for the tiny CLIPs: 16 px images, the tiny tokenizer in `tokenizer_dir`."""
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
     image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(tiny_tokenizer_dir))
+    return CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir))
+
+
+@pytest.fixture
+def clip_processor(tiny_tokenizer_dir):
+    return tiny_clip_processor(tiny_tokenizer_dir)

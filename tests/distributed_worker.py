@@ -15,9 +15,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer  # noqa: E402
 
-from conftest import colour_task, tiny_clip, write_tiny_tokenizer  # noqa: E402
+from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer  # noqa: E402
 from hf_moe_cl import MoELoraConfig  # noqa: E402
 from hf_moe_cl.trainer import ContinualTrainer, ContinualTrainingArguments  # noqa: E402
 
@@ -26,10 +25,7 @@ def main(out: str, global_batch: int) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     token_dir = write_tiny_tokenizer(Path(tempfile.mkdtemp()))
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        tokenizer=CLIPTokenizer.from_pretrained(token_dir),
-    )
+    processor = tiny_clip_processor(token_dir)
     config = MoELoraConfig(num_tasks=2, num_experts=6, top_k=2, r=4, noisy_gating=False, expert_dropout=0.0)
     model = get_peft_model(tiny_clip(), config)
     args = ContinualTrainingArguments(

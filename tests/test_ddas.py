@@ -16,7 +16,7 @@ from hf_moe_cl.classifier import TaskAgnosticClassifier
 from hf_moe_cl.ddas import SELECTOR_CONFIG, SELECTOR_WEIGHTS, DistributionSelector, clip_image_features
 from hf_moe_cl.trainer import ContinualTrainer, ContinualTrainingArguments
 
-from conftest import colour_task, tiny_clip
+from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
 
 
 def cluster(centre, n, seed, spread=0.3):
@@ -80,13 +80,7 @@ def noise_images(n, seed):
 
 @pytest.fixture(scope="module")
 def module_processor(tmp_path_factory):
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
-
-    from conftest import write_tiny_tokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return tiny_clip_processor(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
 
 
 @pytest.fixture(scope="module")

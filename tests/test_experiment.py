@@ -8,7 +8,7 @@ import pytest
 from hf_moe_cl.experiment import MethodArguments, run_method
 from hf_moe_cl.trainer import ContinualTrainingArguments
 
-from conftest import colour_task, tiny_clip
+from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,14 +40,8 @@ def test_unknown_method_is_a_clear_error():
 
 def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
     model_dir = tmp_path / "model"
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
-
-    from conftest import write_tiny_tokenizer
-
     tiny_clip().save_pretrained(model_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path))
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(model_dir)
+    tiny_clip_processor(write_tiny_tokenizer(tmp_path)).save_pretrained(model_dir)
     config = {"preset": "mini", "tasks": "mnist,dtd", "model_name_or_path": str(model_dir), "steps_per_task": 2,
               "method": "moe-adapters", "num_experts": 4, "rank": 4, "output_dir": str(tmp_path / "out"),
               "use_cpu": True, "per_device_eval_batch_size": 500, "warmup_steps": 1, "disable_tqdm": True,

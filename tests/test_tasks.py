@@ -57,11 +57,8 @@ def test_grayscale_values_survive_the_conversion():
     assert np.array_equal(rgb[..., 0], np.asarray(gray)) and np.array_equal(rgb[..., 2], np.asarray(gray))
 
 
-def test_collator_makes_pixel_values_from_mixed_modes():
-    from transformers import CLIPImageProcessor
-
-    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    collate = ImageClassificationCollator(processor)
+def test_collator_makes_pixel_values_from_mixed_modes(clip_processor):
+    collate = ImageClassificationCollator(clip_processor.image_processor)
     batch = collate([{"image": Image.new(m, (20, 20)), "label": i} for i, m in enumerate(["L", "RGBA", "CMYK"])])
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["labels"].tolist() == [0, 1, 2]
 

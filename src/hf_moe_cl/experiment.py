@@ -41,6 +41,10 @@ class MethodArguments:
         metadata={"help": "MoE-Adapters: use each task's own learning rate (the paper's) where the preset has one."},
     )
 
+    @property
+    def lora_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
@@ -54,9 +58,8 @@ def build_model(method_args: MethodArguments, base, num_tasks: int):
                                r=method_args.rank, noisy_gating=method_args.noisy_gating)
         return get_peft_model(model, config)
     if method_args.method == "lora":
-        targets = [t.strip() for t in method_args.lora_targets.split(",") if t.strip()]
         return get_peft_model(model, LoraConfig(r=method_args.rank, lora_alpha=method_args.rank,
-                                                target_modules=targets))
+                                                target_modules=list(method_args.lora_target_list)))
     return model
 
 
@@ -72,8 +75,9 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
     method = method_args.method
     if method in ("full-finetune", "lora", "individual-finetune", "condu") or not method_args.use_task_learning_rates:
         args = _with(args, task_learning_rates=[args.learning_rate] * len(tasks))
-    if method in ("zero-shot", "individual-finetune"):
+    if method != "moe-adapters":  # DDAS belongs to MoE-Adapters
         args = _with(args, ddas=False, task_agnostic_eval=False)
+    if method in ("zero-shot", "individual-finetune"):
         zero_shot = zero_shot_row(base, processor, tasks, args)
         if method == "zero-shot":
             return ContinualResult(names, [list(zero_shot) for _ in tasks])
@@ -87,16 +91,13 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
         return ContinualResult(names, matrix)
     set_seed(args.seed)  # adapter initialisation does not depend on what ran before
     if method == "condu":
-        targets = tuple(t.strip() for t in method_args.lora_targets.split(",") if t.strip())
-        learner = ConDULearner(copy.deepcopy(base), processor, _with(args, ddas=False, task_agnostic_eval=False),
-                               rank=method_args.rank, lora_targets=targets, top_k_tasks=method_args.condu_top_k,
+        learner = ConDULearner(copy.deepcopy(base), processor, args, rank=method_args.rank,
+                               lora_targets=method_args.lora_target_list, top_k_tasks=method_args.condu_top_k,
                                weighting=method_args.condu_weighting)
         result = learner.run(tasks)
         learner.save_pretrained(str(Path(args.output_dir) / "condu-triggers"))
         return result
     model = build_model(method_args, base, num_tasks=1 if args.shared_router else len(tasks))
-    if method != "moe-adapters":
-        args = _with(args, ddas=False, task_agnostic_eval=False)
     trainer = ContinualTrainer(model=model, args=args, processing_class=processor, ddas_reference=ddas_reference)
     return trainer.train_tasks(tasks, resume=resume)
 
