@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .collator import ImageClassificationCollator
-from .ddas import DistributionSelector, clip_image_features, load_selector, selector_features
+from .ddas import DistributionSelector, clip_image_features, selector_features
 from .metrics import mtil_metrics
 from .prompts import class_text_features, tokenize_prompts
 from .safetensors_files import check_safetensors_file
 from .tasks import ContinualTask
-from .tuners.moe_lora import MoELoraModel
+from .tuners.moe_lora import MoELoraConfig, MoELoraModel
 from .tuners.moe_lora.model import find_moe, tower_of
 
 PROGRESS_FILE = "continual_progress.json"
@@ -239,15 +239,15 @@ class ContinualTrainer(Trainer):
 
     # ----- DDAS ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _selector_input(self, dataset: Dataset, selector) -> torch.Tensor:
-        """DDAS features of up to `ddas_max_images` images, gathered from every process."""
+    def _selector_input(self, dataset: Dataset, extract) -> torch.Tensor:
+        """`extract(pixel_values)` features of up to `ddas_max_images` images, gathered from every process."""
         if len(dataset) > self.args.ddas_max_images:
             dataset = dataset.select(range(self.args.ddas_max_images))
         self.model.eval()
         features = []
         for batch in self.get_eval_dataloader(dataset):
             pixels = batch["pixel_values"].to(self.args.device)
-            features.append(self.accelerator.gather_for_metrics(selector_features(selector, self.model, pixels)))
+            features.append(self.accelerator.gather_for_metrics(extract(pixels)))
         return torch.cat(features)
 
     def _ensure_selector(self, moe: MoELoraModel):
@@ -258,23 +258,23 @@ class ContinualTrainer(Trainer):
                 "args.ddas needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. "
                 "Tiny ImageNet; the shared assets have reference/tinyimagenet-ref)."
             )
-        probe = self.ddas_reference.select(range(1))
-        batch = self.data_collator([{"image": probe[0]["image"], "label": 0}])
-        pixels = batch["pixel_values"].to(self.args.device)
-        dim = clip_image_features(self.model, pixels, self.args.ddas_feature_layer).shape[-1]
-        selector = DistributionSelector(dim, moe.num_tasks, hidden_dim=self.args.ddas_hidden_dim,
-                                        feature_layer=self.args.ddas_feature_layer)
-        moe.attach_selector(selector)
         reference = self.ddas_reference
         if "label" not in reference.column_names:
             reference = reference.add_column("label", [0] * len(reference))
-        selector.fit_reference(self._selector_input(reference, selector), steps=self.args.ddas_reference_steps,
-                               lr=self.args.ddas_learning_rate, seed=self.args.seed)
+        layer = self.args.ddas_feature_layer
+        features = self._selector_input(reference, lambda pixels: clip_image_features(self.model, pixels, layer))
+        selector = DistributionSelector(features.shape[-1], moe.num_tasks, hidden_dim=self.args.ddas_hidden_dim,
+                                        feature_layer=layer)
+        moe.attach_selector(selector)
+        selector.fit_reference(features, steps=self.args.ddas_reference_steps, lr=self.args.ddas_learning_rate,
+                               seed=self.args.seed)
         return selector
 
     def _fit_task_selector(self, index: int, task: ContinualTask) -> None:
         selector = self._ensure_selector(find_moe(self.model))
-        selector.fit_task(index, self._selector_input(task.train_dataset, selector),
+        features = self._selector_input(task.train_dataset,
+                                        lambda pixels: selector_features(selector, self.model, pixels))
+        selector.fit_task(index, features,
                           steps=self.args.ddas_task_steps, lr=self.args.ddas_learning_rate,
                           threshold=self.args.ddas_threshold, quantile=self.args.ddas_quantile,
                           seed=self.args.seed)
@@ -411,12 +411,11 @@ class ContinualTrainer(Trainer):
             check_safetensors_file(path)
             set_peft_model_state_dict(self.model, load_file(path))
             moe = find_moe(self.model)
-            selector = load_selector(str(folder), expected_tasks=moe.num_tasks) if moe is not None else None
-            if selector is not None:
-                moe.attach_selector(selector)
-            if moe is not None:
-                moe.peft_config[moe._adapter()].task_info = json.loads(
-                    (folder / "adapter_config.json").read_text()).get("task_info")
+            if moe is not None:  # the selector and task_info travel with the saved config
+                saved = MoELoraConfig.from_pretrained(str(folder))
+                moe.peft_config[moe._adapter()].task_info = saved.task_info
+                if saved._loaded_selector is not None:
+                    moe.attach_selector(saved._loaded_selector)
         else:
             state = {}
             for path in sorted(folder.glob("model*.safetensors")):

@@ -239,13 +239,10 @@ class MoELoraModel(BaseTuner):
         route = layers[0].route if layers else None
         return None if route is None else route.task
 
-    def freeze_most_selected(
-        self, task: int, k: Optional[int] = None, counts: Optional[dict[str, torch.Tensor]] = None
-    ) -> dict[str, list[int]]:
+    def freeze_most_selected(self, task: int, k: Optional[int] = None) -> dict[str, list[int]]:
         """Activate-freeze: per layer, freeze the k experts `task` selected most (default k = top_k) and its router.
 
-        Experts the task never selected are not frozen. `counts` ({layer: (experts,)}) replaces the layer's own
-        counts, e.g. with counts summed over processes. Returns the experts newly frozen per layer.
+        Experts the task never selected are not frozen. Returns the experts newly frozen per layer.
         """
         adapter = self._adapter()
         self._check_task(task)
@@ -254,7 +251,7 @@ class MoELoraModel(BaseTuner):
             raise ValueError(f"k must be non-negative, got {k}.")
         newly = {}
         for name, layer in self.moe_layers().items():
-            task_counts = layer.moe_lora_counts[adapter][task] if counts is None else counts[name]
+            task_counts = layer.moe_lora_counts[adapter][task]
             order = torch.sort(task_counts, descending=True, stable=True).indices[:k].tolist()
             chosen = [e for e in order if task_counts[e] > 0]
             newly[name] = layer.freeze_experts(adapter, chosen, task)
@@ -283,8 +280,8 @@ class MoELoraModel(BaseTuner):
         counts: Optional[dict[str, torch.Tensor]] = None,
     ) -> dict[str, tuple]:
         """Expert merging (Park, 2024): per layer, average `task`'s two most-selected experts into its
-        least-selected trainable expert and reset that expert's optimizer state. `counts` as in
-        `freeze_most_selected`. Returns {layer: (sources, target)} for the layers where a merge happened."""
+        least-selected trainable expert and reset that expert's optimizer state. `counts` ({layer: (experts,)})
+        replaces the layer's own counts, e.g. with counts summed over processes. Returns {layer: (sources, target)} for the layers where a merge happened."""
         adapter = self._adapter()
         self._check_task(task)
         merged = {}
