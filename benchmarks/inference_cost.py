@@ -22,12 +22,11 @@ from datasets import load_from_disk
 from peft import get_peft_model
 from transformers import CLIPModel, CLIPProcessor
 
-from hf_moe_cl import MoELoraConfig
+from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.classifier import TaskAgnosticClassifier
-from hf_moe_cl.ddas import DistributionSelector, clip_image_features
+from hf_moe_cl.classification import text_embeddings
+from hf_moe_cl.continual.methods import MoEAdapters
 from hf_moe_cl.presets import MINI_TASKS
-from hf_moe_cl.prompts import class_text_features
 
 
 def mixed_batch(root, processor, batch_size):
@@ -42,19 +41,18 @@ def mixed_batch(root, processor, batch_size):
 def routed_classifier(base, processor, root, pixels, feature_layer):
     """A MoE model with six task routers and a DDAS selector fitted on the batch's own features."""
     model = get_peft_model(base, MoELoraConfig(num_tasks=len(MINI_TASKS))).eval()
-    features = clip_image_features(model, pixels, feature_layer)
-    selector = DistributionSelector(features.shape[-1], len(MINI_TASKS), feature_layer=feature_layer)
+    width = base.config.projection_dim if feature_layer is None else 2 * base.config.vision_config.hidden_size
+    selector = model.base_model.enable_selector(SelectorConfig(feature_dim=width, feature_layer=feature_layer))
+    method = MoEAdapters(model)
+    features = method.selector_features(pixels)[0]
     selector.fit_reference(features, steps=50)
     per_task = features.shape[0] // len(MINI_TASKS)
     for task in range(len(MINI_TASKS)):
         selector.fit_task(task, features[task::len(MINI_TASKS)][:per_task], steps=50, threshold=float("inf"))
-    model.base_model.attach_selector(selector)
-    info = []
-    for name in MINI_TASKS:
+    for task, name in enumerate(MINI_TASKS):
         meta = json.loads((root / "mini-mtil" / name / "task.json").read_text())
-        info.append({"name": name, "classnames": meta["classnames"], "templates": meta["templates"]})
-    model.base_model.peft_config["default"].task_info = info
-    return TaskAgnosticClassifier(model, processor)
+        model.base_model.set_task_info(task, name, meta["classnames"], meta["templates"])
+    return TaskAgnosticClassifier(method, processor)
 
 
 def main():
@@ -69,7 +67,7 @@ def main():
     plain = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32).eval()
     pixels = mixed_batch(root, processor, args.batch_size)
     meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
-    text = class_text_features(plain, processor.tokenizer, meta["classnames"], meta["templates"], "cpu")
+    text = text_embeddings(plain, processor.tokenizer, meta["classnames"], meta["templates"], "cpu")
 
     @torch.no_grad()
     def plain_clip():
@@ -88,8 +86,8 @@ def main():
 
     @torch.no_grad()
     def routed_only(c=classifier):
-        with c.moe.routing(routes):
-            image = F.normalize(c.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        with c.method.routed(routes):
+            image = F.normalize(c.method.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         return (image @ text.T).argmax(-1)
 
     candidates["MoE routed forward only (routes given)"] = routed_only

@@ -19,21 +19,22 @@ from transformers import CLIPModel, CLIPProcessor
 
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.experiment import MethodArguments, run_method
+from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
 from hf_moe_cl.presets import mini_mtil_tasks
-from hf_moe_cl.reporting import markdown_table, write_report
-from hf_moe_cl.trainer import ContinualTrainingArguments
+from hf_moe_cl.benchmark.reporting import markdown_table, write_report
+from hf_moe_cl.continual import ContinualTrainingArguments
+from hf_moe_cl.continual.methods import DDASArguments
 
 
-def summary(header, names, rows, matrices, seconds, selections, identification) -> str:
-    """The Markdown report: metrics per method, zero-shot per task, DDAS selection, ConDU voting, run times."""
+def summary(header, names, rows, matrices, seconds, selections) -> str:
+    """The Markdown report: metrics per method, zero-shot per task, task selection without task ids, run times."""
     lines = [header, "", markdown_table(rows), ""]
     if "zero-shot" in matrices:
         lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
                   "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
     for method, stages in selections.items():
-        lines += [f"DDAS task selection after the last task ({method}): rows = images of a task, columns = where "
-                  "DDAS sent them (% of the task's test images)", "",
+        lines += [f"Task selection without task ids after the last task ({method}): rows = images of a task, columns "
+                  "= where the method sent them (% of the task's test images)", "",
                   "| images of | zero-shot | " + " | ".join(names) + " | correct |",
                   "| --- |" + " ---: |" * (len(names) + 2)]
         for j, counts in enumerate(stages[-1]):
@@ -41,11 +42,7 @@ def summary(header, names, rows, matrices, seconds, selections, identification) 
             lines.append(f"| {names[j]} | " + " | ".join(f"{s:.1f}" for s in share) + f" | {share[j + 1]:.1f} |")
         unseen = [stages[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
         to_zero_shot = 100.0 * sum(c[0] for c in unseen) / sum(sum(c) for c in unseen)
-        lines += ["", f"Images of tasks not yet learned that DDAS sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
-    for method, shares in identification.items():
-        lines += [f"{method}: semantic voting, % of each task's test images whose best-voted task is that task "
-                  "(after the last task)", "", "| " + " | ".join(names) + " |", "|" + " ---: |" * len(names),
-                  "| " + " | ".join(f"{s:.1f}" for s in shares) + " |", ""]
+        lines += ["", f"Images of tasks not yet learned sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
     lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
     return "\n".join(lines)
 
@@ -74,19 +71,19 @@ def main():
     reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
              "individual-finetune": args.lr_full, "zero-shot": 0.0, "condu": args.lr_lora}
-    rows, matrices, seconds, selections, identification = {}, {}, {}, {}, {}
+    rows, matrices, seconds, selections = {}, {}, {}, {}
     for method in args.methods.split(","):
         start = time.perf_counter()
         training = ContinualTrainingArguments(
             output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
             warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=True,
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, disable_tqdm=True,
-            logging_strategy="no", save_task_checkpoints=False, seed=0, ddas=args.task_agnostic,
-            task_agnostic_eval=args.task_agnostic, ddas_feature_layer=args.ddas_feature_layer,
-            ddas_task_steps=args.ddas_task_steps,
+            logging_strategy="no", save_task_checkpoints=False, seed=0,
         )
-        result = run_method(MethodArguments(method=method), base, processor, tasks, training,
-                            ddas_reference=reference)
+        ddas = DDASArguments(ddas=args.task_agnostic, ddas_feature_layer=args.ddas_feature_layer,
+                             ddas_task_steps=args.ddas_task_steps)
+        result = run_method(MethodArguments(method=method), base, processor, tasks, training, options=(ddas,),
+                            reference_images=reference)
         rows[method] = write_report(Path(args.output_dir) / method, method, result.task_names, result.accuracy_matrix)
         matrices[method] = result.accuracy_matrix
         if result.task_agnostic_matrix is not None:
@@ -94,10 +91,7 @@ def main():
             rows[agnostic] = write_report(Path(args.output_dir) / f"{method}-task-agnostic", agnostic,
                                           result.task_names, result.task_agnostic_matrix)
             matrices[agnostic] = result.task_agnostic_matrix
-            if result.task_selection is not None:
-                selections[method] = result.task_selection
-        if result.task_identification is not None:
-            identification[method] = result.task_identification
+            selections[method] = result.diagnostics["route_histogram"]["per_image"]
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
@@ -105,11 +99,10 @@ def main():
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "results.json").write_text(json.dumps({"tasks": names, "matrices": matrices,
                                                                       "metrics": rows, "seconds": seconds,
-                                                                      "ddas_selection": selections,
-                                                                      "task_identification": identification}))
+                                                                      "route_histogram": selections}))
     header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
-    report = summary(header, names, rows, matrices, seconds, selections, identification)
+    report = summary(header, names, rows, matrices, seconds, selections)
     print(report)
     (Path(args.output_dir) / "results.md").write_text(report + "\n")
 

@@ -24,8 +24,8 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.experiment import MethodArguments, run_method
-from hf_moe_cl.metrics import class_incremental_metrics
+from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
+from hf_moe_cl.benchmark.metrics import class_incremental_metrics
 from hf_moe_cl.presets import (
     MTIL_DATASETS,
     MTIL_ORDER_I,
@@ -34,8 +34,9 @@ from hf_moe_cl.presets import (
     hub_task,
     mini_mtil_tasks,
 )
-from hf_moe_cl.reporting import write_report
-from hf_moe_cl.trainer import ContinualTrainingArguments
+from hf_moe_cl.benchmark.reporting import write_report
+from hf_moe_cl.continual import ContinualTrainingArguments
+from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,12 @@ class ExperimentArguments:
             raise ValueError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
 
 
+ARGUMENT_GROUPS = (ExperimentArguments, MethodArguments, MoEAdaptersArguments, DDASArguments, LoRAArguments,
+                   ConDUArguments, ContinualTrainingArguments)
+
+
 def parse_args():
-    parser = HfArgumentParser((ExperimentArguments, MethodArguments, ContinualTrainingArguments))
+    parser = HfArgumentParser(ARGUMENT_GROUPS)
     if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(sys.argv[1])
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -105,16 +110,16 @@ def build_tasks(experiment: ExperimentArguments, seed: int):
 
 
 def main():
-    experiment, method_args, training_args = parse_args()
+    experiment, method_args, moe_args, ddas_args, lora_args, condu_args, training_args = parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     _, default_steps, _ = PRESETS[experiment.preset]
     training_args.max_steps = experiment.steps_per_task or default_steps
     class_incremental = experiment.preset.startswith("cifar100-cil")
     if class_incremental:
-        training_args.shared_router = True
+        moe_args.shared_router = True
         training_args.evaluate_all_tasks = False
-        if method_args.num_experts == MethodArguments.num_experts:
-            method_args.num_experts = CIL_EXPERTS
+        if moe_args.num_experts == MoEAdaptersArguments.num_experts:
+            moe_args.num_experts = CIL_EXPERTS
 
     model_path = experiment.model_name_or_path
     if model_path is None:
@@ -126,11 +131,11 @@ def main():
                 [t.name for t in tasks])
 
     reference = None
-    if training_args.ddas:
+    if ddas_args.ddas:
         source = experiment.ddas_reference or str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref")
         reference = load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
     result = run_method(method_args, base, processor, tasks, training_args, resume=experiment.resume,
-                        ddas_reference=reference)
+                        options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
     if not training_args.process_index == 0:
         return
     output = Path(training_args.output_dir)

@@ -82,7 +82,7 @@ def colour_task(name, num_classes=3, n_train=24, n_eval=12, seed=0, mode="RGB", 
     from datasets import Dataset
     from PIL import Image
 
-    from hf_moe_cl.tasks import ContinualTask
+    from hf_moe_cl.continual import ContinualTask
 
     rng = np.random.default_rng(seed)
 

@@ -18,7 +18,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer  # noqa: E402
 from hf_moe_cl import MoELoraConfig  # noqa: E402
-from hf_moe_cl.trainer import ContinualTrainer, ContinualTrainingArguments  # noqa: E402
+from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments  # noqa: E402
+from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments  # noqa: E402
 
 
 def main(out: str, global_batch: int) -> None:
@@ -32,10 +33,11 @@ def main(out: str, global_batch: int) -> None:
         output_dir=os.path.join(out, "run"), max_steps=4, warmup_steps=1, learning_rate=1e-2, use_cpu=True,
         per_device_train_batch_size=global_batch, per_device_eval_batch_size=16, report_to="none",
         disable_tqdm=True, logging_strategy="no", seed=5, save_task_checkpoints=False,
-        accelerator_config={"split_batches": True}, merge_experts_every=3,
+        accelerator_config={"split_batches": True},
     )
     tasks = [colour_task("first", n_train=32, seed=0), colour_task("second", n_train=32, seed=1, offset=3)]
-    trainer = ContinualTrainer(model=model, args=args, processing_class=processor)
+    method = MoEAdapters(model, MoEAdaptersArguments(merge_experts_every=3))
+    trainer = ContinualTrainer(method=method, args=args, processing_class=processor)
     trainer.train_tasks(tasks)
     if rank == 0:
         moe = model.base_model

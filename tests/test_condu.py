@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from hf_moe_cl.condu import CONDU_WEIGHTS, DeltaStore, decouple, pack_mask, unify, unpack_mask
-from hf_moe_cl.condu_learner import ConDULearner, applied_delta, model_fingerprint
-from hf_moe_cl.trainer import ContinualTrainingArguments
+from hf_moe_cl.condu import CONDU_WEIGHTS, DeltaStore, applied_delta, decouple, model_fingerprint, pack_mask, unify, unpack_mask
+from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.continual.methods import ConDU, ConDUArguments
 
 from conftest import colour_task, tiny_clip
 
@@ -85,32 +85,35 @@ def test_trigger_files_round_trip_and_refuse_another_model(tmp_path):
         store.add_task({"v": t(1.0)})
 
 
-def test_condu_learner_end_to_end(tmp_path, clip_processor):
+def test_condu_end_to_end(tmp_path, clip_processor):
     base = tiny_clip()
     reference = {k: v.clone() for k, v in base.state_dict().items()}
     args = ContinualTrainingArguments(output_dir=str(tmp_path), max_steps=4, warmup_steps=1, learning_rate=1e-2,
                                       use_cpu=True, per_device_train_batch_size=8, per_device_eval_batch_size=32,
                                       report_to="none", disable_tqdm=True, logging_strategy="no")
     tasks = [colour_task("first", seed=0), colour_task("second", seed=1, offset=3)]
-    learner = ConDULearner(base, clip_processor, args, rank=4, top_k_tasks=1)
-    zero_shot_second = learner.evaluate_task_aware(tasks[1], None)
-    result = learner.run(tasks)
-    identification = result.task_identification
+    method = ConDU(base, ConDUArguments(condu_top_k=1), rank=4)
+    trainer = ContinualTrainer(method=method, args=args, processing_class=clip_processor)
+    zero_shot_second = trainer.evaluate_task(tasks[1])
+    result = trainer.train_tasks(tasks)
+    histogram = result.diagnostics["route_histogram"]["per_image"][-1]
+    identification = [100.0 * counts[j + 1] / sum(counts) for j, counts in enumerate(histogram)]
     assert result.accuracy_matrix[0][1] == zero_shot_second
     assert len(result.task_agnostic_matrix) == 2 and len(identification) == 2
     assert all(0.0 <= share <= 100.0 for share in identification)
     assert all(torch.equal(reference[k], v) for k, v in base.state_dict().items())  # deltas were undone exactly
-    assert set(learner.store.shapes) == set(learner.delta_tensor_names()) and len(learner.store.shapes) == 8
-    delta = learner.store.task_delta(1)
+    store = method.store
+    assert set(store.shapes) == set(method.delta_tensor_names()) and len(store.shapes) == 8
+    delta = store.task_delta(1)
     with applied_delta(base, delta):
         changed = {k: v.clone() for k, v in base.state_dict().items()}
     name = next(iter(delta))
     assert torch.allclose(changed[name], reference[name] + delta[name])
-    learner.save_pretrained(tmp_path / "triggers")
-    other = ConDULearner(tiny_clip(), clip_processor, args)
-    other.load_triggers(tmp_path / "triggers")
-    assert torch.equal(other.store.task_delta(0)[name], learner.store.task_delta(0)[name])
-    bigger = ConDULearner(tiny_clip(vision_width=64), clip_processor, args)
+    method.save(tmp_path / "triggers")
+    other = ConDU(tiny_clip(), rank=4)
+    other.load(tmp_path / "triggers")
+    assert torch.equal(other.store.task_delta(0)[name], store.task_delta(0)[name])
+    bigger = ConDU(tiny_clip(vision_width=64))
     with pytest.raises(ValueError, match="another model"):
-        bigger.load_triggers(tmp_path / "triggers")
+        bigger.load(tmp_path / "triggers")
     assert model_fingerprint(base)["vision_width"] == 48

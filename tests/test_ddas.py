@@ -1,5 +1,7 @@
+import copy
 import json
 import math
+import os
 import shutil
 import types
 
@@ -10,11 +12,12 @@ from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from PIL import Image
 
-import hf_moe_cl.hub as hub
-from hf_moe_cl import MoELoraConfig
-from hf_moe_cl.classifier import TaskAgnosticClassifier
-from hf_moe_cl.ddas import SELECTOR_CONFIG, SELECTOR_WEIGHTS, DistributionSelector, clip_image_features
-from hf_moe_cl.trainer import ContinualTrainer, ContinualTrainingArguments
+import hf_moe_cl.publishing as hub
+from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier, upgrade_adapter_folder
+from hf_moe_cl.classification import image_embeddings
+from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+from hf_moe_cl.tuners.moe_lora import DistributionSelector
 
 from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
 
@@ -29,7 +32,7 @@ CENTRES = {"reference": [0.0] * 8, "a": [4.0] + [0.0] * 7, "b": [0.0, -4.0] + [0
 
 @pytest.fixture
 def fitted_selector():
-    selector = DistributionSelector(feature_dim=8, num_tasks=2, hidden_dim=6)
+    selector = DistributionSelector(SelectorConfig(feature_dim=8, hidden_dim=6), num_tasks=2)
     selector.fit_reference(cluster(CENTRES["reference"], 1000, 0, spread=2.0), steps=400, lr=1e-2)
     selector.fit_task(0, cluster(CENTRES["a"], 1000, 1), steps=400, lr=1e-2)
     selector.fit_task(1, cluster(CENTRES["b"], 1000, 2), steps=400, lr=1e-2)
@@ -49,7 +52,7 @@ def test_selector_routes_each_image_of_a_mixed_batch(fitted_selector):
 
 def test_fitting_is_reproducible():
     def fit():
-        selector = DistributionSelector(feature_dim=8, num_tasks=1, hidden_dim=6)
+        selector = DistributionSelector(SelectorConfig(feature_dim=8, hidden_dim=6), num_tasks=1)
         selector.fit_reference(cluster(CENTRES["reference"], 200, 0, spread=2.0), steps=50, lr=1e-2)
         selector.fit_task(0, cluster(CENTRES["a"], 200, 1), steps=50, lr=1e-2)
         return selector.state_dict()
@@ -59,7 +62,7 @@ def test_fitting_is_reproducible():
 
 
 def test_untrained_tasks_are_never_chosen_and_fixed_thresholds_apply():
-    selector = DistributionSelector(feature_dim=8, num_tasks=3, hidden_dim=6)
+    selector = DistributionSelector(SelectorConfig(feature_dim=8, hidden_dim=6), num_tasks=3)
     selector.fit_reference(cluster(CENTRES["reference"], 200, 0, spread=2.0), steps=200, lr=1e-2)
     selector.fit_task(0, cluster(CENTRES["a"], 200, 1), steps=200, lr=1e-2, threshold=0.0)
     assert selector.thresholds[0] == 0.0 and math.isinf(selector.thresholds[2])
@@ -67,7 +70,7 @@ def test_untrained_tasks_are_never_chosen_and_fixed_thresholds_apply():
     with pytest.raises(ValueError, match="out of range"):
         selector.fit_task(3, cluster(CENTRES["a"], 10, 1))
     with pytest.raises(ValueError, match="reference autoencoder first"):
-        DistributionSelector(8, 1).fit_task(0, cluster(CENTRES["a"], 10, 1))
+        DistributionSelector(SelectorConfig(8), 1).fit_task(0, cluster(CENTRES["a"], 10, 1))
     with pytest.raises(ValueError, match="zero images"):
         selector.fit_task(1, torch.zeros(0, 8), threshold=1.0)
 
@@ -94,11 +97,12 @@ def ddas_run(tmp_path_factory, module_processor):
     args = ContinualTrainingArguments(
         output_dir=str(tmp_path / "run"), max_steps=3, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
         per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
-        logging_strategy="no", ddas=True, ddas_task_steps=300, ddas_reference_steps=300, ddas_learning_rate=1e-2,
-        ddas_hidden_dim=16, ddas_quantile=1.0, task_agnostic_eval=True,
+        logging_strategy="no", task_agnostic_eval=True,
     )
-    trainer = ContinualTrainer(model=model, args=args, processing_class=clip_processor,
-                               ddas_reference=noise_images(60, 0))
+    ddas = DDASArguments(ddas=True, ddas_task_steps=300, ddas_reference_steps=300, ddas_learning_rate=1e-2,
+                         ddas_hidden_dim=16, ddas_quantile=1.0)
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(60, 0))
+    trainer = ContinualTrainer(method=method, args=args, processing_class=clip_processor)
     result = trainer.train_tasks(tasks)
     return model, tasks, result, tmp_path
 
@@ -108,7 +112,7 @@ def test_trainer_fits_ddas_and_fills_the_task_agnostic_matrix(ddas_run):
     selector = model.base_model.selector
     assert selector is not None and selector.trained.tolist() == [True, True, True]
     assert len(result.task_agnostic_matrix) == 2 and all(len(r) == 2 for r in result.task_agnostic_matrix)
-    first, second = result.task_selection[-1]
+    first, second = result.diagnostics["route_histogram"]["per_image"][-1]
     assert sum(first) == 12 and sum(second) == 12
     assert first[1] >= 10 and second[2] >= 10  # [zero-shot, task 0, task 1]: each task's images to its router
     config = model.base_model.peft_config["default"]
@@ -120,7 +124,9 @@ def test_noise_images_no_task_has_seen_go_to_zero_shot(ddas_run, module_processo
     model, _, _, _ = ddas_run
     pixels = clip_processor.image_processor(images=list(noise_images(20, 7)["image"]),
                                             return_tensors="pt")["pixel_values"]
-    chosen = model.base_model.selector.select(clip_image_features(model, pixels))
+    with model.routing(None):
+        features = image_embeddings(model, pixels)
+    chosen = model.base_model.selector.select(features)
     assert (chosen == -1).float().mean() >= 0.8
 
 
@@ -139,10 +145,12 @@ def test_classifier_routes_a_mixed_batch_and_survives_save_and_load(ddas_run, mo
 
     folder = tmp_path / "published"
     model.save_pretrained(folder)
-    assert (folder / SELECTOR_CONFIG).is_file() and (folder / SELECTOR_WEIGHTS).is_file()
     from safetensors.torch import load_file
 
-    assert not any("ddas" in key for key in load_file(folder / "adapter_model.safetensors"))
+    assert json.loads((folder / "adapter_config.json").read_text())["selector"]["hidden_dim"] == 16
+    saved = load_file(folder / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.moe_lora_selector.thresholds"], model.base_model.selector.thresholds)
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(tiny_clip(), folder).eval()
     assert loaded.base_model.selector is not None
     assert TaskAgnosticClassifier(loaded, clip_processor)(images, candidate_labels=["noise", "static"]) == out
@@ -157,32 +165,57 @@ def test_folder_without_selector_loads_for_task_aware_use(tmp_path, clip_inputs)
         TaskAgnosticClassifier(loaded, None)
 
 
-def test_truncated_selector_and_task_count_mismatch_are_clear_errors(ddas_run):
+def test_selector_is_part_of_the_adapter_state_and_copies(ddas_run, clip_inputs):
     model, _, _, tmp_path = ddas_run
+    selector = model.base_model.selector
+    assert all(not p.requires_grad for p in selector.parameters())
+    assert not any("selector" in n for n, p in model.named_parameters() if p.requires_grad)
+    copied = copy.deepcopy(model)
+    copied.base_model.selector.thresholds.fill_(7.0)
+    assert not torch.equal(model.base_model.selector.thresholds, copied.base_model.selector.thresholds)
+    assert copied.base_model.moe_config is not model.base_model.moe_config
     folder = tmp_path / "bad"
     model.save_pretrained(folder)
-    weights = folder / SELECTOR_WEIGHTS
-    data = weights.read_bytes()
-    weights.write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="truncated"):
-        PeftModel.from_pretrained(tiny_clip(), folder)
-    weights.write_bytes(data)
-    config = json.loads((folder / SELECTOR_CONFIG).read_text())
+    config = json.loads((folder / "adapter_config.json").read_text())
     config["num_tasks"] = 3
-    (folder / SELECTOR_CONFIG).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="3 task autoencoders but the adapter has 2 task routers"):
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match this model"):
         PeftModel.from_pretrained(tiny_clip(), folder)
-    with pytest.raises(ValueError, match="build it with num_tasks=2"):
-        model.base_model.attach_selector(DistributionSelector(8, 5))
+
+
+def test_a_folder_of_the_previous_layout_is_refused_then_upgraded(ddas_run, module_processor):
+    """hf-moe-cl 0.1 wrote the selector beside the adapter (ddas_config.json + ddas.safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    model, tasks, _, tmp_path = ddas_run
+    folder = tmp_path / "legacy"
+    model.save_pretrained(folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    selector = {k.removeprefix("base_model.moe_lora_selector."): weights.pop(k)
+                for k in list(weights) if k.startswith("base_model.moe_lora_selector.")}
+    save_file(weights, folder / "adapter_model.safetensors")
+    save_file(selector, folder / "ddas.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    legacy = dict(config.pop("selector"), num_tasks=config["num_tasks"])
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "ddas_config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="upgrade_adapter_folder"):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+    upgrade_adapter_folder(str(folder))
+    assert not (folder / "ddas_config.json").exists() and not (folder / "ddas.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_clip(), folder).eval()
+    images = list(tasks[0].eval_dataset["image"][:4])
+    expected = TaskAgnosticClassifier(model, module_processor)(images, candidate_labels=["x"])
+    assert TaskAgnosticClassifier(loaded, module_processor)(images, candidate_labels=["x"]) == expected
 
 
 def test_ddas_without_reference_images_fails_before_training(tmp_path, clip_processor):
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = ContinualTrainingArguments(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to="none",
-                                      ddas=True)
+    args = ContinualTrainingArguments(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to="none")
+    method = MoEAdapters(model, ddas=DDASArguments(ddas=True))
     with pytest.raises(ValueError, match="ddas_reference"):
-        ContinualTrainer(model=model, args=args, processing_class=clip_processor).train_tasks([colour_task("t")])
+        ContinualTrainer(method=method, args=args, processing_class=clip_processor).train_tasks([colour_task("t")])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -205,7 +238,66 @@ def test_push_to_hub_uploads_adapter_selector_and_a_model_card(ddas_run, monkeyp
     url = hub.push_to_hub(model, "me/continual-clip", metrics={"transfer": 12.5})
     assert url.endswith("commit/1")
     files = {p.name for p in uploaded.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", SELECTOR_CONFIG, SELECTOR_WEIGHTS,
-            "README.md"} <= files
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+    assert json.loads((uploaded / "adapter_config.json").read_text())["selector"] is not None
     card = (uploaded / "README.md").read_text()
     assert "**first** (3 classes): red, green, blue" in card and "| transfer | 12.50 |" in card
+
+
+HUB_LOADER = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+import hf_moe_cl
+from peft import PeftModel
+from conftest import tiny_clip
+pixels = torch.load({pixels!r})
+out = {{}}
+sources = [("main", "someone/moe-clip", {{}}), ("revision", "someone/moe-clip", {{"revision": "v0"}}),
+           ("subfolder", {local!r}, {{"subfolder": "adapters/v1"}})]
+for name, source, kwargs in sources:
+    model = PeftModel.from_pretrained(tiny_clip(), source, **kwargs).eval()
+    features = model.get_image_features(pixel_values=pixels).pooler_output
+    out[name] = {{"features": features.tolist(), "thresholds": model.base_model.selector.thresholds.tolist(),
+                 "num_tasks": model.base_model.num_tasks}}
+print(json.dumps(out))
+"""
+
+
+def test_loading_from_a_hub_repo_id_carries_the_selector(ddas_run, tmp_path):
+    """Offline, from a cached Hub snapshot: a repo id and a revision load the adapter and its selector; so does a
+    subfolder of a local folder. (peft 0.21's offline branch joins a Hub subfolder twice, so a Hub subfolder is only
+    loadable online: peft's bug, not this library's path.)"""
+    import subprocess
+    import sys
+
+    model, _, _, _ = ddas_run
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--moe-clip"
+    commit, tagged = "a" * 40, "b" * 40
+    model.save_pretrained(repo / "snapshots" / commit)
+    model.save_pretrained(repo / "snapshots" / commit / "adapters" / "v1")
+    thresholds = model.base_model.selector.thresholds.clone()
+    model.base_model.selector.thresholds.add_(1.0)
+    model.save_pretrained(repo / "snapshots" / tagged)
+    model.base_model.selector.thresholds.copy_(thresholds)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "v0").write_text(tagged)
+    pixels = torch.randn(2, 3, 16, 16)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    script = HUB_LOADER.format(tests=os.path.dirname(__file__), pixels=str(tmp_path / "pixels.pt"),
+                               local=str(repo / "snapshots" / commit))
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    model.set_task(0)
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=pixels).pooler_output
+    for name in ("main", "subfolder", "revision"):
+        assert torch.allclose(torch.tensor(out[name]["features"]), expected, atol=1e-6), name
+        assert out[name]["num_tasks"] == 2
+    assert torch.equal(torch.tensor(out["main"]["thresholds"]), thresholds)
+    assert torch.equal(torch.tensor(out["subfolder"]["thresholds"]), thresholds)
+    assert torch.equal(torch.tensor(out["revision"]["thresholds"]), thresholds + 1.0)

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from hf_moe_cl.experiment import MethodArguments, run_method
-from hf_moe_cl.trainer import ContinualTrainingArguments
+from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
+from hf_moe_cl.continual import ContinualTrainingArguments
 
 from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
 
@@ -30,7 +30,7 @@ def test_zero_shot_and_individual_matrices_have_the_baseline_shape(tmp_path, cli
     for i in range(3):
         for j in range(3):
             assert m[i][j] == (m[j][j] if j <= i else z[j])
-    assert (tmp_path / "i" / "individual-b" / "task-00-b").is_dir()
+    assert (tmp_path / "i" / "task-01-b" / "model.safetensors").is_file()
 
 
 def test_unknown_method_is_a_clear_error():

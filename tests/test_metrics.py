@@ -1,6 +1,6 @@
 import pytest
 
-from hf_moe_cl.metrics import average, class_incremental_metrics, last, mtil_metrics, transfer
+from hf_moe_cl.benchmark.metrics import average, class_incremental_metrics, last, mtil_metrics, transfer
 
 MATRIX = [
     [10.0, 20.0, 30.0],

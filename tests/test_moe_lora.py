@@ -9,7 +9,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 import hf_moe_cl
 from hf_moe_cl import MOE_LORA, MoELoraConfig, MoELoraModel, register_moe_lora
 from hf_moe_cl.tuners.moe_lora.gating import noisy_top_k
-from hf_moe_cl.tuners.moe_lora.layer import MoELoraBlock, MoELoraLinear
+from hf_moe_cl.tuners.moe_lora import MoELoraBlock, MoELoraLinear, TaskRoute
 
 from conftest import tiny_clip
 
@@ -99,7 +99,7 @@ def test_sparse_dispatch_matches_a_dense_mixture():
     x = torch.randn(3, 5, 48)
     model.set_task(2)
     with torch.no_grad():
-        sparse = layer.moe_delta(x)
+        sparse = layer.moe_delta(x, TaskRoute(task=2))
         gate = layer.moe_lora_router_gate["default"][2]
         weights = torch.zeros(3, 5)
         top = (x[:, 0] @ gate).topk(2, dim=-1)
@@ -342,3 +342,41 @@ def test_push_to_hub_uploads_the_folder_peft_saves(tmp_path, monkeypatch, clip_i
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(uploaded))
     loaded = PeftModel.from_pretrained(tiny_clip(), uploaded).eval()
     assert torch.equal(logits(loaded, clip_inputs), logits(model, clip_inputs))
+
+
+def routed_gradients(clip_inputs, checkpointing, **enable_kwargs):
+    """Gradients and selection counts of one training step routed per call (task ids 2, -1, 0, 1)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_clip(), small_config(init_weights=False)).train()
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable(**enable_kwargs)
+    torch.manual_seed(1)
+    out = model(**clip_inputs, task_ids=torch.tensor([2, -1, 0, 1]))
+    (out.logits_per_image.logsumexp(-1).mean() - out.logits_per_image.diagonal().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, model.base_model.selection_counts()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_routes_the_recomputation_like_the_forward(clip_inputs, reentrant):
+    """The call's route ends with the forward; the backward's recomputation must still route each sample as the
+    forward did, and count its selections once."""
+    plain, plain_counts = routed_gradients(clip_inputs, False)
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    checkpointed, counts = routed_gradients(clip_inputs, True, **kwargs)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    assert any("router_gate" in name for name in plain)
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+    for name in plain_counts:
+        assert torch.equal(plain_counts[name], counts[name]), name
+
+
+def test_per_call_routing_of_checkpointed_linear_experts_is_refused_in_training(clip_inputs):
+    config = small_config(target_modules=["q_proj", "v_proj"], init_weights=False)
+    model = get_peft_model(tiny_clip(), config).train()
+    model.base_model.model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="needs the block placement"):
+        model(**clip_inputs, task_ids=torch.tensor([0, 1, 2, 0]))
+    model.set_task(1)
+    model(**clip_inputs).logits_per_image.sum().backward()  # a session route is fine

@@ -4,8 +4,14 @@ import pytest
 from datasets import Dataset
 from PIL import Image
 
-from hf_moe_cl.presets import MTIL_DATASETS, MTIL_ORDER_I, MTIL_ORDER_II, class_incremental_tasks, few_shot_subset
-from hf_moe_cl.reporting import markdown_table, write_report
+from hf_moe_cl.presets import (
+    MTIL_DATASETS,
+    MTIL_ORDER_I,
+    MTIL_ORDER_II,
+    class_incremental_tasks,
+    few_shot_subset,
+)
+from hf_moe_cl.benchmark.reporting import markdown_table, write_report
 
 
 def test_report_files_hold_the_matrix_and_metrics(tmp_path):

@@ -4,8 +4,7 @@ from datasets import Dataset
 from PIL import Image
 
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.collator import ImageClassificationCollator, to_rgb
-from hf_moe_cl.tasks import ContinualTask
+from hf_moe_cl.continual import ContinualTask, ImageClassificationCollator, to_rgb
 
 
 def image_dataset(labels, mode="RGB"):

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_moe_cl import MoELoraConfig
-from hf_moe_cl.trainer import ContinualTrainer, ContinualTrainingArguments, ExpertMergingCallback
+from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.continual.methods import ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments
 
 from conftest import colour_task, tiny_clip
 
@@ -34,7 +35,7 @@ def test_moe_sequence_freezes_routes_and_saves_each_task(tmp_path, clip_processo
     tasks = two_tasks()
     model = moe_model()
     trainer = ContinualTrainer(model=model, args=make_args(tmp_path, weight_decay=0.1), processing_class=clip_processor)
-    zero_shot_second = trainer.evaluate_task(tasks[1], route=None)
+    zero_shot_second = trainer.evaluate_task(tasks[1])
     result = trainer.train_tasks(tasks)
 
     assert result.task_names == ["first", "second"]
@@ -47,7 +48,7 @@ def test_moe_sequence_freezes_routes_and_saves_each_task(tmp_path, clip_processo
 
     first = tmp_path / "task-00-first"
     progress = json.loads((first / "continual_progress.json").read_text())
-    assert progress["finished_task"] == 0 and len(progress["accuracy_matrix"]) == 1
+    assert progress["finished_task"] == 0 and len(progress["matrices"]["oracle"]) == 1
     after_first = load_file(first / "adapter_model.safetensors")
     final = model.state_dict()
     checked = 0
@@ -105,8 +106,8 @@ def test_resume_refuses_another_task_sequence(tmp_path, clip_processor):
 
 
 def test_expert_merging_callback_merges_during_training(tmp_path, clip_processor):
-    trainer = ContinualTrainer(model=moe_model(num_experts=5), args=make_args(tmp_path, merge_experts_every=2),
-                               processing_class=clip_processor)
+    method = MoEAdapters(moe_model(num_experts=5), MoEAdaptersArguments(merge_experts_every=2))
+    trainer = ContinualTrainer(method=method, args=make_args(tmp_path), processing_class=clip_processor)
     trainer.train_tasks(two_tasks()[:1])
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ExpertMergingCallback))
     assert callback.merges == 3
@@ -151,8 +152,9 @@ def test_bad_tasks_fail_before_any_training(tmp_path, clip_processor):
 
 def test_shared_router_mode_is_the_class_incremental_setting(tmp_path, clip_processor):
     model = moe_model(num_tasks=1)
-    args = make_args(tmp_path, shared_router=True, evaluate_all_tasks=False)
-    result = ContinualTrainer(model=model, args=args, processing_class=clip_processor).train_tasks(two_tasks())
+    method = MoEAdapters(model, MoEAdaptersArguments(shared_router=True))
+    args = make_args(tmp_path, evaluate_all_tasks=False)
+    result = ContinualTrainer(method=method, args=args, processing_class=clip_processor).train_tasks(two_tasks())
     assert model.base_model.num_tasks == 1
     assert all(not experts for experts in model.base_model.frozen_experts().values())
     assert result.accuracy_matrix[0][1] is None and result.accuracy_matrix[1][0] is None

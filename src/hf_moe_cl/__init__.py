@@ -4,11 +4,16 @@ Importing the package registers the `MOE_LORA` method with peft, so `get_peft_mo
 and `PeftConfig.from_pretrained` accept it.
 """
 
+from . import assets
+from .continual import ContinualTask, ContinualTrainer, ContinualTrainingArguments
+from .files import check_safetensors_file
+from .inference import TaskAgnosticClassifier
 from .registration import MOE_LORA, register_moe_lora
-from .safetensors_files import check_safetensors_file
-from .tuners.moe_lora import MoELoraConfig, MoELoraModel
+from .tuners.moe_lora import MoELoraConfig, MoELoraModel, SelectorConfig, upgrade_adapter_folder
 
 register_moe_lora()
 
-__all__ = ["MOE_LORA", "MoELoraConfig", "MoELoraModel", "check_safetensors_file", "register_moe_lora"]
-__version__ = "0.1.0"
+__all__ = ["MOE_LORA", "ContinualTask", "ContinualTrainer", "ContinualTrainingArguments", "MoELoraConfig",
+           "MoELoraModel", "SelectorConfig", "TaskAgnosticClassifier", "assets", "check_safetensors_file",
+           "register_moe_lora", "upgrade_adapter_folder"]
+__version__ = "0.2.0"

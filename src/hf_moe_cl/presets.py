@@ -13,7 +13,7 @@ from typing import Optional
 
 from datasets import Dataset, load_dataset
 
-from .tasks import ContinualTask
+from .continual.tasks import ContinualTask
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,11 @@
-"""Registration of the MoE-LoRA method in peft's lookup tables.
-
-peft's `register_peft_method` only accepts names listed in its `PeftType` enum, which third-party methods cannot
-extend. peft itself only ever uses the peft type as a dictionary key (and `.value` in error messages), so a string
-that also answers `.value` is a complete stand-in for an enum member.
-"""
+"""Registration of the MoE-LoRA method in peft's lookup tables (see `tuners/moe_lora/peft_type.py`)."""
 
 from __future__ import annotations
 
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-class ExternalPeftType(str):
-    """A peft type defined outside peft's enum; behaves like a `PeftType` member wherever peft uses one."""
-
-    @property
-    def value(self) -> str:
-        return str(self)
-
-    @property
-    def name(self) -> str:
-        return str(self)
-
-
-MOE_LORA = ExternalPeftType("MOE_LORA")
-MOE_LORA_PREFIX = "moe_lora_"
+from .tuners.moe_lora import MoELoraConfig, MoELoraModel
+from .tuners.moe_lora.peft_type import MOE_LORA, MOE_LORA_PREFIX
 
 
 def register_moe_lora() -> None:
@@ -30,14 +14,6 @@ def register_moe_lora() -> None:
     Idempotent: calling it again (re-import, reload) leaves the tables as they are. A different method already
     registered under the same name or prefix is an error rather than being overwritten.
     """
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
-
-    from .tuners.moe_lora import MoELoraConfig, MoELoraModel
-
     wanted = {
         id(PEFT_TYPE_TO_CONFIG_MAPPING): MoELoraConfig,
         id(PEFT_TYPE_TO_TUNER_MAPPING): MoELoraModel,

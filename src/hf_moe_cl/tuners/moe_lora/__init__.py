@@ -1,5 +1,9 @@
 from .config import MoELoraConfig
-from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear, TaskRoute
-from .model import MoELoraModel
+from .gating import TaskRoute
+from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
+from .model import MoELoraModel, find_moe
+from .selector import DistributionSelector, SelectorConfig
+from .upgrade import upgrade_adapter_folder
 
-__all__ = ["MoELoraBlock", "MoELoraConfig", "MoELoraLayer", "MoELoraLinear", "MoELoraModel", "TaskRoute"]
+__all__ = ["DistributionSelector", "MoELoraBlock", "MoELoraConfig", "MoELoraLayer", "MoELoraLinear", "MoELoraModel",
+           "SelectorConfig", "TaskRoute", "find_moe", "upgrade_adapter_folder"]

@@ -11,8 +11,12 @@ from peft.config import PeftConfig
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from transformers.activations import ACT2FN
 
-from ...registration import MOE_LORA
-from ...safetensors_files import check_safetensors_file
+from ...files import check_safetensors_file
+from .peft_type import MOE_LORA
+from .selector import SelectorConfig
+
+# What hf-moe-cl 0.1 wrote beside the adapter before the selector moved into it.
+LEGACY_SELECTOR_FILES = ("ddas_config.json", "ddas.safetensors")
 
 # The paper's placement: one expert bank per transformer block of both CLIP towers, in parallel to the MLP.
 CLIP_BLOCK_TARGETS = r".*(vision_model|text_model)\.encoder\.layers\.\d+"
@@ -75,6 +79,13 @@ class MoELoraConfig(PeftConfig):
             "TaskAgnosticClassifier and the model card."
         },
     )
+    selector: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Settings of the DDAS selector that picks a task router per image (see SelectorConfig); None: "
+            "no selector. Its weights are saved in adapter_model.safetensors with the experts."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -105,32 +116,27 @@ class MoELoraConfig(PeftConfig):
             raise ValueError(f"`expert_dropout` must be in [0, 1), got {self.expert_dropout!r}.")
         if self.noise_epsilon < 0 or self.load_balancing_coef < 0:
             raise ValueError("`noise_epsilon` and `load_balancing_coef` must be non-negative.")
+        if self.selector is not None:
+            self.selector = SelectorConfig.from_dict(dict(self.selector)).to_dict()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
 
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """peft's save path: also writes an attached DDAS selector beside the adapter (ddas_config.json +
-        ddas.safetensors), so save_pretrained and push_to_hub carry it."""
-        super().save_pretrained(save_directory, **kwargs)
-        reference = getattr(self, "_selector_ref", None)
-        selector = reference() if reference is not None else None
-        if selector is not None:
-            from ...ddas import save_selector
-
-            save_selector(selector, save_directory)
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load the config; check a local adapter's weights file before peft parses it, and load a DDAS selector
-        saved beside it (the tuner attaches it when it is built)."""
+        """peft's loader, plus checks of a local adapter folder before peft parses its weights."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-        if os.path.isfile(weights):
-            check_safetensors_file(weights)
-        from ...ddas import load_selector
-
-        config._loaded_selector = load_selector(folder, expected_tasks=config.num_tasks)
+        if os.path.isdir(folder):
+            weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+            if os.path.isfile(weights):
+                check_safetensors_file(weights)
+            legacy = [name for name in LEGACY_SELECTOR_FILES if os.path.isfile(os.path.join(folder, name))]
+            if legacy and config.selector is None:
+                raise ValueError(
+                    f"{folder} holds a DDAS selector in {legacy}, the layout of hf-moe-cl 0.1. Convert the folder "
+                    f"once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves the selector into the "
+                    "adapter's config and weights."
+                )
         return config

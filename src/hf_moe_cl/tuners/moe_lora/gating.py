@@ -1,4 +1,5 @@
-"""Noisy top-k gating (Shazeer et al., 2017), the router of MoE-Adapters."""
+"""Routing decisions: which task router a sample uses (`TaskRoute`) and which experts it picks (noisy top-k gating,
+Shazeer et al., 2017, the router of MoE-Adapters)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,29 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TaskRoute:
+    """Which task router each sample uses: one task for the whole batch, or one per sample (-1: no adapter)."""
+
+    task: Optional[int] = None
+    task_ids: Optional[torch.Tensor] = None
+    active: Optional[torch.Tensor] = None  # indices of the samples whose task id is >= 0
+
+    @classmethod
+    def per_sample(cls, task_ids: torch.Tensor) -> "TaskRoute":
+        task_ids = task_ids.long().flatten()
+        return cls(task_ids=task_ids, active=torch.nonzero(task_ids >= 0).flatten())
+
+    @property
+    def routes_nothing(self) -> bool:
+        if self.task_ids is None:
+            return self.task is None
+        return self.active.numel() == 0
+
+
+NO_ROUTE = TaskRoute()
 
 
 @dataclass

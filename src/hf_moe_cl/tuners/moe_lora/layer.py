@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -13,30 +13,10 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import MoELoraConfig
-from .gating import noisy_top_k
+from .gating import TaskRoute, noisy_top_k
 
 EXPERT_PARAMS = ("moe_lora_A", "moe_lora_B", "moe_lora_bias_A", "moe_lora_bias_B")
 ROUTER_PARAMS = ("moe_lora_router_gate", "moe_lora_router_noise")
-
-
-@dataclass(frozen=True)
-class TaskRoute:
-    """Which task router each sample uses: one task for the whole batch, or one per sample (-1: no adapter)."""
-
-    task: Optional[int] = None
-    task_ids: Optional[torch.Tensor] = None
-    active: Optional[torch.Tensor] = None  # indices of the samples whose task id is >= 0
-
-    @classmethod
-    def per_sample(cls, task_ids: torch.Tensor) -> "TaskRoute":
-        task_ids = task_ids.long().flatten()
-        return cls(task_ids=task_ids, active=torch.nonzero(task_ids >= 0).flatten())
-
-    @property
-    def routes_nothing(self) -> bool:
-        if self.task_ids is None:
-            return self.task is None
-        return self.active.numel() == 0
 
 
 class MoELoraLayer(BaseTunerLayer):
@@ -45,6 +25,8 @@ class MoELoraLayer(BaseTunerLayer):
     Activate-freeze is enforced per slice: a frozen expert or router is read from a snapshot taken when it was
     frozen, so no optimizer (momentum, weight decay) can move it, and the parameter slice itself is rewritten from
     the snapshot before every `state_dict()`.
+
+    Routing is an argument of every call (`task_route`), given by the tuner; a layer keeps no routing state.
     """
 
     adapter_layer_names = EXPERT_PARAMS + ROUTER_PARAMS
@@ -69,7 +51,6 @@ class MoELoraLayer(BaseTunerLayer):
         self.moe_lora_snapshot = nn.ModuleDict()
         self.moe_lora_dropout = nn.ModuleDict()
         self.moe_lora_options: dict[str, MoELoraConfig] = {}
-        self.route: Optional[TaskRoute] = None
         self.balance_loss: Optional[torch.Tensor] = None
         self.kwargs = kwargs
         self.register_state_dict_pre_hook(_write_frozen_slices_before_save)
@@ -208,8 +189,7 @@ class MoELoraLayer(BaseTunerLayer):
         return sources, target
 
     # ----- forward -------------------------------------------------------------------------------------------------
-    def _route(self, batch: int) -> Optional[TaskRoute]:
-        route = self.route
+    def _route(self, route: Optional[TaskRoute], batch: int) -> Optional[TaskRoute]:
         if route is None or route.routes_nothing or self.disable_adapters:
             return None
         if route.task_ids is not None and route.task_ids.shape[0] != batch:
@@ -219,33 +199,37 @@ class MoELoraLayer(BaseTunerLayer):
             )
         return route
 
-    def moe_delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Sum over the active adapters of the routed experts' output for `x` (batch, [tokens,] in_features)."""
+    def moe_delta(self, x: torch.Tensor, route: Optional[TaskRoute], count: bool = True) -> Optional[torch.Tensor]:
+        """Sum over the active adapters of the routed experts' output for `x` (batch, [tokens,] in_features).
+
+        In training the selections are counted (for activate-freeze and merging) unless `count` is False, as in
+        the recomputation of a checkpointed block.
+        """
         self.balance_loss = None
-        route = self._route(x.shape[0])
+        route = self._route(route, x.shape[0])
         if route is None:
             return None
         if route.task_ids is None:
             inputs, task_ids = x, None
         else:
             active = route.active.to(x.device)
-            partial = active.numel() != x.shape[0]
-            inputs = x.index_select(0, active) if partial else x
+            subset = active.numel() != x.shape[0]
+            inputs = x.index_select(0, active) if subset else x
             task_ids = route.task_ids.to(x.device)
-            task_ids = task_ids.index_select(0, active) if partial else task_ids
+            task_ids = task_ids.index_select(0, active) if subset else task_ids
         total = None
         for adapter in self.active_adapters:
             if adapter not in self.moe_lora_A:
                 continue
-            delta = self._experts_forward(adapter, inputs, route.task, task_ids)
+            delta = self._experts_forward(adapter, inputs, route.task, task_ids, count)
             total = delta if total is None else total + delta
-        if total is None or route.task_ids is None or not partial:
+        if total is None or route.task_ids is None or not subset:
             return total
         full = total.new_zeros(x.shape[:-1] + (self.out_features,))
         return full.index_add(0, active, total)
 
     def _experts_forward(
-        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor]
+        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor], count: bool
     ) -> torch.Tensor:
         options = self.moe_lora_options[adapter]
         num_tasks = self.moe_lora_router_gate[adapter].shape[0]
@@ -275,7 +259,7 @@ class MoELoraLayer(BaseTunerLayer):
             loss = options.load_balancing_coef * routing.balance_loss
             self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss
         experts, mix = routing.experts, routing.weights.to(weight_a.dtype)
-        if self.training:
+        if self.training and count:
             self._count(adapter, experts, task, task_ids)
 
         # Gather only the chosen experts' weights, one (k*rank)-wide adapter per sample, and run two bmm's.
@@ -347,19 +331,41 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        kwargs.pop("task_ids", None)
-        if self._route(hidden_states.shape[0]) is None:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None,
+                **kwargs: Any):
+        route = self._route(task_route, hidden_states.shape[0])
+        if route is None:
             return self.base_layer(hidden_states, *args, **kwargs)
+        base = self.base_layer
+        if getattr(base, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            # Checkpoint the block and its experts together, the route bound to the call: the recomputation in
+            # backward routes exactly as the forward did, whatever the caller's routing is by then.
+            function = partial(self._adapted_forward, route=route, checkpoint_calls=[], **kwargs)
+            return base._gradient_checkpointing_func(function, hidden_states, *args)
+        return self._adapted_forward(hidden_states, *args, route=route, **kwargs)
+
+    def _adapted_forward(self, hidden_states: torch.Tensor, *args: Any, route: TaskRoute,
+                         checkpoint_calls: Optional[list] = None, **kwargs: Any):
+        """The block plus its experts. Inside a checkpoint (`checkpoint_calls` given) the block's own forward runs
+        (not its checkpointing) and selections are counted on the first call only, not on the recomputation."""
+        checkpointed = checkpoint_calls is not None
+        first_call = not checkpoint_calls
+        if checkpointed:
+            checkpoint_calls.append(True)
         residual_stream = []
         handle = self.base_layer.layer_norm2.register_forward_pre_hook(
             lambda _module, inputs: residual_stream.append(inputs[0])
         )
         try:
-            output = self.base_layer(hidden_states, *args, **kwargs)
+            if checkpointed:  # already inside a checkpoint: run the block's own forward, not its checkpointing
+                base_forward = type(self.base_layer).forward
+                output = getattr(base_forward, "__wrapped__", base_forward)(self.base_layer, hidden_states, *args,
+                                                                            **kwargs)
+            else:
+                output = self.base_layer(hidden_states, *args, **kwargs)
         finally:
             handle.remove()
-        delta = self.moe_delta(residual_stream[-1])
+        delta = self.moe_delta(residual_stream[-1], route, count=first_call)
         if delta is None:
             return output
         if isinstance(output, tuple):
@@ -380,9 +386,9 @@ class MoELoraLinear(nn.Module, MoELoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None, **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
-        delta = self.moe_delta(x)
+        delta = self.moe_delta(x, task_route)
         return result if delta is None else result + delta.to(result.dtype)
 
     def __repr__(self) -> str:

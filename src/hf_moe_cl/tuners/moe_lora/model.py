@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_name_from_state_dict_key
 from torch import nn
 
-from ...registration import MOE_LORA_PREFIX
+from .peft_type import MOE_LORA_PREFIX
 from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
-from .layer import EXPERT_PARAMS, MoELoraBlock, MoELoraLayer, MoELoraLinear, TaskRoute
+from .gating import NO_ROUTE, TaskRoute
+from .layer import EXPERT_PARAMS, MoELoraBlock, MoELoraLayer, MoELoraLinear
+from .selector import DistributionSelector, SelectorConfig
 
 TARGETS_BY_MODEL_TYPE = {
     "clip": CLIP_BLOCK_TARGETS,
@@ -21,7 +22,7 @@ TARGETS_BY_MODEL_TYPE = {
 }
 
 TaskIds = Union[None, int, torch.Tensor]
-SELECTOR_ATTRIBUTE = "moe_lora_ddas"
+SELECTOR_ATTRIBUTE = "moe_lora_selector"
 
 
 def find_moe(model) -> Optional["MoELoraModel"]:
@@ -39,11 +40,18 @@ def tower_of(layer_name: str) -> str:
     return "other"
 
 
+def _drop_task_ids(module, args, kwargs):
+    """`task_ids` is routing, consumed by the tuner: the wrapped CLIP never sees it."""
+    kwargs.pop("task_ids", None)
+    return args, kwargs
+
+
 class MoELoraModel(BaseTuner):
     """Task-routed mixture of expert LoRAs (MoE-Adapters) as a peft tuner.
 
     Use through `get_peft_model(clip, MoELoraConfig(...))`; the methods below are reachable from the returned
-    `PeftModel`. Task 0 is routed after creation; `set_task(None)` (or -1) gives the untouched base model.
+    `PeftModel`. Task 0 is routed after creation; `set_task(None)` (or -1) gives the untouched base model. The
+    route of a call is passed to every layer as an argument (`routing()`, `model(..., task_ids=...)`).
     """
 
     prefix: str = MOE_LORA_PREFIX
@@ -89,33 +97,115 @@ class MoELoraModel(BaseTuner):
         super()._replace_module(parent, child_name, new_module, child)
 
     def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
-        self.set_task(0)
-        loaded = getattr(config, "_loaded_selector", None)
-        if loaded is not None:
-            config._loaded_selector = None
-            self.attach_selector(loaded)
+        self._default_route = TaskRoute(task=0)
+        self._call_routes: list[TaskRoute] = []
+        for layer in self.moe_layers().values():
+            if getattr(layer, "_route_hook", None) is None:
+                layer._route_hook = layer.register_forward_pre_hook(self._inject_route, with_kwargs=True)
+        if config.selector is not None:
+            self._build_selector(adapter_name, SelectorConfig.from_dict(config.selector), config.num_tasks)
 
-    @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """The DDAS selector has files of its own (written by MoELoraConfig.save_pretrained), not the adapter's."""
-        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return {k: v for k, v in selected.items() if f".{SELECTOR_ATTRIBUTE}." not in k}
+    # ----- routing -------------------------------------------------------------------------------------------------
+    def _inject_route(self, module, args, kwargs):
+        """Forward pre-hook of every MoE layer: the call's route is an argument of the layer's forward."""
+        kwargs.setdefault("task_route", self._call_routes[-1] if self._call_routes else self._default_route)
+        return args, kwargs
 
-    # ----- DDAS ----------------------------------------------------------------------------------------------------
-    def attach_selector(self, selector) -> None:
-        """Attach a DDAS selector: it moves with the model and is saved, pushed and loaded with the adapter."""
-        if selector.num_tasks != self.num_tasks:
+    def _make_route(self, task_ids: TaskIds) -> TaskRoute:
+        if task_ids is None or (isinstance(task_ids, int) and task_ids == -1):
+            return NO_ROUTE
+        if isinstance(task_ids, int):
+            return TaskRoute(task=self._check_task(task_ids))
+        ids = torch.as_tensor(task_ids).long().flatten()
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
             raise ValueError(
-                f"The DDAS selector has {selector.num_tasks} task autoencoders but the adapter has "
-                f"{self.num_tasks} task routers; build it with num_tasks={self.num_tasks}."
+                f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
+                f"from {int(ids.min())} to {int(ids.max())}."
             )
-        device = next(self.model.parameters()).device
-        setattr(self, SELECTOR_ATTRIBUTE, selector.to(device))
-        self.peft_config[self._adapter()]._selector_ref = weakref.ref(selector)
+        return TaskRoute.per_sample(ids)
+
+    def set_task(self, task: Optional[int]) -> None:
+        """Route every later call through `task`'s router; None or -1 gives the unadapted base model."""
+        self._default_route = self._make_route(task)
 
     @property
-    def selector(self):
-        return self._modules.get(SELECTOR_ATTRIBUTE)
+    def active_task(self) -> Optional[int]:
+        """The task `set_task` routes every sample to (None: zero-shot or per-sample routing)."""
+        return self._default_route.task
+
+    def _check_checkpointed_linear_routing(self) -> None:
+        """Linear experts inside a checkpointed block are recomputed in backward, after a per-call route ended."""
+        if not self.training:
+            return
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False) and any(
+                isinstance(m, MoELoraLinear) for m in module.modules()
+            ):
+                raise ValueError(
+                    "Per-call routing (task_ids / routing()) in training with gradient checkpointing needs the block "
+                    "placement of MoE-LoRA (the default target_modules); with Linear targets use set_task(), or "
+                    "disable gradient checkpointing."
+                )
+
+    @contextmanager
+    def routing(self, task_ids: TaskIds):
+        """Route the calls inside the block with an int task or per-sample ids (length batch, -1 for zero-shot)."""
+        route = self._make_route(task_ids)
+        self._check_checkpointed_linear_routing()
+        self._call_routes.append(route)
+        try:
+            yield
+        finally:
+            self._call_routes.pop()
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """`peft_model(..., task_ids=...)` routes one call, as peft does with `adapter_names`."""
+        if "task_ids" not in kwargs:
+            yield
+            return
+        handle = self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)
+        try:
+            if kwargs["task_ids"] is None:
+                yield
+            else:
+                with self.routing(kwargs["task_ids"]):
+                    yield
+        finally:
+            handle.remove()
+
+    # ----- DDAS selector (part of the adapter) ---------------------------------------------------------------------
+    def _build_selector(self, adapter: str, settings: SelectorConfig, num_tasks: int) -> DistributionSelector:
+        selector = DistributionSelector(settings, num_tasks)
+        device = next(self.model.parameters()).device
+        if SELECTOR_ATTRIBUTE not in self._modules:
+            self.add_module(SELECTOR_ATTRIBUTE, nn.ModuleDict())
+        self._modules[SELECTOR_ATTRIBUTE][adapter] = selector.to(device)
+        return selector
+
+    def enable_selector(self, settings: Union[SelectorConfig, dict]) -> DistributionSelector:
+        """Give the adapter a DDAS selector (untrained) with these settings; it is saved, pushed and loaded with the
+        adapter's weights."""
+        settings = settings if isinstance(settings, SelectorConfig) else SelectorConfig.from_dict(settings)
+        adapter = self._adapter()
+        self.peft_config[adapter].selector = settings.to_dict()
+        return self._build_selector(adapter, settings, self.num_tasks)
+
+    @property
+    def selector(self) -> Optional[DistributionSelector]:
+        """The adapter's DDAS selector (None if it has none)."""
+        selectors = self._modules.get(SELECTOR_ATTRIBUTE)
+        adapter = self._adapter()
+        if selectors is None or adapter not in selectors:
+            return None
+        return selectors[adapter]
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        marker = f".{SELECTOR_ATTRIBUTE}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f".{SELECTOR_ATTRIBUTE}.", 1)
+        return _remove_adapter_name_from_state_dict_key(key, adapter_name)
 
     def _check_merge_allowed(self):
         raise ValueError(
@@ -151,8 +241,26 @@ class MoELoraModel(BaseTuner):
         return adapters[0]
 
     @property
+    def moe_config(self) -> MoELoraConfig:
+        """The active adapter's config (num_tasks, task_info, selector settings, ...)."""
+        return self.peft_config[self._adapter()]
+
+    @property
     def num_tasks(self) -> int:
-        return self.peft_config[self._adapter()].num_tasks
+        return self.moe_config.num_tasks
+
+    @property
+    def task_info(self) -> list[Optional[dict]]:
+        """Per task router: its name, class names and templates (None where nothing was recorded)."""
+        info = list(self.moe_config.task_info or [])
+        return info + [None] * (self.num_tasks - len(info))
+
+    def set_task_info(self, task: int, name: str, classnames: list[str], templates: list[str]) -> None:
+        """Record what task `task`'s router was trained on (saved in the adapter config)."""
+        self._check_task(task)
+        info = self.task_info
+        info[task] = {"name": name, "classnames": list(classnames), "templates": list(templates)}
+        self.moe_config.task_info = info
 
     def _check_task(self, task: int) -> int:
         if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
@@ -162,52 +270,9 @@ class MoELoraModel(BaseTuner):
             )
         return task
 
-    # ----- routing -------------------------------------------------------------------------------------------------
-    def _make_route(self, task_ids: TaskIds) -> TaskRoute:
-        if task_ids is None or (isinstance(task_ids, int) and task_ids == -1):
-            return TaskRoute()
-        if isinstance(task_ids, int):
-            return TaskRoute(task=self._check_task(task_ids))
-        ids = torch.as_tensor(task_ids).long().flatten()
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
-            raise ValueError(
-                f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
-                f"from {int(ids.min())} to {int(ids.max())}."
-            )
-        return TaskRoute.per_sample(ids)
-
-    def set_task(self, task: Optional[int]) -> None:
-        """Route every sample through `task`'s router; None or -1 gives the unadapted base model."""
-        route = self._make_route(task)
-        for layer in self.moe_layers().values():
-            layer.route = route
-
-    @contextmanager
-    def routing(self, task_ids: TaskIds):
-        """Temporarily route with an int task or per-sample ids (a tensor of length batch, -1 for zero-shot)."""
-        route = self._make_route(task_ids)
-        layers = list(self.moe_layers().values())
-        previous = [layer.route for layer in layers]
-        for layer in layers:
-            layer.route = route
-        try:
-            yield
-        finally:
-            for layer, old in zip(layers, previous):
-                layer.route = old
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Lets `peft_model(..., task_ids=...)` route a mixed batch, as peft does with `adapter_names`."""
-        if kwargs.get("task_ids") is None:
-            yield
-            return
-        with self.routing(kwargs["task_ids"]):
-            yield
-
     # ----- tasks ---------------------------------------------------------------------------------------------------
     def add_task(self) -> int:
-        """Append a router for a new task to every layer and return its id."""
+        """Append a router for a new task to every layer (and an autoencoder to the selector); return its id."""
         adapter = self._adapter()
         for layer in self.moe_layers().values():
             layer.add_task(adapter)
@@ -231,13 +296,6 @@ class MoELoraModel(BaseTuner):
         self._check_task(task)
         for name, layer in self.moe_layers().items():
             layer.moe_lora_counts[adapter][task] = counts[name].to(layer.moe_lora_counts[adapter].device)
-
-    @property
-    def active_task(self) -> Optional[int]:
-        """The task every sample is routed to (None when routing is per sample or zero-shot)."""
-        layers = list(self.moe_layers().values())
-        route = layers[0].route if layers else None
-        return None if route is None else route.task
 
     def freeze_most_selected(self, task: int, k: Optional[int] = None) -> dict[str, list[int]]:
         """Activate-freeze: per layer, freeze the k experts `task` selected most (default k = top_k) and its router.

@@ -9,17 +9,43 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 
-from .safetensors_files import check_safetensors_file
+from ..files import check_safetensors_file
 
 CONDU_CONFIG = "condu_config.json"
 CONDU_WEIGHTS = "condu.safetensors"
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 Delta = dict[str, torch.Tensor]
+
+
+@contextmanager
+def applied_delta(model, delta: Optional[Delta]):
+    """Run `model` as pretrained + delta; the pretrained tensors are restored exactly afterwards."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, value in (delta or {}).items():
+                param = model.get_parameter(name)
+                saved[name] = param.detach().clone()
+                param.add_(value.to(param.device, param.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                model.get_parameter(name).copy_(value)
+
+
+def model_fingerprint(model) -> dict:
+    """What a trigger file must match: the architecture and the shapes of the weights it changes."""
+    config = model.config
+    return {"model_type": config.model_type, "vision_width": config.vision_config.hidden_size,
+            "text_width": config.text_config.hidden_size, "vision_layers": config.vision_config.num_hidden_layers,
+            "text_layers": config.text_config.num_hidden_layers, "projection_dim": config.projection_dim}
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,18 @@ from typing import Optional
 
 from huggingface_hub import HfApi
 
-from .tuners.moe_lora.model import find_moe
+from .tuners.moe_lora import find_moe
 
 
 def model_card(model, metrics: Optional[dict[str, float]] = None) -> str:
     """A README.md that lists the tasks in order, their class names and the measured metrics."""
     moe = find_moe(model)
-    config = moe.peft_config[moe._adapter()]
+    config = moe.moe_config
     lines = ["---", "library_name: peft", "tags:", "- hf-moe-cl", "- continual-learning", "- clip", "---", "",
              "# Continual CLIP with MoE-LoRA adapters (hf-moe-cl)", "",
              f"Base model: `{config.base_model_name_or_path}`. {config.num_experts} experts of rank {config.r}, "
              f"top-{config.top_k} routing, {config.num_tasks} task routers. "
-             + ("A DDAS selector (`ddas_config.json`, `ddas.safetensors`) picks the router per image."
+             + ("A DDAS selector, saved in the adapter's weights, picks the router per image."
                 if moe.selector is not None else "No DDAS selector: pass the task id."), "",
              "```python", "import hf_moe_cl", "from peft import PeftModel",
              "model = PeftModel.from_pretrained(clip, REPO_ID)", "```", "", "## Tasks", ""]

@@ -1,0 +1,1 @@
+"""Benchmarks of continual methods: MTIL presets, experiments over methods, metrics and reports."""

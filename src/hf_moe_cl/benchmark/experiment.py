@@ -1,0 +1,51 @@
+"""One continual-learning experiment: a method, a base CLIP, a task sequence -> accuracy matrices.
+
+Every method goes through the same `ContinualTrainer` (tasks, loss, schedule, evaluation), so the comparison is
+side by side; the method is looked up by name in the registry of `hf_moe_cl.continual.methods`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from transformers import set_seed
+
+from ..continual import ContinualResult, ContinualTrainer, ContinualTrainingArguments
+from ..continual.methods import METHODS, get_method
+
+
+@dataclass
+class MethodArguments:
+    """Which method to run, and what every method shares; each method's own options are its `arguments_class`."""
+
+    method: str = field(default="moe-adapters", metadata={"help": f"One of {', '.join(METHODS)}."})
+    rank: int = field(default=64, metadata={"help": "Rank of MoE experts, of the LoRA baseline and of ConDU's LoRA."})
+    use_task_learning_rates: bool = field(
+        default=True,
+        metadata={"help": "MoE-Adapters: use each task's own learning rate (the paper's) where the preset has one."},
+    )
+
+    def __post_init__(self):
+        get_method(self.method)
+
+
+def build_method(method_args: MethodArguments, base, num_tasks: int, options: Sequence = (), reference_images=None):
+    """The method named by `method_args` on a private copy of `base`; `options` are parsed argument dataclasses,
+    each method taking its own (defaults for the others)."""
+    return get_method(method_args.method).from_base(base, options, num_tasks=num_tasks, rank=method_args.rank,
+                                                    reference_images=reference_images)
+
+
+def run_method(method_args: MethodArguments, base, processor, tasks, args: ContinualTrainingArguments,
+               resume: bool = False, options: Sequence = (), reference_images=None) -> ContinualResult:
+    """Run one method over `tasks`; checkpoints go under `args.output_dir`. `reference_images` are images of no
+    task, for methods that learn to recognise unknown images (DDAS's reference set)."""
+    if method_args.method != "moe-adapters" or not method_args.use_task_learning_rates:
+        args = dataclasses.replace(args, task_learning_rates=[args.learning_rate] * len(tasks))
+    set_seed(args.seed)  # adapter initialisation does not depend on what ran before
+    method = build_method(method_args, base, len(tasks), options, reference_images)
+    trainer = ContinualTrainer(method=method, args=args, processing_class=processor)
+    return trainer.train_tasks(tasks, resume=resume)
+

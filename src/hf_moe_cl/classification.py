@@ -1,0 +1,161 @@
+"""The classification core: CLIP as a classifier over class-name prompts, as any learned task's model or per image.
+
+Evaluation (with and without a task id), the task-agnostic inference entry point and ConDU's voting all classify
+through `RoutedClassifier`. A *route* names the model an image goes through: a learned task (0, 1, ...) or -1,
+the method's model for no learned task (the untouched CLIP for MoE-Adapters and ConDU). A `Router` (every
+continual method is one) makes its model act as a route's model; routers with `mixed_routes` run a batch whose
+images take different routes in one pass, the others are run route by route.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ContextManager, Optional, Protocol, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ZERO_SHOT = -1
+FUSIONS = ("logits", "probabilities")
+
+
+def tokenize_prompts(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    max_length = getattr(tokenizer, "model_max_length", None)
+    truncate = isinstance(max_length, int) and max_length < 10_000
+    return dict(tokenizer(prompts, padding=True, truncation=truncate, return_tensors="pt"))
+
+
+@torch.no_grad()
+def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(batch, dim) unit-norm float32 image embeddings of a CLIP model (plain or peft)."""
+    return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
+
+
+@torch.no_grad()
+def text_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:
+    """(classes, dim) unit-norm text embeddings, each the normalised mean over the prompt templates."""
+    total = None
+    for template in templates:
+        tokens = tokenize_prompts(tokenizer, [template.format(name) for name in classnames])
+        tokens = {k: v.to(device) for k, v in tokens.items()}
+        features = F.normalize(model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+        total = features if total is None else total + features
+    return F.normalize(total, dim=-1)
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The classes an image is classified among, and the prompt templates that describe them."""
+
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    @classmethod
+    def of(cls, classnames: Sequence[str], templates: Sequence[str]) -> "LabelSpace":
+        return cls(tuple(classnames), tuple(templates))
+
+
+class Router(Protocol):
+    """What the classification core needs of a continual method."""
+
+    model: nn.Module
+    mixed_routes: bool
+
+    def routed(self, route: Union[int, torch.Tensor]) -> ContextManager:
+        """The model acts as `route`'s model (an int, or one route per image when `mixed_routes`)."""
+
+
+@dataclass
+class Routes:
+    """Per image, the routes whose predictions are combined (batch, m), their weights and how they are fused.
+
+    `selected` is the route the method identified for each image (for selection statistics), `ids[:, 0]` when the
+    method picks a single route.
+    """
+
+    ids: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+    fusion: str = "logits"
+    selected: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.ids.dim() == 1:
+            self.ids = self.ids.unsqueeze(1)
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"Unknown fusion {self.fusion!r}; use one of {FUSIONS}.")
+        if self.selected is None:
+            self.selected = self.ids[:, 0]
+
+    @classmethod
+    def single(cls, route: int, batch: int, device) -> "Routes":
+        return cls(torch.full((batch,), route, dtype=torch.long, device=device))
+
+
+class RoutedClassifier:
+    """Classifies pixel batches through a router's models; text embeddings are cached per (route, label space).
+
+    The cache assumes the router's models do not change while this object is used: build a new one after
+    training.
+    """
+
+    def __init__(self, router: Router, tokenizer, device):
+        self.router, self.tokenizer, self.device = router, tokenizer, device
+        self._text: dict[tuple[int, LabelSpace], torch.Tensor] = {}
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.router.model.logit_scale.exp().float()
+
+    def text(self, space: LabelSpace, route: int) -> torch.Tensor:
+        key = (route, space)
+        if key not in self._text:
+            with self.router.routed(route):
+                self._text[key] = text_embeddings(self.router.model, self.tokenizer, space.classnames,
+                                                  space.templates, self.device)
+        return self._text[key]
+
+    def image(self, pixels: torch.Tensor, routes: torch.Tensor,
+              untouched: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings of `pixels[i]` through route `routes[i]`; rows routed to -1 reuse `untouched` when given."""
+        out = torch.empty(pixels.shape[0], self.router.model.config.projection_dim, device=pixels.device)
+        pending = torch.ones_like(routes, dtype=torch.bool)
+        if untouched is not None:
+            zero_shot = routes == ZERO_SHOT
+            out[zero_shot] = untouched[zero_shot].to(out.dtype)
+            pending &= ~zero_shot
+        distinct = routes[pending].unique().tolist()
+        if self.router.mixed_routes and len(distinct) > 1:
+            rows = torch.nonzero(pending).flatten()
+            with self.router.routed(routes[rows]):
+                out[rows] = image_embeddings(self.router.model, pixels[rows])
+            return out
+        for route in distinct:
+            rows = torch.nonzero(pending & (routes == route)).flatten()
+            with self.router.routed(route):
+                out[rows] = image_embeddings(self.router.model, pixels[rows])
+        return out
+
+    def logits(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace,
+               untouched: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(batch, m, classes) cosine similarities of every image under each of its routes."""
+        batch, width = routes.ids.shape
+        flat = routes.ids.reshape(-1)
+        images = self.image(pixels.repeat_interleave(width, 0), flat,
+                            None if untouched is None else untouched.repeat_interleave(width, 0))
+        out = torch.empty(batch * width, len(space.classnames), device=pixels.device)
+        for route in flat.unique().tolist():
+            rows = flat == route
+            out[rows] = images[rows] @ self.text(space, route).T
+        return out.view(batch, width, -1)
+
+    def scores(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace,
+               untouched: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(batch, classes) fused scores: weighted logits, or weighted softmax probabilities."""
+        logits = self.logits(pixels, routes, space, untouched)
+        weights = routes.weights
+        if weights is None:
+            weights = torch.full(routes.ids.shape, 1.0 / routes.ids.shape[1], device=logits.device)
+        if routes.fusion == "probabilities":
+            logits = torch.softmax(self.logit_scale * logits, dim=-1)
+        return (logits * weights.unsqueeze(-1).to(logits.dtype)).sum(1)

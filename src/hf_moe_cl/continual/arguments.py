@@ -1,0 +1,44 @@
+"""`ContinualTrainingArguments`: `TrainingArguments` with MoE-Adapters' per-task defaults and the task loop's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class ContinualTrainingArguments(TrainingArguments):
+    """Every task trains with these settings (a fresh optimiser and schedule per task); method options live in the
+    method's own arguments (e.g. `MoEAdaptersArguments`)."""
+
+    max_steps: int = field(default=1000, metadata={"help": "Training steps per task (paper: 1000)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of tasks without their own."})
+    warmup_steps: float = field(default=100, metadata={"help": "Linear warmup steps of every task's schedule."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule of every task (paper: cosine)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0)."})
+    label_smoothing_factor: float = field(default=0.2, metadata={"help": "Label smoothing (paper: 0.2)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device (paper: 64)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep `image`/`label` for the collator."})
+    save_strategy: str = field(default="no", metadata={"help": "Mid-task checkpoints; tasks are saved anyway."})
+    ddp_broadcast_buffers: Optional[bool] = field(
+        default=False,
+        metadata={"help": "Keep per-rank expert-selection counts; they are all-reduced before freezing/merging."},
+    )
+    task_learning_rates: Optional[list[float]] = field(
+        default=None, metadata={"help": "One learning rate per task, overriding `learning_rate`."}
+    )
+    train_template: int = field(default=0, metadata={"help": "Prompt template used in training (paper: 0)."})
+    evaluate_all_tasks: bool = field(
+        default=True,
+        metadata={"help": "After each task evaluate every task (accuracy matrix); False evaluates only that task."},
+    )
+    task_agnostic_eval: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Also fill the matrices without a task id (the method picks each image's model); None: "
+                  "whenever the method can (MoE-Adapters with DDAS, ConDU)."},
+    )
+    save_task_checkpoints: bool = field(
+        default=True, metadata={"help": "Save the model and the matrix so far after every task (needed to resume)."}
+    )

@@ -1,0 +1,130 @@
+"""`ContinualMethod`: what a continual-learning method does around `ContinualTrainer`'s task loop.
+
+The trainer owns the loop (train each task, fill the accuracy matrices, write checkpoints); a method owns the
+model: what is trained for a task, what happens before and after it (routers, freezing, delta unification), how
+images are classified with a task id and without one, and what a checkpoint holds. Hooks are called like a
+`TrainerCallback`'s, with the trainer as first argument. Adding a method is one file that subclasses this and
+registers itself with `register_method`.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ...classification import ZERO_SHOT, Routes
+from ...files import check_safetensors_file
+
+
+class ContinualMethod:
+    """Base class of the continual methods; the defaults describe one model trained on every task in turn.
+
+    Class attributes a subclass sets:
+    - `name`: the registry key (`--method` in the example script);
+    - `arguments_class`: the dataclass of its options (None if it has none);
+    - `trains`: False for a method that never trains (zero-shot);
+    - `mixed_routes`: its model can route each image of one batch differently (see `classification.Router`);
+    - `selects_routes`: it can classify without a task id (`select_routes`);
+    - `batch_selection`: it can also pick one route for a whole batch (the official DDAS protocol);
+    - `task_models_are_final`: a learned task's model never changes later, so its accuracy is measured once.
+    """
+
+    name: ClassVar[str] = ""
+    arguments_class: ClassVar[Optional[type]] = None
+    trains: ClassVar[bool] = True
+    mixed_routes: ClassVar[bool] = False
+    selects_routes: ClassVar[bool] = False
+    batch_selection: ClassVar[bool] = False
+    task_models_are_final: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, arguments: Any = None):
+        self.model = model
+        self.arguments = arguments if arguments is not None or self.arguments_class is None else self.arguments_class()
+
+    @staticmethod
+    def pick(options: Sequence, kind: Optional[type]) -> Any:
+        """The instance of the dataclass `kind` among `options` (parsed arguments), or its defaults."""
+        if kind is None:
+            return None
+        return next((option for option in options if isinstance(option, kind)), None) or kind()
+
+    @classmethod
+    def from_base(cls, base: nn.Module, options: Sequence = (), num_tasks: int = 1, rank: int = 64,
+                  reference_images=None) -> "ContinualMethod":
+        """The method on a private copy of a pretrained CLIP for `num_tasks` tasks, its options taken from
+        `options` (see `pick`); `reference_images` are images of no task, for methods that use them."""
+        return cls(copy.deepcopy(base), cls.pick(options, cls.arguments_class))
+
+    # ----- the task loop -------------------------------------------------------------------------------------------
+    def begin_sequence(self, trainer, tasks: list) -> None:
+        """Before the first task (and before resuming): check the tasks fit the model, prepare per-task state."""
+
+    def task_seed(self, seed: int, index: int) -> int:
+        """The seed task `index` trains with."""
+        return seed + index
+
+    def begin_task(self, trainer, index: int, task) -> None:
+        """Before task `index` trains: route it, reset what it starts from."""
+
+    def training_model(self) -> nn.Module:
+        """The module the trainer optimises for the current task."""
+        return self.model
+
+    def extra_loss(self) -> Optional[torch.Tensor]:
+        """A loss added to the classification loss of the last training forward (None: nothing)."""
+        return None
+
+    def callbacks(self) -> list:
+        """`TrainerCallback`s the trainer adds while this method runs."""
+        return []
+
+    def end_task(self, trainer, index: int, task) -> None:
+        """After task `index` trained: freeze, fit selectors, unify deltas."""
+
+    # ----- classification ------------------------------------------------------------------------------------------
+    def routed(self, route: Union[int, torch.Tensor]) -> ContextManager:
+        """The model acts as `route`'s model. One model serves every route by default."""
+        return nullcontext()
+
+    def task_route(self, index: int) -> int:
+        """The route of the sequence's task `index` once learned."""
+        return index
+
+    def unseen_route(self, index: int) -> Optional[int]:
+        """The route of a task not learned yet in the task-aware matrix; None: the method's own selection."""
+        return ZERO_SHOT
+
+    def select_routes(self, classifier, pixels: torch.Tensor,
+                      per_batch: bool = False) -> tuple[Routes, Optional[torch.Tensor]]:
+        """Routes chosen without a task id (per image, or one for the batch), and the untouched CLIP's
+        embeddings of `pixels` when computing the routes produced them (reused for zero-shot images)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot classify without a task id.")
+
+    def learned_tasks(self) -> dict[int, dict]:
+        """Route -> {"name", "classnames", "templates"} of every task the method can pick without a task id."""
+        return {}
+
+    def diagnostics(self) -> dict:
+        """Method-specific results the trainer adds to `ContinualResult.diagnostics`."""
+        return {}
+
+    # ----- checkpoints ---------------------------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """Write what a task checkpoint holds (resume reads it back with `load`)."""
+        self.model.save_pretrained(folder)
+
+    def load(self, folder: Path) -> None:
+        """Restore the state saved by `save`."""
+        state = {}
+        for path in sorted(Path(folder).glob("model*.safetensors")):
+            check_safetensors_file(path)
+            state.update(load_file(path))
+        if not state:
+            raise FileNotFoundError(f"No model*.safetensors in {folder} to resume from.")
+        self.model.load_state_dict(state, strict=False)

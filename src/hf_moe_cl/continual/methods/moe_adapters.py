@@ -1,0 +1,263 @@
+"""MoE-Adapters (Yu et al., CVPR 2024): task-routed expert LoRAs, activate-freeze, expert merging and DDAS."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from ...classification import Routes, image_embeddings
+from ...files import check_safetensors_file
+from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
+from ...tuners.moe_lora.model import find_moe, tower_of
+from ...tuners.moe_lora.selector import SelectorConfig, prefix_features, vision_prefix
+from . import register_method
+from .base import ContinualMethod
+
+
+@dataclass
+class MoEAdaptersArguments:
+    """MoE-Adapters' options beyond the adapter's size (`MoELoraConfig`)."""
+
+    num_experts: int = field(default=22, metadata={"help": "MoE-Adapters: experts per block."})
+    top_k: int = field(default=2, metadata={"help": "MoE-Adapters: experts per sample."})
+    noisy_gating: bool = field(default=True, metadata={"help": "MoE-Adapters: noisy top-k gating in training."})
+    freeze_experts_per_task: Optional[int] = field(
+        default=None,
+        metadata={"help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."},
+    )
+    merge_experts_every: int = field(
+        default=0, metadata={"help": "Expert merging every N steps of a task (Park, 2024: 100); 0 disables."}
+    )
+    shared_router: bool = field(
+        default=False,
+        metadata={"help": "Route every task through router 0 and never freeze (the paper's class-incremental setup)."},
+    )
+
+    def __post_init__(self):
+        if self.merge_experts_every < 0:
+            raise ValueError(f"merge_experts_every must be >= 0, got {self.merge_experts_every}.")
+
+
+@dataclass
+class DDASArguments:
+    """DDAS: the selector that picks a task router per image, trained after every task."""
+
+    ddas: bool = field(
+        default=False,
+        metadata={"help": "Train a DDAS selector: a reference autoencoder once, one per task after it."},
+    )
+    ddas_feature_layer: Optional[int] = field(
+        default=None,
+        metadata={"help": "DDAS features: None = the untouched CLIP's image embedding; k = tokens after k blocks."},
+    )
+    ddas_hidden_dim: int = field(default=100, metadata={"help": "Hidden width of every DDAS autoencoder."})
+    ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder."})
+    ddas_reference_steps: int = field(default=1000, metadata={"help": "Training steps of the reference one."})
+    ddas_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the autoencoders."})
+    ddas_threshold: Optional[float] = field(
+        default=None, metadata={"help": "Fixed zero-shot threshold; None calibrates one per task on held-out data."}
+    )
+    ddas_quantile: float = field(
+        default=0.95, metadata={"help": "Calibrated threshold: this quantile of held-out in-task errors."}
+    )
+    ddas_max_images: int = field(default=2000, metadata={"help": "Images per task used to fit its autoencoder."})
+
+
+def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
+    """This task's expert-selection counts over all processes, equal on every rank and to a 1-process run.
+
+    Image batches are split across processes, so vision-tower counts are summed; every process encodes the same
+    class prompts, so text-tower counts are averaged.
+    """
+    counts = {name: row.clone() for name, row in moe.selection_counts(task).items()}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        for name, row in counts.items():
+            dist.all_reduce(row)
+            if tower_of(name) == "text":
+                row //= world
+    return counts
+
+
+class ExpertMergingCallback(TrainerCallback):
+    """Every `every` optimizer steps, merge the current task's two most-selected experts (Park, 2024)."""
+
+    def __init__(self, method: "MoEAdapters", every: int):
+        if every < 1:
+            raise ValueError(f"Expert merging needs a positive period, got {every}.")
+        self.method, self.every = method, every
+        self.merges = 0
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        task = self.method.current_route
+        if task is None or state.global_step % self.every:
+            return
+        moe = self.method.moe
+        merged = moe.merge_experts(task, optimizer=optimizer, counts=global_selection_counts(moe, task))
+        self.merges += bool(merged)
+
+
+@register_method
+class MoEAdapters(ContinualMethod):
+    """MoE-Adapters on a `get_peft_model(clip, MoELoraConfig(...))` model: one router per task, activate-freeze
+    after each task, optional expert merging, and a DDAS selector for images without a task id."""
+
+    name = "moe-adapters"
+    arguments_class = MoEAdaptersArguments
+    mixed_routes = True
+    batch_selection = True
+
+    def __init__(self, model, arguments: Optional[MoEAdaptersArguments] = None,
+                 ddas: Optional[DDASArguments] = None, ddas_reference: Optional[Dataset] = None):
+        super().__init__(model, arguments)
+        if find_moe(model) is None:
+            raise ValueError("MoEAdapters needs a MoE-LoRA model: get_peft_model(clip, MoELoraConfig(...)).")
+        self.ddas = ddas if ddas is not None else DDASArguments()
+        self.ddas_reference = ddas_reference
+        self.current_route: Optional[int] = None
+        self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
+                         if self.arguments.merge_experts_every > 0 else None)
+
+    @classmethod
+    def from_base(cls, base, options=(), num_tasks=1, rank=64, reference_images=None):
+        arguments = cls.pick(options, MoEAdaptersArguments)
+        config = MoELoraConfig(num_tasks=1 if arguments.shared_router else num_tasks,
+                               num_experts=arguments.num_experts, top_k=arguments.top_k, r=rank,
+                               noisy_gating=arguments.noisy_gating)
+        model = get_peft_model(copy.deepcopy(base), config)
+        return cls(model, arguments, cls.pick(options, DDASArguments), reference_images)
+
+    @property
+    def moe(self) -> MoELoraModel:
+        return find_moe(self.model)
+
+    @property
+    def selects_routes(self) -> bool:
+        selector = self.moe.selector
+        return self.ddas.ddas or (selector is not None and selector.has_reference)
+
+    # ----- the task loop -------------------------------------------------------------------------------------------
+    def begin_sequence(self, trainer, tasks) -> None:
+        if self.ddas.ddas and self.arguments.shared_router:
+            raise ValueError("DDAS needs one router per task: it cannot be used with shared_router=True.")
+        if self.ddas.ddas and (self.ddas_reference is None or len(self.ddas_reference) == 0):
+            raise ValueError(
+                "DDAS needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. Tiny "
+                "ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters."
+            )
+        if not self.arguments.shared_router:
+            while self.moe.num_tasks < len(tasks):
+                self.moe.add_task()
+
+    def task_route(self, index: int) -> int:
+        return 0 if self.arguments.shared_router else index
+
+    def begin_task(self, trainer, index, task) -> None:
+        self.current_route = self.task_route(index)
+        self.moe.set_task(self.current_route)
+
+    def extra_loss(self):
+        return self.moe.aux_loss()
+
+    def callbacks(self):
+        return [self._merging] if self._merging is not None else []
+
+    def end_task(self, trainer, index, task) -> None:
+        moe, route = self.moe, self.current_route
+        if trainer.args.max_steps > 0 and not self.arguments.shared_router:
+            moe.set_selection_counts(route, global_selection_counts(moe, route))
+            k = self.arguments.freeze_experts_per_task
+            if k is None or k > 0:
+                moe.freeze_most_selected(route, k)
+        self.current_route = None
+        if self.arguments.shared_router:
+            return
+        moe.set_task_info(route, task.name, task.classnames, task.templates)
+        if self.ddas.ddas:
+            self._fit_selector(trainer, route, task)
+
+    # ----- DDAS ----------------------------------------------------------------------------------------------------
+    def selector_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """DDAS features of `pixels` from the untouched CLIP, and its embeddings when they were the features."""
+        layer = self.moe.selector.config.feature_layer
+        with self.moe.routing(None):
+            if layer is None:
+                embeddings = image_embeddings(self.model, pixels)
+                return embeddings, embeddings
+            return prefix_features(vision_prefix(self.model.vision_model, pixels, layer)), None
+
+    @torch.no_grad()
+    def _features_of(self, trainer, dataset: Dataset) -> torch.Tensor:
+        """Selector features of up to `ddas_max_images` images, gathered from every process."""
+        if len(dataset) > self.ddas.ddas_max_images:
+            dataset = dataset.select(range(self.ddas.ddas_max_images))
+        self.model.eval()
+        features = []
+        for batch in trainer.get_eval_dataloader(dataset):
+            pixels = batch["pixel_values"].to(trainer.args.device)
+            features.append(trainer.accelerator.gather_for_metrics(self.selector_features(pixels)[0]))
+        return torch.cat(features)
+
+    def _fit_selector(self, trainer, route: int, task) -> None:
+        moe, ddas = self.moe, self.ddas
+        if moe.selector is None or not moe.selector.has_reference:
+            reference = self.ddas_reference
+            if "label" not in reference.column_names:
+                reference = reference.add_column("label", [0] * len(reference))
+            if moe.selector is None:
+                width = (self.model.config.projection_dim if ddas.ddas_feature_layer is None
+                         else 2 * self.model.config.vision_config.hidden_size)
+                moe.enable_selector(SelectorConfig(feature_dim=width, hidden_dim=ddas.ddas_hidden_dim,
+                                                   feature_layer=ddas.ddas_feature_layer))
+            moe.selector.fit_reference(self._features_of(trainer, reference), steps=ddas.ddas_reference_steps,
+                                       lr=ddas.ddas_learning_rate, seed=trainer.args.seed)
+        moe.selector.fit_task(route, self._features_of(trainer, task.train_dataset), steps=ddas.ddas_task_steps,
+                              lr=ddas.ddas_learning_rate, threshold=ddas.ddas_threshold,
+                              quantile=ddas.ddas_quantile, seed=trainer.args.seed)
+
+    # ----- classification ------------------------------------------------------------------------------------------
+    def routed(self, route: Union[int, torch.Tensor]):
+        return self.moe.routing(route)
+
+    def select_routes(self, classifier, pixels, per_batch=False):
+        selector = self.moe.selector
+        features, untouched = self.selector_features(pixels)
+        if per_batch:
+            return Routes.single(selector.select_batch(features), pixels.shape[0], pixels.device), untouched
+        return Routes(selector.select(features)), untouched
+
+    def learned_tasks(self) -> dict[int, dict]:
+        selector, info = self.moe.selector, self.moe.task_info
+        trained = [t for t in range(self.moe.num_tasks) if selector is not None and selector.task_is_trained(t)]
+        missing = [t for t in trained if not info[t] or not info[t].get("classnames")]
+        if missing:
+            raise ValueError(f"Tasks {missing} have no class names in the adapter config (`task_info`); save the "
+                             "adapter from ContinualTrainer or call set_task_info().")
+        return {t: info[t] for t in trained}
+
+    # ----- checkpoints ---------------------------------------------------------------------------------------------
+    def load(self, folder: Path) -> None:
+        """The adapter saved by `save`: weights (selector included), task records and selector settings."""
+        moe = self.moe
+        saved = MoELoraConfig.from_pretrained(str(folder))
+        if saved.num_tasks != moe.num_tasks:
+            raise ValueError(
+                f"Cannot resume from {folder}: its adapter has {saved.num_tasks} task routers, this model "
+                f"{moe.num_tasks}."
+            )
+        if saved.selector is not None and moe.selector is None:
+            moe.enable_selector(saved.selector)
+        moe.moe_config.task_info = saved.task_info
+        path = Path(folder) / "adapter_model.safetensors"
+        check_safetensors_file(path)
+        set_peft_model_state_dict(self.model, load_file(path))
+

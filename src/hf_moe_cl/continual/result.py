@@ -1,0 +1,42 @@
+"""`ContinualResult`: the accuracy matrices of a continual run and what the method reported beside them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..benchmark.metrics import mtil_metrics
+
+Matrix = list[list[Optional[float]]]
+
+# The matrices a run can fill, headline first: `protocol` (the paper's: the method picks one model per test batch),
+# `per_image` (a decision per image), `oracle` (the true task id).
+MATRIX_KINDS = ("protocol", "per_image", "oracle")
+
+
+@dataclass
+class ContinualResult:
+    """`matrices[kind][i][j]`: accuracy (%) on task j after training task i (None where it was not evaluated).
+
+    `diagnostics` holds what only some methods produce, e.g. `route_histogram[kind][i][j]`: how many of task j's
+    test images the method sent to [route -1 (zero-shot), task 0, task 1, ...] after task i.
+    """
+
+    task_names: list[str]
+    matrices: dict[str, Matrix]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy_matrix(self) -> Matrix:
+        """The task-aware matrix (true task ids)."""
+        return self.matrices["oracle"]
+
+    @property
+    def task_agnostic_matrix(self) -> Optional[Matrix]:
+        """The per-image task-agnostic matrix, if the method classifies without task ids."""
+        return self.matrices.get("per_image")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Transfer / Average / Last of the task-aware matrix."""
+        return mtil_metrics(self.accuracy_matrix)

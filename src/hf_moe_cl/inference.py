@@ -1,0 +1,78 @@
+"""Task-agnostic image classification: images in, labels out, the method choosing each image's task model."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes
+from .continual.data import to_rgb
+from .continual.methods import ContinualMethod, method_for_model
+
+
+class TaskAgnosticClassifier:
+    """Classify images without a task id.
+
+    Each image goes where the method sends it (DDAS for MoE-Adapters): an image of a learned task is classified
+    among that task's class names through its model; an image the method does not recognise goes to the untouched
+    CLIP and is classified among the `candidate_labels` the caller gives. The only loop is over the distinct
+    routes chosen in a batch.
+    """
+
+    def __init__(self, model, processor):
+        method = model if isinstance(model, ContinualMethod) else method_for_model(model)
+        if not method.selects_routes:
+            raise ValueError("TaskAgnosticClassifier needs a model that picks a task without a task id: a MoE-LoRA "
+                             "model with a trained DDAS selector (ContinualTrainer with DDASArguments(ddas=True)).")
+        self.tasks = method.learned_tasks()
+        self.method, self.processor = method, processor
+        self.device = next(method.model.parameters()).device
+        method.model.eval()
+        self.core = RoutedClassifier(method, processor.tokenizer, self.device)
+
+    @classmethod
+    def from_pretrained(cls, base_model_name_or_path: str, adapter_name_or_path: str, **kwargs):
+        """Base CLIP + a published adapter folder or Hub repo that carries its DDAS selector."""
+        from peft import PeftModel
+        from transformers import CLIPModel, CLIPProcessor
+
+        base = CLIPModel.from_pretrained(base_model_name_or_path, **kwargs)
+        model = PeftModel.from_pretrained(base, adapter_name_or_path)
+        return cls(model, CLIPProcessor.from_pretrained(base_model_name_or_path))
+
+    def __call__(self, images: Sequence[Any], candidate_labels: Optional[Sequence[str]] = None,
+                 templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
+        """One dict per image: `label`, `score` (softmax over the label set used) and `task` (None: zero-shot)."""
+        if len(images) == 0:
+            return []
+        pixels = self.processor.image_processor(images=[to_rgb(image) for image in images],
+                                                return_tensors="pt")["pixel_values"]
+        return self.classify(pixels, candidate_labels, templates)
+
+    @torch.no_grad()
+    def classify(self, pixels: torch.Tensor, candidate_labels: Optional[Sequence[str]] = None,
+                 templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
+        """As `__call__`, for a batch of CLIP pixel values."""
+        pixels = pixels.to(self.device)
+        routes, untouched = self.method.select_routes(self.core, pixels)
+        results: list[Optional[dict]] = [None] * pixels.shape[0]
+        for route in routes.selected.unique().tolist():
+            rows = torch.nonzero(routes.selected == route).flatten()
+            if route != ZERO_SHOT:
+                info = self.tasks[route]
+                space, task = LabelSpace.of(info["classnames"], info["templates"]), info["name"]
+            elif candidate_labels:
+                space, task = LabelSpace.of(candidate_labels, templates), None
+            else:
+                raise ValueError(f"{rows.numel()} image(s) are not from any task this model learned; pass "
+                                 "`candidate_labels` to classify them with zero-shot CLIP.")
+            subset = Routes(routes.ids[rows], None if routes.weights is None else routes.weights[rows],
+                            routes.fusion, routes.selected[rows])
+            scores = self.core.scores(pixels[rows], subset, space, None if untouched is None else untouched[rows])
+            if routes.fusion == "logits":
+                scores = torch.softmax(self.core.logit_scale * scores, dim=-1)
+            best, labels = scores.max(-1)
+            for position, label, score in zip(rows.tolist(), labels.tolist(), best.tolist()):
+                results[position] = {"label": space.classnames[label], "score": score, "task": task}
+        return results
