@@ -96,7 +96,7 @@ def hub_task(name: str, hub_id: Optional[str] = None, few_shot: Optional[int] = 
         train = few_shot_subset(train, few_shot, seed)
     return ContinualTask(name=name, train_dataset=train, eval_dataset=prepared[spec.eval_split],
                          classnames=[_clean_classname(n) for n in feature.names], templates=list(spec.templates),
-                         learning_rate=spec.learning_rate)
+                         official_learning_rates={"moe-adapters": spec.learning_rate})
 
 
 def mini_mtil_tasks(assets: Path, names: Optional[list[str]] = None) -> list[ContinualTask]:

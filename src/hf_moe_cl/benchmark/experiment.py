@@ -24,7 +24,8 @@ class MethodArguments:
     rank: int = field(default=64, metadata={"help": "Rank of MoE experts, of the LoRA baseline and of ConDU's LoRA."})
     use_task_learning_rates: bool = field(
         default=True,
-        metadata={"help": "MoE-Adapters: use each task's own learning rate (the paper's) where the preset has one."},
+        metadata={"help": "Use each task's official learning rate for the method (MoE-Adapters', ConDU's) where the "
+                  "preset has one; false: `learning_rate` for every task."},
     )
 
     def __post_init__(self):
@@ -42,7 +43,7 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
                resume: bool = False, options: Sequence = (), reference_images=None) -> ContinualResult:
     """Run one method over `tasks`; checkpoints go under `args.output_dir`. `reference_images` are images of no
     task, for methods that learn to recognise unknown images (DDAS's reference set)."""
-    if method_args.method != "moe-adapters" or not method_args.use_task_learning_rates:
+    if not method_args.use_task_learning_rates:
         args = dataclasses.replace(args, task_learning_rates=[args.learning_rate] * len(tasks))
     set_seed(args.seed)  # adapter initialisation does not depend on what ran before
     method = build_method(method_args, base, len(tasks), options, reference_images)

@@ -13,7 +13,11 @@ from datasets import Dataset, load_from_disk
 
 @dataclass
 class ContinualTask:
-    """One task of a sequence. Datasets have an `image` column (PIL, any mode) and an integer `label` column."""
+    """One task of a sequence. Datasets have an `image` column (PIL, any mode) and an integer `label` column.
+
+    `learning_rate` fixes this task's rate for every method; `official_learning_rates` holds the rate each
+    method's official recipe uses for it (keyed by `ContinualMethod.recipe`, filled by the presets).
+    """
 
     name: str
     train_dataset: Optional[Dataset]
@@ -21,6 +25,7 @@ class ContinualTask:
     classnames: list[str]
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     learning_rate: Optional[float] = None
+    official_learning_rates: dict[str, float] = field(default_factory=dict)
 
     def prompts(self, template: str) -> list[str]:
         return [template.format(name) for name in self.classnames]

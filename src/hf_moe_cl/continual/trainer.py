@@ -177,12 +177,20 @@ class ContinualTrainer(Trainer):
             self.model = self.model_wrapped = model.to(self.args.device)
         template = task.templates[min(self.args.train_template, len(task.templates) - 1)]
         self._prompt_tokens = tokenize_prompts(self.processing_class.tokenizer, task.prompts(template))
-        rates = self.args.task_learning_rates
-        self.args.learning_rate = rates[index] if rates else (task.learning_rate or self.args.learning_rate)
+        self.args.learning_rate = self.task_learning_rate(index, task)
         self.train_dataset = task.train_dataset
         self.optimizer, self.lr_scheduler = None, None
         self.train()
         self.accelerator.free_memory()  # the next task prepares its own model and optimiser
+
+    def task_learning_rate(self, index: int, task: ContinualTask) -> float:
+        """`task_learning_rates[index]`, else the task's own rate, else its official rate for the method's recipe,
+        else `learning_rate`."""
+        if self.args.task_learning_rates is not None:
+            return self.args.task_learning_rates[index]
+        if task.learning_rate is not None:
+            return task.learning_rate
+        return task.official_learning_rates.get(self.method.recipe, self.args.learning_rate)
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def _task_dir(self, index: int, name: str) -> Path:

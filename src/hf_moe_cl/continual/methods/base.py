@@ -43,6 +43,11 @@ class ContinualMethod:
     batch_selection: ClassVar[bool] = False
     task_models_are_final: ClassVar[bool] = False
 
+    @property
+    def recipe(self) -> str:
+        """The key of this method's official per-task learning rates (`ContinualTask.official_learning_rates`)."""
+        return self.name
+
     def __init__(self, model: nn.Module, arguments: Any = None):
         self.model = model
         self.arguments = arguments if arguments is not None or self.arguments_class is None else self.arguments_class()

@@ -61,6 +61,10 @@ class ConDU(ContinualMethod):
         self._training: Optional[torch.nn.Module] = None
         self._deltas: dict[int, Delta] = {}
 
+    @property
+    def recipe(self) -> str:
+        return f"condu-{self.arguments.condu_fine_tune}"
+
     @classmethod
     def from_base(cls, base, options=(), num_tasks=1, rank=64, reference_images=None):
         return cls(copy.deepcopy(base), cls.pick(options, ConDUArguments), rank=rank)
