@@ -70,7 +70,7 @@ def main():
     tasks = mini_mtil_tasks(root)
     reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
-             "individual-finetune": args.lr_full, "zero-shot": 0.0, "condu": args.lr_lora}
+             "individual-finetune": args.lr_full, "zero-shot": args.lr_full, "condu": args.lr_lora}
     rows, matrices, seconds, selections = {}, {}, {}, {}
     for method in args.methods.split(","):
         start = time.perf_counter()

@@ -33,7 +33,7 @@ def main(out: str, global_batch: int) -> None:
         output_dir=os.path.join(out, "run"), max_steps=4, warmup_steps=1, learning_rate=1e-2, use_cpu=True,
         per_device_train_batch_size=global_batch, per_device_eval_batch_size=16, report_to="none",
         disable_tqdm=True, logging_strategy="no", seed=5, save_task_checkpoints=False,
-        accelerator_config={"split_batches": True},
+        accelerator_config={"split_batches": True}, train_augmentation="none",  # random crops differ per process
     )
     tasks = [colour_task("first", n_train=32, seed=0), colour_task("second", n_train=32, seed=1, offset=3)]
     method = MoEAdapters(model, MoEAdaptersArguments(merge_experts_every=3))

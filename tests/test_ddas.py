@@ -257,6 +257,7 @@ sources = [("main", "someone/moe-clip", {{}}), ("revision", "someone/moe-clip", 
            ("subfolder", {local!r}, {{"subfolder": "adapters/v1"}})]
 for name, source, kwargs in sources:
     model = PeftModel.from_pretrained(tiny_clip(), source, **kwargs).eval()
+    model.set_task(0)
     features = model.get_image_features(pixel_values=pixels).pooler_output
     out[name] = {{"features": features.tolist(), "thresholds": model.base_model.selector.thresholds.tolist(),
                  "num_tasks": model.base_model.num_tasks}}

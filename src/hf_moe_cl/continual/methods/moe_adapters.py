@@ -19,6 +19,7 @@ from ...files import check_safetensors_file
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.model import find_moe, tower_of
 from ...tuners.moe_lora.selector import SelectorConfig, prefix_features, vision_prefix
+from ..checkpoints import jsonable
 from . import register_method
 from .base import ContinualMethod
 
@@ -161,6 +162,12 @@ class MoEAdapters(ContinualMethod):
     def task_route(self, index: int) -> int:
         return 0 if self.arguments.shared_router else index
 
+    def route_count(self, tasks) -> int:
+        return self.moe.num_tasks
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "ddas": jsonable(self.ddas)}
+
     def begin_task(self, trainer, index, task) -> None:
         self.current_route = self.task_route(index)
         self.moe.set_task(self.current_route)
@@ -248,6 +255,8 @@ class MoEAdapters(ContinualMethod):
     def load(self, folder: Path) -> None:
         """The adapter saved by `save`: weights (selector included), task records and selector settings."""
         moe = self.moe
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"No MoE-LoRA adapter (adapter_config.json) in {folder} to resume from.")
         saved = MoELoraConfig.from_pretrained(str(folder))
         if saved.num_tasks != moe.num_tasks:
             raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import operator
 from contextlib import contextmanager
 from typing import Optional, Union
 
@@ -22,6 +24,7 @@ TARGETS_BY_MODEL_TYPE = {
 }
 
 TaskIds = Union[None, int, torch.Tensor]
+logger = logging.getLogger("hf_moe_cl")
 SELECTOR_ATTRIBUTE = "moe_lora_selector"
 
 
@@ -97,7 +100,13 @@ class MoELoraModel(BaseTuner):
         super()._replace_module(parent, child_name, new_module, child)
 
     def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
-        self._default_route = TaskRoute(task=0)
+        # One router: route through it, like any adapter. Several: no task is a safe guess, so calls go to the
+        # untouched model until set_task() / task_ids / a selector picks one.
+        self._default_route = TaskRoute(task=0) if config.num_tasks == 1 else NO_ROUTE
+        if config.num_tasks > 1:
+            logger.info("MoE-LoRA adapter with %d task routers: calls use the untouched base model until you pick a "
+                        "task with set_task(t) or task_ids=..., or classify with TaskAgnosticClassifier.",
+                        config.num_tasks)
         self._call_routes: list[TaskRoute] = []
         for layer in self.moe_layers().values():
             if getattr(layer, "_route_hook", None) is None:
@@ -112,17 +121,33 @@ class MoELoraModel(BaseTuner):
         return args, kwargs
 
     def _make_route(self, task_ids: TaskIds) -> TaskRoute:
-        if task_ids is None or (isinstance(task_ids, int) and task_ids == -1):
+        if task_ids is None:
             return NO_ROUTE
-        if isinstance(task_ids, int):
-            return TaskRoute(task=self._check_task(task_ids))
-        ids = torch.as_tensor(task_ids).long().flatten()
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
+        if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 0:
+            if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+                raise ValueError(f"task_ids must be an integer tensor (one task id per sample), got {task_ids.dtype}.")
+            ids = task_ids.long().flatten()
+            if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
+                raise ValueError(
+                    f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
+                    f"from {int(ids.min())} to {int(ids.max())}."
+                )
+            return TaskRoute.per_sample(ids)
+        task = self._as_task_id(task_ids)
+        return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task))
+
+    @staticmethod
+    def _as_task_id(value) -> int:
+        """An int task id from an int, a numpy integer or a 0-d integer tensor; floats and bools are errors."""
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+            raise ValueError(f"A task id must be an integer, got the boolean {value!r}.")
+        try:
+            return operator.index(value)
+        except TypeError:
             raise ValueError(
-                f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
-                f"from {int(ids.min())} to {int(ids.max())}."
-            )
-        return TaskRoute.per_sample(ids)
+                f"A task id must be an integer (or -1 / None for the zero-shot base model), got {value!r} of type "
+                f"{type(value).__name__}; pass int(task) if you mean a whole number."
+            ) from None
 
     def set_task(self, task: Optional[int]) -> None:
         """Route every later call through `task`'s router; None or -1 gives the unadapted base model."""
@@ -215,15 +240,26 @@ class MoELoraModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's remapping, refusing a checkpoint that does not fit this model instead of loading part of it."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = model.state_dict()
+        base = config.base_model_name_or_path
+        fix = (f"Load it on the base model it was trained on ({base!r})" if base else
+               "Load it on the base model it was trained on") + " with the adapter_config.json saved beside it."
         for key, value in remapped.items():
             if key in expected and expected[key].shape != value.shape:
                 raise ValueError(
                     f"The MoE-LoRA checkpoint does not match this model: {key!r} has shape {tuple(value.shape)} in "
-                    f"the checkpoint but {tuple(expected[key].shape)} here. Load it on the base model it was "
-                    f"trained on ({config.base_model_name_or_path!r}) with the adapter_config.json saved beside it."
+                    f"the checkpoint but {tuple(expected[key].shape)} here. {fix}"
                 )
+        own = {key for key in expected if f".{adapter_name}" in key and MOE_LORA_PREFIX in key}
+        missing, unexpected = sorted(own - set(remapped)), sorted(set(remapped) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"The MoE-LoRA checkpoint does not match this model: {len(missing)} adapter tensors of the model are "
+                f"not in it (e.g. {missing[:2]}) and {len(unexpected)} of its tensors have no place in the model "
+                f"(e.g. {unexpected[:2]}), as when the base model has more or fewer layers. {fix}"
+            )
         return remapped
 
     # ----- introspection -------------------------------------------------------------------------------------------
@@ -263,7 +299,8 @@ class MoELoraModel(BaseTuner):
         self.moe_config.task_info = info
 
     def _check_task(self, task: int) -> int:
-        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+        task = self._as_task_id(task)
+        if not 0 <= task < self.num_tasks:
             raise ValueError(
                 f"Task id {task!r} is out of range: this adapter has {self.num_tasks} task routers (ids 0 to "
                 f"{self.num_tasks - 1}; -1 or None is the zero-shot base model). Use add_task() to add one."
