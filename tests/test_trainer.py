@@ -160,3 +160,70 @@ def test_shared_router_mode_is_the_class_incremental_setting(tmp_path, clip_proc
     assert result.accuracy_matrix[0][1] is None and result.accuracy_matrix[1][0] is None
     counts = model.base_model.selection_counts()["vision_model.encoder.layers.0"]
     assert counts[0].sum() == 2 * 6 * 8 * 2  # two tasks x 6 steps x batch 8 x top-2, all through router 0
+
+
+def test_continuing_a_saved_model_adds_routers_and_keeps_learned_tasks_bit_identical(tmp_path, clip_processor,
+                                                                                      clip_inputs):
+    from peft import PeftModel
+
+    model = moe_model()
+    ContinualTrainer(model=model, args=make_args(tmp_path / "a"), processing_class=clip_processor).train_tasks(
+        two_tasks())
+    model.save_pretrained(tmp_path / "published")
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path / "published", is_trainable=True)
+
+    def outputs(peft_model):
+        peft_model.eval()
+        with torch.no_grad():
+            return {t: peft_model(**clip_inputs, task_ids=torch.full((4,), t)).logits_per_image for t in (0, 1)}
+
+    before = outputs(loaded)
+    third = colour_task("third", seed=2, offset=1)
+    result = ContinualTrainer(model=loaded, args=make_args(tmp_path / "b"),
+                              processing_class=clip_processor).train_tasks([third])
+    moe = loaded.base_model
+    assert len(result.accuracy_matrix) == 1 and moe.num_tasks == 3
+    assert [info["name"] for info in moe.task_info] == ["first", "second", "third"]
+    assert moe.frozen_routers() == [0, 1, 2]
+    after = outputs(loaded)
+    assert all(torch.equal(before[t], after[t]) for t in (0, 1))  # learned tasks untouched
+    with pytest.raises(ValueError, match=r"already learned \['first'\] \(routers \[0\]"):
+        ContinualTrainer(model=loaded, args=make_args(tmp_path / "c"),
+                         processing_class=clip_processor).train_tasks([colour_task("first")])
+    method = MoEAdapters(loaded, MoEAdaptersArguments(relearn_tasks=True))
+    ContinualTrainer(method=method, args=make_args(tmp_path / "d"), processing_class=clip_processor).train_tasks(
+        [colour_task("first")])
+    assert [info["name"] for info in moe.task_info] == ["first", "second", "third", "first"]
+    assert all(torch.equal(before[t], outputs(loaded)[t]) for t in (0, 1))
+
+
+def test_train_and_evaluate_outside_a_task_sequence_point_to_train_tasks(tmp_path, clip_processor):
+    trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=r"call trainer.train_tasks\(\[ContinualTask"):
+        trainer.train()
+    with pytest.raises(ValueError, match="measures the task being trained inside train_tasks"):
+        trainer.evaluate()
+
+
+class EvaluateDuringTask(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.seen, self.logged_steps = trainer, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            self.seen.append((self.trainer.current_task.name, self.trainer.evaluate()["eval_accuracy"]))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged_steps.append(state.global_step)
+
+
+def test_evaluate_inside_a_task_measures_that_task_and_steps_keep_increasing(tmp_path, clip_processor):
+    trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path, logging_strategy="steps", logging_steps=2),
+                               processing_class=clip_processor)
+    callback = EvaluateDuringTask(trainer)
+    trainer.add_callback(callback)
+    trainer.train_tasks(two_tasks())
+    assert [name for name, _ in callback.seen] == ["first", "second"]
+    assert all(0.0 <= accuracy <= 100.0 for _, accuracy in callback.seen)
+    steps = callback.logged_steps  # what trackers see: one axis over both tasks of 6 steps
+    assert steps == sorted(steps) and steps[0] == 2 and max(steps) == 12 and 8 in steps

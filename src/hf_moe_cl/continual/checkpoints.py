@@ -43,11 +43,11 @@ def differences(stored: Any, current: Any, path: str = "") -> list[str]:
     """Where two JSON values differ, as 'path: stored -> current' lines (at most a few per branch)."""
     if isinstance(stored, dict) and isinstance(current, dict):
         found = []
-        for key in sorted(set(stored) | set(current)):
+        for key in list(stored) + [key for key in current if key not in stored]:
             found += differences(stored.get(key), current.get(key), f"{path}.{key}" if path else key)
         return found
-    if isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
-        found = []
+    if isinstance(stored, list) and isinstance(current, list) and stored and current:
+        found = [] if len(stored) == len(current) else [f"{path}: {len(stored)} items -> {len(current)} items"]
         for i, (a, b) in enumerate(zip(stored, current)):
             found += differences(a, b, f"{path}[{i}]")
         return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -23,6 +24,8 @@ from ..checkpoints import jsonable
 from . import register_method
 from .base import ContinualMethod
 
+logger = logging.getLogger("hf_moe_cl")
+
 
 @dataclass
 class MoEAdaptersArguments:
@@ -41,6 +44,11 @@ class MoEAdaptersArguments:
     shared_router: bool = field(
         default=False,
         metadata={"help": "Route every task through router 0 and never freeze (the paper's class-incremental setup)."},
+    )
+    relearn_tasks: bool = field(
+        default=False,
+        metadata={"help": "Continuing a trained model: a task named like one it learned gets a new router of its own "
+                  "(the learned one stays frozen); by default such a task is refused."},
     )
 
     def __post_init__(self):
@@ -125,6 +133,7 @@ class MoEAdapters(ContinualMethod):
         self.ddas = ddas if ddas is not None else DDASArguments()
         self.ddas_reference = ddas_reference
         self.current_route: Optional[int] = None
+        self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
         self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
                          if self.arguments.merge_experts_every > 0 else None)
 
@@ -155,12 +164,31 @@ class MoEAdapters(ContinualMethod):
                 "DDAS needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. Tiny "
                 "ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters."
             )
-        if not self.arguments.shared_router:
-            while self.moe.num_tasks < len(tasks):
-                self.moe.add_task()
+        if self.arguments.shared_router:
+            return
+        moe = self.moe
+        learned = [info["name"] if info else None for info in moe.task_info]
+        while learned and learned[-1] is None:
+            learned.pop()
+        if None in learned:
+            raise ValueError(f"Routers {[i for i, n in enumerate(learned) if n is None]} of this adapter have no "
+                             "task record (task_info) although later ones do; it cannot be continued safely.")
+        again = [task.name for task in tasks if task.name in learned]
+        if again and not self.arguments.relearn_tasks:
+            raise ValueError(
+                f"This model already learned {again} (routers {[learned.index(n) for n in again]}, frozen with their "
+                "experts). Give new tasks new names, or set MoEAdaptersArguments(relearn_tasks=True) to learn them "
+                "again with new routers of their own; the learned routers stay as they are."
+            )
+        if learned:
+            logger.info("Continuing a model that learned %d task(s) %s: the new tasks get routers %d to %d.",
+                        len(learned), learned, len(learned), len(learned) + len(tasks) - 1)
+        self.first_route = len(learned)
+        while moe.num_tasks < self.first_route + len(tasks):
+            moe.add_task()
 
     def task_route(self, index: int) -> int:
-        return 0 if self.arguments.shared_router else index
+        return 0 if self.arguments.shared_router else self.first_route + index
 
     def route_count(self, tasks) -> int:
         return self.moe.num_tasks
@@ -189,8 +217,8 @@ class MoEAdapters(ContinualMethod):
         if self.arguments.shared_router:
             return
         moe.set_task_info(route, task.name, task.classnames, task.templates)
-        if self.ddas.ddas:
-            self._fit_selector(trainer, route, task)
+        if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
+            self._fit_selector(trainer, route, task)  # a continued model's selector learns the new tasks too
 
     # ----- DDAS ----------------------------------------------------------------------------------------------------
     def selector_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
