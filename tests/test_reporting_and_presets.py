@@ -36,7 +36,8 @@ def test_mtil_orders_cover_the_eleven_datasets():
     assert len(MTIL_ORDER_I) == 11 and sorted(MTIL_ORDER_I) == sorted(MTIL_ORDER_II) == sorted(MTIL_DATASETS)
     assert MTIL_ORDER_I[0] == "aircraft" and MTIL_ORDER_II[0] == "stanford_cars"
     assert all("{}" in t for spec in MTIL_DATASETS.values() for t in spec.templates)
-    assert MTIL_DATASETS["aircraft"].learning_rate == 5e-3 and MTIL_DATASETS["mnist"].learning_rate == 1e-4
+    assert MTIL_DATASETS["aircraft"].learning_rates["moe-adapters"] == 5e-3
+    assert MTIL_DATASETS["mnist"].learning_rates["moe-adapters"] == 1e-4
 
 
 def labelled(labels):
