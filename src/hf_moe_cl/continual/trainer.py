@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, set_seed
+from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
@@ -118,6 +119,11 @@ class ContinualTrainer(Trainer):
             super().log(logs, start_time)
         finally:
             self.state.global_step -= self._step_offset
+
+    def progress(self, iterable, description: str):
+        """A named progress bar over `iterable` on the main process (none with `disable_tqdm`)."""
+        return tqdm(iterable, desc=description, leave=False,
+                    disable=self.args.disable_tqdm or not self.is_world_process_zero())
 
     # ----- loss ----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -19,7 +19,8 @@ from ...classification import Routes, image_embeddings
 from ...files import check_safetensors_file
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.model import find_moe, tower_of
-from ...tuners.moe_lora.selector import SelectorConfig, prefix_features, vision_prefix
+from ...tuners.moe_lora.features import ALEXNET_FEATURES, ALEXNET_URL, AlexNetFeatures, prefix_features, vision_prefix
+from ...tuners.moe_lora.selector import SelectorConfig
 from ..checkpoints import jsonable
 from . import register_method
 from .base import ContinualMethod
@@ -64,9 +65,17 @@ class DDASArguments:
         default=False,
         metadata={"help": "Train a DDAS selector: a reference autoencoder once, one per task after it."},
     )
+    ddas_feature_extractor: str = field(
+        default="clip",
+        metadata={"help": "DDAS features: 'clip' (the untouched CLIP; no download) or 'alexnet' (the official "
+                  "extractor: ImageNet AlexNet conv5, sigmoid, used with a fixed threshold such as 0.0655)."},
+    )
     ddas_feature_layer: Optional[int] = field(
         default=None,
-        metadata={"help": "DDAS features: None = the untouched CLIP's image embedding; k = tokens after k blocks."},
+        metadata={"help": "CLIP features for DDAS: None = the untouched image embedding; k = tokens after k blocks."},
+    )
+    ddas_alexnet_weights: str = field(
+        default=ALEXNET_URL, metadata={"help": "AlexNet weights for ddas_feature_extractor='alexnet': URL or path."}
     )
     ddas_hidden_dim: int = field(default=100, metadata={"help": "Hidden width of every DDAS autoencoder."})
     ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder."})
@@ -78,7 +87,15 @@ class DDASArguments:
     ddas_quantile: float = field(
         default=0.95, metadata={"help": "Calibrated threshold: this quantile of held-out in-task errors."}
     )
-    ddas_max_images: int = field(default=2000, metadata={"help": "Images per task used to fit its autoencoder."})
+    ddas_max_images: int = field(
+        default=2000, metadata={"help": "Images per task used to fit its autoencoder: a seeded random sample."}
+    )
+
+    def __post_init__(self):
+        if self.ddas_feature_extractor not in ("clip", "alexnet"):
+            raise ValueError(f"ddas_feature_extractor must be 'clip' or 'alexnet', got {self.ddas_feature_extractor!r}.")
+        if self.ddas_feature_extractor == "alexnet" and self.ddas_feature_layer is not None:
+            raise ValueError("ddas_feature_layer selects CLIP blocks; it cannot be used with the AlexNet extractor.")
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -134,6 +151,7 @@ class MoEAdapters(ContinualMethod):
         self.ddas_reference = ddas_reference
         self.current_route: Optional[int] = None
         self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
+        self._alexnet: Optional[AlexNetFeatures] = None
         self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
                          if self.arguments.merge_experts_every > 0 else None)
 
@@ -222,42 +240,57 @@ class MoEAdapters(ContinualMethod):
 
     # ----- DDAS ----------------------------------------------------------------------------------------------------
     def selector_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """DDAS features of `pixels` from the untouched CLIP, and its embeddings when they were the features."""
-        layer = self.moe.selector.config.feature_layer
+        """DDAS features of `pixels` (untouched CLIP or AlexNet), and the untouched CLIP's embeddings when they were
+        the features."""
+        config = self.moe.selector.config
+        if config.feature_extractor == "alexnet":
+            if self._alexnet is None:
+                self._alexnet = AlexNetFeatures(self.ddas.ddas_alexnet_weights).to(pixels.device)
+            return self._alexnet(pixels), None
         with self.moe.routing(None):
-            if layer is None:
+            if config.feature_layer is None:
                 embeddings = image_embeddings(self.model, pixels)
                 return embeddings, embeddings
-            return prefix_features(vision_prefix(self.model.vision_model, pixels, layer)), None
+            return prefix_features(vision_prefix(self.model.vision_model, pixels, config.feature_layer)), None
 
     @torch.no_grad()
-    def _features_of(self, trainer, dataset: Dataset) -> torch.Tensor:
-        """Selector features of up to `ddas_max_images` images, gathered from every process."""
+    def _features_of(self, trainer, dataset: Dataset, label: str) -> torch.Tensor:
+        """Selector features of a seeded random sample of `ddas_max_images` images, gathered from every process."""
         if len(dataset) > self.ddas.ddas_max_images:
-            dataset = dataset.select(range(self.ddas.ddas_max_images))
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(trainer.args.seed))
+            dataset = dataset.select(sorted(order[: self.ddas.ddas_max_images].tolist()))
         self.model.eval()
         features = []
-        for batch in trainer.get_eval_dataloader(dataset):
+        for batch in trainer.progress(trainer.get_eval_dataloader(dataset), f"DDAS features: {label}"):
             pixels = batch["pixel_values"].to(trainer.args.device)
             features.append(trainer.accelerator.gather_for_metrics(self.selector_features(pixels)[0]))
         return torch.cat(features)
 
+    def _selector_settings(self) -> SelectorConfig:
+        ddas = self.ddas
+        if ddas.ddas_feature_extractor == "alexnet":  # the paper's autoencoders: sigmoid outputs on raw features
+            return SelectorConfig(feature_dim=ALEXNET_FEATURES, hidden_dim=ddas.ddas_hidden_dim, sigmoid_output=True,
+                                  standardize=False, feature_extractor="alexnet")
+        width = (self.model.config.projection_dim if ddas.ddas_feature_layer is None
+                 else 2 * self.model.config.vision_config.hidden_size)
+        return SelectorConfig(feature_dim=width, hidden_dim=ddas.ddas_hidden_dim, feature_layer=ddas.ddas_feature_layer)
+
     def _fit_selector(self, trainer, route: int, task) -> None:
         moe, ddas = self.moe, self.ddas
+        show = trainer.is_world_process_zero() and not trainer.args.disable_tqdm
         if moe.selector is None or not moe.selector.has_reference:
             reference = self.ddas_reference
             if "label" not in reference.column_names:
                 reference = reference.add_column("label", [0] * len(reference))
             if moe.selector is None:
-                width = (self.model.config.projection_dim if ddas.ddas_feature_layer is None
-                         else 2 * self.model.config.vision_config.hidden_size)
-                moe.enable_selector(SelectorConfig(feature_dim=width, hidden_dim=ddas.ddas_hidden_dim,
-                                                   feature_layer=ddas.ddas_feature_layer))
-            moe.selector.fit_reference(self._features_of(trainer, reference), steps=ddas.ddas_reference_steps,
-                                       lr=ddas.ddas_learning_rate, seed=trainer.args.seed)
-        moe.selector.fit_task(route, self._features_of(trainer, task.train_dataset), steps=ddas.ddas_task_steps,
-                              lr=ddas.ddas_learning_rate, threshold=ddas.ddas_threshold,
-                              quantile=ddas.ddas_quantile, seed=trainer.args.seed)
+                moe.enable_selector(self._selector_settings())
+            moe.selector.fit_reference(self._features_of(trainer, reference, "reference images"),
+                                       steps=ddas.ddas_reference_steps, lr=ddas.ddas_learning_rate,
+                                       seed=trainer.args.seed, progress="DDAS reference autoencoder" if show else None)
+        moe.selector.fit_task(route, self._features_of(trainer, task.train_dataset, task.name),
+                              steps=ddas.ddas_task_steps, lr=ddas.ddas_learning_rate, threshold=ddas.ddas_threshold,
+                              quantile=ddas.ddas_quantile, seed=trainer.args.seed,
+                              progress=f"DDAS autoencoder: {task.name}" if show else None)
 
     # ----- classification ------------------------------------------------------------------------------------------
     def routed(self, route: Union[int, torch.Tensor]):
