@@ -1,10 +1,16 @@
-"""Integrity checks for safetensors files, so a damaged download fails with a message instead of a parser error."""
+"""Files that are whole or absent: safetensors integrity checks (a damaged download fails with a message instead of
+a parser error) and atomic writes (an interrupted run never leaves a half-written report or card)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
@@ -31,3 +37,42 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         raise ValueError(
             f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has {size}. {fix}"
         )
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` when the block succeeds, removed if it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_sibling(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; renamed to `path` when the block succeeds, removed if it fails.
+    `path` must not exist or be an empty folder: a folder of other files is never replaced."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder; choose a new folder or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_sibling(path)
+    temporary.mkdir()
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
