@@ -2,8 +2,9 @@
 
     python benchmarks/mini_mtil.py [--steps_per_task 200] [--assets_dir ../shared/assets] [--output_dir runs/mini]
 
-Prints Transfer / Average / Last per method (ZSCL definitions) and the zero-shot accuracy per task, and writes
-each method's accuracy matrix, metrics and heatmap under output_dir/<method>/ plus results.md.
+Prints Transfer / Average / Last (ZSCL definitions) and backward transfer per method and the zero-shot accuracy
+per task, and writes each method's report (`write_result_report`: per matrix kind the matrix, metrics, forgetting
+and heatmap, the route selection of task-agnostic kinds) under output_dir/<method>/ plus results.md.
 """
 
 from __future__ import annotations
@@ -21,28 +22,28 @@ import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
 from hf_moe_cl.presets import mini_mtil_tasks
-from hf_moe_cl.benchmark.reporting import markdown_table, write_report
+from hf_moe_cl.benchmark.reporting import (
+    METRIC_COLUMNS,
+    markdown_table,
+    selection_summary,
+    selection_table,
+    write_result_report,
+)
 from hf_moe_cl.continual import ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments
+from hf_moe_cl.files import write_text_atomic
 
 
 def summary(header, names, rows, matrices, seconds, selections) -> str:
     """The Markdown report: metrics per method, zero-shot per task, task selection without task ids, run times."""
-    lines = [header, "", markdown_table(rows), ""]
+    lines = [header, "", markdown_table(rows, METRIC_COLUMNS), ""]
     if "zero-shot" in matrices:
         lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
                   "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
     for method, stages in selections.items():
         lines += [f"Task selection without task ids after the last task ({method}): rows = images of a task, columns "
                   "= where the method sent them (% of the task's test images)", "",
-                  "| images of | zero-shot | " + " | ".join(names) + " | correct |",
-                  "| --- |" + " ---: |" * (len(names) + 2)]
-        for j, counts in enumerate(stages[-1]):
-            share = [100.0 * c / sum(counts) for c in counts]
-            lines.append(f"| {names[j]} | " + " | ".join(f"{s:.1f}" for s in share) + f" | {share[j + 1]:.1f} |")
-        unseen = [stages[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
-        to_zero_shot = 100.0 * sum(c[0] for c in unseen) / sum(sum(c) for c in unseen)
-        lines += ["", f"Images of tasks not yet learned sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
+                  selection_table(selection_summary(stages, names), names), ""]
     lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
     return "\n".join(lines)
 
@@ -84,27 +85,25 @@ def main():
                              ddas_task_steps=args.ddas_task_steps)
         result = run_method(MethodArguments(method=method), base, processor, tasks, training, options=(ddas,),
                             reference_images=reference)
-        rows[method] = write_report(Path(args.output_dir) / method, method, result.task_names, result.accuracy_matrix)
+        reported = write_result_report(Path(args.output_dir) / method, result, method)
+        rows[method] = reported["oracle"]
         matrices[method] = result.accuracy_matrix
         if result.task_agnostic_matrix is not None:
             agnostic = f"{method} task-agnostic ({'voting' if method == 'condu' else 'DDAS'})"
-            rows[agnostic] = write_report(Path(args.output_dir) / f"{method}-task-agnostic", agnostic,
-                                          result.task_names, result.task_agnostic_matrix)
+            rows[agnostic] = reported["per_image"]
             matrices[agnostic] = result.task_agnostic_matrix
             selections[method] = result.diagnostics["route_histogram"]["per_image"]
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
     names = [task.name for task in tasks]
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "results.json").write_text(json.dumps({"tasks": names, "matrices": matrices,
-                                                                      "metrics": rows, "seconds": seconds,
-                                                                      "route_histogram": selections}))
+    results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections}
+    write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
     header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
     report = summary(header, names, rows, matrices, seconds, selections)
     print(report)
-    (Path(args.output_dir) / "results.md").write_text(report + "\n")
+    write_text_atomic(Path(args.output_dir) / "results.md", report + "\n")
 
 
 if __name__ == "__main__":

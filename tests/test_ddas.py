@@ -2,24 +2,18 @@ import copy
 import json
 import math
 import os
-import shutil
-import types
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from PIL import Image
 
-import hf_moe_cl.publishing as hub
 from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier, upgrade_adapter_folder
 from hf_moe_cl.classification import image_embeddings
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.tuners.moe_lora import DistributionSelector
 
-from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
+from conftest import colour_task, noise_images, tiny_clip
 
 
 def cluster(centre, n, seed, spread=0.3):
@@ -73,38 +67,6 @@ def test_untrained_tasks_are_never_chosen_and_fixed_thresholds_apply():
         DistributionSelector(SelectorConfig(8), 1).fit_task(0, cluster(CENTRES["a"], 10, 1))
     with pytest.raises(ValueError, match="zero images"):
         selector.fit_task(1, torch.zeros(0, 8), threshold=1.0)
-
-
-def noise_images(n, seed):
-    rng = np.random.default_rng(seed)
-    return Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
-                                        for _ in range(n)]})
-
-
-@pytest.fixture(scope="module")
-def module_processor(tmp_path_factory):
-    return tiny_clip_processor(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
-
-
-@pytest.fixture(scope="module")
-def ddas_run(tmp_path_factory, module_processor):
-    """One DDAS-enabled continual run shared by the tests below (they only read it or save copies)."""
-    tmp_path = tmp_path_factory.mktemp("ddas")
-    clip_processor = module_processor
-    tasks = [colour_task("first", n_train=40, n_eval=12, seed=0),
-             colour_task("second", n_train=40, n_eval=12, seed=1, offset=3)]
-    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
-    args = ContinualTrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=3, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
-        per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
-        logging_strategy="no", task_agnostic_eval=True,
-    )
-    ddas = DDASArguments(ddas=True, ddas_task_steps=300, ddas_reference_steps=300, ddas_learning_rate=1e-2,
-                         ddas_hidden_dim=16, ddas_quantile=1.0)
-    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(60, 0))
-    trainer = ContinualTrainer(method=method, args=args, processing_class=clip_processor)
-    result = trainer.train_tasks(tasks)
-    return model, tasks, result, tmp_path
 
 
 def test_trainer_fits_ddas_and_fills_the_task_agnostic_matrix(ddas_run):
@@ -217,31 +179,6 @@ def test_ddas_without_reference_images_fails_before_training(tmp_path, clip_proc
     with pytest.raises(ValueError, match="ddas_reference"):
         ContinualTrainer(method=method, args=args, processing_class=clip_processor).train_tasks([colour_task("t")])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_push_to_hub_uploads_adapter_selector_and_a_model_card(ddas_run, monkeypatch):
-    model, _, result, tmp_path = ddas_run
-    uploaded = tmp_path / "uploaded"
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kwargs):
-            return types.SimpleNamespace(repo_id=repo_id)
-
-        def upload_folder(self, folder_path, repo_id, commit_message):
-            shutil.copytree(folder_path, uploaded)
-            return f"https://hub/{repo_id}/commit/1"
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    url = hub.push_to_hub(model, "me/continual-clip", metrics={"transfer": 12.5})
-    assert url.endswith("commit/1")
-    files = {p.name for p in uploaded.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
-    assert json.loads((uploaded / "adapter_config.json").read_text())["selector"] is not None
-    card = (uploaded / "README.md").read_text()
-    assert "**first** (3 classes): red, green, blue" in card and "| transfer | 12.50 |" in card
 
 
 HUB_LOADER = """

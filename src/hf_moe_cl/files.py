@@ -39,16 +39,27 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and ".tmp-" in path.name
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; flushed and renamed onto `path` when the block succeeds,
+    removed if it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(path)
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a flushed temporary sibling and a rename."""
-    path = Path(path)
-    temporary = temporary_sibling(path)
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
@@ -65,14 +76,16 @@ def fsync_tree(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces `path` whole (flushed, then renamed).
 
     If the block fails, the temporary folder is removed and `path` is untouched. An existing `path` is moved
     aside before the rename and deleted after it, so a crash leaves either the old folder, the new one, or (for an
-    instant) neither, never a mixture.
+    instant) neither, never a mixture. With `replace=False` a `path` holding files is refused instead.
     """
     path = Path(path)
+    if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder; choose a new folder or remove it first.")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(path)
     temporary.mkdir()

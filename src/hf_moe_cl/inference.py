@@ -11,6 +11,26 @@ from .continual.data import to_rgb
 from .continual.methods import ContinualMethod, method_for_model
 
 
+def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
+                       dtype: torch.dtype = torch.float32, **adapter_kwargs):
+    """`PeftModel` of a MoE-LoRA adapter on its base CLIP, named by `base_model_name_or_path` or else by the adapter
+    config. CLIP checkpoints are often stored in float16 (the shared proxy-clip is); DDAS thresholds were
+    calibrated on float32 features and CPUs run float16 slowly, hence float32 unless `dtype` says otherwise."""
+    from peft import PeftConfig, PeftModel
+    from transformers import CLIPModel
+
+    config = PeftConfig.from_pretrained(adapter_name_or_path, **adapter_kwargs)
+    base = base_model_name_or_path or config.base_model_name_or_path
+    if not base:
+        raise ValueError(f"The adapter config of {adapter_name_or_path} names no base model "
+                         "(base_model_name_or_path is empty); pass base_model_name_or_path= (the CLIP it was "
+                         "trained from).")
+    model = PeftModel.from_pretrained(CLIPModel.from_pretrained(base, dtype=dtype), adapter_name_or_path,
+                                      **adapter_kwargs)
+    model.peft_config["default"].base_model_name_or_path = base  # the base it runs on, if given explicitly
+    return model
+
+
 class TaskAgnosticClassifier:
     """Classify images without a task id.
 
@@ -32,14 +52,14 @@ class TaskAgnosticClassifier:
         self.core = RoutedClassifier(method, processor.tokenizer, self.device)
 
     @classmethod
-    def from_pretrained(cls, base_model_name_or_path: str, adapter_name_or_path: str, **kwargs):
-        """Base CLIP + a published adapter folder or Hub repo that carries its DDAS selector."""
-        from peft import PeftModel
-        from transformers import CLIPModel, CLIPProcessor
+    def from_pretrained(cls, adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
+                        dtype: torch.dtype = torch.float32, **adapter_kwargs) -> "TaskAgnosticClassifier":
+        """A published adapter folder or Hub repo that carries its DDAS selector, on the base CLIP its config names
+        (or `base_model_name_or_path`), in `dtype`; `adapter_kwargs` (revision, subfolder, token...) go to peft."""
+        from transformers import CLIPProcessor
 
-        base = CLIPModel.from_pretrained(base_model_name_or_path, **kwargs)
-        model = PeftModel.from_pretrained(base, adapter_name_or_path)
-        return cls(model, CLIPProcessor.from_pretrained(base_model_name_or_path))
+        model = load_adapter_model(adapter_name_or_path, base_model_name_or_path, dtype, **adapter_kwargs)
+        return cls(model, CLIPProcessor.from_pretrained(model.peft_config["default"].base_model_name_or_path))
 
     def __call__(self, images: Sequence[Any], candidate_labels: Optional[Sequence[str]] = None,
                  templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
