@@ -317,8 +317,9 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
     """Split a dataset's classes into steps: `class_order` (default: shuffled with `seed`), cut into
     `initial_increment` then `increment` classes (default: `steps` equal groups).
 
-    Labels become positions in the class order, as the official CIL code does; step s trains on its own classes and
-    is evaluated on the test images of every class seen so far, with all those class names.
+    Labels become positions in the class order, as the official CIL code does; step s trains on its own classes (its
+    loss covers only them: `train_classes`) and is evaluated on the test images of every class seen so far, among
+    all those class names.
     """
     order = list(class_order) if class_order is not None else list(range(len(classnames)))
     if class_order is None:
@@ -342,7 +343,8 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
         step_train = train.select([i for i, label in enumerate(train_labels) if low <= label < high])
         step_test = test.select([i for i, label in enumerate(test_labels) if label < high])
         tasks.append(ContinualTask(name=f"step{step:02d}", train_dataset=step_train, eval_dataset=step_test,
-                                   classnames=names[:high], templates=list(templates or ["a photo of a {}."])))
+                                   classnames=names[:high], templates=list(templates or ["a photo of a {}."]),
+                                   train_classes=list(range(low, high))))
         low = high
     return tasks
 

@@ -52,6 +52,7 @@ class ContinualTask:
 
     `learning_rate` fixes this task's rate for every method; `official_learning_rates` holds the rate each
     method's official recipe uses for it (keyed by `ContinualMethod.recipe`, filled by the presets).
+    `train_classes` restricts the training loss to some classes (evaluation always uses all `classnames`).
     """
 
     name: str
@@ -61,9 +62,17 @@ class ContinualTask:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     learning_rate: Optional[float] = None
     official_learning_rates: dict[str, float] = field(default_factory=dict)
+    train_classes: Optional[list[int]] = None
 
     def prompts(self, template: str) -> list[str]:
-        return [template.format(name) for name in self.classnames]
+        """The training prompts: one per class the training loss runs over."""
+        return [template.format(self.classnames[c]) for c in self.trained_classes]
+
+    @property
+    def trained_classes(self) -> list[int]:
+        """Indices into `classnames` that training classifies among: `train_classes` (class-incremental: the step's
+        own classes, as the official code's loss) or every class."""
+        return list(range(len(self.classnames))) if self.train_classes is None else list(self.train_classes)
 
     def validate(self, needs_training: bool = True, check_images: bool = False, progress: bool = False) -> None:
         """Fail before any training starts, naming the task and what to fix.
@@ -119,6 +128,11 @@ class ContinualTask:
                 f"Task {self.name!r}: {split} labels range from {low} to {high} but there are "
                 f"{len(self.classnames)} class names; every label must index `classnames`."
             )
+        if split == "train" and self.train_classes is not None:
+            outside = sorted(set(labels) - set(self.train_classes))
+            if outside:
+                raise ValueError(f"Task {self.name!r}: training labels {outside[:5]} are not in `train_classes`; the "
+                                 "training loss only covers those classes.")
 
     @classmethod
     def from_disk(cls, path: str | os.PathLike, train_split: str = "train", eval_split: str = "test",

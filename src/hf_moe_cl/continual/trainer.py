@@ -78,6 +78,7 @@ class ContinualTrainer(Trainer):
         self.task_label = ""
         self.num_routes = 0
         self._prompt_tokens: Optional[dict[str, torch.Tensor]] = None
+        self._label_map: Optional[torch.Tensor] = None  # dataset label -> position among the trained classes
         self._in_task_loop = False
         self._steps_done = 0  # optimizer steps of the finished tasks
         self._step_offset = 0  # added to the Trainer's per-task step in logs
@@ -129,8 +130,9 @@ class ContinualTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tokens = {k: v.to(inputs["pixel_values"].device) for k, v in self._prompt_tokens.items()}
         outputs = model(pixel_values=inputs["pixel_values"], **tokens)
+        labels = self._label_map.to(inputs["labels"].device)[inputs["labels"]]
         loss = F.cross_entropy(
-            outputs.logits_per_image.float(), inputs["labels"], label_smoothing=self.args.label_smoothing_factor
+            outputs.logits_per_image.float(), labels, label_smoothing=self.args.label_smoothing_factor
         )
         extra = self.method.extra_loss()
         if extra is not None:
@@ -335,6 +337,8 @@ class ContinualTrainer(Trainer):
             self.model = self.model_wrapped = model.to(self.args.device)
         template = task.templates[min(self.args.train_template, len(task.templates) - 1)]
         self._prompt_tokens = tokenize_prompts(self.processing_class.tokenizer, task.prompts(template))
+        self._label_map = torch.full((len(task.classnames),), -100, dtype=torch.long)
+        self._label_map[task.trained_classes] = torch.arange(len(task.trained_classes))
         self.args.learning_rate = self.task_learning_rate(index, task)
         self.train_dataset = task.train_dataset
         self.optimizer, self.lr_scheduler = None, None
