@@ -93,6 +93,7 @@ def test_example_log_level_sets_the_library_logger(tmp_path):
 
     spec = importlib.util.spec_from_file_location("mtil_example", os.path.join(REPO, "examples", "mtil.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     library = logging.getLogger("hf_moe_cl")
     before = library.level
