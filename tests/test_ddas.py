@@ -239,3 +239,62 @@ def test_loading_from_a_hub_repo_id_carries_the_selector(ddas_run, tmp_path):
     assert torch.equal(torch.tensor(out["main"]["thresholds"]), thresholds)
     assert torch.equal(torch.tensor(out["subfolder"]["thresholds"]), thresholds)
     assert torch.equal(torch.tensor(out["revision"]["thresholds"]), thresholds + 1.0)
+
+
+def test_alexnet_extractor_is_torchvisions_conv5_before_relu_with_a_sigmoid(tmp_path):
+    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES, AlexNetFeatures
+
+    random = AlexNetFeatures(weights=None)
+    assert len(random.features) == 11 and isinstance(random.features[-1], torch.nn.Conv2d)  # features[:-2]
+    state = {f"features.{k}": v for k, v in random.features.state_dict().items()}
+    state["classifier.1.weight"] = torch.zeros(1)  # torchvision's file also holds the classifier: ignored
+    torch.save(state, tmp_path / "alexnet.pth")
+    loaded = AlexNetFeatures(weights=str(tmp_path / "alexnet.pth"))
+    pixels = torch.randn(2, 3, 16, 16)
+    features = loaded(pixels)
+    assert features.shape == (2, ALEXNET_FEATURES) == (2, 43264)
+    assert torch.equal(features, random(pixels)) and bool(((features > 0) & (features < 1)).all())
+    upsized = torch.nn.functional.interpolate(pixels, size=(224, 224), mode="bilinear", align_corners=False)
+    assert torch.allclose(features, torch.sigmoid(random.features(upsized).flatten(1)))
+    with pytest.raises(ValueError, match="lack"):
+        AlexNetFeatures(weights={"features.0.weight": torch.zeros(1)})
+
+
+def test_ddas_with_the_official_alexnet_setting_trains_and_routes(tmp_path, module_processor):
+    from hf_moe_cl.tuners.moe_lora.features import AlexNetFeatures
+
+    torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
+               tmp_path / "alexnet.pth")
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4))
+    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.0655, ddas_task_steps=5,
+                         ddas_reference_steps=5, ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(8, 0))
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False)
+    task = colour_task("only", n_train=8, n_eval=12)
+    result = ContinualTrainer(method=method, args=args, processing_class=module_processor).train_tasks([task])
+    selector = model.base_model.selector
+    assert selector.config.feature_extractor == "alexnet" and selector.config.sigmoid_output
+    assert not selector.config.standardize and selector.thresholds.tolist() == [pytest.approx(0.0655)]
+    assert sum(result.diagnostics["route_histogram"]["protocol"][0][0]) == 12
+
+
+def test_the_untouched_pass_begun_for_ddas_is_finished_for_zero_shot_images_only(ddas_run, module_processor):
+    """Features after one block: the zero-shot images' embeddings come from finishing that pass, bit for bit the
+    untouched model's, and a classifier built on it predicts as one that recomputes everything."""
+    model, tasks, _, _ = ddas_run
+    copied = copy.deepcopy(model)
+    settings = dict(copied.base_model.selector.config.to_dict(), feature_layer=1, feature_dim=96)
+    selector = copied.base_model.enable_selector(settings)
+    method = MoEAdapters(copied)
+    pixels = module_processor.image_processor(images=list(tasks[0].eval_dataset["image"]) +
+                                              list(noise_images(6, 3)["image"]), return_tensors="pt")["pixel_values"]
+    features = method.selector_features(pixels)[0]
+    selector.fit_reference(features[12:], steps=50, lr=1e-2)
+    selector.fit_task(0, features[:12], steps=50, lr=1e-2, threshold=float("inf"))
+    routes, untouched = method.select_routes(None, pixels)
+    zero_shot = torch.nonzero(routes.selected == -1).flatten()
+    assert 0 < zero_shot.numel() < pixels.shape[0]
+    with copied.base_model.routing(None):
+        assert torch.equal(untouched(zero_shot), image_embeddings(copied, pixels[zero_shot]))

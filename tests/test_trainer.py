@@ -227,3 +227,50 @@ def test_evaluate_inside_a_task_measures_that_task_and_steps_keep_increasing(tmp
     assert all(0.0 <= accuracy <= 100.0 for _, accuracy in callback.seen)
     steps = callback.logged_steps  # what trackers see: one axis over both tasks of 6 steps
     assert steps == sorted(steps) and steps[0] == 2 and max(steps) == 12 and 8 in steps
+
+
+class CaptureTaskOutputs(TrainerCallback):
+    """After the first task: its training images' embeddings and its prompts' embeddings through its router."""
+
+    def __init__(self, trainer, task):
+        self.trainer, self.task, self.captured = trainer, task, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.current_task.name != self.task.name and self.captured is None:
+            self.captured = task_outputs(self.trainer.method, self.task)
+
+
+def task_outputs(method, task):
+    from hf_moe_cl.classification import image_embeddings, text_embeddings
+
+    processor = method._processor
+    pixels = processor.image_processor(images=[image.convert("RGB") for image in task.train_dataset["image"]],
+                                       return_tensors="pt")["pixel_values"]
+    method.model.eval()
+    with method.routed(0):
+        return (image_embeddings(method.model, pixels),
+                text_embeddings(method.model, processor.tokenizer, task.classnames, task.templates, "cpu"))
+
+
+@pytest.mark.parametrize("policy", ["coverage", "top_k"])
+def test_full_coverage_freezing_makes_a_learned_tasks_predictions_final(tmp_path, clip_processor, policy):
+    tasks = [colour_task("first", seed=0), colour_task("second", seed=1, offset=2),
+             colour_task("third", seed=2, offset=4)]
+    method = MoEAdapters(moe_model(num_tasks=3, num_experts=6),
+                         MoEAdaptersArguments(freeze_policy=policy, routing_report_images=24))
+    method._processor = clip_processor
+    trainer = ContinualTrainer(method=method, args=make_args(tmp_path, learning_rate=2e-2, train_augmentation="none"),
+                               processing_class=clip_processor)
+    capture = CaptureTaskOutputs(trainer, tasks[0])
+    trainer.add_callback(capture)
+    result = trainer.train_tasks(tasks)
+    images, texts = task_outputs(method, tasks[0])
+    report = result.diagnostics["routing_report"]
+    assert len(report) == 3 and list(report[-1]) == ["first", "second", "third"]
+    first_after_all = report[-1]["first"]
+    if policy == "coverage":
+        assert torch.equal(images, capture.captured[0]) and torch.equal(texts, capture.captured[1])
+        assert first_after_all["vision"]["trainable"] == 0.0 and first_after_all["text"]["trainable"] == 0.0
+    else:  # the paper's rule leaves some of the task's evaluation-time experts trainable, and later tasks move them
+        assert first_after_all["vision"]["trainable"] + first_after_all["text"]["trainable"] > 0.0
+        assert not (torch.equal(images, capture.captured[0]) and torch.equal(texts, capture.captured[1]))

@@ -294,6 +294,7 @@ class ContinualTrainer(Trainer):
             for kind in histograms:
                 histograms[kind].extend(progress["route_histogram"].get(kind, []))
             self._steps_done = self._step_offset = progress["steps_done"]
+            self.method.restore_diagnostics(progress.get("diagnostics", {}))
             logger.info("Resuming after task %d/%d (%s) from %s.", progress["finished_task"] + 1, len(tasks),
                         names[progress["finished_task"]], self.args.output_dir)
         pretrained = self._pretrained_accuracies(tasks)
@@ -375,7 +376,8 @@ class ContinualTrainer(Trainer):
     def _save_task(self, index: int, names: list[str], matrices: dict, histograms: dict, run: dict) -> dict:
         """The task's checkpoint, written before its row is evaluated (`evaluated: false` until then)."""
         progress = {"finished_task": index, "task_names": names, "evaluated": False, "steps_done": self._steps_done,
-                    "matrices": matrices, "route_histogram": histograms, "run": run}
+                    "matrices": matrices, "route_histogram": histograms, "diagnostics": self.method.diagnostics(),
+                    "run": run}
         if self.is_world_process_zero():
             def write_model(folder):
                 self.method.save(folder)

@@ -135,8 +135,11 @@ class ContinualMethod:
         return identity
 
     def diagnostics(self) -> dict:
-        """Method-specific results the trainer adds to `ContinualResult.diagnostics`."""
+        """Method-specific results the trainer adds to `ContinualResult.diagnostics` (and to checkpoints)."""
         return {}
+
+    def restore_diagnostics(self, diagnostics: dict) -> None:
+        """Take back what `diagnostics` returned, from the checkpoint a run resumes from."""
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:

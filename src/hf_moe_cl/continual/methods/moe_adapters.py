@@ -5,17 +5,19 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ...classification import Routes, image_embeddings
+from ...classification import Routes, image_embeddings, text_embeddings
 from ...files import check_safetensors_file
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.model import find_moe, tower_of
@@ -39,6 +41,27 @@ class MoEAdaptersArguments:
         default=None,
         metadata={"help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."},
     )
+    freeze_policy: str = field(
+        default="top_k",
+        metadata={"help": "Activate-freeze rule: 'top_k' (the paper: the k experts selected most in training) or "
+                  "'coverage' (the experts that carry the task's evaluation-time routing of its training images and "
+                  "prompts, up to `freeze_coverage` of it; 1.0 makes the task's predictions on them final)."},
+    )
+    freeze_coverage: float = field(
+        default=1.0, metadata={"help": "freeze_policy='coverage': share of the task's selections to freeze."}
+    )
+    freeze_images: Optional[int] = field(
+        default=None,
+        metadata={"help": "freeze_policy='coverage': training images whose routing is covered (None: all of them)."},
+    )
+    routing_report: bool = field(
+        default=True,
+        metadata={"help": "After each task, measure for every learned task the share of its evaluation-time expert "
+                  "selections that fall on experts it did not freeze (diagnostics['routing_report'])."},
+    )
+    routing_report_images: int = field(
+        default=256, metadata={"help": "Training images per learned task used by the routing report."}
+    )
     merge_experts_every: int = field(
         default=0, metadata={"help": "Expert merging every N steps of a task (Park, 2024: 100); 0 disables."}
     )
@@ -55,6 +78,10 @@ class MoEAdaptersArguments:
     def __post_init__(self):
         if self.merge_experts_every < 0:
             raise ValueError(f"merge_experts_every must be >= 0, got {self.merge_experts_every}.")
+        if self.freeze_policy not in ("top_k", "coverage"):
+            raise ValueError(f"freeze_policy must be 'top_k' (the paper) or 'coverage', got {self.freeze_policy!r}.")
+        if not 0.0 < self.freeze_coverage <= 1.0:
+            raise ValueError(f"freeze_coverage must be in (0, 1], got {self.freeze_coverage!r}.")
 
 
 @dataclass
@@ -151,6 +178,8 @@ class MoEAdapters(ContinualMethod):
         self.ddas_reference = ddas_reference
         self.current_route: Optional[int] = None
         self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
+        self._sequence: list = []  # the tasks of the running sequence
+        self.routing_reports: list[dict] = []  # after each task: learned task -> shares of its selections
         self._alexnet: Optional[AlexNetFeatures] = None
         self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
                          if self.arguments.merge_experts_every > 0 else None)
@@ -182,6 +211,7 @@ class MoEAdapters(ContinualMethod):
                 "DDAS needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. Tiny "
                 "ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters."
             )
+        self._sequence = list(tasks)
         if self.arguments.shared_router:
             return
         moe = self.moe
@@ -225,18 +255,71 @@ class MoEAdapters(ContinualMethod):
         return [self._merging] if self._merging is not None else []
 
     def end_task(self, trainer, index, task) -> None:
-        moe, route = self.moe, self.current_route
-        if trainer.args.max_steps > 0 and not self.arguments.shared_router:
-            moe.set_selection_counts(route, global_selection_counts(moe, route))
-            k = self.arguments.freeze_experts_per_task
-            if k is None or k > 0:
-                moe.freeze_most_selected(route, k)
+        moe, route, arguments = self.moe, self.current_route, self.arguments
         self.current_route = None
-        if self.arguments.shared_router:
+        if trainer.args.max_steps != 0 and not arguments.shared_router:
+            moe.set_selection_counts(route, global_selection_counts(moe, route))
+            if arguments.freeze_policy == "coverage":
+                used = self.evaluation_selections(trainer, route, task, arguments.freeze_images)
+                moe.freeze_covering(route, used, arguments.freeze_coverage)
+            elif arguments.freeze_experts_per_task is None or arguments.freeze_experts_per_task > 0:
+                moe.freeze_most_selected(route, arguments.freeze_experts_per_task)
+        if arguments.shared_router:
             return
         moe.set_task_info(route, task.name, task.classnames, task.templates)
         if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
             self._fit_selector(trainer, route, task)  # a continued model's selector learns the new tasks too
+        if arguments.routing_report:
+            learned = range(self.first_route, route + 1)
+            self.routing_reports.append({self._sequence[r - self.first_route].name:
+                                         self._leak(trainer, r, self._sequence[r - self.first_route])
+                                         for r in learned})
+
+    @torch.no_grad()
+    def evaluation_selections(self, trainer, route: int, task, max_images: Optional[int] = None
+                              ) -> dict[str, torch.Tensor]:
+        """Per layer, how often each expert is chosen when `route` classifies `task`'s training images (a seeded
+        sample of `max_images`, or all) and encodes its prompts, as at evaluation: no noise, no augmentation."""
+        dataset = task.train_dataset
+        if max_images is not None and len(dataset) > max_images:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(trainer.args.seed))
+            dataset = dataset.select(sorted(order[:max_images].tolist()))
+        selections: dict = {}
+        self.model.eval()
+        device = trainer.args.device
+        with self.moe.routing(route, selections=selections):
+            for batch in trainer.progress(trainer.get_eval_dataloader(dataset), f"routing of {task.name}"):
+                self.model.get_image_features(pixel_values=batch["pixel_values"].to(device))
+            text_embeddings(self.model, trainer.processing_class.tokenizer, task.classnames, task.templates, device)
+        return self.moe.selection_histogram(selections)
+
+    def _leak(self, trainer, route: int, task) -> dict:
+        """Shares of `task`'s evaluation-time selections on experts that are still trainable (later tasks can move
+        them) and on experts it did not freeze itself, per tower and per layer."""
+        used = self.evaluation_selections(trainer, route, task, self.arguments.routing_report_images)
+        frozen_by = {name: layer.moe_lora_frozen_by[self.moe._adapter()].cpu()
+                     for name, layer in self.moe.moe_layers().items()}
+        report = {"layers": {}}
+        for tower in ("vision", "text"):
+            total = trainable = foreign = 0
+            for name, counts in used.items():
+                if tower_of(name) != tower:
+                    continue
+                layer_total = int(counts.sum())
+                layer_trainable = int(counts[frozen_by[name] < 0].sum())
+                layer_foreign = int(counts[frozen_by[name] != route].sum())
+                report["layers"][name] = {"trainable": layer_trainable / layer_total,
+                                          "not_own": layer_foreign / layer_total}
+                total, trainable, foreign = total + layer_total, trainable + layer_trainable, foreign + layer_foreign
+            if total:
+                report[tower] = {"trainable": trainable / total, "not_own": foreign / total}
+        return report
+
+    def diagnostics(self) -> dict:
+        return {"routing_report": self.routing_reports} if self.routing_reports else {}
+
+    def restore_diagnostics(self, diagnostics: dict) -> None:
+        self.routing_reports = list(diagnostics.get("routing_report", []))
 
     # ----- DDAS ----------------------------------------------------------------------------------------------------
     def selector_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -297,11 +380,32 @@ class MoEAdapters(ContinualMethod):
         return self.moe.routing(route)
 
     def select_routes(self, classifier, pixels, per_batch=False):
+        """DDAS's routes. The untouched pass that gives DDAS its features also serves the images sent to zero-shot:
+        with CLIP features after k blocks it is finished for those images only; with the final embedding it is
+        reused as it is."""
         selector = self.moe.selector
-        features, untouched = self.selector_features(pixels)
+        config = selector.config
+        if config.feature_extractor == "clip" and config.feature_layer is not None:
+            with self.moe.routing(None):
+                prefix = vision_prefix(self.model.vision_model, pixels, config.feature_layer)
+            features = prefix_features(prefix)
+            untouched = partial(self._finish_untouched, prefix)
+        else:
+            features, untouched = self.selector_features(pixels)
         if per_batch:
             return Routes.single(selector.select_batch(features), pixels.shape[0], pixels.device), untouched
         return Routes(selector.select(features)), untouched
+
+    @torch.no_grad()
+    def _finish_untouched(self, prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The untouched CLIP's image embeddings of `rows`, from their hidden states after the first blocks."""
+        vision = self.model.vision_model
+        hidden = prefix[rows]
+        with self.moe.routing(None):
+            for block in vision.encoder.layers[self.moe.selector.config.feature_layer:]:
+                hidden = block(hidden, None)
+            pooled = vision.post_layernorm(hidden[:, 0])
+            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     def learned_tasks(self) -> dict[int, dict]:
         selector, info = self.moe.selector, self.moe.task_info

@@ -120,7 +120,7 @@ class MoELoraModel(BaseTuner):
         kwargs.setdefault("task_route", self._call_routes[-1] if self._call_routes else self._default_route)
         return args, kwargs
 
-    def _make_route(self, task_ids: TaskIds) -> TaskRoute:
+    def _make_route(self, task_ids: TaskIds, selections: Optional[dict] = None) -> TaskRoute:
         if task_ids is None:
             return NO_ROUTE
         if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 0:
@@ -132,9 +132,9 @@ class MoELoraModel(BaseTuner):
                     f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
                     f"from {int(ids.min())} to {int(ids.max())}."
                 )
-            return TaskRoute.per_sample(ids)
+            return TaskRoute.per_sample(ids, selections)
         task = self._as_task_id(task_ids)
-        return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task))
+        return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task), selections=selections)
 
     @staticmethod
     def _as_task_id(value) -> int:
@@ -173,9 +173,12 @@ class MoELoraModel(BaseTuner):
                 )
 
     @contextmanager
-    def routing(self, task_ids: TaskIds):
-        """Route the calls inside the block with an int task or per-sample ids (length batch, -1 for zero-shot)."""
-        route = self._make_route(task_ids)
+    def routing(self, task_ids: TaskIds, selections: Optional[dict] = None):
+        """Route the calls inside the block with an int task or per-sample ids (length batch, -1 for zero-shot).
+
+        With `selections` (a dict), every layer adds the experts it chose (count them with `selection_histogram`).
+        """
+        route = self._make_route(task_ids, selections)
         self._check_checkpointed_linear_routing()
         self._call_routes.append(route)
         try:
@@ -307,6 +310,14 @@ class MoELoraModel(BaseTuner):
             )
         return task
 
+    def selection_histogram(self, selections: dict) -> dict[str, torch.Tensor]:
+        """Per layer name, how often each expert was chosen in the calls that filled `selections` (`routing(...,
+        selections=...)`)."""
+        num_experts = self.moe_config.num_experts
+        names = {layer: name for name, layer in self.moe_layers().items()}
+        return {names[layer]: torch.bincount(torch.cat(chosen).flatten().cpu(), minlength=num_experts)
+                for layer, chosen in selections.items()}
+
     # ----- tasks ---------------------------------------------------------------------------------------------------
     def add_task(self) -> int:
         """Append a router for a new task to every layer (and an autoencoder to the selector); return its id."""
@@ -333,6 +344,31 @@ class MoELoraModel(BaseTuner):
         self._check_task(task)
         for name, layer in self.moe_layers().items():
             layer.moe_lora_counts[adapter][task] = counts[name].to(layer.moe_lora_counts[adapter].device)
+
+    def freeze_covering(self, task: int, histogram: dict[str, torch.Tensor], coverage: float = 1.0
+                        ) -> dict[str, list[int]]:
+        """Per layer, freeze the most-used experts of `histogram` (e.g. a task's evaluation-time selections) until
+        they carry `coverage` of its selections (1.0: every expert it uses), and the task's router."""
+        if not 0.0 < coverage <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {coverage!r}.")
+        adapter = self._adapter()
+        task = self._check_task(task)
+        newly = {}
+        for name, layer in self.moe_layers().items():
+            counts = histogram.get(name)
+            chosen = []
+            if counts is not None and int(counts.sum()) > 0:
+                order = torch.sort(counts, descending=True, stable=True).indices.tolist()
+                shares = (counts[order].cumsum(0).double() / counts.sum()).tolist()
+                for expert, share in zip(order, shares):
+                    if counts[expert] == 0:
+                        break
+                    chosen.append(expert)
+                    if share >= coverage:
+                        break
+            newly[name] = layer.freeze_experts(adapter, chosen, task)
+            layer.freeze_router(adapter, task)
+        return newly
 
     def freeze_most_selected(self, task: int, k: Optional[int] = None) -> dict[str, list[int]]:
         """Activate-freeze: per layer, freeze the k experts `task` selected most (default k = top_k) and its router.
