@@ -298,3 +298,11 @@ def test_the_untouched_pass_begun_for_ddas_is_finished_for_zero_shot_images_only
     assert 0 < zero_shot.numel() < pixels.shape[0]
     with copied.base_model.routing(None):
         assert torch.equal(untouched(zero_shot), image_embeddings(copied, pixels[zero_shot]))
+    out = TaskAgnosticClassifier(method, module_processor).classify(pixels, candidate_labels=["noise", "static"])
+    assert [o["task"] is None for o in out] == (routes.selected == -1).tolist()
+    copied.set_task(None)  # the same answers from a full untouched pass of the zero-shot images
+    from hf_moe_cl.classification import text_embeddings
+
+    text = text_embeddings(copied, module_processor.tokenizer, ["noise", "static"], ["a photo of a {}."], "cpu")
+    expected = (image_embeddings(copied, pixels[zero_shot]) @ text.T).argmax(-1).tolist()
+    assert [out[i]["label"] for i in zero_shot.tolist()] == [["noise", "static"][e] for e in expected]

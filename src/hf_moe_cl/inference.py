@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes
+from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Untouched
 from .continual.data import to_rgb
 from .continual.methods import ContinualMethod, method_for_model
 
@@ -29,6 +29,13 @@ def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optio
                                       **adapter_kwargs)
     model.peft_config["default"].base_model_name_or_path = base  # the base it runs on, if given explicitly
     return model
+
+
+def subset_of(untouched: Untouched, rows: torch.Tensor) -> Untouched:
+    """The untouched embeddings of `rows` of a batch, as a tensor or as the finishing function of those rows."""
+    if untouched is None or not callable(untouched):
+        return None if untouched is None else untouched[rows]
+    return lambda subset: untouched(rows[subset])
 
 
 class TaskAgnosticClassifier:
@@ -89,7 +96,7 @@ class TaskAgnosticClassifier:
                                  "`candidate_labels` to classify them with zero-shot CLIP.")
             subset = Routes(routes.ids[rows], None if routes.weights is None else routes.weights[rows],
                             routes.fusion, routes.selected[rows])
-            scores = self.core.scores(pixels[rows], subset, space, None if untouched is None else untouched[rows])
+            scores = self.core.scores(pixels[rows], subset, space, subset_of(untouched, rows))
             if routes.fusion == "logits":
                 scores = torch.softmax(self.core.logit_scale * scores, dim=-1)
             best, labels = scores.max(-1)
