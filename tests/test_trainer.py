@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,57 @@ def test_full_coverage_freezing_makes_a_learned_tasks_predictions_final(tmp_path
     else:  # the paper's rule leaves some of the task's evaluation-time experts trainable, and later tasks move them
         assert first_after_all["vision"]["trainable"] + first_after_all["text"]["trainable"] > 0.0
         assert not (torch.equal(images, capture.captured[0]) and torch.equal(texts, capture.captured[1]))
+
+
+CONTINUE_IN_A_FRESH_PROCESS = """
+import json, sys, tempfile
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+import hf_moe_cl
+from peft import PeftModel
+from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
+from hf_moe_cl import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.publishing import push_to_hub
+processor = tiny_clip_processor(write_tiny_tokenizer(Path(tempfile.mkdtemp())))
+model = PeftModel.from_pretrained(tiny_clip(), {published!r}, is_trainable=True)
+args = ContinualTrainingArguments(output_dir={out!r}, max_steps=4, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
+                                  per_device_train_batch_size=8, report_to="none", disable_tqdm=True,
+                                  logging_strategy="no", seed=3)
+trainer = ContinualTrainer(model=model, args=args, processing_class=processor)
+result = trainer.train_tasks([colour_task("third", seed=2, offset=1)])
+inputs = torch.load({inputs!r})
+model.eval()
+with torch.no_grad():
+    outputs = {{t: model(**inputs, task_ids=torch.full((4,), t)).logits_per_image.tolist() for t in (0, 1)}}
+push_to_hub(trainer.method, "someone/moe-clip", result, dry_run_dir={card!r})
+print(json.dumps(outputs))
+"""
+
+
+def test_a_published_model_learns_one_more_task_in_a_fresh_process(tmp_path, clip_processor, clip_inputs):
+    """Train two tasks, save, reload in a new process, add a third: the first two answer exactly as before and the
+    new model card lists the three tasks."""
+    import subprocess
+    import sys
+
+    model = moe_model()
+    ContinualTrainer(model=model, args=make_args(tmp_path / "run"), processing_class=clip_processor).train_tasks(
+        two_tasks())
+    model.save_pretrained(tmp_path / "published")
+    model.eval()
+    with torch.no_grad():
+        before = {t: model(**clip_inputs, task_ids=torch.full((4,), t)).logits_per_image for t in (0, 1)}
+    torch.save(clip_inputs, tmp_path / "inputs.pt")
+    script = CONTINUE_IN_A_FRESH_PROCESS.format(
+        tests=str(Path(__file__).parent), published=str(tmp_path / "published"), out=str(tmp_path / "more"),
+        inputs=str(tmp_path / "inputs.pt"), card=str(tmp_path / "card"))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    after = json.loads(run.stdout.strip().splitlines()[-1])
+    for t in (0, 1):
+        assert torch.equal(torch.tensor(after[str(t)]), before[t]), t
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert all(name in card for name in ("first", "second", "third"))
+    saved = json.loads((tmp_path / "card" / "adapter_config.json").read_text())
+    assert [info["name"] for info in saved["task_info"]] == ["first", "second", "third"]
