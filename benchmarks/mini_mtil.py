@@ -21,6 +21,7 @@ from transformers import CLIPModel, CLIPProcessor
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
+from hf_moe_cl.benchmark.metrics import task_drops
 from hf_moe_cl.presets import mini_mtil_tasks
 from hf_moe_cl.benchmark.reporting import (
     METRIC_COLUMNS,
@@ -30,13 +31,25 @@ from hf_moe_cl.benchmark.reporting import (
     write_result_report,
 )
 from hf_moe_cl.continual import ContinualTrainingArguments
-from hf_moe_cl.continual.methods import DDASArguments
+from hf_moe_cl.continual.methods import DDASArguments, MoEAdaptersArguments
 from hf_moe_cl.files import write_text_atomic
 
 
-def summary(header, names, rows, matrices, seconds, selections) -> str:
-    """The Markdown report: metrics per method, zero-shot per task, task selection without task ids, run times."""
+def summary(header, names, rows, matrices, seconds, selections, leaks) -> str:
+    """The Markdown report: metrics per method, zero-shot per task, the drop per task, task selection without task
+    ids, the routing leak after the last task, run times."""
     lines = [header, "", markdown_table(rows, METRIC_COLUMNS), ""]
+    lines += ["Drop per task (accuracy right after its training minus after the last task):", "",
+              "| method | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    lines += [f"| {method} | " + " | ".join(f"{d:.1f}" for d in task_drops(matrix)) + " |"
+              for method, matrix in matrices.items() if all(v is not None for row in matrix for v in row)]
+    lines.append("")
+    for method, report in leaks.items():
+        lines += [f"Routing leak after the last task ({method}): share of each task's evaluation-time expert "
+                  "selections on experts still trainable (vision / text)", "",
+                  "| " + " | ".join(report) + " |", "|" + " ---: |" * len(report),
+                  "| " + " | ".join(f"{100 * r['vision']['trainable']:.1f} / {100 * r['text']['trainable']:.1f}"
+                                    for r in report.values()) + " |", ""]
     if "zero-shot" in matrices:
         lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
                   "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
@@ -63,6 +76,10 @@ def main():
                         "task-agnostic matrix, DDAS's task confusion and the unseen-task share sent to zero-shot")
     parser.add_argument("--ddas_feature_layer", type=int, default=None)
     parser.add_argument("--ddas_task_steps", type=int, default=300, help="paper: 300")
+    parser.add_argument("--num_experts", type=int, default=22, help="MoE-Adapters (Park 2024's merging: 55)")
+    parser.add_argument("--freeze_policy", default="top_k", help="MoE-Adapters: 'top_k' (paper) or 'coverage'")
+    parser.add_argument("--freeze_coverage", type=float, default=1.0)
+    parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
     args = parser.parse_args()
 
     root = assets_dir(args.assets_dir)
@@ -72,36 +89,41 @@ def main():
     reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
              "individual-finetune": args.lr_full, "zero-shot": args.lr_full, "condu": args.lr_lora}
-    rows, matrices, seconds, selections = {}, {}, {}, {}
+    rows, matrices, seconds, selections, leaks = {}, {}, {}, {}, {}
     for method in args.methods.split(","):
         start = time.perf_counter()
         training = ContinualTrainingArguments(
             output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
             warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=True,
-            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, disable_tqdm=True,
+            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
             logging_strategy="no", save_task_checkpoints=False, seed=0,
         )
         ddas = DDASArguments(ddas=args.task_agnostic, ddas_feature_layer=args.ddas_feature_layer,
                              ddas_task_steps=args.ddas_task_steps)
-        result = run_method(MethodArguments(method=method), base, processor, tasks, training, options=(ddas,),
+        moe = MoEAdaptersArguments(num_experts=args.num_experts, freeze_policy=args.freeze_policy,
+                                   freeze_coverage=args.freeze_coverage, merge_experts_every=args.merge_experts_every)
+        result = run_method(MethodArguments(method=method), base, processor, tasks, training, options=(ddas, moe),
                             reference_images=reference)
         reported = write_result_report(Path(args.output_dir) / method, result, method)
-        rows[method] = reported["oracle"]
-        matrices[method] = result.accuracy_matrix
-        if result.task_agnostic_matrix is not None:
-            agnostic = f"{method} task-agnostic ({'voting' if method == 'condu' else 'DDAS'})"
-            rows[agnostic] = reported["per_image"]
-            matrices[agnostic] = result.task_agnostic_matrix
+        for kind, label in (("protocol", "task-agnostic, one decision per batch"),
+                            ("per_image", "task-agnostic, per image"), ("oracle", None)):
+            if kind in result.matrices:
+                name = method if label is None else f"{method} ({label})"
+                rows[name], matrices[name] = reported[kind], result.matrices[kind]
+        if "per_image" in result.matrices:
             selections[method] = result.diagnostics["route_histogram"]["per_image"]
+        if "routing_report" in result.diagnostics:
+            leaks[method] = result.diagnostics["routing_report"][-1]
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
     names = [task.name for task in tasks]
-    results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections}
+    results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections,
+               "routing_report": leaks}
     write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
     header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
-    report = summary(header, names, rows, matrices, seconds, selections)
+    report = summary(header, names, rows, matrices, seconds, selections, leaks)
     print(report)
     write_text_atomic(Path(args.output_dir) / "results.md", report + "\n")
 
