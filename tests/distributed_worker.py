@@ -12,7 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 

@@ -26,7 +26,8 @@ from .condu import ConDU, ConDUArguments  # noqa: E402
 from .finetune import ContinualFineTune  # noqa: E402
 from .individual import IndividualFineTune  # noqa: E402
 from .lora import ContinualLoRA, LoRAArguments  # noqa: E402
-from .moe_adapters import DDASArguments, ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments  # noqa: E402
+from .ddas import DDASArguments  # noqa: E402
+from .moe_adapters import ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments  # noqa: E402
 from .zero_shot import ZeroShot  # noqa: E402
 
 __all__ = ["METHODS", "ConDU", "ConDUArguments", "ContinualFineTune", "ContinualLoRA", "ContinualMethod",
