@@ -30,9 +30,9 @@ from transformers import CLIPProcessor
 from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.classification import image_embeddings, text_embeddings
-from hf_moe_cl.continual.methods import MoEAdapters
+from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.presets import MINI_TASKS
-from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES, AlexNetFeatures
+from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES
 
 TASKS = len(MINI_TASKS)
 
@@ -58,9 +58,7 @@ def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None):
         width = base.config.projection_dim if layer is None else 2 * base.config.vision_config.hidden_size
         settings = SelectorConfig(feature_dim=width, feature_layer=layer)
     selector = model.base_model.enable_selector(settings)
-    method = MoEAdapters(model)
-    if extractor == "alexnet":
-        method._alexnet = AlexNetFeatures(weights=None)
+    method = MoEAdapters(model, ddas=DDASArguments(ddas_alexnet_weights=None))  # AlexNet's cost, random weights
     features = method.selector_features(pixels)[0]
     # Fitted on the batch itself, so the decisions are as wanted whatever the (random) weights.
     selector.fit_reference(features[~seen], steps=300, lr=1e-2)

@@ -238,13 +238,12 @@ class CaptureTaskOutputs(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer.current_task.name != self.task.name and self.captured is None:
-            self.captured = task_outputs(self.trainer.method, self.task)
+            self.captured = task_outputs(self.trainer.method, self.task, self.trainer.processing_class)
 
 
-def task_outputs(method, task):
+def task_outputs(method, task, processor):
     from hf_moe_cl.classification import image_embeddings, text_embeddings
 
-    processor = method._processor
     pixels = processor.image_processor(images=[image.convert("RGB") for image in task.train_dataset["image"]],
                                        return_tensors="pt")["pixel_values"]
     method.model.eval()
@@ -259,13 +258,12 @@ def test_full_coverage_freezing_makes_a_learned_tasks_predictions_final(tmp_path
              colour_task("third", seed=2, offset=4)]
     method = MoEAdapters(moe_model(num_tasks=3, num_experts=6),
                          MoEAdaptersArguments(freeze_policy=policy, routing_report_images=24))
-    method._processor = clip_processor
     trainer = ContinualTrainer(method=method, args=make_args(tmp_path, learning_rate=2e-2, train_augmentation="none"),
                                processing_class=clip_processor)
     capture = CaptureTaskOutputs(trainer, tasks[0])
     trainer.add_callback(capture)
     result = trainer.train_tasks(tasks)
-    images, texts = task_outputs(method, tasks[0])
+    images, texts = task_outputs(method, tasks[0], clip_processor)
     report = result.diagnostics["routing_report"]
     assert len(report) == 3 and list(report[-1]) == ["first", "second", "third"]
     first_after_all = report[-1]["first"]

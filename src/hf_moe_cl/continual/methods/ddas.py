@@ -36,8 +36,10 @@ class DDASArguments:
         default=None,
         metadata={"help": "CLIP features for DDAS: None = the untouched image embedding; k = tokens after k blocks."},
     )
-    ddas_alexnet_weights: str = field(
-        default=ALEXNET_URL, metadata={"help": "AlexNet weights for ddas_feature_extractor='alexnet': URL or path."}
+    ddas_alexnet_weights: Optional[str] = field(
+        default=ALEXNET_URL,
+        metadata={"help": "AlexNet weights for ddas_feature_extractor='alexnet': URL or path (None: random weights, "
+                  "for timings and tests only)."},
     )
     ddas_hidden_dim: int = field(default=100, metadata={"help": "Hidden width of every DDAS autoencoder."})
     ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder."})
