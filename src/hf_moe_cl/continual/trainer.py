@@ -17,7 +17,17 @@ from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
-from . import checkpoints
+from .checkpoints import (
+    check_same_run,
+    finished_folders,
+    jsonable,
+    prune,
+    read_progress,
+    remove_temporary,
+    save_task,
+    task_folder,
+    update_progress,
+)
 from .arguments import ContinualTrainingArguments
 from .data import ImageClassificationCollator, RandomResizedCrop
 from .evaluation import evaluate_task
@@ -213,7 +223,7 @@ class ContinualTrainer(Trainer):
         """What makes a checkpoint folder this run's: compared before resuming."""
         base = self.method.model.config
         args = self.args
-        return checkpoints.jsonable({
+        return jsonable({
             "method": self.method.fingerprint(),
             "base_model": {"name_or_path": getattr(base, "_name_or_path", None), "model_type": base.model_type,
                            "vision": [base.vision_config.hidden_size, base.vision_config.num_hidden_layers],
@@ -244,8 +254,8 @@ class ContinualTrainer(Trainer):
         """(first task to run, progress of the checkpoint resumed from); refuses to mix runs in one folder."""
         output_dir = self.args.output_dir
         if self.is_world_process_zero():
-            checkpoints.remove_temporary(output_dir)
-        folders = checkpoints.finished_folders(output_dir)
+            remove_temporary(output_dir)
+        folders = finished_folders(output_dir)
         if folders and not resume:
             if not self.args.overwrite_output_dir:
                 raise ValueError(
@@ -259,7 +269,7 @@ class ContinualTrainer(Trainer):
             self.accelerator.wait_for_everyone()
             return 0, None
         names = [task.name for task in tasks]
-        expected = {i: checkpoints.task_folder(output_dir, i, name) for i, name in enumerate(names)}
+        expected = {i: task_folder(output_dir, i, name) for i, name in enumerate(names)}
         strangers = [folder for i, folder in folders.items() if expected.get(i) != folder]
         if strangers:
             raise ValueError(f"Cannot resume in {output_dir}: {strangers[0].name} is not a task of this sequence "
@@ -267,8 +277,8 @@ class ContinualTrainer(Trainer):
         if not folders:
             return 0, None
         last = max(folders)
-        progress = checkpoints.read_progress(folders[last])
-        checkpoints.check_same_run(folders[last], progress, run)
+        progress = read_progress(folders[last])
+        check_same_run(folders[last], progress, run)
         self.method.load(folders[last])
         return last + (1 if progress["evaluated"] else 0), progress
 
@@ -313,9 +323,9 @@ class ContinualTrainer(Trainer):
             if self.args.save_task_checkpoints:
                 progress.update(evaluated=True, matrices=matrices, route_histogram=histograms)
                 if self.is_world_process_zero():
-                    checkpoints.update_progress(checkpoints.task_folder(self.args.output_dir, index, task.name),
+                    update_progress(task_folder(self.args.output_dir, index, task.name),
                                                 progress)
-                    checkpoints.prune(self.args.output_dir, self.args.save_total_limit)
+                    prune(self.args.output_dir, self.args.save_total_limit)
                 self.accelerator.wait_for_everyone()
         diagnostics = dict(self.method.diagnostics())
         if histograms:
@@ -383,7 +393,7 @@ class ContinualTrainer(Trainer):
                 self.method.save(folder)
                 self.state.save_to_json(str(folder / "trainer_state.json"))
 
-            checkpoints.save_task(checkpoints.task_folder(self.args.output_dir, index, names[index]), write_model,
+            save_task(task_folder(self.args.output_dir, index, names[index]), write_model,
                                   progress)
         self.accelerator.wait_for_everyone()
         return progress

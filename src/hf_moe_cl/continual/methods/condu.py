@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 from ...classification import ZERO_SHOT, Routes, image_embeddings, text_embeddings
 from ...condu import Delta, DeltaStore, applied_delta, model_fingerprint
-from . import register_method
+from .registry import register_method
 from .base import ContinualMethod
 
 

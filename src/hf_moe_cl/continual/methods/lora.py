@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ...files import check_safetensors_file
-from . import register_method
+from .registry import register_method
 from .base import ContinualMethod, check_loaded
 
 

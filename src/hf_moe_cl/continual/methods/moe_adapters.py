@@ -21,7 +21,7 @@ from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.features import AlexNetFeatures
 from ...tuners.moe_lora.model import find_moe, tower_of
 from ..checkpoints import jsonable
-from . import register_method
+from .registry import register_method
 from .base import ContinualMethod
 from .ddas import DDASArguments, DDASSelection
 
