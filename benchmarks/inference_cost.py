@@ -2,6 +2,7 @@
 
     python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 [--repeats 10] [--unseen 0.5]
     python benchmarks/inference_cost.py --model proxy-clip --batch_size 64
+    python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 --device cuda
 
 The batch mixes images of six tasks; a share `--unseen` of them comes from tasks the model never learned. DDAS is
 fitted so that it sends those to zero-shot CLIP and the others to their task's router. Plain CLIP encodes the
@@ -48,7 +49,7 @@ def batch_pixels(root, processor, model, batch_size):
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None):
+def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, device="cpu"):
     """A six-task MoE model whose DDAS selector sends the `seen` images to their task and the others to zero-shot."""
     model = get_peft_model(base, MoELoraConfig(num_tasks=TASKS)).eval()
     if extractor == "alexnet":
@@ -58,12 +59,13 @@ def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None):
         width = base.config.projection_dim if layer is None else 2 * base.config.vision_config.hidden_size
         settings = SelectorConfig(feature_dim=width, feature_layer=layer)
     selector = model.base_model.enable_selector(settings)
+    model.to(device)
     method = MoEAdapters(model, ddas=DDASArguments(ddas_alexnet_weights=None))  # AlexNet's cost, random weights
     features = method.selector_features(pixels)[0]
     # Fitted on the batch itself, so the decisions are as wanted whatever the (random) weights.
     selector.fit_reference(features[~seen], steps=300, lr=1e-2)
     for task in range(TASKS):
-        rows = torch.nonzero(seen & (torch.arange(len(seen)) % TASKS == task)).flatten()
+        rows = torch.nonzero(seen & (torch.arange(len(seen), device=seen.device) % TASKS == task)).flatten()
         selector.fit_task(task, features[rows], steps=300, lr=1e-2, threshold=float("inf"))
     meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
     for task, name in enumerate(MINI_TASKS):
@@ -78,16 +80,18 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--unseen", type=float, default=0.5, help="share of the batch from unlearned tasks")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu (the target's setting) or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
     root = assets_dir(args.assets_dir)
     processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
-    plain = load_model(args.model, root).eval()
-    pixels = batch_pixels(root, processor, plain, args.batch_size)
-    seen = torch.arange(args.batch_size) >= int(round(args.unseen * args.batch_size))
+    device = torch.device(args.device)
+    plain = load_model(args.model, root).eval().to(device)
+    pixels = batch_pixels(root, processor, plain, args.batch_size).to(device)
+    seen = (torch.arange(args.batch_size) >= int(round(args.unseen * args.batch_size))).to(device)
     meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
     labels = meta["classnames"]
-    text = text_embeddings(plain, processor.tokenizer, labels, meta["templates"], "cpu")
+    text = text_embeddings(plain, processor.tokenizer, labels, meta["templates"], device)
 
     @torch.no_grad()
     def plain_clip():
@@ -98,21 +102,28 @@ def main():
     for label, extractor, layer in (("DDAS (CLIP after 1 block)", "clip", 1),
                                     ("DDAS (CLIP final embedding)", "clip", None),
                                     ("DDAS (AlexNet, official)", "alexnet", None)):
-        classifier = task_agnostic(load_model(args.model, root), processor, root, pixels, seen, extractor, layer)
+        classifier = task_agnostic(load_model(args.model, root), processor, root, pixels, seen, extractor, layer,
+                                   device)
         routes = classifier.method.select_routes(classifier.core, pixels)[0].selected
         routed_share[label] = float((routes >= 0).float().mean())
         candidates[f"{label} + MoE"] = lambda c=classifier: c.classify(pixels, candidate_labels=labels)
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     times = {name: [] for name in candidates}
     for run in candidates.values():
         run()
     for _ in range(args.repeats):
         for name, run in candidates.items():
+            synchronize()
             start = time.perf_counter()
             run()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     plain_ms = 1000 * statistics.median(times["plain CLIP"])
     print(f"model={args.model} batch={args.batch_size} unseen={args.unseen:.0%} "
-          f"(median of {args.repeats} interleaved repeats, CPU)")
+          f"(median of {args.repeats} interleaved repeats, {device.type})")
     print(f"{'pipeline':42s} {'ms':>8s} {'/ plain':>8s} {'routed':>7s}")
     for name, values in times.items():
         ms = 1000 * statistics.median(values)

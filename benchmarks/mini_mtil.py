@@ -80,6 +80,7 @@ def main():
     parser.add_argument("--freeze_policy", default="top_k", help="MoE-Adapters: 'top_k' (paper) or 'coverage'")
     parser.add_argument("--freeze_coverage", type=float, default=1.0)
     parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer trains and evaluates")
     args = parser.parse_args()
 
     root = assets_dir(args.assets_dir)
@@ -94,7 +95,7 @@ def main():
         start = time.perf_counter()
         training = ContinualTrainingArguments(
             output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
-            warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=True,
+            warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=args.device == "cpu",
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
             logging_strategy="no", save_task_checkpoints=False, seed=0,
         )
@@ -121,7 +122,7 @@ def main():
     results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections,
                "routing_report": leaks}
     write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
-    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
+    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
     report = summary(header, names, rows, matrices, seconds, selections, leaks)
     print(report)

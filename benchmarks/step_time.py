@@ -3,7 +3,8 @@
 Everything is measured in one run on the same batch, so the printed ratios compare like with like:
     python benchmarks/step_time.py [--assets_dir ../shared/assets] [--batch_size 64] [--steps 20] [--device cpu]
 --model vit-b16-random times a randomly initialised CLIP of the paper's size (use a small --batch_size on CPU).
-On CUDA, memory is the peak allocated; on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
+On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
+included, the other models' not); on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
 """
 
 from __future__ import annotations
@@ -49,13 +50,20 @@ def train_step(model, optimizer, pixels, text, labels):
     optimizer.zero_grad(set_to_none=True)
 
 
+def resident_bytes(model, optimizer):
+    """Parameters and optimizer state of one model: what it holds on the device between steps."""
+    state = [t for entry in optimizer.state.values() for t in entry.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *state])
+
+
 def training_memory(model, optimizer, batch, device):
-    if device.type == "cuda":
+    if device.type == "cuda":  # the other models on the device cancel out: peak minus before, plus this one's own
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         train_step(model, optimizer, *batch)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - before + resident_bytes(model, optimizer)
     saved = []
 
     def pack(tensor):
