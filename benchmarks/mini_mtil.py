@@ -44,12 +44,14 @@ def summary(header, names, rows, matrices, seconds, selections, leaks) -> str:
     lines += [f"| {method} | " + " | ".join(f"{d:.1f}" for d in task_drops(matrix)) + " |"
               for method, matrix in matrices.items() if all(v is not None for row in matrix for v in row)]
     lines.append("")
-    for method, report in leaks.items():
+    for method, (report, trainable) in leaks.items():
         lines += [f"Routing leak after the last task ({method}): share of each task's evaluation-time expert "
                   "selections on experts still trainable (vision / text)", "",
                   "| " + " | ".join(report) + " |", "|" + " ---: |" * len(report),
                   "| " + " | ".join(f"{100 * r['vision']['trainable']:.1f} / {100 * r['text']['trainable']:.1f}"
-                                    for r in report.values()) + " |", ""]
+                                    for r in report.values()) + " |", "",
+                  f"Expert slots still trainable after the last task ({method}): vision "
+                  f"{100 * trainable['vision']:.1f} %, text {100 * trainable['text']:.1f} %", ""]
     if "zero-shot" in matrices:
         lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
                   "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
@@ -114,15 +116,17 @@ def main():
         if "per_image" in result.matrices:
             selections[method] = result.diagnostics["route_histogram"]["per_image"]
         if "routing_report" in result.diagnostics:
-            leaks[method] = result.diagnostics["routing_report"][-1]
+            leaks[method] = (result.diagnostics["routing_report"][-1], result.diagnostics["trainable_experts"][-1])
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
     names = [task.name for task in tasks]
     results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections,
-               "routing_report": leaks}
+               "routing_report": {m: leak for m, (leak, _) in leaks.items()},
+               "trainable_experts": {m: trainable for m, (_, trainable) in leaks.items()}}
     write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
-    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, learning rates: "
+    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, "
+              "learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
     report = summary(header, names, rows, matrices, seconds, selections, leaks)
     print(report)

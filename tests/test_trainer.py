@@ -267,6 +267,12 @@ def test_full_coverage_freezing_makes_a_learned_tasks_predictions_final(tmp_path
     report = result.diagnostics["routing_report"]
     assert len(report) == 3 and list(report[-1]) == ["first", "second", "third"]
     first_after_all = report[-1]["first"]
+    trainable = result.diagnostics["trainable_experts"]
+    assert len(trainable) == 3 and set(trainable[-1]) == {"vision", "text"}
+    assert all(0.0 <= share <= 1.0 for stage in trainable for share in stage.values())
+    assert all(after[t] <= before[t] for before, after in zip(trainable, trainable[1:]) for t in after)
+    if policy == "top_k":  # 6 experts per layer, the first task freezes its 2 most selected in each
+        assert trainable[0] == pytest.approx({"vision": 4 / 6, "text": 4 / 6})
     if policy == "coverage":
         assert torch.equal(images, capture.captured[0]) and torch.equal(texts, capture.captured[1])
         assert first_after_all["vision"]["trainable"] == 0.0 and first_after_all["text"]["trainable"] == 0.0

@@ -137,6 +137,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
         self._sequence: list = []  # the tasks of the running sequence
         self.routing_reports: list[dict] = []  # after each task: learned task -> shares of its selections
+        self.trainable_experts: list[dict] = []  # after each task: tower -> share of expert slots still trainable
         self._alexnet: Optional[AlexNetFeatures] = None
         self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
                          if self.arguments.merge_experts_every > 0 else None)
@@ -227,6 +228,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
             self._fit_selector(trainer, route, task)  # a continued model's selector learns the new tasks too
         if arguments.routing_report:
+            self.trainable_experts.append(self._trainable_share())
             learned = range(self.first_route, route + 1)
             self.routing_reports.append({self._sequence[r - self.first_route].name:
                                          self._leak(trainer, r, self._sequence[r - self.first_route])
@@ -272,11 +274,22 @@ class MoEAdapters(DDASSelection, ContinualMethod):
                 report[tower] = {"trainable": trainable / total, "not_own": foreign / total}
         return report
 
+    def _trainable_share(self) -> dict[str, float]:
+        """Per tower, the share of expert slots (layers x experts) no task has frozen: what later tasks can still
+        train, the price of a freeze policy."""
+        flags: dict[str, list] = {}
+        for name, layer in self.moe.moe_layers().items():
+            flags.setdefault(tower_of(name), []).append(layer.moe_lora_frozen_by[self.moe._adapter()] < 0)
+        return {tower: float(torch.cat(values).float().mean()) for tower, values in flags.items()}
+
     def diagnostics(self) -> dict:
-        return {"routing_report": self.routing_reports} if self.routing_reports else {}
+        if not self.routing_reports:
+            return {}
+        return {"routing_report": self.routing_reports, "trainable_experts": self.trainable_experts}
 
     def restore_diagnostics(self, diagnostics: dict) -> None:
         self.routing_reports = list(diagnostics.get("routing_report", []))
+        self.trainable_experts = list(diagnostics.get("trainable_experts", []))
 
     # ----- classification ------------------------------------------------------------------------------------------
     def routed(self, route: Union[int, torch.Tensor]):
