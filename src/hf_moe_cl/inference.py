@@ -83,20 +83,27 @@ class TaskAgnosticClassifier:
         """As `__call__`, for a batch of CLIP pixel values."""
         pixels = pixels.to(self.device)
         routes, untouched = self.method.select_routes(self.core, pixels)
+        unknown = int((routes.selected == ZERO_SHOT).sum())
+        if unknown and not candidate_labels:
+            raise ValueError(f"{unknown} image(s) are not from any task this model learned; pass "
+                             "`candidate_labels` to classify them with zero-shot CLIP.")
+        embeddings = None
+        if routes.ids.shape[1] == 1 and self.method.mixed_routes:  # one routed pass for the images of every route
+            embeddings = self.core.image(pixels, routes.ids[:, 0], untouched)
         results: list[Optional[dict]] = [None] * pixels.shape[0]
         for route in routes.selected.unique().tolist():
             rows = torch.nonzero(routes.selected == route).flatten()
             if route != ZERO_SHOT:
                 info = self.tasks[route]
                 space, task = LabelSpace.of(info["classnames"], info["templates"]), info["name"]
-            elif candidate_labels:
-                space, task = LabelSpace.of(candidate_labels, templates), None
             else:
-                raise ValueError(f"{rows.numel()} image(s) are not from any task this model learned; pass "
-                                 "`candidate_labels` to classify them with zero-shot CLIP.")
-            subset = Routes(routes.ids[rows], None if routes.weights is None else routes.weights[rows],
-                            routes.fusion, routes.selected[rows])
-            scores = self.core.scores(pixels[rows], subset, space, subset_of(untouched, rows))
+                space, task = LabelSpace.of(candidate_labels, templates), None
+            if embeddings is not None:
+                scores = embeddings[rows] @ self.core.text(space, route).T
+            else:
+                subset = Routes(routes.ids[rows], None if routes.weights is None else routes.weights[rows],
+                                routes.fusion, routes.selected[rows])
+                scores = self.core.scores(pixels[rows], subset, space, subset_of(untouched, rows))
             if routes.fusion == "logits":
                 scores = torch.softmax(self.core.logit_scale * scores, dim=-1)
             best, labels = scores.max(-1)
