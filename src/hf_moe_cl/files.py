@@ -1,10 +1,15 @@
-"""Integrity checks for safetensors files, so a damaged download fails with a message instead of a parser error."""
+"""Files on disk: integrity checks for safetensors files (a damaged download fails with a message instead of a parser
+error) and atomic writes (a crash leaves the old file or the new one, never half of one)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
@@ -31,3 +36,18 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         raise ValueError(
             f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has {size}. {fix}"
         )
+
+
+@contextmanager
+def atomic_files(folder: str | os.PathLike):
+    """A staging folder inside `folder`: write files into it; when the block ends without error each one replaces
+    its namesake in `folder` by a rename, so a crash never leaves a half-written file behind."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        yield staging
+        for path in sorted(staging.iterdir()):
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

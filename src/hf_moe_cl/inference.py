@@ -7,24 +7,26 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes
+from .condu import holds_condu
 from .continual.data import to_rgb
-from .continual.methods import ContinualMethod, method_for_model
+from .continual.methods import ConDU, ContinualMethod, method_for_model
 
 
 class TaskAgnosticClassifier:
     """Classify images without a task id.
 
-    Each image goes where the method sends it (DDAS for MoE-Adapters): an image of a learned task is classified
-    among that task's class names through its model; an image the method does not recognise goes to the untouched
-    CLIP and is classified among the `candidate_labels` the caller gives. The only loop is over the distinct
-    routes chosen in a batch.
+    Each image goes where the method sends it (DDAS for MoE-Adapters, semantic voting for ConDU): an image of a
+    learned task is classified among that task's class names through its model (ConDU: the voted models
+    together); an image the method does not recognise goes to the untouched CLIP and is classified among the
+    `candidate_labels` the caller gives. The only loop is over the distinct routes chosen in a batch.
     """
 
     def __init__(self, model, processor):
         method = model if isinstance(model, ContinualMethod) else method_for_model(model)
         if not method.selects_routes:
             raise ValueError("TaskAgnosticClassifier needs a model that picks a task without a task id: a MoE-LoRA "
-                             "model with a trained DDAS selector (ContinualTrainer with DDASArguments(ddas=True)).")
+                             "model with a trained DDAS selector (ContinualTrainer with DDASArguments(ddas=True)) "
+                             "or a trained ConDU.")
         self.tasks = method.learned_tasks()
         self.method, self.processor = method, processor
         self.device = next(method.model.parameters()).device
@@ -33,12 +35,16 @@ class TaskAgnosticClassifier:
 
     @classmethod
     def from_pretrained(cls, base_model_name_or_path: str, adapter_name_or_path: str, **kwargs):
-        """Base CLIP + a published adapter folder or Hub repo that carries its DDAS selector."""
+        """Base CLIP + a published folder or Hub repo: a MoE-LoRA adapter that carries its DDAS selector, or a
+        ConDU save (unified model + task triggers)."""
         from peft import PeftModel
         from transformers import CLIPModel, CLIPProcessor
 
         base = CLIPModel.from_pretrained(base_model_name_or_path, **kwargs)
-        model = PeftModel.from_pretrained(base, adapter_name_or_path)
+        if holds_condu(adapter_name_or_path):
+            model = ConDU.from_pretrained(adapter_name_or_path, base)
+        else:
+            model = PeftModel.from_pretrained(base, adapter_name_or_path)
         return cls(model, CLIPProcessor.from_pretrained(base_model_name_or_path))
 
     def __call__(self, images: Sequence[Any], candidate_labels: Optional[Sequence[str]] = None,
