@@ -1,12 +1,18 @@
-"""Task-agnostic inference cost: DDAS + per-image routed MoE-Adapters against plain CLIP on the same batch.
+"""Task-agnostic inference cost: MoE-Adapters + DDAS against plain CLIP, on the same batch, in one run.
 
-    python benchmarks/inference_cost.py [--assets_dir ../shared/assets] [--batch_size 64] [--repeats 30]
+    python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 [--repeats 10] [--unseen 0.5]
+    python benchmarks/inference_cost.py --model proxy-clip --batch_size 64
+    python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 --device cuda
 
-Both sides classify the same preprocessed batch (mixed images of the six mini-MTIL tasks): plain CLIP computes
-image features and scores them against one task's class prompts; the task-agnostic side computes DDAS features,
-picks a router per image, runs the routed forward pass and scores each image against its task's prompts. Timings
-are medians of interleaved repeats. DDAS features come from the untouched CLIP: its full image embedding
-(`--feature_layer` unset, the default) or the tokens after the first k vision blocks (cheaper).
+The batch mixes images of six tasks; a share `--unseen` of them comes from tasks the model never learned. DDAS is
+fitted so that it sends those to zero-shot CLIP and the others to their task's router. Plain CLIP encodes the
+batch and scores it against one task's class prompts; the task-agnostic side computes DDAS features, picks a route
+per image, finishes the untouched pass for zero-shot images and runs the routed pass for the others only, then
+scores each image against its task's prompts (text features are cached per route, as in a served model). The
+DDAS feature sources compared: CLIP after 1 block (the untouched pass is then finished for zero-shot images), the
+final CLIP embedding (the whole untouched pass, reused for zero-shot images) and AlexNet (the official extractor,
+random weights: its cost, not its decisions). Medians of interleaved repeats; random images of the model's size
+(ViT-B/16 scale) or real mini-MTIL images (proxy scale).
 """
 
 from __future__ import annotations
@@ -17,40 +23,52 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from datasets import load_from_disk
+from models import MODELS, load_model
 from peft import get_peft_model
-from transformers import CLIPModel, CLIPProcessor
+from transformers import CLIPProcessor
 
 from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.classification import text_embeddings
-from hf_moe_cl.continual.methods import MoEAdapters
+from hf_moe_cl.classification import image_embeddings, text_embeddings
+from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.presets import MINI_TASKS
+from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES
+
+TASKS = len(MINI_TASKS)
 
 
-def mixed_batch(root, processor, batch_size):
+def batch_pixels(root, processor, model, batch_size):
+    if model.config.vision_config.image_size != processor.image_processor.crop_size["height"]:
+        size = model.config.vision_config.image_size
+        return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     images = []
     for index in range(batch_size):
-        task = MINI_TASKS[index % len(MINI_TASKS)]
-        split = load_from_disk(str(root / "mini-mtil" / task))["test"]
-        images.append(split[index // len(MINI_TASKS)]["image"].convert("RGB"))
+        split = load_from_disk(str(root / "mini-mtil" / MINI_TASKS[index % TASKS]))["test"]
+        images.append(split[index // TASKS]["image"].convert("RGB"))
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-def routed_classifier(base, processor, root, pixels, feature_layer):
-    """A MoE model with six task routers and a DDAS selector fitted on the batch's own features."""
-    model = get_peft_model(base, MoELoraConfig(num_tasks=len(MINI_TASKS))).eval()
-    width = base.config.projection_dim if feature_layer is None else 2 * base.config.vision_config.hidden_size
-    selector = model.base_model.enable_selector(SelectorConfig(feature_dim=width, feature_layer=feature_layer))
-    method = MoEAdapters(model)
+def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, device="cpu"):
+    """A six-task MoE model whose DDAS selector sends the `seen` images to their task and the others to zero-shot."""
+    model = get_peft_model(base, MoELoraConfig(num_tasks=TASKS)).eval()
+    if extractor == "alexnet":
+        settings = SelectorConfig(feature_dim=ALEXNET_FEATURES, sigmoid_output=True, standardize=False,
+                                  feature_extractor="alexnet")
+    else:
+        width = base.config.projection_dim if layer is None else 2 * base.config.vision_config.hidden_size
+        settings = SelectorConfig(feature_dim=width, feature_layer=layer)
+    selector = model.base_model.enable_selector(settings)
+    model.to(device)
+    method = MoEAdapters(model, ddas=DDASArguments(ddas_alexnet_weights=None))  # AlexNet's cost, random weights
     features = method.selector_features(pixels)[0]
-    selector.fit_reference(features, steps=50)
-    per_task = features.shape[0] // len(MINI_TASKS)
-    for task in range(len(MINI_TASKS)):
-        selector.fit_task(task, features[task::len(MINI_TASKS)][:per_task], steps=50, threshold=float("inf"))
+    # Fitted on the batch itself, so the decisions are as wanted whatever the (random) weights.
+    selector.fit_reference(features[~seen], steps=300, lr=1e-2)
+    for task in range(TASKS):
+        rows = torch.nonzero(seen & (torch.arange(len(seen), device=seen.device) % TASKS == task)).flatten()
+        selector.fit_task(task, features[rows], steps=300, lr=1e-2, threshold=float("inf"))
+    meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
     for task, name in enumerate(MINI_TASKS):
-        meta = json.loads((root / "mini-mtil" / name / "task.json").read_text())
         model.base_model.set_task_info(task, name, meta["classnames"], meta["templates"])
     return TaskAgnosticClassifier(method, processor)
 
@@ -58,54 +76,60 @@ def routed_classifier(base, processor, root, pixels, feature_layer):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets_dir", default=None)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--model", choices=MODELS, default="proxy-clip")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--unseen", type=float, default=0.5, help="share of the batch from unlearned tasks")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu (the target's setting) or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
     root = assets_dir(args.assets_dir)
     processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
-    plain = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32).eval()
-    pixels = mixed_batch(root, processor, args.batch_size)
+    device = torch.device(args.device)
+    plain = load_model(args.model, root).eval().to(device)
+    pixels = batch_pixels(root, processor, plain, args.batch_size).to(device)
+    seen = (torch.arange(args.batch_size) >= int(round(args.unseen * args.batch_size))).to(device)
     meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
-    text = text_embeddings(plain, processor.tokenizer, meta["classnames"], meta["templates"], "cpu")
+    labels = meta["classnames"]
+    text = text_embeddings(plain, processor.tokenizer, labels, meta["templates"], device)
 
     @torch.no_grad()
     def plain_clip():
-        image = F.normalize(plain.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-        return (image @ text.T).argmax(-1)
+        return (image_embeddings(plain, pixels) @ text.T).argmax(-1)
 
     candidates = {"plain CLIP": plain_clip}
-    for layer in (None, 1, 2):
-        base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
-        classifier = routed_classifier(base, processor, root, pixels, layer)
-        label = "final embedding" if layer is None else f"after {layer} block(s)"
-        candidates[f"DDAS ({label}) + MoE"] = (
-            lambda c=classifier: c.classify(pixels, candidate_labels=meta["classnames"])
-        )
-    routes = torch.arange(pixels.shape[0]) % len(MINI_TASKS)
+    routed_share = {}
+    for label, extractor, layer in (("DDAS (CLIP after 1 block)", "clip", 1),
+                                    ("DDAS (CLIP final embedding)", "clip", None),
+                                    ("DDAS (AlexNet, official)", "alexnet", None)):
+        classifier = task_agnostic(load_model(args.model, root), processor, root, pixels, seen, extractor, layer,
+                                   device)
+        routes = classifier.method.select_routes(classifier.core, pixels)[0].selected
+        routed_share[label] = float((routes >= 0).float().mean())
+        candidates[f"{label} + MoE"] = lambda c=classifier: c.classify(pixels, candidate_labels=labels)
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    @torch.no_grad()
-    def routed_only(c=classifier):
-        with c.method.routed(routes):
-            image = F.normalize(c.method.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-        return (image @ text.T).argmax(-1)
-
-    candidates["MoE routed forward only (routes given)"] = routed_only
     times = {name: [] for name in candidates}
     for run in candidates.values():
         run()
     for _ in range(args.repeats):
         for name, run in candidates.items():
+            synchronize()
             start = time.perf_counter()
             run()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     plain_ms = 1000 * statistics.median(times["plain CLIP"])
-    print(f"batch {args.batch_size}, median of {args.repeats} interleaved repeats (proxy-clip, CPU)")
-    print(f"{'pipeline':40s} {'ms':>8s} {'ratio':>6s}")
+    print(f"model={args.model} batch={args.batch_size} unseen={args.unseen:.0%} "
+          f"(median of {args.repeats} interleaved repeats, {device.type})")
+    print(f"{'pipeline':42s} {'ms':>8s} {'/ plain':>8s} {'routed':>7s}")
     for name, values in times.items():
         ms = 1000 * statistics.median(values)
-        print(f"{name:40s} {ms:8.1f} {ms / plain_ms:6.2f}")
-    print("target: task-agnostic / plain CLIP <= 1.15")
+        share = routed_share.get(name.removesuffix(" + MoE"))
+        print(f"{name:42s} {ms:8.1f} {ms / plain_ms:8.2f} {'' if share is None else f'{share:.0%}':>7s}")
+    print("target: task-agnostic / plain CLIP <= 1.15 at ViT-B/16 scale")
 
 
 if __name__ == "__main__":

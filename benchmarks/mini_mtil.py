@@ -3,9 +3,10 @@
     python benchmarks/mini_mtil.py [--steps_per_task 200] [--assets_dir ../shared/assets] [--output_dir runs/mini]
     python benchmarks/mini_mtil.py --methods condu [--condu_rescaler paper] [--condu_prototypes image] ...
 
-Prints Transfer / Average / Last per method (ZSCL definitions) and the zero-shot accuracy per task, and writes
-each method's accuracy matrix, metrics and heatmap under output_dir/<method>/ plus results.md. Every option of
-`ConDUArguments` is a flag (defaults: the official code's).
+Prints Transfer / Average / Last (ZSCL definitions) and backward transfer per method and the zero-shot accuracy
+per task, and writes each method's report (`write_result_report`: per matrix kind the matrix, metrics, forgetting
+and heatmap, the route selection of task-agnostic kinds) under output_dir/<method>/ plus results.md. Every option
+of `ConDUArguments` is a flag (defaults: the official code's); ConDU's storage is reported beside its metrics.
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
+from hf_moe_cl.benchmark.metrics import task_drops
 from hf_moe_cl.presets import mini_mtil_tasks
-from hf_moe_cl.benchmark.reporting import markdown_table, write_report
+from hf_moe_cl.benchmark.reporting import (
+    METRIC_COLUMNS,
+    markdown_table,
+    selection_summary,
+    selection_table,
+    write_result_report,
+)
 from hf_moe_cl.continual import ContinualTrainingArguments
-from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments
+from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, MoEAdaptersArguments
+from hf_moe_cl.files import write_text_atomic
 
 
 def storage_lines(condu: dict) -> list[str]:
@@ -45,24 +54,30 @@ def storage_lines(condu: dict) -> list[str]:
     return lines + [""]
 
 
-def summary(header, names, rows, matrices, seconds, selections, condu=None) -> str:
-    """The Markdown report: metrics per method, zero-shot per task, task selection without task ids, ConDU's
-    storage, run times."""
-    lines = [header, "", markdown_table(rows), ""]
+def summary(header, names, rows, matrices, seconds, selections, leaks, condu=None) -> str:
+    """The Markdown report: metrics per method, zero-shot per task, the drop per task, task selection without task
+    ids, the routing leak after the last task, ConDU's storage, run times."""
+    lines = [header, "", markdown_table(rows, METRIC_COLUMNS), ""]
+    lines += ["Drop per task (accuracy right after its training minus after the last task):", "",
+              "| method | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    lines += [f"| {method} | " + " | ".join(f"{d:.1f}" for d in task_drops(matrix)) + " |"
+              for method, matrix in matrices.items() if all(v is not None for row in matrix for v in row)]
+    lines.append("")
+    for method, (report, trainable) in leaks.items():
+        lines += [f"Routing leak after the last task ({method}): share of each task's evaluation-time expert "
+                  "selections on experts still trainable (vision / text)", "",
+                  "| " + " | ".join(report) + " |", "|" + " ---: |" * len(report),
+                  "| " + " | ".join(f"{100 * r['vision']['trainable']:.1f} / {100 * r['text']['trainable']:.1f}"
+                                    for r in report.values()) + " |", "",
+                  f"Expert slots still trainable after the last task ({method}): vision "
+                  f"{100 * trainable['vision']:.1f} %, text {100 * trainable['text']:.1f} %", ""]
     if "zero-shot" in matrices:
         lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
                   "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
     for method, stages in selections.items():
         lines += [f"Task selection without task ids after the last task ({method}): rows = images of a task, columns "
                   "= where the method sent them (% of the task's test images)", "",
-                  "| images of | zero-shot | " + " | ".join(names) + " | correct |",
-                  "| --- |" + " ---: |" * (len(names) + 2)]
-        for j, counts in enumerate(stages[-1]):
-            share = [100.0 * c / sum(counts) for c in counts]
-            lines.append(f"| {names[j]} | " + " | ".join(f"{s:.1f}" for s in share) + f" | {share[j + 1]:.1f} |")
-        unseen = [stages[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
-        to_zero_shot = 100.0 * sum(c[0] for c in unseen) / sum(sum(c) for c in unseen)
-        lines += ["", f"Images of tasks not yet learned sent to zero-shot CLIP: {to_zero_shot:.1f} %", ""]
+                  selection_table(selection_summary(stages, names), names), ""]
     if condu:
         lines += storage_lines(condu)
     lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
@@ -87,6 +102,11 @@ def main():
                         "task-agnostic matrix, DDAS's task confusion and the unseen-task share sent to zero-shot")
     parser.add_argument("--ddas_feature_layer", type=int, default=None)
     parser.add_argument("--ddas_task_steps", type=int, default=300, help="paper: 300")
+    parser.add_argument("--num_experts", type=int, default=22, help="MoE-Adapters (Park 2024's merging: 55)")
+    parser.add_argument("--freeze_policy", default="top_k", help="MoE-Adapters: 'top_k' (paper) or 'coverage'")
+    parser.add_argument("--freeze_coverage", type=float, default=1.0)
+    parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer trains and evaluates")
     condu_args, args = parser.parse_args_into_dataclasses()
 
     root = assets_dir(args.assets_dir)
@@ -95,46 +115,51 @@ def main():
     tasks = mini_mtil_tasks(root)
     reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
-             "individual-finetune": args.lr_full, "zero-shot": 0.0,
+             "individual-finetune": args.lr_full, "zero-shot": args.lr_full,
              "condu": args.lr_condu or (args.lr_lora if condu_args.condu_fine_tune == "lora" else args.lr_full)}
-    rows, matrices, seconds, selections, condu = {}, {}, {}, {}, None
+    rows, matrices, seconds, selections, leaks, condu = {}, {}, {}, {}, {}, None
     for method in args.methods.split(","):
         start = time.perf_counter()
         training = ContinualTrainingArguments(
             output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
-            warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=True,
-            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, disable_tqdm=True,
+            warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=args.device == "cpu",
+            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
             logging_strategy="no", save_task_checkpoints=False, seed=0,
         )
         ddas = DDASArguments(ddas=args.task_agnostic, ddas_feature_layer=args.ddas_feature_layer,
                              ddas_task_steps=args.ddas_task_steps)
+        moe = MoEAdaptersArguments(num_experts=args.num_experts, freeze_policy=args.freeze_policy,
+                                   freeze_coverage=args.freeze_coverage, merge_experts_every=args.merge_experts_every)
         result = run_method(MethodArguments(method=method), base, processor, tasks, training,
-                            options=(ddas, condu_args), reference_images=reference)
-        condu = result.diagnostics.get("condu", condu)
-        rows[method] = write_report(Path(args.output_dir) / method, method, result.task_names, result.accuracy_matrix)
-        matrices[method] = result.accuracy_matrix
-        if result.task_agnostic_matrix is not None:
-            agnostic = f"{method} task-agnostic ({'voting' if method == 'condu' else 'DDAS'})"
-            rows[agnostic] = write_report(Path(args.output_dir) / f"{method}-task-agnostic", agnostic,
-                                          result.task_names, result.task_agnostic_matrix)
-            matrices[agnostic] = result.task_agnostic_matrix
+                            options=(ddas, moe, condu_args),
+                            reference_images=reference)
+        reported = write_result_report(Path(args.output_dir) / method, result, method)
+        for kind, label in (("protocol", "task-agnostic, one decision per batch"),
+                            ("per_image", "task-agnostic, per image"), ("oracle", None)):
+            if kind in result.matrices:
+                name = method if label is None else f"{method} ({label})"
+                rows[name], matrices[name] = reported[kind], result.matrices[kind]
+        if "per_image" in result.matrices:
             selections[method] = result.diagnostics["route_histogram"]["per_image"]
+        condu = result.diagnostics.get("condu", condu)
+        if "routing_report" in result.diagnostics:
+            leaks[method] = (result.diagnostics["routing_report"][-1], result.diagnostics["trainable_experts"][-1])
         seconds[method] = time.perf_counter() - start
         print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
 
     names = [task.name for task in tasks]
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "results.json").write_text(json.dumps({"tasks": names, "matrices": matrices,
-                                                                      "metrics": rows, "seconds": seconds,
-                                                                      "route_histogram": selections,
-                                                                      "condu": condu}))
-    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, learning rates: "
+    results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections,
+               "routing_report": {m: leak for m, (leak, _) in leaks.items()},
+               "trainable_experts": {m: trainable for m, (_, trainable) in leaks.items()}, "condu": condu}
+    write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
+    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, "
+              "learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
     if "condu" in seconds:
         header += "; ConDU: " + ", ".join(f"{k[len('condu_'):]}={v}" for k, v in dataclasses.asdict(condu_args).items())
-    report = summary(header, names, rows, matrices, seconds, selections, condu)
+    report = summary(header, names, rows, matrices, seconds, selections, leaks, condu)
     print(report)
-    (Path(args.output_dir) / "results.md").write_text(report + "\n")
+    write_text_atomic(Path(args.output_dir) / "results.md", report + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Everything is measured in one run on the same batch, so the printed ratios compare like with like:
     python benchmarks/step_time.py [--assets_dir ../shared/assets] [--batch_size 64] [--steps 20] [--device cpu]
 --model vit-b16-random times a randomly initialised CLIP of the paper's size (use a small --batch_size on CPU).
-On CUDA, memory is the peak allocated; on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
+On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
+included, the other models' not); on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from models import MODELS, load_model, vit_b16_config
+from transformers import CLIPModel, CLIPTokenizer
 
 from hf_moe_cl import MoELoraConfig
 from hf_moe_cl.assets import assets_dir
@@ -32,9 +34,13 @@ def make_batch(path, batch_size, image_size, device):
     return pixels, text, labels
 
 
+AUTOCAST = {"enabled": False}
+
+
 def train_step(model, optimizer, pixels, text, labels):
-    image = model.get_image_features(pixel_values=pixels).pooler_output
-    texts = model.get_text_features(**text).pooler_output
+    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=AUTOCAST["enabled"]):
+        image = model.get_image_features(pixel_values=pixels).pooler_output.float()
+        texts = model.get_text_features(**text).pooler_output.float()
     image = torch.nn.functional.normalize(image, dim=-1)
     texts = torch.nn.functional.normalize(texts, dim=-1)
     logits = model.logit_scale.exp() * image @ texts.T
@@ -44,13 +50,20 @@ def train_step(model, optimizer, pixels, text, labels):
     optimizer.zero_grad(set_to_none=True)
 
 
+def resident_bytes(model, optimizer):
+    """Parameters and optimizer state of one model: what it holds on the device between steps."""
+    state = [t for entry in optimizer.state.values() for t in entry.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *state])
+
+
 def training_memory(model, optimizer, batch, device):
-    if device.type == "cuda":
+    if device.type == "cuda":  # the other models on the device cancel out: peak minus before, plus this one's own
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         train_step(model, optimizer, *batch)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - before + resident_bytes(model, optimizer)
     saved = []
 
     def pack(tensor):
@@ -98,15 +111,6 @@ def measure_all(models, batch, steps, device):
     }
 
 
-def vit_b16_config():
-    return CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16),
-        projection_dim=512,
-    )
-
-
 def paper_parameter_count():
     """Trainable MoE parameters of the paper's setting (ViT-B/16 CLIP, 11 tasks) on a locally built config."""
     with torch.device("meta"):
@@ -121,20 +125,19 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the weights stay fp32, as Trainer's)")
     parser.add_argument(
         "--model",
-        choices=["proxy-clip", "vit-b16-random"],
+        choices=MODELS,
         default="proxy-clip",
         help="proxy-clip from the assets, or a randomly initialised ViT-B/16-sized CLIP (timings only)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
+    AUTOCAST["enabled"] = args.bf16
     device = torch.device(args.device)
     path = assets_dir(args.assets_dir)
-    if args.model == "proxy-clip":
-        base = CLIPModel.from_pretrained(path / "proxy-clip", dtype=torch.float32)
-    else:
-        base = CLIPModel(vit_b16_config())
+    base = load_model(args.model, path)
     batch = make_batch(path, args.batch_size, base.config.vision_config.image_size, device)
     linear_targets = ["q_proj", "v_proj"]
     candidates = {
@@ -153,7 +156,7 @@ def main():
     }
     results = measure_all({name: build() for name, build in candidates.items()}, batch, args.steps, device)
     print(f"model={args.model} device={device} batch={args.batch_size} rank={args.rank} steps={args.steps} "
-          "(median step time, models interleaved)")
+          f"precision={'bf16 autocast' if args.bf16 else 'fp32'} (median step time, models interleaved)")
     print(f"{'method':34s} {'trainable':>10s} {'step ms':>9s} {'memory MiB':>11s}")
     for r in results.values():
         print(f"{r['name']:34s} {r['trainable']:10,d} {1000 * r['step_s']:9.1f} {r['memory'] / 2**20:11.1f}")

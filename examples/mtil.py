@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Continual learning of CLIP on MTIL (or a variant) with one method, through `ContinualTrainer`.
 
+    accelerate launch examples/mtil.py --preset mtil-order-1 --check_data           # the data first
     accelerate launch examples/mtil.py --preset mtil-order-1 --method moe-adapters --output_dir runs/order1
     python examples/mtil.py --preset mini --method moe-adapters --output_dir runs/mini --use_cpu
-    python examples/mtil.py config.yaml            # the same arguments from a YAML or JSON file
+    python examples/mtil.py config.yaml [--max_steps 50 ...]   # arguments from YAML or JSON, overridable
 
-After the run, `output_dir` holds accuracy_matrix.json/.csv, metrics.md (Transfer / Average / Last) and
-accuracy_matrix.png, plus one checkpoint folder per task (`--resume` continues after the last finished one).
+A preset is an official experiment (tasks, steps, batch size, schedule, DDAS); every argument you give wins over the
+preset's value. After the run, `output_dir` holds the report (one folder per matrix: protocol, per_image, oracle;
+metrics.md with Transfer / Average / Last / BWT) and one checkpoint folder per task (`--resume` continues after the
+last finished one). `--help` lists this script's options; `--help_all` adds every `TrainingArguments` option.
 """
 
 from __future__ import annotations
@@ -18,141 +21,179 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import torch
+import transformers
+import yaml
 from datasets import load_dataset, load_from_disk
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
+from hf_moe_cl.benchmark.experiment import MethodArguments, prepare_method
 from hf_moe_cl.benchmark.metrics import class_incremental_metrics
-from hf_moe_cl.presets import (
-    MTIL_DATASETS,
-    MTIL_ORDER_I,
-    MTIL_ORDER_II,
-    class_incremental_tasks,
-    hub_task,
-    mini_mtil_tasks,
-)
-from hf_moe_cl.benchmark.reporting import write_report
-from hf_moe_cl.continual import ContinualTrainingArguments
+from hf_moe_cl.benchmark.recipes import TINY_IMAGENET, apply_recipe
+from hf_moe_cl.benchmark.reporting import write_result_report
+from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments
+from hf_moe_cl.data.check import check_data
+from hf_moe_cl.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
+from hf_moe_cl.publishing import push_to_hub
 
-logger = logging.getLogger(__name__)
-
-PRESETS = {
-    # name: (tasks, default steps per task, few-shot)
-    "mtil-order-1": (MTIL_ORDER_I, 1000, None),
-    "mtil-order-2": (MTIL_ORDER_II, 1000, None),
-    "fewshot-mtil-order-1": (MTIL_ORDER_I, 500, 5),
-    "fewshot-mtil-order-2": (MTIL_ORDER_II, 500, 5),
-    "cifar100-cil-10": (10, 1000, None),
-    "cifar100-cil-20": (20, 1000, None),
-    "cifar100-cil-50": (50, 1000, None),
-    "mini": (None, 200, None),
-}
+logger = logging.getLogger("hf_moe_cl")
 HUB_CLIP = "openai/clip-vit-base-patch16"
-CIL_EXPERTS = 2  # the paper's class-incremental setting: 2 experts, one router, no freezing
+
+# TrainingArguments this script has its own way for (refused) or does not use (a warning when you set them).
+REFUSED = {"resume_from_checkpoint": "use --resume, which continues after the last finished task",
+           "load_best_model_at_end": "every task keeps its own checkpoint; there is no best one to reload"}
+UNUSED = {"do_train", "do_eval", "do_predict", "eval_strategy", "eval_steps", "save_steps", "metric_for_best_model"}
 
 
 @dataclass
 class ExperimentArguments:
+    """Which experiment to run, on what data."""
+
     preset: str = field(default="mini", metadata={"help": f"One of {', '.join(PRESETS)}."})
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": f"Base CLIP; default {HUB_CLIP}, or the assets' proxy-clip for `mini`."}
     )
-    assets_dir: Optional[str] = field(default=None, metadata={"help": "Shared assets (default ../shared/assets)."})
-    steps_per_task: Optional[int] = field(default=None, metadata={"help": "Override the preset's steps per task."})
     tasks: Optional[str] = field(default=None, metadata={"help": "Comma-separated subset/order of the preset's tasks."})
-    dataset_ids: Optional[str] = field(
-        default=None, metadata={"help": "Override Hub dataset ids: 'name=owner/id,name2=owner/id2'."}
+    data_dir: Optional[str] = field(
+        default=None, metadata={"help": "Read the datasets from torchvision folders under this path, not the Hub."}
     )
-    few_shot: int = field(default=5, metadata={"help": "Examples per class in few-shot presets."})
+    dataset_ids: Optional[str] = field(
+        default=None, metadata={"help": "Other Hub copies, e.g. 'cifar100=my/cifar100,dtd=my/dtd'."}
+    )
+    assets_dir: Optional[str] = field(default=None, metadata={"help": "Shared assets (default ../shared/assets)."})
+    check_data: bool = field(
+        default=False, metadata={"help": "Only check the preset's data (splits, sizes, classes) and print a table."}
+    )
     resume: bool = field(default=False, metadata={"help": "Continue after the last finished task in output_dir."})
     ddas_reference: Optional[str] = field(
         default=None,
-        metadata={"help": "With --ddas: reference images (a saved dataset folder or a Hub dataset id with an image "
-                  "column); default for `mini`: the assets' reference/tinyimagenet-ref."},
+        metadata={"help": f"DDAS reference images: a saved dataset folder or a Hub dataset id with an image column "
+                  f"(default: {TINY_IMAGENET}, the assets' reference/tinyimagenet-ref for `mini`)."},
+    )
+    hub_dry_run_dir: Optional[str] = field(
+        default=None, metadata={"help": "Write what --push_to_hub would upload into this (new) folder, upload nothing."}
     )
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
+        get_preset(self.preset)
 
 
-ARGUMENT_GROUPS = (ExperimentArguments, MethodArguments, MoEAdaptersArguments, DDASArguments, LoRAArguments,
-                   ConDUArguments, ContinualTrainingArguments)
+LIBRARY_GROUPS = (ExperimentArguments, MethodArguments, MoEAdaptersArguments, DDASArguments, LoRAArguments,
+                  ConDUArguments)
 
 
-def parse_args():
-    parser = HfArgumentParser(ARGUMENT_GROUPS)
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(sys.argv[1])
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(sys.argv[1])
-    return parser.parse_args_into_dataclasses()
+def explicit_fields(argv: list[str]) -> set[str]:
+    """Names of the options given on the command line (`--name value`, `--name=value`, `--name`, `--no_name`)."""
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return names | {name[3:] for name in names if name.startswith("no_")}
 
 
-def build_tasks(experiment: ExperimentArguments, seed: int):
-    names, _, few_shot = PRESETS[experiment.preset]
-    if experiment.preset == "mini":
-        selected = experiment.tasks.split(",") if experiment.tasks else None
-        return mini_mtil_tasks(assets_dir(experiment.assets_dir), selected)
-    if isinstance(names, int):
-        spec = MTIL_DATASETS["cifar100"]
-        data = load_dataset(spec.hub_id).rename_columns({spec.image_column: "image", spec.label_column: "label"})
-        classnames = [n.replace("_", " ") for n in data["train"].features["label"].names]
-        return class_incremental_tasks(data["train"], data["test"], classnames, steps=names)
-    overrides = dict(item.split("=", 1) for item in experiment.dataset_ids.split(",")) if experiment.dataset_ids else {}
-    selected = experiment.tasks.split(",") if experiment.tasks else names
-    shots = experiment.few_shot if few_shot else None
-    return [hub_task(name, hub_id=overrides.get(name), few_shot=shots, seed=seed) for name in selected]
+def config_as_argv(path: str) -> list[str]:
+    """A YAML or JSON file of arguments as command-line arguments, so options after it override it."""
+    values = yaml.safe_load(Path(path).read_text()) if path.endswith((".yaml", ".yml")) else json.loads(
+        Path(path).read_text())
+    argv = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        values_out = value if isinstance(value, list) else [json.dumps(value) if isinstance(value, dict) else value]
+        argv += [f"--{name}", *[str(v).lower() if isinstance(v, bool) else str(v) for v in values_out]]
+    return argv
 
 
-def main():
-    experiment, method_args, moe_args, ddas_args, lora_args, condu_args, training_args = parse_args()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    _, default_steps, _ = PRESETS[experiment.preset]
-    training_args.max_steps = experiment.steps_per_task or default_steps
-    class_incremental = experiment.preset.startswith("cifar100-cil")
-    if class_incremental:
-        moe_args.shared_router = True
-        training_args.evaluate_all_tasks = False
-        if moe_args.num_experts == MoEAdaptersArguments.num_experts:
-            moe_args.num_experts = CIL_EXPERTS
+def parse_args(argv: list[str]):
+    library = HfArgumentParser(LIBRARY_GROUPS, usage="%(prog)s [config.yaml|config.json] [--option value ...]")
+    if "-h" in argv or "--help" in argv:
+        library.print_help()
+        print("\nTraining arguments: the ContinualTrainingArguments (a transformers TrainingArguments), e.g. "
+              "--output_dir, --max_steps (steps per task), --learning_rate, --per_device_train_batch_size, --seed, "
+              "--bf16, --log_level, --push_to_hub, --hub_model_id; --help_all lists them all.")
+        sys.exit(0)
+    parser = HfArgumentParser(LIBRARY_GROUPS + (ContinualTrainingArguments,))
+    if "--help_all" in argv:
+        parser.print_help()
+        sys.exit(0)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_as_argv(argv[0]) + argv[1:]
+    *groups, training = parser.parse_args_into_dataclasses(args=argv)
+    explicit = explicit_fields(argv)
+    for name in sorted(explicit & set(REFUSED)):
+        parser.error(f"--{name} is not used by this script: {REFUSED[name]}.")
+    ignored = sorted(explicit & UNUSED)
+    if ignored:
+        logger.warning("Ignoring %s: this script trains and evaluates every task itself.",
+                       ", ".join(f"--{name}" for name in ignored))
+    return groups, training, explicit
+
+
+def setup_logging(training: ContinualTrainingArguments) -> None:
+    """As transformers' examples: info on the main process unless --log_level says otherwise."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
+    if training.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    level = training.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def reference_images(experiment: ExperimentArguments):
+    source = experiment.ddas_reference
+    if source is None:
+        is_mini = get_preset(experiment.preset).name == "mini"
+        source = str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if is_mini else TINY_IMAGENET
+    return load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
+
+
+def main(argv: Optional[list[str]] = None):
+    groups, training, explicit = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(training)
+    experiment, method_args, moe_args, ddas_args, lora_args, condu_args = groups
+    preset = get_preset(experiment.preset)
+    moe_args, ddas_args, training = apply_recipe(preset, (moe_args, ddas_args, training), explicit)
+    names = experiment.tasks.split(",") if experiment.tasks else None
+    hub_ids = dict(item.split("=", 1) for item in experiment.dataset_ids.split(",")) if experiment.dataset_ids else None
+    if experiment.check_data:
+        print(check_data(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names,
+                         assets=experiment.assets_dir).markdown())
+        return
 
     model_path = experiment.model_name_or_path
     if model_path is None:
-        model_path = str(assets_dir(experiment.assets_dir) / "proxy-clip") if experiment.preset == "mini" else HUB_CLIP
+        model_path = str(assets_dir(experiment.assets_dir) / "proxy-clip") if preset.name == "mini" else HUB_CLIP
     base = CLIPModel.from_pretrained(model_path, dtype=torch.float32)
     processor = CLIPProcessor.from_pretrained(model_path)
-    tasks = build_tasks(experiment, training_args.seed)
-    logger.info("preset %s, method %s, %d tasks: %s", experiment.preset, method_args.method, len(tasks),
-                [t.name for t in tasks])
-
-    reference = None
-    if ddas_args.ddas:
-        source = experiment.ddas_reference or str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref")
-        reference = load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
-    result = run_method(method_args, base, processor, tasks, training_args, resume=experiment.resume,
-                        options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
-    if not training_args.process_index == 0:
+    tasks = preset_tasks(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names, seed=training.seed,
+                         assets=experiment.assets_dir)
+    logger.info("preset %s, method %s, %d tasks: %s", preset.name, method_args.method, len(tasks),
+                ", ".join(t.name for t in tasks))
+    reference = reference_images(experiment) if ddas_args.ddas and method_args.method == "moe-adapters" else None
+    method, training = prepare_method(method_args, base, tasks, training,
+                                      options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
+    trainer = ContinualTrainer(method=method, args=training, processing_class=processor)
+    result = trainer.train_tasks(tasks, resume=experiment.resume)
+    if not trainer.is_world_process_zero():
         return
-    output = Path(training_args.output_dir)
-    if class_incremental:
+    output = Path(training.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if isinstance(preset, ClassIncrementalPreset):
         steps = [result.accuracy_matrix[i][i] for i in range(len(tasks))]
         metrics = class_incremental_metrics(steps)
-        output.mkdir(parents=True, exist_ok=True)
         (output / "class_incremental.json").write_text(json.dumps({"step_accuracy": steps, "metrics": metrics}))
     else:
-        metrics = write_report(output, method_args.method, result.task_names, result.accuracy_matrix)
+        metrics = write_result_report(output, result, method_args.method)
         print((output / "metrics.md").read_text())
-        if result.task_agnostic_matrix is not None:
-            agnostic = write_report(output / "task_agnostic", f"{method_args.method} task-agnostic",
-                                    result.task_names, result.task_agnostic_matrix)
-            metrics.update({f"task_agnostic_{name}": value for name, value in agnostic.items()})
-        print(json.dumps({"tasks": result.task_names, "accuracy_matrix": result.accuracy_matrix}, indent=1))
-    print(json.dumps({"method": method_args.method, **metrics}))
+    if training.push_to_hub or experiment.hub_dry_run_dir:
+        repo_id = training.hub_model_id or output.name
+        where = push_to_hub(method, repo_id, result, tasks=tasks, token=training.hub_token,
+                            private=bool(training.hub_private_repo), dry_run_dir=experiment.hub_dry_run_dir,
+                            base_model=None if Path(model_path).exists() else model_path)
+        logger.info("Published to %s", where)
+    print(json.dumps({"method": method_args.method, "metrics": metrics}))
 
 
 if __name__ == "__main__":

@@ -112,3 +112,44 @@ def tiny_clip_processor(tokenizer_dir):
 @pytest.fixture
 def clip_processor(tiny_tokenizer_dir):
     return tiny_clip_processor(tiny_tokenizer_dir)
+
+
+def noise_images(n, seed):
+    """`n` images of uniform noise: images of no task."""
+    from datasets import Dataset
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
+                                        for _ in range(n)]})
+
+
+@pytest.fixture(scope="session")
+def module_processor(tmp_path_factory):
+    return tiny_clip_processor(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def ddas_run(tmp_path_factory, module_processor):
+    """One DDAS-enabled continual run (2 colour tasks, tiny CLIP) shared by the tests that only read it or save
+    copies: (model, tasks, result, folder for their files)."""
+    from peft import get_peft_model
+
+    from hf_moe_cl import MoELoraConfig
+    from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+
+    tmp_path = tmp_path_factory.mktemp("ddas")
+    tasks = [colour_task("first", n_train=40, n_eval=12, seed=0),
+             colour_task("second", n_train=40, n_eval=12, seed=1, offset=3)]
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
+    args = ContinualTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=3, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
+        per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
+        logging_strategy="no", task_agnostic_eval=True,
+    )
+    ddas = DDASArguments(ddas=True, ddas_task_steps=300, ddas_reference_steps=300, ddas_learning_rate=1e-2,
+                         ddas_hidden_dim=16, ddas_quantile=1.0)
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(60, 0))
+    result = ContinualTrainer(method=method, args=args, processing_class=module_processor).train_tasks(tasks)
+    return model, tasks, result, tmp_path

@@ -12,7 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -33,7 +32,7 @@ def main(out: str, global_batch: int) -> None:
         output_dir=os.path.join(out, "run"), max_steps=4, warmup_steps=1, learning_rate=1e-2, use_cpu=True,
         per_device_train_batch_size=global_batch, per_device_eval_batch_size=16, report_to="none",
         disable_tqdm=True, logging_strategy="no", seed=5, save_task_checkpoints=False,
-        accelerator_config={"split_batches": True},
+        accelerator_config={"split_batches": True}, train_augmentation="none",  # random crops differ per process
     )
     tasks = [colour_task("first", n_train=32, seed=0), colour_task("second", n_train=32, seed=1, offset=3)]
     method = MoEAdapters(model, MoEAdaptersArguments(merge_experts_every=3))

@@ -244,7 +244,7 @@ def test_the_same_code_classifies_without_task_ids_with_moe_ddas_or_condu(lora_r
     assert classify(ConDU.from_pretrained(path / "run" / "task-01-second", base_model=tiny_clip())) == out
     tiny_clip().save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
-    loaded = TaskAgnosticClassifier.from_pretrained(str(tmp_path / "base"), str(path / "run" / "task-01-second"))
+    loaded = TaskAgnosticClassifier.from_pretrained(str(path / "run" / "task-01-second"), str(tmp_path / "base"))
     assert loaded(images, candidate_labels=["noise"]) == out
     with pytest.raises(ValueError, match="another model"):
         ConDU.from_pretrained(path / "run" / "task-01-second", base_model=tiny_clip(vision_width=64))

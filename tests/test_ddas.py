@@ -2,24 +2,18 @@ import copy
 import json
 import math
 import os
-import shutil
-import types
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from PIL import Image
 
-import hf_moe_cl.publishing as hub
 from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier, upgrade_adapter_folder
 from hf_moe_cl.classification import image_embeddings
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.tuners.moe_lora import DistributionSelector
 
-from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
+from conftest import colour_task, noise_images, tiny_clip
 
 
 def cluster(centre, n, seed, spread=0.3):
@@ -73,38 +67,6 @@ def test_untrained_tasks_are_never_chosen_and_fixed_thresholds_apply():
         DistributionSelector(SelectorConfig(8), 1).fit_task(0, cluster(CENTRES["a"], 10, 1))
     with pytest.raises(ValueError, match="zero images"):
         selector.fit_task(1, torch.zeros(0, 8), threshold=1.0)
-
-
-def noise_images(n, seed):
-    rng = np.random.default_rng(seed)
-    return Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8))
-                                        for _ in range(n)]})
-
-
-@pytest.fixture(scope="module")
-def module_processor(tmp_path_factory):
-    return tiny_clip_processor(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
-
-
-@pytest.fixture(scope="module")
-def ddas_run(tmp_path_factory, module_processor):
-    """One DDAS-enabled continual run shared by the tests below (they only read it or save copies)."""
-    tmp_path = tmp_path_factory.mktemp("ddas")
-    clip_processor = module_processor
-    tasks = [colour_task("first", n_train=40, n_eval=12, seed=0),
-             colour_task("second", n_train=40, n_eval=12, seed=1, offset=3)]
-    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
-    args = ContinualTrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=3, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
-        per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
-        logging_strategy="no", task_agnostic_eval=True,
-    )
-    ddas = DDASArguments(ddas=True, ddas_task_steps=300, ddas_reference_steps=300, ddas_learning_rate=1e-2,
-                         ddas_hidden_dim=16, ddas_quantile=1.0)
-    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(60, 0))
-    trainer = ContinualTrainer(method=method, args=args, processing_class=clip_processor)
-    result = trainer.train_tasks(tasks)
-    return model, tasks, result, tmp_path
 
 
 def test_trainer_fits_ddas_and_fills_the_task_agnostic_matrix(ddas_run):
@@ -219,31 +181,6 @@ def test_ddas_without_reference_images_fails_before_training(tmp_path, clip_proc
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_push_to_hub_uploads_adapter_selector_and_a_model_card(ddas_run, monkeypatch):
-    model, _, result, tmp_path = ddas_run
-    uploaded = tmp_path / "uploaded"
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, **kwargs):
-            return types.SimpleNamespace(repo_id=repo_id)
-
-        def upload_folder(self, folder_path, repo_id, commit_message):
-            shutil.copytree(folder_path, uploaded)
-            return f"https://hub/{repo_id}/commit/1"
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    url = hub.push_to_hub(model, "me/continual-clip", metrics={"transfer": 12.5})
-    assert url.endswith("commit/1")
-    files = {p.name for p in uploaded.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
-    assert json.loads((uploaded / "adapter_config.json").read_text())["selector"] is not None
-    card = (uploaded / "README.md").read_text()
-    assert "**first** (3 classes): red, green, blue" in card and "| transfer | 12.50 |" in card
-
-
 HUB_LOADER = """
 import json, sys
 import torch
@@ -257,6 +194,7 @@ sources = [("main", "someone/moe-clip", {{}}), ("revision", "someone/moe-clip", 
            ("subfolder", {local!r}, {{"subfolder": "adapters/v1"}})]
 for name, source, kwargs in sources:
     model = PeftModel.from_pretrained(tiny_clip(), source, **kwargs).eval()
+    model.set_task(0)
     features = model.get_image_features(pixel_values=pixels).pooler_output
     out[name] = {{"features": features.tolist(), "thresholds": model.base_model.selector.thresholds.tolist(),
                  "num_tasks": model.base_model.num_tasks}}
@@ -301,3 +239,70 @@ def test_loading_from_a_hub_repo_id_carries_the_selector(ddas_run, tmp_path):
     assert torch.equal(torch.tensor(out["main"]["thresholds"]), thresholds)
     assert torch.equal(torch.tensor(out["subfolder"]["thresholds"]), thresholds)
     assert torch.equal(torch.tensor(out["revision"]["thresholds"]), thresholds + 1.0)
+
+
+def test_alexnet_extractor_is_torchvisions_conv5_before_relu_with_a_sigmoid(tmp_path):
+    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES, AlexNetFeatures
+
+    random = AlexNetFeatures(weights=None)
+    assert len(random.features) == 11 and isinstance(random.features[-1], torch.nn.Conv2d)  # features[:-2]
+    state = {f"features.{k}": v for k, v in random.features.state_dict().items()}
+    state["classifier.1.weight"] = torch.zeros(1)  # torchvision's file also holds the classifier: ignored
+    torch.save(state, tmp_path / "alexnet.pth")
+    loaded = AlexNetFeatures(weights=str(tmp_path / "alexnet.pth"))
+    pixels = torch.randn(2, 3, 16, 16)
+    features = loaded(pixels)
+    assert features.shape == (2, ALEXNET_FEATURES) == (2, 43264)
+    assert torch.equal(features, random(pixels)) and bool(((features > 0) & (features < 1)).all())
+    upsized = torch.nn.functional.interpolate(pixels, size=(224, 224), mode="bilinear", align_corners=False)
+    assert torch.allclose(features, torch.sigmoid(random.features(upsized).flatten(1)))
+    with pytest.raises(ValueError, match="lack"):
+        AlexNetFeatures(weights={"features.0.weight": torch.zeros(1)})
+
+
+def test_ddas_with_the_official_alexnet_setting_trains_and_routes(tmp_path, module_processor):
+    from hf_moe_cl.tuners.moe_lora.features import AlexNetFeatures
+
+    torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
+               tmp_path / "alexnet.pth")
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4))
+    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.0655, ddas_task_steps=5,
+                         ddas_reference_steps=5, ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(8, 0))
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False)
+    task = colour_task("only", n_train=8, n_eval=12)
+    result = ContinualTrainer(method=method, args=args, processing_class=module_processor).train_tasks([task])
+    selector = model.base_model.selector
+    assert selector.config.feature_extractor == "alexnet" and selector.config.sigmoid_output
+    assert not selector.config.standardize and selector.thresholds.tolist() == [pytest.approx(0.0655)]
+    assert sum(result.diagnostics["route_histogram"]["protocol"][0][0]) == 12
+
+
+def test_the_untouched_pass_begun_for_ddas_is_finished_for_zero_shot_images_only(ddas_run, module_processor):
+    """Features after one block: the zero-shot images' embeddings come from finishing that pass, bit for bit the
+    untouched model's, and a classifier built on it predicts as one that recomputes everything."""
+    model, tasks, _, _ = ddas_run
+    copied = copy.deepcopy(model)
+    settings = dict(copied.base_model.selector.config.to_dict(), feature_layer=1, feature_dim=96)
+    selector = copied.base_model.enable_selector(settings)
+    method = MoEAdapters(copied)
+    pixels = module_processor.image_processor(images=list(tasks[0].eval_dataset["image"]) +
+                                              list(noise_images(6, 3)["image"]), return_tensors="pt")["pixel_values"]
+    features = method.selector_features(pixels)[0]
+    selector.fit_reference(features[12:], steps=50, lr=1e-2)
+    selector.fit_task(0, features[:12], steps=50, lr=1e-2, threshold=float("inf"))
+    routes, untouched = method.select_routes(None, pixels)
+    zero_shot = torch.nonzero(routes.selected == -1).flatten()
+    assert 0 < zero_shot.numel() < pixels.shape[0]
+    with copied.base_model.routing(None):
+        assert torch.equal(untouched(zero_shot), image_embeddings(copied, pixels[zero_shot]))
+    out = TaskAgnosticClassifier(method, module_processor).classify(pixels, candidate_labels=["noise", "static"])
+    assert [o["task"] is None for o in out] == (routes.selected == -1).tolist()
+    copied.set_task(None)  # the same answers from a full untouched pass of the zero-shot images
+    from hf_moe_cl.classification import text_embeddings
+
+    text = text_embeddings(copied, module_processor.tokenizer, ["noise", "static"], ["a photo of a {}."], "cpu")
+    expected = (image_embeddings(copied, pixels[zero_shot]) @ text.T).argmax(-1).tolist()
+    assert [out[i]["label"] for i in zero_shot.tolist()] == [["noise", "static"][e] for e in expected]

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
 from hf_moe_cl.continual import ContinualTrainingArguments
@@ -38,21 +39,69 @@ def test_unknown_method_is_a_clear_error():
         MethodArguments(method="ewc")
 
 
+def example(*argv, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(REPO, "examples", "mtil.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
+    """A YAML config overridden on the command line; --max_steps honoured over the preset's 200; the report, the
+    task checkpoints, the library's log and a dry run of --push_to_hub."""
     model_dir = tmp_path / "model"
     tiny_clip().save_pretrained(model_dir)
     tiny_clip_processor(write_tiny_tokenizer(tmp_path)).save_pretrained(model_dir)
-    config = {"preset": "mini", "tasks": "mnist,dtd", "model_name_or_path": str(model_dir), "steps_per_task": 2,
+    config = {"preset": "mini", "tasks": "mnist,dtd", "model_name_or_path": str(model_dir), "max_steps": 50,
               "method": "moe-adapters", "num_experts": 4, "rank": 4, "output_dir": str(tmp_path / "out"),
-              "use_cpu": True, "per_device_eval_batch_size": 500, "warmup_steps": 1, "disable_tqdm": True,
-              "report_to": "none"}
-    config_file = tmp_path / "run.json"
-    config_file.write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "mtil.py"), str(config_file)],
-                            capture_output=True, text=True, timeout=600)
+              "use_cpu": True, "per_device_eval_batch_size": 500, "warmup_steps": 1, "report_to": "none",
+              "check_images": False}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    result = example(config_file, "--max_steps", 3, "--hub_dry_run_dir", tmp_path / "upload")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["method"] == "moe-adapters" and set(summary) == {"method", "transfer", "average", "last"}
-    for name in ("accuracy_matrix.json", "accuracy_matrix.csv", "metrics.md", "accuracy_matrix.png"):
-        assert (tmp_path / "out" / name).is_file()
-    assert (tmp_path / "out" / "task-01-dtd" / "adapter_model.safetensors").is_file()
+    assert summary["method"] == "moe-adapters" and set(summary["metrics"]["oracle"]) >= {"transfer", "average", "last",
+                                                                                       "bwt"}
+    out = tmp_path / "out"
+    for name in ("metrics.md", "oracle/accuracy_matrix.json", "oracle/accuracy_matrix.csv",
+                 "oracle/accuracy_matrix.png"):
+        assert (out / name).is_file(), name
+    progress = json.loads((out / "task-01-dtd" / "continual_progress.json").read_text())
+    assert progress["steps_done"] == 6  # 3 steps per task (the command line), not 50 (YAML) or 200 (the preset)
+    assert "task 1/2: mnist" in result.stderr and "task 2/2: dtd" in result.stderr
+    uploaded = {p.name for p in (tmp_path / "upload").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= uploaded
+    assert "mnist" in (tmp_path / "upload" / "README.md").read_text()
+
+
+def test_example_script_help_refusals_and_data_check(tmp_path):
+    short = example("--help")
+    assert short.returncode == 0 and short.stdout.index("--preset") < short.stdout.index("--help_all")
+    assert len(short.stdout.splitlines()) < 200 and "--per_device_train_batch_size PER_DEVICE" not in short.stdout
+    full = example("--help_all")
+    assert "--per_device_train_batch_size" in full.stdout and len(full.stdout.splitlines()) > 400
+    refused = example("--output_dir", tmp_path, "--resume_from_checkpoint", "x")
+    assert refused.returncode == 2 and "--resume_from_checkpoint is not used by this script: use --resume" in \
+        refused.stderr
+    checked = example("--preset", "mini", "--tasks", "mnist,dtd", "--check_data", "--output_dir", tmp_path)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "mnist" in checked.stdout and "dtd" in checked.stdout and "|" in checked.stdout
+
+
+def test_example_log_level_sets_the_library_logger(tmp_path):
+    import importlib.util
+    import logging
+
+    spec = importlib.util.spec_from_file_location("mtil_example", os.path.join(REPO, "examples", "mtil.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    library = logging.getLogger("hf_moe_cl")
+    before = library.level
+    try:
+        groups, training, explicit = module.parse_args(["--output_dir", str(tmp_path), "--log_level", "error",
+                                                        "--max-steps", "7"])
+        module.setup_logging(training)
+        assert library.level == logging.ERROR
+        assert "max_steps" in explicit and training.max_steps == 7
+    finally:
+        library.setLevel(before)

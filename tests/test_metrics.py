@@ -1,6 +1,18 @@
+import re
+from pathlib import Path
+
 import pytest
 
-from hf_moe_cl.benchmark.metrics import average, class_incremental_metrics, last, mtil_metrics, transfer
+from hf_moe_cl.benchmark.metrics import (
+    average,
+    backward_transfer,
+    class_incremental_metrics,
+    forgetting,
+    last,
+    mtil_metrics,
+    task_drops,
+    transfer,
+)
 
 MATRIX = [
     [10.0, 20.0, 30.0],
@@ -36,3 +48,33 @@ def test_bad_matrices_are_refused():
         average([[1.0, 2.0]])
     with pytest.raises(ValueError, match="two tasks"):
         transfer([[1.0]])
+
+
+def test_forgetting_matches_hand_computed_matrices():
+    # diagonal 10, 50, 90; last row 70, 80, 90: tasks gained 60 and 30 points after they trained
+    assert task_drops(MATRIX) == [-60.0, -30.0, 0.0]
+    assert backward_transfer(MATRIX) == pytest.approx(45.0)  # mean(70 - 10, 80 - 50)
+    forgetting_matrix = [[50.0, 1.0, 2.0, 3.0], [40.0, 60.0, 4.0, 5.0], [30.0, 55.0, 70.0, 6.0],
+                         [20.0, 50.0, 70.0, 80.0]]
+    assert task_drops(forgetting_matrix) == [30.0, 10.0, 0.0, 0.0]
+    assert backward_transfer(forgetting_matrix) == pytest.approx(-40.0 / 3)  # mean(-30, -10, 0)
+    assert forgetting(forgetting_matrix, ["a", "b", "c", "d"]) == {
+        "bwt": pytest.approx(-40.0 / 3), "drop": {"a": 30.0, "b": 10.0, "c": 0.0, "d": 0.0}}
+
+
+def test_forgetting_needs_the_diagonal_and_the_last_row():
+    current_task_only = [[50.0, None], [None, 60.0]]
+    with pytest.raises(ValueError, match=r"cells \[\(1, 0\)\] were not evaluated"):
+        backward_transfer(current_task_only)
+    with pytest.raises(ValueError, match="two tasks"):
+        backward_transfer([[1.0]])
+    with pytest.raises(ValueError, match="3 task names"):
+        forgetting([row[:2] for row in MATRIX[:2]], ["a", "b", "c"])
+
+
+def test_the_worked_example_of_docs_metrics_md_runs():
+    text = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/metrics.md lost its worked example"
+    for block in blocks:
+        exec(compile(block, "docs/metrics.md", "exec"), {})

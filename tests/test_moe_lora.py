@@ -71,7 +71,11 @@ def test_default_init_and_zero_shot_path_equal_the_base_model(clip_inputs):
     fresh = get_peft_model(tiny_clip(), small_config())
     assert torch.equal(logits(fresh, clip_inputs), reference)
     model = get_peft_model(tiny_clip(), small_config(init_weights=False)).eval()
+    assert torch.equal(logits(model, clip_inputs), reference)  # several routers: no task until one is picked
+    model.set_task(0)
     assert not torch.allclose(logits(model, clip_inputs), reference)
+    single = get_peft_model(tiny_clip(), small_config(num_tasks=1, init_weights=False)).eval()
+    assert not torch.allclose(logits(single, clip_inputs), reference)  # one router: it is the route
     for no_task in (None, -1):
         model.set_task(no_task)
         assert torch.equal(logits(model, clip_inputs), reference)
@@ -220,7 +224,7 @@ def test_save_and_load_give_identical_logits_frozen_sets_and_counts(tmp_path, cl
     model.eval()
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["num_tasks"] == 4
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MOE_LORA"
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == MOE_LORA
     assert isinstance(PeftConfig.from_pretrained(tmp_path), MoELoraConfig)
     loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path).eval()
     for task in (0, 2, 3, None):
@@ -246,6 +250,7 @@ def test_linear_placement_without_activation_is_a_plain_lora():
     config = small_config(num_experts=1, top_k=1, target_modules=["q_proj", "v_proj"], expert_activation=None,
                           expert_bias=False, expert_dropout=0.0, init_weights=False)
     model = get_peft_model(tiny_clip(), config).eval()
+    model.set_task(0)
     layers = model.base_model.moe_layers()
     assert len(layers) == 8 and all(isinstance(l, MoELoraLinear) for l in layers.values())
     layer = layers["vision_model.encoder.layers.0.self_attn.q_proj"]
@@ -257,6 +262,7 @@ def test_linear_placement_without_activation_is_a_plain_lora():
 
 def test_load_balancing_loss_is_collected_when_enabled(clip_inputs):
     model = get_peft_model(tiny_clip(), small_config(init_weights=False, load_balancing_coef=0.01)).train()
+    model.set_task(0)
     model(**clip_inputs)
     loss = model.base_model.aux_loss()
     assert loss is not None and loss.requires_grad and loss.item() >= 0

@@ -11,7 +11,10 @@ from hf_moe_cl.presets import (
     class_incremental_tasks,
     few_shot_subset,
 )
-from hf_moe_cl.benchmark.reporting import markdown_table, write_report
+from hf_moe_cl.benchmark.figures import accuracy_heatmap, selection_heatmap
+from hf_moe_cl.benchmark.reporting import markdown_table, write_report, write_result_report
+from hf_moe_cl.continual.result import ContinualResult
+from hf_moe_cl.files import atomic_path, write_text_atomic
 
 
 def test_report_files_hold_the_matrix_and_metrics(tmp_path):
@@ -20,11 +23,98 @@ def test_report_files_hold_the_matrix_and_metrics(tmp_path):
     assert metrics == {"transfer": 32.5, "average": 50.0, "last": 80.0}
     saved = json.loads((tmp_path / "accuracy_matrix.json").read_text())
     assert saved["accuracy_matrix"] == matrix and saved["metrics"] == metrics
+    assert saved["forgetting"] == {"bwt": 45.0, "drop": {"a": -60.0, "b": -30.0, "c": 0.0}}
     lines = (tmp_path / "accuracy_matrix.csv").read_text().splitlines()
     assert lines[0] == "after \\ on,a,b,c" and lines[2] == "b,40.00,50.00,60.00"
-    assert "| moe | 32.5 | 50.0 | 80.0 |" in (tmp_path / "metrics.md").read_text()
+    text = (tmp_path / "metrics.md").read_text()
+    assert "| moe | 32.5 | 50.0 | 80.0 |" in text
+    assert "| method | Transfer | Average | Last | BWT |" in text and "| moe | 32.5 | 50.0 | 80.0 | 45.0 |" in text
+    assert "| method | a | b | c |" in text and "| moe | -60.0 | -30.0 | 0.0 |" in text
     image = Image.open(tmp_path / "accuracy_matrix.png")
     assert image.size[0] > 3 * 56 and image.size[1] > 3 * 56
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_matrix.csv", "accuracy_matrix.json",
+                                                          "accuracy_matrix.png", "metrics.md"]
+
+
+NAMES = ["a", "b", "c"]
+ORACLE = [[80.0, 20.0, 30.0], [70.0, 85.0, 35.0], [60.0, 75.0, 90.0]]
+AGNOSTIC = [[70.0, 10.0, 20.0], [60.0, 80.0, 30.0], [50.0, 70.0, 85.0]]
+# stage x task x [zero-shot, a, b, c]: after the last task, 8 of a's 10 test images went to a, 2 to zero-shot
+HISTOGRAM = [[[2, 8, 0, 0], [10, 0, 0, 0], [9, 1, 0, 0]],
+             [[2, 8, 0, 0], [1, 0, 9, 0], [6, 1, 3, 0]],
+             [[2, 8, 0, 0], [0, 1, 9, 0], [0, 0, 0, 10]]]
+
+
+def test_result_report_writes_every_kind_protocol_first(tmp_path):
+    result = ContinualResult(NAMES, {"protocol": AGNOSTIC, "per_image": AGNOSTIC, "oracle": ORACLE},
+                             {"route_histogram": {"protocol": HISTOGRAM, "per_image": HISTOGRAM}})
+    returned = write_result_report(tmp_path, result, "moe-adapters")
+    assert returned["oracle"] == {"transfer": 26.25, "average": pytest.approx(60.5556, abs=1e-4), "last": 75.0,
+                                  "bwt": -15.0}
+    assert returned["protocol"]["bwt"] == -15.0 and returned["protocol"]["last"] == pytest.approx(205 / 3)
+    for kind in ("protocol", "per_image", "oracle"):
+        saved = json.loads((tmp_path / kind / "accuracy_matrix.json").read_text())
+        assert saved["kind"] == kind and saved["forgetting"]["drop"] == {"a": 20.0, "b": 10.0, "c": 0.0}
+        assert Image.open(tmp_path / kind / "accuracy_matrix.png").size[0] > 400
+    assert not (tmp_path / "oracle" / "route_selection.json").exists()
+    selection = json.loads((tmp_path / "per_image" / "route_selection.json").read_text())
+    assert selection["counts_after_last_task"] == HISTOGRAM[-1]
+    assert selection["correct"] == {"a": 80.0, "b": 90.0, "c": 100.0}
+    assert selection["unseen_sent_to_zero_shot"] == pytest.approx(100.0 * (10 + 9 + 6) / 30)
+    assert Image.open(tmp_path / "per_image" / "route_selection.png").size[0] > 400
+    text = (tmp_path / "metrics.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| protocol") or line.startswith("| per_image")
+            or line.startswith("| oracle")]
+    assert [row.split(":")[0] for row in rows] == ["| protocol", "| per_image", "| oracle"] * 2
+    assert "| oracle: task-aware (true task ids) | 26.2 | 60.6 | 75.0 | -15.0 |" in text
+    assert "| a | 20.0 | 80.0 | 0.0 | 0.0 | 80.0 |" in text  # route selection: zero-shot, a, b, c, correct
+    assert "![per_image route selection](per_image/route_selection.png)" in text
+
+
+def test_an_incomplete_matrix_is_reported_without_metrics(tmp_path):
+    current_task_only = [[50.0, None], [None, 60.0]]
+    returned = write_result_report(tmp_path, ContinualResult(["a", "b"], {"oracle": current_task_only}), "cil")
+    assert returned == {"oracle": {}}
+    saved = json.loads((tmp_path / "oracle" / "accuracy_matrix.json").read_text())
+    assert saved["metrics"] == {} and saved["forgetting"] is None
+    assert "| oracle: task-aware (true task ids) | - | - | - | - |" in (tmp_path / "metrics.md").read_text()
+    assert (tmp_path / "oracle" / "accuracy_matrix.png").stat().st_size > 0
+
+
+def test_heatmaps_say_what_they_show_without_touching_pyplot():
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    metrics = {"transfer": 26.25, "average": 60.56, "last": 75.0, "bwt": -15.0}
+    aware = accuracy_heatmap(ORACLE, NAMES, "moe-adapters", "oracle", metrics)
+    agnostic = accuracy_heatmap(AGNOSTIC, NAMES, "moe-adapters", "per_image")
+    axes, colour_bar = aware.axes
+    assert "moe-adapters" in aware.get_suptitle() and "task-aware" in aware.get_suptitle()
+    assert "Transfer 26.2 · Average 60.6 · Last 75.0 · BWT -15.0" in aware.get_suptitle()
+    assert "task-agnostic" in agnostic.get_suptitle()
+    assert axes.get_xlabel() == "evaluated on" and axes.get_ylabel() == "after training"
+    assert colour_bar.get_ylabel() == "accuracy (%)"
+    assert [t.get_text() for t in axes.get_xticklabels()] == NAMES
+    assert sorted(t.get_text() for t in axes.texts) == sorted(f"{v:.1f}" for row in ORACLE for v in row)
+    hatched = [p for p in axes.patches if p.get_hatch()]
+    assert sorted((round(p.get_x() + 0.5), round(p.get_y() + 0.5)) for p in hatched) == [(1, 0), (2, 0), (2, 1)]
+    selection = selection_heatmap(HISTOGRAM[-1], NAMES, "moe-adapters", "per_image")
+    assert [t.get_text() for t in selection.axes[0].get_xticklabels()] == ["zero-shot"] + NAMES
+    assert "90.0 % on average" in selection.get_suptitle()
+    assert plt.get_fignums() == [] and matplotlib.get_backend() == backend
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    target = tmp_path / "metrics.md"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.md"]
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["metrics.md"]
 
 
 def test_markdown_table_rows():
@@ -36,7 +126,8 @@ def test_mtil_orders_cover_the_eleven_datasets():
     assert len(MTIL_ORDER_I) == 11 and sorted(MTIL_ORDER_I) == sorted(MTIL_ORDER_II) == sorted(MTIL_DATASETS)
     assert MTIL_ORDER_I[0] == "aircraft" and MTIL_ORDER_II[0] == "stanford_cars"
     assert all("{}" in t for spec in MTIL_DATASETS.values() for t in spec.templates)
-    assert MTIL_DATASETS["aircraft"].learning_rate == 5e-3 and MTIL_DATASETS["mnist"].learning_rate == 1e-4
+    assert MTIL_DATASETS["aircraft"].learning_rates["moe-adapters"] == 5e-3
+    assert MTIL_DATASETS["mnist"].learning_rates["moe-adapters"] == 1e-4
 
 
 def labelled(labels):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,175 @@ def test_shared_router_mode_is_the_class_incremental_setting(tmp_path, clip_proc
     assert result.accuracy_matrix[0][1] is None and result.accuracy_matrix[1][0] is None
     counts = model.base_model.selection_counts()["vision_model.encoder.layers.0"]
     assert counts[0].sum() == 2 * 6 * 8 * 2  # two tasks x 6 steps x batch 8 x top-2, all through router 0
+
+
+def test_continuing_a_saved_model_adds_routers_and_keeps_learned_tasks_bit_identical(tmp_path, clip_processor,
+                                                                                      clip_inputs):
+    from peft import PeftModel
+
+    model = moe_model()
+    ContinualTrainer(model=model, args=make_args(tmp_path / "a"), processing_class=clip_processor).train_tasks(
+        two_tasks())
+    model.save_pretrained(tmp_path / "published")
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path / "published", is_trainable=True)
+
+    def outputs(peft_model):
+        peft_model.eval()
+        with torch.no_grad():
+            return {t: peft_model(**clip_inputs, task_ids=torch.full((4,), t)).logits_per_image for t in (0, 1)}
+
+    before = outputs(loaded)
+    third = colour_task("third", seed=2, offset=1)
+    result = ContinualTrainer(model=loaded, args=make_args(tmp_path / "b"),
+                              processing_class=clip_processor).train_tasks([third])
+    moe = loaded.base_model
+    assert len(result.accuracy_matrix) == 1 and moe.num_tasks == 3
+    assert [info["name"] for info in moe.task_info] == ["first", "second", "third"]
+    assert moe.frozen_routers() == [0, 1, 2]
+    after = outputs(loaded)
+    assert all(torch.equal(before[t], after[t]) for t in (0, 1))  # learned tasks untouched
+    with pytest.raises(ValueError, match=r"already learned \['first'\] \(routers \[0\]"):
+        ContinualTrainer(model=loaded, args=make_args(tmp_path / "c"),
+                         processing_class=clip_processor).train_tasks([colour_task("first")])
+    method = MoEAdapters(loaded, MoEAdaptersArguments(relearn_tasks=True))
+    ContinualTrainer(method=method, args=make_args(tmp_path / "d"), processing_class=clip_processor).train_tasks(
+        [colour_task("first")])
+    assert [info["name"] for info in moe.task_info] == ["first", "second", "third", "first"]
+    assert all(torch.equal(before[t], outputs(loaded)[t]) for t in (0, 1))
+
+
+def test_train_and_evaluate_outside_a_task_sequence_point_to_train_tasks(tmp_path, clip_processor):
+    trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=r"call trainer.train_tasks\(\[ContinualTask"):
+        trainer.train()
+    with pytest.raises(ValueError, match="measures the task being trained inside train_tasks"):
+        trainer.evaluate()
+
+
+class EvaluateDuringTask(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.seen, self.logged_steps = trainer, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            self.seen.append((self.trainer.current_task.name, self.trainer.evaluate()["eval_accuracy"]))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged_steps.append(state.global_step)
+
+
+def test_evaluate_inside_a_task_measures_that_task_and_steps_keep_increasing(tmp_path, clip_processor):
+    trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path, logging_strategy="steps", logging_steps=2),
+                               processing_class=clip_processor)
+    callback = EvaluateDuringTask(trainer)
+    trainer.add_callback(callback)
+    trainer.train_tasks(two_tasks())
+    assert [name for name, _ in callback.seen] == ["first", "second"]
+    assert all(0.0 <= accuracy <= 100.0 for _, accuracy in callback.seen)
+    steps = callback.logged_steps  # what trackers see: one axis over both tasks of 6 steps
+    assert steps == sorted(steps) and steps[0] == 2 and max(steps) == 12 and 8 in steps
+
+
+class CaptureTaskOutputs(TrainerCallback):
+    """After the first task: its training images' embeddings and its prompts' embeddings through its router."""
+
+    def __init__(self, trainer, task):
+        self.trainer, self.task, self.captured = trainer, task, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.current_task.name != self.task.name and self.captured is None:
+            self.captured = task_outputs(self.trainer.method, self.task, self.trainer.processing_class)
+
+
+def task_outputs(method, task, processor):
+    from hf_moe_cl.classification import image_embeddings, text_embeddings
+
+    pixels = processor.image_processor(images=[image.convert("RGB") for image in task.train_dataset["image"]],
+                                       return_tensors="pt")["pixel_values"]
+    method.model.eval()
+    with method.routed(0):
+        return (image_embeddings(method.model, pixels),
+                text_embeddings(method.model, processor.tokenizer, task.classnames, task.templates, "cpu"))
+
+
+@pytest.mark.parametrize("policy", ["coverage", "top_k"])
+def test_full_coverage_freezing_makes_a_learned_tasks_predictions_final(tmp_path, clip_processor, policy):
+    tasks = [colour_task("first", seed=0), colour_task("second", seed=1, offset=2),
+             colour_task("third", seed=2, offset=4)]
+    method = MoEAdapters(moe_model(num_tasks=3, num_experts=6),
+                         MoEAdaptersArguments(freeze_policy=policy, routing_report_images=24))
+    trainer = ContinualTrainer(method=method, args=make_args(tmp_path, learning_rate=2e-2, train_augmentation="none"),
+                               processing_class=clip_processor)
+    capture = CaptureTaskOutputs(trainer, tasks[0])
+    trainer.add_callback(capture)
+    result = trainer.train_tasks(tasks)
+    images, texts = task_outputs(method, tasks[0], clip_processor)
+    report = result.diagnostics["routing_report"]
+    assert len(report) == 3 and list(report[-1]) == ["first", "second", "third"]
+    first_after_all = report[-1]["first"]
+    trainable = result.diagnostics["trainable_experts"]
+    assert len(trainable) == 3 and set(trainable[-1]) == {"vision", "text"}
+    assert all(0.0 <= share <= 1.0 for stage in trainable for share in stage.values())
+    assert all(after[t] <= before[t] for before, after in zip(trainable, trainable[1:]) for t in after)
+    if policy == "top_k":  # 6 experts per layer, the first task freezes its 2 most selected in each
+        assert trainable[0] == pytest.approx({"vision": 4 / 6, "text": 4 / 6})
+    if policy == "coverage":
+        assert torch.equal(images, capture.captured[0]) and torch.equal(texts, capture.captured[1])
+        assert first_after_all["vision"]["trainable"] == 0.0 and first_after_all["text"]["trainable"] == 0.0
+    else:  # the paper's rule leaves some of the task's evaluation-time experts trainable, and later tasks move them
+        assert first_after_all["vision"]["trainable"] + first_after_all["text"]["trainable"] > 0.0
+        assert not (torch.equal(images, capture.captured[0]) and torch.equal(texts, capture.captured[1]))
+
+
+CONTINUE_IN_A_FRESH_PROCESS = """
+import json, sys, tempfile
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+import hf_moe_cl
+from peft import PeftModel
+from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
+from hf_moe_cl import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.publishing import push_to_hub
+processor = tiny_clip_processor(write_tiny_tokenizer(Path(tempfile.mkdtemp())))
+model = PeftModel.from_pretrained(tiny_clip(), {published!r}, is_trainable=True)
+args = ContinualTrainingArguments(output_dir={out!r}, max_steps=4, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
+                                  per_device_train_batch_size=8, report_to="none", disable_tqdm=True,
+                                  logging_strategy="no", seed=3)
+trainer = ContinualTrainer(model=model, args=args, processing_class=processor)
+result = trainer.train_tasks([colour_task("third", seed=2, offset=1)])
+inputs = torch.load({inputs!r})
+model.eval()
+with torch.no_grad():
+    outputs = {{t: model(**inputs, task_ids=torch.full((4,), t)).logits_per_image.tolist() for t in (0, 1)}}
+push_to_hub(trainer.method, "someone/moe-clip", result, dry_run_dir={card!r})
+print(json.dumps(outputs))
+"""
+
+
+def test_a_published_model_learns_one_more_task_in_a_fresh_process(tmp_path, clip_processor, clip_inputs):
+    """Train two tasks, save, reload in a new process, add a third: the first two answer exactly as before and the
+    new model card lists the three tasks."""
+    import subprocess
+    import sys
+
+    model = moe_model()
+    ContinualTrainer(model=model, args=make_args(tmp_path / "run"), processing_class=clip_processor).train_tasks(
+        two_tasks())
+    model.save_pretrained(tmp_path / "published")
+    model.eval()
+    with torch.no_grad():
+        before = {t: model(**clip_inputs, task_ids=torch.full((4,), t)).logits_per_image for t in (0, 1)}
+    torch.save(clip_inputs, tmp_path / "inputs.pt")
+    script = CONTINUE_IN_A_FRESH_PROCESS.format(
+        tests=str(Path(__file__).parent), published=str(tmp_path / "published"), out=str(tmp_path / "more"),
+        inputs=str(tmp_path / "inputs.pt"), card=str(tmp_path / "card"))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    after = json.loads(run.stdout.strip().splitlines()[-1])
+    for t in (0, 1):
+        assert torch.equal(torch.tensor(after[str(t)]), before[t]), t
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert all(name in card for name in ("first", "second", "third"))
+    saved = json.loads((tmp_path / "card" / "adapter_config.json").read_text())
+    assert [info["name"] for info in saved["task_info"]] == ["first", "second", "third"]

@@ -10,7 +10,7 @@ images take different routes in one pass, the others are run route by route.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ContextManager, Optional, Protocol, Sequence, Union
+from typing import Callable, ContextManager, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from torch import nn
 
 ZERO_SHOT = -1
 FUSIONS = ("logits", "probabilities")
+# The untouched model's embeddings of a batch: for every row, or a function of row indices computing them.
+Untouched = Union[None, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def tokenize_prompts(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -117,14 +119,17 @@ class RoutedClassifier:
                                                   space.templates, self.device)
         return self._text[key]
 
-    def image(self, pixels: torch.Tensor, routes: torch.Tensor,
-              untouched: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Embeddings of `pixels[i]` through route `routes[i]`; rows routed to -1 reuse `untouched` when given."""
+    def image(self, pixels: torch.Tensor, routes: torch.Tensor, untouched: Untouched = None) -> torch.Tensor:
+        """Embeddings of `pixels[i]` through route `routes[i]`. Rows routed to -1 take the untouched model's
+        embeddings from `untouched` when given: a tensor for every row, or a function of the row indices that
+        finishes an untouched pass already begun (so zero-shot images never run twice)."""
         out = torch.empty(pixels.shape[0], self.router.model.config.projection_dim, device=pixels.device)
         pending = torch.ones_like(routes, dtype=torch.bool)
         if untouched is not None:
             zero_shot = routes == ZERO_SHOT
-            out[zero_shot] = untouched[zero_shot].to(out.dtype)
+            rows = torch.nonzero(zero_shot).flatten()
+            if rows.numel():
+                out[rows] = (untouched(rows) if callable(untouched) else untouched[rows]).to(out.dtype)
             pending &= ~zero_shot
         distinct = routes[pending].unique().tolist()
         if self.router.mixed_routes and len(distinct) > 1:
@@ -138,21 +143,25 @@ class RoutedClassifier:
                 out[rows] = image_embeddings(self.router.model, pixels[rows])
         return out
 
-    def logits(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace,
-               untouched: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logits(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace, untouched: Untouched = None
+               ) -> torch.Tensor:
         """(batch, m, classes) cosine similarities of every image under each of its routes."""
         batch, width = routes.ids.shape
         flat = routes.ids.reshape(-1)
-        images = self.image(pixels.repeat_interleave(width, 0), flat,
-                            None if untouched is None else untouched.repeat_interleave(width, 0))
+        if width > 1:
+            pixels = pixels.repeat_interleave(width, 0)
+            if untouched is not None:
+                untouched = (untouched(torch.arange(batch, device=pixels.device)) if callable(untouched)
+                             else untouched).repeat_interleave(width, 0)
+        images = self.image(pixels, flat, untouched)
         out = torch.empty(batch * width, len(space.classnames), device=pixels.device)
         for route in flat.unique().tolist():
             rows = flat == route
             out[rows] = images[rows] @ self.text(space, route).T
         return out.view(batch, width, -1)
 
-    def scores(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace,
-               untouched: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def scores(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace, untouched: Untouched = None
+               ) -> torch.Tensor:
         """(batch, classes) fused scores: weighted logits, or weighted softmax probabilities."""
         logits = self.logits(pixels, routes, space, untouched)
         weights = routes.weights

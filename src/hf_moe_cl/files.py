@@ -1,5 +1,9 @@
-"""Files on disk: integrity checks for safetensors files (a damaged download fails with a message instead of a parser
-error) and atomic writes (a crash leaves the old file or the new one, never half of one)."""
+"""Files that survive crashes and say what is wrong with them.
+
+Writes go to a temporary sibling that is flushed to disk and then renamed into place, so a reader sees the old
+file or the new one, never half of one. Reads check integrity first, so a damaged file fails with a message that
+names it instead of a parser error.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +12,164 @@ import os
 import shutil
 import struct
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
+
+FIX = "Delete it and save or download it again."
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A hidden name next to `path` for writing before the rename (unique per writer)."""
+    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; flushed and renamed onto `path` when the block succeeds,
+    removed if it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(path)
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a flushed temporary sibling and a rename."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=1))
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` (and the folders themselves) to disk."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(Path(root))
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces `path` whole (flushed, then renamed).
+
+    If the block fails, the temporary folder is removed and `path` is untouched. An existing `path` is moved
+    aside before the rename and deleted after it, so a crash leaves either the old folder, the new one, or (for an
+    instant) neither, never a mixture. With `replace=False` a `path` holding files is refused instead.
+    """
+    path = Path(path)
+    if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder; choose a new folder or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(path)
+    temporary.mkdir()
+    try:
+        yield temporary
+        fsync_tree(temporary)
+        retired = None
+        if path.exists():
+            retired = temporary_sibling(path)
+            os.replace(path, retired)
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+        if retired is not None:
+            shutil.rmtree(retired)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """The parsed JSON in `path`, or a ValueError that names the file."""
+    path = os.fspath(path)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        size = os.path.getsize(path)
+        raise ValueError(f"{path} is not valid JSON ({size} bytes; {error}). {FIX}") from None
+
+
+def check_json_file(path: str | os.PathLike) -> None:
+    """Raise ValueError if the JSON file at `path` exists but does not parse to an object."""
+    if os.path.isfile(path) and not isinstance(read_json_file(path), dict):
+        raise ValueError(f"{os.fspath(path)} should hold a JSON object. {FIX}")
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
     """Raise ValueError if `path` is not a complete safetensors file (truncated, empty or not safetensors)."""
     path = os.fspath(path)
     size = os.path.getsize(path)
-    fix = "Delete it and save or download it again."
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path} is truncated ({size} bytes): a safetensors file starts with an 8-byte header size. {fix}")
+            raise ValueError(f"{path} is truncated ({size} bytes): a safetensors file starts with an 8-byte header "
+                             f"size. {FIX}")
         (header_size,) = struct.unpack("<Q", head)
         if header_size > size - 8:
             raise ValueError(
                 f"{path} is truncated or not a safetensors file: its header claims {header_size} bytes but the file "
-                f"has {size}. {fix}"
+                f"has {size}. {FIX}"
             )
         try:
             header = json.loads(handle.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} has a corrupt safetensors header ({error}). {fix}") from None
+            raise ValueError(f"{path} has a corrupt safetensors header ({error}). {FIX}") from None
+    entries = header.items() if isinstance(header, dict) else None
+    malformed = entries is None or any(
+        not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list)
+        or len(entry["data_offsets"]) != 2 for key, entry in entries if key != "__metadata__"
+    )
+    if malformed:
+        raise ValueError(f"{path} has a malformed safetensors header (not a table of tensors with data offsets). "
+                         f"{FIX}")
     data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_size + data_end > size:
         raise ValueError(
-            f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has {size}. {fix}"
+            f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has {size}. {FIX}"
         )
 
 
 @contextmanager
-def atomic_files(folder: str | os.PathLike):
-    """A staging folder inside `folder`: write files into it; when the block ends without error each one replaces
-    its namesake in `folder` by a rename, so a crash never leaves a half-written file behind."""
+def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder inside `folder`: write files into it; when the block ends without error each one is flushed
+    and replaces its namesake in `folder` by a rename, so a crash never leaves a half-written file behind (files
+    `folder` holds besides them stay)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=".files.tmp-", dir=folder))
     try:
         yield staging
+        fsync_tree(staging)
         for path in sorted(staging.iterdir()):
             os.replace(path, folder / path.name)
+        _fsync_directory(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,10 +6,37 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes
+from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Untouched
 from .condu import holds_condu
 from .continual.data import to_rgb
 from .continual.methods import ConDU, ContinualMethod, method_for_model
+
+
+def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
+                       dtype: torch.dtype = torch.float32, **adapter_kwargs):
+    """`PeftModel` of a MoE-LoRA adapter on its base CLIP, named by `base_model_name_or_path` or else by the adapter
+    config. CLIP checkpoints are often stored in float16 (the shared proxy-clip is); DDAS thresholds were
+    calibrated on float32 features and CPUs run float16 slowly, hence float32 unless `dtype` says otherwise."""
+    from peft import PeftConfig, PeftModel
+    from transformers import CLIPModel
+
+    config = PeftConfig.from_pretrained(adapter_name_or_path, **adapter_kwargs)
+    base = base_model_name_or_path or config.base_model_name_or_path
+    if not base:
+        raise ValueError(f"The adapter config of {adapter_name_or_path} names no base model "
+                         "(base_model_name_or_path is empty); pass base_model_name_or_path= (the CLIP it was "
+                         "trained from).")
+    model = PeftModel.from_pretrained(CLIPModel.from_pretrained(base, dtype=dtype), adapter_name_or_path,
+                                      **adapter_kwargs)
+    model.peft_config["default"].base_model_name_or_path = base  # the base it runs on, if given explicitly
+    return model
+
+
+def subset_of(untouched: Untouched, rows: torch.Tensor) -> Untouched:
+    """The untouched embeddings of `rows` of a batch, as a tensor or as the finishing function of those rows."""
+    if untouched is None or not callable(untouched):
+        return None if untouched is None else untouched[rows]
+    return lambda subset: untouched(rows[subset])
 
 
 class TaskAgnosticClassifier:
@@ -34,18 +61,22 @@ class TaskAgnosticClassifier:
         self.core = RoutedClassifier(method, processor.tokenizer, self.device)
 
     @classmethod
-    def from_pretrained(cls, base_model_name_or_path: str, adapter_name_or_path: str, **kwargs):
-        """Base CLIP + a published folder or Hub repo: a MoE-LoRA adapter that carries its DDAS selector, or a
-        ConDU save (unified model + task triggers)."""
-        from peft import PeftModel
+    def from_pretrained(cls, adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
+                        dtype: torch.dtype = torch.float32, **adapter_kwargs) -> "TaskAgnosticClassifier":
+        """A published folder or Hub repo, on the base CLIP its config names (or `base_model_name_or_path`), in
+        `dtype`: a MoE-LoRA adapter that carries its DDAS selector, or a ConDU save (unified model + task
+        triggers). `adapter_kwargs` (revision, subfolder, token...) go to peft or the ConDU loader."""
         from transformers import CLIPModel, CLIPProcessor
 
-        base = CLIPModel.from_pretrained(base_model_name_or_path, **kwargs)
-        if holds_condu(adapter_name_or_path):
-            model = ConDU.from_pretrained(adapter_name_or_path, base)
-        else:
-            model = PeftModel.from_pretrained(base, adapter_name_or_path)
-        return cls(model, CLIPProcessor.from_pretrained(base_model_name_or_path))
+        hub = {k: adapter_kwargs[k] for k in ("subfolder", "revision", "token") if k in adapter_kwargs}
+        if holds_condu(adapter_name_or_path, **hub):
+            base = None
+            if base_model_name_or_path is not None:
+                base = CLIPModel.from_pretrained(base_model_name_or_path, dtype=dtype)
+            method = ConDU.from_pretrained(adapter_name_or_path, base, dtype=dtype, **hub)
+            return cls(method, CLIPProcessor.from_pretrained(method.model.name_or_path))
+        model = load_adapter_model(adapter_name_or_path, base_model_name_or_path, dtype, **adapter_kwargs)
+        return cls(model, CLIPProcessor.from_pretrained(model.peft_config["default"].base_model_name_or_path))
 
     def __call__(self, images: Sequence[Any], candidate_labels: Optional[Sequence[str]] = None,
                  templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
@@ -75,7 +106,7 @@ class TaskAgnosticClassifier:
                                  "`candidate_labels` to classify them with zero-shot CLIP.")
             subset = Routes(routes.ids[rows], None if routes.weights is None else routes.weights[rows],
                             routes.fusion, routes.selected[rows])
-            scores = self.core.scores(pixels[rows], subset, space, None if untouched is None else untouched[rows])
+            scores = self.core.scores(pixels[rows], subset, space, subset_of(untouched, rows))
             if routes.fusion == "logits":
                 scores = torch.softmax(self.core.logit_scale * scores, dim=-1)
             best, labels = scores.max(-1)

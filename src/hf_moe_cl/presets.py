@@ -1,54 +1,200 @@
-"""Task sequences of the MTIL benchmark (Zheng et al., ICCV 2023) and its variants, as `ContinualTask` lists.
+"""The paper's experiments as data, and the tasks they run on.
 
-Hub dataset ids are defaults that can be overridden per dataset; they are not reachable from machines without the
-Hub, where the `mini` preset (real images from the shared assets) stands in.
+Facts (class names, templates, splits, per-recipe learning rates, presets, the CIFAR-100 class order) are read from
+the official code: MoE-Adapters4CL and ZSCL for MTIL, ConDU's scripts for its learning rates; `docs/faithfulness.md`
+lists each with its source. Class-name tables live in `official_classnames.json` beside this module. Each dataset has
+a default parquet copy on the Hub (`DatasetSpec.hub`, with the evidence for it) and is also read from the torchvision
+folders users of the official code already have (`data_dir`, see `hf_moe_cl.data.local`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Union
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 
+from .assets import assets_dir as resolve_assets
 from .continual.tasks import ContinualTask
+from .data.sources import load_splits
+from .data.splits import few_shot_subset
+
+RECIPES = ("moe-adapters", "moe-adapters-few-shot", "condu-lora", "condu-full")
+# The official re-split: torch.utils.data.random_split of the whole dataset into [int(0.8 * n), n - int(0.8 * n)]
+# with torch.Generator().manual_seed(42) (train fraction, seed).
+RANDOM_SPLIT = (0.8, 42)
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A parquet copy of a dataset on the Hub and what it holds, as read from its card (`evidence`)."""
+
+    repo_id: str
+    splits: Mapping[str, tuple[str, ...]]  # "train"/"test" -> its splits, or "all" -> the splits that are the whole set
+    image_column: str
+    label_column: str
+    num_labels: Optional[int]  # label names its card lists (None: not known, only the mapping checks them)
+    label_names: str  # how its ClassLabel names relate to the official classes (they are mapped by name)
+    evidence: str
+    revision: Optional[str] = None
+    order_column: Optional[str] = None  # file names, to put rows in torchvision's order before a random split
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where an MTIL dataset lives on the Hub and how CLIP is prompted for it."""
+    """One MTIL dataset as the official code builds it."""
 
-    hub_id: str
-    templates: tuple[str, ...]
-    learning_rate: float  # MoE-Adapters' per-task learning rate (official Order-I script)
-    train_split: str = "train"
-    eval_split: str = "test"
-    image_column: str = "image"
-    label_column: str = "label"
+    name: str
+    official_name: str
+    templates: tuple[str, ...]  # all official templates in order; the first is the training template
+    classnames: tuple[str, ...]  # official class names in label order
+    fixed_classnames: bool  # True: written out by the official code; False: torchvision's classes, '_' -> ' '
+    torchvision_classes: tuple[str, ...]  # the class list torchvision builds (empty for Flowers: it has none)
+    number_names_from: Optional[int]  # copies that name classes by number: the number of class 0 (MNIST 0, Flowers 1)
+    train_split: Optional[str]  # the torchvision split the official code trains on (None: `split_rule`)
+    test_split: Optional[str]
+    split_rule: Optional[tuple[float, int]]  # (train fraction, seed) of the official random split of the whole set
+    official_sizes: tuple[int, int]  # train and test images of the official split
+    learning_rates: Mapping[str, float]  # per recipe (RECIPES)
+    hub: HubSource
+    local_layout: str  # the torchvision folder under `data_dir`
+    excluded_names: tuple[str, ...] = ()  # classes the official code drops (Caltech101's background)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def aliases(self) -> list[tuple[str, ...]]:
+        """Every name a source may give each official class: official, torchvision's, its number."""
+        names = [[official] for official in self.classnames]
+        for index, torchvision_name in enumerate(self.torchvision_classes):
+            names[index].append(torchvision_name)
+        if self.number_names_from is not None:
+            for index in range(len(names)):
+                names[index].append(str(index + self.number_names_from))
+        return [tuple(n) for n in names]
 
 
-MTIL_DATASETS: dict[str, DatasetSpec] = {
-    "aircraft": DatasetSpec("HuggingFaceM4/FGVC-Aircraft", ("a photo of a {}, a type of aircraft.",), 5e-3,
-                            label_column="variant"),
-    "caltech101": DatasetSpec("flwrlabs/caltech101", ("a photo of a {}.", "a painting of a {}.",
-                                                      "a plastic {}.", "a sculpture of a {}."), 1e-3),
-    "cifar100": DatasetSpec("uoft-cs/cifar100", ("a photo of a {}.", "a blurry photo of a {}.",
-                                                 "a low contrast photo of a {}."), 5e-3,
-                            image_column="img", label_column="fine_label"),
-    "dtd": DatasetSpec("tanganke/dtd", ("a photo of a {} texture.", "a photo of a {} pattern.",
-                                        "a photo of a {} thing.", "a photo of a {} object."), 1e-3),
-    "eurosat": DatasetSpec("tanganke/eurosat", ("a centered satellite photo of {}.",
-                                                "a centered satellite photo of a {}."), 1e-4),
-    "flowers": DatasetSpec("nelorth/oxford-flowers", ("a photo of a {}, a type of flower.",), 1e-3),
-    "food": DatasetSpec("ethz/food101", ("a photo of {}, a type of food.",), 1e-3, eval_split="validation"),
-    "mnist": DatasetSpec("ylecun/mnist", ('a photo of the number: "{}".',), 1e-4),
-    "oxford_pet": DatasetSpec("timm/oxford-iiit-pet", ("a photo of a {}, a type of pet.",), 1e-3),
-    "stanford_cars": DatasetSpec("tanganke/stanford_cars", ("a photo of a {}.", "a photo of my {}.",
-                                                            "a photo of the {}, a type of car."), 1e-3),
-    "sun397": DatasetSpec("tanganke/sun397", ("a photo of a {}.", "a photo of the {}."), 1e-3),
+_NAMES = json.loads(resources.files(__package__).joinpath("official_classnames.json").read_text(encoding="utf-8"))
+
+CIFAR_TEMPLATES = (
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
+    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
+    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
+    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.")
+CALTECH_TEMPLATES = tuple(template.replace("@", article) for article in ("a", "the") for template in (
+    "a photo of @ {}.", "a painting of @ {}.", "@ plastic {}.", "a sculpture of @ {}.", "a sketch of @ {}.",
+    "a tattoo of @ {}.", "@ toy {}.", "a rendition of @ {}.", "@ embroidered {}.", "@ cartoon {}.",
+    "@ {} in a video game.", "@ plushie {}.", "@ origami {}.", "art of @ {}.", "graffiti of @ {}.",
+    "a drawing of @ {}.", "a doodle of @ {}."))
+DTD_TEMPLATES = tuple(f"a photo of {article} {{}} {kind}." for article in ("a", "the")
+                      for kind in ("texture", "pattern", "thing", "object"))
+CARS_TEMPLATES = ("a photo of a {}, a type of car.", "a photo of a {}.", "a photo of the {}.", "a photo of my {}.",
+                  "i love my {}!", "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
+                  "a photo of my old {}.")
+
+# Per dataset: MoE-Adapters full-shot and few-shot (official Order-I scripts), ConDU LoRA and full fine-tuning
+# (zhangzicong518/ConDU scripts/MTIL_LoRA.sh and MTIL_FT.sh; their 12th entry is unused).
+_RATES = {
+    "aircraft": (5e-3, 8e-3, 1e-3, 5e-5), "caltech101": (1e-3, 5e-4, 5e-4, 1e-5), "cifar100": (5e-3, 2e-4, 2e-3, 1e-5),
+    "dtd": (1e-3, 5e-3, 2e-3, 1e-5), "eurosat": (1e-4, 1e-3, 1.5e-4, 1e-5), "flowers": (1e-3, 1e-3, 1e-5, 1e-5),
+    "food": (1e-3, 1e-2, 2e-3, 1e-5), "mnist": (1e-4, 1e-4, 1e-3, 5e-5), "oxford_pet": (1e-3, 1e-2, 1.5e-4, 1e-5),
+    "stanford_cars": (1e-3, 1e-2, 2e-3, 1e-5), "sun397": (1e-3, 1e-2, 1.5e-3, 1e-5),
 }
+
+
+def _spec(name, official_name, templates, hub, layout, sizes, splits=(None, None), number_from=None, excluded=()):
+    fixed = _NAMES["fixed"].get(name)
+    torchvision = tuple(_NAMES["torchvision"].get(name, ()))
+    classnames = tuple(fixed) if fixed else tuple(n.replace("_", " ") for n in torchvision)
+    return DatasetSpec(name, official_name, tuple(templates), classnames, fixed is not None, torchvision, number_from,
+                       splits[0], splits[1], None if splits[0] else RANDOM_SPLIT, sizes,
+                       dict(zip(RECIPES, _RATES[name])), hub, layout, tuple(excluded))
+
+
+def _hub(repo_id, splits, label_names, evidence, image="image", label="label", num_labels=None, **kwargs):
+    roles = {"all": splits} if isinstance(splits, tuple) else splits
+    return HubSource(repo_id, roles, image, label, num_labels, label_names,
+                     f"https://huggingface.co/datasets/{repo_id} (card and viewer): {evidence}", **kwargs)
+
+
+_OFFICIAL_SPLITS = {"train": ("train",), "test": ("test",)}
+
+MTIL_DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    _spec("aircraft", "Aircraft", ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."),
+          _hub("HuggingFaceM4/FGVC-Aircraft", _OFFICIAL_SPLITS, "variants.txt names",
+               "main holds only a loading script (refused by datasets>=4); PR #1 (refs/pr/1: 'Convert dataset to "
+               "Parquet', 'Delete loading script') holds data/{train,validation,test}-*.parquet; columns image, "
+               "variant, family, manufacturer as in the script's features", label="variant", num_labels=100,
+               revision="refs/pr/1"),
+          "fgvc-aircraft-2013b/data/{variants.txt,images_variant_{train,test}.txt,images/}", (3334, 3333),
+          ("train", "test")),
+    _spec("caltech101", "Caltech101", CALTECH_TEMPLATES,
+          _hub("flwrlabs/caltech101", ("train",), "torchvision folder names lower-cased (faces, leopards, ...)",
+               "parquet, one 'train' split (the whole dataset), 'label' ClassLabel of 101 classes (0 accordion, "
+               "1 airplanes, 36 faces, ..., 100 yin_yang), no background class", num_labels=101),
+          "caltech101/101_ObjectCategories/<class>/image_NNNN.jpg", (6941, 1736),
+          excluded=("BACKGROUND_Google",)),
+    _spec("cifar100", "CIFAR100", CIFAR_TEMPLATES,
+          _hub("uoft-cs/cifar100", _OFFICIAL_SPLITS, "torchvision's fine label names (aquarium_fish, ...)",
+               "parquet since 'Convert dataset to Parquet (#4)', config cifar100: img, fine_label (100 classes), "
+               "coarse_label; train 50,000 / test 10,000", image="img", label="fine_label", num_labels=100),
+          "cifar-100-python/{train,test,meta}", (50000, 10000), ("train", "test")),
+    _spec("dtd", "DTD", DTD_TEMPLATES,
+          _hub("mcimpoi/dtd_split_1", _OFFICIAL_SPLITS, "DTD folder names, sorted (banded ... zigzagged)",
+               "uploaded by DTD's author; parquet, 'label' ClassLabel banded..zigzagged, train / validation / test "
+               "of 1,880 each = partition 1 (tanganke/dtd is not used: its train split of 3,760 adds val1)",
+               num_labels=47),
+          "dtd/dtd/{images/<class>/,labels/train1.txt,labels/test1.txt}", (1880, 1880), ("train", "test")),
+    _spec("eurosat", "EuroSAT", ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                                 "a centered satellite photo of the {}."),
+          _hub("timm/eurosat-rgb", ("train", "validation", "test"), "torchvision folder names (AnnualCrop ...)",
+               "parquet, 'label' ClassLabel AnnualCrop..SeaLake, 'image_id'; train 16,200 + validation 5,400 + "
+               "test 5,400 = all 27,000 images", num_labels=10, order_column="image_id"),
+          "eurosat/2750/<class>/*.jpg", (21600, 5400)),
+    _spec("flowers", "Flowers", ("a photo of a {}, a type of flower.",),
+          _hub("dpdl-benchmark/oxford_flowers102", _OFFICIAL_SPLITS, "the official class names in the official order",
+               "parquet, 'label' ClassLabel '0': pink primrose, '1': hard-leaved pocket orchid, ...; train 1,020 / "
+               "validation 1,020 / test 6,149 (setid.mat's trnid / valid / tstid)", num_labels=102),
+          "flowers-102/{jpg/,imagelabels.mat,setid.mat}", (1020, 6149), ("train", "test"), number_from=1),
+    _spec("food", "Food", ("a photo of a {}, a type of food.",),
+          _hub("ethz/food101", {"train": ("train",), "test": ("validation",)},
+               "Food-101 folder names, cheesecake (16) before cheese_plate (17) unlike torchvision's sorted order",
+               "parquet since 'Convert dataset to Parquet (#3)', 'label' ClassLabel apple_pie..waffles; train 75,750 "
+               "/ validation 25,250 (the official test split)", num_labels=101),
+          "food-101/{meta/train.json,meta/test.json,images/}", (75750, 25250), ("train", "test")),
+    _spec("mnist", "MNIST", ('a photo of the number: "{}".',),
+          _hub("ylecun/mnist", _OFFICIAL_SPLITS, "digits '0'..'9'",
+               "parquet since 'Convert dataset to Parquet (#7)', config mnist, 'label' ClassLabel '0'..'9'; train "
+               "60,000 / test 10,000", num_labels=10),
+          "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]", (60000, 10000), ("train", "test"),
+          number_from=0),
+    _spec("oxford_pet", "OxfordPet", ("a photo of a {}, a type of pet.",),
+          _hub("timm/oxford-iiit-pet", _OFFICIAL_SPLITS, "breed file prefixes, lower-cased (abyssinian, ...)",
+               "parquet, 'label' ClassLabel abyssinian..yorkshire_terrier (standard label ordering), image_id, "
+               "label_cat_dog; train 3,680 (= trainval) / test 3,669", num_labels=37),
+          "oxford-iiit-pet/{annotations/trainval.txt,annotations/test.txt,images/}", (3680, 3669),
+          ("trainval", "test")),
+    _spec("stanford_cars", "StanfordCars", CARS_TEMPLATES,
+          _hub("tanganke/stanford_cars", _OFFICIAL_SPLITS, "devkit class names in devkit order",
+               "parquet, 'label' ClassLabel of 196 classes (0 AM General Hummer SUV 2000, 1 Acura RL Sedan 2012, "
+               "...); read with splits train / test by tanganke/fusion_bench "
+               "config/dataset/image_classification/{train,test}/stanford-cars.yaml", num_labels=196),
+          "stanford_cars/{devkit/cars_meta.mat,devkit/cars_train_annos.mat,cars_test_annos_withlabels.mat,"
+          "cars_train/,cars_test/}", (8144, 8041), ("train", "test")),
+    _spec("sun397", "SUN397", ("a photo of a {}.", "a photo of the {}."),
+          _hub("1aurent/SUN397", ("train",), "ClassName.txt lines ('/a/abbey', '/a/apartment_building/outdoor', ...)",
+               "parquet, one 'train' split of 109k rows (the whole dataset), 'label' ClassLabel '0': /a/abbey, ...; "
+               "tanganke/sun397 is not used: it holds partition 1 only (19,850 + 19,850)", num_labels=397),
+          "SUN397/{ClassName.txt,<letter>/<class>[/<sub>]/sun_*.jpg}", (87003, 21751)),
+)}
 
 MTIL_ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxford_pet",
                 "stanford_cars", "sun397"]
@@ -57,76 +203,172 @@ MTIL_ORDER_II = ["stanford_cars", "food", "mnist", "oxford_pet", "flowers", "sun
 MINI_TASKS = ["caltech101", "cifar10", "clothing", "dtd", "fashion_mnist", "mnist"]
 
 
-def few_shot_subset(dataset: Dataset, shots: int, seed: int = 0) -> Dataset:
-    """`shots` examples of every class, drawn with a fixed seed."""
-    by_label: dict[int, list[int]] = {}
-    for index, label in enumerate(dataset["label"]):
-        by_label.setdefault(int(label), []).append(index)
-    rng = random.Random(seed)
-    chosen = []
-    for label in sorted(by_label):
-        indices = by_label[label]
-        chosen.extend(rng.sample(indices, min(shots, len(indices))))
-    return dataset.select(sorted(chosen))
+@dataclass(frozen=True)
+class MTILPreset:
+    """A task sequence and the official per-task recipe facts of MoE-Adapters' MTIL runs."""
+
+    name: str
+    tasks: tuple[str, ...]
+    steps_per_task: int
+    shots: Optional[int] = None  # examples per class (few-shot MTIL: 5)
+    batch_size: int = 64
+    label_smoothing: float = 0.2
+    warmup_steps: int = 100
+    ddas: bool = True  # route every evaluation batch through DDAS, as the paper's tables
+    ddas_threshold: Optional[float] = 0.0655
+    eval_batch_size: int = 128
+    from_assets: bool = False  # the offline stand-in: mini tasks from the shared assets
 
 
-def _clean_classname(name: str) -> str:
-    return name.replace("_", " ").strip()
+@dataclass(frozen=True)
+class ClassIncrementalPreset:
+    """MoE-Adapters' CIFAR-100 class-incremental recipe (cil/configs/class, cil/class_orders/cifar100.yaml)."""
+
+    name: str
+    initial_increment: int
+    increment: int
+    dataset: str = "cifar100"
+    class_order: tuple[int, ...] = field(default=(
+        87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32, 45, 88, 11,
+        4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73, 1, 28, 6, 46, 62, 82,
+        53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85,
+        2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39))
+    epochs_per_step: int = 1
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    label_smoothing: float = 0.0
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    template: str = "a bad photo of a {}."  # class names are torchvision's, underscores kept
+    num_experts: int = 2  # one router shared by all steps, top-2, no freezing
+    top_k: int = 2
+
+    @property
+    def num_steps(self) -> int:
+        rest = len(self.class_order) - self.initial_increment
+        return 1 + -(-rest // self.increment)
+
+
+PRESETS: dict[str, Union[MTILPreset, ClassIncrementalPreset]] = {preset.name: preset for preset in (
+    MTILPreset("mtil-order-1", tuple(MTIL_ORDER_I), 1000),
+    MTILPreset("mtil-order-2", tuple(MTIL_ORDER_II), 1000),
+    MTILPreset("fewshot-mtil-order-1", tuple(MTIL_ORDER_I), 500, shots=5, ddas_threshold=0.0585),
+    MTILPreset("fewshot-mtil-order-2", tuple(MTIL_ORDER_II), 500, shots=5, ddas_threshold=0.0585),
+    ClassIncrementalPreset("cifar100-cil-10", 10, 10),
+    ClassIncrementalPreset("cifar100-cil-20", 5, 5),
+    ClassIncrementalPreset("cifar100-cil-50", 2, 2),
+    MTILPreset("mini", tuple(MINI_TASKS), 200, ddas=False, ddas_threshold=None, from_assets=True),
+)}
+
+
+def get_preset(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> Union[MTILPreset, ClassIncrementalPreset]:
+    if not isinstance(preset, str):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return PRESETS[preset]
+
+
+def hub_source(name: str, hub: Union[None, str, HubSource] = None) -> HubSource:
+    """The dataset's default Hub copy, another `HubSource`, or the default with its repo id replaced."""
+    if isinstance(hub, HubSource):
+        return hub
+    default = MTIL_DATASETS[name].hub
+    if hub is None or hub == default.repo_id:
+        return default
+    return dataclasses.replace(default, repo_id=hub, revision=None, num_labels=None, evidence="given by the user")
+
+
+def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Union[None, str, HubSource] = None,
+              few_shot: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None) -> ContinualTask:
+    """One MTIL dataset as the official code builds it: official class names and templates, its split rule, and the
+    official learning rates per recipe (the few-shot ones under "moe-adapters" when `few_shot` is set).
+
+    Read from torchvision folders under `data_dir` if given, else from the Hub copy `hub` (default: the spec's).
+    """
+    if name not in MTIL_DATASETS:
+        raise ValueError(f"Unknown MTIL dataset {name!r}; choose one of {', '.join(MTIL_DATASETS)}.")
+    spec = MTIL_DATASETS[name]
+    train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(name, hub),
+                              cache_dir=cache_dir)
+    if few_shot:
+        train = few_shot_subset(train, few_shot, seed)
+    rates = dict(spec.learning_rates)
+    rates["moe-adapters"] = rates["moe-adapters-few-shot" if few_shot else "moe-adapters"]
+    return ContinualTask(name=name, train_dataset=train, eval_dataset=test, classnames=list(spec.classnames),
+                         templates=list(spec.templates), official_learning_rates=rates)
 
 
 def hub_task(name: str, hub_id: Optional[str] = None, few_shot: Optional[int] = None, seed: int = 0,
              cache_dir: Optional[str] = None) -> ContinualTask:
-    """Load one MTIL dataset from the Hub as a task (class names from its ClassLabel feature)."""
-    spec = MTIL_DATASETS[name]
-    splits = load_dataset(hub_id or spec.hub_id, cache_dir=cache_dir)
-    prepared = {}
-    for split in (spec.train_split, spec.eval_split):
-        data = splits[split]
-        if spec.image_column != "image":
-            data = data.rename_column(spec.image_column, "image")
-        if spec.label_column != "label":
-            data = data.rename_column(spec.label_column, "label")
-        prepared[split] = data.select_columns(["image", "label"])
-    feature = prepared[spec.train_split].features["label"]
-    if not hasattr(feature, "names"):
-        raise ValueError(f"{hub_id or spec.hub_id}: the label column has no class names; pass a dataset whose "
-                         "label is a ClassLabel.")
-    train = prepared[spec.train_split]
-    if few_shot:
-        train = few_shot_subset(train, few_shot, seed)
-    return ContinualTask(name=name, train_dataset=train, eval_dataset=prepared[spec.eval_split],
-                         classnames=[_clean_classname(n) for n in feature.names], templates=list(spec.templates),
-                         official_learning_rates={"moe-adapters": spec.learning_rate})
+    """`mtil_task` from the Hub copy `hub_id` (default: the spec's)."""
+    return mtil_task(name, hub=hub_id, few_shot=few_shot, seed=seed, cache_dir=cache_dir)
 
 
-def mini_mtil_tasks(assets: Path, names: Optional[list[str]] = None) -> list[ContinualTask]:
+def mini_mtil_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] = None) -> list[ContinualTask]:
     """The six real mini-MTIL datasets of the shared assets, alphabetical like Order I."""
-    return [ContinualTask.from_disk(assets / "mini-mtil" / name) for name in (names or MINI_TASKS)]
+    return [ContinualTask.from_disk(Path(assets) / "mini-mtil" / name) for name in (names or MINI_TASKS)]
 
 
-def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str], steps: int,
-                            seed: int = 1993) -> list[ContinualTask]:
-    """Split a dataset's classes into `steps` groups (shuffled with `seed`, as CIL papers do).
+def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str], steps: Optional[int] = None,
+                            seed: int = 1993, class_order: Optional[list[int]] = None,
+                            initial_increment: Optional[int] = None, increment: Optional[int] = None,
+                            templates: Optional[list[str]] = None) -> list[ContinualTask]:
+    """Split a dataset's classes into steps: `class_order` (default: shuffled with `seed`), cut into
+    `initial_increment` then `increment` classes (default: `steps` equal groups).
 
-    Step s trains on its own classes' images and is evaluated on the test images of every class seen so far; its
-    class names are all classes seen so far, so accuracy at step s is over the cumulative label space.
+    Labels become positions in the class order, as the official CIL code does; step s trains on its own classes (its
+    loss covers only them: `train_classes`) and is evaluated on the test images of every class seen so far, among
+    all those class names.
     """
-    if len(classnames) % steps:
-        raise ValueError(f"{len(classnames)} classes cannot be split into {steps} equal steps.")
-    order = list(range(len(classnames)))
-    random.Random(seed).shuffle(order)
-    per_step = len(classnames) // steps
-    tasks = []
-    for step in range(steps):
-        seen = order[: (step + 1) * per_step]
-        current = set(order[step * per_step : (step + 1) * per_step])
-        position = {label: i for i, label in enumerate(seen)}
-
-        def relabel(example):
-            return {"label": position[int(example["label"])]}
-
-        step_train = train.filter(lambda label: label in current, input_columns="label").map(relabel)
-        step_test = test.filter(lambda label: label in position, input_columns="label").map(relabel)
+    order = list(class_order) if class_order is not None else list(range(len(classnames)))
+    if class_order is None:
+        random.Random(seed).shuffle(order)
+    if sorted(order) != list(range(len(classnames))):
+        raise ValueError(f"class_order must list each of the {len(classnames)} classes once.")
+    if initial_increment is None:
+        if not steps or len(order) % steps:
+            raise ValueError(f"{len(order)} classes cannot be split into {steps} equal steps; pass `steps` that "
+                             "divides them, or `initial_increment` and `increment`.")
+        initial_increment = increment = len(order) // steps
+    bounds = list(range(initial_increment, len(order), increment or initial_increment)) + [len(order)]
+    position = {label: index for index, label in enumerate(order)}
+    train_labels = [position[int(label)] for label in train["label"]]
+    test_labels = [position[int(label)] for label in test["label"]]
+    train = train.remove_columns("label").add_column("label", train_labels)
+    test = test.remove_columns("label").add_column("label", test_labels)
+    names = [classnames[label] for label in order]
+    tasks, low = [], 0
+    for step, high in enumerate(bounds):
+        step_train = train.select([i for i, label in enumerate(train_labels) if low <= label < high])
+        step_test = test.select([i for i, label in enumerate(test_labels) if label < high])
         tasks.append(ContinualTask(name=f"step{step:02d}", train_dataset=step_train, eval_dataset=step_test,
-                                   classnames=[classnames[label] for label in seen]))
+                                   classnames=names[:high], templates=list(templates or ["a photo of a {}."]),
+                                   train_classes=list(range(low, high))))
+        low = high
     return tasks
+
+
+def preset_tasks(preset: Union[str, MTILPreset, ClassIncrementalPreset], data_dir: Union[None, str, os.PathLike] = None,
+                 hub_ids: Optional[Mapping[str, Union[str, HubSource]]] = None, tasks: Optional[list[str]] = None,
+                 seed: int = 0, cache_dir: Optional[str] = None,
+                 assets: Union[None, str, os.PathLike] = None) -> list[ContinualTask]:
+    """The tasks of a preset, in its order (or the subset/order `tasks`); data from torchvision folders under
+    `data_dir`, else the Hub copies (`hub_ids` replaces some by dataset name), `assets` for the mini preset."""
+    preset = get_preset(preset)
+    hub_ids = dict(hub_ids or {})
+    if isinstance(preset, ClassIncrementalPreset):
+        spec = MTIL_DATASETS[preset.dataset]
+        train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(
+            spec.name, hub_ids.get(spec.name)), cache_dir=cache_dir)
+        return class_incremental_tasks(train, test, list(spec.torchvision_classes), class_order=preset.class_order,
+                                       initial_increment=preset.initial_increment, increment=preset.increment,
+                                       templates=[preset.template])
+    names = list(tasks or preset.tasks)
+    unknown = sorted(set(names) - set(preset.tasks))
+    if unknown:
+        raise ValueError(f"Preset {preset.name!r} has no task(s) {unknown}; its tasks are {', '.join(preset.tasks)}.")
+    if preset.from_assets:
+        return mini_mtil_tasks(resolve_assets(assets), names)
+    return [mtil_task(name, data_dir=data_dir, hub=hub_ids.get(name), few_shot=preset.shots, seed=seed,
+                      cache_dir=cache_dir) for name in names]

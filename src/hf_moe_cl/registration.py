@@ -5,7 +5,7 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from .tuners.moe_lora import MoELoraConfig, MoELoraModel
-from .tuners.moe_lora.peft_type import MOE_LORA, MOE_LORA_PREFIX
+from .tuners.moe_lora.peft_type import LEGACY_PEFT_TYPES, MOE_LORA, MOE_LORA_PREFIX
 
 
 def register_moe_lora() -> None:
@@ -29,9 +29,11 @@ def register_moe_lora() -> None:
                 f"peft already has a method registered as {MOE_LORA!r} ({present!r}); "
                 "uninstall the other package that registers it."
             )
-    other = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == MOE_LORA_PREFIX and t != MOE_LORA]
+    ours = (MOE_LORA, *LEGACY_PEFT_TYPES)
+    other = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == MOE_LORA_PREFIX and t not in ours]
     if other:
         raise KeyError(f"peft method {other[0]!r} already uses the prefix {MOE_LORA_PREFIX!r}.")
-    PEFT_TYPE_TO_CONFIG_MAPPING[MOE_LORA] = MoELoraConfig
-    PEFT_TYPE_TO_TUNER_MAPPING[MOE_LORA] = MoELoraModel
-    PEFT_TYPE_TO_PREFIX_MAPPING[MOE_LORA] = MOE_LORA_PREFIX
+    for peft_type in ours:
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = MoELoraConfig
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MoELoraModel
+        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = MOE_LORA_PREFIX

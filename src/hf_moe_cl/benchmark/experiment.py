@@ -39,14 +39,22 @@ def build_method(method_args: MethodArguments, base, num_tasks: int, options: Se
                                                     reference_images=reference_images)
 
 
+def prepare_method(method_args: MethodArguments, base, tasks, args: ContinualTrainingArguments,
+                   options: Sequence = (), reference_images=None):
+    """(method, training arguments) for a run of `tasks`: the method built from a seeded start (its adapter's
+    initialisation does not depend on what ran before), every task at `learning_rate` unless the method's official
+    per-task rates are wanted."""
+    if not method_args.use_task_learning_rates:
+        args = dataclasses.replace(args, task_learning_rates=[args.learning_rate] * len(tasks))
+    set_seed(args.seed)
+    return build_method(method_args, base, len(tasks), options, reference_images), args
+
+
 def run_method(method_args: MethodArguments, base, processor, tasks, args: ContinualTrainingArguments,
                resume: bool = False, options: Sequence = (), reference_images=None) -> ContinualResult:
     """Run one method over `tasks`; checkpoints go under `args.output_dir`. `reference_images` are images of no
     task, for methods that learn to recognise unknown images (DDAS's reference set)."""
-    if not method_args.use_task_learning_rates:
-        args = dataclasses.replace(args, task_learning_rates=[args.learning_rate] * len(tasks))
-    set_seed(args.seed)  # adapter initialisation does not depend on what ran before
-    method = build_method(method_args, base, len(tasks), options, reference_images)
+    method, args = prepare_method(method_args, base, tasks, args, options, reference_images)
     trainer = ContinualTrainer(method=method, args=args, processing_class=processor)
     return trainer.train_tasks(tasks, resume=resume)
 

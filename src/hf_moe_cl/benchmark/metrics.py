@@ -1,11 +1,11 @@
-"""Continual-learning metrics from an accuracy matrix, as ZSCL / MoE-Adapters report them.
+"""Continual-learning metrics from an accuracy matrix, as ZSCL / MoE-Adapters report them, and forgetting.
 
 `A[i][j]` is the accuracy on task j after training task i (rows: training stage, columns: evaluated task).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def _check_matrix(matrix: Sequence[Sequence[float]]) -> int:
@@ -38,6 +38,33 @@ def last(matrix: Sequence[Sequence[float]]) -> float:
 
 def mtil_metrics(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
     return {"transfer": transfer(matrix), "average": average(matrix), "last": last(matrix)}
+
+
+def task_drops(matrix: Sequence[Sequence[Optional[float]]]) -> list[float]:
+    """Per task j: A[j][j] - A[T-1][j], what the task lost between right after it trained and the end of the
+    sequence (positive: forgotten; the last task's drop is 0 by definition)."""
+    tasks = _check_matrix(matrix)
+    needed = [(j, j) for j in range(tasks)] + [(tasks - 1, j) for j in range(tasks)]
+    missing = sorted({cell for cell in needed if matrix[cell[0]][cell[1]] is None})
+    if missing:
+        raise ValueError(f"Forgetting needs the diagonal and the last row of the matrix; cells {missing} were not "
+                         "evaluated (train with evaluate_all_tasks=True).")
+    return [matrix[j][j] - matrix[-1][j] for j in range(tasks)]
+
+
+def backward_transfer(matrix: Sequence[Sequence[Optional[float]]]) -> float:
+    """BWT (Lopez-Paz & Ranzato, 2017): the mean over tasks j < T of A[T-1][j] - A[j][j]; negative: forgetting."""
+    drops = task_drops(matrix)
+    if len(drops) < 2:
+        raise ValueError("Backward transfer needs at least two tasks.")
+    return sum(-drop for drop in drops[:-1]) / (len(drops) - 1)
+
+
+def forgetting(matrix: Sequence[Sequence[Optional[float]]], names: Sequence[str]) -> dict:
+    """`{"bwt": ..., "drop": {task name: drop}}` of a matrix, as reports and model cards write it."""
+    if len(names) != len(matrix):
+        raise ValueError(f"{len(names)} task names for a matrix of {len(matrix)} tasks.")
+    return {"bwt": backward_transfer(matrix), "drop": dict(zip(names, task_drops(matrix)))}
 
 
 def class_incremental_metrics(step_accuracies: Sequence[float]) -> dict[str, float]:

@@ -1,70 +1,139 @@
-"""Writes a finished run: the accuracy matrix as JSON and CSV, a Markdown metrics table and a heatmap PNG."""
+"""Reports of a finished run, for people to read: per matrix kind the accuracy matrix (JSON with its metrics and
+forgetting, CSV, a Markdown table, a heatmap PNG), where the method sent images without a task id (JSON and a
+figure), and one `metrics.md` over all kinds. Every file is written atomically.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from PIL import Image, ImageDraw
+from ..continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
+from ..files import write_text_atomic
+from .figures import METRIC_LABELS, accuracy_heatmap, save_png, selection_heatmap
+from .metrics import forgetting, mtil_metrics
 
-from .metrics import mtil_metrics
+METRIC_COLUMNS = ("transfer", "average", "last", "bwt")
+DROP_NOTE = ("Drop per task: accuracy right after training the task minus accuracy after the last task "
+             "(positive: forgotten; BWT is minus their mean over all tasks but the last).")
 
 
-def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = ("transfer", "average", "last")) -> str:
-    """One row per method: `| method | Transfer | Average | Last |`."""
-    header = "| method | " + " | ".join(c.capitalize() for c in columns) + " |"
+def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = ("transfer", "average", "last"),
+                   first: str = "method") -> str:
+    """One row per entry of `rows`: `| method | Transfer | Average | Last |` ("-" where a value is missing)."""
+    header = f"| {first} | " + " | ".join(METRIC_LABELS.get(c, c) for c in columns) + " |"
     lines = [header, "| --- |" + " ---: |" * len(columns)]
-    for method, values in rows.items():
+    for name, values in rows.items():
         cells = [f"{values[c]:.1f}" if values.get(c) is not None else "-" for c in columns]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _colour(value: float) -> tuple[int, int, int]:
-    """White (0 %) to dark blue (100 %)."""
-    t = max(0.0, min(1.0, value / 100.0))
-    return int(247 - 239 * t), int(251 - 203 * t), int(255 - 148 * t)
-
-
-def heatmap_png(matrix: Sequence[Sequence[Optional[float]]], names: Sequence[str], path: Path, cell: int = 56) -> None:
-    """The matrix as a labelled heatmap: rows = after training task i, columns = evaluated task j."""
-    label_width, label_height = 8 * max(len(n) for n in names) + 16, 8 * max(len(n) for n in names) + 16
-    size = (label_width + cell * len(names) + 8, label_height + cell * len(names) + 8)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    for j, name in enumerate(names):
-        text = Image.new("RGB", (label_height - 6, 14), "white")
-        ImageDraw.Draw(text).text((2, 1), name, fill="black")
-        image.paste(text.rotate(90, expand=True), (label_width + j * cell + cell // 2 - 7, 0))
-    for i, row in enumerate(matrix):
-        draw.text((4, label_height + i * cell + cell // 2 - 5), names[i], fill="black")
-        for j, value in enumerate(row):
-            box = (label_width + j * cell, label_height + i * cell)
-            fill = _colour(value) if value is not None else (230, 230, 230)
-            draw.rectangle([box, (box[0] + cell - 1, box[1] + cell - 1)], fill=fill, outline="white")
-            if value is not None:
-                ink = "white" if value > 55 else "black"
-                draw.text((box[0] + cell // 2 - 12, box[1] + cell // 2 - 5), f"{value:.1f}", fill=ink)
-    image.save(path)
-
-
-def write_report(output_dir: str | Path, method: str, names: Sequence[str], matrix) -> dict[str, float]:
-    """Save accuracy_matrix.{json,csv}, metrics.md and accuracy_matrix.png; return the metrics."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+def matrix_summary(names: Sequence[str], matrix) -> tuple[dict[str, float], Optional[dict]]:
+    """Transfer / Average / Last if every cell was evaluated (two tasks or more), and the forgetting (`{"bwt",
+    "drop"}`) if the diagonal and the last row were; empty / None otherwise (e.g. class-incremental runs)."""
+    if len(names) < 2:
+        return {}, None
     complete = all(value is not None for row in matrix for value in row)
-    metrics = mtil_metrics(matrix) if complete and len(names) > 1 else {}
-    (output_dir / "accuracy_matrix.json").write_text(
-        json.dumps({"method": method, "tasks": list(names), "accuracy_matrix": matrix, "metrics": metrics}, indent=1)
-    )
-    with open(output_dir / "accuracy_matrix.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["after \\ on"] + list(names))
-        for name, row in zip(names, matrix):
-            writer.writerow([name] + ["" if v is None else f"{v:.2f}" for v in row])
-    table = markdown_table({method: metrics}) if metrics else ""
-    (output_dir / "metrics.md").write_text(table + "\n")
-    heatmap_png(matrix, names, output_dir / "accuracy_matrix.png")
+    diagonal_and_last = all(matrix[j][j] is not None and matrix[-1][j] is not None for j in range(len(names)))
+    return (mtil_metrics(matrix) if complete else {}), (forgetting(matrix, names) if diagonal_and_last else None)
+
+
+def selection_summary(stages: Sequence[Sequence[Sequence[int]]], names: Sequence[str]) -> dict:
+    """From `route_histogram[kind]` (stage x task x [zero-shot, task 0, ...]): the counts after the last task, each
+    task's share sent to its own route, and the share of not-yet-learned tasks' images sent to zero-shot."""
+    last = [list(counts) for counts in stages[-1]]
+    correct = {name: 100.0 * counts[j + 1] / max(1, sum(counts)) for j, (name, counts) in enumerate(zip(names, last))}
+    unseen = [stages[i][j] for i in range(len(stages)) for j in range(i + 1, len(names))]
+    total = sum(sum(counts) for counts in unseen)
+    return {"routes": ["zero-shot", *names], "counts_after_last_task": last, "correct": correct,
+            "unseen_sent_to_zero_shot": 100.0 * sum(c[0] for c in unseen) / total if total else None,
+            "route_histogram": [[list(c) for c in stage] for stage in stages]}
+
+
+def selection_table(summary: dict, names: Sequence[str]) -> str:
+    """Rows: images of a task; columns: where they were sent (% of the task's test images), then the correct share."""
+    lines = ["| images of | " + " | ".join(summary["routes"]) + " | correct |",
+             "| --- |" + " ---: |" * (len(summary["routes"]) + 1)]
+    for name, counts in zip(names, summary["counts_after_last_task"]):
+        shares = [100.0 * c / max(1, sum(counts)) for c in counts]
+        lines.append(f"| {name} | " + " | ".join(f"{s:.1f}" for s in shares) + f" | {summary['correct'][name]:.1f} |")
+    if summary["unseen_sent_to_zero_shot"] is not None:
+        lines += ["", f"Images of tasks not yet learned sent to zero-shot CLIP (all stages): "
+                      f"{summary['unseen_sent_to_zero_shot']:.1f} %"]
+    return "\n".join(lines)
+
+
+def metrics_markdown(rows: dict[str, tuple[dict, Optional[dict]]], names: Sequence[str], first: str) -> str:
+    """Transfer / Average / Last / BWT per row of `rows` (`matrix_summary` pairs), then the drop per task."""
+    metrics = {row: {**values, "bwt": lost["bwt"] if lost else None} for row, (values, lost) in rows.items()}
+    text = markdown_table(metrics, METRIC_COLUMNS, first)
+    drops = {row: lost["drop"] for row, (_, lost) in rows.items() if lost}
+    if drops:
+        text += "\n\n" + DROP_NOTE + "\n\n" + markdown_table(drops, names, first)
+    return text
+
+
+def _csv(names: Sequence[str], matrix) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["after \\ on"] + list(names))
+    for name, row in zip(names, matrix):
+        writer.writerow([name] + ["" if v is None else f"{v:.2f}" for v in row])
+    return buffer.getvalue()
+
+
+def write_report(output_dir: str | Path, method: str, names: Sequence[str], matrix, kind: str = "oracle",
+                 route_histogram: Optional[Sequence] = None) -> dict[str, float]:
+    """One matrix into `output_dir`: accuracy_matrix.{json,csv,png} and metrics.md (Transfer / Average / Last /
+    BWT and the drop per task), plus route_selection.{json,png} when `route_histogram` (stage x task x route
+    counts) is given. Returns Transfer / Average / Last (empty if some cell was not evaluated)."""
+    output_dir = Path(output_dir)
+    names = list(names)
+    metrics, lost = matrix_summary(names, matrix)
+    record = {"method": method, "kind": kind, "tasks": names, "accuracy_matrix": matrix, "metrics": metrics,
+              "forgetting": lost}
+    write_text_atomic(output_dir / "accuracy_matrix.json", json.dumps(record, indent=1))
+    write_text_atomic(output_dir / "accuracy_matrix.csv", _csv(names, matrix))
+    text = (f"# {method}: {MATRIX_TITLES.get(kind, kind)}\n\n"
+            + metrics_markdown({method: (metrics, lost)}, names, "method"))
+    figure_metrics = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
+    save_png(accuracy_heatmap(matrix, names, method, kind, figure_metrics), output_dir / "accuracy_matrix.png")
+    if route_histogram:
+        summary = selection_summary(route_histogram, names)
+        write_text_atomic(output_dir / "route_selection.json",
+                          json.dumps({"method": method, "kind": kind, "tasks": names, **summary}, indent=1))
+        save_png(selection_heatmap(summary["counts_after_last_task"], names, method, kind),
+                 output_dir / "route_selection.png")
+        text += "\n\n## Route selection after the last task\n\n" + selection_table(summary, names)
+    write_text_atomic(output_dir / "metrics.md", text + "\n")
     return metrics
+
+
+def write_result_report(output_dir: str | Path, result: ContinualResult, method: str) -> dict[str, dict[str, float]]:
+    """Every matrix of `result` into `output_dir/<kind>/` (see `write_report`; kinds with route histograms also get
+    route_selection.{json,png}), and `output_dir/metrics.md` listing all kinds, protocol first, then per_image,
+    then oracle. Returns, per kind, Transfer / Average / Last / BWT (those that could be computed)."""
+    output_dir = Path(output_dir)
+    names = list(result.task_names)
+    kinds = [kind for kind in MATRIX_KINDS if kind in result.matrices]
+    kinds += [kind for kind in result.matrices if kind not in kinds]
+    histograms = result.diagnostics.get("route_histogram", {})
+    rows, returned, sections = {}, {}, []
+    for kind in kinds:
+        write_report(output_dir / kind, method, names, result.matrices[kind], kind, histograms.get(kind))
+        metrics, lost = matrix_summary(names, result.matrices[kind])
+        rows[f"{kind}: {MATRIX_TITLES.get(kind, kind)}"] = (metrics, lost)
+        returned[kind] = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
+        sections.append(f"![{kind}]({kind}/accuracy_matrix.png)")
+        if histograms.get(kind):
+            sections.append(f"### Route selection after the last task, {kind}\n\n"
+                            + selection_table(selection_summary(histograms[kind], names), names)
+                            + f"\n\n![{kind} route selection]({kind}/route_selection.png)")
+    text = (f"# {method} on {len(names)} tasks: {', '.join(names)}\n\n" + metrics_markdown(rows, names, "matrix")
+            + "\n\n## Figures and route selection\n\n" + "\n\n".join(sections) + "\n")
+    write_text_atomic(output_dir / "metrics.md", text)
+    return returned

@@ -1,24 +1,33 @@
-"""Batches of `image` + `label` examples turned into CLIP pixel values, whatever the image mode."""
+"""Batches of `image` + `label` examples turned into CLIP pixel values, whatever the image mode, with the official
+training augmentation."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
+# Full-scale value of PIL's wide integer modes: 16-bit data (PNG, TIFF) opens as "I;16*" or, in older Pillow, "I".
+WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
+
 
 def to_rgb(image: Any) -> Image.Image:
-    """Grayscale (MNIST), palette, RGBA, CMYK, 16-bit or array images as 8-bit RGB PIL images."""
+    """Grayscale (MNIST), palette, RGBA, CMYK, 16-bit or array images as 8-bit RGB PIL images.
+
+    Wide integer images are scaled by their bit depth (0..65535 -> 0..255), float images ("F") are read as 0..1;
+    values are never stretched per image, so a uniform grey stays that grey.
+    """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        span = float(array.max() - array.min()) or 1.0
-        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+    if image.mode in WIDE_MODES or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        full_scale = WIDE_MODES.get(image.mode, 1.0)
+        image = Image.fromarray(np.round(np.clip(array / full_scale, 0.0, 1.0) * 255).astype(np.uint8))
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -26,14 +35,51 @@ def to_rgb(image: Any) -> Image.Image:
     return image.convert("RGB")
 
 
-class ImageClassificationCollator:
-    """Collates examples with `image` and `label` into `pixel_values` and `labels` for `ContinualTrainer`."""
+class RandomResizedCrop:
+    """torchvision's `RandomResizedCrop` on PIL images, without torchvision: a crop of `scale` of the area and an
+    aspect ratio log-uniform in `ratio`, resized to `size` (bicubic). The official training transform is
+    `RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=bicubic)`. Draws from torch's RNG, so seeded runs repeat.
+    """
 
-    def __init__(self, image_processor):
+    def __init__(self, size: int, scale: tuple[float, float] = (0.9, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"RandomResizedCrop scale must satisfy 0 < low <= high <= 1, got {scale}.")
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * torch.empty(1).uniform_(*self.scale).item()
+            aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, (1,)).item()
+                left = torch.randint(0, width - w + 1, (1,)).item()
+                return left, top, left + w, top + h
+        aspect = width / height  # fallback: the central crop with the nearest allowed aspect ratio
+        w, h = ((width, int(round(width / min(self.ratio)))) if aspect < min(self.ratio) else
+                (int(round(height * max(self.ratio))), height) if aspect > max(self.ratio) else (width, height))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.resize((self.size, self.size), Image.BICUBIC, box=self.box(*image.size))
+
+
+class ImageClassificationCollator:
+    """Collates examples with `image` and `label` into `pixel_values` and `labels` for `ContinualTrainer`;
+    `augment` (e.g. `RandomResizedCrop`) is applied to every RGB image before the image processor."""
+
+    def __init__(self, image_processor, augment: Optional[Any] = None):
         self.image_processor = image_processor
+        self.augment = augment
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [to_rgb(example["image"]) for example in examples]
+        if self.augment is not None:
+            images = [self.augment(image) for image in images]
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         labels = torch.tensor([int(example["label"]) for example in examples], dtype=torch.long)
         return {"pixel_values": pixel_values, "labels": labels}

@@ -26,7 +26,8 @@ def evaluate_task(trainer, method, classifier: RoutedClassifier, task, kind: str
     method.model.eval()
     correct = total = 0
     histogram: Optional[torch.Tensor] = None
-    for batch in trainer.get_eval_dataloader(task.eval_dataset):
+    label = f"evaluating {task.name}" + ("" if kind == "oracle" else f" ({kind.replace('_', '-')})")
+    for batch in trainer.progress(trainer.get_eval_dataloader(task.eval_dataset), label):
         pixels, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
         if kind == "oracle":
             routes, untouched = Routes.single(route, pixels.shape[0], device), None

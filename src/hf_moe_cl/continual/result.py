@@ -12,6 +12,8 @@ Matrix = list[list[Optional[float]]]
 # The matrices a run can fill, headline first: `protocol` (the paper's: the method picks one model per test batch),
 # `per_image` (a decision per image), `oracle` (the true task id).
 MATRIX_KINDS = ("protocol", "per_image", "oracle")
+MATRIX_TITLES = {"protocol": "task-agnostic, one route per test batch", "per_image": "task-agnostic, route per image",
+                 "oracle": "task-aware (true task ids)"}
 
 
 @dataclass

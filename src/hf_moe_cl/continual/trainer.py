@@ -6,23 +6,49 @@ classified belongs to a `ContinualMethod` (MoE-Adapters, ConDU, the baselines).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import logging
+import shutil
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, set_seed
+from tqdm.auto import tqdm
+from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
+from .checkpoints import (
+    check_same_run,
+    finished_folders,
+    jsonable,
+    prune,
+    read_progress,
+    remove_temporary,
+    save_task,
+    task_folder,
+    update_progress,
+)
 from .arguments import ContinualTrainingArguments
-from .data import ImageClassificationCollator
+from .data import ImageClassificationCollator, RandomResizedCrop
 from .evaluation import evaluate_task
 from .methods import ContinualMethod, method_for_model
 from .result import MATRIX_KINDS, ContinualResult
 from .tasks import ContinualTask
 
-PROGRESS_FILE = "continual_progress.json"
+logger = logging.getLogger("hf_moe_cl")
+
+
+class TaskProgressCallback(ProgressCallback):
+    """transformers' training progress bar, named after the task it trains."""
+
+    def __init__(self, trainer: "ContinualTrainer"):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.trainer.task_label)
 
 
 class ContinualTrainer(Trainer):
@@ -32,7 +58,8 @@ class ContinualTrainer(Trainer):
     names, the text tower run with gradients (template `train_template`), plus the method's extra loss.
     Evaluation: text features averaged over all templates, through `classification.RoutedClassifier`.
     `processing_class` is a `CLIPProcessor` (tokenizer + image processor). `method` defaults to the one `model`
-    implies (`methods.method_for_model`).
+    implies (`methods.method_for_model`). Use `train_tasks`; `train()` and `evaluate()` work on the task being
+    trained.
     """
 
     def __init__(self, model=None, args: Optional[ContinualTrainingArguments] = None, processing_class=None,
@@ -45,30 +72,87 @@ class ContinualTrainer(Trainer):
             method = method_for_model(model)
         elif model is not None and model is not method.model:
             raise ValueError("Pass either `model` or `method` (whose model is trained), not a different model.")
-        if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = ImageClassificationCollator(processing_class.image_processor)
         args = args if args is not None else ContinualTrainingArguments(output_dir="continual_output")
         if not isinstance(args, ContinualTrainingArguments):
             raise ValueError("ContinualTrainer needs `args` of type ContinualTrainingArguments.")
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = ImageClassificationCollator(processing_class.image_processor)
         callbacks = list(kwargs.pop("callbacks", None) or []) + method.callbacks()
         model = method.training_model()
         super().__init__(model=method.model if model is None else model, args=args,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(TaskProgressCallback(self))
         self.method = method
         self.current_task: Optional[ContinualTask] = None
+        self.task_label = ""
         self.num_routes = 0
         self._prompt_tokens: Optional[dict[str, torch.Tensor]] = None
+        self._label_map: Optional[torch.Tensor] = None  # dataset label -> position among the trained classes
+        self._in_task_loop = False
+        self._steps_done = 0  # optimizer steps of the finished tasks
+        self._step_offset = 0  # added to the Trainer's per-task step in logs
+
+    # ----- Trainer entry points ------------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        """Trains the current task; a task sequence is trained with `train_tasks`."""
+        if not self._in_task_loop:
+            raise ValueError(
+                "ContinualTrainer trains a sequence of tasks: call trainer.train_tasks([ContinualTask(...), ...]) "
+                "instead of train()."
+            )
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Accuracy of the model being trained on the current task (its eval split, or `eval_dataset`), as a
+        Trainer user expects during `train_tasks` (e.g. with `eval_strategy="steps"`)."""
+        task = self.current_task
+        if task is None:
+            raise ValueError(
+                "ContinualTrainer.evaluate() measures the task being trained inside train_tasks(); to measure a task "
+                "at other times use trainer.evaluate_task(task, route)."
+            )
+        if eval_dataset is not None:
+            task = ContinualTask(task.name, None, eval_dataset, task.classnames, task.templates)
+        current = ContinualMethod(self.model)  # the training model as it is: no routing
+        classifier = RoutedClassifier(current, self.processing_class.tokenizer, self.args.device)
+        accuracy = evaluate_task(self, current, classifier, task, "oracle", ZERO_SHOT)[0]
+        self.model.train()
+        metrics = {f"{metric_key_prefix}_accuracy": accuracy}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Logs with a step that keeps increasing across tasks (each task's Trainer state restarts at 0)."""
+        self.state.global_step += self._step_offset
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.global_step -= self._step_offset
+
+    def progress(self, iterable, description: str):
+        """A named progress bar over `iterable` on the main process (none with `disable_tqdm`)."""
+        return tqdm(iterable, desc=description, leave=False,
+                    disable=self.args.disable_tqdm or not self.is_world_process_zero())
 
     # ----- loss ----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tokens = {k: v.to(inputs["pixel_values"].device) for k, v in self._prompt_tokens.items()}
         outputs = model(pixel_values=inputs["pixel_values"], **tokens)
+        labels = self._label_map.to(inputs["labels"].device)[inputs["labels"]]
         loss = F.cross_entropy(
-            outputs.logits_per_image.float(), inputs["labels"], label_smoothing=self.args.label_smoothing_factor
+            outputs.logits_per_image.float(), labels, label_smoothing=self.args.label_smoothing_factor
         )
         extra = self.method.extra_loss()
         if extra is not None:
             loss = loss + extra
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{self.task_label}: the training loss became {loss.item()} at step {self.state.global_step + 1}. "
+                f"The task stopped before anything of it was saved (earlier task checkpoints are intact). Lower the "
+                f"learning rate ({self.args.learning_rate:g}) or check the task's data."
+            )
         return (loss, outputs) if return_outputs else loss
 
     # ----- evaluation ----------------------------------------------------------------------------------------------
@@ -120,67 +204,154 @@ class ContinualTrainer(Trainer):
                 else:
                     row.append(evaluate_task(self, method, classifier, other, "oracle", route)[0])
         matrices["oracle"].append(row)
-        self.log({f"accuracy/{other.name}": acc for other, acc in zip(tasks, row) if acc is not None})
+        self._report("accuracy", tasks, row)
         for kind in histograms:
             evaluated = [selected(j) if kind == "per_image" else evaluate_task(self, method, classifier, other, kind)
                          for j, other in enumerate(tasks)]
             matrices[kind].append([accuracy for accuracy, _ in evaluated])
             histograms[kind].append([counts for _, counts in evaluated])
-            self.log({f"{kind}_accuracy/{o.name}": a for o, a in zip(tasks, matrices[kind][-1])})
+            self._report(f"{kind}_accuracy", tasks, matrices[kind][-1])
+
+    def _report(self, prefix: str, tasks: list[ContinualTask], row: list[Optional[float]]) -> None:
+        values = {f"{prefix}/{task.name}": value for task, value in zip(tasks, row) if value is not None}
+        self.log(values)
+        logger.info("%s, %s: %s", self.task_label, prefix,
+                    ", ".join(f"{task.name} {value:.2f}" for task, value in zip(tasks, row) if value is not None))
 
     def _pretrained_accuracies(self, tasks: list[ContinualTask]) -> dict[int, float]:
         """Accuracy of the method's model for no learned task (-1) on every task that some cell evaluates with it,
         measured before any training: that model never changes."""
         method, last = self.method, len(tasks) - 1
         needed = {j for j in range(len(tasks)) if method.task_route(j) == ZERO_SHOT}
-        needed |= {j for i in range(last) for j in range(i + 1, len(tasks)) if method.unseen_route(i) == ZERO_SHOT}
-        if not self.args.evaluate_all_tasks:
-            needed &= {j for j in range(len(tasks)) if method.task_route(j) == ZERO_SHOT}
+        if self.args.evaluate_all_tasks:
+            needed |= {j for i in range(last) for j in range(i + 1, len(tasks))
+                       if method.unseen_route(i) == ZERO_SHOT}
         classifier = self.classifier()
         return {j: evaluate_task(self, method, classifier, tasks[j], "oracle", ZERO_SHOT)[0] for j in sorted(needed)}
 
     # ----- the task loop -------------------------------------------------------------------------------------------
-    def train_tasks(self, tasks: list[ContinualTask], resume: bool = False) -> ContinualResult:
-        """Train the tasks in order; after each: the method's end of task, one row of each matrix, a checkpoint.
+    def run_identity(self, tasks: list[ContinualTask]) -> dict:
+        """What makes a checkpoint folder this run's: compared before resuming."""
+        base = self.method.model.config
+        args = self.args
+        return jsonable({
+            "method": self.method.fingerprint(),
+            "base_model": {"name_or_path": getattr(base, "_name_or_path", None), "model_type": base.model_type,
+                           "vision": [base.vision_config.hidden_size, base.vision_config.num_hidden_layers],
+                           "text": [base.text_config.hidden_size, base.text_config.num_hidden_layers],
+                           "projection_dim": base.projection_dim},
+            "seed": args.seed, "max_steps": args.max_steps,
+            "num_train_epochs": args.num_train_epochs if args.max_steps == -1 else None,
+            "batch_size": args.per_device_train_batch_size, "warmup_steps": args.warmup_steps,
+            "lr_scheduler_type": args.lr_scheduler_type, "weight_decay": args.weight_decay,
+            "label_smoothing": args.label_smoothing_factor, "train_template": args.train_template,
+            "train_augmentation": args.train_augmentation,
+            "learning_rates": [self.task_learning_rate(i, task) for i, task in enumerate(tasks)],
+            "tasks": [{"name": t.name, "classnames": t.classnames, "templates": t.templates} for t in tasks],
+        })
 
-        With `resume=True`, the last finished task's checkpoint under `output_dir` is loaded and training goes on
-        from the next task, giving the same result as an uninterrupted run.
-        """
-        train = self.method.trains and self.args.max_steps > 0
-        for task in tasks:
-            task.validate(needs_training=train)
+    def _validate(self, tasks: list[ContinualTask], train: bool) -> None:
         if len({task.name for task in tasks}) != len(tasks):
             raise ValueError("Task names must be unique: they name the checkpoint folders.")
         if self.args.task_learning_rates is not None and len(self.args.task_learning_rates) != len(tasks):
             raise ValueError(
                 f"task_learning_rates has {len(self.args.task_learning_rates)} entries for {len(tasks)} tasks."
             )
+        for task in tasks:
+            task.validate(needs_training=train, check_images=self.args.check_images,
+                          progress=self.is_world_process_zero() and not self.args.disable_tqdm)
+
+    def _prepare_output_dir(self, tasks: list[ContinualTask], run: dict, resume: bool) -> tuple[int, Optional[dict]]:
+        """(first task to run, progress of the checkpoint resumed from); refuses to mix runs in one folder."""
+        output_dir = self.args.output_dir
+        if self.is_world_process_zero():
+            remove_temporary(output_dir)
+        folders = finished_folders(output_dir)
+        if folders and not resume:
+            if not self.args.overwrite_output_dir:
+                raise ValueError(
+                    f"{output_dir} already holds task checkpoints ({', '.join(p.name for p in folders.values())}). "
+                    "Resume them with resume=True (--resume), write to another output_dir, or set "
+                    "overwrite_output_dir=True to replace them."
+                )
+            if self.is_world_process_zero():
+                for folder in folders.values():
+                    shutil.rmtree(folder)
+            self.accelerator.wait_for_everyone()
+            return 0, None
+        names = [task.name for task in tasks]
+        expected = {i: task_folder(output_dir, i, name) for i, name in enumerate(names)}
+        strangers = [folder for i, folder in folders.items() if expected.get(i) != folder]
+        if strangers:
+            raise ValueError(f"Cannot resume in {output_dir}: {strangers[0].name} is not a task of this sequence "
+                             f"{names}. Use another output_dir or the same task sequence.")
+        if not folders:
+            return 0, None
+        last = max(folders)
+        progress = read_progress(folders[last])
+        check_same_run(folders[last], progress, run)
+        self.method.load(folders[last])
+        return last + (1 if progress["evaluated"] else 0), progress
+
+    def train_tasks(self, tasks: list[ContinualTask], resume: bool = False) -> ContinualResult:
+        """Train the tasks in order; after each: the method's end of task, a checkpoint, one row of each matrix.
+
+        With `resume=True`, the last task checkpoint under `output_dir` is loaded (after checking it belongs to this
+        run) and the run goes on from there, giving the same result as an uninterrupted run.
+        """
+        train = self.method.trains and self.args.max_steps != 0
+        self._validate(tasks, train)
         histograms = {kind: [] for kind in self._agnostic_kinds()}
         self.method.begin_sequence(self, tasks)
-        self.num_routes = len(tasks)
+        self.num_routes = self.method.route_count(tasks)
         names = [task.name for task in tasks]
-        pretrained = self._pretrained_accuracies(tasks)
+        run = self.run_identity(tasks)
+        start, progress = self._prepare_output_dir(tasks, run, resume) if self.args.save_task_checkpoints else (0,
+                                                                                                              None)
         matrices = {"oracle": [], **{kind: [] for kind in histograms}}
-        start = 0
-        if resume:
-            start = self._resume(names, matrices, histograms)
+        if progress is not None:
+            for kind in matrices:
+                matrices[kind].extend(progress["matrices"].get(kind, []))
+            for kind in histograms:
+                histograms[kind].extend(progress["route_histogram"].get(kind, []))
+            self._steps_done = self._step_offset = progress["steps_done"]
+            self.method.restore_diagnostics(progress.get("diagnostics", {}))
+            logger.info("Resuming after task %d/%d (%s) from %s.", progress["finished_task"] + 1, len(tasks),
+                        names[progress["finished_task"]], self.args.output_dir)
+        pretrained = self._pretrained_accuracies(tasks)
         for index in range(start, len(tasks)):
             task = tasks[index]
-            set_seed(self.method.task_seed(self.args.seed, index))
-            self.current_task = task
-            self.method.begin_task(self, index, task)
-            if train:
-                self._train_one_task(index, task)
-            self.method.end_task(self, index, task)
-            self.current_task = None
+            self.task_label = f"task {index + 1}/{len(tasks)}: {task.name}"
+            trained_before = progress is not None and progress["finished_task"] == index
+            if not trained_before:
+                logger.info("%s", self.task_label)
+                self._step_offset = self._steps_done
+                self._run_task(index, task, train)
+                self._steps_done += self.state.global_step if train else 0
+                if self.args.save_task_checkpoints:
+                    progress = self._save_task(index, names, matrices, histograms, run)
             self._evaluate_stage(index, tasks, matrices, histograms, pretrained)
             if self.args.save_task_checkpoints:
-                self._save_task(index, names, matrices, histograms)
+                progress.update(evaluated=True, matrices=matrices, route_histogram=histograms)
+                if self.is_world_process_zero():
+                    update_progress(task_folder(self.args.output_dir, index, task.name),
+                                                progress)
+                    prune(self.args.output_dir, self.args.save_total_limit)
+                self.accelerator.wait_for_everyone()
         diagnostics = dict(self.method.diagnostics())
         if histograms:
             diagnostics["route_histogram"] = histograms
         ordered = {kind: matrices[kind] for kind in MATRIX_KINDS if kind in matrices}
         return ContinualResult(task_names=names, matrices=ordered, diagnostics=diagnostics)
+
+    def _run_task(self, index: int, task: ContinualTask, train: bool) -> None:
+        set_seed(self.method.task_seed(self.args.seed, index))
+        self.current_task = task
+        self.method.begin_task(self, index, task)
+        if train:
+            self._train_one_task(index, task)
+        self.method.end_task(self, index, task)
+        self.current_task = None
 
     def _train_one_task(self, index: int, task: ContinualTask) -> None:
         model = self.method.training_model()
@@ -188,11 +359,30 @@ class ContinualTrainer(Trainer):
             self.model = self.model_wrapped = model.to(self.args.device)
         template = task.templates[min(self.args.train_template, len(task.templates) - 1)]
         self._prompt_tokens = tokenize_prompts(self.processing_class.tokenizer, task.prompts(template))
+        self._label_map = torch.full((len(task.classnames),), -100, dtype=torch.long)
+        self._label_map[task.trained_classes] = torch.arange(len(task.trained_classes))
         self.args.learning_rate = self.task_learning_rate(index, task)
         self.train_dataset = task.train_dataset
         self.optimizer, self.lr_scheduler = None, None
-        self.train()
-        self.accelerator.free_memory()  # the next task prepares its own model and optimiser
+        self._in_task_loop = True
+        try:
+            self.train()
+        finally:
+            self._in_task_loop = False
+            self.accelerator.free_memory()  # the next task prepares its own model and optimiser
+
+    def get_train_dataloader(self):
+        """Training batches go through the official augmentation (`train_augmentation`); evaluation's do not."""
+        if self.args.train_augmentation in (None, "none"):
+            return super().get_train_dataloader()
+        evaluation_collator = self.data_collator
+        crop = self.processing_class.image_processor.crop_size
+        self.data_collator = ImageClassificationCollator(evaluation_collator.image_processor,
+                                                         RandomResizedCrop(crop["height"], scale=(0.9, 1.0)))
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = evaluation_collator
 
     def task_learning_rate(self, index: int, task: ContinualTask) -> float:
         """`task_learning_rates[index]`, else the task's own rate, else its official rate for the method's recipe,
@@ -204,37 +394,17 @@ class ContinualTrainer(Trainer):
         return task.official_learning_rates.get(self.method.recipe, self.args.learning_rate)
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
-    def _task_dir(self, index: int, name: str) -> Path:
-        return Path(self.args.output_dir) / f"task-{index:02d}-{name}"
-
-    def _save_task(self, index: int, names: list[str], matrices: dict, histograms: dict) -> None:
-        folder = self._task_dir(index, names[index])
+    def _save_task(self, index: int, names: list[str], matrices: dict, histograms: dict, run: dict) -> dict:
+        """The task's checkpoint, written before its row is evaluated (`evaluated: false` until then)."""
+        progress = {"finished_task": index, "task_names": names, "evaluated": False, "steps_done": self._steps_done,
+                    "matrices": matrices, "route_histogram": histograms, "diagnostics": self.method.diagnostics(),
+                    "run": run}
         if self.is_world_process_zero():
-            folder.mkdir(parents=True, exist_ok=True)
-            self.method.save(folder)
-            self.state.save_to_json(str(folder / "trainer_state.json"))
-            progress = {"finished_task": index, "task_names": names, "matrices": matrices,
-                        "route_histogram": histograms}
-            (folder / PROGRESS_FILE).write_text(json.dumps(progress, indent=1))
-        self.accelerator.wait_for_everyone()
+            def write_model(folder):
+                self.method.save(folder)
+                self.state.save_to_json(str(folder / "trainer_state.json"))
 
-    def _resume(self, names: list[str], matrices: dict, histograms: dict) -> int:
-        finished = None
-        for index, name in enumerate(names):
-            if (self._task_dir(index, name) / PROGRESS_FILE).is_file():
-                finished = index
-        if finished is None:
-            return 0
-        folder = self._task_dir(finished, names[finished])
-        progress = json.loads((folder / PROGRESS_FILE).read_text())
-        if progress["task_names"] != names:
-            raise ValueError(
-                f"Cannot resume from {folder}: it was trained on tasks {progress['task_names']}, not {names}. "
-                "Use another output_dir or the same task sequence."
-            )
-        self.method.load(folder)
-        for kind in matrices:
-            matrices[kind].extend(progress["matrices"].get(kind, []))
-        for kind in histograms:
-            histograms[kind].extend(progress["route_histogram"].get(kind, []))
-        return finished + 1
+            save_task(task_folder(self.args.output_dir, index, names[index]), write_model,
+                                  progress)
+        self.accelerator.wait_for_everyone()
+        return progress

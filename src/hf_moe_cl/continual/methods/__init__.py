@@ -1,33 +1,19 @@
-"""The registry of continual methods: `register_method` adds a `ContinualMethod` subclass under its `name`."""
+"""The continual methods, one module each, found by name in the registry (`registry.py`)."""
 
 from __future__ import annotations
 
-METHODS: dict[str, type] = {}
+from peft import PeftModel
 
-
-def register_method(cls):
-    """Class decorator: make a `ContinualMethod` available by its `name` (e.g. to `examples/mtil.py --method`)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a `name` to be registered.")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise KeyError(f"A continual method is already registered as {cls.name!r} ({METHODS[cls.name].__name__}).")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type:
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
-    return METHODS[name]
-
-
-from .base import ContinualMethod  # noqa: E402
-from .condu import ConDU, ConDUArguments  # noqa: E402
-from .finetune import ContinualFineTune  # noqa: E402
-from .individual import IndividualFineTune  # noqa: E402
-from .lora import ContinualLoRA, LoRAArguments  # noqa: E402
-from .moe_adapters import DDASArguments, ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments  # noqa: E402
-from .zero_shot import ZeroShot  # noqa: E402
+from ...tuners.moe_lora.model import find_moe
+from .base import ContinualMethod
+from .condu import ConDU, ConDUArguments
+from .ddas import DDASArguments
+from .finetune import ContinualFineTune
+from .individual import IndividualFineTune
+from .lora import ContinualLoRA, LoRAArguments
+from .moe_adapters import ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments
+from .registry import METHODS, get_method, register_method
+from .zero_shot import ZeroShot
 
 __all__ = ["METHODS", "ConDU", "ConDUArguments", "ContinualFineTune", "ContinualLoRA", "ContinualMethod",
            "DDASArguments", "ExpertMergingCallback", "IndividualFineTune", "LoRAArguments", "MoEAdapters",
@@ -36,10 +22,6 @@ __all__ = ["METHODS", "ConDU", "ConDUArguments", "ContinualFineTune", "Continual
 
 def method_for_model(model) -> ContinualMethod:
     """The method a bare model implies: MoE-LoRA -> MoE-Adapters, peft LoRA -> continual LoRA, else fine-tuning."""
-    from peft import PeftModel
-
-    from ...tuners.moe_lora.model import find_moe
-
     if find_moe(model) is not None:
         return MoEAdapters(model)
     if isinstance(model, PeftModel):

@@ -20,6 +20,10 @@ from torch import nn
 
 from ...classification import ZERO_SHOT, Routes
 from ...files import check_safetensors_file
+from ..checkpoints import jsonable
+
+# Adapter-config entries that change during a run (tasks added, selector fitted) or only at load time.
+RUN_STATE_CONFIG_KEYS = {"task_info", "selector", "num_tasks", "inference_mode", "revision"}
 
 
 class ContinualMethod:
@@ -115,9 +119,27 @@ class ContinualMethod:
         """Route -> {"name", "classnames", "templates"} of every task the method can pick without a task id."""
         return {}
 
+    def route_count(self, tasks: list) -> int:
+        """How many task routes there are while `tasks` run (the width of route histograms, beside route -1)."""
+        return len(tasks)
+
+    def fingerprint(self) -> dict:
+        """What makes two runs of this method the same run (compared before resuming): its name, options and, for a
+        peft model, the adapter's config (sizes and targets, not what grows during the run)."""
+        identity = {"method": self.name, "arguments": jsonable(self.arguments)}
+        peft_config = getattr(self.model, "peft_config", None)
+        if isinstance(peft_config, dict):
+            identity["adapter"] = {name: {k: v for k, v in jsonable(config.to_dict()).items()
+                                          if k not in RUN_STATE_CONFIG_KEYS}
+                                   for name, config in peft_config.items()}
+        return identity
+
     def diagnostics(self) -> dict:
-        """Method-specific results the trainer adds to `ContinualResult.diagnostics`."""
+        """Method-specific results the trainer adds to `ContinualResult.diagnostics` (and to checkpoints)."""
         return {}
+
+    def restore_diagnostics(self, diagnostics: dict) -> None:
+        """Take back what `diagnostics` returned, from the checkpoint a run resumes from."""
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -125,11 +147,22 @@ class ContinualMethod:
         self.model.save_pretrained(folder)
 
     def load(self, folder: Path) -> None:
-        """Restore the state saved by `save`."""
+        """Restore the state saved by `save` (every tensor of the model, no more, no less)."""
         state = {}
         for path in sorted(Path(folder).glob("model*.safetensors")):
             check_safetensors_file(path)
             state.update(load_file(path))
         if not state:
             raise FileNotFoundError(f"No model*.safetensors in {folder} to resume from.")
-        self.model.load_state_dict(state, strict=False)
+        result = self.model.load_state_dict(state, strict=False)
+        check_loaded(folder, result.missing_keys, result.unexpected_keys)
+
+
+def check_loaded(folder: Path, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse a checkpoint that left tensors of the model unset or had tensors the model lacks."""
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint in {folder} does not fit this model: {len(missing)} of the model's tensors are missing "
+            f"from it (e.g. {sorted(missing)[:2]}) and {len(unexpected)} of its tensors have no place in the model "
+            f"(e.g. {sorted(unexpected)[:2]}). It was saved by another method or for another model."
+        )

@@ -40,8 +40,8 @@ from ...condu.lora import (
     trained_factors,
     weight_delta,
 )
-from . import register_method
 from .base import ContinualMethod
+from .registry import register_method
 
 _CHOICES = {"condu_fine_tune": ("lora", "full"), "condu_rescaler": UNIFY_RULES, "condu_prototypes": PROTOTYPE_KINDS,
             "condu_fusion": ("logits", "probabilities"), "condu_weighting": ("uniform", "similarity"),

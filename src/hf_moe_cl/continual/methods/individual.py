@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_method
+from .registry import register_method
 from .base import ContinualMethod
 
 

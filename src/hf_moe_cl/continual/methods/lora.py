@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ...files import check_safetensors_file
-from . import register_method
-from .base import ContinualMethod
+from .registry import register_method
+from .base import ContinualMethod, check_loaded
 
 
 @dataclass
@@ -41,5 +41,8 @@ class ContinualLoRA(ContinualMethod):
 
     def load(self, folder: Path) -> None:
         path = Path(folder) / "adapter_model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"No adapter_model.safetensors in {folder} to resume from.")
         check_safetensors_file(path)
-        set_peft_model_state_dict(self.model, load_file(path))
+        result = set_peft_model_state_dict(self.model, load_file(path))
+        check_loaded(folder, [k for k in result.missing_keys if "lora_" in k], result.unexpected_keys)

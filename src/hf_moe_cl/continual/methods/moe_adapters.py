@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -14,13 +15,17 @@ from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ...classification import Routes, image_embeddings
+from ...classification import text_embeddings
 from ...files import check_safetensors_file
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
+from ...tuners.moe_lora.features import AlexNetFeatures
 from ...tuners.moe_lora.model import find_moe, tower_of
-from ...tuners.moe_lora.selector import SelectorConfig, prefix_features, vision_prefix
-from . import register_method
+from ..checkpoints import jsonable
+from .registry import register_method
 from .base import ContinualMethod
+from .ddas import DDASArguments, DDASSelection
+
+logger = logging.getLogger("hf_moe_cl")
 
 
 @dataclass
@@ -34,6 +39,27 @@ class MoEAdaptersArguments:
         default=None,
         metadata={"help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."},
     )
+    freeze_policy: str = field(
+        default="top_k",
+        metadata={"help": "Activate-freeze rule: 'top_k' (the paper: the k experts selected most in training) or "
+                  "'coverage' (the experts that carry the task's evaluation-time routing of its training images and "
+                  "prompts, up to `freeze_coverage` of it; 1.0 makes the task's predictions on them final)."},
+    )
+    freeze_coverage: float = field(
+        default=1.0, metadata={"help": "freeze_policy='coverage': share of the task's selections to freeze."}
+    )
+    freeze_images: Optional[int] = field(
+        default=None,
+        metadata={"help": "freeze_policy='coverage': training images whose routing is covered (None: all of them)."},
+    )
+    routing_report: bool = field(
+        default=True,
+        metadata={"help": "After each task, measure for every learned task the share of its evaluation-time expert "
+                  "selections that fall on experts it did not freeze (diagnostics['routing_report'])."},
+    )
+    routing_report_images: int = field(
+        default=256, metadata={"help": "Training images per learned task used by the routing report."}
+    )
     merge_experts_every: int = field(
         default=0, metadata={"help": "Expert merging every N steps of a task (Park, 2024: 100); 0 disables."}
     )
@@ -41,35 +67,19 @@ class MoEAdaptersArguments:
         default=False,
         metadata={"help": "Route every task through router 0 and never freeze (the paper's class-incremental setup)."},
     )
+    relearn_tasks: bool = field(
+        default=False,
+        metadata={"help": "Continuing a trained model: a task named like one it learned gets a new router of its own "
+                  "(the learned one stays frozen); by default such a task is refused."},
+    )
 
     def __post_init__(self):
         if self.merge_experts_every < 0:
             raise ValueError(f"merge_experts_every must be >= 0, got {self.merge_experts_every}.")
-
-
-@dataclass
-class DDASArguments:
-    """DDAS: the selector that picks a task router per image, trained after every task."""
-
-    ddas: bool = field(
-        default=False,
-        metadata={"help": "Train a DDAS selector: a reference autoencoder once, one per task after it."},
-    )
-    ddas_feature_layer: Optional[int] = field(
-        default=None,
-        metadata={"help": "DDAS features: None = the untouched CLIP's image embedding; k = tokens after k blocks."},
-    )
-    ddas_hidden_dim: int = field(default=100, metadata={"help": "Hidden width of every DDAS autoencoder."})
-    ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder."})
-    ddas_reference_steps: int = field(default=1000, metadata={"help": "Training steps of the reference one."})
-    ddas_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the autoencoders."})
-    ddas_threshold: Optional[float] = field(
-        default=None, metadata={"help": "Fixed zero-shot threshold; None calibrates one per task on held-out data."}
-    )
-    ddas_quantile: float = field(
-        default=0.95, metadata={"help": "Calibrated threshold: this quantile of held-out in-task errors."}
-    )
-    ddas_max_images: int = field(default=2000, metadata={"help": "Images per task used to fit its autoencoder."})
+        if self.freeze_policy not in ("top_k", "coverage"):
+            raise ValueError(f"freeze_policy must be 'top_k' (the paper) or 'coverage', got {self.freeze_policy!r}.")
+        if not 0.0 < self.freeze_coverage <= 1.0:
+            raise ValueError(f"freeze_coverage must be in (0, 1], got {self.freeze_coverage!r}.")
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -107,7 +117,7 @@ class ExpertMergingCallback(TrainerCallback):
 
 
 @register_method
-class MoEAdapters(ContinualMethod):
+class MoEAdapters(DDASSelection, ContinualMethod):
     """MoE-Adapters on a `get_peft_model(clip, MoELoraConfig(...))` model: one router per task, activate-freeze
     after each task, optional expert merging, and a DDAS selector for images without a task id."""
 
@@ -124,6 +134,11 @@ class MoEAdapters(ContinualMethod):
         self.ddas = ddas if ddas is not None else DDASArguments()
         self.ddas_reference = ddas_reference
         self.current_route: Optional[int] = None
+        self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
+        self._sequence: list = []  # the tasks of the running sequence
+        self.routing_reports: list[dict] = []  # after each task: learned task -> shares of its selections
+        self.trainable_experts: list[dict] = []  # after each task: tower -> share of expert slots still trainable
+        self._alexnet: Optional[AlexNetFeatures] = None
         self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
                          if self.arguments.merge_experts_every > 0 else None)
 
@@ -154,12 +169,38 @@ class MoEAdapters(ContinualMethod):
                 "DDAS needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. Tiny "
                 "ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters."
             )
-        if not self.arguments.shared_router:
-            while self.moe.num_tasks < len(tasks):
-                self.moe.add_task()
+        self._sequence = list(tasks)
+        if self.arguments.shared_router:
+            return
+        moe = self.moe
+        learned = [info["name"] if info else None for info in moe.task_info]
+        while learned and learned[-1] is None:
+            learned.pop()
+        if None in learned:
+            raise ValueError(f"Routers {[i for i, n in enumerate(learned) if n is None]} of this adapter have no "
+                             "task record (task_info) although later ones do; it cannot be continued safely.")
+        again = [task.name for task in tasks if task.name in learned]
+        if again and not self.arguments.relearn_tasks:
+            raise ValueError(
+                f"This model already learned {again} (routers {[learned.index(n) for n in again]}, frozen with their "
+                "experts). Give new tasks new names, or set MoEAdaptersArguments(relearn_tasks=True) to learn them "
+                "again with new routers of their own; the learned routers stay as they are."
+            )
+        if learned:
+            logger.info("Continuing a model that learned %d task(s) %s: the new tasks get routers %d to %d.",
+                        len(learned), learned, len(learned), len(learned) + len(tasks) - 1)
+        self.first_route = len(learned)
+        while moe.num_tasks < self.first_route + len(tasks):
+            moe.add_task()
 
     def task_route(self, index: int) -> int:
-        return 0 if self.arguments.shared_router else index
+        return 0 if self.arguments.shared_router else self.first_route + index
+
+    def route_count(self, tasks) -> int:
+        return self.moe.num_tasks
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "ddas": jsonable(self.ddas)}
 
     def begin_task(self, trainer, index, task) -> None:
         self.current_route = self.task_route(index)
@@ -172,82 +213,94 @@ class MoEAdapters(ContinualMethod):
         return [self._merging] if self._merging is not None else []
 
     def end_task(self, trainer, index, task) -> None:
-        moe, route = self.moe, self.current_route
-        if trainer.args.max_steps > 0 and not self.arguments.shared_router:
-            moe.set_selection_counts(route, global_selection_counts(moe, route))
-            k = self.arguments.freeze_experts_per_task
-            if k is None or k > 0:
-                moe.freeze_most_selected(route, k)
+        moe, route, arguments = self.moe, self.current_route, self.arguments
         self.current_route = None
-        if self.arguments.shared_router:
+        if trainer.args.max_steps != 0 and not arguments.shared_router:
+            moe.set_selection_counts(route, global_selection_counts(moe, route))
+            if arguments.freeze_policy == "coverage":
+                used = self.evaluation_selections(trainer, route, task, arguments.freeze_images)
+                moe.freeze_covering(route, used, arguments.freeze_coverage)
+            elif arguments.freeze_experts_per_task is None or arguments.freeze_experts_per_task > 0:
+                moe.freeze_most_selected(route, arguments.freeze_experts_per_task)
+        if arguments.shared_router:
             return
         moe.set_task_info(route, task.name, task.classnames, task.templates)
-        if self.ddas.ddas:
-            self._fit_selector(trainer, route, task)
-
-    # ----- DDAS ----------------------------------------------------------------------------------------------------
-    def selector_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """DDAS features of `pixels` from the untouched CLIP, and its embeddings when they were the features."""
-        layer = self.moe.selector.config.feature_layer
-        with self.moe.routing(None):
-            if layer is None:
-                embeddings = image_embeddings(self.model, pixels)
-                return embeddings, embeddings
-            return prefix_features(vision_prefix(self.model.vision_model, pixels, layer)), None
+        if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
+            self._fit_selector(trainer, route, task)  # a continued model's selector learns the new tasks too
+        if arguments.routing_report:
+            self.trainable_experts.append(self._trainable_share())
+            learned = range(self.first_route, route + 1)
+            self.routing_reports.append({self._sequence[r - self.first_route].name:
+                                         self._leak(trainer, r, self._sequence[r - self.first_route])
+                                         for r in learned})
 
     @torch.no_grad()
-    def _features_of(self, trainer, dataset: Dataset) -> torch.Tensor:
-        """Selector features of up to `ddas_max_images` images, gathered from every process."""
-        if len(dataset) > self.ddas.ddas_max_images:
-            dataset = dataset.select(range(self.ddas.ddas_max_images))
+    def evaluation_selections(self, trainer, route: int, task, max_images: Optional[int] = None
+                              ) -> dict[str, torch.Tensor]:
+        """Per layer, how often each expert is chosen when `route` classifies `task`'s training images (a seeded
+        sample of `max_images`, or all) and encodes its prompts, as at evaluation: no noise, no augmentation."""
+        dataset = task.train_dataset
+        if max_images is not None and len(dataset) > max_images:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(trainer.args.seed))
+            dataset = dataset.select(sorted(order[:max_images].tolist()))
+        selections: dict = {}
         self.model.eval()
-        features = []
-        for batch in trainer.get_eval_dataloader(dataset):
-            pixels = batch["pixel_values"].to(trainer.args.device)
-            features.append(trainer.accelerator.gather_for_metrics(self.selector_features(pixels)[0]))
-        return torch.cat(features)
+        device = trainer.args.device
+        with self.moe.routing(route, selections=selections):
+            for batch in trainer.progress(trainer.get_eval_dataloader(dataset), f"routing of {task.name}"):
+                self.model.get_image_features(pixel_values=batch["pixel_values"].to(device))
+            text_embeddings(self.model, trainer.processing_class.tokenizer, task.classnames, task.templates, device)
+        return self.moe.selection_histogram(selections)
 
-    def _fit_selector(self, trainer, route: int, task) -> None:
-        moe, ddas = self.moe, self.ddas
-        if moe.selector is None or not moe.selector.has_reference:
-            reference = self.ddas_reference
-            if "label" not in reference.column_names:
-                reference = reference.add_column("label", [0] * len(reference))
-            if moe.selector is None:
-                width = (self.model.config.projection_dim if ddas.ddas_feature_layer is None
-                         else 2 * self.model.config.vision_config.hidden_size)
-                moe.enable_selector(SelectorConfig(feature_dim=width, hidden_dim=ddas.ddas_hidden_dim,
-                                                   feature_layer=ddas.ddas_feature_layer))
-            moe.selector.fit_reference(self._features_of(trainer, reference), steps=ddas.ddas_reference_steps,
-                                       lr=ddas.ddas_learning_rate, seed=trainer.args.seed)
-        moe.selector.fit_task(route, self._features_of(trainer, task.train_dataset), steps=ddas.ddas_task_steps,
-                              lr=ddas.ddas_learning_rate, threshold=ddas.ddas_threshold,
-                              quantile=ddas.ddas_quantile, seed=trainer.args.seed)
+    def _leak(self, trainer, route: int, task) -> dict:
+        """Shares of `task`'s evaluation-time selections on experts that are still trainable (later tasks can move
+        them) and on experts it did not freeze itself, per tower and per layer."""
+        used = self.evaluation_selections(trainer, route, task, self.arguments.routing_report_images)
+        frozen_by = {name: layer.moe_lora_frozen_by[self.moe._adapter()].cpu()
+                     for name, layer in self.moe.moe_layers().items()}
+        report = {"layers": {}}
+        for tower in ("vision", "text"):
+            total = trainable = foreign = 0
+            for name, counts in used.items():
+                if tower_of(name) != tower:
+                    continue
+                layer_total = int(counts.sum())
+                layer_trainable = int(counts[frozen_by[name] < 0].sum())
+                layer_foreign = int(counts[frozen_by[name] != route].sum())
+                report["layers"][name] = {"trainable": layer_trainable / layer_total,
+                                          "not_own": layer_foreign / layer_total}
+                total, trainable, foreign = total + layer_total, trainable + layer_trainable, foreign + layer_foreign
+            if total:
+                report[tower] = {"trainable": trainable / total, "not_own": foreign / total}
+        return report
+
+    def _trainable_share(self) -> dict[str, float]:
+        """Per tower, the share of expert slots (layers x experts) no task has frozen: what later tasks can still
+        train, the price of a freeze policy."""
+        flags: dict[str, list] = {}
+        for name, layer in self.moe.moe_layers().items():
+            flags.setdefault(tower_of(name), []).append(layer.moe_lora_frozen_by[self.moe._adapter()] < 0)
+        return {tower: float(torch.cat(values).float().mean()) for tower, values in flags.items()}
+
+    def diagnostics(self) -> dict:
+        if not self.routing_reports:
+            return {}
+        return {"routing_report": self.routing_reports, "trainable_experts": self.trainable_experts}
+
+    def restore_diagnostics(self, diagnostics: dict) -> None:
+        self.routing_reports = list(diagnostics.get("routing_report", []))
+        self.trainable_experts = list(diagnostics.get("trainable_experts", []))
 
     # ----- classification ------------------------------------------------------------------------------------------
     def routed(self, route: Union[int, torch.Tensor]):
         return self.moe.routing(route)
 
-    def select_routes(self, classifier, pixels, per_batch=False):
-        selector = self.moe.selector
-        features, untouched = self.selector_features(pixels)
-        if per_batch:
-            return Routes.single(selector.select_batch(features), pixels.shape[0], pixels.device), untouched
-        return Routes(selector.select(features)), untouched
-
-    def learned_tasks(self) -> dict[int, dict]:
-        selector, info = self.moe.selector, self.moe.task_info
-        trained = [t for t in range(self.moe.num_tasks) if selector is not None and selector.task_is_trained(t)]
-        missing = [t for t in trained if not info[t] or not info[t].get("classnames")]
-        if missing:
-            raise ValueError(f"Tasks {missing} have no class names in the adapter config (`task_info`); save the "
-                             "adapter from ContinualTrainer or call set_task_info().")
-        return {t: info[t] for t in trained}
-
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def load(self, folder: Path) -> None:
         """The adapter saved by `save`: weights (selector included), task records and selector settings."""
         moe = self.moe
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"No MoE-LoRA adapter (adapter_config.json) in {folder} to resume from.")
         saved = MoELoraConfig.from_pretrained(str(folder))
         if saved.num_tasks != moe.num_tasks:
             raise ValueError(

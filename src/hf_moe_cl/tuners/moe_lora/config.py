@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from transformers.activations import ACT2FN
 
-from ...files import check_safetensors_file
+from ...files import check_json_file, check_safetensors_file
 from .peft_type import MOE_LORA
 from .selector import SelectorConfig
 
@@ -110,12 +110,17 @@ class MoELoraConfig(PeftConfig):
                 f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
                 f"{sorted(ACT2FN)}."
             )
-        if not math.isfinite(self.expert_scale):
-            raise ValueError(f"`expert_scale` must be a finite number, got {self.expert_scale!r}.")
+        for name in ("expert_scale", "expert_dropout", "noise_epsilon", "load_balancing_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if not 0.0 <= self.expert_dropout < 1.0:
             raise ValueError(f"`expert_dropout` must be in [0, 1), got {self.expert_dropout!r}.")
         if self.noise_epsilon < 0 or self.load_balancing_coef < 0:
-            raise ValueError("`noise_epsilon` and `load_balancing_coef` must be non-negative.")
+            raise ValueError(
+                f"`noise_epsilon` ({self.noise_epsilon!r}) and `load_balancing_coef` ({self.load_balancing_coef!r}) "
+                "must be non-negative."
+            )
         if self.selector is not None:
             self.selector = SelectorConfig.from_dict(dict(self.selector)).to_dict()
         if isinstance(self.target_modules, list):
@@ -125,13 +130,20 @@ class MoELoraConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """peft's loader, plus checks of a local adapter folder before peft parses its weights."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        """peft's loader, plus checks of a local adapter folder before peft parses its files."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            check_json_file(os.path.join(folder, CONFIG_NAME))
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if os.path.isdir(folder):
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):
                 check_safetensors_file(weights)
+            elif not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+                raise FileNotFoundError(
+                    f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: the adapter's weights are missing. "
+                    "Save the adapter again (save_pretrained writes both) or copy the weights file beside the config."
+                )
             legacy = [name for name in LEGACY_SELECTOR_FILES if os.path.isfile(os.path.join(folder, name))]
             if legacy and config.selector is None:
                 raise ValueError(

@@ -3,7 +3,7 @@ Shazeer et al., 2017, the router of MoE-Adapters)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -12,16 +12,21 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class TaskRoute:
-    """Which task router each sample uses: one task for the whole batch, or one per sample (-1: no adapter)."""
+    """Which task router each sample uses: one task for the whole batch, or one per sample (-1: no adapter).
+
+    `selections`, when given, collects every layer's chosen experts of the call (layer -> list of (batch, top_k)
+    tensors), e.g. to see which experts a task's evaluation-time routing uses.
+    """
 
     task: Optional[int] = None
     task_ids: Optional[torch.Tensor] = None
     active: Optional[torch.Tensor] = None  # indices of the samples whose task id is >= 0
+    selections: Optional[dict] = field(default=None, compare=False)
 
     @classmethod
-    def per_sample(cls, task_ids: torch.Tensor) -> "TaskRoute":
+    def per_sample(cls, task_ids: torch.Tensor, selections: Optional[dict] = None) -> "TaskRoute":
         task_ids = task_ids.long().flatten()
-        return cls(task_ids=task_ids, active=torch.nonzero(task_ids >= 0).flatten())
+        return cls(task_ids=task_ids, active=torch.nonzero(task_ids >= 0).flatten(), selections=selections)
 
     @property
     def routes_nothing(self) -> bool:

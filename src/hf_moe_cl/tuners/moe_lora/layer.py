@@ -221,7 +221,7 @@ class MoELoraLayer(BaseTunerLayer):
         for adapter in self.active_adapters:
             if adapter not in self.moe_lora_A:
                 continue
-            delta = self._experts_forward(adapter, inputs, route.task, task_ids, count)
+            delta = self._experts_forward(adapter, inputs, route.task, task_ids, count, route.selections)
             total = delta if total is None else total + delta
         if total is None or route.task_ids is None or not subset:
             return total
@@ -229,7 +229,8 @@ class MoELoraLayer(BaseTunerLayer):
         return full.index_add(0, active, total)
 
     def _experts_forward(
-        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor], count: bool
+        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor], count: bool,
+        selections: Optional[dict] = None,
     ) -> torch.Tensor:
         options = self.moe_lora_options[adapter]
         num_tasks = self.moe_lora_router_gate[adapter].shape[0]
@@ -261,6 +262,8 @@ class MoELoraLayer(BaseTunerLayer):
         experts, mix = routing.experts, routing.weights.to(weight_a.dtype)
         if self.training and count:
             self._count(adapter, experts, task, task_ids)
+        if selections is not None:
+            selections.setdefault(self, []).append(experts.detach())
 
         # Gather only the chosen experts' weights, one (k*rank)-wide adapter per sample, and run two bmm's.
         # index_select (not advanced indexing) keeps the backward an index_add, the cheap scatter.

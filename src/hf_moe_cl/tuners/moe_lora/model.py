@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import operator
 from contextlib import contextmanager
 from typing import Optional, Union
 
@@ -11,8 +13,9 @@ from torch import nn
 
 from .peft_type import MOE_LORA_PREFIX
 from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
+from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
-from .layer import EXPERT_PARAMS, MoELoraBlock, MoELoraLayer, MoELoraLinear
+from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
 from .selector import DistributionSelector, SelectorConfig
 
 TARGETS_BY_MODEL_TYPE = {
@@ -22,6 +25,7 @@ TARGETS_BY_MODEL_TYPE = {
 }
 
 TaskIds = Union[None, int, torch.Tensor]
+logger = logging.getLogger("hf_moe_cl")
 SELECTOR_ATTRIBUTE = "moe_lora_selector"
 
 
@@ -46,7 +50,7 @@ def _drop_task_ids(module, args, kwargs):
     return args, kwargs
 
 
-class MoELoraModel(BaseTuner):
+class MoELoraModel(ExpertBookkeeping, BaseTuner):
     """Task-routed mixture of expert LoRAs (MoE-Adapters) as a peft tuner.
 
     Use through `get_peft_model(clip, MoELoraConfig(...))`; the methods below are reachable from the returned
@@ -97,7 +101,13 @@ class MoELoraModel(BaseTuner):
         super()._replace_module(parent, child_name, new_module, child)
 
     def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
-        self._default_route = TaskRoute(task=0)
+        # One router: route through it, like any adapter. Several: no task is a safe guess, so calls go to the
+        # untouched model until set_task() / task_ids / a selector picks one.
+        self._default_route = TaskRoute(task=0) if config.num_tasks == 1 else NO_ROUTE
+        if config.num_tasks > 1:
+            logger.info("MoE-LoRA adapter with %d task routers: calls use the untouched base model until you pick a "
+                        "task with set_task(t) or task_ids=..., or classify with TaskAgnosticClassifier.",
+                        config.num_tasks)
         self._call_routes: list[TaskRoute] = []
         for layer in self.moe_layers().values():
             if getattr(layer, "_route_hook", None) is None:
@@ -111,18 +121,34 @@ class MoELoraModel(BaseTuner):
         kwargs.setdefault("task_route", self._call_routes[-1] if self._call_routes else self._default_route)
         return args, kwargs
 
-    def _make_route(self, task_ids: TaskIds) -> TaskRoute:
-        if task_ids is None or (isinstance(task_ids, int) and task_ids == -1):
+    def _make_route(self, task_ids: TaskIds, selections: Optional[dict] = None) -> TaskRoute:
+        if task_ids is None:
             return NO_ROUTE
-        if isinstance(task_ids, int):
-            return TaskRoute(task=self._check_task(task_ids))
-        ids = torch.as_tensor(task_ids).long().flatten()
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
+        if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 0:
+            if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+                raise ValueError(f"task_ids must be an integer tensor (one task id per sample), got {task_ids.dtype}.")
+            ids = task_ids.long().flatten()
+            if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
+                raise ValueError(
+                    f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
+                    f"from {int(ids.min())} to {int(ids.max())}."
+                )
+            return TaskRoute.per_sample(ids, selections)
+        task = self._as_task_id(task_ids)
+        return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task), selections=selections)
+
+    @staticmethod
+    def _as_task_id(value) -> int:
+        """An int task id from an int, a numpy integer or a 0-d integer tensor; floats and bools are errors."""
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+            raise ValueError(f"A task id must be an integer, got the boolean {value!r}.")
+        try:
+            return operator.index(value)
+        except TypeError:
             raise ValueError(
-                f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
-                f"from {int(ids.min())} to {int(ids.max())}."
-            )
-        return TaskRoute.per_sample(ids)
+                f"A task id must be an integer (or -1 / None for the zero-shot base model), got {value!r} of type "
+                f"{type(value).__name__}; pass int(task) if you mean a whole number."
+            ) from None
 
     def set_task(self, task: Optional[int]) -> None:
         """Route every later call through `task`'s router; None or -1 gives the unadapted base model."""
@@ -148,9 +174,12 @@ class MoELoraModel(BaseTuner):
                 )
 
     @contextmanager
-    def routing(self, task_ids: TaskIds):
-        """Route the calls inside the block with an int task or per-sample ids (length batch, -1 for zero-shot)."""
-        route = self._make_route(task_ids)
+    def routing(self, task_ids: TaskIds, selections: Optional[dict] = None):
+        """Route the calls inside the block with an int task or per-sample ids (length batch, -1 for zero-shot).
+
+        With `selections` (a dict), every layer adds the experts it chose (count them with `selection_histogram`).
+        """
+        route = self._make_route(task_ids, selections)
         self._check_checkpointed_linear_routing()
         self._call_routes.append(route)
         try:
@@ -215,15 +244,26 @@ class MoELoraModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's remapping, refusing a checkpoint that does not fit this model instead of loading part of it."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = model.state_dict()
+        base = config.base_model_name_or_path
+        fix = (f"Load it on the base model it was trained on ({base!r})" if base else
+               "Load it on the base model it was trained on") + " with the adapter_config.json saved beside it."
         for key, value in remapped.items():
             if key in expected and expected[key].shape != value.shape:
                 raise ValueError(
                     f"The MoE-LoRA checkpoint does not match this model: {key!r} has shape {tuple(value.shape)} in "
-                    f"the checkpoint but {tuple(expected[key].shape)} here. Load it on the base model it was "
-                    f"trained on ({config.base_model_name_or_path!r}) with the adapter_config.json saved beside it."
+                    f"the checkpoint but {tuple(expected[key].shape)} here. {fix}"
                 )
+        own = {key for key in expected if f".{adapter_name}" in key and MOE_LORA_PREFIX in key}
+        missing, unexpected = sorted(own - set(remapped)), sorted(set(remapped) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"The MoE-LoRA checkpoint does not match this model: {len(missing)} adapter tensors of the model are "
+                f"not in it (e.g. {missing[:2]}) and {len(unexpected)} of its tensors have no place in the model "
+                f"(e.g. {unexpected[:2]}), as when the base model has more or fewer layers. {fix}"
+            )
         return remapped
 
     # ----- introspection -------------------------------------------------------------------------------------------
@@ -263,7 +303,8 @@ class MoELoraModel(BaseTuner):
         self.moe_config.task_info = info
 
     def _check_task(self, task: int) -> int:
-        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+        task = self._as_task_id(task)
+        if not 0 <= task < self.num_tasks:
             raise ValueError(
                 f"Task id {task!r} is out of range: this adapter has {self.num_tasks} task routers (ids 0 to "
                 f"{self.num_tasks - 1}; -1 or None is the zero-shot base model). Use add_task() to add one."
@@ -280,81 +321,6 @@ class MoELoraModel(BaseTuner):
             self.selector.add_task()
         self.peft_config[adapter].num_tasks += 1
         return self.peft_config[adapter].num_tasks - 1
-
-    def selection_counts(self, task: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """How often each expert was selected in training: (tasks, experts) per layer, or (experts,) for one task."""
-        adapter = self._adapter()
-        counts = {name: layer.moe_lora_counts[adapter] for name, layer in self.moe_layers().items()}
-        if task is None:
-            return counts
-        self._check_task(task)
-        return {name: c[task] for name, c in counts.items()}
-
-    def set_selection_counts(self, task: int, counts: dict[str, torch.Tensor]) -> None:
-        """Overwrite one task's counts, e.g. with the sum over data-parallel processes."""
-        adapter = self._adapter()
-        self._check_task(task)
-        for name, layer in self.moe_layers().items():
-            layer.moe_lora_counts[adapter][task] = counts[name].to(layer.moe_lora_counts[adapter].device)
-
-    def freeze_most_selected(self, task: int, k: Optional[int] = None) -> dict[str, list[int]]:
-        """Activate-freeze: per layer, freeze the k experts `task` selected most (default k = top_k) and its router.
-
-        Experts the task never selected are not frozen. Returns the experts newly frozen per layer.
-        """
-        adapter = self._adapter()
-        self._check_task(task)
-        k = self.peft_config[adapter].top_k if k is None else k
-        if k < 0:
-            raise ValueError(f"k must be non-negative, got {k}.")
-        newly = {}
-        for name, layer in self.moe_layers().items():
-            task_counts = layer.moe_lora_counts[adapter][task]
-            order = torch.sort(task_counts, descending=True, stable=True).indices[:k].tolist()
-            chosen = [e for e in order if task_counts[e] > 0]
-            newly[name] = layer.freeze_experts(adapter, chosen, task)
-            layer.freeze_router(adapter, task)
-        return newly
-
-    def frozen_experts(self) -> dict[str, dict[int, int]]:
-        """Per layer, frozen expert -> the task that froze it."""
-        adapter = self._adapter()
-        result = {}
-        for name, layer in self.moe_layers().items():
-            frozen_by = layer.moe_lora_frozen_by[adapter].tolist()
-            result[name] = {e: t for e, t in enumerate(frozen_by) if t >= 0}
-        return result
-
-    def frozen_routers(self) -> list[int]:
-        layers = list(self.moe_layers().values())
-        if not layers:
-            return []
-        return torch.nonzero(layers[0].moe_lora_router_frozen[self._adapter()]).flatten().tolist()
-
-    def merge_experts(
-        self,
-        task: int,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        counts: Optional[dict[str, torch.Tensor]] = None,
-    ) -> dict[str, tuple]:
-        """Expert merging (Park, 2024): per layer, average `task`'s two most-selected experts into its
-        least-selected trainable expert and reset that expert's optimizer state. `counts` ({layer: (experts,)})
-        replaces the layer's own counts, e.g. with counts summed over processes. Returns {layer: (sources, target)} for the layers where a merge happened."""
-        adapter = self._adapter()
-        self._check_task(task)
-        merged = {}
-        for name, layer in self.moe_layers().items():
-            task_counts = layer.moe_lora_counts[adapter][task] if counts is None else counts[name]
-            result = layer.merge_top_experts(adapter, task_counts, optimizer)
-            if result is not None:
-                merged[name] = result
-        return merged
-
-    def expert_parameters(self, layer_name: str) -> dict[str, torch.Tensor]:
-        """The effective (frozen slices from their snapshot) stacked expert tensors of one layer."""
-        adapter = self._adapter()
-        layer = self.moe_layers()[layer_name]
-        return {n: layer.effective(adapter, n).detach() for n in EXPERT_PARAMS if adapter in getattr(layer, n)}
 
     def aux_loss(self) -> Optional[torch.Tensor]:
         """Sum of the load-balancing losses of the last training forward (None when the coefficient is 0)."""

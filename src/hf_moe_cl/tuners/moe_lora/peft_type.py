@@ -20,5 +20,8 @@ class ExternalPeftType(str):
         return str(self)
 
 
-MOE_LORA = ExternalPeftType("MOE_LORA")
+# The name is also the message peft shows when a folder is loaded before `import hf_moe_cl` registered it
+# (peft raises KeyError(peft_type)); "MOE_LORA", the name hf-moe-cl 0.1 saved, stays registered as an alias.
+MOE_LORA = ExternalPeftType("MOE_LORA (needs `import hf_moe_cl` before loading)")
+LEGACY_PEFT_TYPES = (ExternalPeftType("MOE_LORA"),)
 MOE_LORA_PREFIX = "moe_lora_"

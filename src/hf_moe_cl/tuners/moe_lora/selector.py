@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 ZERO_SHOT = -1
 FEATURE_EXTRACTORS = ("clip", "alexnet")
@@ -129,7 +130,7 @@ class DistributionSelector(nn.Module):
 
     # ----- training ------------------------------------------------------------------------------------------------
     def _fit(self, autoencoder: FeatureAutoencoder, features: torch.Tensor, steps: int, lr: float, batch_size: int,
-             seed: int) -> None:
+             seed: int, progress: Optional[str] = None) -> None:
         if features.shape[0] == 0:
             raise ValueError("Cannot train a DDAS autoencoder on zero images: the task's dataset is empty.")
         generator = torch.Generator().manual_seed(seed)
@@ -142,7 +143,7 @@ class DistributionSelector(nn.Module):
         optimizer = torch.optim.Adam(autoencoder.parameters(), lr=lr)
         autoencoder.train()
         with torch.enable_grad():
-            for _ in range(steps):
+            for _ in tqdm(range(steps), desc=progress, disable=progress is None, leave=False):
                 index = torch.randint(0, features.shape[0], (min(batch_size, features.shape[0]),),
                                       generator=generator).to(features.device)
                 loss = autoencoder.errors(features[index]).mean()
@@ -153,7 +154,7 @@ class DistributionSelector(nn.Module):
         autoencoder.eval()
 
     def fit_reference(self, features: torch.Tensor, steps: int = 1000, lr: float = 1e-3, batch_size: int = 64,
-                      seed: int = 0) -> None:
+                      seed: int = 0, progress: Optional[str] = None) -> None:
         """Train the reference autoencoder (paper: Tiny ImageNet, 1000 steps); sets the standardisation."""
         features = features.detach().to(self.feature_mean.device, self.feature_mean.dtype)
         if features.shape[0] < 2:
@@ -161,12 +162,12 @@ class DistributionSelector(nn.Module):
         if self.config.standardize:
             self.feature_mean.copy_(features.mean(0))
             self.feature_scale.copy_(features.std(0).clamp_min(1e-6))
-        self._fit(self.reference, self._normalise(features), steps, lr, batch_size, seed)
+        self._fit(self.reference, self._normalise(features), steps, lr, batch_size, seed, progress)
         self.trained[0] = True
 
     def fit_task(self, task: int, features: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
                  threshold: Optional[float] = None, heldout_fraction: float = 0.1, quantile: float = 0.95,
-                 seed: int = 0) -> float:
+                 seed: int = 0, progress: Optional[str] = None) -> float:
         """Train task `task`'s autoencoder (paper: 300 steps) and set its threshold; returns the threshold.
 
         With `threshold=None` it is calibrated: the `quantile` of the errors on a held-out `heldout_fraction` of
@@ -184,7 +185,7 @@ class DistributionSelector(nn.Module):
             raise ValueError("Too few images to calibrate a threshold: give more, or a fixed `threshold`.")
         train, heldout = features[order[held:]], features[order[:held]]
         autoencoder = self.tasks[task]
-        self._fit(autoencoder, train, steps, lr, batch_size, seed + task + 1)
+        self._fit(autoencoder, train, steps, lr, batch_size, seed + task + 1, progress)
         if threshold is None:
             with torch.no_grad():
                 threshold = float(torch.quantile(autoencoder.errors(heldout), quantile))
@@ -217,18 +218,3 @@ class DistributionSelector(nn.Module):
         """One decision for the whole batch from its mean errors (the official protocol: a test batch of one
         dataset)."""
         return int(self._decide(self.reconstruction_errors(features).mean(0, keepdim=True))[0])
-
-
-# ----- features ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def vision_prefix(vision_model, pixel_values: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Hidden states of a CLIP vision tower after its first `blocks` encoder blocks (pre-LN applied)."""
-    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
-    for block in vision_model.encoder.layers[:blocks]:
-        hidden = block(hidden, None)
-    return hidden
-
-
-def prefix_features(hidden: torch.Tensor) -> torch.Tensor:
-    """DDAS features of a vision prefix: token 0 and the mean patch token, concatenated."""
-    return torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=-1).float()

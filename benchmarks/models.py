@@ -1,0 +1,26 @@
+"""The base models the benchmarks run on: the assets' proxy CLIP, or a randomly initialised CLIP of ViT-B/16's size
+(timings only)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+MODELS = ("proxy-clip", "vit-b16-random")
+
+
+def vit_b16_config() -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16),
+        projection_dim=512,
+    )
+
+
+def load_model(name: str, assets) -> CLIPModel:
+    if name == "proxy-clip":
+        return CLIPModel.from_pretrained(assets / "proxy-clip", dtype=torch.float32)
+    if name == "vit-b16-random":
+        return CLIPModel(vit_b16_config())
+    raise ValueError(f"Unknown model {name!r}; choose one of {MODELS}.")

@@ -1,0 +1,68 @@
+"""A preset's official training recipe as argument values, applied wherever the user did not set the argument.
+
+The facts come from `hf_moe_cl.presets` (read from the official code); this module only says which argument of
+`ContinualTrainingArguments`, `MoEAdaptersArguments` or `DDASArguments` each fact sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterable, Union
+
+from ..continual import ContinualTrainingArguments
+from ..continual.methods import DDASArguments, MoEAdaptersArguments
+from ..presets import ClassIncrementalPreset, MTILPreset, get_preset
+
+logger = logging.getLogger("hf_moe_cl")
+
+# The reference distribution of DDAS in the paper: Tiny ImageNet's training images (a parquet copy on the Hub).
+TINY_IMAGENET = "zh-plus/tiny-imagenet"
+
+
+def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dict[type, dict[str, Any]]:
+    """Argument values by argument dataclass: what the official code runs for this preset."""
+    preset = get_preset(preset)
+    if isinstance(preset, ClassIncrementalPreset):
+        return {
+            ContinualTrainingArguments: dict(
+                max_steps=-1, num_train_epochs=preset.epochs_per_step, per_device_train_batch_size=preset.batch_size,
+                learning_rate=preset.learning_rate, label_smoothing_factor=preset.label_smoothing,
+                warmup_steps=preset.warmup_steps, weight_decay=preset.weight_decay, evaluate_all_tasks=False,
+                task_agnostic_eval=False),
+            MoEAdaptersArguments: dict(num_experts=preset.num_experts, top_k=preset.top_k, shared_router=True,
+                                       freeze_experts_per_task=0),
+            DDASArguments: dict(ddas=False),
+        }
+    ddas = dict(ddas=preset.ddas)
+    if preset.ddas:  # the paper's selector: AlexNet features, a fixed threshold
+        ddas.update(ddas_feature_extractor="alexnet", ddas_threshold=preset.ddas_threshold)
+    return {
+        ContinualTrainingArguments: dict(
+            max_steps=preset.steps_per_task, per_device_train_batch_size=preset.batch_size,
+            label_smoothing_factor=preset.label_smoothing, warmup_steps=preset.warmup_steps,
+            per_device_eval_batch_size=preset.eval_batch_size),
+        DDASArguments: ddas,
+    }
+
+
+def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
+    """`arguments` (parsed dataclasses) with the preset's recipe applied to every field not in `explicit` (the
+    fields the user set); returns them in the same order."""
+    recipe = preset_recipe(preset)
+    updated = []
+    for argument in arguments:
+        values = {name: value for kind, changes in recipe.items() if isinstance(argument, kind)
+                  for name, value in changes.items() if name not in explicit}
+        kept = sorted({name for kind, changes in recipe.items() if isinstance(argument, kind)
+                       for name in changes} & explicit)
+        if kept:
+            logger.info("Preset %s: keeping your %s instead of the official value(s).", get_preset(preset).name,
+                        ", ".join(kept))
+        if values and isinstance(argument, ContinualTrainingArguments):
+            for name, value in values.items():  # TrainingArguments derive state in __post_init__: set in place
+                setattr(argument, name, value)
+            updated.append(argument)
+        else:
+            updated.append(dataclasses.replace(argument, **values) if values else argument)
+    return updated

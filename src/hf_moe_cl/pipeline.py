@@ -1,0 +1,87 @@
+"""`pipeline("task-agnostic-image-classification", ...)`: task-agnostic inference as a transformers pipeline.
+
+`import hf_moe_cl` registers the task with transformers' `PIPELINE_REGISTRY`. The pipeline batches, loads images
+(paths, URLs, PIL) and moves them to the model's device the transformers way; the classification itself is
+`TaskAgnosticClassifier`'s, so both give the same answers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from transformers import CLIPProcessor, Pipeline
+from transformers.image_utils import load_image
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .inference import TaskAgnosticClassifier, load_adapter_model
+
+TASK = "task-agnostic-image-classification"
+
+
+class MoELoraCLIP:
+    """What `pipeline(TASK, model="<adapter folder or repo>")` loads: the adapter on the base CLIP its config names.
+
+    transformers asks for `dtype="auto"` unless told otherwise; that loads float32 here (see `load_adapter_model`).
+    """
+
+    @classmethod
+    def from_pretrained(cls, adapter_name_or_path: str, dtype: Union[str, torch.dtype, None] = "auto", token=None,
+                        **_pipeline_kwargs):
+        dtype = torch.float32 if dtype in ("auto", None) else dtype
+        return load_adapter_model(adapter_name_or_path, dtype=dtype, token=token)
+
+
+class TaskAgnosticImageClassificationPipeline(Pipeline):
+    """Classify images without a task id: each image is answered in the label space of the task DDAS routes it to,
+    or, if it belongs to no learned task, among the `candidate_labels` of the call (zero-shot CLIP).
+
+    ```python
+    classifier = pipeline("task-agnostic-image-classification", model=peft_model, processor=clip_processor)
+    classifier(images, candidate_labels=["cat", "dog"], batch_size=32)
+    # [{'label': 'airplane', 'score': 0.91, 'task': 'cifar10'}, {'label': 'dog', 'score': 0.7, 'task': None}, ...]
+    ```
+    `hypothesis_template` (a template with `{}`, or several, averaged) describes the candidate labels.
+    """
+
+    # Optional, so that a loaded model may come with `processor=` alone; `__init__` says what is missing.
+    _load_processor = None
+    _load_image_processor = None
+    _load_feature_extractor = False
+    _load_tokenizer = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is None or self.image_processor is None:
+            raise ValueError(f"The {TASK} pipeline needs CLIP's tokenizer and image processor: pass "
+                             "processor=CLIPProcessor.from_pretrained(base) (or tokenizer= and image_processor=).")
+        processor = CLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
+        self.classifier = TaskAgnosticClassifier(self.model, processor)
+
+    def _sanitize_parameters(self, candidate_labels: Optional[Sequence[str]] = None,
+                             hypothesis_template: Union[str, Sequence[str], None] = None, timeout=None):
+        preprocess, forward = {}, {}
+        if timeout is not None:
+            preprocess["timeout"] = timeout
+        if candidate_labels is not None:
+            forward["candidate_labels"] = list(candidate_labels)
+        if hypothesis_template is not None:
+            templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
+            forward["templates"] = templates
+        return preprocess, forward, {}
+
+    def preprocess(self, image, timeout=None):
+        pixels = self.image_processor(images=[load_image(image, timeout=timeout)], return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"]}
+
+    def _forward(self, model_inputs, **labels):
+        """`labels`: the call's `candidate_labels` and `templates`, as `TaskAgnosticClassifier.classify` takes them."""
+        return {"predictions": self.classifier.classify(model_inputs["pixel_values"], **labels)}
+
+    def postprocess(self, model_outputs):
+        prediction = model_outputs["predictions"]  # a list of one when the pipeline ran a single input unbatched
+        return prediction[0] if isinstance(prediction, list) else prediction
+
+
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=TaskAgnosticImageClassificationPipeline,
+                                    pt_model=MoELoraCLIP, type="multimodal")

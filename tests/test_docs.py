@@ -1,0 +1,93 @@
+"""Every ```python block of README.md and docs/ runs, so the docs cannot rot.
+
+A document's blocks run in order in one namespace, in a fresh folder, offline: the Hub ids they name point to the
+shared assets' proxy CLIP (or to the folder an earlier block published to), step counts shrink and the mini task
+lists are cut to two tasks. Uploads go to a fake Hub that writes into the folder.
+"""
+
+import os
+import re
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from hf_moe_cl.assets import assets_dir
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def blocks(path: Path) -> list[str]:
+    return BLOCK.findall(path.read_text())
+
+
+def offline(code: str, hub: Path) -> str:
+    """The block as it runs here: local models and data, small step counts."""
+    assets = assets_dir()
+    code = code.replace('"openai/clip-vit-base-patch16"', repr(str(assets / "proxy-clip")))
+    code = code.replace('"../shared/assets', f'"{assets}')
+    code = re.sub(r'"(user/[\w-]+)"', lambda m: repr(str(hub / m.group(1))), code)
+    code = re.sub(r"max_steps=\d+", "max_steps=2", code)
+    code = re.sub(r"ddas_(task|reference)_steps=\d+", r"ddas_\1_steps=20", code)
+    return re.sub(r"mini_mtil_tasks\(([^,()]*(?:\([^()]*\))?)\)", r'mini_mtil_tasks(\1, ["mnist", "dtd"])', code)
+
+
+class FakeHub:
+    """`huggingface_hub.HfApi` for `hf_moe_cl.publishing`: an upload copies the folder to `hub/<repo_id>`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __call__(self, token=None):
+        return self
+
+    def create_repo(self, repo_id, **kwargs):
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, folder_path, repo_id, commit_message=None, **kwargs):
+        target = self.root / repo_id
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(folder_path, target)
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+@pytest.mark.parametrize("path", [p for p in DOCUMENTS if blocks(p)], ids=lambda p: p.name)
+def test_code_blocks_run(path, tmp_path, monkeypatch):
+    import hf_moe_cl.publishing
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf_moe_cl.publishing, "HfApi", FakeHub(tmp_path / "hub"))
+    namespace: dict = {"__name__": f"docs_{path.stem}"}
+    for number, code in enumerate(blocks(path), 1):
+        try:
+            exec(compile(offline(code, tmp_path / "hub"), f"{path.name} block {number}", "exec"), namespace)
+        except Exception as error:  # name the block, then fail with the original traceback
+            raise AssertionError(f"{path.relative_to(REPO)}, python block {number} failed: {error!r}") from error
+
+
+def test_documents_name_no_missing_modules():
+    """Module paths the docs name (`hf_moe_cl.x.y`) exist."""
+    import importlib
+
+    names = {m for path in DOCUMENTS for m in re.findall(r"`(hf_moe_cl(?:\.\w+)+)", path.read_text())}
+    missing = []
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attribute in parts[cut:]:
+                    obj = getattr(obj, attribute)
+            except AttributeError:
+                missing.append(name)
+            break
+        else:
+            missing.append(name)
+    assert not missing, missing
+    assert os.path.isdir(REPO / "docs")

@@ -1,0 +1,99 @@
+"""Task-agnostic inference as a transformers pipeline, and loading a published adapter with nothing but its folder."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import load_from_disk
+from peft import get_peft_model
+from transformers import CLIPImageProcessor, CLIPModel, pipeline
+
+from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier, TaskAgnosticImageClassificationPipeline
+from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.continual.methods import MoEAdapters
+
+from conftest import noise_images, tiny_clip
+
+TASK = "task-agnostic-image-classification"
+
+
+def mixed_images(tasks):
+    return (list(tasks[0].eval_dataset["image"][:4]) + list(tasks[1].eval_dataset["image"][:4])
+            + list(noise_images(4, 9)["image"]))
+
+
+def test_pipeline_answers_as_the_classifier_does_in_batches(ddas_run, module_processor):
+    model, tasks, _, _ = ddas_run
+    images = mixed_images(tasks)
+    expected = TaskAgnosticClassifier(model, module_processor)(images, candidate_labels=["noise", "static"])
+    assert {o["task"] for o in expected} == {"first", "second", None}  # both tasks and the fallback are exercised
+    classify = pipeline(TASK, model=model, processor=module_processor)
+    assert isinstance(classify, TaskAgnosticImageClassificationPipeline) and classify.device == model.device
+    for batch_size in (1, 5):
+        out = classify(images, candidate_labels=["noise", "static"], batch_size=batch_size)
+        assert [(o["label"], o["task"]) for o in out] == [(o["label"], o["task"]) for o in expected]
+        assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-5)
+    single = classify(images[0], candidate_labels=["noise", "static"], hypothesis_template=["{} noise.", "{}."])
+    assert (single["label"], single["task"]) == (expected[0]["label"], expected[0]["task"])
+    with pytest.raises(ValueError, match="candidate_labels"):
+        classify(images[8:], batch_size=4)  # noise images belong to no learned task
+    with pytest.raises(ValueError, match="processor=CLIPProcessor"):
+        pipeline(TASK, model=model)  # a loaded tiny model names no processor to load
+
+
+def test_pipeline_refuses_a_model_without_selector(module_processor):
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=2, r=2))
+    with pytest.raises(ValueError, match="DDAS selector"):
+        pipeline(TASK, model=model, tokenizer=module_processor.tokenizer,
+                 image_processor=module_processor.image_processor)
+
+
+@pytest.fixture(scope="module")
+def proxy_adapter(tmp_path_factory):
+    """A MoE-LoRA adapter on the shared proxy CLIP (stored in float16) whose selector knows cifar10: saved to a
+    folder whose adapter config names the base model's path."""
+    root = assets_dir()
+    clip = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
+    model = get_peft_model(clip, MoELoraConfig(num_tasks=1, num_experts=2, r=2)).eval()
+    selector = model.base_model.enable_selector(SelectorConfig(feature_dim=clip.config.projection_dim, hidden_dim=16))
+    meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
+    cifar = list(load_from_disk(str(root / "mini-mtil" / "cifar10"))["test"]["image"][:32])
+    pixels = CLIPImageProcessor.from_pretrained(root / "proxy-clip")(
+        images=cifar + list(noise_images(32, 1)["image"]), return_tensors="pt")["pixel_values"]
+    features = MoEAdapters(model).selector_features(pixels)[0]
+    selector.fit_reference(features[32:], steps=100, lr=1e-2)
+    selector.fit_task(0, features[:32], steps=100, lr=1e-2, threshold=float("inf"))
+    model.base_model.set_task_info(0, "cifar10", meta["classnames"], meta["templates"])
+    folder = tmp_path_factory.mktemp("proxy") / "adapter"
+    model.save_pretrained(folder)
+    return folder, cifar[:6] + list(noise_images(2, 2)["image"])
+
+
+def test_from_pretrained_needs_only_the_adapter_and_loads_float32(proxy_adapter):
+    folder, images = proxy_adapter
+    root = assets_dir()
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        root / "proxy-clip")
+    assert CLIPModel.from_pretrained(root / "proxy-clip").dtype == torch.float16  # what the checkpoint stores
+    classifier = TaskAgnosticClassifier.from_pretrained(str(folder))
+    assert {p.dtype for p in classifier.method.model.parameters()} == {torch.float32}
+    expected = classifier(images, candidate_labels=["noise", "static"])
+    assert {o["task"] for o in expected} == {"cifar10", None}
+    explicit = TaskAgnosticClassifier.from_pretrained(str(folder), base_model_name_or_path=str(root / "proxy-clip"))
+    assert explicit(images, candidate_labels=["noise", "static"]) == expected
+    classify = pipeline(TASK, model=str(folder))  # base model, tokenizer and image processor from the adapter
+    assert {p.dtype for p in classify.model.parameters()} == {torch.float32}
+    out = classify(images, candidate_labels=["noise", "static"], batch_size=4)
+    assert [(o["label"], o["task"]) for o in out] == [(o["label"], o["task"]) for o in expected]
+
+
+def test_an_adapter_config_without_base_model_is_a_clear_error(proxy_adapter, tmp_path):
+    folder, _ = proxy_adapter
+    copy = tmp_path / "adapter"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="base_model_name_or_path="):
+        TaskAgnosticClassifier.from_pretrained(str(copy))

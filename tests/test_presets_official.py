@@ -1,0 +1,144 @@
+"""The presets against the facts read from the official code (../shared/reference) and ConDU's scripts."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import random_split
+
+from hf_moe_cl.assets import REPO_ROOT
+from hf_moe_cl.data.labels import label_key
+from hf_moe_cl.data.splits import random_split_indices
+from hf_moe_cl.presets import (
+    MTIL_DATASETS,
+    MTIL_ORDER_I,
+    MTIL_ORDER_II,
+    PRESETS,
+    ClassIncrementalPreset,
+    MTILPreset,
+)
+
+REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+OFFICIAL_NAMES = {"aircraft": "Aircraft", "caltech101": "Caltech101", "cifar100": "CIFAR100", "dtd": "DTD",
+                  "eurosat": "EuroSAT", "flowers": "Flowers", "food": "Food", "mnist": "MNIST",
+                  "oxford_pet": "OxfordPet", "stanford_cars": "StanfordCars", "sun397": "SUN397"}
+
+
+def reference(name):
+    path = REFERENCE / name
+    assert path.is_file(), f"{path} is missing: the official facts live in ../shared/reference beside the repo."
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def mtil():
+    return reference("mtil-official.json")
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    return reference("moe-adapters-recipes.json")
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_NAMES))
+def test_class_names_and_templates_are_the_official_ones(name, mtil):
+    spec, official = MTIL_DATASETS[name], mtil[OFFICIAL_NAMES[name]]
+    assert spec.official_name == OFFICIAL_NAMES[name]
+    assert list(spec.templates) == official["templates"]
+    if "classnames" in official:  # written out by the official code
+        assert spec.fixed_classnames and list(spec.classnames) == official["classnames"]
+    else:  # torchvision's classes with '_' replaced by ' ', as the official rule says
+        assert "'_' replaced by ' '" in official["classnames_rule"] and not spec.fixed_classnames
+        assert list(spec.classnames) == [name.replace("_", " ") for name in spec.torchvision_classes]
+    keys = [label_key(alias) for aliases in spec.aliases() for alias in set(aliases)]
+    owners = {}
+    for index, aliases in enumerate(spec.aliases()):
+        for alias in aliases:
+            assert owners.setdefault(label_key(alias), index) == index, f"{name}: {alias!r} names two classes"
+    assert len(spec.classnames) == spec.hub.num_labels and keys
+
+
+def test_rule_based_class_lists_have_the_torchvision_sizes_and_orders():
+    sizes = {"aircraft": 100, "cifar100": 100, "dtd": 47, "food": 101, "oxford_pet": 37, "stanford_cars": 196,
+             "sun397": 397}
+    for name, size in sizes.items():
+        assert len(MTIL_DATASETS[name].torchvision_classes) == size
+    food = MTIL_DATASETS["food"].torchvision_classes  # torchvision sorts the meta keys: cheese_plate < cheesecake
+    assert food.index("cheese_plate") == 16 and food.index("cheesecake") == 17
+    assert "apartment_building/outdoor" in MTIL_DATASETS["sun397"].torchvision_classes
+    assert MTIL_DATASETS["oxford_pet"].classnames[:2] == ("Abyssinian", "American Bulldog")
+    assert MTIL_DATASETS["stanford_cars"].classnames[:3] == ("AM General Hummer SUV 2000", "Acura RL Sedan 2012",
+                                                             "Acura TL Sedan 2012")
+
+
+def test_orders_and_learning_rates_are_the_official_scripts(recipes):
+    by_official = {official: name for name, official in OFFICIAL_NAMES.items()}
+    official = recipes["mtil"]
+    assert MTIL_ORDER_I == [by_official[name] for name in official["order_I"]]
+    assert MTIL_ORDER_II == [by_official[name] for name in official["order_II"]]
+    rates = lambda recipe: [MTIL_DATASETS[name].learning_rates[recipe] for name in MTIL_ORDER_I]  # noqa: E731
+    assert rates("moe-adapters") == official["full_shot_lr_order_I"]
+    assert rates("moe-adapters-few-shot") == official["few_shot_lr_order_I"]
+    # zhangzicong518/ConDU scripts/MTIL_LoRA.sh and scripts/MTIL_FT.sh, datasets in Order I
+    assert rates("condu-lora") == [1e-3, 5e-4, 2e-3, 2e-3, 1.5e-4, 1e-5, 2e-3, 1e-3, 1.5e-4, 2e-3, 1.5e-3]
+    assert rates("condu-full") == [5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5, 1e-5]
+
+
+def test_mtil_presets_are_the_official_runs(recipes):
+    official = recipes["mtil"]
+    for name, tasks, steps, shots, threshold in (
+            ("mtil-order-1", MTIL_ORDER_I, 1000, None, 0.0655), ("mtil-order-2", MTIL_ORDER_II, 1000, None, 0.0655),
+            ("fewshot-mtil-order-1", MTIL_ORDER_I, 500, 5, 0.0585),
+            ("fewshot-mtil-order-2", MTIL_ORDER_II, 500, 5, 0.0585)):
+        preset = PRESETS[name]
+        assert isinstance(preset, MTILPreset) and list(preset.tasks) == tasks
+        assert preset.steps_per_task == official["iterations_per_task"]["few_shot" if shots else "full_shot"] == steps
+        assert (preset.shots, preset.ddas, preset.ddas_threshold) == (shots, True, threshold)
+        assert (preset.batch_size, preset.label_smoothing) == (official["batch_size"], official["label_smoothing"])
+        assert (preset.warmup_steps, preset.eval_batch_size) == (100, 128)
+    assert PRESETS["mini"].from_assets and not PRESETS["mini"].ddas
+
+
+def test_cifar100_class_incremental_presets_are_the_official_recipe(recipes):
+    official = recipes["cil_cifar100"]
+    for name, increment, steps in (("cifar100-cil-10", 10, 10), ("cifar100-cil-20", 5, 20),
+                                   ("cifar100-cil-50", 2, 50)):
+        preset = PRESETS[name]
+        assert isinstance(preset, ClassIncrementalPreset)
+        assert list(preset.class_order) == official["class_order"]
+        assert preset.initial_increment == preset.increment == increment in official["initial_increment_and_increment"]
+        assert preset.num_steps == steps
+        assert (preset.epochs_per_step, preset.batch_size, preset.learning_rate) == (
+            official["epochs_per_step"], official["batch_size"], official["lr"])
+        assert (preset.label_smoothing, preset.warmup_steps, preset.weight_decay, preset.template) == (
+            official["label_smoothing"], official["warmup_iterations"], official["weight_decay"],
+            official["prompt_template"])
+
+
+def test_random_split_is_torch_random_split_with_seed_42():
+    # torch.randperm(10, generator=torch.Generator().manual_seed(42)), computed once by hand
+    assert random_split_indices(10, 0.8, 42) == ([2, 6, 1, 8, 4, 5, 0, 9], [3, 7])
+    for n in (7, 8677):
+        lengths = [int(0.8 * n), n - int(0.8 * n)]
+        train, test = random_split(range(n), lengths, generator=torch.Generator().manual_seed(42))
+        assert random_split_indices(n, 0.8, 42) == (list(train.indices), list(test.indices))
+
+
+@pytest.mark.parametrize("name,whole", [("caltech101", 8677), ("eurosat", 27000), ("sun397", 108754)])
+def test_random_split_datasets_reproduce_the_official_sizes(name, whole, mtil):
+    spec = MTIL_DATASETS[name]
+    assert "80 % train / 20 % test, generator seed 42" in mtil[OFFICIAL_NAMES[name]]["split"]
+    assert spec.split_rule == (0.8, 42) and spec.train_split is None
+    train, test = random_split_indices(whole, *spec.split_rule)
+    assert (len(train), len(test)) == spec.official_sizes
+    assert sorted(train + test) == list(range(whole))
+
+
+def test_official_splits_are_the_ones_the_official_code_loads(mtil):
+    for name, official in OFFICIAL_NAMES.items():
+        spec, facts = MTIL_DATASETS[name], mtil[official]
+        if "train" in facts:
+            assert (spec.train_split, spec.test_split) == (
+                facts["train"].get("split", "train"), facts["test"].get("split", "test")), name
+            assert spec.split_rule is None
+    assert MTIL_DATASETS["oxford_pet"].train_split == "trainval" and MTIL_DATASETS["flowers"].train_split == "train"
