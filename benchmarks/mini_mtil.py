@@ -1,22 +1,25 @@
 """Every method of the harness on the `mini` preset (six real datasets, proxy CLIP), one table at the end.
 
     python benchmarks/mini_mtil.py [--steps_per_task 200] [--assets_dir ../shared/assets] [--output_dir runs/mini]
+    python benchmarks/mini_mtil.py --methods condu [--condu_rescaler paper] [--condu_prototypes image] ...
 
 Prints Transfer / Average / Last (ZSCL definitions) and backward transfer per method and the zero-shot accuracy
 per task, and writes each method's report (`write_result_report`: per matrix kind the matrix, metrics, forgetting
-and heatmap, the route selection of task-agnostic kinds) under output_dir/<method>/ plus results.md.
+and heatmap, the route selection of task-agnostic kinds) under output_dir/<method>/ plus results.md. Every option
+of `ConDUArguments` is a flag (defaults: the official code's); ConDU's storage is reported beside its metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from transformers import CLIPModel, CLIPProcessor
+from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import assets_dir
@@ -31,13 +34,29 @@ from hf_moe_cl.benchmark.reporting import (
     write_result_report,
 )
 from hf_moe_cl.continual import ContinualTrainingArguments
-from hf_moe_cl.continual.methods import DDASArguments, MoEAdaptersArguments
+from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, MoEAdaptersArguments
 from hf_moe_cl.files import write_text_atomic
 
 
-def summary(header, names, rows, matrices, seconds, selections, leaks) -> str:
+def storage_lines(condu: dict) -> list[str]:
+    """ConDU's storage after the last task against keeping one delta per task."""
+    sizes, tasks = condu["storage_bytes"], len(condu["rescalers"])
+    fixed = sizes["unified"] + sizes["origin"]
+    lines = [f"ConDU storage after {tasks} tasks: {sizes['stored']:,} bytes = unified {sizes['unified']:,} + origin "
+             f"{sizes['origin']:,} + masks {sizes['masks']:,} + prototypes {sizes['prototypes']:,}; per task "
+             f"{(sizes['masks'] + sizes['prototypes']) // tasks:,} bytes beside {fixed:,} fixed. One float32 delta per "
+             f"task in the same space: {sizes['one_delta_per_task']:,} bytes "
+             f"({sizes['one_delta_per_task'] / sizes['stored']:.2f}x)."]
+    if "one_weight_delta_per_task" in sizes:
+        lines.append(f"One merged float32 weight delta per task: {sizes['one_weight_delta_per_task']:,} bytes "
+                     f"({sizes['one_weight_delta_per_task'] / sizes['stored']:.2f}x).")
+    lines.append("Rescalers: " + ", ".join(f"{r:.3f}" for r in condu["rescalers"]) + ".")
+    return lines + [""]
+
+
+def summary(header, names, rows, matrices, seconds, selections, leaks, condu=None) -> str:
     """The Markdown report: metrics per method, zero-shot per task, the drop per task, task selection without task
-    ids, the routing leak after the last task, run times."""
+    ids, the routing leak after the last task, ConDU's storage, run times."""
     lines = [header, "", markdown_table(rows, METRIC_COLUMNS), ""]
     lines += ["Drop per task (accuracy right after its training minus after the last task):", "",
               "| method | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
@@ -59,12 +78,15 @@ def summary(header, names, rows, matrices, seconds, selections, leaks) -> str:
         lines += [f"Task selection without task ids after the last task ({method}): rows = images of a task, columns "
                   "= where the method sent them (% of the task's test images)", "",
                   selection_table(selection_summary(stages, names), names), ""]
+    if condu:
+        lines += storage_lines(condu)
     lines.append("| method | seconds |\n| --- | ---: |\n" + "\n".join(f"| {m} | {s:.0f} |" for m, s in seconds.items()))
     return "\n".join(lines)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser([ConDUArguments], description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets_dir", default=None)
     parser.add_argument("--output_dir", default="runs/mini_mtil")
     parser.add_argument("--steps_per_task", type=int, default=150)
@@ -72,6 +94,8 @@ def main():
     parser.add_argument("--lr_moe", type=float, default=5e-3)
     parser.add_argument("--lr_lora", type=float, default=5e-3)
     parser.add_argument("--lr_full", type=float, default=5e-5)
+    parser.add_argument("--lr_condu", type=float, default=None,
+                        help="ConDU's learning rate (default: --lr_lora for LoRA, --lr_full for full fine-tuning)")
     parser.add_argument("--methods", default="zero-shot,full-finetune,lora,moe-adapters,individual-finetune")
     parser.add_argument("--task_agnostic", action="store_true",
                         help="MoE-Adapters also trains DDAS (reference: reference/tinyimagenet-ref) and reports the "
@@ -83,7 +107,7 @@ def main():
     parser.add_argument("--freeze_coverage", type=float, default=1.0)
     parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer trains and evaluates")
-    args = parser.parse_args()
+    condu_args, args = parser.parse_args_into_dataclasses()
 
     root = assets_dir(args.assets_dir)
     base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
@@ -91,8 +115,9 @@ def main():
     tasks = mini_mtil_tasks(root)
     reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
-             "individual-finetune": args.lr_full, "zero-shot": args.lr_full, "condu": args.lr_lora}
-    rows, matrices, seconds, selections, leaks = {}, {}, {}, {}, {}
+             "individual-finetune": args.lr_full, "zero-shot": args.lr_full,
+             "condu": args.lr_condu or (args.lr_lora if condu_args.condu_fine_tune == "lora" else args.lr_full)}
+    rows, matrices, seconds, selections, leaks, condu = {}, {}, {}, {}, {}, None
     for method in args.methods.split(","):
         start = time.perf_counter()
         training = ContinualTrainingArguments(
@@ -105,7 +130,8 @@ def main():
                              ddas_task_steps=args.ddas_task_steps)
         moe = MoEAdaptersArguments(num_experts=args.num_experts, freeze_policy=args.freeze_policy,
                                    freeze_coverage=args.freeze_coverage, merge_experts_every=args.merge_experts_every)
-        result = run_method(MethodArguments(method=method), base, processor, tasks, training, options=(ddas, moe),
+        result = run_method(MethodArguments(method=method), base, processor, tasks, training,
+                            options=(ddas, moe, condu_args),
                             reference_images=reference)
         reported = write_result_report(Path(args.output_dir) / method, result, method)
         for kind, label in (("protocol", "task-agnostic, one decision per batch"),
@@ -115,6 +141,7 @@ def main():
                 rows[name], matrices[name] = reported[kind], result.matrices[kind]
         if "per_image" in result.matrices:
             selections[method] = result.diagnostics["route_histogram"]["per_image"]
+        condu = result.diagnostics.get("condu", condu)
         if "routing_report" in result.diagnostics:
             leaks[method] = (result.diagnostics["routing_report"][-1], result.diagnostics["trainable_experts"][-1])
         seconds[method] = time.perf_counter() - start
@@ -123,12 +150,14 @@ def main():
     names = [task.name for task in tasks]
     results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections,
                "routing_report": {m: leak for m, (leak, _) in leaks.items()},
-               "trainable_experts": {m: trainable for m, (_, trainable) in leaks.items()}}
+               "trainable_experts": {m: trainable for m, (_, trainable) in leaks.items()}, "condu": condu}
     write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
     header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, "
               "learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
-    report = summary(header, names, rows, matrices, seconds, selections, leaks)
+    if "condu" in seconds:
+        header += "; ConDU: " + ", ".join(f"{k[len('condu_'):]}={v}" for k, v in dataclasses.asdict(condu_args).items())
+    report = summary(header, names, rows, matrices, seconds, selections, leaks, condu)
     print(report)
     write_text_atomic(Path(args.output_dir) / "results.md", report + "\n")
 

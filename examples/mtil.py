@@ -106,7 +106,7 @@ def config_as_argv(path: str) -> list[str]:
 
 
 def parse_args(argv: list[str]):
-    library = HfArgumentParser(LIBRARY_GROUPS)
+    library = HfArgumentParser(LIBRARY_GROUPS, usage="%(prog)s [config.yaml|config.json] [--option value ...]")
     if "-h" in argv or "--help" in argv:
         library.print_help()
         print("\nTraining arguments: the ContinualTrainingArguments (a transformers TrainingArguments), e.g. "

@@ -1,58 +1,89 @@
+import json
+
 import pytest
 import torch
+from peft import PeftModel, get_peft_model
 
-from hf_moe_cl.condu import CONDU_WEIGHTS, DeltaStore, applied_delta, decouple, model_fingerprint, pack_mask, unify, unpack_mask
+from hf_moe_cl import MoELoraConfig, TaskAgnosticClassifier
+from hf_moe_cl.classification import image_embeddings
+from hf_moe_cl.condu import (
+    CONFIG_FILE,
+    TRIGGERS_FILE,
+    DeltaStore,
+    applied_delta,
+    decouple,
+    load_folder,
+    model_fingerprint,
+    pack_mask,
+    save_folder,
+    unify,
+    unpack_mask,
+)
+from hf_moe_cl.condu.lora import trained_factors, weight_delta
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
-from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+from hf_moe_cl.continual.methods import ConDU, ConDUArguments, DDASArguments, MoEAdapters
 
 from conftest import colour_task, tiny_clip
+from test_trainer import StopAtTask
 
 
 def t(*values):
     return torch.tensor(values, dtype=torch.float32)
 
 
-HAND = [{"w": t(1.0, -2.0, 3.0, 0.0)}, {"w": t(2.0, 1.0, -1.0, 0.5)}, {"w": t(-0.5, -1.0, -4.0, 1.0)}]
+# Two tasks, two tensors. Element means of "a": 1.5, -0.5, 0 (a tie), 0.25; of "b": 0 (a tie), 2.
+HAND = [{"a": t(1.0, -2.0, 3.0, 0.0), "b": t(1.0, 0.0)}, {"a": t(2.0, 1.0, -3.0, 0.5), "b": t(-1.0, 4.0)}]
 
 
-def test_unify_matches_the_formulas_on_hand_made_deltas():
-    unified, masks, rescalers = unify(HAND)
-    # summed deltas 2.5, -2, -2, 1.5 -> elected signs +, -, -, +
-    assert torch.equal(unified["w"], t(2.0, -2.0, -4.0, 1.0))
-    assert [m["w"].tolist() for m in masks] == [[True, True, False, False], [True, False, True, True],
-                                                 [False, True, True, True]]
-    assert rescalers == pytest.approx([6.0 / 4.0, 4.5 / 7.0, 6.5 / 7.0])
-    assert torch.allclose(decouple(unified, masks[0], rescalers[0])["w"], t(3.0, -3.0, 0.0, 0.0))
-    assert torch.allclose(decouple(unified, masks[2], rescalers[2])["w"], 6.5 / 7.0 * t(0.0, -2.0, -4.0, 1.0))
+def test_official_rule_elects_the_sign_of_the_mean_ties_negative_and_rescales_by_tensor_means():
+    unified, masks, rescalers = unify(HAND, "official")
+    assert torch.equal(unified["a"], t(2.0, -2.0, -3.0, 0.5)) and torch.equal(unified["b"], t(-1.0, 4.0))
+    assert [m["a"].tolist() for m in masks] == [[True, True, False, False], [True, False, True, True]]
+    assert [m["b"].tolist() for m in masks] == [[False, False], [True, True]]
+    # task 0: (mean|a0| + mean|b0|) / (mean|U_a M| + mean|U_b M|) = (1.5 + 0.5) / (1.0 + 0)
+    # task 1: (1.625 + 2.5) / (1.375 + 2.5)
+    assert rescalers == pytest.approx([2.0, 4.125 / 3.875])
+    assert torch.allclose(decouple(unified, masks[0], rescalers[0])["a"], t(4.0, -4.0, 0.0, 0.0))
 
 
-def test_sequential_sessions_follow_the_decouple_unify_recurrence():
-    store = DeltaStore()
-    for delta in HAND:
-        store.add_task(delta)
-    # by hand: session 2 unifies [d1, d2]; session 3 unifies the two rebuilt deltas with d3
-    u2, m2, r2 = unify(HAND[:2])
-    rebuilt = [decouple(u2, m2[i], r2[i]) for i in range(2)]
-    u3, m3, r3 = unify(rebuilt + [HAND[2]])
-    assert torch.equal(store.unified["w"], u3["w"]) and store.rescalers == pytest.approx(r3)
-    for task in range(3):
-        assert torch.allclose(store.task_delta(task)["w"], decouple(u3, m3[task], r3[task])["w"])
+def test_paper_rule_elects_the_sign_of_the_sum_and_rescales_by_element_sums():
+    unified, masks, rescalers = unify(HAND, "paper")
+    assert torch.equal(unified["a"], t(2.0, -2.0, 0.0, 0.5)) and torch.equal(unified["b"], t(0.0, 4.0))
+    assert [m["a"].tolist() for m in masks] == [[True, True, False, False], [True, False, False, True]]
+    assert [m["b"].tolist() for m in masks] == [[False, False], [False, True]]
+    assert rescalers == pytest.approx([7.0 / 4.0, 11.5 / 6.5])
+    with pytest.raises(ValueError, match="Unknown ConDU unify rule 'mean'"):
+        unify(HAND, "mean")
 
 
-def test_rebuilt_delta_equals_the_original_where_masks_never_change():
-    deltas = [{"a": t(1.0, 2.0), "b": t(-1.0, 0.5)}, {"a": t(2.0, 4.0), "b": t(-2.0, 1.0)},
-              {"a": t(0.5, 1.0), "b": t(-0.5, 0.25)}]
-    store = DeltaStore()
+@pytest.mark.parametrize("rule", ["official", "paper"])
+def test_sessions_follow_the_decouple_unify_recurrence(rule):
+    deltas = HAND + [{"a": t(-0.5, -1.0, -4.0, 1.0), "b": t(0.5, -2.0)}]
+    store = DeltaStore(rule)
     for delta in deltas:
         store.add_task(delta)
+    u2, m2, r2 = unify(deltas[:2], rule)
+    u3, m3, r3 = unify([decouple(u2, m2[i], r2[i]) for i in range(2)] + [deltas[2]], rule)
+    assert all(torch.equal(store.unified[n], u3[n]) for n in u3) and store.rescalers == pytest.approx(r3)
+    for task in range(3):
+        assert torch.allclose(store.task_delta(task)["a"], decouple(u3, m3[task], r3[task])["a"])
+
+
+@pytest.mark.parametrize("rule", ["official", "paper"])
+def test_rebuilt_delta_equals_the_original_where_masks_never_change(rule):
+    deltas = [{"a": t(1.0, 2.0), "b": t(-1.0, 0.5)}, {"a": t(2.0, 4.0), "b": t(-2.0, 1.0)},
+              {"a": t(0.5, 1.0), "b": t(-0.5, 0.25)}]
+    origin = {"a": t(0.3, -0.7), "b": t(0.1, 0.2)}
+    store = DeltaStore(rule, origin=origin)
+    for delta in deltas:
+        store.add_task(delta)
+    assert torch.allclose(store.unified_tensors["a"], origin["a"] + t(2.0, 4.0))  # the unified model's tensors
     for task, delta in enumerate(deltas):
-        rebuilt = store.task_delta(task)
-        assert all(torch.allclose(rebuilt[n], delta[n]) for n in delta), task
+        assert all(torch.allclose(store.task_delta(task)[n], delta[n]) for n in delta), task
 
 
 def test_masks_are_bit_packed():
-    generator = torch.Generator().manual_seed(0)
-    mask = torch.rand(3, 7, 5, generator=generator) > 0.5
+    mask = torch.rand(3, 7, 5, generator=torch.Generator().manual_seed(0)) > 0.5
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == (3 * 7 * 5 + 7) // 8
     assert torch.equal(unpack_mask(packed, mask.shape), mask)
@@ -60,60 +91,231 @@ def test_masks_are_bit_packed():
     for seed in range(3):
         store.add_task({"w": torch.randn(64, 32, generator=torch.Generator().manual_seed(seed))})
     sizes = store.storage_bytes()
-    assert sizes["masks"] == 3 * 64 * 32 // 8 and sizes["full_deltas"] == 3 * 64 * 32 * 4
-    assert sizes["stored"] < sizes["full_deltas"] / 2
+    assert sizes["masks"] == 3 * 64 * 32 // 8 and sizes["one_delta_per_task"] == 3 * 64 * 32 * 4
+    assert sizes["stored"] < sizes["one_delta_per_task"] / 2
 
 
-def test_trigger_files_round_trip_and_refuse_another_model(tmp_path):
-    store = DeltaStore()
-    for delta in HAND:
-        store.add_task(delta, {"image": torch.eye(2)}, name="x")
-    store.save_pretrained(tmp_path, {"model": "a"})
-    loaded = DeltaStore.from_pretrained(tmp_path, {"model": "a"})
-    assert loaded.task_names == ["x", "x", "x"] and torch.equal(loaded.prototypes[1]["image"], torch.eye(2))
-    for task in range(3):
-        assert torch.equal(loaded.task_delta(task)["w"], store.task_delta(task)["w"])
+def hand_store():
+    store = DeltaStore("official", origin={"a": t(0.5, 0.5, 0.5, 0.5), "b": t(1.0, 1.0)})
+    for i, delta in enumerate(HAND):
+        store.add_task(delta, {"image_mean": torch.eye(2), "text_mean": torch.ones(2, 2)},
+                       {"name": f"task{i}", "classnames": ["x", "y"], "templates": ["{}"]})
+    return store
+
+
+def test_trigger_files_round_trip_and_bad_files_fail_clearly(tmp_path):
+    store = hand_store()
+    save_folder(tmp_path, store, {"model": "a"}, {"options": {}})
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staging folder is gone
+    loaded, header = load_folder(tmp_path, {"model": "a"})
+    assert header["tasks"][1]["name"] == "task1" and loaded.tasks == store.tasks
+    assert torch.equal(loaded.prototypes[1]["text_mean"], torch.ones(2, 2))
+    for task in range(2):
+        assert all(torch.equal(loaded.task_delta(task)[n], store.task_delta(task)[n]) for n in store.shapes)
     with pytest.raises(ValueError, match="made for another model"):
-        DeltaStore.from_pretrained(tmp_path, {"model": "b"})
-    weights = tmp_path / CONDU_WEIGHTS
-    weights.write_bytes(weights.read_bytes()[:-3])
-    with pytest.raises(ValueError, match="truncated"):
-        DeltaStore.from_pretrained(tmp_path, {"model": "a"})
+        load_folder(tmp_path, {"model": "b"})
     with pytest.raises(ValueError, match="out of range"):
-        store.task_delta(3)
+        store.task_delta(2)
     with pytest.raises(ValueError, match="other tensors"):
         store.add_task({"v": t(1.0)})
 
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(dict(config, version=99)))
+    with pytest.raises(ValueError, match="not a ConDU save this version reads"):
+        load_folder(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(dict(config, shapes=dict(config["shapes"], c=[3]))))
+    with pytest.raises(ValueError, match="incomplete: it lacks tensor 'origin.c'"):
+        load_folder(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    weights = tmp_path / TRIGGERS_FILE
+    weights.write_bytes(weights.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        load_folder(tmp_path)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no ConDU save"):
+        load_folder(tmp_path / "nothing")
 
-def test_condu_end_to_end(tmp_path, clip_processor):
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="condu_rescaler must be one of"):
+        ConDUArguments(condu_rescaler="median")
+    with pytest.raises(ValueError, match="condu_fusion must be one of"):
+        ConDUArguments(condu_fusion="votes")
+    with pytest.raises(ValueError, match="names no layer"):
+        ConDUArguments(condu_lora_targets=" , ")
+
+
+def make_args(path, **overrides):
+    values = dict(output_dir=str(path), max_steps=3, warmup_steps=1, learning_rate=1e-2, use_cpu=True,
+                  per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
+                  logging_strategy="no", seed=5)
+    values.update(overrides)
+    return ContinualTrainingArguments(**values)
+
+
+def two_tasks():
+    return [colour_task("first", seed=0), colour_task("second", seed=1, offset=3)]
+
+
+class RecordingConDU(ConDU):
+    """Keeps each task's delta as trained, before unification."""
+
+    def end_task(self, trainer, index, task):
+        self.direct = getattr(self, "direct", [])
+        self.direct.append({n: v - self.store.origin[n] for n, v in trained_factors(self._training).items()})
+        super().end_task(trainer, index, task)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from conftest import tiny_clip_processor, write_tiny_tokenizer
+
+    processor = tiny_clip_processor(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
+    path = tmp_path_factory.mktemp("condu")
     base = tiny_clip()
     reference = {k: v.clone() for k, v in base.state_dict().items()}
-    args = ContinualTrainingArguments(output_dir=str(tmp_path), max_steps=4, warmup_steps=1, learning_rate=1e-2,
-                                      use_cpu=True, per_device_train_batch_size=8, per_device_eval_batch_size=32,
-                                      report_to="none", disable_tqdm=True, logging_strategy="no")
-    tasks = [colour_task("first", seed=0), colour_task("second", seed=1, offset=3)]
-    method = ConDU(base, ConDUArguments(condu_top_k=1), rank=4)
-    trainer = ContinualTrainer(method=method, args=args, processing_class=clip_processor)
-    zero_shot_second = trainer.evaluate_task(tasks[1])
-    result = trainer.train_tasks(tasks)
+    method = RecordingConDU(base, ConDUArguments(condu_top_k=1), rank=4)
+    trainer = ContinualTrainer(method=method, args=make_args(path / "run"), processing_class=processor)
+    result = trainer.train_tasks(two_tasks())
+    return method, result, processor, path, reference
+
+
+def test_lora_run_fills_the_matrices_and_leaves_the_pretrained_model_untouched(lora_run):
+    method, result, _, _, reference = lora_run
+    assert all(torch.equal(reference[k], v) for k, v in method.model.state_dict().items())
+    assert set(method.store.shapes) == set(method.direct[0]) and len(method.store.shapes) == 16  # fc1, fc2 x 4 x A, B
+    assert method.store.shapes["base_model.model.vision_model.encoder.layers.0.mlp.fc1.lora_A.weight"] == (4, 48)
+    # the unseen task is voted for, the same evaluation as the task-agnostic matrix's cell
+    assert result.accuracy_matrix[0][1] == result.task_agnostic_matrix[0][1]
     histogram = result.diagnostics["route_histogram"]["per_image"][-1]
-    identification = [100.0 * counts[j + 1] / sum(counts) for j, counts in enumerate(histogram)]
-    assert result.accuracy_matrix[0][1] == zero_shot_second
-    assert len(result.task_agnostic_matrix) == 2 and len(identification) == 2
-    assert all(0.0 <= share <= 100.0 for share in identification)
-    assert all(torch.equal(reference[k], v) for k, v in base.state_dict().items())  # deltas were undone exactly
-    store = method.store
-    assert set(store.shapes) == set(method.delta_tensor_names()) and len(store.shapes) == 8
-    delta = store.task_delta(1)
-    with applied_delta(base, delta):
-        changed = {k: v.clone() for k, v in base.state_dict().items()}
-    name = next(iter(delta))
-    assert torch.allclose(changed[name], reference[name] + delta[name])
-    method.save(tmp_path / "triggers")
-    other = ConDU(tiny_clip(), rank=4)
-    other.load(tmp_path / "triggers")
-    assert torch.equal(other.store.task_delta(0)[name], store.task_delta(0)[name])
-    bigger = ConDU(tiny_clip(vision_width=64))
+    assert [sum(counts) for counts in histogram] == [12, 12] and all(c[0] == 0 for c in histogram)
+    sizes = result.diagnostics["condu"]["storage_bytes"]
+    assert sizes["masks"] == 2 * sum(s.numel() for s in method.store.shapes.values()) // 8
+
+
+def test_lora_save_is_a_peft_adapter_of_the_unified_model_and_rebuilds_every_task(lora_run, tmp_path):
+    method, _, processor, path, _ = lora_run
+    folder = path / "run" / "task-01-second"
+    pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    # peft alone loads the unified model: pretrained + LoRA(origin + unified delta)
+    unified = PeftModel.from_pretrained(tiny_clip(), folder).eval()
+    with applied_delta(method.model, weight_delta(method.store.unified_tensors, 4 ** -0.5)):
+        expected = image_embeddings(method.model, pixels)
+    assert torch.allclose(image_embeddings(unified, pixels), expected, atol=1e-5)
+    # the library's loader rebuilds each task as unify() of the directly computed deltas says
+    loaded = ConDU.from_pretrained(folder, base_model=tiny_clip())
+    assert loaded.arguments == method.arguments and loaded.learned_tasks()[1]["name"] == "second"
+    u, masks, rescalers = unify(method.direct, "official")
+    for task in range(2):
+        rebuilt = loaded.task_delta(task)
+        assert all(torch.equal(rebuilt[n], method.task_delta(task)[n]) for n in rebuilt)
+        assert all(torch.allclose(rebuilt[n], decouple(u, masks[task], rescalers[task])[n], atol=1e-6) for n in u)
+    # after the first task nothing was unified with it yet: its rebuilt delta is the trained one
+    first = ConDU.from_pretrained(path / "run" / "task-00-first", base_model=tiny_clip())
+    rebuilt = first.task_delta(0)
+    assert all(torch.allclose(rebuilt[n], method.direct[0][n], atol=1e-6) for n in rebuilt)
+    # a task's model: the loaded method and the trained one classify alike
+    with loaded.routed(0):
+        mine = image_embeddings(loaded.model, pixels)
+    with method.routed(0):
+        assert torch.equal(mine, image_embeddings(method.model, pixels))
+
+
+def test_the_same_code_classifies_without_task_ids_with_moe_ddas_or_condu(lora_run, tmp_path):
+    method, _, processor, path, _ = lora_run
+    images = list(colour_task("first", seed=0).eval_dataset["image"][:3])
+
+    def classify(model):  # what a user writes, whatever the method behind `model`
+        return TaskAgnosticClassifier(model, processor)(images, candidate_labels=["noise"])
+
+    ddas = DDASArguments(ddas=True, ddas_task_steps=20, ddas_reference_steps=20, ddas_hidden_dim=8)
+    moe = MoEAdapters(get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=2, r=2)), ddas=ddas,
+                      ddas_reference=colour_task("reference", seed=9, offset=5).train_dataset)
+    ContinualTrainer(method=moe, args=make_args(tmp_path, max_steps=1, task_agnostic_eval=False),
+                     processing_class=processor).train_tasks(two_tasks())
+    for model in (moe, method):
+        out = classify(model)
+        assert len(out) == 3 and all(o["label"] in ("red", "green", "blue", "yellow", "cyan", "magenta", "noise")
+                                     and o["task"] in ("first", "second", None) for o in out)
+    out = classify(method)
+    assert all(o["task"] in ("first", "second") and 0.0 <= o["score"] <= 1.0 for o in out)
+    assert classify(ConDU.from_pretrained(path / "run" / "task-01-second", base_model=tiny_clip())) == out
+    tiny_clip().save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    loaded = TaskAgnosticClassifier.from_pretrained(str(path / "run" / "task-01-second"), str(tmp_path / "base"))
+    assert loaded(images, candidate_labels=["noise"]) == out
     with pytest.raises(ValueError, match="another model"):
-        bigger.load(tmp_path / "triggers")
+        ConDU.from_pretrained(path / "run" / "task-01-second", base_model=tiny_clip(vision_width=64))
+    with pytest.raises(ValueError, match="names no base model"):
+        ConDU.from_pretrained(path / "run" / "task-01-second")
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(lora_run, tmp_path):
+    straight, expected, processor, path, _ = lora_run
+    interrupted = ContinualTrainer(method=ConDU(tiny_clip(), ConDUArguments(condu_top_k=1), rank=4),
+                                   args=make_args(tmp_path), processing_class=processor)
+    interrupted.add_callback(StopAtTask(interrupted, "second"))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train_tasks(two_tasks())
+    assert not (tmp_path / "task-01-second").exists()
+    with pytest.raises(ValueError, match="trained with condu_rescaler='official'"):
+        ConDU(tiny_clip(), ConDUArguments(condu_rescaler="paper"), rank=4).load(tmp_path / "task-00-first")
+
+    method = ConDU(tiny_clip(), ConDUArguments(condu_top_k=1), rank=4)
+    result = ContinualTrainer(method=method, args=make_args(tmp_path),
+                              processing_class=processor).train_tasks(two_tasks(), resume=True)
+    assert result.matrices == expected.matrices
+    a, b = straight.store, method.store
+    assert a.rescalers == b.rescalers and a.tasks == b.tasks
+    for n in a.shapes:
+        assert torch.equal(a.unified_tensors[n], b.unified_tensors[n]) and torch.equal(a.origin[n], b.origin[n])
+        assert all(torch.equal(x[n], y[n]) for x, y in zip(a.packed_masks, b.packed_masks))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a.prototypes, b.prototypes) for k in x)
+    saved = [load_folder(p / "task-01-second")[0] for p in (path / "run", tmp_path)]
+    assert all(torch.equal(saved[0].unified_tensors[n], saved[1].unified_tensors[n]) for n in a.shapes)
+
+
+def test_full_fine_tuning_trains_all_but_logit_scale_and_saves_the_weight_delta(tmp_path, clip_processor):
+    base = tiny_clip()
+    method = ConDU(base, ConDUArguments(condu_fine_tune="full", condu_rescaler="paper",
+                                        condu_prototypes="image", condu_unseen_tasks="pretrained"))
+    trainer = ContinualTrainer(method=method, processing_class=clip_processor,
+                               args=make_args(tmp_path, max_steps=1, warmup_steps=0, learning_rate=1e-3,
+                                             task_agnostic_eval=False))
+    zero_shot_second = trainer.evaluate_task(two_tasks()[1])
+    result = trainer.train_tasks(two_tasks())
+    assert result.accuracy_matrix[0][1] == zero_shot_second
+    assert method.recipe == "condu-full" and "logit_scale" not in method.store.shapes
+    assert set(method.store.shapes) == {n for n, _ in base.named_parameters()} - {"logit_scale"}
+    assert not method.store.origin and method.store.rule == "paper"
+    assert torch.count_nonzero(method.task_delta(1)["vision_model.embeddings.class_embedding"]) > 0
+    folder = tmp_path / "task-01-second"
+    assert (folder / "condu_delta.safetensors").is_file() and not (folder / "adapter_model.safetensors").exists()
+    loaded = ConDU.from_pretrained(folder, base_model=tiny_clip())
+    assert all(torch.equal(loaded.task_delta(1)[n], method.task_delta(1)[n]) for n in method.store.shapes)
     assert model_fingerprint(base)["vision_width"] == 48
+
+
+def test_a_save_loads_from_a_hub_repo_id_with_subfolder_and_revision(lora_run, tmp_path, monkeypatch):
+    """Offline, from a Hub cache laid out by hand: what `push_to_hub` uploads is what a repo id loads."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    method, _, _, path, _ = lora_run
+    repo = tmp_path / "models--someone--condu-clip"
+    for commit, task in (("a" * 40, "task-01-second"), ("b" * 40, "task-00-first")):
+        shutil.copytree(path / "run" / task, repo / "snapshots" / commit / "v1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v0").write_text("b" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    latest = ConDU.from_pretrained("someone/condu-clip", base_model=tiny_clip(), subfolder="v1", token="unused")
+    assert latest.store.num_tasks == 2 and torch.equal(latest.task_delta(1)[next(iter(method.store.shapes))],
+                                                        method.task_delta(1)[next(iter(method.store.shapes))])
+    assert ConDU.from_pretrained("someone/condu-clip", tiny_clip(), subfolder="v1", revision="v0").store.num_tasks == 1
+    with pytest.raises(OSError, match="neither a local folder nor a reachable Hub repo"):
+        ConDU.from_pretrained("someone/missing", tiny_clip())

@@ -35,15 +35,17 @@ def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:
-    """(classes, dim) unit-norm text embeddings, each the normalised mean over the prompt templates."""
+def text_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device,
+                    normalise: bool = True) -> torch.Tensor:
+    """(classes, dim) text embeddings: the mean over the prompt templates of unit features, normalised again
+    unless `normalise` is False."""
     total = None
     for template in templates:
         tokens = tokenize_prompts(tokenizer, [template.format(name) for name in classnames])
         tokens = {k: v.to(device) for k, v in tokens.items()}
         features = F.normalize(model.get_text_features(**tokens).pooler_output.float(), dim=-1)
         total = features if total is None else total + features
-    return F.normalize(total, dim=-1)
+    return F.normalize(total, dim=-1) if normalise else total / len(templates)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,3 +155,21 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         raise ValueError(
             f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has {size}. {FIX}"
         )
+
+
+@contextmanager
+def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder inside `folder`: write files into it; when the block ends without error each one is flushed
+    and replaces its namesake in `folder` by a rename, so a crash never leaves a half-written file behind (files
+    `folder` holds besides them stay)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".files.tmp-", dir=folder))
+    try:
+        yield staging
+        fsync_tree(staging)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, folder / path.name)
+        _fsync_directory(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

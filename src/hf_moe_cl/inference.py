@@ -7,8 +7,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Untouched
+from .condu import holds_condu
 from .continual.data import to_rgb
-from .continual.methods import ContinualMethod, method_for_model
+from .continual.methods import ConDU, ContinualMethod, method_for_model
 
 
 def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
@@ -41,17 +42,18 @@ def subset_of(untouched: Untouched, rows: torch.Tensor) -> Untouched:
 class TaskAgnosticClassifier:
     """Classify images without a task id.
 
-    Each image goes where the method sends it (DDAS for MoE-Adapters): an image of a learned task is classified
-    among that task's class names through its model; an image the method does not recognise goes to the untouched
-    CLIP and is classified among the `candidate_labels` the caller gives. The only loop is over the distinct
-    routes chosen in a batch.
+    Each image goes where the method sends it (DDAS for MoE-Adapters, semantic voting for ConDU): an image of a
+    learned task is classified among that task's class names through its model (ConDU: the voted models
+    together); an image the method does not recognise goes to the untouched CLIP and is classified among the
+    `candidate_labels` the caller gives. The only loop is over the distinct routes chosen in a batch.
     """
 
     def __init__(self, model, processor):
         method = model if isinstance(model, ContinualMethod) else method_for_model(model)
         if not method.selects_routes:
             raise ValueError("TaskAgnosticClassifier needs a model that picks a task without a task id: a MoE-LoRA "
-                             "model with a trained DDAS selector (ContinualTrainer with DDASArguments(ddas=True)).")
+                             "model with a trained DDAS selector (ContinualTrainer with DDASArguments(ddas=True)) "
+                             "or a trained ConDU.")
         self.tasks = method.learned_tasks()
         self.method, self.processor = method, processor
         self.device = next(method.model.parameters()).device
@@ -61,10 +63,18 @@ class TaskAgnosticClassifier:
     @classmethod
     def from_pretrained(cls, adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
                         dtype: torch.dtype = torch.float32, **adapter_kwargs) -> "TaskAgnosticClassifier":
-        """A published adapter folder or Hub repo that carries its DDAS selector, on the base CLIP its config names
-        (or `base_model_name_or_path`), in `dtype`; `adapter_kwargs` (revision, subfolder, token...) go to peft."""
-        from transformers import CLIPProcessor
+        """A published folder or Hub repo, on the base CLIP its config names (or `base_model_name_or_path`), in
+        `dtype`: a MoE-LoRA adapter that carries its DDAS selector, or a ConDU save (unified model + task
+        triggers). `adapter_kwargs` (revision, subfolder, token...) go to peft or the ConDU loader."""
+        from transformers import CLIPModel, CLIPProcessor
 
+        hub = {k: adapter_kwargs[k] for k in ("subfolder", "revision", "token") if k in adapter_kwargs}
+        if holds_condu(adapter_name_or_path, **hub):
+            base = None
+            if base_model_name_or_path is not None:
+                base = CLIPModel.from_pretrained(base_model_name_or_path, dtype=dtype)
+            method = ConDU.from_pretrained(adapter_name_or_path, base, dtype=dtype, **hub)
+            return cls(method, CLIPProcessor.from_pretrained(method.model.name_or_path))
         model = load_adapter_model(adapter_name_or_path, base_model_name_or_path, dtype, **adapter_kwargs)
         return cls(model, CLIPProcessor.from_pretrained(model.peft_config["default"].base_model_name_or_path))
 

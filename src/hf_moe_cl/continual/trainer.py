@@ -179,8 +179,16 @@ class ContinualTrainer(Trainer):
 
     def _evaluate_stage(self, index: int, tasks: list[ContinualTask], matrices: dict, histograms: dict,
                         pretrained: dict[int, float]) -> None:
-        """One row of every matrix after task `index`."""
+        """One row of every matrix after task `index`. An unseen task whose route is None (the method's own
+        selection) is classified as in the per-image matrix; that evaluation is shared with the matrix."""
         method, classifier = self.method, self.classifier()
+        per_image: dict[int, tuple] = {}
+
+        def selected(j: int) -> tuple:
+            if j not in per_image:
+                per_image[j] = evaluate_task(self, method, classifier, tasks[j], "per_image")
+            return per_image[j]
+
         row = []
         for j, other in enumerate(tasks):
             if not (self.args.evaluate_all_tasks or j == index):
@@ -191,12 +199,15 @@ class ContinualTrainer(Trainer):
                 route = method.task_route(j) if j <= index else method.unseen_route(index)
                 if route == ZERO_SHOT:
                     row.append(pretrained[j])
+                elif route is None:
+                    row.append(selected(j)[0])
                 else:
                     row.append(evaluate_task(self, method, classifier, other, "oracle", route)[0])
         matrices["oracle"].append(row)
         self._report("accuracy", tasks, row)
         for kind in histograms:
-            evaluated = [evaluate_task(self, method, classifier, other, kind) for other in tasks]
+            evaluated = [selected(j) if kind == "per_image" else evaluate_task(self, method, classifier, other, kind)
+                         for j, other in enumerate(tasks)]
             matrices[kind].append([accuracy for accuracy, _ in evaluated])
             histograms[kind].append([counts for _, counts in evaluated])
             self._report(f"{kind}_accuracy", tasks, matrices[kind][-1])

@@ -1,44 +1,90 @@
-"""ConDU (Gao et al.) as a continual method: per task a fine-tune from the pretrained CLIP whose delta is unified
-with the earlier ones; classification with a task id rebuilds that task's delta, without one it votes by class
-prototypes."""
+"""ConDU (Gao et al.) as a continual method: every task is a fine-tune of the pretrained CLIP whose delta is unified
+with the earlier ones. With a task id, that task's delta is rebuilt from the unified delta and its triggers;
+without one, the pretrained model and the tasks voted for by class prototypes predict together.
+
+Defaults follow the official code (zhangzicong518/ConDU); docs/condu.md gives the source of each.
+"""
 
 from __future__ import annotations
 
 import copy
-import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from ...classification import ZERO_SHOT, Routes, image_embeddings, text_embeddings
-from ...condu import Delta, DeltaStore, applied_delta, model_fingerprint
-from .registry import register_method
+from ...condu import (
+    PROTOTYPE_KINDS,
+    UNIFY_RULES,
+    Delta,
+    DeltaStore,
+    applied_delta,
+    load_folder,
+    model_fingerprint,
+    prototype_vectors,
+    read_header,
+    resolve_folder,
+    save_folder,
+    vote,
+)
+from ...condu.lora import (
+    draw_factors,
+    factor_shapes,
+    lora_config,
+    lora_layers,
+    lora_model,
+    lora_scaling,
+    trained_factors,
+    weight_delta,
+)
 from .base import ContinualMethod
+from .registry import register_method
+
+_CHOICES = {"condu_fine_tune": ("lora", "full"), "condu_rescaler": UNIFY_RULES, "condu_prototypes": PROTOTYPE_KINDS,
+            "condu_fusion": ("logits", "probabilities"), "condu_weighting": ("uniform", "similarity"),
+            "condu_unseen_tasks": ("vote", "pretrained")}
+# Options that shape the stored deltas: a save is loaded only with the same values.
+_TRAINING_OPTIONS = ("condu_fine_tune", "condu_rescaler")
+_LORA_OPTIONS = ("condu_lora_targets", "condu_lora_init_std", "rank")
 
 
 @dataclass
 class ConDUArguments:
-    condu_fine_tune: str = field(default="lora", metadata={"help": "ConDU: per-task 'lora' or 'full' fine-tuning."})
-    condu_lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "ConDU: LoRA target modules."})
-    condu_full_modules: str = field(
-        default=r".*encoder\.layers.*", metadata={"help": "ConDU full fine-tuning: parameters that train (regex)."}
-    )
-    condu_top_k: int = field(default=4, metadata={"help": "ConDU: tasks voted for per image without a task id."})
+    condu_fine_tune: str = field(
+        default="lora", metadata={"help": "ConDU: per-task 'lora' (MTIL_LoRA.sh) or 'full' fine-tuning of every "
+                                  "parameter but logit_scale (MTIL_FT.sh)."})
+    condu_lora_targets: str = field(
+        default="fc1,fc2", metadata={"help": "ConDU: LoRA layers, both towers (official: the MLP's c_fc, c_proj)."})
+    condu_lora_init_std: float = field(
+        default=0.01, metadata={"help": "ConDU: std of the normal draw of both LoRA factors (official 0.01)."})
+    condu_rescaler: str = field(
+        default="official", metadata={"help": "ConDU unify rule: 'official' (sign of the mean, ties negative; "
+                                      "rescalers from per-tensor means) or 'paper' (sign of the sum; element sums)."})
+    condu_prototypes: str = field(
+        default="fused", metadata={"help": "ConDU voting prototypes: 'fused' image + text means (official) or "
+                                   "'image' means only."})
+    condu_top_k: int = field(default=4, metadata={"help": "ConDU: tasks voted for per image (official logits_num 4)."})
+    condu_fusion: str = field(
+        default="logits", metadata={"help": "ConDU: fuse the voted models' 'logits' (official) or softmax "
+                                    "'probabilities'."})
     condu_weighting: str = field(
-        default="uniform", metadata={"help": "ConDU: 'uniform' averaging (official) or 'similarity'-weighted."}
-    )
+        default="uniform", metadata={"help": "ConDU: 'uniform' average with the pretrained model (official) or "
+                                     "'similarity'-weighted task models."})
+    condu_unseen_tasks: str = field(
+        default="vote", metadata={"help": "ConDU task-aware matrix, tasks not learned yet: 'vote' (official "
+                                  "evaluation) or 'pretrained' model."})
 
     def __post_init__(self):
-        if self.condu_fine_tune not in ("lora", "full"):
-            raise ValueError(f"condu_fine_tune must be 'lora' or 'full', got {self.condu_fine_tune!r}.")
-        if self.condu_weighting not in ("uniform", "similarity"):
-            raise ValueError(f"condu_weighting must be 'uniform' (official) or 'similarity', got "
-                             f"{self.condu_weighting!r}.")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.condu_top_k < 1:
             raise ValueError(f"condu_top_k must be positive, got {self.condu_top_k}.")
+        if self.condu_fine_tune == "lora" and not self.lora_target_list:
+            raise ValueError("condu_lora_targets names no layer; give e.g. 'fc1,fc2'.")
 
     @property
     def lora_target_list(self) -> tuple[str, ...]:
@@ -47,8 +93,8 @@ class ConDUArguments:
 
 @register_method
 class ConDU(ContinualMethod):
-    """`model` stays the pretrained CLIP; a task's model is it plus the task's rebuilt delta (`applied_delta`
-    adds it and restores the pretrained tensors exactly afterwards)."""
+    """`model` stays the pretrained CLIP; a task's model is it plus the task's rebuilt delta, added and removed
+    exactly around each use (`applied_delta`). `store` holds the unified delta and the triggers."""
 
     name = "condu"
     arguments_class = ConDUArguments
@@ -57,7 +103,7 @@ class ConDU(ContinualMethod):
     def __init__(self, model, arguments: Optional[ConDUArguments] = None, rank: int = 64):
         super().__init__(model.eval(), arguments)
         self.rank = rank
-        self.store = DeltaStore()
+        self.store = DeltaStore(self.arguments.condu_rescaler)
         self._training: Optional[torch.nn.Module] = None
         self._deltas: dict[int, Delta] = {}
 
@@ -65,34 +111,71 @@ class ConDU(ContinualMethod):
     def recipe(self) -> str:
         return f"condu-{self.arguments.condu_fine_tune}"
 
+    @property
+    def lora(self) -> bool:
+        return self.arguments.condu_fine_tune == "lora"
+
     @classmethod
     def from_base(cls, base, options=(), num_tasks=1, rank=64, reference_images=None):
         return cls(copy.deepcopy(base), cls.pick(options, ConDUArguments), rank=rank)
 
+    @classmethod
+    def from_pretrained(cls, folder_or_repo_id, base_model=None, arguments: Optional[ConDUArguments] = None,
+                        subfolder: Optional[str] = None, revision: Optional[str] = None,
+                        token: Optional[str] = None, **model_kwargs) -> "ConDU":
+        """A saved ConDU (a folder or a Hub repo id) on `base_model`, by default the CLIP its save names; its own
+        options unless `arguments` are given (voting options may differ, training ones may not)."""
+        folder = resolve_folder(folder_or_repo_id, subfolder, revision, token)
+        header = read_header(folder)
+        if base_model is None:
+            name = header.get("base_model_name_or_path")
+            if not name:
+                raise ValueError(f"The ConDU save in {folder_or_repo_id} names no base model; pass "
+                                 "base_model=CLIPModel.from_pretrained(...).")
+            from transformers import CLIPModel
+
+            base_model = CLIPModel.from_pretrained(name, **model_kwargs)
+        if arguments is None:
+            try:
+                arguments = ConDUArguments(**header["options"])
+            except TypeError as error:
+                raise ValueError(f"The ConDU save in {folder_or_repo_id} has options this version does not know "
+                                 f"({error}); upgrade hf-moe-cl or pass `arguments=`.") from None
+        method = cls(base_model, arguments, rank=header["rank"])
+        method.load(folder)
+        return method
+
     # ----- the task loop -------------------------------------------------------------------------------------------
-    def delta_tensor_names(self) -> list[str]:
-        """The tensors a task may change: the LoRA-targeted weights, or every parameter under the full-FT regex."""
-        if self.arguments.condu_fine_tune == "lora":
-            targets = self.arguments.lora_target_list
-            return [f"{name}.weight" for name, module in self.model.named_modules()
-                    if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-        pattern = re.compile(self.arguments.condu_full_modules)
-        return [name for name, _ in self.model.named_parameters() if pattern.fullmatch(name)]
+    def _new_store(self, seed: int) -> DeltaStore:
+        """An empty store over the tensors a task changes; with LoRA, measured from the pretrained model's own
+        random factors (the official pretrained LoRA model has them too)."""
+        rule = self.arguments.condu_rescaler
+        if not self.lora:
+            return DeltaStore(rule, {n: p.shape for n, p in self.model.named_parameters() if n != "logit_scale"})
+        shapes = factor_shapes(self.model, self.arguments.lora_target_list, self.rank)
+        if not shapes:
+            raise ValueError(f"No Linear layer of the model is named {self.arguments.condu_lora_targets!r}; check "
+                             "condu_lora_targets (transformers' CLIP MLP layers are 'fc1,fc2').")
+        return DeltaStore(rule, origin=draw_factors(shapes, self.arguments.condu_lora_init_std, seed))
 
     def begin_sequence(self, trainer, tasks) -> None:
-        if not self.delta_tensor_names():
-            raise ValueError("No tensor of the model matches the ConDU targets; check condu_lora_targets / "
-                             "condu_full_modules.")
+        if self.store.num_tasks == 0:  # a store loaded from a save keeps its own origin
+            self.store = self._new_store(trainer.args.seed)
+
+    def lora_config(self):
+        return lora_config(self.arguments.lora_target_list, self.rank, self._base_name())
+
+    def _base_name(self) -> Optional[str]:
+        return getattr(self.model, "name_or_path", None) or None
 
     def begin_task(self, trainer, index, task) -> None:
         model = copy.deepcopy(self.model)
-        if self.arguments.condu_fine_tune == "lora":
-            model = get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=self.rank,
-                                                     target_modules=list(self.arguments.lora_target_list)))
+        if self.lora:  # every task starts from the same draw, as every official session (one process, seed 42) does
+            start = draw_factors(self.store.shapes, self.arguments.condu_lora_init_std, trainer.args.seed + 1)
+            model = lora_model(model, self.lora_config(), start)
         else:
-            chosen = set(self.delta_tensor_names())
             for name, param in model.named_parameters():
-                param.requires_grad_(name in chosen)
+                param.requires_grad_(name != "logit_scale")
         self._training = model
 
     def training_model(self):
@@ -100,46 +183,63 @@ class ConDU(ContinualMethod):
 
     def end_task(self, trainer, index, task) -> None:
         model, self._training = self._training, None
-        tuned = (model.merge_and_unload() if self.arguments.condu_fine_tune == "lora" else model).state_dict()
-        pretrained = self.model.state_dict()
-        delta = {name: (tuned[name] - pretrained[name]).float().cpu() for name in self.delta_tensor_names()}
-        self.store.add_task(delta, self._prototypes(trainer, task), name=task.name)
+        if self.lora:
+            tuned, origin = trained_factors(model), self.store.origin
+        else:
+            tuned, origin = model.state_dict(), self.model.state_dict()
+        delta = {n: tuned[n].float().cpu() - origin[n].float().cpu() for n in self.store.shapes}
+        info = {"name": task.name, "classnames": list(task.classnames), "templates": list(task.templates)}
+        self.store.add_task(delta, self._prototype_means(trainer, task), info)
         self._deltas = {}
 
     @torch.no_grad()
-    def _prototypes(self, trainer, task) -> dict[str, torch.Tensor]:
-        """Per class: the normalised mean of the pretrained CLIP's normalised image features, and its text feature."""
+    def _prototype_means(self, trainer, task) -> dict[str, torch.Tensor]:
+        """Per class, the mean unit image feature of the pretrained CLIP over the task's training images and the
+        mean unit text feature over its templates."""
         device = trainer.args.device
         features, labels = [], []
         for batch in trainer.get_eval_dataloader(task.train_dataset):
-            features.append(image_embeddings(self.model, batch["pixel_values"].to(device)))
-            labels.append(batch["labels"].to(device))
+            pixels, batch_labels = batch["pixel_values"].to(device), batch["labels"].to(device)
+            gathered = trainer.accelerator.gather_for_metrics((image_embeddings(self.model, pixels), batch_labels))
+            features.append(gathered[0])
+            labels.append(gathered[1])
         features, labels = torch.cat(features), torch.cat(labels)
-        sums = torch.zeros(len(task.classnames), features.shape[-1], device=device).index_add(0, labels, features)
-        text = text_embeddings(self.model, trainer.processing_class.tokenizer, task.classnames, task.templates, device)
-        return {"image": torch.nn.functional.normalize(sums, dim=-1).cpu(), "text": text.cpu()}
+        classes = len(task.classnames)
+        sums = torch.zeros(classes, features.shape[-1], device=device).index_add(0, labels, features)
+        counts = torch.bincount(labels, minlength=classes).clamp(min=1).unsqueeze(-1)
+        text = text_embeddings(self.model, trainer.processing_class.tokenizer, task.classnames, task.templates,
+                               device, normalise=False)
+        return {"image_mean": (sums / counts).cpu(), "text_mean": text.cpu()}
 
     # ----- classification ------------------------------------------------------------------------------------------
     def task_delta(self, task: int) -> Delta:
+        """Task `task`'s rebuilt delta, in the store's space (LoRA factors, or weights)."""
         if task not in self._deltas:
             self._deltas[task] = self.store.task_delta(task)
         return self._deltas[task]
 
-    def routed(self, route: int):
-        return applied_delta(self.model, None if route == ZERO_SHOT else self.task_delta(route))
+    def task_weight_delta(self, task: int) -> Delta:
+        """What task `task`'s model adds to the pretrained weights."""
+        delta = self.task_delta(task)
+        if not self.lora:
+            return delta
+        return weight_delta({n: self.store.origin[n] + d for n, d in delta.items()}, lora_scaling(self.rank))
 
-    @torch.no_grad()
+    def routed(self, route: int):
+        return applied_delta(self.model, None if route == ZERO_SHOT else self.task_weight_delta(route))
+
+    def unseen_route(self, index: int) -> Optional[int]:
+        return None if self.arguments.condu_unseen_tasks == "vote" else ZERO_SHOT
+
     def vote(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per image, the top-K tasks by best prototype similarity, and their similarities."""
-        scores = torch.stack([
-            (image_features @ p["image"].to(image_features.device).T).amax(-1) for p in self.store.prototypes
-        ], dim=-1)
-        top = scores.topk(min(self.arguments.condu_top_k, scores.shape[-1]), dim=-1)
-        return top.values, top.indices
+        """Per image, the top-K learned tasks by best prototype similarity and those similarities."""
+        prototypes = [prototype_vectors(means, self.arguments.condu_prototypes) for means in self.store.prototypes]
+        return vote(image_features, prototypes, self.arguments.condu_top_k)
 
     def select_routes(self, classifier, pixels, per_batch=False):
-        """The pretrained model and the top-K voted task models, their softmax outputs averaged: uniformly (1/(K+1)
-        each, the official code) or with the task models sharing K/(K+1) by the softmax of their similarity."""
+        """The pretrained model and the top-K voted task models, their outputs fused (`condu_fusion`) with equal
+        weights 1/(K+1) (official) or, with `condu_weighting="similarity"`, the task models sharing K/(K+1) by the
+        softmax of their similarities."""
         if per_batch:
             raise NotImplementedError("ConDU votes per image; it has no per-batch decision.")
         pretrained = image_embeddings(self.model, pixels)
@@ -151,14 +251,43 @@ class ConDU(ContinualMethod):
             task_weights = torch.softmax(similarity, dim=-1) * k / (k + 1)
         ids = torch.cat([torch.full_like(voted[:, :1], ZERO_SHOT), voted], dim=1)
         weights = torch.cat([torch.full_like(similarity[:, :1], 1.0 / (k + 1)), task_weights], dim=1)
-        return Routes(ids, weights, fusion="probabilities", selected=voted[:, 0]), pretrained
+        return Routes(ids, weights, fusion=self.arguments.condu_fusion, selected=voted[:, 0]), pretrained
+
+    def learned_tasks(self) -> dict[int, dict]:
+        return {task: dict(info) for task, info in enumerate(self.store.tasks)}
+
+    def diagnostics(self) -> dict:
+        sizes = self.store.storage_bytes()
+        if self.lora:  # against merging each task's LoRA into its own full weight delta
+            weights = sum(self.model.get_submodule(layer).weight.numel() for layer in lora_layers(self.store.shapes))
+            sizes["one_weight_delta_per_task"] = 4 * weights * self.store.num_tasks
+        return {"condu": {"rescalers": list(self.store.rescalers), "storage_bytes": sizes}}
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """Unified delta, packed masks, rescalers and prototypes (condu.safetensors + condu_config.json)."""
-        self.store.save_pretrained(str(folder), model_fingerprint(self.model))
+        """The complete publishable folder: the unified model (a peft LoRA adapter, or the unified weight delta)
+        and the task triggers (see `hf_moe_cl.condu.checkpoint`)."""
+        header = {"options": dataclasses.asdict(self.arguments), "rank": self.rank,
+                  "base_model_name_or_path": self._base_name()}
+        save_folder(folder, self.store, model_fingerprint(self.model), header,
+                    self.lora_config() if self.lora else None)
 
     def load(self, folder: Path) -> None:
-        """Task triggers saved for this base model (another model's file is a clear error)."""
-        self.store = DeltaStore.from_pretrained(str(folder), model_fingerprint(self.model))
+        """A save of this base model, made with the same training options (another model's save, or one trained
+        with other options, is a clear error)."""
+        store, header = load_folder(folder, model_fingerprint(self.model))
+        saved = dict(header["options"], rank=header["rank"])
+        ours = dict(dataclasses.asdict(self.arguments), rank=self.rank)
+        differ = [k for k in _TRAINING_OPTIONS + (_LORA_OPTIONS if self.lora else ()) if saved.get(k) != ours[k]]
+        if differ:
+            raise ValueError(f"The ConDU save in {folder} was trained with "
+                             + ", ".join(f"{k}={saved.get(k)!r}" for k in differ) + "; this ConDU has "
+                             + ", ".join(f"{k}={ours[k]!r}" for k in differ) + ". Use the same options.")
+        if self.lora:
+            expected = factor_shapes(self.model, self.arguments.lora_target_list, self.rank)
+            if dict(store.shapes) != expected:
+                raise ValueError(f"The LoRA factors in {folder} do not fit this model's "
+                                 f"{self.arguments.condu_lora_targets} layers; load the save on the base model it was "
+                                 "trained from.")
+        self.store = store
         self._deltas = {}

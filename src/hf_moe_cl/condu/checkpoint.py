@@ -1,0 +1,144 @@
+"""ConDU's folder: the unified delta and the task triggers as safetensors + JSON, from a folder or a Hub repo.
+
+    adapter_config.json, adapter_model.safetensors   LoRA fine-tuning: a peft LoRA adapter holding the unified
+                                                     model's factors (origin + unified delta)
+    condu_delta.safetensors                          full fine-tuning: the unified weight delta, by parameter name
+    condu_config.json                                format, options, base-model fingerprint, tensor shapes and
+                                                     per task: name, class names, templates, rescaler
+    condu_triggers.safetensors                       bit-packed masks, prototype means, the LoRA origin factors
+
+Nothing is pickled; every file is written to a staging folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+from peft import LoraConfig
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
+from safetensors.torch import load_file, save_file
+
+from ..files import atomic_files, check_safetensors_file
+from .store import DeltaStore
+
+FORMAT, VERSION = "hf-moe-cl/condu", 1
+CONFIG_FILE = "condu_config.json"
+TRIGGERS_FILE = "condu_triggers.safetensors"
+DELTA_FILE = "condu_delta.safetensors"
+FILES = (CONFIG_FILE, TRIGGERS_FILE, DELTA_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+
+
+def model_fingerprint(model) -> dict:
+    """What a ConDU folder must match: the architecture and the widths of the tensors it changes."""
+    config = model.config
+    return {"model_type": config.model_type, "vision_width": config.vision_config.hidden_size,
+            "text_width": config.text_config.hidden_size, "vision_layers": config.vision_config.num_hidden_layers,
+            "text_layers": config.text_config.num_hidden_layers, "projection_dim": config.projection_dim}
+
+
+def save_folder(folder, store: DeltaStore, fingerprint: dict, header: dict, lora: Optional[LoraConfig] = None) -> None:
+    """Write `store` under `folder` for the base model of `fingerprint`; `header` (the method's options) goes into
+    condu_config.json; with `lora` the unified tensors are written as that peft adapter (LoRA fine-tuning), else as
+    condu_delta.safetensors (full fine-tuning)."""
+    triggers = {f"origin.{n}": v.contiguous() for n, v in store.origin.items()}
+    for task, packed in enumerate(store.packed_masks):
+        triggers.update({f"mask.{task}.{n}": p.contiguous() for n, p in packed.items()})
+    for task, means in enumerate(store.prototypes):
+        triggers.update({f"prototype.{task}.{kind}": p.contiguous().cpu() for kind, p in means.items()})
+    unified = {n: v.contiguous() for n, v in store.unified_tensors.items()}
+    tasks = [dict(info, rescaler=rescaler, prototypes=sorted(means))
+             for info, rescaler, means in zip(store.tasks, store.rescalers, store.prototypes)]
+    config = dict(header, format=FORMAT, version=VERSION, fine_tune="full" if lora is None else "lora",
+                  model=fingerprint, rule=store.rule, tasks=tasks, shapes={n: list(s) for n, s in store.shapes.items()})
+    with atomic_files(folder) as staging:
+        save_file(triggers, str(staging / TRIGGERS_FILE), metadata={"format": "pt"})
+        if lora is not None:
+            save_file(unified, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            lora.save_pretrained(str(staging))
+        else:
+            save_file(unified, str(staging / DELTA_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+
+def resolve_folder(folder_or_repo_id, subfolder: Optional[str] = None, revision: Optional[str] = None,
+                   token: Optional[str] = None) -> Path:
+    """The local folder of a ConDU save: `folder_or_repo_id` itself, or its ConDU files downloaded from the Hub."""
+    if Path(folder_or_repo_id).is_dir():
+        return Path(folder_or_repo_id) / (subfolder or "")
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        local = snapshot_download(str(folder_or_repo_id), revision=revision, token=token,
+                                  allow_patterns=[prefix + name for name in FILES])
+    except (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise OSError(f"{folder_or_repo_id} is neither a local folder nor a reachable Hub repo with a ConDU save "
+                      f"({type(error).__name__}: {error}).") from error
+    return Path(local) / prefix
+
+
+def holds_condu(folder_or_repo_id, subfolder: Optional[str] = None, revision: Optional[str] = None,
+                token: Optional[str] = None) -> bool:
+    """Whether a folder or Hub repo holds a ConDU save (its condu_config.json)."""
+    return (resolve_folder(folder_or_repo_id, subfolder, revision, token) / CONFIG_FILE).is_file()
+
+
+def read_header(folder: Path) -> dict:
+    """condu_config.json of a ConDU folder, checked to be a format this version reads."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no ConDU save ({CONFIG_FILE} is missing); write one with "
+                                "ConDU.save(folder).")
+    try:
+        header = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); save or download it again.") from None
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError(f"{path} is not a ConDU save this version reads (format {header.get('format')!r}, version "
+                         f"{header.get('version')!r}; expected {FORMAT!r}, {VERSION}).")
+    return header
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the ConDU save is incomplete; save or download it again.")
+    check_safetensors_file(path)
+    return load_file(str(path))
+
+
+def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore, dict]:
+    """The store saved in `folder` and its header; a save made for another base model is refused."""
+    folder = Path(folder)
+    header = read_header(folder)
+    if fingerprint is not None and header["model"] != fingerprint:
+        raise ValueError(f"The ConDU save in {folder} was made for another model ({header['model']}), not this one "
+                         f"({fingerprint}); load it on the base model it was trained from.")
+    triggers = _tensors(folder / TRIGGERS_FILE)
+    unified = _tensors(folder / (ADAPTER_WEIGHTS if header["fine_tune"] == "lora" else DELTA_FILE))
+    shapes = {n: torch.Size(s) for n, s in header["shapes"].items()}
+    tasks = header["tasks"]
+
+    def tensor(source: dict, key: str, shape: Optional[torch.Size] = None) -> torch.Tensor:
+        if key not in source:
+            raise ValueError(f"The ConDU save in {folder} is incomplete: it lacks tensor {key!r}; save it again.")
+        if shape is not None and source[key].shape != shape:
+            raise ValueError(f"The ConDU save in {folder} is inconsistent: {key!r} has shape "
+                             f"{tuple(source[key].shape)}, its config says {tuple(shape)}.")
+        return source[key]
+
+    lora = header["fine_tune"] == "lora"
+    has_origin = lora or any(key.startswith("origin.") for key in triggers)  # LoRA deltas always have one
+    store = DeltaStore(header["rule"], shapes,
+                       {n: tensor(triggers, f"origin.{n}", s) for n, s in shapes.items()} if has_origin else None)
+    store.unified_tensors = {n: tensor(unified, n, s) for n, s in shapes.items()}
+    store.packed_masks = [{n: tensor(triggers, f"mask.{t}.{n}", torch.Size([(s.numel() + 7) // 8]))
+                           for n, s in shapes.items()} for t in range(len(tasks))]
+    store.rescalers = [float(task["rescaler"]) for task in tasks]
+    store.tasks = [{k: task[k] for k in ("name", "classnames", "templates") if k in task} for task in tasks]
+    store.prototypes = [{kind: tensor(triggers, f"prototype.{t}.{kind}") for kind in task["prototypes"]}
+                        for t, task in enumerate(tasks)]
+    return store, header
