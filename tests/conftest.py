@@ -53,6 +53,28 @@ def clip_inputs():
     }
 
 
+def continual_args(output_dir, **overrides):
+    """Small, quiet CPU training arguments for the task loop; `overrides` change any of them."""
+    from hf_moe_cl import ContinualTrainingArguments  # here: scripts import this file without the library
+
+    values = dict(output_dir=str(output_dir), max_steps=2, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
+                  per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
+                  logging_strategy="no", seed=3)
+    values.update(overrides)
+    return ContinualTrainingArguments(**values)
+
+
+def moe_model(**overrides):
+    """A tiny CLIP with a MoE-LoRA adapter: 2 tasks, 4 experts, top-2, rank 4 unless `overrides` say otherwise."""
+    from peft import get_peft_model
+
+    from hf_moe_cl import MoELoraConfig
+
+    values = dict(num_tasks=2, num_experts=4, top_k=2, r=4)
+    values.update(overrides)
+    return get_peft_model(tiny_clip(), MoELoraConfig(**values))
+
+
 def write_tiny_tokenizer(tmp_path):
     """A character-level CLIP BPE tokenizer (letters, digits, punctuation) written to disk."""
     symbols = list(string.ascii_lowercase + string.digits + ".,:'\"-")
@@ -133,21 +155,14 @@ def module_processor(tmp_path_factory):
 def ddas_run(tmp_path_factory, module_processor):
     """One DDAS-enabled continual run (2 colour tasks, tiny CLIP) shared by the tests that only read it or save
     copies: (model, tasks, result, folder for their files)."""
-    from peft import get_peft_model
-
-    from hf_moe_cl import MoELoraConfig
-    from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+    from hf_moe_cl.continual import ContinualTrainer
     from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 
     tmp_path = tmp_path_factory.mktemp("ddas")
     tasks = [colour_task("first", n_train=40, n_eval=12, seed=0),
              colour_task("second", n_train=40, n_eval=12, seed=1, offset=3)]
-    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
-    args = ContinualTrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=3, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
-        per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
-        logging_strategy="no", task_agnostic_eval=True,
-    )
+    model = moe_model()
+    args = continual_args(tmp_path / "run", max_steps=3, task_agnostic_eval=True, seed=42)
     ddas = DDASArguments(ddas=True, ddas_task_steps=300, ddas_reference_steps=300, ddas_learning_rate=1e-2,
                          ddas_hidden_dim=16, ddas_quantile=1.0)
     method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(60, 0))

@@ -20,10 +20,10 @@ from hf_moe_cl.condu import (
     unpack_mask,
 )
 from hf_moe_cl.condu.lora import trained_factors, weight_delta
-from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.methods import ConDU, ConDUArguments, DDASArguments, MoEAdapters
 
-from conftest import colour_task, tiny_clip
+from conftest import colour_task, continual_args, tiny_clip
 from test_trainer import StopAtTask
 
 
@@ -148,11 +148,7 @@ def test_unknown_options_are_refused():
 
 
 def make_args(path, **overrides):
-    values = dict(output_dir=str(path), max_steps=3, warmup_steps=1, learning_rate=1e-2, use_cpu=True,
-                  per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
-                  logging_strategy="no", seed=5)
-    values.update(overrides)
-    return ContinualTrainingArguments(**values)
+    return continual_args(path, **{"max_steps": 3, "learning_rate": 1e-2, "seed": 5, **overrides})
 
 
 def two_tasks():

@@ -15,28 +15,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from safetensors.torch import save_file
 
-from hf_moe_cl import ContinualTask, ContinualTrainer, ContinualTrainingArguments, MoELoraConfig, SelectorConfig
+from hf_moe_cl import ContinualTask, ContinualTrainer, MoELoraConfig, SelectorConfig
 from hf_moe_cl.continual import to_rgb
 from hf_moe_cl.continual.methods import ConDUArguments, MoEAdapters, MoEAdaptersArguments
 from hf_moe_cl.files import check_safetensors_file
 
-from conftest import colour_task, tiny_clip
+from conftest import colour_task, continual_args, moe_model, tiny_clip
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def args_for(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), max_steps=2, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
-                  per_device_train_batch_size=8, per_device_eval_batch_size=32, report_to="none", disable_tqdm=True,
-                  logging_strategy="no", seed=3)
-    values.update(overrides)
-    return ContinualTrainingArguments(**values)
-
-
-def moe(**overrides):
-    values = dict(num_tasks=2, num_experts=4, top_k=2, r=4)
-    values.update(overrides)
-    return get_peft_model(tiny_clip(), MoELoraConfig(**values))
 
 
 def folder_bytes(folder):
@@ -50,13 +38,13 @@ def folder_bytes(folder):
     (lambda: MoELoraConfig(expert_scale=math.inf), "`expert_scale` must be a finite number"),
     (lambda: MoELoraConfig(expert_dropout=math.nan), "`expert_dropout` must be a finite number"),
     (lambda: MoELoraConfig(noise_epsilon=-1.0), "must be non-negative"),
-    (lambda: args_for("/tmp/x", learning_rate=math.inf), "`learning_rate` must be a finite positive number"),
-    (lambda: args_for("/tmp/x", learning_rate=0.0), "`learning_rate` must be a finite positive number"),
-    (lambda: args_for("/tmp/x", learning_rate=-1e-3), "`learning_rate` must be a finite positive number"),
-    (lambda: args_for("/tmp/x", task_learning_rates=[1e-3, math.nan]), r"`task_learning_rates\[1\]`"),
-    (lambda: args_for("/tmp/x", max_steps=-2), "`max_steps` must be the steps per task"),
-    (lambda: args_for("/tmp/x", max_steps=-1, num_train_epochs=0), "set it above 0"),
-    (lambda: args_for("/tmp/x", train_augmentation="flip"), "Unknown train_augmentation"),
+    (lambda: continual_args("/tmp/x", learning_rate=math.inf), "`learning_rate` must be a finite positive number"),
+    (lambda: continual_args("/tmp/x", learning_rate=0.0), "`learning_rate` must be a finite positive number"),
+    (lambda: continual_args("/tmp/x", learning_rate=-1e-3), "`learning_rate` must be a finite positive number"),
+    (lambda: continual_args("/tmp/x", task_learning_rates=[1e-3, math.nan]), r"`task_learning_rates\[1\]`"),
+    (lambda: continual_args("/tmp/x", max_steps=-2), "`max_steps` must be the steps per task"),
+    (lambda: continual_args("/tmp/x", max_steps=-1, num_train_epochs=0), "set it above 0"),
+    (lambda: continual_args("/tmp/x", train_augmentation="flip"), "Unknown train_augmentation"),
     (lambda: MoEAdaptersArguments(merge_experts_every=-1), "merge_experts_every must be >= 0"),
     (lambda: SelectorConfig(feature_dim=0), "`feature_dim` must be a positive integer"),
     (lambda: SelectorConfig(feature_dim=8, feature_layer=0), "`feature_layer` must be None"),
@@ -74,12 +62,12 @@ def test_bad_settings_are_refused(make, message):
 ])
 def test_bad_task_ids_are_refused(task, message):
     with pytest.raises(ValueError, match=message):
-        moe(num_tasks=3).set_task(task)
+        moe_model(num_tasks=3).set_task(task)
 
 
 @pytest.mark.parametrize("task", [np.int64(1), torch.tensor(1), 1])
 def test_integer_like_task_ids_route_like_an_int(task, clip_inputs):
-    model = moe(num_tasks=3, init_weights=False).eval()
+    model = moe_model(num_tasks=3, init_weights=False).eval()
     model.set_task(1)
     with torch.no_grad():
         expected = model(**clip_inputs).logits_per_image
@@ -90,7 +78,7 @@ def test_integer_like_task_ids_route_like_an_int(task, clip_inputs):
 
 def test_float_task_id_tensors_are_refused(clip_inputs):
     with pytest.raises(ValueError, match="integer tensor"):
-        moe(num_tasks=3).eval()(**clip_inputs, task_ids=torch.tensor([0.0, 1.0, 1.0, 2.0]))
+        moe_model(num_tasks=3).eval()(**clip_inputs, task_ids=torch.tensor([0.0, 1.0, 1.0, 2.0]))
 
 
 # ----- tasks and data ------------------------------------------------------------------------------------------------
@@ -134,9 +122,9 @@ def damaged_images(task, positions, truncate=True):
 def test_a_damaged_image_in_a_later_task_fails_before_any_training(tmp_path, clip_processor, truncate):
     first, second = colour_task("first"), colour_task("second", seed=1, offset=3)
     second.eval_dataset = damaged_images(second, {3, 7}, truncate)
-    model = moe()
+    model = moe_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = ContinualTrainer(model=model, args=args_for(tmp_path), processing_class=clip_processor)
+    trainer = ContinualTrainer(model=model, args=continual_args(tmp_path), processing_class=clip_processor)
     with pytest.raises(ValueError, match=r"task 'second', eval split: 2 image\(s\) cannot be decoded, the first at "
                                          r"index 3"):
         trainer.train_tasks([first, second])
@@ -156,7 +144,7 @@ def two_tasks():
 
 
 def run(tmp_path, clip_processor, model=None, tasks=None, resume=False, **overrides):
-    trainer = ContinualTrainer(model=model or moe(), args=args_for(tmp_path, **overrides),
+    trainer = ContinualTrainer(model=model or moe_model(), args=continual_args(tmp_path, **overrides),
                                processing_class=clip_processor)
     return trainer.train_tasks(tasks or two_tasks(), resume=resume)
 
@@ -183,7 +171,7 @@ def test_resume_refuses_a_folder_of_another_run(tmp_path, clip_processor, change
     tasks = two_tasks()
     if "classnames" in change:
         tasks[0].classnames = change["classnames"]
-    model = moe(**change.get("model_overrides", {}))
+    model = moe_model(**change.get("model_overrides", {}))
     if change.get("lora"):
         model = get_peft_model(tiny_clip(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     overrides = {k: v for k, v in change.items() if k in ("learning_rate", "seed")}
@@ -234,7 +222,7 @@ def test_a_checkpoint_of_another_method_does_not_load_silently(tmp_path, clip_pr
 
 # ----- loading adapters ----------------------------------------------------------------------------------------------
 def test_loading_without_importing_the_library_says_what_to_do(tmp_path):
-    moe().save_pretrained(tmp_path)
+    moe_model().save_pretrained(tmp_path)
     script = (f"import sys; sys.path.insert(0, {TESTS!r})\nfrom peft import PeftModel\nfrom conftest import tiny_clip\n"
               f"PeftModel.from_pretrained(tiny_clip(), {str(tmp_path)!r})")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -242,7 +230,7 @@ def test_loading_without_importing_the_library_says_what_to_do(tmp_path):
 
 
 def test_a_folder_written_with_the_old_peft_type_name_loads(tmp_path, clip_inputs):
-    model = moe(init_weights=False).eval()
+    model = moe_model(init_weights=False).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["peft_type"] = "MOE_LORA"
@@ -253,7 +241,7 @@ def test_a_folder_written_with_the_old_peft_type_name_loads(tmp_path, clip_input
 
 
 def test_a_missing_weights_file_is_named(tmp_path):
-    moe().save_pretrained(tmp_path)
+    moe_model().save_pretrained(tmp_path)
     (tmp_path / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors: the adapter's weights are missing"):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
@@ -261,7 +249,7 @@ def test_a_missing_weights_file_is_named(tmp_path):
 
 def test_a_malformed_adapter_config_is_named(tmp_path):
     """The library's loaders name the file; a direct PeftModel.from_pretrained parses it in peft first."""
-    moe().save_pretrained(tmp_path)
+    moe_model().save_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": ')
     with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
         MoELoraConfig.from_pretrained(str(tmp_path))
@@ -281,7 +269,7 @@ def test_malformed_safetensors_headers_are_named(tmp_path, header):
 
 @pytest.mark.parametrize("layers", [3, 1])
 def test_an_adapter_for_another_depth_is_refused(tmp_path, layers):
-    moe().save_pretrained(tmp_path)
+    moe_model().save_pretrained(tmp_path)
     other = tiny_clip()
     deeper = type(other)(other.config.__class__(**{**other.config.to_dict(), "vision_config": {
         **other.config.vision_config.to_dict(), "num_hidden_layers": layers}}))
@@ -290,14 +278,14 @@ def test_an_adapter_for_another_depth_is_refused(tmp_path, layers):
 
 
 def test_a_shape_mismatch_message_names_no_missing_base(tmp_path):
-    moe().save_pretrained(tmp_path)
+    moe_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not match this model") as error:
         PeftModel.from_pretrained(tiny_clip(vision_width=64), tmp_path)
     assert "(None)" not in str(error.value) and "Load it on the base model it was trained on" in str(error.value)
 
 
 def test_a_partial_legacy_selector_is_refused_not_dropped(tmp_path):
-    moe().save_pretrained(tmp_path)
+    moe_model().save_pretrained(tmp_path)
     save_file({"thresholds": torch.zeros(2)}, tmp_path / "ddas.safetensors")  # ddas_config.json is missing
     with pytest.raises(ValueError, match=r"holds a DDAS selector in \['ddas.safetensors'\]"):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
@@ -310,7 +298,7 @@ def test_a_partial_legacy_selector_is_refused_not_dropped(tmp_path):
 def test_an_adapter_saved_over_a_legacy_folder_does_not_pick_up_its_selector(tmp_path, clip_inputs):
     (tmp_path / "ddas_config.json").write_text(json.dumps({"feature_dim": 16, "num_tasks": 2}))
     save_file({"thresholds": torch.zeros(2)}, tmp_path / "ddas.safetensors")
-    moe().save_pretrained(tmp_path)  # no selector: the stale files must not come back as one
+    moe_model().save_pretrained(tmp_path)  # no selector: the stale files must not come back as one
     with pytest.raises(ValueError, match="layout of hf-moe-cl 0.1"):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
 

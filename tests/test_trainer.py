@@ -7,25 +7,14 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_moe_cl import MoELoraConfig
-from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.methods import ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments
 
-from conftest import colour_task, tiny_clip
+from conftest import colour_task, continual_args, moe_model, tiny_clip
 
 
 def make_args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), max_steps=6, warmup_steps=1, learning_rate=5e-3, use_cpu=True,
-                  per_device_train_batch_size=8, per_device_eval_batch_size=16, report_to="none",
-                  disable_tqdm=True, logging_strategy="no", seed=3)
-    values.update(overrides)
-    return ContinualTrainingArguments(**values)
-
-
-def moe_model(**overrides):
-    values = dict(num_tasks=2, num_experts=4, top_k=2, r=4)
-    values.update(overrides)
-    return get_peft_model(tiny_clip(), MoELoraConfig(**values))
+    return continual_args(tmp_path, **{"max_steps": 6, "per_device_eval_batch_size": 16, **overrides})
 
 
 def two_tasks():
