@@ -198,7 +198,7 @@ class ConDU(ContinualMethod):
         mean unit text feature over its templates."""
         device = trainer.args.device
         features, labels = [], []
-        for batch in trainer.get_eval_dataloader(task.train_dataset):
+        for batch in trainer.progress(trainer.get_eval_dataloader(task.train_dataset), f"prototypes of {task.name}"):
             pixels, batch_labels = batch["pixel_values"].to(device), batch["labels"].to(device)
             gathered = trainer.accelerator.gather_for_metrics((image_embeddings(self.model, pixels), batch_labels))
             features.append(gathered[0])
