@@ -8,6 +8,7 @@ which is what its files hold, so a store read back from disk computes exactly wh
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,11 +26,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    numel = 1
-    for size in shape:
-        numel *= size
     bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) > 0
-    return bits.flatten()[:numel].view(shape)
+    return bits.flatten()[:math.prod(shape)].view(shape)
 
 
 class DeltaStore:

@@ -334,8 +334,7 @@ class ContinualTrainer(Trainer):
             if self.args.save_task_checkpoints:
                 progress.update(evaluated=True, matrices=matrices, route_histogram=histograms)
                 if self.is_world_process_zero():
-                    update_progress(task_folder(self.args.output_dir, index, task.name),
-                                                progress)
+                    update_progress(task_folder(self.args.output_dir, index, task.name), progress)
                     prune(self.args.output_dir, self.args.save_total_limit)
                 self.accelerator.wait_for_everyone()
         diagnostics = dict(self.method.diagnostics())
@@ -404,7 +403,6 @@ class ContinualTrainer(Trainer):
                 self.method.save(folder)
                 self.state.save_to_json(str(folder / "trainer_state.json"))
 
-            save_task(task_folder(self.args.output_dir, index, names[index]), write_model,
-                                  progress)
+            save_task(task_folder(self.args.output_dir, index, names[index]), write_model, progress)
         self.accelerator.wait_for_everyone()
         return progress

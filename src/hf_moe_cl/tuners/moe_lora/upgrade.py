@@ -8,7 +8,7 @@ import os
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
-from ...files import check_safetensors_file
+from ...files import atomic_path, check_safetensors_file
 from .config import LEGACY_SELECTOR_FILES
 from .model import SELECTOR_ATTRIBUTE
 from .selector import SelectorConfig
@@ -34,10 +34,9 @@ def upgrade_adapter_folder(folder: str) -> None:
     adapter_config["selector"] = SelectorConfig.from_dict(selector).to_dict()
     tensors = load_file(weights_path)
     tensors.update({f"base_model.{SELECTOR_ATTRIBUTE}.{key}": value for key, value in load_file(legacy_weights).items()})
-    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
-    with open(config_path + ".tmp", "w") as handle:
-        json.dump(adapter_config, handle, indent=2)
-    os.replace(weights_path + ".tmp", weights_path)
-    os.replace(config_path + ".tmp", config_path)
+    with atomic_path(weights_path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
+    with atomic_path(config_path) as temporary:
+        temporary.write_text(json.dumps(adapter_config, indent=2))
     for path in (legacy_config, legacy_weights):
         os.remove(path)
