@@ -3,43 +3,38 @@ Shazeer et al., 2017, the router of MoE-Adapters)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
-class TaskRoute:
+class TaskRoute(NamedTuple):
     """Which task router each sample uses: one task for the whole batch, or one per sample (-1: no adapter).
 
-    `selections`, when given, collects every layer's chosen experts of the call (layer -> list of (batch, top_k)
-    tensors), e.g. to see which experts a task's evaluation-time routing uses.
+    A plain tuple of a task, a tensor and a dict, so a compiled model traces it without a graph break. Samples
+    whose id is -1 are computed with the others and get no expert output (their counts are not kept), so a mixed
+    batch has static shapes. `selections`, when given, collects every layer's chosen experts of the call (layer
+    -> list of (batch, top_k) tensors), e.g. to see which experts a task's evaluation-time routing uses.
     """
 
     task: Optional[int] = None
     task_ids: Optional[torch.Tensor] = None
-    active: Optional[torch.Tensor] = None  # indices of the samples whose task id is >= 0
-    selections: Optional[dict] = field(default=None, compare=False)
+    selections: Optional[dict] = None
 
     @classmethod
     def per_sample(cls, task_ids: torch.Tensor, selections: Optional[dict] = None) -> "TaskRoute":
-        task_ids = task_ids.long().flatten()
-        return cls(task_ids=task_ids, active=torch.nonzero(task_ids >= 0).flatten(), selections=selections)
+        return cls(task_ids=task_ids.long().flatten(), selections=selections)
 
     @property
     def routes_nothing(self) -> bool:
-        if self.task_ids is None:
-            return self.task is None
-        return self.active.numel() == 0
+        return self.task is None and self.task_ids is None
 
 
 NO_ROUTE = TaskRoute()
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
     """One routing decision per sample: the chosen experts and their mixing weights."""
 
     experts: torch.Tensor  # (batch, top_k) long
@@ -69,11 +64,13 @@ def noisy_top_k(
     noisy: bool,
     noise_epsilon: float,
     with_balance_loss: bool = False,
+    keep: Optional[torch.Tensor] = None,
 ) -> Routing:
     """Route each row of `router_input` (batch, dim) with gate/noise matrices shared (dim, experts) or per sample.
 
     Noise (learned, softplus standard deviation) is added only when `noisy`; the balance loss is the importance
-    term plus the smooth load estimate of the sparsely-gated MoE paper, differentiable in both.
+    term plus the smooth load estimate of the sparsely-gated MoE paper, differentiable in both, over the rows of
+    `keep` (a bool mask; None: every row).
     """
     clean = _project(router_input, gate)
     num_experts = clean.shape[-1]
@@ -88,6 +85,8 @@ def noisy_top_k(
     balance = None
     if with_balance_loss:
         dense = torch.zeros_like(logits).scatter(1, experts, weights)
+        if keep is not None:
+            dense = dense * keep.unsqueeze(-1).to(dense.dtype)
         importance = dense.sum(0)
         if noisy and top_k < num_experts:
             normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
@@ -96,7 +95,8 @@ def noisy_top_k(
             is_in = logits > threshold_if_in
             prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
             prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
-            load = torch.where(is_in, prob_if_in, prob_if_out).sum(0)
+            load = torch.where(is_in, prob_if_in, prob_if_out)
+            load = (load if keep is None else load * keep.unsqueeze(-1).to(load.dtype)).sum(0)
         else:
             load = (dense > 0).sum(0).to(dense.dtype)
         balance = _cv_squared(importance) + _cv_squared(load)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -199,94 +199,112 @@ class MoELoraLayer(BaseTunerLayer):
             )
         return route
 
-    def moe_delta(self, x: torch.Tensor, route: Optional[TaskRoute], count: bool = True) -> Optional[torch.Tensor]:
+    def moe_delta(self, x: torch.Tensor, route: Optional[TaskRoute]) -> Optional[torch.Tensor]:
         """Sum over the active adapters of the routed experts' output for `x` (batch, [tokens,] in_features).
 
-        In training the selections are counted (for activate-freeze and merging) unless `count` is False, as in
-        the recomputation of a checkpointed block.
+        In training the selections are counted (for activate-freeze and merging), but not when gradient
+        checkpointing recomputes the forward in backward. Samples routed to -1 get no expert output.
         """
         self.balance_loss = None
         route = self._route(route, x.shape[0])
         if route is None:
             return None
-        if route.task_ids is None:
-            inputs, task_ids = x, None
-        else:
-            active = route.active.to(x.device)
-            subset = active.numel() != x.shape[0]
-            inputs = x.index_select(0, active) if subset else x
-            task_ids = route.task_ids.to(x.device)
-            task_ids = task_ids.index_select(0, active) if subset else task_ids
+        keep = None
+        task_ids = route.task_ids
+        if task_ids is not None:
+            task_ids = task_ids.to(x.device)
+            keep = task_ids >= 0
+            task_ids = task_ids.clamp_min(0)
         total = None
         for adapter in self.active_adapters:
             if adapter not in self.moe_lora_A:
                 continue
-            delta = self._experts_forward(adapter, inputs, route.task, task_ids, count, route.selections)
+            delta = self._experts_forward(adapter, x, route.task, task_ids, keep, route.selections)
             total = delta if total is None else total + delta
-        if total is None or route.task_ids is None or not subset:
+        if total is None or keep is None:
             return total
-        full = total.new_zeros(x.shape[:-1] + (self.out_features,))
-        return full.index_add(0, active, total)
+        return torch.where(keep.view(-1, *([1] * (total.dim() - 1))), total, total.new_zeros(()))
+
+    def _rows(self, adapter: str, name: str, index: Union[int, torch.Tensor],
+              frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows `index` (an int, or a 1-d index tensor) of a parameter as the forward pass sees it: frozen rows from
+        their snapshot. Only the rows used are read, never the whole bank; `frozen` is the rows' frozen mask when
+        the caller has it already."""
+        param = getattr(self, name)[adapter]
+        snapshots = self.moe_lora_snapshot[adapter]
+        pick = (lambda t: t[index]) if isinstance(index, int) else (lambda t: t.index_select(0, index))
+        if name not in snapshots:
+            return pick(param)
+        if frozen is None:
+            frozen = pick(self._frozen_rows(adapter, name))
+        return torch.where(frozen.view(*frozen.shape, *([1] * (param.dim() - 1))), pick(snapshots[name]),
+                           pick(param))
 
     def _experts_forward(
-        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor], count: bool,
-        selections: Optional[dict] = None,
+        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor],
+        keep: Optional[torch.Tensor], selections: Optional[dict] = None,
     ) -> torch.Tensor:
         options = self.moe_lora_options[adapter]
         num_tasks = self.moe_lora_router_gate[adapter].shape[0]
         if task is not None and not 0 <= task < num_tasks:
             raise ValueError(f"Task id {task} is out of range: this adapter has {num_tasks} task routers.")
         weight_a = self.moe_lora_A[adapter]
-        x = x.to(weight_a.dtype)
+        if x.dtype != weight_a.dtype:
+            x = x.to(weight_a.dtype)
         tokens = x if x.dim() == 3 else x.unsqueeze(1)
         batch, length, dim = tokens.shape
-        router_input = tokens[:, 0]
-        gate = self.effective(adapter, "moe_lora_router_gate")
-        noise = self.effective(adapter, "moe_lora_router_noise")
-        if task_ids is None:
-            gate, noise = gate[task], noise[task]
-        else:
-            gate, noise = gate[task_ids], noise[task_ids]
+        index = task if task_ids is None else task_ids
+        noisy = options.noisy_gating and self.training
         routing = noisy_top_k(
-            router_input,
-            gate,
-            noise,
+            tokens[:, 0],
+            self._rows(adapter, "moe_lora_router_gate", index),
+            self._rows(adapter, "moe_lora_router_noise", index) if noisy else None,
             top_k=options.top_k,
-            noisy=options.noisy_gating and self.training,
+            noisy=noisy,
             noise_epsilon=options.noise_epsilon,
             with_balance_loss=self.training and options.load_balancing_coef > 0,
+            keep=keep,
         )
         if routing.balance_loss is not None:
             loss = options.load_balancing_coef * routing.balance_loss
             self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss
-        experts, mix = routing.experts, routing.weights.to(weight_a.dtype)
-        if self.training and count:
-            self._count(adapter, experts, task, task_ids)
+        experts, mix = routing.experts, routing.weights
+        if mix.dtype != weight_a.dtype:
+            mix = mix.to(weight_a.dtype)
+        if self.training and not _recomputing():
+            self._count(adapter, experts, task, task_ids, keep)
         if selections is not None:
             selections.setdefault(self, []).append(experts.detach())
 
-        # Gather only the chosen experts' weights, one (k*rank)-wide adapter per sample, and run two bmm's.
-        # index_select (not advanced indexing) keeps the backward an index_add, the cheap scatter.
+        # Gather only the chosen experts' weights, one (k*rank)-wide adapter per sample, and run two bmm's with the
+        # biases folded in. index_select (not advanced indexing) keeps the backward an index_add, the cheap scatter.
         top_k, rank = experts.shape[1], weight_a.shape[1]
         chosen = experts.flatten()
-        down = self.effective(adapter, "moe_lora_A").index_select(0, chosen).view(batch, top_k * rank, dim)
-        hidden = torch.bmm(tokens, down.transpose(1, 2))
+        frozen = None
+        if "moe_lora_A" in self.moe_lora_snapshot[adapter]:
+            frozen = self._frozen_rows(adapter, "moe_lora_A").index_select(0, chosen)
+        down = self._rows(adapter, "moe_lora_A", chosen, frozen).view(batch, top_k * rank, dim).transpose(1, 2)
         if adapter in self.moe_lora_bias_A:
-            bias_a = self.effective(adapter, "moe_lora_bias_A").index_select(0, chosen)
-            hidden = hidden + bias_a.view(batch, 1, top_k * rank)
+            bias_a = self._rows(adapter, "moe_lora_bias_A", chosen, frozen).view(batch, 1, top_k * rank)
+            hidden = torch.baddbmm(bias_a, tokens, down)
+        else:
+            hidden = torch.bmm(tokens, down)
         if options.expert_activation is not None:
             hidden = ACT2FN[options.expert_activation](hidden)
         hidden = self.moe_lora_dropout[adapter](hidden)
-        hidden = hidden * mix.repeat_interleave(rank, dim=1).unsqueeze(1)
-        up = self.effective(adapter, "moe_lora_B").index_select(0, chosen)
-        out = torch.bmm(hidden, up.view(batch, top_k * rank, self.out_features))
+        if options.expert_scale != 1:
+            mix = mix * options.expert_scale
+        hidden = (hidden.view(batch, length, top_k, rank) * mix.view(batch, 1, top_k, 1)).view(batch, length, -1)
+        up = self._rows(adapter, "moe_lora_B", chosen, frozen).view(batch, top_k * rank, self.out_features)
         if adapter in self.moe_lora_bias_B:
-            bias_b = self.effective(adapter, "moe_lora_bias_B").index_select(0, chosen)
-            out = out + (mix.unsqueeze(-1) * bias_b.view(batch, top_k, self.out_features)).sum(1).unsqueeze(1)
-        out = out * options.expert_scale
+            bias_b = self._rows(adapter, "moe_lora_bias_B", chosen, frozen).view(batch, top_k, self.out_features)
+            out = torch.baddbmm(torch.bmm(mix.unsqueeze(1), bias_b), hidden, up)
+        else:
+            out = torch.bmm(hidden, up)
         return out if x.dim() == 3 else out.squeeze(1)
 
-    def _count(self, adapter: str, experts: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor]):
+    def _count(self, adapter: str, experts: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor],
+               keep: Optional[torch.Tensor]):
         with torch.no_grad():
             counts = self.moe_lora_counts[adapter]
             flat = experts.flatten()
@@ -294,13 +312,20 @@ class MoELoraLayer(BaseTunerLayer):
                 counts[task].index_add_(0, flat, torch.ones_like(flat))
             else:
                 rows = task_ids.repeat_interleave(experts.shape[1])
-                counts.index_put_((rows, flat), torch.ones_like(flat), accumulate=True)
+                ones = keep.repeat_interleave(experts.shape[1]).to(flat.dtype)
+                counts.index_put_((rows, flat), ones, accumulate=True)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(
             "MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; "
             "keep the adapter, or call unload() to get the base model back."
         )
+
+
+def _recomputing() -> bool:
+    """True inside autograd's backward, where gradient checkpointing recomputes a forward (a compiled graph never
+    reruns Python there)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _write_frozen_slices_before_save(module: MoELoraLayer, prefix: str, keep_vars: bool) -> None:
@@ -320,15 +345,27 @@ def _snapshot_frozen_slices_after_load(module: MoELoraLayer, incompatible_keys) 
                     del snapshots[name]
 
 
+BLOCK_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+
+
 class MoELoraBlock(nn.Module, MoELoraLayer):
     """Expert bank beside a pre-LN transformer block's MLP, as in MoE-Adapters.
 
     The experts read the post-attention residual stream (the input of `layer_norm2`) and their output is added to
-    the block's output: block(x) + experts(h_mid), routed by token 0 of h_mid (CLS for images, SOT for text).
+    the block's output: block(x) + experts(h_mid), routed by token 0 of h_mid (CLS for images, SOT for text). The
+    adapted block is computed from the block's own parts (attention, the two layer norms, the MLP), so h_mid is a
+    value of the forward, not something a hook captures: the layer traces into one graph under `torch.compile`.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoELoraConfig, **kwargs) -> None:
         super().__init__()
+        missing = [part for part in BLOCK_PARTS if not isinstance(getattr(base_layer, part, None), nn.Module)]
+        if missing or isinstance(base_layer, BaseTunerLayer):
+            raise ValueError(
+                f"MoE-LoRA's block placement needs a pre-LN transformer block with {BLOCK_PARTS} (as CLIP's "
+                f"encoder layers); {type(base_layer).__name__} " + (f"lacks {missing}" if missing else
+                "is already wrapped by another adapter") + ". Target nn.Linear modules instead (target_modules)."
+            )
         width = base_layer.layer_norm2.normalized_shape[0]
         MoELoraLayer.__init__(self, base_layer, width, width, **kwargs)
         self._active_adapter = adapter_name
@@ -343,37 +380,22 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
         if getattr(base, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             # Checkpoint the block and its experts together, the route bound to the call: the recomputation in
             # backward routes exactly as the forward did, whatever the caller's routing is by then.
-            function = partial(self._adapted_forward, route=route, checkpoint_calls=[], **kwargs)
+            function = partial(self._adapted_forward, route=route, **kwargs)
             return base._gradient_checkpointing_func(function, hidden_states, *args)
         return self._adapted_forward(hidden_states, *args, route=route, **kwargs)
 
-    def _adapted_forward(self, hidden_states: torch.Tensor, *args: Any, route: TaskRoute,
-                         checkpoint_calls: Optional[list] = None, **kwargs: Any):
-        """The block plus its experts. Inside a checkpoint (`checkpoint_calls` given) the block's own forward runs
-        (not its checkpointing) and selections are counted on the first call only, not on the recomputation."""
-        checkpointed = checkpoint_calls is not None
-        first_call = not checkpoint_calls
-        if checkpointed:
-            checkpoint_calls.append(True)
-        residual_stream = []
-        handle = self.base_layer.layer_norm2.register_forward_pre_hook(
-            lambda _module, inputs: residual_stream.append(inputs[0])
-        )
-        try:
-            if checkpointed:  # already inside a checkpoint: run the block's own forward, not its checkpointing
-                base_forward = type(self.base_layer).forward
-                output = getattr(base_forward, "__wrapped__", base_forward)(self.base_layer, hidden_states, *args,
-                                                                            **kwargs)
-            else:
-                output = self.base_layer(hidden_states, *args, **kwargs)
-        finally:
-            handle.remove()
-        delta = self.moe_delta(residual_stream[-1], route, count=first_call)
+    def _adapted_forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                         route: TaskRoute, **kwargs: Any):
+        """The block (as CLIPEncoderLayer computes it) plus its experts on the post-attention stream."""
+        block = self.base_layer
+        attended = block.self_attn(hidden_states=block.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                   **kwargs)[0]
+        middle = hidden_states + attended
+        output = middle + block.mlp(block.layer_norm2(middle))
+        delta = self.moe_delta(middle, route)
         if delta is None:
             return output
-        if isinstance(output, tuple):
-            return (output[0] + delta.to(output[0].dtype),) + output[1:]
-        return output + delta.to(output.dtype)
+        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()
@@ -392,7 +414,9 @@ class MoELoraLinear(nn.Module, MoELoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None, **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
         delta = self.moe_delta(x, task_route)
-        return result if delta is None else result + delta.to(result.dtype)
+        if delta is None:
+            return result
+        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
 
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()

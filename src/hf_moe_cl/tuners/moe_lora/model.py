@@ -16,7 +16,7 @@ from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
 from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
 from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
-from .selector import DistributionSelector, SelectorConfig
+from .selector import DistributionSelector, SelectorConfig, legacy_selector_prefixes, stack_legacy_autoencoders
 
 TARGETS_BY_MODEL_TYPE = {
     "clip": CLIP_BLOCK_TARGETS,
@@ -109,9 +109,12 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
                         "task with set_task(t) or task_ids=..., or classify with TaskAgnosticClassifier.",
                         config.num_tasks)
         self._call_routes: list[TaskRoute] = []
+        # Registered once, never per call: a compiled model traces them as part of its graph.
         for layer in self.moe_layers().values():
             if getattr(layer, "_route_hook", None) is None:
                 layer._route_hook = layer.register_forward_pre_hook(self._inject_route, with_kwargs=True)
+        if getattr(self, "_task_ids_hook", None) is None:
+            self._task_ids_hook = self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)
         if config.selector is not None:
             self._build_selector(adapter_name, SelectorConfig.from_dict(config.selector), config.num_tasks)
 
@@ -128,11 +131,15 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
             if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
                 raise ValueError(f"task_ids must be an integer tensor (one task id per sample), got {task_ids.dtype}.")
             ids = task_ids.long().flatten()
+            if torch.compiler.is_compiling():  # checking the values would read them back from the device
+                return TaskRoute.per_sample(ids, selections)
             if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks):
                 raise ValueError(
                     f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
                     f"from {int(ids.min())} to {int(ids.max())}."
                 )
+            if not bool((ids >= 0).any()):
+                return NO_ROUTE
             return TaskRoute.per_sample(ids, selections)
         task = self._as_task_id(task_ids)
         return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task), selections=selections)
@@ -190,18 +197,11 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """`peft_model(..., task_ids=...)` routes one call, as peft does with `adapter_names`."""
-        if "task_ids" not in kwargs:
+        if kwargs.get("task_ids") is None:
             yield
             return
-        handle = self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)
-        try:
-            if kwargs["task_ids"] is None:
-                yield
-            else:
-                with self.routing(kwargs["task_ids"]):
-                    yield
-        finally:
-            handle.remove()
+        with self.routing(kwargs["task_ids"]):
+            yield
 
     # ----- DDAS selector (part of the adapter) ---------------------------------------------------------------------
     def _build_selector(self, adapter: str, settings: SelectorConfig, num_tasks: int) -> DistributionSelector:
@@ -236,6 +236,13 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
             return key.replace(marker, f".{SELECTOR_ATTRIBUTE}.", 1)
         return _remove_adapter_name_from_state_dict_key(key, adapter_name)
 
+    def unload(self) -> nn.Module:
+        """The base model as it was: the wrapped blocks and Linears back in place, no hook of this tuner left."""
+        if getattr(self, "_task_ids_hook", None) is not None:
+            self._task_ids_hook.remove()
+            self._task_ids_hook = None
+        return super().unload()
+
     def _check_merge_allowed(self):
         raise ValueError(
             "MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; "
@@ -244,7 +251,10 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """peft's remapping, refusing a checkpoint that does not fit this model instead of loading part of it."""
+        """peft's remapping, refusing a checkpoint that does not fit this model instead of loading part of it. A
+        selector saved by hf-moe-cl <= 0.2 (one module per autoencoder) is stacked first."""
+        for prefix in legacy_selector_prefixes(state_dict):
+            state_dict = stack_legacy_autoencoders(state_dict, prefix)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = model.state_dict()
         base = config.base_model_name_or_path

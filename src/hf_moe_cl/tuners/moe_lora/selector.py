@@ -81,13 +81,18 @@ class FeatureAutoencoder(nn.Module):
         return (self(features) - features).pow(2).mean(-1)
 
 
+AUTOENCODER_TENSORS = ("encoder_weight", "encoder_bias", "decoder_weight", "decoder_bias")
+
+
 class DistributionSelector(nn.Module):
     """Reference autoencoder + one autoencoder per task, with per-task decision thresholds.
 
-    Features are standardised with the reference data's mean and scale (so one threshold scale serves every
-    feature extractor) unless `standardize=False`, which with `sigmoid_output=True` is the paper's setting for
-    AlexNet features. Its parameters never train with the adapter (`requires_grad` stays False); `fit_*` trains
-    them with their own optimiser.
+    The autoencoders are stored stacked, reference first (`encoder_weight` is (1 + tasks, hidden, features)...),
+    so every decision runs all of them as one batched computation, whatever the number of tasks. Features are
+    standardised with the reference data's mean and scale (so one threshold scale serves every feature extractor)
+    unless `standardize=False`, which with `sigmoid_output=True` is the paper's setting for AlexNet features. Its
+    parameters never train with the adapter (`requires_grad` stays False); `fit_*` trains each autoencoder with its
+    own optimiser as a `FeatureAutoencoder` and stores the result in its slot.
     """
 
     def __init__(self, config: SelectorConfig, num_tasks: int):
@@ -95,9 +100,10 @@ class DistributionSelector(nn.Module):
         if num_tasks < 0:
             raise ValueError(f"num_tasks must be non-negative, got {num_tasks}.")
         self.config = config
-        self.reference = self._autoencoder()
-        self.tasks = nn.ModuleList(self._autoencoder() for _ in range(num_tasks))
-        self.requires_grad_(False)
+        slots = [self._autoencoder() for _ in range(num_tasks + 1)]
+        for name in AUTOENCODER_TENSORS:
+            self.register_parameter(name, nn.Parameter(torch.stack([_tensor_of(ae, name) for ae in slots]),
+                                                       requires_grad=False))
         self.register_buffer("thresholds", torch.full((num_tasks,), math.inf))
         self.register_buffer("trained", torch.zeros(num_tasks + 1, dtype=torch.bool))  # [reference, tasks...]
         self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
@@ -108,7 +114,7 @@ class DistributionSelector(nn.Module):
 
     @property
     def num_tasks(self) -> int:
-        return len(self.tasks)
+        return self.thresholds.shape[0]
 
     @property
     def has_reference(self) -> bool:
@@ -117,9 +123,25 @@ class DistributionSelector(nn.Module):
     def task_is_trained(self, task: int) -> bool:
         return bool(self.trained[task + 1])
 
+    def autoencoder(self, slot: int) -> FeatureAutoencoder:
+        """A copy of the autoencoder in `slot` (0: the reference, 1 + t: task t) as a module of its own."""
+        autoencoder = self._autoencoder().to(self.encoder_weight.device)
+        with torch.no_grad():
+            for name in AUTOENCODER_TENSORS:
+                _tensor_of(autoencoder, name).copy_(getattr(self, name)[slot])
+        return autoencoder.requires_grad_(False).eval()
+
+    def _store(self, slot: int, autoencoder: FeatureAutoencoder) -> None:
+        with torch.no_grad():
+            for name in AUTOENCODER_TENSORS:
+                getattr(self, name)[slot].copy_(_tensor_of(autoencoder, name))
+
     def add_task(self) -> int:
-        device = self.thresholds.device
-        self.tasks.append(self._autoencoder().to(device).requires_grad_(False))
+        new = self._autoencoder().to(self.encoder_weight.device)
+        for name in AUTOENCODER_TENSORS:
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.cat([old.detach(), _tensor_of(new, name).detach().unsqueeze(0)]),
+                                             requires_grad=False))
         self.thresholds = torch.cat([self.thresholds, self.thresholds.new_full((1,), math.inf)])
         self.trained = torch.cat([self.trained, self.trained.new_zeros(1)])
         return self.num_tasks - 1
@@ -129,17 +151,17 @@ class DistributionSelector(nn.Module):
         return (features - self.feature_mean) / self.feature_scale if self.config.standardize else features
 
     # ----- training ------------------------------------------------------------------------------------------------
-    def _fit(self, autoencoder: FeatureAutoencoder, features: torch.Tensor, steps: int, lr: float, batch_size: int,
-             seed: int, progress: Optional[str] = None) -> None:
+    def _fit(self, slot: int, features: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
+             progress: Optional[str] = None) -> FeatureAutoencoder:
         if features.shape[0] == 0:
             raise ValueError("Cannot train a DDAS autoencoder on zero images: the task's dataset is empty.")
+        autoencoder = self._autoencoder().to(features.device)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():  # seeded initialisation: the same data and seed give the same selector
             for linear in (autoencoder.encoder, autoencoder.decoder):
                 bound = 1.0 / math.sqrt(linear.in_features)
                 for param in (linear.weight, linear.bias):
                     param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
-        autoencoder.requires_grad_(True)
         optimizer = torch.optim.Adam(autoencoder.parameters(), lr=lr)
         autoencoder.train()
         with torch.enable_grad():
@@ -150,8 +172,9 @@ class DistributionSelector(nn.Module):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        autoencoder.requires_grad_(False)
-        autoencoder.eval()
+        autoencoder.requires_grad_(False).eval()
+        self._store(slot, autoencoder)
+        return autoencoder
 
     def fit_reference(self, features: torch.Tensor, steps: int = 1000, lr: float = 1e-3, batch_size: int = 64,
                       seed: int = 0, progress: Optional[str] = None) -> None:
@@ -162,7 +185,7 @@ class DistributionSelector(nn.Module):
         if self.config.standardize:
             self.feature_mean.copy_(features.mean(0))
             self.feature_scale.copy_(features.std(0).clamp_min(1e-6))
-        self._fit(self.reference, self._normalise(features), steps, lr, batch_size, seed, progress)
+        self._fit(0, self._normalise(features), steps, lr, batch_size, seed, progress)
         self.trained[0] = True
 
     def fit_task(self, task: int, features: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
@@ -184,8 +207,7 @@ class DistributionSelector(nn.Module):
         if threshold is None and held < 1:
             raise ValueError("Too few images to calibrate a threshold: give more, or a fixed `threshold`.")
         train, heldout = features[order[held:]], features[order[:held]]
-        autoencoder = self.tasks[task]
-        self._fit(autoencoder, train, steps, lr, batch_size, seed + task + 1, progress)
+        autoencoder = self._fit(task + 1, train, steps, lr, batch_size, seed + task + 1, progress)
         if threshold is None:
             with torch.no_grad():
                 threshold = float(torch.quantile(autoencoder.errors(heldout), quantile))
@@ -196,9 +218,16 @@ class DistributionSelector(nn.Module):
     # ----- decisions -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruction_errors(self, features: torch.Tensor) -> torch.Tensor:
-        """(batch, 1 + tasks) errors: column 0 the reference, then each task; untrained ones are +inf."""
+        """(batch, 1 + tasks) errors: column 0 the reference, then each task; untrained ones are +inf. Every
+        autoencoder runs in the same two batched matrix products."""
         features = self._normalise(features)
-        errors = torch.stack([self.reference.errors(features)] + [ae.errors(features) for ae in self.tasks], dim=-1)
+        slots = self.encoder_weight.shape[0]
+        inputs = features.unsqueeze(0).expand(slots, *features.shape)
+        hidden = torch.relu(torch.baddbmm(self.encoder_bias.unsqueeze(1), inputs, self.encoder_weight.transpose(1, 2)))
+        output = torch.baddbmm(self.decoder_bias.unsqueeze(1), hidden, self.decoder_weight.transpose(1, 2))
+        if self.config.sigmoid_output:
+            output = torch.sigmoid(output)
+        errors = (output - inputs).pow(2).mean(-1).T
         return errors.masked_fill(~self.trained, math.inf)
 
     def _decide(self, errors: torch.Tensor) -> torch.Tensor:
@@ -217,4 +246,58 @@ class DistributionSelector(nn.Module):
     def select_batch(self, features: torch.Tensor) -> int:
         """One decision for the whole batch from its mean errors (the official protocol: a test batch of one
         dataset)."""
-        return int(self._decide(self.reconstruction_errors(features).mean(0, keepdim=True))[0])
+        return int(self.select_units(self.reconstruction_errors(features), features.shape[0])[0])
+
+    def select_units(self, errors: torch.Tensor, unit: int) -> torch.Tensor:
+        """One decision per consecutive `unit` rows of `errors` (the last unit may be shorter), from their mean
+        errors: the official protocol's decision per test batch, whatever batches the images were encoded in."""
+        rows = errors.shape[0]
+        starts = torch.arange(0, rows, unit, device=errors.device)
+        sizes = (rows - starts).clamp(max=unit).unsqueeze(1)
+        sums = errors.new_zeros(len(starts), errors.shape[1])
+        sums.index_add_(0, torch.arange(rows, device=errors.device) // unit, errors)
+        return self._decide(sums / sizes)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A selector saved in the layout of hf-moe-cl <= 0.2 loads into the stacked one."""
+        converted = stack_legacy_autoencoders(state_dict, prefix)
+        if converted is not state_dict:
+            state_dict.clear()
+            state_dict.update(converted)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _tensor_of(autoencoder: FeatureAutoencoder, name: str) -> torch.Tensor:
+    """One of `AUTOENCODER_TENSORS` of a module autoencoder."""
+    part, kind = name.split("_")
+    return getattr(getattr(autoencoder, part), kind)
+
+
+def legacy_selector_prefixes(state_dict: dict) -> list[str]:
+    """The prefixes under which `state_dict` holds a selector in the layout of hf-moe-cl <= 0.2."""
+    marker = "reference.encoder.weight"
+    return [key[: -len(marker)] for key in state_dict if key.endswith("moe_lora_selector." + marker)
+            or key.endswith("moe_lora_selector.default." + marker)]
+
+
+def stack_legacy_autoencoders(state_dict: dict, prefix: str) -> dict:
+    """A selector state saved by hf-moe-cl <= 0.2 (one module per autoencoder: `reference.encoder.weight`,
+    `tasks.0.encoder.weight`, ...) in the stacked layout; other keys are returned unchanged."""
+    legacy = [key for key in state_dict if key.startswith(prefix + "reference.")]
+    if not legacy:
+        return state_dict
+    state = dict(state_dict)
+    tasks = sorted({int(key[len(prefix) + len("tasks."):].split(".")[0]) for key in state
+                    if key.startswith(prefix + "tasks.")})
+    if tasks != list(range(len(tasks))):
+        raise ValueError(f"The saved DDAS selector has task autoencoders {tasks}: they must be numbered from 0 "
+                         "without gaps. The adapter file is damaged; save it again.")
+    for name in AUTOENCODER_TENSORS:
+        part, kind = name.split("_")
+        slots = [f"{prefix}reference.{part}.{kind}"] + [f"{prefix}tasks.{t}.{part}.{kind}" for t in tasks]
+        missing = [key for key in slots if key not in state]
+        if missing:
+            raise ValueError(f"The saved DDAS selector lacks {missing[:2]}: the adapter file is damaged; save it "
+                             "again.")
+        state[prefix + name] = torch.stack([state.pop(key) for key in slots])
+    return state
