@@ -143,30 +143,36 @@ class RoutedClassifier:
                 out[rows] = image_embeddings(self.router.model, pixels[rows])
         return out
 
-    def logits(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace, untouched: Untouched = None
-               ) -> torch.Tensor:
-        """(batch, m, classes) cosine similarities of every image under each of its routes."""
+    def similarities(self, images: torch.Tensor, routes: Routes, space: LabelSpace) -> torch.Tensor:
+        """(batch, m, classes) cosine similarities of image embeddings (batch, m, dim), each under its route's text
+        features."""
         batch, width = routes.ids.shape
-        flat = routes.ids.reshape(-1)
-        if width > 1:
-            pixels = pixels.repeat_interleave(width, 0)
-            if untouched is not None:
-                untouched = (untouched(torch.arange(batch, device=pixels.device)) if callable(untouched)
-                             else untouched).repeat_interleave(width, 0)
-        images = self.image(pixels, flat, untouched)
-        out = torch.empty(batch * width, len(space.classnames), device=pixels.device)
+        flat = routes.ids.reshape(-1).to(images.device)
+        images = images.reshape(batch * width, -1)
+        out = torch.empty(batch * width, len(space.classnames), device=images.device)
         for route in flat.unique().tolist():
             rows = flat == route
-            out[rows] = images[rows] @ self.text(space, route).T
+            out[rows] = images[rows].float() @ self.text(space, route).T
         return out.view(batch, width, -1)
 
-    def scores(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace, untouched: Untouched = None
-               ) -> torch.Tensor:
-        """(batch, classes) fused scores: weighted logits, or weighted softmax probabilities."""
-        logits = self.logits(pixels, routes, space, untouched)
+    def fuse(self, images: torch.Tensor, routes: Routes, space: LabelSpace) -> torch.Tensor:
+        """(batch, classes) fused scores of image embeddings (batch, m, dim) under their routes: weighted logits,
+        or weighted softmax probabilities."""
+        logits = self.similarities(images, routes, space)
         weights = routes.weights
         if weights is None:
             weights = torch.full(routes.ids.shape, 1.0 / routes.ids.shape[1], device=logits.device)
         if routes.fusion == "probabilities":
             logits = torch.softmax(self.logit_scale * logits, dim=-1)
-        return (logits * weights.unsqueeze(-1).to(logits.dtype)).sum(1)
+        return (logits * weights.unsqueeze(-1).to(logits.device, logits.dtype)).sum(1)
+
+    def scores(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace, untouched: Untouched = None
+               ) -> torch.Tensor:
+        """(batch, classes) fused scores of `pixels` under their routes (see `fuse`)."""
+        batch, width = routes.ids.shape
+        if width > 1:
+            pixels = pixels.repeat_interleave(width, 0)
+            if untouched is not None:
+                untouched = (untouched(torch.arange(batch, device=pixels.device)) if callable(untouched)
+                             else untouched).repeat_interleave(width, 0)
+        return self.fuse(self.image(pixels, routes.ids.reshape(-1), untouched).view(batch, width, -1), routes, space)

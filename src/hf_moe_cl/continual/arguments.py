@@ -25,6 +25,10 @@ class ContinualTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0)."})
     label_smoothing_factor: float = field(default=0.2, metadata={"help": "Label smoothing (paper: 0.2)."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device (paper: 64)."})
+    per_device_eval_batch_size: int = field(
+        default=128, metadata={"help": "Evaluation batch size per device (official: 128). Speed only: the protocol "
+                               "matrix decides per `protocol_unit` images whatever it is."},
+    )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping; 0 disables it (official: none)."})
     train_augmentation: Optional[str] = field(
         default="random_resized_crop",
@@ -62,8 +66,25 @@ class ContinualTrainingArguments(TrainingArguments):
         metadata={"help": "Before training, decode every image of every split and name the first damaged one."},
     )
 
+    eval_cache_gb: float = field(
+        default=4.0,
+        metadata={"help": "Memory (GiB) for test images kept preprocessed between evaluations, so each is decoded and "
+                  "preprocessed once per run (and for the untouched model's embeddings of them); test sets beyond it "
+                  "are read again each time (0: no cache)."},
+    )
+    protocol_unit: int = field(
+        default=128,
+        metadata={"help": "Images of one test set per decision of the `protocol` matrix (the official test batch, "
+                  "128), whatever `per_device_eval_batch_size` is."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.eval_cache_gb, bool) or not isinstance(self.eval_cache_gb, (int, float)) or not (
+                math.isfinite(self.eval_cache_gb) and self.eval_cache_gb >= 0):
+            raise ValueError(f"eval_cache_gb must be a non-negative number of GiB, got {self.eval_cache_gb!r}.")
+        if isinstance(self.protocol_unit, bool) or not isinstance(self.protocol_unit, int) or self.protocol_unit < 1:
+            raise ValueError(f"protocol_unit must be a positive number of images, got {self.protocol_unit!r}.")
         rates = [("learning_rate", self.learning_rate)] + [
             (f"task_learning_rates[{i}]", rate) for i, rate in enumerate(self.task_learning_rates or [])]
         for name, rate in rates:

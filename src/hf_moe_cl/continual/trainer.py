@@ -30,7 +30,7 @@ from .checkpoints import (
 )
 from .arguments import ContinualTrainingArguments
 from .data import ImageClassificationCollator, RandomResizedCrop
-from .evaluation import evaluate_task
+from .evaluation import CellRequest, EvaluationEngine
 from .methods import ContinualMethod, method_for_model
 from .result import MATRIX_KINDS, ContinualResult
 from .tasks import ContinualTask
@@ -116,7 +116,8 @@ class ContinualTrainer(Trainer):
             task = ContinualTask(task.name, None, eval_dataset, task.classnames, task.templates)
         current = ContinualMethod(self.model)  # the training model as it is: no routing
         classifier = RoutedClassifier(current, self.processing_class.tokenizer, self.args.device)
-        accuracy = evaluate_task(self, current, classifier, task, "oracle", ZERO_SHOT)[0]
+        accuracy = EvaluationEngine(self, current).evaluate(task, CellRequest(oracle=ZERO_SHOT), classifier)[
+            "oracle"].accuracy
         self.model.train()
         metrics = {f"{metric_key_prefix}_accuracy": accuracy}
         self.log(metrics)
@@ -162,7 +163,14 @@ class ContinualTrainer(Trainer):
 
     def evaluate_task(self, task: ContinualTask, route: int = ZERO_SHOT) -> float:
         """Top-1 accuracy (%) of the method's `route` model on the task (-1: the model for no learned task)."""
-        return evaluate_task(self, self.method, self.classifier(), task, "oracle", route)[0]
+        return self.engine.evaluate(task, CellRequest(oracle=route), self.classifier())["oracle"].accuracy
+
+    @property
+    def engine(self) -> EvaluationEngine:
+        """The evaluation engine of the method (its caches live as long as the trainer)."""
+        if getattr(self, "_engine", None) is None or self._engine.method is not self.method:
+            self._engine = EvaluationEngine(self, self.method)
+        return self._engine
 
     def _agnostic_kinds(self) -> list[str]:
         wanted = self.args.task_agnostic_eval
@@ -178,39 +186,39 @@ class ContinualTrainer(Trainer):
         return [kind for kind in MATRIX_KINDS[:2] if kind == "per_image" or self.method.batch_selection]
 
     def _evaluate_stage(self, index: int, tasks: list[ContinualTask], matrices: dict, histograms: dict,
-                        pretrained: dict[int, float]) -> None:
-        """One row of every matrix after task `index`. An unseen task whose route is None (the method's own
-        selection) is classified as in the per-image matrix; that evaluation is shared with the matrix."""
-        method, classifier = self.method, self.classifier()
-        per_image: dict[int, tuple] = {}
-
-        def selected(j: int) -> tuple:
-            if j not in per_image:
-                per_image[j] = evaluate_task(self, method, classifier, tasks[j], "per_image")
-            return per_image[j]
-
-        row = []
+                        pretrained: dict[int, float]) -> dict[str, int]:
+        """One row of every matrix after task `index`, each task's cells from one pass over its test set (see
+        `EvaluationEngine`); returns the image encodings it ran. An unseen task whose route is None (the method's
+        own selection) takes its per-image cell."""
+        method, classifier, engine = self.method, self.classifier(), self.engine
+        before = dict(engine.encodings)
+        rows = {kind: [] for kind in matrices}
         for j, other in enumerate(tasks):
+            oracle, reuse = None, None
             if not (self.args.evaluate_all_tasks or j == index):
-                row.append(None)
+                reuse = (None,)
             elif j < index and method.task_models_are_final:
-                row.append(matrices["oracle"][j][j])
+                reuse = (matrices["oracle"][j][j],)
             else:
                 route = method.task_route(j) if j <= index else method.unseen_route(index)
                 if route == ZERO_SHOT:
-                    row.append(pretrained[j])
-                elif route is None:
-                    row.append(selected(j)[0])
+                    reuse = (pretrained[j],)
                 else:
-                    row.append(evaluate_task(self, method, classifier, other, "oracle", route)[0])
-        matrices["oracle"].append(row)
-        self._report("accuracy", tasks, row)
+                    oracle = route
+            request = CellRequest(oracle=oracle, per_image="per_image" in histograms or oracle is None and
+                                  reuse is None, protocol="protocol" in histograms)
+            cells = engine.evaluate(other, request, classifier)
+            rows["oracle"].append(reuse[0] if reuse is not None else cells["oracle" if oracle is not None else
+                                                                            "per_image"].accuracy)
+            for kind in histograms:
+                rows[kind].append(cells[kind])
+        matrices["oracle"].append(rows["oracle"])
+        self._report("accuracy", tasks, rows["oracle"])
         for kind in histograms:
-            evaluated = [selected(j) if kind == "per_image" else evaluate_task(self, method, classifier, other, kind)
-                         for j, other in enumerate(tasks)]
-            matrices[kind].append([accuracy for accuracy, _ in evaluated])
-            histograms[kind].append([counts for _, counts in evaluated])
+            matrices[kind].append([cell.accuracy for cell in rows[kind]])
+            histograms[kind].append([cell.histogram for cell in rows[kind]])
             self._report(f"{kind}_accuracy", tasks, matrices[kind][-1])
+        return {name: engine.encodings[name] - before[name] for name in before}
 
     def _report(self, prefix: str, tasks: list[ContinualTask], row: list[Optional[float]]) -> None:
         values = {f"{prefix}/{task.name}": value for task, value in zip(tasks, row) if value is not None}
@@ -226,8 +234,7 @@ class ContinualTrainer(Trainer):
         if self.args.evaluate_all_tasks:
             needed |= {j for i in range(last) for j in range(i + 1, len(tasks))
                        if method.unseen_route(i) == ZERO_SHOT}
-        classifier = self.classifier()
-        return {j: evaluate_task(self, method, classifier, tasks[j], "oracle", ZERO_SHOT)[0] for j in sorted(needed)}
+        return {j: self.evaluate_task(tasks[j], ZERO_SHOT) for j in sorted(needed)}
 
     # ----- the task loop -------------------------------------------------------------------------------------------
     def run_identity(self, tasks: list[ContinualTask]) -> dict:
@@ -309,7 +316,9 @@ class ContinualTrainer(Trainer):
         start, progress = self._prepare_output_dir(tasks, run, resume) if self.args.save_task_checkpoints else (0,
                                                                                                               None)
         matrices = {"oracle": [], **{kind: [] for kind in histograms}}
+        encodings: list[dict[str, int]] = []
         if progress is not None:
+            encodings.extend(progress.get("image_encodings", []))
             for kind in matrices:
                 matrices[kind].extend(progress["matrices"].get(kind, []))
             for kind in histograms:
@@ -330,14 +339,15 @@ class ContinualTrainer(Trainer):
                 self._steps_done += self.state.global_step if train else 0
                 if self.args.save_task_checkpoints:
                     progress = self._save_task(index, names, matrices, histograms, run)
-            self._evaluate_stage(index, tasks, matrices, histograms, pretrained)
+            encodings.append(self._evaluate_stage(index, tasks, matrices, histograms, pretrained))
             if self.args.save_task_checkpoints:
-                progress.update(evaluated=True, matrices=matrices, route_histogram=histograms)
+                progress.update(evaluated=True, matrices=matrices, route_histogram=histograms,
+                                image_encodings=encodings)
                 if self.is_world_process_zero():
                     update_progress(task_folder(self.args.output_dir, index, task.name), progress)
                     prune(self.args.output_dir, self.args.save_total_limit)
                 self.accelerator.wait_for_everyone()
-        diagnostics = dict(self.method.diagnostics())
+        diagnostics = dict(self.method.diagnostics(), image_encodings=encodings)
         if histograms:
             diagnostics["route_histogram"] = histograms
         ordered = {kind: matrices[kind] for kind in MATRIX_KINDS if kind in matrices}

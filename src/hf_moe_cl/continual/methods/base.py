@@ -36,7 +36,9 @@ class ContinualMethod:
     - `mixed_routes`: its model can route each image of one batch differently (see `classification.Router`);
     - `selects_routes`: it can classify without a task id (`select_routes`);
     - `batch_selection`: it can also pick one route for a whole batch (the official DDAS protocol);
-    - `task_models_are_final`: a learned task's model never changes later, so its accuracy is measured once.
+    - `task_models_are_final`: a learned task's model never changes later, so its accuracy is measured once;
+    - `untouched_is_fixed`: its model for route -1 never changes during a run, so evaluation encodes each test
+      image with it once per run.
     """
 
     name: ClassVar[str] = ""
@@ -46,6 +48,7 @@ class ContinualMethod:
     selects_routes: ClassVar[bool] = False
     batch_selection: ClassVar[bool] = False
     task_models_are_final: ClassVar[bool] = False
+    untouched_is_fixed: ClassVar[bool] = False
 
     @property
     def recipe(self) -> str:
@@ -113,6 +116,13 @@ class ContinualMethod:
                       per_batch: bool = False) -> tuple[Routes, Optional[torch.Tensor]]:
         """Routes chosen without a task id (per image, or one for the batch), and the untouched CLIP's
         embeddings of `pixels` when computing the routes produced them (reused for zero-shot images)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot classify without a task id.")
+
+    def choose_routes(self, classifier, pixels: torch.Tensor, untouched: Optional[torch.Tensor] = None,
+                      unit: Optional[int] = None) -> tuple[Routes, Optional[torch.Tensor]]:
+        """Evaluation's routes without a task id, from one look at `pixels`: per image, and with `unit` one route
+        per `unit` consecutive images (the protocol's decision per test batch). `untouched` are the untouched
+        model's embeddings of `pixels` when the caller has them."""
         raise NotImplementedError(f"{type(self).__name__} cannot classify without a task id.")
 
     def learned_tasks(self) -> dict[int, dict]:

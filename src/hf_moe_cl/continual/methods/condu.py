@@ -99,6 +99,7 @@ class ConDU(ContinualMethod):
     name = "condu"
     arguments_class = ConDUArguments
     selects_routes = True
+    untouched_is_fixed = True
 
     def __init__(self, model, arguments: Optional[ConDUArguments] = None, rank: int = 64):
         super().__init__(model.eval(), arguments)
@@ -242,7 +243,13 @@ class ConDU(ContinualMethod):
         softmax of their similarities."""
         if per_batch:
             raise NotImplementedError("ConDU votes per image; it has no per-batch decision.")
-        pretrained = image_embeddings(self.model, pixels)
+        return self.choose_routes(classifier, pixels)
+
+    def choose_routes(self, classifier, pixels, untouched=None, unit=None):
+        """As `select_routes`, voting with the pretrained embeddings `untouched` when given."""
+        if unit is not None:
+            raise NotImplementedError("ConDU votes per image; it has no per-batch decision.")
+        pretrained = image_embeddings(self.model, pixels) if untouched is None else untouched
         similarity, voted = self.vote(pretrained)
         k = voted.shape[1]
         if self.arguments.condu_weighting == "uniform":

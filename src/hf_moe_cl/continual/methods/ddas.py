@@ -119,22 +119,34 @@ class DDASSelection:
                               quantile=ddas.ddas_quantile, seed=trainer.args.seed,
                               progress=f"DDAS autoencoder: {task.name}" if show else None)
 
-    def select_routes(self, classifier, pixels, per_batch=False):
-        """DDAS's routes. The untouched pass that gives DDAS its features also serves the images sent to zero-shot:
-        with CLIP features after k blocks it is finished for those images only; with the final embedding it is
-        reused as it is."""
-        selector = self.moe.selector
-        config = selector.config
+    def _route_features(self, pixels, untouched=None):
+        """DDAS features of `pixels`, and the untouched CLIP's embeddings for images sent to zero-shot: `untouched`
+        when given; the features themselves when they are the final embedding; after the first k blocks, a function
+        that finishes the untouched pass for those images only."""
+        config = self.moe.selector.config
+        if config.feature_extractor == "clip" and config.feature_layer is None and untouched is not None:
+            return untouched, untouched
         if config.feature_extractor == "clip" and config.feature_layer is not None:
             with self.moe.routing(None):
                 prefix = vision_prefix(self.model.vision_model, pixels, config.feature_layer)
-            features = prefix_features(prefix)
-            untouched = partial(self._finish_untouched, prefix)
-        else:
-            features, untouched = self.selector_features(pixels)
+            return prefix_features(prefix), untouched if untouched is not None else partial(self._finish_untouched,
+                                                                                            prefix)
+        features, embeddings = self.selector_features(pixels)
+        return features, untouched if untouched is not None else embeddings
+
+    def select_routes(self, classifier, pixels, per_batch=False):
+        """DDAS's routes, per image or (`per_batch`) one for the batch."""
+        selector = self.moe.selector
+        features, untouched = self._route_features(pixels)
         if per_batch:
             return Routes.single(selector.select_batch(features), pixels.shape[0], pixels.device), untouched
         return Routes(selector.select(features)), untouched
+
+    def choose_routes(self, classifier, pixels, untouched=None, unit=None):
+        """Per-image and per-unit routes from one computation of every autoencoder's errors."""
+        selector = self.moe.selector
+        errors = selector.reconstruction_errors(self._route_features(pixels, untouched)[0])
+        return Routes(selector.decide(errors)), None if unit is None else selector.select_units(errors, unit)
 
     @torch.no_grad()
     def _finish_untouched(self, prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
     arguments_class = MoEAdaptersArguments
     mixed_routes = True
     batch_selection = True
+    untouched_is_fixed = True
 
     def __init__(self, model, arguments: Optional[MoEAdaptersArguments] = None,
                  ddas: Optional[DDASArguments] = None, ddas_reference: Optional[Dataset] = None):

@@ -13,6 +13,7 @@ class ZeroShot(ContinualMethod):
 
     name = "zero-shot"
     trains = False
+    untouched_is_fixed = True
 
     def task_route(self, index: int) -> int:
         return ZERO_SHOT  # its model for every task is the pretrained one

@@ -230,7 +230,8 @@ class DistributionSelector(nn.Module):
         errors = (output - inputs).pow(2).mean(-1).T
         return errors.masked_fill(~self.trained, math.inf)
 
-    def _decide(self, errors: torch.Tensor) -> torch.Tensor:
+    def decide(self, errors: torch.Tensor) -> torch.Tensor:
+        """Per row of `errors` (see `reconstruction_errors`): the task whose autoencoder fits best, or -1."""
         best = errors.argmin(-1)
         task = best - 1
         limit = self.thresholds[task.clamp_min(0)]
@@ -240,7 +241,7 @@ class DistributionSelector(nn.Module):
     @torch.no_grad()
     def select(self, features: torch.Tensor) -> torch.Tensor:
         """Per image: the task whose autoencoder fits best, or -1 (zero-shot) for the reference or a poor fit."""
-        return self._decide(self.reconstruction_errors(features))
+        return self.decide(self.reconstruction_errors(features))
 
     @torch.no_grad()
     def select_batch(self, features: torch.Tensor) -> int:
@@ -256,7 +257,7 @@ class DistributionSelector(nn.Module):
         sizes = (rows - starts).clamp(max=unit).unsqueeze(1)
         sums = errors.new_zeros(len(starts), errors.shape[1])
         sums.index_add_(0, torch.arange(rows, device=errors.device) // unit, errors)
-        return self._decide(sums / sizes)
+        return self.decide(sums / sizes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A selector saved in the layout of hf-moe-cl <= 0.2 loads into the stacked one."""
