@@ -65,6 +65,9 @@ def test_load_adapter_under_another_name_brings_its_ddas_selector(tmp_path):
     other.set_adapter("second")
     assert torch.equal(other.base_model.selector.feature_mean, torch.full((16,), 0.25))
     assert other.base_model.selector.num_tasks == 2
+    other.set_adapter("default")
+    other.delete_adapter("second")
+    assert not any("second" in key for key in other.state_dict())  # the selector went with its adapter
 
 
 @pytest.mark.parametrize("model_class", [CLIPVisionModel, CLIPTextModel])
@@ -88,3 +91,19 @@ def test_a_folder_saved_with_the_plain_type_loads_with_peft(tmp_path, clip_input
     model.set_task(1), loaded.set_task(1)
     with torch.no_grad():
         assert torch.equal(loaded(**clip_inputs).logits_per_image, model(**clip_inputs).logits_per_image)
+
+
+def test_the_peft_conformance_runner_adds_moe_lora_cases_to_peft_s_table():
+    import peft_conformance
+
+    source = 'X_TEST_CASES = [\n]\nTEST_CASES = [\n    ("Vanilla MLP 1 LoRA", "MLP", LoraConfig, {}),\n]\n'
+    patched = peft_conformance.add_cases(source)
+    namespace = {"LoraConfig": object}
+    exec(patched.replace("import hf_moe_cl  # registers MoE-LoRA with peft\n", ""), namespace)
+    names = [case[0] for case in namespace["TEST_CASES"]]
+    assert names[:4] == [f"Vanilla MLP {i} MoE-LoRA" for i in range(1, 5)] and names[4] == "Vanilla MLP 1 LoRA"
+    assert namespace["X_TEST_CASES"] == []
+    for case in namespace["TEST_CASES"][:4]:
+        case[2](**case[3])  # valid configs
+    with pytest.raises(SystemExit, match="no single `TEST_CASES = \\[` table"):
+        peft_conformance.add_cases("CASES = []\n")

@@ -219,6 +219,13 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         self._modules[SELECTOR_ATTRIBUTE][adapter] = selector.to(device)
         return selector
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's `delete_adapter`, and the adapter's DDAS selector with it."""
+        super().delete_adapter(adapter_name)
+        selectors = self._modules.get(SELECTOR_ATTRIBUTE)
+        if selectors is not None and adapter_name in selectors:
+            del selectors[adapter_name]
+
     def enable_selector(self, settings: Union[SelectorConfig, dict]) -> DistributionSelector:
         """Give the adapter a DDAS selector (untrained) with these settings; it is saved, pushed and loaded with the
         adapter's weights."""
