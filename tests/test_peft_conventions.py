@@ -107,3 +107,15 @@ def test_the_peft_conformance_runner_adds_moe_lora_cases_to_peft_s_table():
         case[2](**case[3])  # valid configs
     with pytest.raises(SystemExit, match="no single `TEST_CASES = \\[` table"):
         peft_conformance.add_cases("CASES = []\n")
+
+
+def test_the_version_has_one_source():
+    import tomllib
+    from pathlib import Path
+
+    import hf_moe_cl
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hf_moe_cl.__version__"}
+    assert hf_moe_cl.__version__ == "0.2.0"
