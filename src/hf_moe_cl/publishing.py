@@ -97,8 +97,9 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
     library, base = library_of(method), base_model or base_model_of(method)
     records = task_records(method, result, tasks)
     name = repo_id.split("/")[-1]
+    # no pipeline_tag: the Hub's zero-shot-image-classification widget and pipeline would load the base CLIP alone
     data = ModelCardData(
-        base_model=hub_id(base), library_name=library, model_name=name, pipeline_tag="zero-shot-image-classification",
+        base_model=hub_id(base), library_name=library, model_name=name,
         tags=["hf-moe-cl", "continual-learning", "clip", method.name] + (["task-agnostic"] if method.selects_routes
                                                                          else []),
         eval_results=eval_results(result) if result is not None else None,
