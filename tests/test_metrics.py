@@ -78,3 +78,36 @@ def test_the_worked_example_of_docs_metrics_md_runs():
     assert blocks, "docs/metrics.md lost its worked example"
     for block in blocks:
         exec(compile(block, "docs/metrics.md", "exec"), {})
+
+
+def test_the_evaluate_module_loads_offline_and_is_the_implementation_reports_use(monkeypatch):
+    import evaluate
+
+    import hf_moe_cl.metrics
+    from hf_moe_cl.benchmark import metrics as library
+    from hf_moe_cl.metrics.mtil import mtil as module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    matrix = [[50.0, 10.0, 20.0], [45.0, 60.0, 25.0], [40.0, 55.0, 70.0]]
+    scores = evaluate.load(hf_moe_cl.metrics.MTIL).compute(accuracies=matrix, task_names=["a", "b", "c"])
+    assert scores == {"transfer": 16.25, "average": 41.666666666666664, "last": 55.0, "bwt": -7.5,
+                      "drop": {"a": 10.0, "b": 5.0, "c": 0.0}}
+    assert scores == {**library.mtil_metrics(matrix), **library.forgetting(matrix, ["a", "b", "c"])}
+    for name in ("transfer", "average", "last", "task_drops", "backward_transfer", "forgetting", "mtil_metrics"):
+        assert getattr(library, name) is getattr(module, name)  # no copy
+
+
+@pytest.mark.parametrize("kind", ["protocol", "per_image", "oracle"])
+def test_every_report_figure_title_fits_inside_the_figure(kind):
+    from hf_moe_cl.benchmark.figures import accuracy_heatmap, selection_heatmap
+
+    names = ["caltech101", "fashion_mnist"]
+    figures = [accuracy_heatmap([[90.0, 10.0], [85.0, 60.0]], names, "moe-adapters", kind,
+                                {"transfer": 10.0, "average": 60.0, "last": 72.5})]
+    if kind != "oracle":
+        figures.append(selection_heatmap([[5, 90, 5], [10, 3, 87]], names, "moe-adapters", kind))
+    for figure in figures:
+        renderer = figure.canvas.get_renderer()
+        figure.canvas.draw()
+        title = figure._suptitle.get_window_extent(renderer)
+        assert title.x0 >= 0 and title.x1 <= figure.bbox.width and title.y1 <= figure.bbox.height, (kind, title)

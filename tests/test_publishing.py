@@ -56,7 +56,7 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert json.loads((landed / "adapter_config.json").read_text())["selector"] is not None
 
     card = ModelCard.load(landed / "README.md")
-    assert card.data.library_name == "peft" and card.data.pipeline_tag == "zero-shot-image-classification"
+    assert card.data.library_name == "peft" and card.data.pipeline_tag is None  # no path that ignores the adapter
     assert {"hf-moe-cl", "continual-learning", "moe-adapters", "task-agnostic"} <= set(card.data.tags)
     assert card.data.base_model is None  # the tiny test CLIP has no Hub id
     assert "0. **first** (3 classes): red, green, blue" in card.text

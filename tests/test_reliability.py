@@ -226,14 +226,18 @@ def test_loading_without_importing_the_library_says_what_to_do(tmp_path):
     script = (f"import sys; sys.path.insert(0, {TESTS!r})\nfrom peft import PeftModel\nfrom conftest import tiny_clip\n"
               f"PeftModel.from_pretrained(tiny_clip(), {str(tmp_path)!r})")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "needs `import hf_moe_cl` before loading" in result.stderr
+    assert result.returncode != 0 and "KeyError: 'MOE_LORA'" in result.stderr
+    # the file stores the plain type; the card beside it says what the KeyError means
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MOE_LORA"
+    assert "`import hf_moe_cl` before loading it with peft (without it peft raises `KeyError: 'MOE_LORA'`)" in (
+        tmp_path / "README.md").read_text()
 
 
 def test_a_folder_written_with_the_old_peft_type_name_loads(tmp_path, clip_inputs):
     model = moe_model(init_weights=False).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["peft_type"] = "MOE_LORA"
+    config["peft_type"] = "MOE_LORA (needs `import hf_moe_cl` before loading)"  # what 0.2 stored
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path).eval()
     model.set_task(1), loaded.set_task(1)

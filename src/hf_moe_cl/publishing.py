@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel
 from transformers import PreTrainedModel
 
@@ -20,6 +19,7 @@ from .continual.methods import ContinualMethod, method_for_model
 from .continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .files import atomic_folder
 from .tuners.moe_lora import find_moe
+from .tuners.moe_lora.card import hub_id
 
 def _as_method(method_or_model) -> ContinualMethod:
     return method_or_model if isinstance(method_or_model, ContinualMethod) else method_for_model(method_or_model)
@@ -40,17 +40,6 @@ def base_model_of(method: ContinualMethod) -> Optional[str]:
     if isinstance(model, PeftModel):
         return next(iter(model.peft_config.values())).base_model_name_or_path
     return getattr(model, "name_or_path", None) or None
-
-
-def _hub_id(name: Optional[str]) -> Optional[str]:
-    """`name` if it can be a Hub repo id (the card's `base_model` must be one), None for a local path."""
-    if not name or Path(name).exists():
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
 
 
 def task_records(method: ContinualMethod, result: Optional[ContinualResult] = None,
@@ -108,8 +97,9 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
     library, base = library_of(method), base_model or base_model_of(method)
     records = task_records(method, result, tasks)
     name = repo_id.split("/")[-1]
+    # no pipeline_tag: the Hub's zero-shot-image-classification widget and pipeline would load the base CLIP alone
     data = ModelCardData(
-        base_model=_hub_id(base), library_name=library, model_name=name, pipeline_tag="zero-shot-image-classification",
+        base_model=hub_id(base), library_name=library, model_name=name,
         tags=["hf-moe-cl", "continual-learning", "clip", method.name] + (["task-agnostic"] if method.selects_routes
                                                                          else []),
         eval_results=eval_results(result) if result is not None else None,

@@ -12,6 +12,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from transformers.activations import ACT2FN
 
 from ...files import check_json_file, check_safetensors_file
+from .card import tidy_peft_card
 from .peft_type import MOE_LORA
 from .selector import SelectorConfig
 
@@ -127,6 +128,11 @@ class MoELoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's config file; the README.md peft wrote beside it becomes a short card that says how to load."""
+        super().save_pretrained(save_directory, **kwargs)
+        tidy_peft_card(save_directory, self.base_model_name_or_path)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

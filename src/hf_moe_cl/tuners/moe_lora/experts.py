@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .layer import EXPERT_PARAMS
+from .layer import EXPERT_PARAMS, ROUTER_PARAMS
 
 
 class ExpertBookkeeping:
@@ -92,6 +92,20 @@ class ExpertBookkeeping:
             frozen_by = layer.moe_lora_frozen_by[adapter].tolist()
             result[name] = {e: t for e, t in enumerate(frozen_by) if t >= 0}
         return result
+
+    def frozen_parameter_count(self) -> int:
+        """How many elements of trainable (requires_grad) parameters are frozen slices: frozen experts and routers of
+        every adapter, which no optimizer step can change."""
+        frozen = 0
+        for layer in self.moe_layers().values():
+            for adapter in layer.moe_lora_frozen_by:
+                rows = {name: layer.moe_lora_frozen_by[adapter] >= 0 for name in EXPERT_PARAMS}
+                rows.update({name: layer.moe_lora_router_frozen[adapter] for name in ROUTER_PARAMS})
+                for name, frozen_rows in rows.items():
+                    param = getattr(layer, name).get(adapter) if adapter in getattr(layer, name) else None
+                    if param is not None and param.requires_grad:
+                        frozen += int(frozen_rows.sum()) * (param.numel() // param.shape[0])
+        return frozen
 
     def frozen_routers(self) -> list[int]:
         layers = list(self.moe_layers().values())

@@ -18,10 +18,12 @@ from .gating import NO_ROUTE, TaskRoute
 from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
 from .selector import DistributionSelector, SelectorConfig, legacy_selector_prefixes, stack_legacy_autoencoders
 
+# CLIPVisionModel / CLIPTextModel name their blocks `encoder.layers.N` (transformers 5) or
+# `vision_model.encoder.layers.N` / `text_model.encoder.layers.N` (transformers 4).
 TARGETS_BY_MODEL_TYPE = {
     "clip": CLIP_BLOCK_TARGETS,
-    "clip_vision_model": r".*vision_model\.encoder\.layers\.\d+",
-    "clip_text_model": r".*text_model\.encoder\.layers\.\d+",
+    "clip_vision_model": r"(.*vision_model\.)?encoder\.layers\.\d+",
+    "clip_text_model": r"(.*text_model\.)?encoder\.layers\.\d+",
 }
 
 TaskIds = Union[None, int, torch.Tensor]
@@ -115,8 +117,6 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
                 layer._route_hook = layer.register_forward_pre_hook(self._inject_route, with_kwargs=True)
         if getattr(self, "_task_ids_hook", None) is None:
             self._task_ids_hook = self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)
-        if config.selector is not None:
-            self._build_selector(adapter_name, SelectorConfig.from_dict(config.selector), config.num_tasks)
 
     # ----- routing -------------------------------------------------------------------------------------------------
     def _inject_route(self, module, args, kwargs):
@@ -204,6 +204,13 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
             yield
 
     # ----- DDAS selector (part of the adapter) ---------------------------------------------------------------------
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection (at creation, `add_adapter`, `load_adapter`), plus the adapter's DDAS selector."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.selector is not None:
+            self._build_selector(adapter_name, SelectorConfig.from_dict(config.selector), config.num_tasks)
+
     def _build_selector(self, adapter: str, settings: SelectorConfig, num_tasks: int) -> DistributionSelector:
         selector = DistributionSelector(settings, num_tasks)
         device = next(self.model.parameters()).device
@@ -211,6 +218,13 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
             self.add_module(SELECTOR_ATTRIBUTE, nn.ModuleDict())
         self._modules[SELECTOR_ATTRIBUTE][adapter] = selector.to(device)
         return selector
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's `delete_adapter`, and the adapter's DDAS selector with it."""
+        super().delete_adapter(adapter_name)
+        selectors = self._modules.get(SELECTOR_ATTRIBUTE)
+        if selectors is not None and adapter_name in selectors:
+            del selectors[adapter_name]
 
     def enable_selector(self, settings: Union[SelectorConfig, dict]) -> DistributionSelector:
         """Give the adapter a DDAS selector (untrained) with these settings; it is saved, pushed and loaded with the
@@ -247,6 +261,13 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         raise ValueError(
             "MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; "
             "keep the adapter, or call unload() to get the base model back."
+        )
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise ValueError(
+            "add_weighted_adapter is not supported by MoE-LoRA, because its experts are chosen per sample by task "
+            "routers: a weighted sum of two adapters' experts has no router that was trained to use it. Keep the "
+            "adapters separate and switch with set_adapter(), or route tasks with set_task() / task_ids."
         )
 
     @classmethod

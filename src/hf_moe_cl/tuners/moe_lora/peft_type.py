@@ -1,8 +1,9 @@
 """The peft type of MoE-LoRA.
 
 peft's `register_peft_method` only accepts names listed in its `PeftType` enum, which third-party methods cannot
-extend. peft itself only ever uses the peft type as a dictionary key (and `.value` in error messages), so a string
-that also answers `.value` is a complete stand-in for an enum member.
+extend. peft itself only uses the peft type as a dictionary key, `.value` in error messages and
+`str(peft_type).partition(".")[-1]` as its name (`get_model_status`), so a string that answers these like an enum
+member is a complete stand-in for one.
 """
 
 from __future__ import annotations
@@ -13,15 +14,21 @@ class ExternalPeftType(str):
 
     @property
     def value(self) -> str:
-        return str(self)
+        return str.__str__(self)
 
     @property
     def name(self) -> str:
-        return str(self)
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        # as str() of a PeftType member ("PeftType.LORA"), which peft splits at the dot
+        return f"PeftType.{self.value}"
 
 
-# The name is also the message peft shows when a folder is loaded before `import hf_moe_cl` registered it
-# (peft raises KeyError(peft_type)); "MOE_LORA", the name hf-moe-cl 0.1 saved, stays registered as an alias.
-MOE_LORA = ExternalPeftType("MOE_LORA (needs `import hf_moe_cl` before loading)")
-LEGACY_PEFT_TYPES = (ExternalPeftType("MOE_LORA"),)
+MOE_LORA = ExternalPeftType("MOE_LORA")
+# hf-moe-cl 0.2 stored this sentence as the type; folders saved with it still load.
+LEGACY_PEFT_TYPES = (ExternalPeftType("MOE_LORA (needs `import hf_moe_cl` before loading)"),)
 MOE_LORA_PREFIX = "moe_lora_"
+# What a user who loads an adapter without the library sees, in the card saved beside every adapter.
+IMPORT_HINT = ("This adapter is a MoE-LoRA adapter of hf-moe-cl: `import hf_moe_cl` before loading it with peft "
+               "(without it peft raises `KeyError: 'MOE_LORA'`).")

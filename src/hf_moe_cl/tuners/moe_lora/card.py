@@ -1,0 +1,57 @@
+"""The README.md saved beside every MoE-LoRA adapter: peft's metadata, and how to load it instead of peft's template.
+
+peft writes its generic template (with a local `base_model` path when the base was loaded from disk) before the
+adapter config; `MoELoraConfig.save_pretrained` then replaces the template's text with this short card. A card the
+user wrote (`publishing.model_card`) is replaced by the publishing code afterwards, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import ModelCard
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .peft_type import IMPORT_HINT
+
+PEFT_TEMPLATE_MARK = "<!-- Provide a quick summary of what the model is/does. -->"
+
+
+def hub_id(name: Optional[str]) -> Optional[str]:
+    """`name` if it can be a Hub repo id (a card's `base_model` must be one), None for a local path."""
+    if not name or Path(name).exists() or os.path.isabs(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def adapter_card_text(base: Optional[str]) -> str:
+    base_line = f'CLIPModel.from_pretrained("{base}")' if hub_id(base) else "CLIPModel.from_pretrained(<base CLIP>)"
+    return (f"# MoE-LoRA adapter (hf-moe-cl)\n\n{IMPORT_HINT}\n\n```python\nimport hf_moe_cl  # registers MoE-LoRA "
+            f"with peft\nfrom peft import PeftModel\nfrom transformers import CLIPModel\n\nmodel = "
+            f'PeftModel.from_pretrained({base_line}, "<this folder or repo>")\nmodel.set_task(0)  # or task_ids=..., '
+            "or hf_moe_cl.TaskAgnosticClassifier\n```\n")
+
+
+def tidy_peft_card(folder: str, base: Optional[str]) -> None:
+    """Replace peft's template in `folder`/README.md by the adapter card; drop a `base_model` (and its tag) that is a
+    local path."""
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return
+    card = ModelCard.load(path)
+    if PEFT_TEMPLATE_MARK not in card.text:
+        return
+    versions = card.text[card.text.find("### Framework versions"):] if "### Framework versions" in card.text else ""
+    if card.data.get("base_model") is not None and hub_id(card.data.get("base_model")) is None:
+        card.data.base_model = None
+    tags = [tag for tag in card.data.get("tags") or []
+            if not tag.startswith("base_model:") or hub_id(tag.rsplit(":", 1)[-1])]
+    card.data.tags = sorted(set(tags) | {"hf-moe-cl", "moe-lora"})
+    card.text = adapter_card_text(base) + ("\n" + versions if versions else "")
+    card.save(path)
