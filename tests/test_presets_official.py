@@ -88,8 +88,8 @@ def test_mtil_presets_are_the_official_runs(recipes):
     official = recipes["mtil"]
     for name, tasks, steps, shots, threshold in (
             ("mtil-order-1", MTIL_ORDER_I, 1000, None, 0.0655), ("mtil-order-2", MTIL_ORDER_II, 1000, None, 0.0655),
-            ("fewshot-mtil-order-1", MTIL_ORDER_I, 500, 5, 0.0585),
-            ("fewshot-mtil-order-2", MTIL_ORDER_II, 500, 5, 0.0585)):
+            ("fewshot-mtil-order-1", MTIL_ORDER_I, 500, 5, 0.06),
+            ("fewshot-mtil-order-2", MTIL_ORDER_II, 500, 5, 0.06)):
         preset = PRESETS[name]
         assert isinstance(preset, MTILPreset) and list(preset.tasks) == tasks
         assert preset.steps_per_task == official["iterations_per_task"]["few_shot" if shots else "full_shot"] == steps

@@ -215,7 +215,8 @@ class MTILPreset:
     label_smoothing: float = 0.2
     warmup_steps: int = 100
     ddas: bool = True  # route every evaluation batch through DDAS, as the paper's tables
-    ddas_threshold: Optional[float] = 0.0655
+    ddas_threshold: Optional[float] = 0.0655  # Full_Shot_order1.sh line 10; few-shot: Few_Shot_order1_test.sh line 10
+    ddas_learning_rate: float = 0.01  # AutoEncoder.py line 180; few-shot: few_shot_AutoEncoder.py line 211 (0.003)
     eval_batch_size: int = 128
     from_assets: bool = False  # the offline stand-in: mini tasks from the shared assets
 
@@ -252,8 +253,10 @@ class ClassIncrementalPreset:
 PRESETS: dict[str, Union[MTILPreset, ClassIncrementalPreset]] = {preset.name: preset for preset in (
     MTILPreset("mtil-order-1", tuple(MTIL_ORDER_I), 1000),
     MTILPreset("mtil-order-2", tuple(MTIL_ORDER_II), 1000),
-    MTILPreset("fewshot-mtil-order-1", tuple(MTIL_ORDER_I), 500, shots=5, ddas_threshold=0.0585),
-    MTILPreset("fewshot-mtil-order-2", tuple(MTIL_ORDER_II), 500, shots=5, ddas_threshold=0.0585),
+    MTILPreset("fewshot-mtil-order-1", tuple(MTIL_ORDER_I), 500, shots=5, ddas_threshold=0.06,
+               ddas_learning_rate=0.003),
+    MTILPreset("fewshot-mtil-order-2", tuple(MTIL_ORDER_II), 500, shots=5, ddas_threshold=0.06,
+               ddas_learning_rate=0.003),
     ClassIncrementalPreset("cifar100-cil-10", 10, 10),
     ClassIncrementalPreset("cifar100-cil-20", 5, 5),
     ClassIncrementalPreset("cifar100-cil-50", 2, 2),
@@ -291,12 +294,14 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
     spec = MTIL_DATASETS[name]
     train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(name, hub),
                               cache_dir=cache_dir)
+    whole = train
     if few_shot:
-        train = few_shot_subset(train, few_shot, seed)
+        train = few_shot_subset(whole, few_shot, seed)
     rates = dict(spec.learning_rates)
     rates["moe-adapters"] = rates["moe-adapters-few-shot" if few_shot else "moe-adapters"]
     return ContinualTask(name=name, train_dataset=train, eval_dataset=test, classnames=list(spec.classnames),
-                         templates=list(spec.templates), official_learning_rates=rates)
+                         templates=list(spec.templates), official_learning_rates=rates,
+                         full_train_dataset=whole if few_shot else None)
 
 
 def hub_task(name: str, hub_id: Optional[str] = None, few_shot: Optional[int] = None, seed: int = 0,

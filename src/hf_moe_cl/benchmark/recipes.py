@@ -18,6 +18,11 @@ logger = logging.getLogger("hf_moe_cl")
 
 # The reference distribution of DDAS in the paper: Tiny ImageNet's training images (a parquet copy on the Hub).
 TINY_IMAGENET = "zh-plus/tiny-imagenet"
+# The official DDAS chooser training (MoE-Adapters4CL mtil/src/models/AutoEncoder.py, few_shot_AutoEncoder.py and
+# scripts/train/train_{full,few}_shot_router11_experts22_1000iters.sh): Adam weight decay 1e-4 (lines 160 / 192),
+# batch 64 (args.py --batch-size default; few-shot DataLoader(batch_size=64) line 189), --iterations 1000 for the
+# reference (line 27 / 26) and 300 per task (line 43 / 44), each run as iterations + 1.
+OFFICIAL_DDAS = {"weight_decay": 1e-4, "batch_size": 64, "reference_steps": 1000, "task_steps": 300}
 
 
 def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dict[type, dict[str, Any]]:
@@ -35,8 +40,12 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
             DDASArguments: dict(ddas=False),
         }
     ddas = dict(ddas=preset.ddas)
-    if preset.ddas:  # the paper's selector: AlexNet features, a fixed threshold
-        ddas.update(ddas_feature_extractor="alexnet", ddas_threshold=preset.ddas_threshold)
+    if preset.ddas:  # the paper's selector: AlexNet features, a fixed threshold, the official training
+        ddas.update(ddas_feature_extractor="alexnet", ddas_threshold=preset.ddas_threshold, ddas_training="official",
+                    ddas_learning_rate=preset.ddas_learning_rate, ddas_weight_decay=OFFICIAL_DDAS["weight_decay"],
+                    ddas_batch_size=OFFICIAL_DDAS["batch_size"], ddas_reference_steps=OFFICIAL_DDAS["reference_steps"],
+                    ddas_task_steps=OFFICIAL_DDAS["task_steps"], ddas_include_untrained=True,
+                    ddas_reference_shots=preset.shots, ddas_augment_once=preset.shots is not None)
     return {
         ContinualTrainingArguments: dict(
             max_steps=preset.steps_per_task, per_device_train_batch_size=preset.batch_size,

@@ -29,7 +29,7 @@ from .checkpoints import (
     update_progress,
 )
 from .arguments import ContinualTrainingArguments
-from .data import ImageClassificationCollator, RandomResizedCrop
+from .data import ImageClassificationCollator, training_augmentation
 from .evaluation import evaluate_task
 from .methods import ContinualMethod, method_for_model
 from .result import MATRIX_KINDS, ContinualResult
@@ -375,9 +375,8 @@ class ContinualTrainer(Trainer):
         if self.args.train_augmentation in (None, "none"):
             return super().get_train_dataloader()
         evaluation_collator = self.data_collator
-        crop = self.processing_class.image_processor.crop_size
-        self.data_collator = ImageClassificationCollator(evaluation_collator.image_processor,
-                                                         RandomResizedCrop(crop["height"], scale=(0.9, 1.0)))
+        self.data_collator = ImageClassificationCollator(evaluation_collator.image_processor, training_augmentation(
+            evaluation_collator.image_processor, self.args.train_augmentation))
         try:
             return super().get_train_dataloader()
         finally:

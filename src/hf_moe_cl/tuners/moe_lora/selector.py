@@ -33,6 +33,7 @@ class SelectorConfig:
     standardize: bool = True
     feature_extractor: str = "clip"
     feature_layer: Optional[int] = None
+    include_untrained: bool = False  # official: the argmin also runs over task autoencoders not trained yet
 
     def __post_init__(self):
         for name in ("feature_dim", "hidden_dim"):
@@ -193,13 +194,32 @@ class DistributionSelector(nn.Module):
         self.trained[task + 1] = True
         return threshold
 
+    def set_autoencoder(self, task: Optional[int], autoencoder: FeatureAutoencoder,
+                        threshold: Optional[float] = None) -> None:
+        """Take the weights of an autoencoder trained elsewhere (e.g. the official DDAS loop) as the reference's
+        (`task=None`) or task `task`'s, with that task's threshold; marks it trained."""
+        if task is not None and not 0 <= task < self.num_tasks:
+            raise ValueError(f"Task id {task} is out of range: the selector has {self.num_tasks} task autoencoders.")
+        if task is not None and (threshold is None or not threshold > 0):
+            raise ValueError(f"A task autoencoder needs a positive threshold, got {threshold!r}.")
+        if task is not None and not self.has_reference:
+            raise ValueError("Set the reference autoencoder first: the decision compares to it.")
+        slot = self.reference if task is None else self.tasks[task]
+        slot.load_state_dict(autoencoder.state_dict())  # refuses another shape with its own message
+        if task is None:
+            self.trained[0] = True
+        else:
+            self.thresholds[task] = threshold
+            self.trained[task + 1] = True
+
     # ----- decisions -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruction_errors(self, features: torch.Tensor) -> torch.Tensor:
-        """(batch, 1 + tasks) errors: column 0 the reference, then each task; untrained ones are +inf."""
+        """(batch, 1 + tasks) errors: column 0 the reference, then each task; untrained ones are +inf unless
+        `include_untrained` (the official code compares the randomly initialised ones too)."""
         features = self._normalise(features)
         errors = torch.stack([self.reference.errors(features)] + [ae.errors(features) for ae in self.tasks], dim=-1)
-        return errors.masked_fill(~self.trained, math.inf)
+        return errors if self.config.include_untrained else errors.masked_fill(~self.trained, math.inf)
 
     def _decide(self, errors: torch.Tensor) -> torch.Tensor:
         best = errors.argmin(-1)
