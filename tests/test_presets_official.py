@@ -109,7 +109,9 @@ def test_cifar100_class_incremental_presets_are_the_official_recipe(recipes):
         assert preset.initial_increment == preset.increment == increment in official["initial_increment_and_increment"]
         assert preset.num_steps == steps
         assert (preset.epochs_per_step, preset.batch_size, preset.learning_rate) == (
-            official["epochs_per_step"], official["batch_size"], official["lr"])
+            official["epochs_per_step"], official["batch_size_by_increment"][str(increment)], official["lr"])
+        assert preset.batch_size == (64 if increment == 2 else 128)  # cifar100_2-2-MoE-Adapters.yaml line 20
+        assert preset.noisy_gating_eval  # cil/clip/model.py lines 15, 288, 422
         assert (preset.label_smoothing, preset.warmup_steps, preset.weight_decay, preset.template) == (
             official["label_smoothing"], official["warmup_iterations"], official["weight_decay"],
             official["prompt_template"])

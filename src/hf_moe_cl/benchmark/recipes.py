@@ -36,7 +36,7 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
                 warmup_steps=preset.warmup_steps, weight_decay=preset.weight_decay, evaluate_all_tasks=False,
                 task_agnostic_eval=False),
             MoEAdaptersArguments: dict(num_experts=preset.num_experts, top_k=preset.top_k, shared_router=True,
-                                       freeze_experts_per_task=0),
+                                       freeze_experts_per_task=0, noisy_gating_eval=preset.noisy_gating_eval),
             DDASArguments: dict(ddas=False),
         }
     ddas = dict(ddas=preset.ddas)

@@ -252,7 +252,7 @@ class MoELoraLayer(BaseTunerLayer):
             gate,
             noise,
             top_k=options.top_k,
-            noisy=options.noisy_gating and self.training,
+            noisy=options.noisy_gating and (self.training or options.noisy_gating_eval),
             noise_epsilon=options.noise_epsilon,
             with_balance_loss=self.training and options.load_balancing_coef > 0,
         )
