@@ -154,7 +154,8 @@ def main(argv: Optional[list[str]] = None):
     setup_logging(training)
     experiment, method_args, moe_args, ddas_args, lora_args, condu_args = groups
     preset = get_preset(experiment.preset)
-    moe_args, ddas_args, training = apply_recipe(preset, (moe_args, ddas_args, training), explicit)
+    moe_args, ddas_args, condu_args, training = apply_recipe(preset, (moe_args, ddas_args, condu_args, training),
+                                                             explicit)
     names = experiment.tasks.split(",") if experiment.tasks else None
     hub_ids = dict(item.split("=", 1) for item in experiment.dataset_ids.split(",")) if experiment.dataset_ids else None
     if experiment.check_data:

@@ -26,3 +26,43 @@ def test_noisy_gating_eval_keeps_the_router_noise_on_in_evaluation(clip_inputs):
 def test_class_incremental_presets_keep_the_noise_on_in_evaluation():
     for name in ("cifar100-cil-10", "cifar100-cil-20", "cifar100-cil-50"):
         assert preset_recipe(name)[MoEAdaptersArguments]["noisy_gating_eval"] is True
+
+
+def test_condu_first_cell_is_the_pretrained_model_as_the_official_evaluation(tmp_path, module_processor):
+    """ConDU evaluation.py lines 101 and 128: session 0 loads no task model, so (0, 0) is the pretrained model's."""
+    from hf_moe_cl.continual import ContinualTrainer
+    from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+
+    from conftest import colour_task, continual_args, tiny_clip
+
+    results = {}
+    for first_cell in ("task", "pretrained"):
+        method = ConDU(tiny_clip(), ConDUArguments(condu_first_cell=first_cell, condu_prototype_images="plain"), rank=4)
+        args = continual_args(tmp_path / first_cell, max_steps=3, learning_rate=5e-2, seed=5)
+        trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+        task = colour_task("first", seed=0)
+        zero_shot = trainer._pretrained_accuracies([task])
+        results[first_cell] = (trainer.train_tasks([task]).accuracy_matrix[0][0], zero_shot)
+    assert results["pretrained"][1] == {0: results["pretrained"][0]}  # the cell is the pretrained accuracy
+    assert results["task"][1] == {}  # the task's own model: the pretrained one is not even measured
+    assert ConDU(tiny_clip(), ConDUArguments(condu_first_cell="pretrained"), rank=4).cell_route(1, 0) == 0
+
+
+def test_condu_prototypes_average_the_whole_augmented_training_set(tmp_path, module_processor, monkeypatch):
+    """few_shot_finetune.py lines 181-197: prototypes over `dataset.train_loader` (train_preprocess, every image)."""
+    from hf_moe_cl.continual import ContinualTrainer
+    from hf_moe_cl.continual.data import RandomResizedCrop
+    from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+    from hf_moe_cl.data.splits import few_shot_subset
+
+    from conftest import colour_task, continual_args, tiny_clip
+
+    task = colour_task("first", seed=0)
+    task.full_train_dataset, task.train_dataset = task.train_dataset, few_shot_subset(task.train_dataset, 1, 42)
+    method = ConDU(tiny_clip(), ConDUArguments(), rank=4)
+    trainer = ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=1), processing_class=module_processor)
+    loader = method._prototype_loader(trainer, task)
+    assert len(loader.dataset) == len(task.full_train_dataset) > len(task.train_dataset)
+    assert isinstance(loader.collate_fn.augment, RandomResizedCrop)
+    plain = ConDU(tiny_clip(), ConDUArguments(condu_prototype_images="plain"), rank=4)._prototype_loader(trainer, task)
+    assert len(plain.dataset) == len(task.train_dataset) and plain.collate_fn.augment is None

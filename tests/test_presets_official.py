@@ -82,6 +82,9 @@ def test_orders_and_learning_rates_are_the_official_scripts(recipes):
     # zhangzicong518/ConDU scripts/MTIL_LoRA.sh and scripts/MTIL_FT.sh, datasets in Order I
     assert rates("condu-lora") == [1e-3, 5e-4, 2e-3, 2e-3, 1.5e-4, 1e-5, 2e-3, 1e-3, 1.5e-4, 2e-3, 1.5e-3]
     assert rates("condu-full") == [5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5, 1e-5]
+    # scripts/fewshot_MTIL_LoRA.sh and scripts/fewshot_MTIL_FT.sh line 8
+    assert rates("condu-lora-few-shot") == [3e-3, 8e-4, 1.5e-3, 2e-3, 3e-4, 1e-5, 2e-3, 2.5e-3, 3e-4, 2e-3, 2e-3]
+    assert rates("condu-full-few-shot") == [5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5]
 
 
 def test_mtil_presets_are_the_official_runs(recipes):

@@ -25,7 +25,8 @@ from .continual.tasks import ContinualTask
 from .data.sources import load_splits
 from .data.splits import few_shot_subset
 
-RECIPES = ("moe-adapters", "moe-adapters-few-shot", "condu-lora", "condu-full")
+RECIPES = ("moe-adapters", "moe-adapters-few-shot", "condu-lora", "condu-full", "condu-lora-few-shot",
+           "condu-full-few-shot")
 # The official re-split: torch.utils.data.random_split of the whole dataset into [int(0.8 * n), n - int(0.8 * n)]
 # with torch.Generator().manual_seed(42) (train fraction, seed).
 RANDOM_SPLIT = (0.8, 42)
@@ -100,13 +101,16 @@ CARS_TEMPLATES = ("a photo of a {}, a type of car.", "a photo of a {}.", "a phot
                   "i love my {}!", "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
                   "a photo of my old {}.")
 
-# Per dataset: MoE-Adapters full-shot and few-shot (official Order-I scripts), ConDU LoRA and full fine-tuning
-# (zhangzicong518/ConDU scripts/MTIL_LoRA.sh and MTIL_FT.sh; their 12th entry is unused).
+# Per dataset, as RECIPES: MoE-Adapters full-shot and few-shot (official Order-I scripts), ConDU LoRA and full
+# fine-tuning, full-shot and few-shot (zhangzicong518/ConDU scripts/MTIL_LoRA.sh, MTIL_FT.sh, fewshot_MTIL_LoRA.sh,
+# fewshot_MTIL_FT.sh line 8; their 12th entry is unused).
 _RATES = {
-    "aircraft": (5e-3, 8e-3, 1e-3, 5e-5), "caltech101": (1e-3, 5e-4, 5e-4, 1e-5), "cifar100": (5e-3, 2e-4, 2e-3, 1e-5),
-    "dtd": (1e-3, 5e-3, 2e-3, 1e-5), "eurosat": (1e-4, 1e-3, 1.5e-4, 1e-5), "flowers": (1e-3, 1e-3, 1e-5, 1e-5),
-    "food": (1e-3, 1e-2, 2e-3, 1e-5), "mnist": (1e-4, 1e-4, 1e-3, 5e-5), "oxford_pet": (1e-3, 1e-2, 1.5e-4, 1e-5),
-    "stanford_cars": (1e-3, 1e-2, 2e-3, 1e-5), "sun397": (1e-3, 1e-2, 1.5e-3, 1e-5),
+    "aircraft": (5e-3, 8e-3, 1e-3, 5e-5, 3e-3, 5e-5), "caltech101": (1e-3, 5e-4, 5e-4, 1e-5, 8e-4, 1e-5),
+    "cifar100": (5e-3, 2e-4, 2e-3, 1e-5, 1.5e-3, 1e-5), "dtd": (1e-3, 5e-3, 2e-3, 1e-5, 2e-3, 1e-5),
+    "eurosat": (1e-4, 1e-3, 1.5e-4, 1e-5, 3e-4, 1e-5), "flowers": (1e-3, 1e-3, 1e-5, 1e-5, 1e-5, 1e-5),
+    "food": (1e-3, 1e-2, 2e-3, 1e-5, 2e-3, 1e-5), "mnist": (1e-4, 1e-4, 1e-3, 5e-5, 2.5e-3, 1e-5),
+    "oxford_pet": (1e-3, 1e-2, 1.5e-4, 1e-5, 3e-4, 5e-5), "stanford_cars": (1e-3, 1e-2, 2e-3, 1e-5, 2e-3, 1e-5),
+    "sun397": (1e-3, 1e-2, 1.5e-3, 1e-5, 2e-3, 1e-5),
 }
 
 
@@ -286,7 +290,7 @@ def hub_source(name: str, hub: Union[None, str, HubSource] = None) -> HubSource:
 def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Union[None, str, HubSource] = None,
               few_shot: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None) -> ContinualTask:
     """One MTIL dataset as the official code builds it: official class names and templates, its split rule, and the
-    official learning rates per recipe (the few-shot ones under "moe-adapters" when `few_shot` is set).
+    official learning rates per recipe (with `few_shot`, the few-shot ones under each method's recipe name).
 
     Read from torchvision folders under `data_dir` if given, else from the Hub copy `hub` (default: the spec's).
     """
@@ -299,7 +303,9 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
     if few_shot:
         train = few_shot_subset(whole, few_shot, seed)
     rates = dict(spec.learning_rates)
-    rates["moe-adapters"] = rates["moe-adapters-few-shot" if few_shot else "moe-adapters"]
+    if few_shot:  # each method's few-shot rates under its own recipe name
+        for recipe in ("moe-adapters", "condu-lora", "condu-full"):
+            rates[recipe] = rates[f"{recipe}-few-shot"]
     return ContinualTask(name=name, train_dataset=train, eval_dataset=test, classnames=list(spec.classnames),
                          templates=list(spec.templates), official_learning_rates=rates,
                          full_train_dataset=whole if few_shot else None)

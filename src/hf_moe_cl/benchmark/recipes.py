@@ -1,7 +1,7 @@
 """A preset's official training recipe as argument values, applied wherever the user did not set the argument.
 
 The facts come from `hf_moe_cl.presets` (read from the official code); this module only says which argument of
-`ContinualTrainingArguments`, `MoEAdaptersArguments` or `DDASArguments` each fact sets.
+`ContinualTrainingArguments`, `MoEAdaptersArguments`, `DDASArguments` or `ConDUArguments` each fact sets.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 from typing import Any, Iterable, Union
 
 from ..continual import ContinualTrainingArguments
-from ..continual.methods import DDASArguments, MoEAdaptersArguments
+from ..continual.methods import ConDUArguments, DDASArguments, MoEAdaptersArguments
 from ..presets import ClassIncrementalPreset, MTILPreset, get_preset
 
 logger = logging.getLogger("hf_moe_cl")
@@ -52,6 +52,7 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
             label_smoothing_factor=preset.label_smoothing, warmup_steps=preset.warmup_steps,
             per_device_eval_batch_size=preset.eval_batch_size),
         DDASArguments: ddas,
+        ConDUArguments: dict(condu_first_cell="pretrained"),  # ConDU evaluation.py lines 101 and 128
     }
 
 

@@ -196,7 +196,7 @@ class ContinualTrainer(Trainer):
             elif j < index and method.task_models_are_final:
                 row.append(matrices["oracle"][j][j])
             else:
-                route = method.task_route(j) if j <= index else method.unseen_route(index)
+                route = method.cell_route(index, j)
                 if route == ZERO_SHOT:
                     row.append(pretrained[j])
                 elif route is None:
@@ -222,10 +222,10 @@ class ContinualTrainer(Trainer):
         """Accuracy of the method's model for no learned task (-1) on every task that some cell evaluates with it,
         measured before any training: that model never changes."""
         method, last = self.method, len(tasks) - 1
-        needed = {j for j in range(len(tasks)) if method.task_route(j) == ZERO_SHOT}
+        needed = {j for j in range(len(tasks)) if method.cell_route(j, j) == ZERO_SHOT}
         if self.args.evaluate_all_tasks:
             needed |= {j for i in range(last) for j in range(i + 1, len(tasks))
-                       if method.unseen_route(i) == ZERO_SHOT}
+                       if method.cell_route(i, j) == ZERO_SHOT}
         classifier = self.classifier()
         return {j: evaluate_task(self, method, classifier, tasks[j], "oracle", ZERO_SHOT)[0] for j in sorted(needed)}
 
