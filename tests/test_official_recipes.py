@@ -66,3 +66,44 @@ def test_condu_prototypes_average_the_whole_augmented_training_set(tmp_path, mod
     assert isinstance(loader.collate_fn.augment, RandomResizedCrop)
     plain = ConDU(tiny_clip(), ConDUArguments(condu_prototype_images="plain"), rank=4)._prototype_loader(trainer, task)
     assert len(plain.dataset) == len(task.train_dataset) and plain.collate_fn.augment is None
+
+
+def test_presets_keep_the_official_global_batch_over_several_processes():
+    from hf_moe_cl.benchmark.recipes import per_device_batch
+
+    assert [per_device_batch(64, n) for n in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    assert per_device_batch(128, 4) == 32
+    import pytest
+
+    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+        per_device_batch(64, 3)
+
+
+def test_apply_recipe_splits_the_batch_over_the_world_size_unless_the_user_set_it(tmp_path, monkeypatch):
+    from hf_moe_cl.benchmark.recipes import apply_recipe
+    from hf_moe_cl.continual import ContinualTrainingArguments
+
+    monkeypatch.setattr(ContinualTrainingArguments, "world_size", property(lambda self: 4))
+    training = ContinualTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    (resolved,) = apply_recipe("mtil-order-1", [training], explicit=set())
+    assert resolved.per_device_train_batch_size == 16
+    training = ContinualTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                          per_device_train_batch_size=64)
+    (resolved,) = apply_recipe("mtil-order-1", [training], explicit={"per_device_train_batch_size"})
+    assert resolved.per_device_train_batch_size == 64  # the user's own choice: 64 per device, 256 in all
+
+
+def test_print_recipe_prints_every_resolved_argument_as_json(capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import mtil
+
+    mtil.main(["--preset", "fewshot-mtil-order-1", "--print_recipe", "--ddas_threshold", "0.0585"])
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["ddas_threshold"] == 0.0585  # yours wins
+    assert (resolved["ddas_learning_rate"], resolved["ddas_reference_shots"], resolved["max_steps"]) == (0.003, 5, 500)
+    assert (resolved["per_device_train_batch_size"], resolved["condu_first_cell"]) == (64, "pretrained")
+    assert {"learning_rate", "num_experts", "condu_fine_tune", "method", "preset"} <= set(resolved)

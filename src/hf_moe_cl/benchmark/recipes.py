@@ -56,9 +56,20 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
     }
 
 
+def per_device_batch(global_batch: int, processes: int) -> int:
+    """The official global batch split over `processes` (the official code keeps it across GPUs with DataParallel;
+    `accelerate launch` multiplies the per-device batch by the number of processes)."""
+    if global_batch % processes:
+        raise ValueError(f"The preset's global batch {global_batch} does not divide over {processes} processes: "
+                         f"launch a number of processes that divides it, or give --per_device_train_batch_size "
+                         f"yourself (the global batch is then that times {processes}).")
+    return global_batch // processes
+
+
 def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
     """`arguments` (parsed dataclasses) with the preset's recipe applied to every field not in `explicit` (the
-    fields the user set); returns them in the same order."""
+    fields the user set); returns them in the same order. The training batch is the official global one, split
+    over the processes (`per_device_batch`) unless the user set `per_device_train_batch_size`."""
     recipe = preset_recipe(preset)
     updated = []
     for argument in arguments:
@@ -70,6 +81,9 @@ def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
             logger.info("Preset %s: keeping your %s instead of the official value(s).", get_preset(preset).name,
                         ", ".join(kept))
         if values and isinstance(argument, ContinualTrainingArguments):
+            if "per_device_train_batch_size" in values:
+                values["per_device_train_batch_size"] = per_device_batch(values["per_device_train_batch_size"],
+                                                                         argument.world_size)
             for name, value in values.items():  # TrainingArguments derive state in __post_init__: set in place
                 setattr(argument, name, value)
             updated.append(argument)
