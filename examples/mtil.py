@@ -204,7 +204,7 @@ def main(argv: Optional[list[str]] = None):
                             private=bool(training.hub_private_repo), dry_run_dir=experiment.hub_dry_run_dir,
                             base_model=None if Path(model_path).exists() else model_path)
         logger.info("Published to %s", where)
-    print(json.dumps({"method": method_args.method, "metrics": metrics}))
+    print(json.dumps({"method": method_args.method, "headline_matrix": result.headline, "metrics": metrics}))
 
 
 if __name__ == "__main__":

@@ -107,3 +107,15 @@ def test_print_recipe_prints_every_resolved_argument_as_json(capsys):
     assert (resolved["ddas_learning_rate"], resolved["ddas_reference_shots"], resolved["max_steps"]) == (0.003, 5, 500)
     assert (resolved["per_device_train_batch_size"], resolved["condu_first_cell"]) == (64, "pretrained")
     assert {"learning_rate", "num_experts", "condu_fine_tune", "method", "preset"} <= set(resolved)
+
+
+def test_result_metrics_come_from_the_protocol_matrix_when_the_run_has_one():
+    from hf_moe_cl.benchmark.metrics import mtil_metrics
+    from hf_moe_cl.continual.result import ContinualResult
+
+    oracle = [[80.0, 10.0], [70.0, 90.0]]
+    protocol = [[60.0, 20.0], [50.0, 40.0]]
+    with_protocol = ContinualResult(["a", "b"], {"oracle": oracle, "protocol": protocol})
+    assert with_protocol.headline == "protocol" and with_protocol.metrics == mtil_metrics(protocol)
+    without = ContinualResult(["a", "b"], {"oracle": oracle})
+    assert without.headline == "oracle" and without.metrics == mtil_metrics(oracle)
