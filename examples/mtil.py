@@ -14,6 +14,7 @@ last finished one). `--help` lists this script's options; `--help_all` adds ever
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -69,6 +70,9 @@ class ExperimentArguments:
         default=False, metadata={"help": "Only check the preset's data (splits, sizes, classes) and print a table."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue after the last finished task in output_dir."})
+    print_recipe: bool = field(
+        default=False, metadata={"help": "Print every resolved argument (preset + yours) as one JSON object, and exit."}
+    )
     ddas_reference: Optional[str] = field(
         default=None,
         metadata={"help": f"DDAS reference images: a saved dataset folder or a Hub dataset id with an image column "
@@ -154,7 +158,14 @@ def main(argv: Optional[list[str]] = None):
     setup_logging(training)
     experiment, method_args, moe_args, ddas_args, lora_args, condu_args = groups
     preset = get_preset(experiment.preset)
-    moe_args, ddas_args, training = apply_recipe(preset, (moe_args, ddas_args, training), explicit)
+    moe_args, ddas_args, condu_args, training = apply_recipe(preset, (moe_args, ddas_args, condu_args, training),
+                                                             explicit)
+    if experiment.print_recipe:
+        resolved = {}
+        for group in (experiment, method_args, moe_args, ddas_args, lora_args, condu_args):
+            resolved.update(dataclasses.asdict(group))
+        print(json.dumps({**resolved, **training.to_dict()}, indent=1, default=str))
+        return
     names = experiment.tasks.split(",") if experiment.tasks else None
     hub_ids = dict(item.split("=", 1) for item in experiment.dataset_ids.split(",")) if experiment.dataset_ids else None
     if experiment.check_data:
@@ -193,7 +204,7 @@ def main(argv: Optional[list[str]] = None):
                             private=bool(training.hub_private_repo), dry_run_dir=experiment.hub_dry_run_dir,
                             base_model=None if Path(model_path).exists() else model_path)
         logger.info("Published to %s", where)
-    print(json.dumps({"method": method_args.method, "metrics": metrics}))
+    print(json.dumps({"method": method_args.method, "headline_matrix": result.headline, "metrics": metrics}))
 
 
 if __name__ == "__main__":

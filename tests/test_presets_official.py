@@ -82,14 +82,17 @@ def test_orders_and_learning_rates_are_the_official_scripts(recipes):
     # zhangzicong518/ConDU scripts/MTIL_LoRA.sh and scripts/MTIL_FT.sh, datasets in Order I
     assert rates("condu-lora") == [1e-3, 5e-4, 2e-3, 2e-3, 1.5e-4, 1e-5, 2e-3, 1e-3, 1.5e-4, 2e-3, 1.5e-3]
     assert rates("condu-full") == [5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5, 1e-5]
+    # scripts/fewshot_MTIL_LoRA.sh and scripts/fewshot_MTIL_FT.sh line 8
+    assert rates("condu-lora-few-shot") == [3e-3, 8e-4, 1.5e-3, 2e-3, 3e-4, 1e-5, 2e-3, 2.5e-3, 3e-4, 2e-3, 2e-3]
+    assert rates("condu-full-few-shot") == [5e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 5e-5, 1e-5, 1e-5]
 
 
 def test_mtil_presets_are_the_official_runs(recipes):
     official = recipes["mtil"]
     for name, tasks, steps, shots, threshold in (
             ("mtil-order-1", MTIL_ORDER_I, 1000, None, 0.0655), ("mtil-order-2", MTIL_ORDER_II, 1000, None, 0.0655),
-            ("fewshot-mtil-order-1", MTIL_ORDER_I, 500, 5, 0.0585),
-            ("fewshot-mtil-order-2", MTIL_ORDER_II, 500, 5, 0.0585)):
+            ("fewshot-mtil-order-1", MTIL_ORDER_I, 500, 5, 0.06),
+            ("fewshot-mtil-order-2", MTIL_ORDER_II, 500, 5, 0.06)):
         preset = PRESETS[name]
         assert isinstance(preset, MTILPreset) and list(preset.tasks) == tasks
         assert preset.steps_per_task == official["iterations_per_task"]["few_shot" if shots else "full_shot"] == steps
@@ -109,7 +112,9 @@ def test_cifar100_class_incremental_presets_are_the_official_recipe(recipes):
         assert preset.initial_increment == preset.increment == increment in official["initial_increment_and_increment"]
         assert preset.num_steps == steps
         assert (preset.epochs_per_step, preset.batch_size, preset.learning_rate) == (
-            official["epochs_per_step"], official["batch_size"], official["lr"])
+            official["epochs_per_step"], official["batch_size_by_increment"][str(increment)], official["lr"])
+        assert preset.batch_size == (64 if increment == 2 else 128)  # cifar100_2-2-MoE-Adapters.yaml line 20
+        assert preset.noisy_gating_eval  # cil/clip/model.py lines 15, 288, 422
         assert (preset.label_smoothing, preset.warmup_steps, preset.weight_decay, preset.template) == (
             official["label_smoothing"], official["warmup_iterations"], official["weight_decay"],
             official["prompt_template"])

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from datasets import Dataset
 from PIL import Image
 
@@ -155,3 +156,13 @@ def test_class_incremental_steps_grow_the_label_space():
     assert steps[2].classnames[:4] == steps[1].classnames
     with pytest.raises(ValueError, match="cannot be split"):
         class_incremental_tasks(train, test, names, steps=4)
+
+
+def test_few_shot_subset_is_the_first_shots_of_each_class_in_one_seeded_shuffle():
+    data = labelled([0] * 10 + [1] * 3 + [2] * 7)
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(42)).tolist()
+    expected = sorted([i for i in order if data[i]["label"] == 0][:5] + [i for i in order if data[i]["label"] == 1]
+                      + [i for i in order if data[i]["label"] == 2][:5])
+    assert few_shot_subset(data, shots=5, seed=42)["label"] == [data[i]["label"] for i in expected]
+    with pytest.raises(ValueError, match="positive"):
+        few_shot_subset(data, shots=0)

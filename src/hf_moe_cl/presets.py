@@ -25,7 +25,8 @@ from .continual.tasks import ContinualTask
 from .data.sources import load_splits
 from .data.splits import few_shot_subset
 
-RECIPES = ("moe-adapters", "moe-adapters-few-shot", "condu-lora", "condu-full")
+RECIPES = ("moe-adapters", "moe-adapters-few-shot", "condu-lora", "condu-full", "condu-lora-few-shot",
+           "condu-full-few-shot")
 # The official re-split: torch.utils.data.random_split of the whole dataset into [int(0.8 * n), n - int(0.8 * n)]
 # with torch.Generator().manual_seed(42) (train fraction, seed).
 RANDOM_SPLIT = (0.8, 42)
@@ -100,13 +101,16 @@ CARS_TEMPLATES = ("a photo of a {}, a type of car.", "a photo of a {}.", "a phot
                   "i love my {}!", "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
                   "a photo of my old {}.")
 
-# Per dataset: MoE-Adapters full-shot and few-shot (official Order-I scripts), ConDU LoRA and full fine-tuning
-# (zhangzicong518/ConDU scripts/MTIL_LoRA.sh and MTIL_FT.sh; their 12th entry is unused).
+# Per dataset, as RECIPES: MoE-Adapters full-shot and few-shot (official Order-I scripts), ConDU LoRA and full
+# fine-tuning, full-shot and few-shot (zhangzicong518/ConDU scripts/MTIL_LoRA.sh, MTIL_FT.sh, fewshot_MTIL_LoRA.sh,
+# fewshot_MTIL_FT.sh line 8; their 12th entry is unused).
 _RATES = {
-    "aircraft": (5e-3, 8e-3, 1e-3, 5e-5), "caltech101": (1e-3, 5e-4, 5e-4, 1e-5), "cifar100": (5e-3, 2e-4, 2e-3, 1e-5),
-    "dtd": (1e-3, 5e-3, 2e-3, 1e-5), "eurosat": (1e-4, 1e-3, 1.5e-4, 1e-5), "flowers": (1e-3, 1e-3, 1e-5, 1e-5),
-    "food": (1e-3, 1e-2, 2e-3, 1e-5), "mnist": (1e-4, 1e-4, 1e-3, 5e-5), "oxford_pet": (1e-3, 1e-2, 1.5e-4, 1e-5),
-    "stanford_cars": (1e-3, 1e-2, 2e-3, 1e-5), "sun397": (1e-3, 1e-2, 1.5e-3, 1e-5),
+    "aircraft": (5e-3, 8e-3, 1e-3, 5e-5, 3e-3, 5e-5), "caltech101": (1e-3, 5e-4, 5e-4, 1e-5, 8e-4, 1e-5),
+    "cifar100": (5e-3, 2e-4, 2e-3, 1e-5, 1.5e-3, 1e-5), "dtd": (1e-3, 5e-3, 2e-3, 1e-5, 2e-3, 1e-5),
+    "eurosat": (1e-4, 1e-3, 1.5e-4, 1e-5, 3e-4, 1e-5), "flowers": (1e-3, 1e-3, 1e-5, 1e-5, 1e-5, 1e-5),
+    "food": (1e-3, 1e-2, 2e-3, 1e-5, 2e-3, 1e-5), "mnist": (1e-4, 1e-4, 1e-3, 5e-5, 2.5e-3, 1e-5),
+    "oxford_pet": (1e-3, 1e-2, 1.5e-4, 1e-5, 3e-4, 5e-5), "stanford_cars": (1e-3, 1e-2, 2e-3, 1e-5, 2e-3, 1e-5),
+    "sun397": (1e-3, 1e-2, 1.5e-3, 1e-5, 2e-3, 1e-5),
 }
 
 
@@ -215,7 +219,8 @@ class MTILPreset:
     label_smoothing: float = 0.2
     warmup_steps: int = 100
     ddas: bool = True  # route every evaluation batch through DDAS, as the paper's tables
-    ddas_threshold: Optional[float] = 0.0655
+    ddas_threshold: Optional[float] = 0.0655  # Full_Shot_order1.sh line 10; few-shot: Few_Shot_order1_test.sh line 10
+    ddas_learning_rate: float = 0.01  # AutoEncoder.py line 180; few-shot: few_shot_AutoEncoder.py line 211 (0.003)
     eval_batch_size: int = 128
     from_assets: bool = False  # the offline stand-in: mini tasks from the shared assets
 
@@ -234,7 +239,7 @@ class ClassIncrementalPreset:
         53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85,
         2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39))
     epochs_per_step: int = 1
-    batch_size: int = 128
+    batch_size: int = 128  # cifar100_{10-10,5-5}-MoE-Adapters.yaml line 20; the 2-2 config: 64
     learning_rate: float = 1e-3
     label_smoothing: float = 0.0
     warmup_steps: int = 30
@@ -242,6 +247,7 @@ class ClassIncrementalPreset:
     template: str = "a bad photo of a {}."  # class names are torchvision's, underscores kept
     num_experts: int = 2  # one router shared by all steps, top-2, no freezing
     top_k: int = 2
+    noisy_gating_eval: bool = True  # cil/clip/model.py lines 15, 288, 398-422: noise stays on in evaluation
 
     @property
     def num_steps(self) -> int:
@@ -252,11 +258,13 @@ class ClassIncrementalPreset:
 PRESETS: dict[str, Union[MTILPreset, ClassIncrementalPreset]] = {preset.name: preset for preset in (
     MTILPreset("mtil-order-1", tuple(MTIL_ORDER_I), 1000),
     MTILPreset("mtil-order-2", tuple(MTIL_ORDER_II), 1000),
-    MTILPreset("fewshot-mtil-order-1", tuple(MTIL_ORDER_I), 500, shots=5, ddas_threshold=0.0585),
-    MTILPreset("fewshot-mtil-order-2", tuple(MTIL_ORDER_II), 500, shots=5, ddas_threshold=0.0585),
+    MTILPreset("fewshot-mtil-order-1", tuple(MTIL_ORDER_I), 500, shots=5, ddas_threshold=0.06,
+               ddas_learning_rate=0.003),
+    MTILPreset("fewshot-mtil-order-2", tuple(MTIL_ORDER_II), 500, shots=5, ddas_threshold=0.06,
+               ddas_learning_rate=0.003),
     ClassIncrementalPreset("cifar100-cil-10", 10, 10),
     ClassIncrementalPreset("cifar100-cil-20", 5, 5),
-    ClassIncrementalPreset("cifar100-cil-50", 2, 2),
+    ClassIncrementalPreset("cifar100-cil-50", 2, 2, batch_size=64),  # cifar100_2-2-MoE-Adapters.yaml line 20
     MTILPreset("mini", tuple(MINI_TASKS), 200, ddas=False, ddas_threshold=None, from_assets=True),
 )}
 
@@ -282,7 +290,7 @@ def hub_source(name: str, hub: Union[None, str, HubSource] = None) -> HubSource:
 def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Union[None, str, HubSource] = None,
               few_shot: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None) -> ContinualTask:
     """One MTIL dataset as the official code builds it: official class names and templates, its split rule, and the
-    official learning rates per recipe (the few-shot ones under "moe-adapters" when `few_shot` is set).
+    official learning rates per recipe (with `few_shot`, the few-shot ones under each method's recipe name).
 
     Read from torchvision folders under `data_dir` if given, else from the Hub copy `hub` (default: the spec's).
     """
@@ -291,12 +299,16 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
     spec = MTIL_DATASETS[name]
     train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(name, hub),
                               cache_dir=cache_dir)
+    whole = train
     if few_shot:
-        train = few_shot_subset(train, few_shot, seed)
+        train = few_shot_subset(whole, few_shot, seed)
     rates = dict(spec.learning_rates)
-    rates["moe-adapters"] = rates["moe-adapters-few-shot" if few_shot else "moe-adapters"]
+    if few_shot:  # each method's few-shot rates under its own recipe name
+        for recipe in ("moe-adapters", "condu-lora", "condu-full"):
+            rates[recipe] = rates[f"{recipe}-few-shot"]
     return ContinualTask(name=name, train_dataset=train, eval_dataset=test, classnames=list(spec.classnames),
-                         templates=list(spec.templates), official_learning_rates=rates)
+                         templates=list(spec.templates), official_learning_rates=rates,
+                         full_train_dataset=whole if few_shot else None)
 
 
 def hub_task(name: str, hub_id: Optional[str] = None, few_shot: Optional[int] = None, seed: int = 0,

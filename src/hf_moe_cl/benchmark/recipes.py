@@ -1,7 +1,7 @@
 """A preset's official training recipe as argument values, applied wherever the user did not set the argument.
 
 The facts come from `hf_moe_cl.presets` (read from the official code); this module only says which argument of
-`ContinualTrainingArguments`, `MoEAdaptersArguments` or `DDASArguments` each fact sets.
+`ContinualTrainingArguments`, `MoEAdaptersArguments`, `DDASArguments` or `ConDUArguments` each fact sets.
 """
 
 from __future__ import annotations
@@ -11,13 +11,18 @@ import logging
 from typing import Any, Iterable, Union
 
 from ..continual import ContinualTrainingArguments
-from ..continual.methods import DDASArguments, MoEAdaptersArguments
+from ..continual.methods import ConDUArguments, DDASArguments, MoEAdaptersArguments
 from ..presets import ClassIncrementalPreset, MTILPreset, get_preset
 
 logger = logging.getLogger("hf_moe_cl")
 
 # The reference distribution of DDAS in the paper: Tiny ImageNet's training images (a parquet copy on the Hub).
 TINY_IMAGENET = "zh-plus/tiny-imagenet"
+# The official DDAS chooser training (MoE-Adapters4CL mtil/src/models/AutoEncoder.py, few_shot_AutoEncoder.py and
+# scripts/train/train_{full,few}_shot_router11_experts22_1000iters.sh): Adam weight decay 1e-4 (lines 160 / 192),
+# batch 64 (args.py --batch-size default; few-shot DataLoader(batch_size=64) line 189), --iterations 1000 for the
+# reference (line 27 / 26) and 300 per task (line 43 / 44), each run as iterations + 1.
+OFFICIAL_DDAS = {"weight_decay": 1e-4, "batch_size": 64, "reference_steps": 1000, "task_steps": 300}
 
 
 def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dict[type, dict[str, Any]]:
@@ -31,24 +36,40 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
                 warmup_steps=preset.warmup_steps, weight_decay=preset.weight_decay, evaluate_all_tasks=False,
                 task_agnostic_eval=False),
             MoEAdaptersArguments: dict(num_experts=preset.num_experts, top_k=preset.top_k, shared_router=True,
-                                       freeze_experts_per_task=0),
+                                       freeze_experts_per_task=0, noisy_gating_eval=preset.noisy_gating_eval),
             DDASArguments: dict(ddas=False),
         }
     ddas = dict(ddas=preset.ddas)
-    if preset.ddas:  # the paper's selector: AlexNet features, a fixed threshold
-        ddas.update(ddas_feature_extractor="alexnet", ddas_threshold=preset.ddas_threshold)
+    if preset.ddas:  # the paper's selector: AlexNet features, a fixed threshold, the official training
+        ddas.update(ddas_feature_extractor="alexnet", ddas_threshold=preset.ddas_threshold, ddas_training="official",
+                    ddas_learning_rate=preset.ddas_learning_rate, ddas_weight_decay=OFFICIAL_DDAS["weight_decay"],
+                    ddas_batch_size=OFFICIAL_DDAS["batch_size"], ddas_reference_steps=OFFICIAL_DDAS["reference_steps"],
+                    ddas_task_steps=OFFICIAL_DDAS["task_steps"], ddas_include_untrained=True,
+                    ddas_reference_shots=preset.shots, ddas_augment_once=preset.shots is not None)
     return {
         ContinualTrainingArguments: dict(
             max_steps=preset.steps_per_task, per_device_train_batch_size=preset.batch_size,
             label_smoothing_factor=preset.label_smoothing, warmup_steps=preset.warmup_steps,
             per_device_eval_batch_size=preset.eval_batch_size),
         DDASArguments: ddas,
+        ConDUArguments: dict(condu_first_cell="pretrained"),  # ConDU evaluation.py lines 101 and 128
     }
+
+
+def per_device_batch(global_batch: int, processes: int) -> int:
+    """The official global batch split over `processes` (the official code keeps it across GPUs with DataParallel;
+    `accelerate launch` multiplies the per-device batch by the number of processes)."""
+    if global_batch % processes:
+        raise ValueError(f"The preset's global batch {global_batch} does not divide over {processes} processes: "
+                         f"launch a number of processes that divides it, or give --per_device_train_batch_size "
+                         f"yourself (the global batch is then that times {processes}).")
+    return global_batch // processes
 
 
 def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
     """`arguments` (parsed dataclasses) with the preset's recipe applied to every field not in `explicit` (the
-    fields the user set); returns them in the same order."""
+    fields the user set); returns them in the same order. The training batch is the official global one, split
+    over the processes (`per_device_batch`) unless the user set `per_device_train_batch_size`."""
     recipe = preset_recipe(preset)
     updated = []
     for argument in arguments:
@@ -60,6 +81,9 @@ def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
             logger.info("Preset %s: keeping your %s instead of the official value(s).", get_preset(preset).name,
                         ", ".join(kept))
         if values and isinstance(argument, ContinualTrainingArguments):
+            if "per_device_train_batch_size" in values:
+                values["per_device_train_batch_size"] = per_device_batch(values["per_device_train_batch_size"],
+                                                                         argument.world_size)
             for name, value in values.items():  # TrainingArguments derive state in __post_init__: set in place
                 setattr(argument, name, value)
             updated.append(argument)

@@ -68,6 +68,14 @@ class RandomResizedCrop:
         return image.resize((self.size, self.size), Image.BICUBIC, box=self.box(*image.size))
 
 
+def training_augmentation(image_processor, name: Optional[str]) -> Optional[RandomResizedCrop]:
+    """The training augmentation `name` (`ContinualTrainingArguments.train_augmentation`) for this processor's input
+    size: the official `RandomResizedCrop(size, scale=(0.9, 1.0))`, or None for 'none'."""
+    if name in (None, "none"):
+        return None
+    return RandomResizedCrop(image_processor.crop_size["height"], scale=(0.9, 1.0))
+
+
 class ImageClassificationCollator:
     """Collates examples with `image` and `label` into `pixel_values` and `labels` for `ContinualTrainer`;
     `augment` (e.g. `RandomResizedCrop`) is applied to every RGB image before the image processor."""

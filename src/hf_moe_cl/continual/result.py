@@ -39,6 +39,11 @@ class ContinualResult:
         return self.matrices.get("per_image")
 
     @property
+    def headline(self) -> str:
+        """The matrix the headline numbers come from: `protocol` (the paper's) when the run has one, else `oracle`."""
+        return "protocol" if self.matrices.get("protocol") else "oracle"
+
+    @property
     def metrics(self) -> dict[str, float]:
-        """Transfer / Average / Last of the task-aware matrix."""
-        return mtil_metrics(self.accuracy_matrix)
+        """Transfer / Average / Last of the headline matrix (`headline`: the paper's protocol when there is one)."""
+        return mtil_metrics(self.matrices[self.headline])

@@ -53,6 +53,8 @@ class ContinualTask:
     `learning_rate` fixes this task's rate for every method; `official_learning_rates` holds the rate each
     method's official recipe uses for it (keyed by `ContinualMethod.recipe`, filled by the presets).
     `train_classes` restricts the training loss to some classes (evaluation always uses all `classnames`).
+    `full_train_dataset` is the whole training split when `train_dataset` is a few-shot draw from it (the official
+    code uses it for ConDU's prototypes and for the epochs of DDAS's learning-rate decay).
     """
 
     name: str
@@ -63,6 +65,7 @@ class ContinualTask:
     learning_rate: Optional[float] = None
     official_learning_rates: dict[str, float] = field(default_factory=dict)
     train_classes: Optional[list[int]] = None
+    full_train_dataset: Optional[Dataset] = None  # the whole training split a few-shot train_dataset was drawn from
 
     def prompts(self, template: str) -> list[str]:
         """The training prompts: one per class the training loss runs over."""

@@ -29,7 +29,7 @@ from .checkpoints import (
     update_progress,
 )
 from .arguments import ContinualTrainingArguments
-from .data import ImageClassificationCollator, RandomResizedCrop
+from .data import ImageClassificationCollator, training_augmentation
 from .evaluation import CellRequest, EvaluationEngine
 from .methods import ContinualMethod, method_for_model
 from .result import MATRIX_KINDS, ContinualResult
@@ -200,7 +200,7 @@ class ContinualTrainer(Trainer):
             elif j < index and method.task_models_are_final:
                 reuse = (matrices["oracle"][j][j],)
             else:
-                route = method.task_route(j) if j <= index else method.unseen_route(index)
+                route = method.cell_route(index, j)
                 if route == ZERO_SHOT:
                     reuse = (pretrained[j],)
                 else:
@@ -230,10 +230,10 @@ class ContinualTrainer(Trainer):
         """Accuracy of the method's model for no learned task (-1) on every task that some cell evaluates with it,
         measured before any training: that model never changes."""
         method, last = self.method, len(tasks) - 1
-        needed = {j for j in range(len(tasks)) if method.task_route(j) == ZERO_SHOT}
+        needed = {j for j in range(len(tasks)) if method.cell_route(j, j) == ZERO_SHOT}
         if self.args.evaluate_all_tasks:
             needed |= {j for i in range(last) for j in range(i + 1, len(tasks))
-                       if method.unseen_route(i) == ZERO_SHOT}
+                       if method.cell_route(i, j) == ZERO_SHOT}
         return {j: self.evaluate_task(tasks[j], ZERO_SHOT) for j in sorted(needed)}
 
     # ----- the task loop -------------------------------------------------------------------------------------------
@@ -385,9 +385,8 @@ class ContinualTrainer(Trainer):
         if self.args.train_augmentation in (None, "none"):
             return super().get_train_dataloader()
         evaluation_collator = self.data_collator
-        crop = self.processing_class.image_processor.crop_size
-        self.data_collator = ImageClassificationCollator(evaluation_collator.image_processor,
-                                                         RandomResizedCrop(crop["height"], scale=(0.9, 1.0)))
+        self.data_collator = ImageClassificationCollator(evaluation_collator.image_processor, training_augmentation(
+            evaluation_collator.image_processor, self.args.train_augmentation))
         try:
             return super().get_train_dataloader()
         finally:

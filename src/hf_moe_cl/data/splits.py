@@ -3,7 +3,6 @@ SUN397) and the per-class few-shot subset."""
 
 from __future__ import annotations
 
-import random
 from typing import Optional, Sequence
 
 import torch
@@ -29,14 +28,17 @@ def split_whole(dataset: Dataset, train_fraction: float, seed: int,
 
 
 def few_shot_subset(dataset: Dataset, shots: int, seed: int = 0) -> Dataset:
-    """`shots` examples of every class, drawn with a fixed seed (the official code keeps the first `shots` of each
-    class in one shuffled pass, which is the same draw without a seed)."""
-    by_label: dict[int, list[int]] = {}
-    for index, label in enumerate(dataset["label"]):
-        by_label.setdefault(int(label), []).append(index)
-    rng = random.Random(seed)
+    """The first `shots` examples of every class met in one pass of a seeded shuffle, as the official code keeps the
+    first `shots` per class of one pass of its shuffled training loader after `seed_all(42)` (finetune.py lines
+    39-50). The draw has the same law; the images differ, as torch's DataLoader shuffle cannot be replayed here."""
+    if shots < 1:
+        raise ValueError(f"shots must be a positive number of examples per class, got {shots}.")
+    labels = dataset["label"]
+    counts: dict[int, int] = {}
     chosen = []
-    for label in sorted(by_label):
-        indices = by_label[label]
-        chosen.extend(rng.sample(indices, min(shots, len(indices))))
+    for index in torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist():
+        label = int(labels[index])
+        if counts.get(label, 0) < shots:
+            counts[label] = counts.get(label, 0) + 1
+            chosen.append(index)
     return dataset.select(sorted(chosen))

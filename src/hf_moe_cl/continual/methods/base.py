@@ -112,6 +112,10 @@ class ContinualMethod:
         """The route of a task not learned yet in the task-aware matrix; None: the method's own selection."""
         return ZERO_SHOT
 
+    def cell_route(self, row: int, column: int) -> Optional[int]:
+        """The route of task `column`'s cell in the task-aware matrix after learning task `row`."""
+        return self.task_route(column) if column <= row else self.unseen_route(row)
+
     def select_routes(self, classifier, pixels: torch.Tensor,
                       per_batch: bool = False) -> tuple[Routes, Optional[torch.Tensor]]:
         """Routes chosen without a task id (per image, or one for the batch), and the untouched CLIP's

@@ -40,12 +40,14 @@ from ...condu.lora import (
     trained_factors,
     weight_delta,
 )
+from ..data import ImageClassificationCollator, training_augmentation
 from .base import ContinualMethod
 from .registry import register_method
 
 _CHOICES = {"condu_fine_tune": ("lora", "full"), "condu_rescaler": UNIFY_RULES, "condu_prototypes": PROTOTYPE_KINDS,
             "condu_fusion": ("logits", "probabilities"), "condu_weighting": ("uniform", "similarity"),
-            "condu_unseen_tasks": ("vote", "pretrained")}
+            "condu_unseen_tasks": ("vote", "pretrained"), "condu_prototype_images": ("augmented", "plain"),
+            "condu_first_cell": ("task", "pretrained")}
 # Options that shape the stored deltas: a save is loaded only with the same values.
 _TRAINING_OPTIONS = ("condu_fine_tune", "condu_rescaler")
 _LORA_OPTIONS = ("condu_lora_targets", "condu_lora_init_std", "rank")
@@ -76,6 +78,14 @@ class ConDUArguments:
     condu_unseen_tasks: str = field(
         default="vote", metadata={"help": "ConDU task-aware matrix, tasks not learned yet: 'vote' (official "
                                   "evaluation) or 'pretrained' model."})
+    condu_prototype_images: str = field(
+        default="augmented", metadata={"help": "ConDU prototypes: the whole training set through the training "
+                                       "augmentation, also in few-shot (official: few_shot_finetune.py lines 181-197) "
+                                       "or 'plain' (the task's training images, evaluation transform)."})
+    condu_first_cell: str = field(
+        default="task", metadata={"help": "ConDU task-aware matrix, cell (0, 0): the first task's 'task' model, or the "
+                                  "'pretrained' model as the official evaluation (evaluation.py lines 101 and 128 "
+                                  "load task models only from session 1)."})
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -193,13 +203,27 @@ class ConDU(ContinualMethod):
         self.store.add_task(delta, self._prototype_means(trainer, task), info)
         self._deltas = {}
 
+    def _prototype_loader(self, trainer, task):
+        """The prototypes' images: the whole training set through the training augmentation (official), or the task's
+        training images as evaluated."""
+        if self.arguments.condu_prototype_images == "plain":
+            return trainer.get_eval_dataloader(task.train_dataset)
+        whole = task.full_train_dataset if task.full_train_dataset is not None else task.train_dataset
+        plain = trainer.data_collator
+        trainer.data_collator = ImageClassificationCollator(plain.image_processor, training_augmentation(
+            plain.image_processor, trainer.args.train_augmentation))
+        try:
+            return trainer.get_eval_dataloader(whole)
+        finally:
+            trainer.data_collator = plain
+
     @torch.no_grad()
     def _prototype_means(self, trainer, task) -> dict[str, torch.Tensor]:
-        """Per class, the mean unit image feature of the pretrained CLIP over the task's training images and the
-        mean unit text feature over its templates."""
+        """Per class, the mean unit image feature of the pretrained CLIP over the training images
+        (`condu_prototype_images`) and the mean unit text feature over its templates."""
         device = trainer.args.device
         features, labels = [], []
-        for batch in trainer.progress(trainer.get_eval_dataloader(task.train_dataset), f"prototypes of {task.name}"):
+        for batch in trainer.progress(self._prototype_loader(trainer, task), f"prototypes of {task.name}"):
             pixels, batch_labels = batch["pixel_values"].to(device), batch["labels"].to(device)
             gathered = trainer.accelerator.gather_for_metrics((image_embeddings(self.model, pixels), batch_labels))
             features.append(gathered[0])
@@ -231,6 +255,11 @@ class ConDU(ContinualMethod):
 
     def unseen_route(self, index: int) -> Optional[int]:
         return None if self.arguments.condu_unseen_tasks == "vote" else ZERO_SHOT
+
+    def cell_route(self, row: int, column: int) -> Optional[int]:
+        if (row, column) == (0, 0) and self.arguments.condu_first_cell == "pretrained":
+            return ZERO_SHOT
+        return super().cell_route(row, column)
 
     def vote(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image, the top-K learned tasks by best prototype similarity and those similarities."""

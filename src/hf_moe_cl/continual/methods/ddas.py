@@ -6,6 +6,7 @@ lives in the adapter (`hf_moe_cl.tuners.moe_lora.selector`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -13,10 +14,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from torch.utils.data import DataLoader
 
 from ...classification import Routes, image_embeddings
+from ...data.splits import few_shot_subset
 from ...tuners.moe_lora.features import ALEXNET_FEATURES, ALEXNET_URL, AlexNetFeatures, prefix_features, vision_prefix
 from ...tuners.moe_lora.selector import SelectorConfig
+from ..data import ImageClassificationCollator, training_augmentation
+from .ddas_training import new_autoencoder, train_autoencoder
 
 
 @dataclass
@@ -42,9 +47,21 @@ class DDASArguments:
                   "for timings and tests only)."},
     )
     ddas_hidden_dim: int = field(default=100, metadata={"help": "Hidden width of every DDAS autoencoder."})
-    ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder."})
-    ddas_reference_steps: int = field(default=1000, metadata={"help": "Training steps of the reference one."})
-    ddas_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the autoencoders."})
+    ddas_training: str = field(
+        default="sampled",
+        metadata={"help": "'official': the official loop (ddas_training.py): the whole training set through the "
+                  "training augmentation, steps + 1 iterations, Adam with the official step decay (needs the AlexNet "
+                  "extractor and a fixed threshold). 'sampled': features of at most ddas_max_images un-augmented "
+                  "images, computed once, batches drawn with replacement (fast; works with CLIP features)."},
+    )
+    ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder (official: "
+                                                                "--iterations 300, run as 301)."})
+    ddas_reference_steps: int = field(default=1000, metadata={"help": "Training steps of the reference one "
+                                                                      "(official: 1000, run as 1001)."})
+    ddas_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the autoencoders "
+                                                                      "(official: 0.01, few-shot 0.003)."})
+    ddas_weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (official: 1e-4)."})
+    ddas_batch_size: int = field(default=64, metadata={"help": "Autoencoder batch size (official: 64)."})
     ddas_threshold: Optional[float] = field(
         default=None, metadata={"help": "Fixed zero-shot threshold; None calibrates one per task on held-out data."}
     )
@@ -52,7 +69,22 @@ class DDASArguments:
         default=0.95, metadata={"help": "Calibrated threshold: this quantile of held-out in-task errors."}
     )
     ddas_max_images: int = field(
-        default=2000, metadata={"help": "Images per task used to fit its autoencoder: a seeded random sample."}
+        default=2000, metadata={"help": "'sampled' training: images per task used to fit its autoencoder (a seeded "
+                                "random sample)."}
+    )
+    ddas_include_untrained: bool = field(
+        default=False,
+        metadata={"help": "Let the autoencoders of tasks not learned yet (randomly initialised) take part in the "
+                  "argmin, with the fixed threshold, as the official code (evaluation.py lines 59-71); False "
+                  "leaves them out."},
+    )
+    ddas_reference_shots: Optional[int] = field(
+        default=None, metadata={"help": "Train the reference on this many images per class (official few-shot: 5)."}
+    )
+    ddas_augment_once: bool = field(
+        default=False,
+        metadata={"help": "'official' training: augment each image once and train on those fixed images (the "
+                  "official few-shot chooser, few_shot_AutoEncoder.py lines 170-189)."},
     )
 
     def __post_init__(self):
@@ -60,6 +92,23 @@ class DDASArguments:
             raise ValueError(f"ddas_feature_extractor must be 'clip' or 'alexnet', got {self.ddas_feature_extractor!r}.")
         if self.ddas_feature_extractor == "alexnet" and self.ddas_feature_layer is not None:
             raise ValueError("ddas_feature_layer selects CLIP blocks; it cannot be used with the AlexNet extractor.")
+        if self.ddas_training not in ("sampled", "official"):
+            raise ValueError(f"ddas_training must be 'sampled' or 'official', got {self.ddas_training!r}.")
+        if self.ddas_training == "official" and (self.ddas_feature_extractor != "alexnet"
+                                                  or self.ddas_threshold is None):
+            raise ValueError("ddas_training='official' trains the official AlexNet autoencoders for a fixed "
+                             "threshold: set ddas_feature_extractor='alexnet' and ddas_threshold (e.g. 0.0655), "
+                             "or use ddas_training='sampled'.")
+        if self.ddas_include_untrained and self.ddas_threshold is None:
+            raise ValueError("ddas_include_untrained needs a fixed ddas_threshold: a task not learned yet has no "
+                             "calibrated one.")
+        if self.ddas_augment_once and self.ddas_training != "official":
+            raise ValueError("ddas_augment_once is part of the official training: set ddas_training='official'.")
+        for name in ("ddas_batch_size", "ddas_task_steps", "ddas_reference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.ddas_reference_shots is not None and self.ddas_reference_shots < 1:
+            raise ValueError(f"ddas_reference_shots must be None or positive, got {self.ddas_reference_shots}.")
 
 
 class DDASSelection:
@@ -97,27 +146,83 @@ class DDASSelection:
         ddas = self.ddas
         if ddas.ddas_feature_extractor == "alexnet":  # the paper's autoencoders: sigmoid outputs on raw features
             return SelectorConfig(feature_dim=ALEXNET_FEATURES, hidden_dim=ddas.ddas_hidden_dim, sigmoid_output=True,
-                                  standardize=False, feature_extractor="alexnet")
+                                  standardize=False, feature_extractor="alexnet",
+                                  include_untrained=ddas.ddas_include_untrained)
         width = (self.model.config.projection_dim if ddas.ddas_feature_layer is None
                  else 2 * self.model.config.vision_config.hidden_size)
-        return SelectorConfig(feature_dim=width, hidden_dim=ddas.ddas_hidden_dim, feature_layer=ddas.ddas_feature_layer)
+        return SelectorConfig(feature_dim=width, hidden_dim=ddas.ddas_hidden_dim, feature_layer=ddas.ddas_feature_layer,
+                              include_untrained=ddas.ddas_include_untrained)
 
     def _fit_selector(self, trainer, route: int, task) -> None:
         moe, ddas = self.moe, self.ddas
         show = trainer.is_world_process_zero() and not trainer.args.disable_tqdm
-        if moe.selector is None or not moe.selector.has_reference:
+        official = ddas.ddas_training == "official"
+        if moe.selector is None:
+            moe.enable_selector(self._selector_settings())
+        selector = moe.selector
+        if not selector.has_reference:
             reference = self.ddas_reference
+            if ddas.ddas_reference_shots is not None:
+                if "label" not in reference.column_names:
+                    raise ValueError("ddas_reference_shots needs a `label` column in the reference images to take "
+                                     "that many per class; give a labelled reference (e.g. zh-plus/tiny-imagenet).")
+                reference = few_shot_subset(reference, ddas.ddas_reference_shots, trainer.args.seed)
             if "label" not in reference.column_names:
                 reference = reference.add_column("label", [0] * len(reference))
-            if moe.selector is None:
-                moe.enable_selector(self._selector_settings())
-            moe.selector.fit_reference(self._features_of(trainer, reference, "reference images"),
+            if official:
+                self._fit_official(trainer, None, reference, len(self.ddas_reference), ddas.ddas_reference_steps,
+                                   "DDAS reference autoencoder" if show else None)
+            else:
+                selector.fit_reference(self._features_of(trainer, reference, "reference images"),
                                        steps=ddas.ddas_reference_steps, lr=ddas.ddas_learning_rate,
-                                       seed=trainer.args.seed, progress="DDAS reference autoencoder" if show else None)
-        moe.selector.fit_task(route, self._features_of(trainer, task.train_dataset, task.name),
+                                       seed=trainer.args.seed,
+                                       progress="DDAS reference autoencoder" if show else None)
+        progress = f"DDAS autoencoder: {task.name}" if show else None
+        if official:
+            whole = task.full_train_dataset if task.full_train_dataset is not None else task.train_dataset
+            self._fit_official(trainer, route, task.train_dataset, len(whole), ddas.ddas_task_steps, progress)
+        else:
+            selector.fit_task(route, self._features_of(trainer, task.train_dataset, task.name),
                               steps=ddas.ddas_task_steps, lr=ddas.ddas_learning_rate, threshold=ddas.ddas_threshold,
-                              quantile=ddas.ddas_quantile, seed=trainer.args.seed,
-                              progress=f"DDAS autoencoder: {task.name}" if show else None)
+                              quantile=ddas.ddas_quantile, seed=trainer.args.seed, progress=progress)
+        if ddas.ddas_include_untrained:  # the official single threshold also bounds tasks not learned yet
+            for other in range(selector.num_tasks):
+                if not selector.task_is_trained(other):
+                    selector.thresholds[other] = ddas.ddas_threshold
+
+    def _fit_official(self, trainer, route: Optional[int], dataset: Dataset, whole: int, steps: int,
+                      progress: Optional[str]) -> None:
+        """One autoencoder (the reference for `route=None`) trained by the official loop on `dataset` through the
+        training augmentation; `whole` is the size of the full training set it was drawn from (epochs count its
+        batches, as the official few-shot code does)."""
+        ddas, selector = self.ddas, self.moe.selector
+        if len(dataset) == 0:
+            raise ValueError("Cannot train a DDAS autoencoder on zero images: the dataset is empty.")
+        seed = trainer.args.seed + (0 if route is None else route + 1)
+        device = trainer.args.device
+        processor = trainer.processing_class.image_processor
+        loader = DataLoader(dataset, batch_size=ddas.ddas_batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed),
+                            num_workers=trainer.args.dataloader_num_workers,
+                            collate_fn=ImageClassificationCollator(processor, training_augmentation(
+                                processor, trainer.args.train_augmentation)))
+        self.model.eval()
+
+        @torch.no_grad()
+        def features(batch) -> torch.Tensor:
+            return self.selector_features(batch["pixel_values"].to(device))[0]
+
+        extract = features
+        if ddas.ddas_augment_once:  # few-shot: each image augmented once, then fixed (few_shot_AutoEncoder.py 170-189)
+            fixed = torch.cat([features(batch) for batch in trainer.progress(loader, "DDAS features: augmented once")])
+            loader = DataLoader(fixed, batch_size=ddas.ddas_batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(seed))
+            extract = None  # the batches are the features
+        config = selector.config
+        autoencoder = new_autoencoder(config.feature_dim, config.hidden_dim, config.sigmoid_output, seed).to(device)
+        train_autoencoder(autoencoder, loader, extract, steps, ddas.ddas_learning_rate, ddas.ddas_weight_decay,
+                          math.ceil(whole / ddas.ddas_batch_size), progress)
+        selector.set_autoencoder(route, autoencoder, None if route is None else ddas.ddas_threshold)
 
     def _route_features(self, pixels, untouched=None):
         """DDAS features of `pixels`, and the untouched CLIP's embeddings for images sent to zero-shot: `untouched`

@@ -35,6 +35,9 @@ class MoEAdaptersArguments:
     num_experts: int = field(default=22, metadata={"help": "MoE-Adapters: experts per block."})
     top_k: int = field(default=2, metadata={"help": "MoE-Adapters: experts per sample."})
     noisy_gating: bool = field(default=True, metadata={"help": "MoE-Adapters: noisy top-k gating in training."})
+    noisy_gating_eval: bool = field(
+        default=False, metadata={"help": "Keep the gating noise on in evaluation (the official class-incremental code)."}
+    )
     freeze_experts_per_task: Optional[int] = field(
         default=None,
         metadata={"help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."},
@@ -148,7 +151,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         arguments = cls.pick(options, MoEAdaptersArguments)
         config = MoELoraConfig(num_tasks=1 if arguments.shared_router else num_tasks,
                                num_experts=arguments.num_experts, top_k=arguments.top_k, r=rank,
-                               noisy_gating=arguments.noisy_gating)
+                               noisy_gating=arguments.noisy_gating, noisy_gating_eval=arguments.noisy_gating_eval)
         model = get_peft_model(copy.deepcopy(base), config)
         return cls(model, arguments, cls.pick(options, DDASArguments), reference_images)
 

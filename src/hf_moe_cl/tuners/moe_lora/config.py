@@ -51,6 +51,11 @@ class MoELoraConfig(PeftConfig):
     noisy_gating: bool = field(
         default=True, metadata={"help": "Add learned Gaussian noise to the router logits in training."}
     )
+    noisy_gating_eval: bool = field(
+        default=False,
+        metadata={"help": "Keep the router noise on in evaluation too, as the official class-incremental code does "
+                  "(cil/clip/model.py lines 15, 288 and 422: `is_train` is fixed True when the model is built)."},
+    )
     noise_epsilon: float = field(default=1e-2, metadata={"help": "Floor of the router noise's standard deviation."})
     load_balancing_coef: float = field(
         default=0.0,

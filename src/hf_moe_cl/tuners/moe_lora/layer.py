@@ -254,7 +254,7 @@ class MoELoraLayer(BaseTunerLayer):
         tokens = x if x.dim() == 3 else x.unsqueeze(1)
         batch, length, dim = tokens.shape
         index = task if task_ids is None else task_ids
-        noisy = options.noisy_gating and self.training
+        noisy = options.noisy_gating and (self.training or options.noisy_gating_eval)
         routing = noisy_top_k(
             tokens[:, 0],
             self._rows(adapter, "moe_lora_router_gate", index),

@@ -33,6 +33,7 @@ class SelectorConfig:
     standardize: bool = True
     feature_extractor: str = "clip"
     feature_layer: Optional[int] = None
+    include_untrained: bool = False  # official: the argmin also runs over task autoencoders not trained yet
 
     def __post_init__(self):
         for name in ("feature_dim", "hidden_dim"):
@@ -215,11 +216,34 @@ class DistributionSelector(nn.Module):
         self.trained[task + 1] = True
         return threshold
 
+    def set_autoencoder(self, task: Optional[int], autoencoder: FeatureAutoencoder,
+                        threshold: Optional[float] = None) -> None:
+        """Take the weights of an autoencoder trained elsewhere (e.g. the official DDAS loop) as the reference's
+        (`task=None`) or task `task`'s, with that task's threshold; marks it trained."""
+        if task is not None and not 0 <= task < self.num_tasks:
+            raise ValueError(f"Task id {task} is out of range: the selector has {self.num_tasks} task autoencoders.")
+        if task is not None and (threshold is None or not threshold > 0):
+            raise ValueError(f"A task autoencoder needs a positive threshold, got {threshold!r}.")
+        if task is not None and not self.has_reference:
+            raise ValueError("Set the reference autoencoder first: the decision compares to it.")
+        expected = {name: tuple(getattr(self, name).shape[1:]) for name in AUTOENCODER_TENSORS}
+        given = {name: tuple(_tensor_of(autoencoder, name).shape) for name in AUTOENCODER_TENSORS}
+        if given != expected:
+            raise ValueError(f"The autoencoder has shapes {given}; this selector's are {expected} (feature_dim "
+                             f"{self.config.feature_dim}, hidden_dim {self.config.hidden_dim}).")
+        self._store(0 if task is None else task + 1, autoencoder)
+        if task is None:
+            self.trained[0] = True
+        else:
+            self.thresholds[task] = threshold
+            self.trained[task + 1] = True
+
     # ----- decisions -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruction_errors(self, features: torch.Tensor) -> torch.Tensor:
-        """(batch, 1 + tasks) errors: column 0 the reference, then each task; untrained ones are +inf. Every
-        autoencoder runs in the same two batched matrix products."""
+        """(batch, 1 + tasks) errors: column 0 the reference, then each task; untrained ones are +inf unless
+        `include_untrained` (the official code compares the randomly initialised ones too). Every autoencoder runs
+        in the same two batched matrix products."""
         features = self._normalise(features)
         slots = self.encoder_weight.shape[0]
         inputs = features.unsqueeze(0).expand(slots, *features.shape)
@@ -228,7 +252,7 @@ class DistributionSelector(nn.Module):
         if self.config.sigmoid_output:
             output = torch.sigmoid(output)
         errors = (output - inputs).pow(2).mean(-1).T
-        return errors.masked_fill(~self.trained, math.inf)
+        return errors if self.config.include_untrained else errors.masked_fill(~self.trained, math.inf)
 
     def decide(self, errors: torch.Tensor) -> torch.Tensor:
         """Per row of `errors` (see `reconstruction_errors`): the task whose autoencoder fits best, or -1."""

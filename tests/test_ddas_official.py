@@ -1,0 +1,165 @@
+"""DDAS as the official code: the autoencoder training loop, the untrained-autoencoder rule, the presets' values."""
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from hf_moe_cl import MoELoraConfig, SelectorConfig
+from hf_moe_cl.benchmark.recipes import preset_recipe
+from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+from hf_moe_cl.continual.methods.ddas_training import official_learning_rate, train_autoencoder
+from hf_moe_cl.tuners.moe_lora import DistributionSelector
+from hf_moe_cl.tuners.moe_lora.selector import FeatureAutoencoder
+
+from conftest import colour_task, noise_images, tiny_clip
+
+
+def test_the_official_loop_runs_iterations_plus_one_steps_restarting_the_loader_as_the_official_code():
+    """AutoEncoder.py 167-175: iter() at every epoch boundary (iteration % num_batches == 0) and on StopIteration;
+    few_shot_AutoEncoder.py counts epochs over the whole set (num_batches 5) while its loader holds 3 batches."""
+    loader = [torch.full((2, 4), float(i)) for i in range(3)]
+    seen, rates = [], []
+    autoencoder = FeatureAutoencoder(4, 2, sigmoid_output=True)
+    steps = []
+    autoencoder.register_forward_hook(lambda *_: steps.append(1))
+
+    def features(batch):
+        seen.append(int(batch[0, 0]))
+        return torch.sigmoid(batch)
+
+    train_autoencoder(autoencoder, loader, features, iterations=12, lr=0.01, weight_decay=1e-4, batches_per_epoch=5)
+    assert len(steps) == 13
+    # iterations 0-2 batches 0,1,2; 3 runs out -> restart 0; 4 -> 1; 5 is an epoch boundary -> restart 0; ...
+    assert seen == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 0, 1, 2]
+    assert [official_learning_rate(0.01, i, 16) for i in (0, 159, 160, 319, 320)] == pytest.approx(
+        [0.01, 0.01, 0.001, 0.001, 0.0001])
+
+
+def test_the_official_optimiser_is_adam_with_weight_decay_and_the_decayed_rate(monkeypatch):
+    made = []
+    original = torch.optim.Adam
+
+    def recording(params, **kwargs):
+        made.append(original(params, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch.optim, "Adam", recording)
+    loader = [torch.rand(2, 4)]
+    train_autoencoder(FeatureAutoencoder(4, 2, True), loader, None, iterations=10, lr=0.003, weight_decay=1e-4,
+                      batches_per_epoch=1)
+    group = made[0].param_groups[0]
+    assert group["weight_decay"] == 1e-4 and group["lr"] == pytest.approx(0.0003)  # epoch 10: one decay
+    assert made[0].state[made[0].param_groups[0]["params"][0]]["step"] == 11
+
+
+def hand_made_selector(include_untrained):
+    """Features [1, 1]: the reference reconstructs them with error 1, task 0 with 0.25, task 1 (never trained) with
+    0 — an untrained autoencoder can win only where the official rule lets it take part."""
+    selector = DistributionSelector(SelectorConfig(feature_dim=2, hidden_dim=2, standardize=False,
+                                                   include_untrained=include_untrained), num_tasks=2)
+
+    def autoencoder(scale):
+        module = FeatureAutoencoder(2, 2, sigmoid_output=False)
+        with torch.no_grad():
+            module.encoder.weight.copy_(torch.eye(2))
+            module.decoder.weight.copy_(scale * torch.eye(2))
+            module.encoder.bias.zero_()
+            module.decoder.bias.zero_()
+        return module
+
+    selector.set_autoencoder(None, autoencoder(0.0))
+    selector.set_autoencoder(0, autoencoder(0.5), threshold=0.3)
+    with torch.no_grad():  # weights task 1's slot happens to have, untrained
+        selector.decoder_weight[2].copy_(torch.eye(2))
+        selector.encoder_weight[2].copy_(torch.eye(2))
+        selector.encoder_bias[2].zero_()
+        selector.decoder_bias[2].zero_()
+    selector.thresholds[1] = 0.3  # what MoEAdapters gives tasks not learned yet with ddas_include_untrained
+    return selector
+
+
+def test_untrained_autoencoders_take_part_only_under_the_official_rule():
+    features = torch.ones(3, 2)
+    masked, official = hand_made_selector(False), hand_made_selector(True)
+    assert masked.reconstruction_errors(features)[0].tolist() == [1.0, 0.25, math.inf]
+    assert official.reconstruction_errors(features)[0].tolist() == [1.0, 0.25, 0.0]
+    assert masked.select_batch(features) == 0 and official.select_batch(features) == 1
+    official.thresholds.fill_(-1.0)  # the single official threshold also bounds the untrained winner
+    assert official.select_batch(features) == -1
+
+
+def test_set_autoencoder_refuses_bad_input():
+    selector = DistributionSelector(SelectorConfig(feature_dim=2, hidden_dim=2), num_tasks=1)
+    with pytest.raises(ValueError, match="reference autoencoder first"):
+        selector.set_autoencoder(0, FeatureAutoencoder(2, 2, False), threshold=0.1)
+    selector.set_autoencoder(None, FeatureAutoencoder(2, 2, False))
+    with pytest.raises(ValueError, match="positive threshold"):
+        selector.set_autoencoder(0, FeatureAutoencoder(2, 2, False))
+    with pytest.raises(ValueError, match="out of range"):
+        selector.set_autoencoder(1, FeatureAutoencoder(2, 2, False), threshold=0.1)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        selector.set_autoencoder(0, FeatureAutoencoder(3, 2, False), threshold=0.1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(ddas_training="official"), "fixed threshold"),
+    (dict(ddas_training="official", ddas_threshold=0.06), "alexnet"),
+    (dict(ddas_include_untrained=True), "fixed ddas_threshold"),
+    (dict(ddas_augment_once=True), "ddas_training='official'"),
+    (dict(ddas_training="averaged"), "'sampled' or 'official'"),
+    (dict(ddas_batch_size=0), "ddas_batch_size"),
+    (dict(ddas_reference_shots=0), "ddas_reference_shots"),
+])
+def test_ddas_arguments_refuse_inconsistent_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        DDASArguments(**bad)
+
+
+@pytest.mark.parametrize("preset, lr, threshold, shots", [
+    ("mtil-order-1", 0.01, 0.0655, None), ("mtil-order-2", 0.01, 0.0655, None),
+    ("fewshot-mtil-order-1", 0.003, 0.06, 5), ("fewshot-mtil-order-2", 0.003, 0.06, 5)])
+def test_presets_pin_the_official_ddas(preset, lr, threshold, shots):
+    """AutoEncoder.py line 180 (0.01), few_shot_AutoEncoder.py line 211 (0.003), both lines 160/192 (weight decay
+    1e-4), the scripts' --iterations 1000 / 300 and batch 64, Full_Shot_order1.sh (0.0655) and
+    Few_Shot_order1_test.sh (0.06)."""
+    ddas = DDASArguments(**preset_recipe(preset)[DDASArguments])
+    assert (ddas.ddas_training, ddas.ddas_feature_extractor, ddas.ddas_learning_rate, ddas.ddas_weight_decay) == (
+        "official", "alexnet", lr, 1e-4)
+    assert (ddas.ddas_reference_steps, ddas.ddas_task_steps, ddas.ddas_batch_size) == (1000, 300, 64)
+    assert ddas.ddas_threshold == threshold and ddas.ddas_include_untrained
+    assert ddas.ddas_reference_shots == shots and ddas.ddas_augment_once == (shots is not None)
+
+
+def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bounds_untrained_ones(
+        tmp_path, module_processor, monkeypatch):
+    from hf_moe_cl.continual.methods import ddas as ddas_module
+    from hf_moe_cl.tuners.moe_lora.features import AlexNetFeatures
+
+    torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
+               tmp_path / "alexnet.pth")
+    calls = []
+    original = ddas_module.train_autoencoder
+
+    def recording(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch, progress=None):
+        calls.append((len(loader.dataset), loader.batch_size, iterations, lr, weight_decay, batches_per_epoch))
+        return original(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch, progress)
+
+    monkeypatch.setattr(ddas_module, "train_autoencoder", recording)
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
+    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.0655, ddas_task_steps=3,
+                         ddas_reference_steps=4, ddas_training="official", ddas_learning_rate=0.01,
+                         ddas_weight_decay=1e-4, ddas_batch_size=4, ddas_include_untrained=True,
+                         ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(10, 0))
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
+    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    trainer.train_tasks([colour_task("first", n_train=9, n_eval=12)])  # of a model with two task routers
+    selector = model.base_model.selector
+    assert calls == [(10, 4, 4, 0.01, 1e-4, 3), (9, 4, 3, 0.01, 1e-4, 3)]
+    assert selector.config.include_untrained and selector.trained.tolist() == [True, True, False]
+    assert selector.thresholds.tolist() == pytest.approx([0.0655, 0.0655])  # the untrained task: the same bound

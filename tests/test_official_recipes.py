@@ -1,0 +1,121 @@
+"""Official recipe details outside DDAS: CIL noise at evaluation, ConDU's few-shot rates, the global batch."""
+
+import torch
+
+from hf_moe_cl.benchmark.recipes import preset_recipe
+from hf_moe_cl.continual.methods import MoEAdaptersArguments
+
+from conftest import moe_model
+
+
+def test_noisy_gating_eval_keeps_the_router_noise_on_in_evaluation(clip_inputs):
+    outputs = {}
+    for keep in (False, True):
+        model = moe_model(noisy_gating_eval=keep).eval()
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "moe_lora" in name:  # trained-looking experts and routers, and a large learned noise scale
+                torch.nn.init.constant_(param, 3.0) if "router_noise" in name else torch.nn.init.normal_(param)
+        model.base_model.set_task(0)
+        with torch.no_grad():
+            outputs[keep] = [model(**clip_inputs).logits_per_image for _ in range(2)]
+    assert torch.equal(*outputs[False])
+    assert not torch.allclose(*outputs[True])
+
+
+def test_class_incremental_presets_keep_the_noise_on_in_evaluation():
+    for name in ("cifar100-cil-10", "cifar100-cil-20", "cifar100-cil-50"):
+        assert preset_recipe(name)[MoEAdaptersArguments]["noisy_gating_eval"] is True
+
+
+def test_condu_first_cell_is_the_pretrained_model_as_the_official_evaluation(tmp_path, module_processor):
+    """ConDU evaluation.py lines 101 and 128: session 0 loads no task model, so (0, 0) is the pretrained model's."""
+    from hf_moe_cl.continual import ContinualTrainer
+    from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+
+    from conftest import colour_task, continual_args, tiny_clip
+
+    results = {}
+    for first_cell in ("task", "pretrained"):
+        method = ConDU(tiny_clip(), ConDUArguments(condu_first_cell=first_cell, condu_prototype_images="plain"), rank=4)
+        args = continual_args(tmp_path / first_cell, max_steps=3, learning_rate=5e-2, seed=5)
+        trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+        task = colour_task("first", seed=0)
+        zero_shot = trainer._pretrained_accuracies([task])
+        results[first_cell] = (trainer.train_tasks([task]).accuracy_matrix[0][0], zero_shot)
+    assert results["pretrained"][1] == {0: results["pretrained"][0]}  # the cell is the pretrained accuracy
+    assert results["task"][1] == {}  # the task's own model: the pretrained one is not even measured
+    assert ConDU(tiny_clip(), ConDUArguments(condu_first_cell="pretrained"), rank=4).cell_route(1, 0) == 0
+
+
+def test_condu_prototypes_average_the_whole_augmented_training_set(tmp_path, module_processor, monkeypatch):
+    """few_shot_finetune.py lines 181-197: prototypes over `dataset.train_loader` (train_preprocess, every image)."""
+    from hf_moe_cl.continual import ContinualTrainer
+    from hf_moe_cl.continual.data import RandomResizedCrop
+    from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+    from hf_moe_cl.data.splits import few_shot_subset
+
+    from conftest import colour_task, continual_args, tiny_clip
+
+    task = colour_task("first", seed=0)
+    task.full_train_dataset, task.train_dataset = task.train_dataset, few_shot_subset(task.train_dataset, 1, 42)
+    method = ConDU(tiny_clip(), ConDUArguments(), rank=4)
+    trainer = ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=1), processing_class=module_processor)
+    loader = method._prototype_loader(trainer, task)
+    assert len(loader.dataset) == len(task.full_train_dataset) > len(task.train_dataset)
+    assert isinstance(loader.collate_fn.augment, RandomResizedCrop)
+    plain = ConDU(tiny_clip(), ConDUArguments(condu_prototype_images="plain"), rank=4)._prototype_loader(trainer, task)
+    assert len(plain.dataset) == len(task.train_dataset) and plain.collate_fn.augment is None
+
+
+def test_presets_keep_the_official_global_batch_over_several_processes():
+    from hf_moe_cl.benchmark.recipes import per_device_batch
+
+    assert [per_device_batch(64, n) for n in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    assert per_device_batch(128, 4) == 32
+    import pytest
+
+    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+        per_device_batch(64, 3)
+
+
+def test_apply_recipe_splits_the_batch_over_the_world_size_unless_the_user_set_it(tmp_path, monkeypatch):
+    from hf_moe_cl.benchmark.recipes import apply_recipe
+    from hf_moe_cl.continual import ContinualTrainingArguments
+
+    monkeypatch.setattr(ContinualTrainingArguments, "world_size", property(lambda self: 4))
+    training = ContinualTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    (resolved,) = apply_recipe("mtil-order-1", [training], explicit=set())
+    assert resolved.per_device_train_batch_size == 16
+    training = ContinualTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                          per_device_train_batch_size=64)
+    (resolved,) = apply_recipe("mtil-order-1", [training], explicit={"per_device_train_batch_size"})
+    assert resolved.per_device_train_batch_size == 64  # the user's own choice: 64 per device, 256 in all
+
+
+def test_print_recipe_prints_every_resolved_argument_as_json(capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import mtil
+
+    mtil.main(["--preset", "fewshot-mtil-order-1", "--print_recipe", "--ddas_threshold", "0.0585"])
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["ddas_threshold"] == 0.0585  # yours wins
+    assert (resolved["ddas_learning_rate"], resolved["ddas_reference_shots"], resolved["max_steps"]) == (0.003, 5, 500)
+    assert (resolved["per_device_train_batch_size"], resolved["condu_first_cell"]) == (64, "pretrained")
+    assert {"learning_rate", "num_experts", "condu_fine_tune", "method", "preset"} <= set(resolved)
+
+
+def test_result_metrics_come_from_the_protocol_matrix_when_the_run_has_one():
+    from hf_moe_cl.benchmark.metrics import mtil_metrics
+    from hf_moe_cl.continual.result import ContinualResult
+
+    oracle = [[80.0, 10.0], [70.0, 90.0]]
+    protocol = [[60.0, 20.0], [50.0, 40.0]]
+    with_protocol = ContinualResult(["a", "b"], {"oracle": oracle, "protocol": protocol})
+    assert with_protocol.headline == "protocol" and with_protocol.metrics == mtil_metrics(protocol)
+    without = ContinualResult(["a", "b"], {"oracle": oracle})
+    assert without.headline == "oracle" and without.metrics == mtil_metrics(oracle)
