@@ -100,7 +100,7 @@ def test_set_autoencoder_refuses_bad_input():
         selector.set_autoencoder(0, FeatureAutoencoder(2, 2, False))
     with pytest.raises(ValueError, match="out of range"):
         selector.set_autoencoder(1, FeatureAutoencoder(2, 2, False), threshold=0.1)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match="feature_dim 2, hidden_dim 2"):
         selector.set_autoencoder(0, FeatureAutoencoder(3, 2, False), threshold=0.1)
 
 

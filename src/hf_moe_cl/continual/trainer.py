@@ -188,10 +188,10 @@ class ContinualTrainer(Trainer):
     def _evaluate_stage(self, index: int, tasks: list[ContinualTask], matrices: dict, histograms: dict,
                         pretrained: dict[int, float]) -> dict[str, int]:
         """One row of every matrix after task `index`, each task's cells from one pass over its test set (see
-        `EvaluationEngine`); returns the image encodings it ran. An unseen task whose route is None (the method's
+        `EvaluationEngine`); returns the image encodings run since the last stage (the first stage's include the
+        pretrained model's cells). An unseen task whose route is None (the method's
         own selection) takes its per-image cell."""
         method, classifier, engine = self.method, self.classifier(), self.engine
-        before = dict(engine.encodings)
         rows = {kind: [] for kind in matrices}
         for j, other in enumerate(tasks):
             oracle, reuse = None, None
@@ -218,7 +218,8 @@ class ContinualTrainer(Trainer):
             matrices[kind].append([cell.accuracy for cell in rows[kind]])
             histograms[kind].append([cell.histogram for cell in rows[kind]])
             self._report(f"{kind}_accuracy", tasks, matrices[kind][-1])
-        return {name: engine.encodings[name] - before[name] for name in before}
+        counted, self._encodings_mark = self._encodings_mark, dict(engine.encodings)
+        return {name: engine.encodings[name] - counted[name] for name in counted}
 
     def _report(self, prefix: str, tasks: list[ContinualTask], row: list[Optional[float]]) -> None:
         values = {f"{prefix}/{task.name}": value for task, value in zip(tasks, row) if value is not None}
@@ -327,6 +328,7 @@ class ContinualTrainer(Trainer):
             self.method.restore_diagnostics(progress.get("diagnostics", {}))
             logger.info("Resuming after task %d/%d (%s) from %s.", progress["finished_task"] + 1, len(tasks),
                         names[progress["finished_task"]], self.args.output_dir)
+        self._encodings_mark = dict(self.engine.encodings)
         pretrained = self._pretrained_accuracies(tasks)
         for index in range(start, len(tasks)):
             task = tasks[index]
