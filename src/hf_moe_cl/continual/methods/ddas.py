@@ -6,6 +6,7 @@ lives in the adapter (`hf_moe_cl.tuners.moe_lora.selector`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -60,6 +61,20 @@ class DDASArguments:
             raise ValueError(f"ddas_feature_extractor must be 'clip' or 'alexnet', got {self.ddas_feature_extractor!r}.")
         if self.ddas_feature_extractor == "alexnet" and self.ddas_feature_layer is not None:
             raise ValueError("ddas_feature_layer selects CLIP blocks; it cannot be used with the AlexNet extractor.")
+        counts = {"ddas_hidden_dim": (self.ddas_hidden_dim, 1), "ddas_task_steps": (self.ddas_task_steps, 1),
+                  "ddas_reference_steps": (self.ddas_reference_steps, 1), "ddas_max_images": (self.ddas_max_images, 1)}
+        for name, (value, low) in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        numbers = {"ddas_learning_rate": (self.ddas_learning_rate, "a finite positive number", lambda v: v > 0),
+                   "ddas_quantile": (self.ddas_quantile, "a number in (0, 1]", lambda v: 0 < v <= 1),
+                   "ddas_threshold": (self.ddas_threshold, "None or a finite number >= 0", lambda v: v >= 0)}
+        for name, (value, wanted, valid) in numbers.items():
+            if value is None and name == "ddas_threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not valid(value):
+                raise ValueError(f"`{name}` must be {wanted}, got {value!r}.")
 
 
 class DDASSelection:
