@@ -122,7 +122,10 @@ def parse_args(argv: list[str]):
         sys.exit(0)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_as_argv(argv[0]) + argv[1:]
-    *groups, training = parser.parse_args_into_dataclasses(args=argv)
+    *groups, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (options are spelled out in full, never "
+                     "abbreviated; --help lists them).")
     explicit = explicit_fields(argv)
     for name in sorted(explicit & set(REFUSED)):
         parser.error(f"--{name} is not used by this script: {REFUSED[name]}.")

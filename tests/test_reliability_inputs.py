@@ -247,3 +247,259 @@ def test_an_impossible_progress_file_is_named(tmp_path, clip_processor, edit, me
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     with pytest.raises(ValueError, match=f"continual_progress.json: .*{message}.*was it edited"):
         run(tmp_path, clip_processor, tasks=tasks, resume=True)
+
+
+# ----- task definitions ----------------------------------------------------------------------------------------------
+def image_split(labels, image=None, features=None):
+    image = image or Image.new("RGB", (8, 8), (10, 20, 30))
+    return Dataset.from_dict({"image": [image] * len(labels), "label": labels}, features=features)
+
+
+def simple_task(**changes):
+    task = ContinualTask("t", image_split([0, 1, 2]), image_split([0, 1, 2]), ["red", "green", "blue"])
+    for key, value in changes.items():
+        setattr(task, key, value)
+    return task
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(classnames="rgb"), "`classnames` must be a list of class names .* got str 'rgb'; a string would make one "
+                             "class per character"),
+    (dict(classnames={"red": 0}), "`classnames` must be a list"),
+    (dict(templates="a photo of {}."), "`templates` must be a non-empty list"),
+    (dict(templates=[]), "`templates` must be a non-empty list"),
+    (dict(templates=["{} and {}"]), "has 2 fields"),
+    (dict(templates=["a photo of {name}."]), r"has the field \{name\}"),
+    (dict(templates=["a photo of {0}."]), r"has the field \{0\}"),
+    (dict(templates=["a photo of {!r}."]), "a named, numbered or formatted field"),
+    (dict(templates=["a photo of {:>5}."]), "a named, numbered or formatted field"),
+    (dict(templates=["a photo of {."]), "does not parse"),
+    (dict(templates=["no slot"]), "has no '{}'"),
+    (dict(templates=[None]), "is a NoneType, not a string"),
+    (dict(train_classes=[]), "`train_classes` must be a non-empty list of distinct class indices in 0..2"),
+    (dict(train_classes=[0, 3]), "`train_classes` must be"),
+    (dict(train_classes=[0, 0]), "`train_classes` must be"),
+    (dict(train_classes=[True]), "`train_classes` must be"),
+    (dict(train_classes="01"), "`train_classes` must be"),
+    (dict(train_classes=[0, 1.0]), "`train_classes` must be"),
+    (dict(train_dataset=image_split([0, None, 2])), "1 train example.s. have no label .None., the first at index 1"),
+    (dict(eval_dataset=image_split([None, 1, 2])), "1 eval example.s. have no label"),
+])
+def test_bad_task_definitions_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        simple_task(**change).validate()
+
+
+def test_escaped_braces_in_a_template_are_fine():
+    simple_task(templates=["{{a}} photo of {}."]).validate()
+    assert simple_task().prompts("{{a}} {}") == ["{a} red", "{a} green", "{a} blue"]
+
+
+def class_label_split(names):
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=names)})
+    return image_split([0, 1, 2], features=features)
+
+
+@pytest.mark.parametrize("names, message", [
+    (["blue", "red", "green"], r"label 0 is 'blue' there but classnames\[0\] is 'red'"),
+    (["Red", "Blue", "Green"], r"label 1 is 'Blue' there but classnames\[1\] is 'green'"),
+    (["red", "green", "blue"], None),
+    (["n01", "n02", "n03"], None),  # other names (e.g. WordNet ids): nothing to compare
+])
+def test_class_labels_in_another_order_than_the_class_names_are_refused(names, message):
+    task = simple_task(train_dataset=class_label_split(names), eval_dataset=class_label_split(names))
+    if message is None:
+        task.validate()
+        return
+    with pytest.raises(ValueError, match=f"ClassLabel names are the task's class names in another order .*{message}"):
+        task.validate()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_or_infinite_pixels_are_refused(value):
+    pixels = np.full((8, 8), 0.5, dtype=np.float32)
+    pixels[2, 3] = value
+    bad = Image.fromarray(pixels, mode="F")
+    with pytest.raises(ValueError, match="F image has .* pixel value.s.; they have no colour"):
+        to_rgb(bad)
+    images = [Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F")] * 3 + [bad]
+    task = simple_task(eval_dataset=Dataset.from_dict({"image": images, "label": [0, 1, 2, 0]}))
+    with pytest.raises(ValueError, match=r"eval split: 1 image\(s\) cannot be decoded, the first at index 3 "
+                                         r"\(ValueError: A F image has"):
+        task.validate(check_images=True)
+
+
+def test_class_names_cut_to_the_same_prompt_are_refused_before_training(tmp_path, clip_processor):
+    task = colour_task("long")
+    task.classnames = ["redredredredredred", "redredredredredreg", "blue"]  # equal in the first 16 tokens
+    model = moe_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="the classes 'redredredredredred' and 'redredredredredreg' give the same "
+                                         "tokens with the template 'a photo of {}.' .* cuts prompts at 16 tokens"):
+        run(tmp_path, clip_processor, tasks=[task], model=model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(tmp_path.glob("task-*"))
+
+
+def test_a_nan_base_weight_is_named_before_training(tmp_path, clip_processor):
+    model = moe_model()
+    with torch.no_grad():
+        model.base_model.model.vision_model.post_layernorm.weight[3] = math.nan
+    with pytest.raises(ValueError, match="vision_model.post_layernorm.weight holds NaN or infinite values before any "
+                                         "training: the base model .* is damaged"):
+        run(tmp_path, clip_processor, model=model)
+    assert not any(tmp_path.glob("task-*"))
+
+
+# ----- options -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, message", [
+    ("ddas_quantile", 2.0, r"`ddas_quantile` must be a number in \(0, 1\], got 2.0"),
+    ("ddas_quantile", 0.0, "`ddas_quantile` must be a number in"),
+    ("ddas_quantile", math.nan, "`ddas_quantile` must be a number in"),
+    ("ddas_learning_rate", -1e-3, "`ddas_learning_rate` must be a finite positive number"),
+    ("ddas_learning_rate", math.inf, "`ddas_learning_rate` must be a finite positive number"),
+    ("ddas_threshold", math.nan, "`ddas_threshold` must be None or a finite number >= 0, got nan"),
+    ("ddas_threshold", -0.1, "`ddas_threshold` must be None or a finite number >= 0"),
+    ("ddas_threshold", "0.06", "`ddas_threshold` must be None or a finite number"),
+    ("ddas_max_images", 0, "`ddas_max_images` must be an integer >= 1, got 0"),
+    ("ddas_hidden_dim", 0, "`ddas_hidden_dim` must be an integer >= 1"),
+    ("ddas_task_steps", 0, "`ddas_task_steps` must be an integer >= 1"),
+    ("ddas_reference_steps", 1.5, "`ddas_reference_steps` must be an integer >= 1"),
+    ("ddas_max_images", True, "`ddas_max_images` must be an integer"),
+])
+def test_ddas_options_out_of_range_are_refused(option, value, message):
+    from hf_moe_cl.continual.methods import DDASArguments
+
+    with pytest.raises(ValueError, match=message):
+        DDASArguments(ddas=True, **{option: value})
+
+
+def test_missing_alexnet_weights_fail_before_the_first_task(tmp_path, clip_processor):
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+
+    from conftest import noise_images
+
+    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_alexnet_weights=str(tmp_path / "no.pth"),
+                         ddas_task_steps=2, ddas_reference_steps=2)
+    method = MoEAdapters(moe_model(), ddas=ddas, ddas_reference=noise_images(4, 0))
+    trainer = ContinualTrainer(method=method, args=continual_args(tmp_path / "run"), processing_class=clip_processor)
+    with pytest.raises(OSError, match=r"ddas_alexnet_weights='.*no.pth'\) cannot be loaded: .*pass its path"):
+        trainer.train_tasks(tasks_named("first", "second"))
+    assert not any((tmp_path / "run").glob("task-*"))
+
+
+def mtil_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtil_example", os.path.join(os.path.dirname(SRC), "examples",
+                                                                                "mtil.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_step", "1"], "unrecognized arguments: --max_step 1"),
+    (["--per_device_train_batch", "4"], "unrecognized arguments: --per_device_train_batch 4"),
+    (["--learning_rat", "1e-3"], "unrecognized arguments"),
+    (["--method", "condu", "--ddas", "true"], "--ddas true applies to --method moe-adapters; condu does not use"),
+    (["--method", "lora", "--ddas", "true"], "--ddas true applies to --method moe-adapters"),
+])
+def test_example_refuses_abbreviated_flags_and_ddas_without_a_selector(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        mtil_example().parse_args(["--output_dir", str(tmp_path), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_explicit_task_learning_rates_are_not_overwritten_silently(tmp_path):
+    from hf_moe_cl.benchmark.experiment import MethodArguments, prepare_method
+
+    args = continual_args(tmp_path, task_learning_rates=[1e-3, 2e-3])
+    with pytest.raises(ValueError, match="task_learning_rates and use_task_learning_rates=False disagree"):
+        prepare_method(MethodArguments(method="zero-shot", use_task_learning_rates=False), tiny_clip(),
+                       tasks_named("a", "b"), args)
+    _, kept = prepare_method(MethodArguments(method="zero-shot"), tiny_clip(), tasks_named("a", "b"), args)
+    assert kept.task_learning_rates == [1e-3, 2e-3]
+
+
+# ----- task ids ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task_ids", [
+    torch.tensor([[0, 1], [1, 0]]), torch.tensor([], dtype=torch.long), torch.zeros(4, dtype=torch.long,
+                                                                                    device="meta"),
+    torch.tensor([[0, 1, 1, 0]]),
+])
+def test_task_ids_of_another_shape_or_without_values_are_refused(task_ids, clip_inputs):
+    with pytest.raises(ValueError, match=r"task_ids must be a non-empty 1-D tensor with values .* got shape"):
+        moe_model(num_tasks=3).eval()(**clip_inputs, task_ids=task_ids)
+
+
+# ----- saved ConDU files ---------------------------------------------------------------------------------------------
+def condu_save(folder):
+    from hf_moe_cl.condu.checkpoint import model_fingerprint, save_folder
+    from hf_moe_cl.condu.store import DeltaStore
+
+    generator = torch.Generator().manual_seed(0)
+    store = DeltaStore("official")
+    for t in range(2):
+        store.add_task({"w": torch.randn(4, 6, generator=generator)},
+                       {"image_mean": torch.randn(3, 16, generator=generator)},
+                       {"name": f"task{t}", "classnames": ["a", "b", "c"], "templates": ["{}"]})
+    save_folder(folder, store, model_fingerprint(tiny_clip()), {"arguments": {}})
+    return folder
+
+
+def edit_condu_config(folder, edit):
+    path = folder / "condu_config.json"
+    header = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(header)))
+
+
+def rewrite_triggers(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "condu_triggers.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def drop_last_task(header):
+    header["tasks"] = header["tasks"][:1]
+    return header
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: edit_condu_config(f, lambda h: [h]), "should hold a JSON object .* not a list"),
+    (lambda f: (f / "condu_config.json").write_text('{"format": '), "condu_config.json is not valid JSON"),
+    (lambda f: edit_condu_config(f, lambda h: {k: v for k, v in h.items() if k != "tasks"}), r"it lacks \['tasks'\]"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "shapes": {"w": "4x6"}}), "`shapes` must map tensor names"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "fine_tune": "half"}), "fine_tune is 'half'"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "tasks": []}), "`tasks` must be a non-empty list"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "tasks": [{**h["tasks"][0], "rescaler": math.nan},
+                                                              h["tasks"][1]]}),
+     r"tasks\[0\] must be an object with a finite `rescaler`"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "tasks": [{**h["tasks"][0], "classnames": "abc"},
+                                                              h["tasks"][1]]}),
+     r"tasks\[0\].classnames must be a list of strings"),
+    (lambda f: edit_condu_config(f, drop_last_task), r"lists 1 task\(s\) but condu_triggers.safetensors holds "
+                                                     r"triggers of tasks \[0, 1\]"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.1.image_mean": torch.zeros(3, 8)})),
+     r"prototype.1.image_mean has shape \(3, 8\), not \(3, 16\)"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.0.image_mean": torch.zeros(2, 16)})),
+     r"prototype.0.image_mean has shape \(2, 16\), not \(3, 16\)"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.0.image_mean": torch.full((3, 16), math.nan)})),
+     "holds prototype.0.image_mean of dtype torch.float32 with non-finite"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.0.image_mean": torch.zeros(3, 16,
+                                                                                            dtype=torch.int32)})),
+     "holds prototype.0.image_mean of dtype torch.int32"),
+])
+def test_a_damaged_condu_save_is_named(tmp_path, damage, message):
+    from hf_moe_cl.condu.checkpoint import load_folder, model_fingerprint
+
+    folder = condu_save(tmp_path / "save")
+    store, _ = load_folder(folder, model_fingerprint(tiny_clip()))  # intact: loads
+    assert store.num_tasks == 2
+    damage(folder)
+    with pytest.raises(ValueError, match=message):
+        load_folder(folder, model_fingerprint(tiny_clip()))
