@@ -503,3 +503,42 @@ def test_a_damaged_condu_save_is_named(tmp_path, damage, message):
     damage(folder)
     with pytest.raises(ValueError, match=message):
         load_folder(folder, model_fingerprint(tiny_clip()))
+
+
+# ----- saved adapter files -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]},  # 4 elements need 16 bytes
+    {"dtype": "F16", "shape": [3], "data_offsets": [0, 8]},
+    {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]},
+    {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+    {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},
+])
+def test_a_safetensors_header_whose_tensor_does_not_fit_its_offsets_is_named(tmp_path, entry):
+    from hf_moe_cl.files import check_safetensors_file
+
+    path = tmp_path / "adapter_model.safetensors"
+    raw = json.dumps({"w": entry}).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(16))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors has a malformed safetensors header: tensor 'w' "
+                                         r"\(dtype .*\) does not fit its data offsets"):
+        check_safetensors_file(path)
+
+
+@pytest.mark.parametrize("task_info", [
+    "first", [{"name": 3, "classnames": ["a"], "templates": ["{}"]}], [{"name": "a", "classnames": "ab",
+                                                                         "templates": ["{}"]}],
+    [{"name": "a"}], [None, None, None], [["a", ["b"], ["{}"]]],
+])
+def test_a_task_info_of_the_wrong_type_or_length_is_named(tmp_path, task_info):
+    from peft import PeftModel
+
+    from hf_moe_cl import MoELoraConfig
+
+    with pytest.raises(ValueError, match="`task_info` must be a list of at most num_tasks=2 entries"):
+        MoELoraConfig(num_tasks=2, task_info=task_info)
+    moe_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "task_info": task_info}))
+    with pytest.raises(ValueError, match="`task_info` must be .* the file was damaged or edited"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
