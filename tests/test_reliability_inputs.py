@@ -542,3 +542,26 @@ def test_a_task_info_of_the_wrong_type_or_length_is_named(tmp_path, task_info):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "task_info": task_info}))
     with pytest.raises(ValueError, match="`task_info` must be .* the file was damaged or edited"):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
+
+
+def test_an_unreadable_lock_is_not_taken_over(tmp_path, clip_processor):
+    (tmp_path / LOCK_FILE).write_text("")  # e.g. written by a tool that crashed; no pid to check
+    with pytest.raises(RuntimeError, match=r"in use by another run: an unknown process \(the lock file is unreadable\)"):
+        run(tmp_path, clip_processor)
+
+
+def test_task_ids_for_another_batch_size_are_refused(clip_inputs):
+    with pytest.raises(ValueError, match="3 task ids were given for a batch of 4 samples"):
+        moe_model(num_tasks=3).eval()(**clip_inputs, task_ids=torch.tensor([0, 1, 2]))
+
+
+def test_a_safetensors_file_of_every_common_dtype_passes_the_check(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_moe_cl.files import check_safetensors_file
+
+    tensors = {"bf16": torch.zeros(3, 2, dtype=torch.bfloat16), "empty": torch.zeros(0, 4), "scalar": torch.tensor(1.),
+               "bool": torch.zeros(5, dtype=torch.bool), "int": torch.zeros(2, 3, dtype=torch.int64),
+               "fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    save_file(tensors, str(tmp_path / "ok.safetensors"))
+    check_safetensors_file(tmp_path / "ok.safetensors")  # no false refusal
