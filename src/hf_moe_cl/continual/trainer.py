@@ -282,19 +282,26 @@ class ContinualTrainer(Trainer):
                                  "(or the adapter it continues) is damaged. Load it again from its source.")
 
     def _check_prompts_differ(self, task: ContinualTask) -> None:
-        """Class names whose prompts are the same tokens (e.g. cut at the tokenizer's length) cannot be told apart."""
+        """Class names whose prompts are the same tokens (cut at the tokenizer's length) under every template cannot
+        be told apart: refused. The same under some templates only: a warning (those templates do not separate them,
+        the average over all templates still does)."""
+        tokenizer = self.processing_class.tokenizer
+        same: dict[tuple[int, int], list[str]] = {}
         for template in task.templates:
-            ids = tokenize_prompts(self.processing_class.tokenizer, [template.format(c) for c in task.classnames])
-            seen: dict[tuple, int] = {}
-            for i, row in enumerate(ids["input_ids"].tolist()):
-                other = seen.setdefault(tuple(row), i)
+            ids = tokenize_prompts(tokenizer, [template.format(c) for c in task.classnames])["input_ids"].tolist()
+            first: dict[tuple, int] = {}
+            for i, row in enumerate(ids):
+                other = first.setdefault(tuple(row), i)
                 if other != i:
-                    raise ValueError(
-                        f"Task {task.name!r}: the classes {task.classnames[other]!r} and {task.classnames[i]!r} give "
-                        f"the same tokens with the template {template!r} (the tokenizer cuts prompts at "
-                        f"{self.processing_class.tokenizer.model_max_length} tokens), so they cannot be told apart. "
-                        "Shorten the class names or the template."
-                    )
+                    same.setdefault((other, i), []).append(template)
+        for (a, b), templates in same.items():
+            names = f"the classes {task.classnames[a]!r} and {task.classnames[b]!r}"
+            cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens"
+            if len(templates) == len(task.templates):
+                raise ValueError(f"Task {task.name!r}: {names} give the same tokens with every template ({cut}), so "
+                                 "they cannot be told apart. Shorten the class names or the templates.")
+            logger.warning("Task %r: %s give the same tokens with %d of %d templates (%s), e.g. %r.", task.name, names,
+                           len(templates), len(task.templates), cut, templates[0])
 
     def _prepare_output_dir(self, tasks: list[ContinualTask], run: dict, resume: bool) -> tuple[int, Optional[dict]]:
         """(first task to run, progress of the checkpoint resumed from); refuses to mix runs in one folder."""
