@@ -1,8 +1,12 @@
-"""Train-step time, trainable parameters and training memory of MoE-LoRA against peft LoRA and full fine-tuning.
+"""Train-step time, dispatched ops, trainable parameters and training memory of MoE-LoRA against peft LoRA and full
+fine-tuning, each eager and (with --compile) under torch.compile.
 
 Everything is measured in one run on the same batch, so the printed ratios compare like with like:
     python benchmarks/step_time.py [--assets_dir ../shared/assets] [--batch_size 64] [--steps 20] [--device cpu]
+                                   [--bf16] [--compile]
 --model vit-b16-random times a randomly initialised CLIP of the paper's size (use a small --batch_size on CPU).
+"ops" counts the top-level aten ops one train step dispatches (forward, backward and AdamW; torch.profiler on the
+CPU side), the launch overhead a GPU pays per step in eager mode.
 On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
 included, the other models' not); on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
 """
@@ -17,6 +21,7 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 from models import MODELS, load_model, vit_b16_config
+from profiling import aten_ops
 from transformers import CLIPModel, CLIPTokenizer
 
 from hf_moe_cl import MoELoraConfig
@@ -37,14 +42,22 @@ def make_batch(path, batch_size, image_size, device):
 AUTOCAST = {"enabled": False}
 
 
-def train_step(model, optimizer, pixels, text, labels):
+def step_loss(model, pixels, text, labels):
+    """The trainer's loss: image-to-prompt cross-entropy with label smoothing, the text tower run with gradients."""
     with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=AUTOCAST["enabled"]):
         image = model.get_image_features(pixel_values=pixels).pooler_output.float()
         texts = model.get_text_features(**text).pooler_output.float()
     image = torch.nn.functional.normalize(image, dim=-1)
     texts = torch.nn.functional.normalize(texts, dim=-1)
     logits = model.logit_scale.exp() * image @ texts.T
-    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+
+
+LOSSES = {}  # model id -> its loss function (the compiled one for a compiled variant)
+
+
+def train_step(model, optimizer, pixels, text, labels):
+    loss = LOSSES.get(id(model), step_loss)(model, pixels, text, labels)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -106,6 +119,7 @@ def measure_all(models, batch, steps, device):
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "step_s": statistics.median(times[name]),
             "memory": training_memory(model, optimizers[name], batch, device),
+            "ops": aten_ops(lambda m=model, o=optimizers[name]: train_step(m, o, *batch)),
         }
         for name, model in models.items()
     }
@@ -126,6 +140,8 @@ def main():
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the weights stay fp32, as Trainer's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every variant's train step under torch.compile (forward and backward)")
     parser.add_argument(
         "--model",
         choices=MODELS,
@@ -154,12 +170,19 @@ def main():
             copy.deepcopy(base), MoELoraConfig(r=args.rank, num_experts=2)
         ),
     }
-    results = measure_all({name: build() for name, build in candidates.items()}, batch, args.steps, device)
+    models = {name: build() for name, build in candidates.items()}
+    if args.compile:
+        for name, build in candidates.items():
+            twin = build()
+            LOSSES[id(twin)] = torch.compile(step_loss)
+            models[f"{name} compiled"] = twin
+    results = measure_all(models, batch, args.steps, device)
     print(f"model={args.model} device={device} batch={args.batch_size} rank={args.rank} steps={args.steps} "
           f"precision={'bf16 autocast' if args.bf16 else 'fp32'} (median step time, models interleaved)")
-    print(f"{'method':34s} {'trainable':>10s} {'step ms':>9s} {'memory MiB':>11s}")
+    print(f"{'method':43s} {'trainable':>10s} {'step ms':>9s} {'memory MiB':>11s} {'ops':>6s}")
     for r in results.values():
-        print(f"{r['name']:34s} {r['trainable']:10,d} {1000 * r['step_s']:9.1f} {r['memory'] / 2**20:11.1f}")
+        print(f"{r['name']:43s} {r['trainable']:10,d} {1000 * r['step_s']:9.1f} {r['memory'] / 2**20:11.1f} "
+              f"{r['ops']:6d}")
 
     def ratio(a, b, key):
         return results[a][key] / results[b][key]
@@ -170,6 +193,12 @@ def main():
     print(f"step time  MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'step_s'):.2f}")
     print(f"step time  MoE(22) / MoE(2), blocks             : {ratio(moe22, moe2, 'step_s'):.2f}  (target <= 1.1)")
     print(f"step time  MoE-Adapters(22) / full fine-tune     : {ratio(moe22, full, 'step_s'):.2f}  (target <= 0.7)")
+    print(f"ops        MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'ops'):.2f}")
+    if args.compile:
+        print(f"step time  compiled MoE-Adapters(22) / peft LoRA  : "
+              f"{ratio(moe22 + ' compiled', lora + ' compiled', 'step_s'):.2f}  (both compiled)")
+        print(f"step time  compiled MoE-Adapters(22) / full FT    : "
+              f"{ratio(moe22 + ' compiled', full + ' compiled', 'step_s'):.2f}  (both compiled)")
     print(f"memory     MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'memory'):.2f}")
     print(f"memory     MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'memory'):.2f}")
     print(f"paper setting (ViT-B/16 config, 11 tasks): {paper_parameter_count():,d} trainable MoE parameters "

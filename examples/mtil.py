@@ -36,7 +36,8 @@ from hf_moe_cl.benchmark.metrics import class_incremental_metrics
 from hf_moe_cl.benchmark.recipes import TINY_IMAGENET, apply_recipe
 from hf_moe_cl.benchmark.reporting import write_result_report
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
-from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments
+from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments, get_method
+from hf_moe_cl.continual.methods.ddas import DDASSelection
 from hf_moe_cl.data.check import check_data
 from hf_moe_cl.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
@@ -110,23 +111,32 @@ def config_as_argv(path: str) -> list[str]:
 
 
 def parse_args(argv: list[str]):
-    library = HfArgumentParser(LIBRARY_GROUPS, usage="%(prog)s [config.yaml|config.json] [--option value ...]")
+    # No abbreviations: `--max_step 1` would set max_steps, yet not count as given, so the preset would override it.
+    library = HfArgumentParser(LIBRARY_GROUPS, usage="%(prog)s [config.yaml|config.json] [--option value ...]",
+                               allow_abbrev=False)
     if "-h" in argv or "--help" in argv:
         library.print_help()
         print("\nTraining arguments: the ContinualTrainingArguments (a transformers TrainingArguments), e.g. "
               "--output_dir, --max_steps (steps per task), --learning_rate, --per_device_train_batch_size, --seed, "
               "--bf16, --log_level, --push_to_hub, --hub_model_id; --help_all lists them all.")
         sys.exit(0)
-    parser = HfArgumentParser(LIBRARY_GROUPS + (ContinualTrainingArguments,))
+    parser = HfArgumentParser(LIBRARY_GROUPS + (ContinualTrainingArguments,), allow_abbrev=False)
     if "--help_all" in argv:
         parser.print_help()
         sys.exit(0)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = config_as_argv(argv[0]) + argv[1:]
-    *groups, training = parser.parse_args_into_dataclasses(args=argv)
+    *groups, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (options are spelled out in full, never "
+                     "abbreviated; --help lists them).")
     explicit = explicit_fields(argv)
     for name in sorted(explicit & set(REFUSED)):
         parser.error(f"--{name} is not used by this script: {REFUSED[name]}.")
+    method, ddas = groups[1].method, groups[3]
+    if "ddas" in explicit and ddas.ddas and not issubclass(get_method(method), DDASSelection):
+        parser.error(f"--ddas true applies to --method moe-adapters; {method} does not use a DDAS selector (ConDU "
+                     "picks tasks by its own voting). Drop --ddas.")
     ignored = sorted(explicit & UNUSED)
     if ignored:
         logger.warning("Ignoring %s: this script trains and evaluates every task itself.",

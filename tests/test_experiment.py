@@ -4,12 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from transformers import CLIPModel
 
 from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
 from hf_moe_cl.continual import ContinualTrainingArguments
 
-from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer
+from conftest import colour_task, tiny_clip, tiny_clip_config, tiny_clip_processor, write_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +50,13 @@ def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
     """A YAML config overridden on the command line; --max_steps honoured over the preset's 200; the report, the
     task checkpoints, the library's log and a dry run of --push_to_hub."""
     model_dir = tmp_path / "model"
-    tiny_clip().save_pretrained(model_dir)
-    tiny_clip_processor(write_tiny_tokenizer(tmp_path)).save_pretrained(model_dir)
+    config = tiny_clip_config()
+    config.text_config.max_position_embeddings = 48  # prompts of real class names fit, as in CLIP's 77 tokens
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(model_dir)
+    tokenizer_dir = write_tiny_tokenizer(tmp_path)
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 48}))
+    tiny_clip_processor(tokenizer_dir).save_pretrained(model_dir)
     config = {"preset": "mini", "tasks": "mnist,dtd", "model_name_or_path": str(model_dir), "max_steps": 50,
               "method": "moe-adapters", "num_experts": 4, "rank": 4, "output_dir": str(tmp_path / "out"),
               "use_cpu": True, "per_device_eval_batch_size": 500, "warmup_steps": 1, "report_to": "none",

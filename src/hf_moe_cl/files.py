@@ -8,6 +8,7 @@ names it instead of a parser error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 FIX = "Delete it and save or download it again."
+# Bytes per element of the safetensors dtypes.
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8, "F8_E8M0": 1}
 
 
 def _fsync_directory(path: Path) -> None:
@@ -150,6 +154,17 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
     if malformed:
         raise ValueError(f"{path} has a malformed safetensors header (not a table of tensors with data offsets). "
                          f"{FIX}")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape, (start, end) = entry.get("shape"), entry["data_offsets"]
+        width = SAFETENSORS_DTYPE_BYTES.get(entry.get("dtype"))
+        valid_shape = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape)
+        if width is None or not valid_shape or not all(isinstance(o, int) and o >= 0 for o in (start, end)) \
+                or end - start != math.prod(shape) * width:
+            raise ValueError(f"{path} has a malformed safetensors header: tensor {key!r} (dtype {entry.get('dtype')!r}, "
+                             f"shape {shape!r}) does not fit its data offsets {entry['data_offsets']!r}. {FIX}")
     data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_size + data_end > size:
         raise ValueError(

@@ -45,6 +45,9 @@ def prepare_method(method_args: MethodArguments, base, tasks, args: ContinualTra
     initialisation does not depend on what ran before), every task at `learning_rate` unless the method's official
     per-task rates are wanted."""
     if not method_args.use_task_learning_rates:
+        if args.task_learning_rates is not None:
+            raise ValueError("task_learning_rates and use_task_learning_rates=False disagree: the latter trains every "
+                             "task at `learning_rate`. Drop one of them.")
         args = dataclasses.replace(args, task_learning_rates=[args.learning_rate] * len(tasks))
     set_seed(args.seed)
     return build_method(method_args, base, len(tasks), options, reference_images), args

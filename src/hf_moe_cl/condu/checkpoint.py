@@ -13,6 +13,7 @@ Nothing is pickled; every file is written to a staging folder and renamed into p
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
-from ..files import atomic_files, check_safetensors_file
+from ..files import FIX, atomic_files, check_safetensors_file, read_json_file
 from .store import DeltaStore
 
 FORMAT, VERSION = "hf-moe-cl/condu", 1
@@ -93,14 +94,51 @@ def read_header(folder: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no ConDU save ({CONFIG_FILE} is missing); write one with "
                                 "ConDU.save(folder).")
-    try:
-        header = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); save or download it again.") from None
+    header = read_json_file(path)
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} should hold a JSON object (the ConDU save's header), not a "
+                         f"{type(header).__name__}. {FIX}")
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ValueError(f"{path} is not a ConDU save this version reads (format {header.get('format')!r}, version "
                          f"{header.get('version')!r}; expected {FORMAT!r}, {VERSION}).")
+    problem = _header_problem(header)
+    if problem:
+        raise ValueError(f"{path} is damaged or was edited: {problem}. {FIX}")
     return header
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _header_problem(header: dict) -> Optional[str]:
+    """What is wrong with a condu_config.json of the right format, or None."""
+    missing = [key for key in ("fine_tune", "model", "rule", "tasks", "shapes") if key not in header]
+    if missing:
+        return f"it lacks {missing}"
+    if header["fine_tune"] not in ("lora", "full"):
+        return f"fine_tune is {header['fine_tune']!r}, not 'lora' or 'full'"
+    if not isinstance(header["model"], dict) or not isinstance(header["rule"], str):
+        return "`model` must be an object and `rule` a string"
+    shapes = header["shapes"]
+    if not isinstance(shapes, dict) or not shapes or not all(
+            isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+            for s in shapes.values()):
+        return "`shapes` must map tensor names to lists of sizes"
+    tasks = header["tasks"]
+    if not isinstance(tasks, list) or not tasks:
+        return "`tasks` must be a non-empty list"
+    for t, task in enumerate(tasks):
+        if not isinstance(task, dict) or not _is_number(task.get("rescaler")):
+            return f"tasks[{t}] must be an object with a finite `rescaler`, got {task!r:.80}"
+        if not isinstance(task.get("prototypes"), list) or not all(isinstance(k, str) for k in task["prototypes"]):
+            return f"tasks[{t}].prototypes must be a list of prototype kinds"
+        for key in ("classnames", "templates"):
+            if key in task and not (isinstance(task[key], list) and all(isinstance(v, str) for v in task[key])):
+                return f"tasks[{t}].{key} must be a list of strings"
+        if "name" in task and not isinstance(task["name"], str):
+            return f"tasks[{t}].name must be a string"
+    return None
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -141,4 +179,29 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
     store.tasks = [{k: task[k] for k in ("name", "classnames", "templates") if k in task} for task in tasks]
     store.prototypes = [{kind: tensor(triggers, f"prototype.{t}.{kind}") for kind in task["prototypes"]}
                         for t, task in enumerate(tasks)]
+    _check_tensors(folder, header, triggers, store)
     return store, header
+
+
+def _check_tensors(folder: Path, header: dict, triggers: dict, store: DeltaStore) -> None:
+    """The tensors agree with the header: one set of masks per listed task, float and finite values, prototypes of
+    one row per class and the model's width."""
+    tasks = header["tasks"]
+    saved = {int(key.split(".")[1]) for key in triggers if key.startswith(("mask.", "prototype."))}
+    if saved != set(range(len(tasks))):
+        raise ValueError(f"The ConDU save in {folder} is inconsistent: {CONFIG_FILE} lists {len(tasks)} task(s) but "
+                         f"{TRIGGERS_FILE} holds triggers of tasks {sorted(saved)}. {FIX}")
+    width = header["model"].get("projection_dim")
+    named = [(f"{n}", v) for n, v in list(store.unified_tensors.items()) + list(store.origin.items())]
+    for t, (task, means) in enumerate(zip(tasks, store.prototypes)):
+        for kind, value in means.items():
+            name = f"prototype.{t}.{kind}"
+            classes = len(task.get("classnames") or []) or value.shape[0]
+            if value.dim() != 2 or value.shape[0] != classes or (width is not None and value.shape[1] != width):
+                raise ValueError(f"The ConDU save in {folder} is inconsistent: {name} has shape {tuple(value.shape)}, "
+                                 f"not ({classes}, {width}) (one row per class of task {t}, the model's width). {FIX}")
+            named.append((name, value))
+    for name, value in named:
+        if not value.dtype.is_floating_point or not torch.isfinite(value).all():
+            raise ValueError(f"The ConDU save in {folder} holds {name} of dtype {value.dtype} with non-finite or "
+                             f"non-float values. {FIX}")

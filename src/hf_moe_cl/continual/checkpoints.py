@@ -9,23 +9,46 @@ whether the task's row of the matrices was evaluated; resuming refuses a folder 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import os
 import re
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from ..files import atomic_folder, is_temporary, read_json_file, write_json_atomic
+import torch
+
+from ..files import atomic_folder, is_temporary, read_json_file, temporary_sibling, write_json_atomic
+
+logger = logging.getLogger("hf_moe_cl")
 
 PROGRESS_FILE = "continual_progress.json"
+LOCK_FILE = ".run.lock"
 TASK_FOLDER = re.compile(r"task-(\d+)-(.+)")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def task_folder(output_dir: str | Path, index: int, name: str) -> Path:
+    """`output_dir/task-NN-name`: the task's name when it is a plain file name (letters, digits, `.`, `_`, `-`; at
+    most 64), else a slug of it and a hash of the whole name (`task-00-org-dataset-1a2b3c4d`), so no name can leave
+    `output_dir` and the folder is the same at every resume."""
+    if not SAFE_NAME.fullmatch(name) or name.endswith("."):
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_")[:40]
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = f"{slug}-{digest}" if slug else digest
     return Path(output_dir) / f"task-{index:02d}-{name}"
 
 
 def jsonable(value: Any) -> Any:
     """`value` with sets sorted into lists, tuples as lists and dataclasses as dicts, for comparison as JSON."""
+    if isinstance(value, enum.Enum):  # transformers' option enums (OptimizerNames, SchedulerType) as their values
+        value = value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if isinstance(value, dict):
@@ -81,22 +104,68 @@ def remove_temporary(output_dir: str | Path) -> None:
 
 
 def read_progress(folder: Path) -> dict:
-    progress = read_json_file(folder / PROGRESS_FILE)
+    """The progress file of a task folder, checked: a value that no run writes is named with its file."""
+    path = folder / PROGRESS_FILE
+    progress = read_json_file(path)
     if not isinstance(progress, dict) or "finished_task" not in progress or "run" not in progress:
-        raise ValueError(f"{folder / PROGRESS_FILE} is not a continual progress file of this version (no "
+        raise ValueError(f"{path} is not a continual progress file of this version (no "
                          "`finished_task` / `run`). Use another output_dir, or overwrite_output_dir=True to start over.")
+    problem = _progress_problem(progress, int(TASK_FOLDER.fullmatch(folder.name).group(1)))
+    if problem:
+        raise ValueError(f"{path}: {problem}; no run writes that (was it edited?). Delete {folder.name} to retrain "
+                         "from the task before it, use another output_dir, or overwrite_output_dir=True to start over.")
     return progress
 
 
-def check_same_run(folder: Path, progress: dict, run: dict) -> None:
-    """Refuse to resume from a checkpoint of another run, naming what differs."""
-    changed = differences(progress["run"], run)
+def _progress_problem(progress: dict, index: int) -> Optional[str]:
+    finished, names = progress["finished_task"], progress.get("task_names")
+    if isinstance(finished, bool) or not isinstance(finished, int) or finished != index:
+        return f"finished_task is {finished!r} but the folder is task {index}'s"
+    if not isinstance(names, list) or len(names) <= finished or not all(isinstance(n, str) for n in names):
+        return f"task_names {_short(names)} does not name task {finished}"
+    if not isinstance(progress["run"], dict) or not isinstance(progress.get("evaluated"), bool):
+        return "`run` must be an object and `evaluated` true or false"
+    steps = progress.get("steps_done")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        return f"steps_done is {steps!r}, not a step count"
+    matrices, histograms = progress.get("matrices"), progress.get("route_histogram")
+    if not isinstance(matrices, dict) or not isinstance(histograms, dict) or "oracle" not in matrices:
+        return "`matrices` (with `oracle`) and `route_histogram` must be objects"
+    rows = finished + int(progress["evaluated"])
+    for kind, matrix in matrices.items():
+        if not isinstance(matrix, list) or len(matrix) != rows:
+            return f"matrices.{kind} must have {rows} row(s) after task {finished}, not {_short(matrix)}"
+        for row in matrix:
+            if not isinstance(row, list) or len(row) != len(names) or not all(
+                    value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0 <= value <= 100) for value in row):
+                return f"matrices.{kind} has the row {_short(row)}, not {len(names)} accuracies (0-100 or null)"
+    return None
+
+
+def check_same_run(folder: Path, progress: dict, run: dict) -> list[str]:
+    """Refuse to resume from a checkpoint of another run, naming what differs. The learning rates of the tasks not
+    trained yet may change (e.g. lowered after a task diverged); those changes are returned as lines to log."""
+    finished = progress["finished_task"]
+    stored, current = dict(progress["run"]), dict(run)
+    stored_rates, rates = stored.pop("learning_rates", None), current.pop("learning_rates", None)
+    changed = differences(stored, current)
+    later = []
+    if isinstance(stored_rates, list) and isinstance(rates, list) and len(stored_rates) == len(rates):
+        changed += differences(stored_rates[: finished + 1], rates[: finished + 1], "learning_rates")
+        names = [task.get("name") for task in current.get("tasks", [{}] * len(rates))]
+        later = [f"task {i + 1} ({names[i]}) is not trained yet: learning rate {stored_rates[i]:g} -> {rates[i]:g}"
+                 for i in range(finished + 1, len(rates)) if stored_rates[i] != rates[i]]
+    else:
+        changed += differences(stored_rates, rates, "learning_rates")
     if changed:
         listed = "; ".join(changed[:8]) + ("; ..." if len(changed) > 8 else "")
         raise ValueError(
             f"Cannot resume from {folder}: it was written by another run. What differs (checkpoint -> now): {listed}. "
-            "Resume with the same settings, use another output_dir, or set overwrite_output_dir=True to start over."
+            "Resume with the same settings (only the learning rates of tasks not trained yet may change), use another "
+            "output_dir, or set overwrite_output_dir=True to start over."
         )
+    return later
 
 
 def save_task(folder: Path, write_model: Callable[[Path], None], progress: dict) -> None:
@@ -117,3 +186,89 @@ def prune(output_dir: str | Path, keep: Optional[int]) -> None:
     folders = finished_folders(output_dir)
     for index in sorted(folders)[:-keep]:
         shutil.rmtree(folders[index])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _describe(holder: Any) -> str:
+    if not isinstance(holder, dict):
+        return "an unknown process (the lock file is unreadable)"
+    return f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+
+
+@contextmanager
+def run_lock(output_dir: str | Path) -> Iterator[Path]:
+    """Hold `output_dir/.run.lock` while the block runs: a second run on the same folder is refused with the
+    holder's pid, host and start time. A lock left by a process of this host that no longer exists (a killed run)
+    is taken over, with a log line."""
+    root = Path(output_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"output_dir {root} is a file, not a folder: give a folder path for the checkpoints (or "
+                         "move the file away).")
+    root.mkdir(parents=True, exist_ok=True)
+    path, host = root / LOCK_FILE, socket.gethostname()
+    mine = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    while True:
+        staged = temporary_sibling(path)
+        try:
+            staged.write_text(json.dumps(mine))
+            os.link(staged, path)  # atomic, with its content: fails if another run holds the lock
+            break
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # the staged file was cleared by the holder's start-up; try again
+            continue
+        finally:
+            staged.unlink(missing_ok=True)
+        try:
+            holder = read_json_file(path)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        except ValueError:
+            holder = None
+        if isinstance(holder, dict) and holder.get("host") == host and isinstance(holder.get("pid"), int) \
+                and not _alive(holder["pid"]):
+            logger.warning("Taking over %s: its run (%s) no longer exists.", path, _describe(holder))
+            path.unlink(missing_ok=True)
+            continue
+        raise RuntimeError(
+            f"{root} is in use by another run: {_describe(holder)} holds {path}. Two runs in one output_dir would "
+            f"replace each other's checkpoints. Wait for it to finish or use another output_dir; if that run is gone "
+            f"(e.g. killed on another machine), delete {path}."
+        )
+    try:
+        yield path
+    finally:
+        try:
+            if read_json_file(path) == mine:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def base_weights_fingerprint(model) -> str:
+    """A hash of the model's pretrained weights (names, dtypes, shapes, bytes), without a peft adapter's own
+    tensors: two bases of the same shape but other weights differ here."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_parts = {name: set(module.adapter_layer_names) | set(module.other_param_names)
+                     for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        parts = name.split(".")
+        if any(parts[i] in adapter_parts.get(".".join(parts[:i]), ()) for i in range(len(parts))):
+            continue
+        if parameter.device.type == "meta":
+            continue
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        digest.update(f"{key}:{parameter.dtype}:{tuple(parameter.shape)};".encode())
+        digest.update(parameter.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]

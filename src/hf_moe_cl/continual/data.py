@@ -26,6 +26,10 @@ def to_rgb(image: Any) -> Image.Image:
         raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")
     if image.mode in WIDE_MODES or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError(f"A {image.mode} image has {int(np.isnan(array).sum())} NaN and "
+                             f"{int(np.isinf(array).sum())} infinite pixel value(s); they have no colour. Replace or "
+                             "drop such images (check_images=True names the first one before training).")
         full_scale = WIDE_MODES.get(image.mode, 1.0)
         image = Image.fromarray(np.round(np.clip(array / full_scale, 0.0, 1.0) * 255).astype(np.uint8))
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):

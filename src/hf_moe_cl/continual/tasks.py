@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,9 @@ from datasets import ClassLabel, Dataset, load_from_disk
 from datasets import Image as ImageFeature
 from PIL import Image
 from tqdm.auto import tqdm
+
+from ..data.labels import label_key
+from .data import to_rgb
 
 INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
@@ -27,7 +31,10 @@ def check_images_decode(dataset: Dataset, where: str, progress: bool = False, ba
     for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
         for offset, image in enumerate(batch["image"]):
             try:
-                _open_image(image).load()
+                opened = _open_image(image)
+                opened.load()
+                if opened.mode == "F":
+                    to_rgb(opened)  # refuses NaN or infinite pixels
             except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
                 bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
         bar.update(len(batch["image"]))
@@ -44,6 +51,29 @@ def _open_image(image) -> Image.Image:
     if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
         return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
     return Image.fromarray(image)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _template_problem(template) -> Optional[str]:
+    """What is wrong with a prompt template, or None: it must hold exactly one empty replacement field `{}`."""
+    if not isinstance(template, str):
+        return f"is a {type(template).__name__}, not a string"
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        return f"does not parse ({error})"
+    if not fields:
+        return "has no '{}'"
+    if len(fields) > 1:
+        return f"has {len(fields)} fields"
+    if fields[0] != ("", "", None):
+        return f"has the field {{{fields[0][0]}}} (a named, numbered or formatted field)"
+    return None
 
 
 @dataclass
@@ -83,6 +113,13 @@ class ContinualTask:
         Checks class names (present, unique strings), templates, the splits' columns, that labels are integers
         indexing `classnames`, learning rates, and with `check_images` that every image decodes.
         """
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"A task needs a non-empty name (a string), got {self.name!r}: it names the task in the "
+                             "matrices, the reports and its checkpoint folder.")
+        if isinstance(self.classnames, str) or not isinstance(self.classnames, (list, tuple)):
+            raise ValueError(f"Task {self.name!r}: `classnames` must be a list of class names (one per label), got "
+                             f"{type(self.classnames).__name__} {_short(self.classnames)}; a string would make one "
+                             "class per character.")
         if not self.classnames:
             raise ValueError(f"Task {self.name!r} has no class names: pass `classnames` (one per label).")
         if not all(isinstance(name, str) and name.strip() for name in self.classnames):
@@ -92,8 +129,15 @@ class ContinualTask:
         if duplicates:
             raise ValueError(f"Task {self.name!r} has duplicate class names {duplicates}: two labels with the same "
                              "prompt cannot be told apart. Make every class name unique.")
-        if not self.templates or any(not isinstance(t, str) or "{}" not in t for t in self.templates):
-            raise ValueError(f"Task {self.name!r}: every prompt template must contain '{{}}', got {self.templates!r}.")
+        if isinstance(self.templates, str) or not isinstance(self.templates, (list, tuple)) or not self.templates:
+            raise ValueError(f"Task {self.name!r}: `templates` must be a non-empty list of prompt templates, got "
+                             f"{_short(self.templates)}.")
+        for template in self.templates:
+            problem = _template_problem(template)
+            if problem:
+                raise ValueError(f"Task {self.name!r}: the prompt template {template!r} {problem}; a template must "
+                                 "contain exactly one '{}' where the class name goes (write '{{' and '}}' for braces).")
+        self._check_train_classes()
         rates = ([("learning_rate", self.learning_rate)] if self.learning_rate is not None else []) + [
             (f"official_learning_rates[{key!r}]", rate) for key, rate in self.official_learning_rates.items()]
         for name, rate in rates:
@@ -115,8 +159,20 @@ class ContinualTask:
             if check_images:
                 check_images_decode(dataset, f"task {self.name!r}, {split} split", progress)
 
+    def _check_train_classes(self) -> None:
+        classes = self.train_classes
+        if classes is None:
+            return
+        valid = isinstance(classes, (list, tuple)) and classes and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(self.classnames) for c in classes)
+        if not valid or len(set(classes)) != len(classes):
+            raise ValueError(f"Task {self.name!r}: `train_classes` must be a non-empty list of distinct class indices "
+                             f"in 0..{len(self.classnames) - 1} (positions in `classnames`), got {_short(classes)}.")
+
     def _check_labels(self, split: str, dataset: Dataset) -> None:
         feature = dataset.features["label"]
+        if isinstance(feature, ClassLabel):
+            self._check_label_names(split, feature.names)
         dtype = getattr(feature, "dtype", None)
         if not isinstance(feature, ClassLabel) and dtype not in INTEGER_DTYPES:
             raise ValueError(
@@ -125,6 +181,10 @@ class ContinualTask:
                 "`dataset.class_encode_column('label')`)."
             )
         labels = dataset["label"]
+        missing = [i for i, label in enumerate(labels) if label is None]
+        if missing:
+            raise ValueError(f"Task {self.name!r}: {len(missing)} {split} example(s) have no label (None), the first "
+                             f"at index {missing[0]}. Drop them (dataset.filter) or give them their class index.")
         low, high = min(labels), max(labels)
         if low < 0 or high >= len(self.classnames):
             raise ValueError(
@@ -136,6 +196,19 @@ class ContinualTask:
             if outside:
                 raise ValueError(f"Task {self.name!r}: training labels {outside[:5]} are not in `train_classes`; the "
                                  "training loss only covers those classes.")
+
+    def _check_label_names(self, split: str, names: list[str]) -> None:
+        """A `ClassLabel` whose names are the task's class names in another order would train on swapped prompts."""
+        ours, theirs = [label_key(n) for n in self.classnames], [label_key(n) for n in names]
+        if ours != theirs and sorted(ours) == sorted(theirs):
+            moved = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise ValueError(
+                f"Task {self.name!r}: the {split} dataset's ClassLabel names are the task's class names in another "
+                f"order (label {moved} is {names[moved]!r} there but classnames[{moved}] is "
+                f"{self.classnames[moved]!r}), so images would be trained and scored with another class's prompt. "
+                "Pass classnames=dataset.features['label'].names, or map the labels to your order first "
+                "(dataset.align_labels_with_mapping)."
+            )
 
     @classmethod
     def from_disk(cls, path: str | os.PathLike, train_split: str = "train", eval_split: str = "test",

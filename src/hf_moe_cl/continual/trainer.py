@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -18,12 +20,14 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
 from .checkpoints import (
+    base_weights_fingerprint,
     check_same_run,
     finished_folders,
     jsonable,
     prune,
     read_progress,
     remove_temporary,
+    run_lock,
     save_task,
     task_folder,
     update_progress,
@@ -75,6 +79,11 @@ class ContinualTrainer(Trainer):
         args = args if args is not None else ContinualTrainingArguments(output_dir="continual_output")
         if not isinstance(args, ContinualTrainingArguments):
             raise ValueError("ContinualTrainer needs `args` of type ContinualTrainingArguments.")
+        output_dir = Path(args.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(f"output_dir {output_dir} is a file, not a folder: give a folder path for the checkpoints "
+                             "(or move the file away).")
+        self._output_dir_had_files = output_dir.is_dir() and any(output_dir.iterdir())  # Trainer creates it
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = ImageClassificationCollator(processing_class.image_processor)
         callbacks = list(kwargs.pop("callbacks", None) or []) + method.callbacks()
@@ -152,7 +161,8 @@ class ContinualTrainer(Trainer):
             raise FloatingPointError(
                 f"{self.task_label}: the training loss became {loss.item()} at step {self.state.global_step + 1}. "
                 f"The task stopped before anything of it was saved (earlier task checkpoints are intact). Lower the "
-                f"learning rate ({self.args.learning_rate:g}) or check the task's data."
+                f"learning rate ({self.args.learning_rate:g}; the task's `learning_rate` or `task_learning_rates`) "
+                f"or check the task's data, then continue with resume=True."
             )
         return (loss, outputs) if return_outputs else loss
 
@@ -247,10 +257,15 @@ class ContinualTrainer(Trainer):
             "base_model": {"name_or_path": getattr(base, "_name_or_path", None), "model_type": base.model_type,
                            "vision": [base.vision_config.hidden_size, base.vision_config.num_hidden_layers],
                            "text": [base.text_config.hidden_size, base.text_config.num_hidden_layers],
-                           "projection_dim": base.projection_dim},
+                           "projection_dim": base.projection_dim,
+                           "weights": base_weights_fingerprint(self.method.model)},
             "seed": args.seed, "max_steps": args.max_steps,
             "num_train_epochs": args.num_train_epochs if args.max_steps == -1 else None,
-            "batch_size": args.per_device_train_batch_size, "warmup_steps": args.warmup_steps,
+            "batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "warmup_steps": args.warmup_steps,
+            "optimizer": {"optim": args.optim, "optim_args": args.optim_args, "adam_beta1": args.adam_beta1,
+                          "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_epsilon},
+            "max_grad_norm": args.max_grad_norm, "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             "lr_scheduler_type": args.lr_scheduler_type, "weight_decay": args.weight_decay,
             "label_smoothing": args.label_smoothing_factor, "train_template": args.train_template,
             "train_augmentation": args.train_augmentation,
@@ -268,6 +283,33 @@ class ContinualTrainer(Trainer):
         for task in tasks:
             task.validate(needs_training=train, check_images=self.args.check_images,
                           progress=self.is_world_process_zero() and not self.args.disable_tqdm)
+            self._check_prompts_differ(task)
+        for name, parameter in self.method.model.named_parameters():
+            if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
+                raise ValueError(f"The model's {name} holds NaN or infinite values before any training: the base model "
+                                 "(or the adapter it continues) is damaged. Load it again from its source.")
+
+    def _check_prompts_differ(self, task: ContinualTask) -> None:
+        """Class names whose prompts are the same tokens (cut at the tokenizer's length) under every template cannot
+        be told apart: refused. The same under some templates only: a warning (those templates do not separate them,
+        the average over all templates still does)."""
+        tokenizer = self.processing_class.tokenizer
+        same: dict[tuple[int, int], list[str]] = {}
+        for template in task.templates:
+            ids = tokenize_prompts(tokenizer, [template.format(c) for c in task.classnames])["input_ids"].tolist()
+            first: dict[tuple, int] = {}
+            for i, row in enumerate(ids):
+                other = first.setdefault(tuple(row), i)
+                if other != i:
+                    same.setdefault((other, i), []).append(template)
+        for (a, b), templates in same.items():
+            names = f"the classes {task.classnames[a]!r} and {task.classnames[b]!r}"
+            cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens"
+            if len(templates) == len(task.templates):
+                raise ValueError(f"Task {task.name!r}: {names} give the same tokens with every template ({cut}), so "
+                                 "they cannot be told apart. Shorten the class names or the templates.")
+            logger.warning("Task %r: %s give the same tokens with %d of %d templates (%s), e.g. %r.", task.name, names,
+                           len(templates), len(task.templates), cut, templates[0])
 
     def _prepare_output_dir(self, tasks: list[ContinualTask], run: dict, resume: bool) -> tuple[int, Optional[dict]]:
         """(first task to run, progress of the checkpoint resumed from); refuses to mix runs in one folder."""
@@ -294,10 +336,17 @@ class ContinualTrainer(Trainer):
             raise ValueError(f"Cannot resume in {output_dir}: {strangers[0].name} is not a task of this sequence "
                              f"{names}. Use another output_dir or the same task sequence.")
         if not folders:
+            if resume:
+                logger.warning("resume=True, but %s holds no finished task checkpoint: starting from the first "
+                               "task.", output_dir)
             return 0, None
         last = max(folders)
         progress = read_progress(folders[last])
-        check_same_run(folders[last], progress, run)
+        if progress["task_names"] != names:
+            raise ValueError(f"Cannot resume from {folders[last]}: it belongs to the task sequence "
+                             f"{progress['task_names']}, not {names}. Use the same tasks or another output_dir.")
+        for line in check_same_run(folders[last], progress, run):
+            logger.warning("Resuming with a changed setting: %s.", line)
         self.method.load(folders[last])
         return last + (1 if progress["evaluated"] else 0), progress
 
@@ -305,10 +354,21 @@ class ContinualTrainer(Trainer):
         """Train the tasks in order; after each: the method's end of task, a checkpoint, one row of each matrix.
 
         With `resume=True`, the last task checkpoint under `output_dir` is loaded (after checking it belongs to this
-        run) and the run goes on from there, giving the same result as an uninterrupted run.
+        run) and the run goes on from there, giving the same result as an uninterrupted run; the learning rates of
+        tasks not trained yet may differ from the first start (logged). A run holds `output_dir/.run.lock` while it
+        lasts: a second run on the same folder is refused.
         """
         train = self.method.trains and self.args.max_steps != 0
         self._validate(tasks, train)
+        if resume and self.args.save_task_checkpoints and not (self._output_dir_had_files or
+                                                               finished_folders(self.args.output_dir)):
+            raise ValueError(f"resume=True, but output_dir {self.args.output_dir} was empty or did not exist: there is "
+                             "nothing to resume. Check the path, or start the run without resume=True.")
+        holding = self.args.save_task_checkpoints and self.is_world_process_zero()
+        with run_lock(self.args.output_dir) if holding else nullcontext():
+            return self._train_tasks(tasks, resume, train)
+
+    def _train_tasks(self, tasks: list[ContinualTask], resume: bool, train: bool) -> ContinualResult:
         histograms = {kind: [] for kind in self._agnostic_kinds()}
         self.method.begin_sequence(self, tasks)
         self.num_routes = self.method.route_count(tasks)

@@ -92,6 +92,24 @@ class DDASArguments:
             raise ValueError(f"ddas_feature_extractor must be 'clip' or 'alexnet', got {self.ddas_feature_extractor!r}.")
         if self.ddas_feature_extractor == "alexnet" and self.ddas_feature_layer is not None:
             raise ValueError("ddas_feature_layer selects CLIP blocks; it cannot be used with the AlexNet extractor.")
+        counts = {"ddas_hidden_dim": (self.ddas_hidden_dim, 1), "ddas_task_steps": (self.ddas_task_steps, 1),
+                  "ddas_reference_steps": (self.ddas_reference_steps, 1), "ddas_max_images": (self.ddas_max_images, 1),
+                  "ddas_batch_size": (self.ddas_batch_size, 1), "ddas_reference_shots": (self.ddas_reference_shots, 1)}
+        for name, (value, low) in counts.items():
+            if name == "ddas_reference_shots" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        numbers = {"ddas_learning_rate": (self.ddas_learning_rate, "a finite positive number", lambda v: v > 0),
+                   "ddas_weight_decay": (self.ddas_weight_decay, "a finite number >= 0", lambda v: v >= 0),
+                   "ddas_quantile": (self.ddas_quantile, "a number in (0, 1]", lambda v: 0 < v <= 1),
+                   "ddas_threshold": (self.ddas_threshold, "None or a finite number >= 0", lambda v: v >= 0)}
+        for name, (value, wanted, valid) in numbers.items():
+            if value is None and name == "ddas_threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not valid(value):
+                raise ValueError(f"`{name}` must be {wanted}, got {value!r}.")
         if self.ddas_training not in ("sampled", "official"):
             raise ValueError(f"ddas_training must be 'sampled' or 'official', got {self.ddas_training!r}.")
         if self.ddas_training == "official" and (self.ddas_feature_extractor != "alexnet"
@@ -104,11 +122,6 @@ class DDASArguments:
                              "calibrated one.")
         if self.ddas_augment_once and self.ddas_training != "official":
             raise ValueError("ddas_augment_once is part of the official training: set ddas_training='official'.")
-        for name in ("ddas_batch_size", "ddas_task_steps", "ddas_reference_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-        if self.ddas_reference_shots is not None and self.ddas_reference_shots < 1:
-            raise ValueError(f"ddas_reference_shots must be None or positive, got {self.ddas_reference_shots}.")
 
 
 class DDASSelection:

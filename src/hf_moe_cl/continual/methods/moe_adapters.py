@@ -173,6 +173,14 @@ class MoEAdapters(DDASSelection, ContinualMethod):
                 "DDAS needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. Tiny "
                 "ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters."
             )
+        if self.ddas.ddas and self.ddas.ddas_feature_extractor == "alexnet" and self._alexnet is None:
+            # loaded (downloaded) now, so a missing file or network fails before the first task trains
+            try:
+                self._alexnet = AlexNetFeatures(self.ddas.ddas_alexnet_weights).to(trainer.args.device)
+            except OSError as error:
+                raise OSError(f"The DDAS AlexNet weights (ddas_alexnet_weights={self.ddas.ddas_alexnet_weights!r}) "
+                              f"cannot be loaded: {error}. Download the file where there is a network and pass its "
+                              "path as ddas_alexnet_weights.") from error
         self._sequence = list(tasks)
         if self.arguments.shared_router:
             return

@@ -127,6 +127,8 @@ class MoELoraConfig(PeftConfig):
                 f"`noise_epsilon` ({self.noise_epsilon!r}) and `load_balancing_coef` ({self.load_balancing_coef!r}) "
                 "must be non-negative."
             )
+        if self.task_info is not None:
+            self._check_task_info()
         if self.selector is not None:
             self.selector = SelectorConfig.from_dict(dict(self.selector)).to_dict()
         if isinstance(self.target_modules, list):
@@ -138,6 +140,18 @@ class MoELoraConfig(PeftConfig):
         """peft's config file; the README.md peft wrote beside it becomes a short card that says how to load."""
         super().save_pretrained(save_directory, **kwargs)
         tidy_peft_card(save_directory, self.base_model_name_or_path)
+
+    def _check_task_info(self) -> None:
+        info = self.task_info
+        valid = isinstance(info, list) and len(info) <= self.num_tasks and all(
+            entry is None or (isinstance(entry, dict) and isinstance(entry.get("name"), str) and all(
+                isinstance(entry.get(key), list) and all(isinstance(v, str) for v in entry[key])
+                for key in ("classnames", "templates"))) for entry in info)
+        if not valid:
+            raise ValueError(f"`task_info` must be a list of at most num_tasks={self.num_tasks} entries, each None or "
+                             f"{{'name': str, 'classnames': [str], 'templates': [str]}}; got {str(info)[:120]}. In a "
+                             "saved adapter_config.json this means the file was damaged or edited: save the adapter "
+                             "again.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -130,6 +130,10 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 0:
             if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
                 raise ValueError(f"task_ids must be an integer tensor (one task id per sample), got {task_ids.dtype}.")
+            if task_ids.dim() != 1 or task_ids.numel() == 0 or task_ids.device.type == "meta":
+                raise ValueError(f"task_ids must be a non-empty 1-D tensor with values (one task id per sample), got "
+                                 f"shape {tuple(task_ids.shape)} on {task_ids.device}; use task_ids.flatten() only if "
+                                 "that is the order of the samples.")
             ids = task_ids.long().flatten()
             if torch.compiler.is_compiling():  # checking the values would read them back from the device
                 return TaskRoute.per_sample(ids, selections)

@@ -109,6 +109,7 @@ class DistributionSelector(nn.Module):
         self.register_buffer("trained", torch.zeros(num_tasks + 1, dtype=torch.bool))  # [reference, tasks...]
         self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
         self.register_buffer("feature_scale", torch.ones(config.feature_dim))
+        self.register_load_state_dict_post_hook(_check_loaded_selector)
 
     def _autoencoder(self) -> FeatureAutoencoder:
         return FeatureAutoencoder(self.config.feature_dim, self.config.hidden_dim, self.config.sigmoid_output)
@@ -290,6 +291,22 @@ class DistributionSelector(nn.Module):
             state_dict.clear()
             state_dict.update(converted)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_loaded_selector(selector: DistributionSelector, incompatible_keys) -> None:
+    """Refuse loaded values no selector can have (NaN thresholds or weights, a non-positive feature scale), which
+    would send every image to zero-shot or make every error NaN."""
+    problems = []
+    if bool(torch.isnan(selector.thresholds).any()) or bool((selector.thresholds == -math.inf).any()):
+        problems.append(f"thresholds {selector.thresholds.tolist()} (NaN or -inf)")
+    for name in AUTOENCODER_TENSORS + ("feature_mean", "feature_scale"):
+        if not bool(torch.isfinite(getattr(selector, name)).all()):
+            problems.append(f"non-finite values in {name}")
+    if not bool((selector.feature_scale > 0).all()):
+        problems.append("a feature_scale that is not positive")
+    if problems:
+        raise ValueError("The DDAS selector loaded with the adapter has " + "; ".join(problems) + ": the adapter's "
+                         "weights file was damaged or edited. Save the adapter again, or refit the selector.")
 
 
 def _tensor_of(autoencoder: FeatureAutoencoder, name: str) -> torch.Tensor:
