@@ -13,7 +13,7 @@ from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.tuners.moe_lora import DistributionSelector
 
-from conftest import colour_task, noise_images, tiny_clip
+from conftest import colour_task, moe_model, noise_images, tiny_clip
 
 
 def cluster(centre, n, seed, spread=0.3):
@@ -306,3 +306,36 @@ def test_the_untouched_pass_begun_for_ddas_is_finished_for_zero_shot_images_only
     text = text_embeddings(copied, module_processor.tokenizer, ["noise", "static"], ["a photo of a {}."], "cpu")
     expected = (image_embeddings(copied, pixels[zero_shot]) @ text.T).argmax(-1).tolist()
     assert [out[i]["label"] for i in zero_shot.tolist()] == [["noise", "static"][e] for e in expected]
+
+
+def test_a_loaded_selector_with_impossible_values_is_refused_and_the_legacy_layout_loads(tmp_path):
+    """NaN thresholds or weights in a saved adapter are refused at load; a selector saved one module per autoencoder
+    (hf-moe-cl <= 0.2) loads into the stacked layout with the same decisions."""
+    from safetensors.torch import load_file, save_file
+
+    model = moe_model()
+    selector = model.base_model.enable_selector(SelectorConfig(feature_dim=8, hidden_dim=4))
+    selector.fit_reference(cluster(CENTRES["reference"], 200, 0, spread=2.0), steps=50, lr=1e-2)
+    selector.fit_task(0, cluster(CENTRES["a"], 200, 1), steps=50, lr=1e-2)
+    model.save_pretrained(tmp_path / "good")
+    weights = tmp_path / "good" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    prefix = "base_model.moe_lora_selector."
+    legacy = {k: v for k, v in tensors.items() if not k.startswith(prefix + "encoder_")
+              and not k.startswith(prefix + "decoder_")}
+    for name in ("encoder_weight", "encoder_bias", "decoder_weight", "decoder_bias"):
+        part, kind = name.split("_")
+        for slot, value in enumerate(tensors[prefix + name]):
+            owner = "reference" if slot == 0 else f"tasks.{slot - 1}"
+            legacy[f"{prefix}{owner}.{part}.{kind}"] = value.clone()
+    save_file(legacy, str(weights))
+    loaded = PeftModel.from_pretrained(tiny_clip(), str(tmp_path / "good"))
+    batch = cluster(CENTRES["a"], 20, 3)
+    assert torch.equal(loaded.base_model.selector.select(batch), selector.select(batch))
+    for key, bad in ((prefix + "thresholds", float("nan")), (prefix + "feature_scale", 0.0),
+                     (prefix + "tasks.0.decoder.weight", float("inf"))):
+        damaged = dict(legacy)
+        damaged[key] = torch.full_like(damaged[key], bad)
+        save_file(damaged, str(weights))
+        with pytest.raises(ValueError, match="damaged or edited"):
+            PeftModel.from_pretrained(tiny_clip(), str(tmp_path / "good"))
