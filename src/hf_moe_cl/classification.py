@@ -34,17 +34,23 @@ def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
 
 
+PROMPTS_PER_CALL = 1024  # text encoder batch: whole templates of a label space, up to this many prompts
+
+
 @torch.no_grad()
 def text_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device,
                     normalise: bool = True) -> torch.Tensor:
     """(classes, dim) text embeddings: the mean over the prompt templates of unit features, normalised again
-    unless `normalise` is False."""
+    unless `normalise` is False. Several templates share one text-encoder call (`PROMPTS_PER_CALL` prompts)."""
+    per_call = max(1, PROMPTS_PER_CALL // max(1, len(classnames)))
     total = None
-    for template in templates:
-        tokens = tokenize_prompts(tokenizer, [template.format(name) for name in classnames])
+    for first in range(0, len(templates), per_call):
+        chosen = templates[first:first + per_call]
+        tokens = tokenize_prompts(tokenizer, [template.format(name) for template in chosen for name in classnames])
         tokens = {k: v.to(device) for k, v in tokens.items()}
         features = F.normalize(model.get_text_features(**tokens).pooler_output.float(), dim=-1)
-        total = features if total is None else total + features
+        summed = features.view(len(chosen), len(classnames), -1).sum(0)
+        total = summed if total is None else total + summed
     return F.normalize(total, dim=-1) if normalise else total / len(templates)
 
 
@@ -103,21 +109,25 @@ class RoutedClassifier:
     training.
     """
 
-    def __init__(self, router: Router, tokenizer, device):
+    def __init__(self, router: Router, tokenizer, device, untouched_text: Optional[dict] = None):
         self.router, self.tokenizer, self.device = router, tokenizer, device
         self._text: dict[tuple[int, LabelSpace], torch.Tensor] = {}
+        self._untouched_text = self._text if untouched_text is None else untouched_text
 
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.router.model.logit_scale.exp().float()
 
     def text(self, space: LabelSpace, route: int) -> torch.Tensor:
+        """Text embeddings of a label space through a route's model; route -1's are kept in `untouched_text` when
+        given (a cache that outlives this object, for a model for no learned task that never changes)."""
+        cache = self._untouched_text if route == ZERO_SHOT else self._text
         key = (route, space)
-        if key not in self._text:
+        if key not in cache:
             with self.router.routed(route):
-                self._text[key] = text_embeddings(self.router.model, self.tokenizer, space.classnames,
-                                                  space.templates, self.device)
-        return self._text[key]
+                cache[key] = text_embeddings(self.router.model, self.tokenizer, space.classnames, space.templates,
+                                             self.device)
+        return cache[key]
 
     def image(self, pixels: torch.Tensor, routes: torch.Tensor, untouched: Untouched = None) -> torch.Tensor:
         """Embeddings of `pixels[i]` through route `routes[i]`. Rows routed to -1 take the untouched model's

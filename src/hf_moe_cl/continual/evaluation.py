@@ -60,6 +60,7 @@ class EvaluationEngine:
         self.used = 0
         self._images: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._untouched: dict[tuple, torch.Tensor] = {}
+        self.untouched_text: dict = {}  # text features through route -1, when that model never changes
         self.encodings = {"untouched": 0, "routed": 0}
 
     # ----- images --------------------------------------------------------------------------------------------------

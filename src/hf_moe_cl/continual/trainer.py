@@ -168,8 +168,10 @@ class ContinualTrainer(Trainer):
 
     # ----- evaluation ----------------------------------------------------------------------------------------------
     def classifier(self) -> RoutedClassifier:
-        """The classification core over the method's current models."""
-        return RoutedClassifier(self.method, self.processing_class.tokenizer, self.args.device)
+        """The classification core over the method's current models (the untouched model's text features kept for
+        the run when that model never changes)."""
+        untouched = self.engine.untouched_text if self.method.untouched_is_fixed else None
+        return RoutedClassifier(self.method, self.processing_class.tokenizer, self.args.device, untouched)
 
     def evaluate_task(self, task: ContinualTask, route: int = ZERO_SHOT) -> float:
         """Top-1 accuracy (%) of the method's `route` model on the task (-1: the model for no learned task)."""

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_name_from_state_dict_key
 from torch import nn
 
@@ -16,6 +17,7 @@ from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
 from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
 from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
+from .features import prefix_features, vision_prefix
 from .selector import DistributionSelector, SelectorConfig, legacy_selector_prefixes, stack_legacy_autoencoders
 
 # CLIPVisionModel / CLIPTextModel name their blocks `encoder.layers.N` (transformers 5) or
@@ -46,10 +48,6 @@ def tower_of(layer_name: str) -> str:
     return "other"
 
 
-def _drop_task_ids(module, args, kwargs):
-    """`task_ids` is routing, consumed by the tuner: the wrapped CLIP never sees it."""
-    kwargs.pop("task_ids", None)
-    return args, kwargs
 
 
 class MoELoraModel(ExpertBookkeeping, BaseTuner):
@@ -105,24 +103,120 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
         # One router: route through it, like any adapter. Several: no task is a safe guess, so calls go to the
         # untouched model until set_task() / task_ids / a selector picks one.
+        # One router: route through it, like any adapter. Several: until set_task() / task_ids / routing() pick a
+        # route, images go through the DDAS selector when the adapter has a trained one; otherwise training is
+        # refused and inference warns once that it runs as the untouched model (see `_unrouted`).
         self._default_route = TaskRoute(task=0) if config.num_tasks == 1 else NO_ROUTE
-        if config.num_tasks > 1:
-            logger.info("MoE-LoRA adapter with %d task routers: calls use the untouched base model until you pick a "
-                        "task with set_task(t) or task_ids=..., or classify with TaskAgnosticClassifier.",
-                        config.num_tasks)
+        self._task_chosen = config.num_tasks == 1
+        self._warned_unrouted = False
+        self._clip_call = False  # inside a forward of the whole CLIP model (both towers)
+        self._images_route: Union[None, int, str] = None  # what the selector picked for that call's images
+        self._pushed = {"vision_model": False, "text_model": False}  # a tower hook routed the running call
         self._call_routes: list[TaskRoute] = []
         # Registered once, never per call: a compiled model traces them as part of its graph.
         for layer in self.moe_layers().values():
             if getattr(layer, "_route_hook", None) is None:
                 layer._route_hook = layer.register_forward_pre_hook(self._inject_route, with_kwargs=True)
-        if getattr(self, "_task_ids_hook", None) is None:
-            self._task_ids_hook = self.model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)
+        if getattr(self, "_model_hooks", None) is None:
+            self._model_hooks = [self.model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
+                                 self.model.register_forward_hook(self._end_call)]
+            for tower, begin, end in (("vision_model", self._route_images, self._end_images),
+                                      ("text_model", self._route_text, self._end_text)):
+                module = getattr(self.model, tower, None)
+                if isinstance(module, nn.Module):
+                    self._model_hooks += [module.register_forward_pre_hook(begin, with_kwargs=True),
+                                          module.register_forward_hook(end)]
 
     # ----- routing -------------------------------------------------------------------------------------------------
     def _inject_route(self, module, args, kwargs):
         """Forward pre-hook of every MoE layer: the call's route is an argument of the layer's forward."""
-        kwargs.setdefault("task_route", self._call_routes[-1] if self._call_routes else self._default_route)
+        if "task_route" not in kwargs:
+            if self._call_routes:
+                kwargs["task_route"] = self._call_routes[-1]
+            else:
+                if not self._task_chosen:
+                    self._unrouted()
+                kwargs["task_route"] = self._default_route
         return args, kwargs
+
+    def _unrouted(self) -> None:
+        """A call no route was chosen for: an error in training, a warning (once) in inference."""
+        advice = ("pass task_ids=<one task id per sample> to the model, call set_task(t) for every sample, or "
+                  "classify images with TaskAgnosticClassifier")
+        if self.training and torch.is_grad_enabled():
+            raise ValueError(f"This MoE-LoRA adapter has {self.num_tasks} task routers and none was chosen for this "
+                             f"training step, so no expert would train: {advice}. With the plain Trainer, keep the "
+                             "`task_ids` column (remove_unused_columns=False).")
+        if not self._warned_unrouted:
+            self._warned_unrouted = True
+            logger.warning("This MoE-LoRA adapter has %d task routers and no task was chosen (and no trained DDAS "
+                           "selector picks one): it runs as the untouched base model. To use the adapter, %s; "
+                           "set_task(None) makes the untouched model explicit.", self.num_tasks, advice)
+
+    def _begin_call(self, module, args, kwargs):
+        """Pre-hook of the whole CLIP: `task_ids` is routing, consumed by the tuner (the wrapped CLIP never sees
+        it); the selector's choice for this call's images may route its text."""
+        kwargs.pop("task_ids", None)
+        self._clip_call, self._images_route = True, None
+        return args, kwargs
+
+    def _end_call(self, module, args, output):
+        self._clip_call, self._images_route = False, None
+
+    def _selecting(self) -> bool:
+        """No route was chosen for this call and the adapter's trained selector is to pick one per image."""
+        if self._call_routes or self._task_chosen:
+            return False
+        selector = self.selector
+        return selector is not None and selector.has_reference
+
+    def _route_images(self, module, args, kwargs):
+        """Pre-hook of the vision tower: without a chosen route, the selector routes each image (its features from
+        the untouched model)."""
+        if not self._selecting():
+            return None
+        pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        config = self.selector.config
+        if config.feature_extractor != "clip":
+            raise ValueError(
+                f"This adapter's DDAS selector reads {config.feature_extractor} features, which the model cannot "
+                "compute by itself: classify with TaskAgnosticClassifier (it loads them), or pass task_ids."
+            )
+        with torch.no_grad(), self.routing(None):
+            if config.feature_layer is None:
+                features = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(),
+                                       dim=-1)
+            else:
+                features = prefix_features(vision_prefix(module, pixels, config.feature_layer))
+        routes = self.selector.select(features)
+        chosen = routes.unique().tolist()
+        self._images_route = chosen[0] if len(chosen) == 1 else "mixed"
+        self._call_routes.append(self._make_route(routes))
+        self._pushed["vision_model"] = True
+        return None
+
+    def _end_images(self, module, args, output):
+        if self._pushed["vision_model"]:
+            self._pushed["vision_model"] = False
+            self._call_routes.pop()
+
+    def _route_text(self, module, args, kwargs):
+        """Pre-hook of the text tower: in a CLIP call whose images the selector routed, the text goes through their
+        task; images of several tasks in one call cannot share text features."""
+        if self._clip_call and self._images_route is not None and not self._call_routes:
+            if self._images_route == "mixed":
+                raise ValueError(
+                    "The DDAS selector sent this batch's images to different tasks, and one CLIP call has one set of "
+                    "text features: classify them with TaskAgnosticClassifier (text per task), or pass task_ids."
+                )
+            self._call_routes.append(self._make_route(self._images_route))
+            self._pushed["text_model"] = True
+        return None
+
+    def _end_text(self, module, args, output):
+        if self._pushed["text_model"]:
+            self._pushed["text_model"] = False
+            self._call_routes.pop()
 
     def _make_route(self, task_ids: TaskIds, selections: Optional[dict] = None) -> TaskRoute:
         if task_ids is None:
@@ -164,6 +258,7 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
     def set_task(self, task: Optional[int]) -> None:
         """Route every later call through `task`'s router; None or -1 gives the unadapted base model."""
         self._default_route = self._make_route(task)
+        self._task_chosen = True
 
     @property
     def active_task(self) -> Optional[int]:
@@ -256,9 +351,9 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
 
     def unload(self) -> nn.Module:
         """The base model as it was: the wrapped blocks and Linears back in place, no hook of this tuner left."""
-        if getattr(self, "_task_ids_hook", None) is not None:
-            self._task_ids_hook.remove()
-            self._task_ids_hook = None
+        for handle in getattr(self, "_model_hooks", None) or []:
+            handle.remove()
+        self._model_hooks = None
         return super().unload()
 
     def _check_merge_allowed(self):
