@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md ("On a GPU"), in two phases on one machine:
 #
-#   bash benchmarks/gpu.sh timings OUT_DIR          # step time and memory (fp32, bf16), inference cost, a CUDA smoke
+#   bash benchmarks/gpu.sh timings OUT_DIR          # step time, ops and memory (fp32, bf16; eager and compiled),
+#                                                   # inference cost, the Order I projection, a CUDA smoke
 #   bash benchmarks/gpu.sh mini OUT_DIR [STEPS]     # mini-MTIL at STEPS (default 1000) per task for every method,
 #                                                   # and the MoE-Adapters variants at 150 steps, side by side
 #
@@ -31,8 +32,11 @@ timings)
         "$py" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'peft', peft.__version__)"
         for precision in "" --bf16; do
-            "$py" benchmarks/step_time.py --model vit-b16-random --batch_size 64 --steps 20 $precision
+            "$py" benchmarks/step_time.py --model vit-b16-random --batch_size 64 --steps 20 --compile $precision
         done
+        "$py" benchmarks/order1_cost.py --model vit-b16-random --scale 0.01 --device cuda --bf16 \
+            --eval_batch_size 512 --eval_cache_gb 64 --num_workers 8
+        "$py" benchmarks/inference_cost.py --model vit-b16-random --batch_size 128 --device cuda --bf16
         "$py" benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 --device cuda
         "$py" benchmarks/inference_cost.py --model proxy-clip --batch_size 64 --device cuda
     } >"$out/timings.txt" 2>&1

@@ -100,12 +100,15 @@ def project(measured: Measured, test_sizes: list[int], image_bytes: int, budget_
 
 
 # ----- the scaled run -----------------------------------------------------------------------------------------------
-def synthetic_split(n: int, classes: int, size: int, seed: int) -> Dataset:
-    """`n` JPEG images of `size` pixels (smooth random colour fields, so they compress and decode like photos)."""
+def synthetic_split(n: int, classes: int, size: int, seed: int, tint: int = 0) -> Dataset:
+    """`n` JPEG images of `size` pixels: smooth random colour fields (they compress and decode like photos) around a
+    colour of their own per `tint`, so that even DDAS on random features tells the tasks apart and routes as a
+    trained one would, mostly to one task per test set."""
     rng = np.random.default_rng(seed)
+    colour = np.random.default_rng(1000 + tint).integers(0, 255, 3)
     images = []
     for _ in range(n):
-        coarse = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        coarse = (0.3 * rng.integers(0, 255, (8, 8, 3)) + 0.7 * colour).astype(np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(buffer, format="JPEG", quality=90)
         buffer.seek(0)
@@ -118,8 +121,8 @@ def scaled_tasks(scale: float, source_size: int) -> list[ContinualTask]:
     for index, name in enumerate(MTIL_ORDER_I):
         spec = MTIL_DATASETS[name]
         train, test = (max(1, math.ceil(n * scale)) for n in spec.official_sizes)
-        tasks.append(ContinualTask(name, synthetic_split(train, spec.num_classes, source_size, 2 * index),
-                                   synthetic_split(test, spec.num_classes, source_size, 2 * index + 1),
+        tasks.append(ContinualTask(name, synthetic_split(train, spec.num_classes, source_size, 2 * index, index),
+                                   synthetic_split(test, spec.num_classes, source_size, 2 * index + 1, index),
                                    list(spec.classnames), list(spec.templates),
                                    official_learning_rates=dict(spec.learning_rates)))
     return tasks
@@ -173,7 +176,7 @@ def run_scaled(args) -> tuple[Measured, dict]:
                                                                  crop_size={"height": size, "width": size}),
                               tokenizer=CLIPTokenizer.from_pretrained(root / "proxy-clip"))
     tasks = scaled_tasks(args.scale, args.source_size)
-    reference = synthetic_split(max(2, math.ceil(TINY_IMAGENET_TRAIN * args.scale)), 1, args.source_size, 99)
+    reference = synthetic_split(max(2, math.ceil(TINY_IMAGENET_TRAIN * args.scale)), 1, args.source_size, 99, 99)
     recipe = preset_recipe("mtil-order-1")
     steps = max(1, round(FULL_STEPS * args.scale))
     ddas_task_steps = max(1, round(OFFICIAL_DDAS["task_steps"] * args.scale))
