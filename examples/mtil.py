@@ -212,7 +212,8 @@ def main(argv: Optional[list[str]] = None):
     if isinstance(preset, ClassIncrementalPreset):
         steps = [result.accuracy_matrix[i][i] for i in range(len(tasks))]
         metrics = class_incremental_metrics(steps)
-        (output / "class_incremental.json").write_text(json.dumps({"step_accuracy": steps, "metrics": metrics}))
+        (output / "class_incremental.json").write_text(json.dumps({"matrix": "oracle", "step_accuracy": steps,
+                                                                     "metrics": metrics}))
     else:
         metrics = write_result_report(output, result, method_args.method)
         print((output / "metrics.md").read_text())
