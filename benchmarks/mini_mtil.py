@@ -23,10 +23,10 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
-from hf_moe_cl.benchmark.metrics import task_drops
-from hf_moe_cl.presets import mini_mtil_tasks
-from hf_moe_cl.benchmark.reporting import (
+from hf_moe_cl.experiments.experiment import MethodArguments, run_method
+from hf_moe_cl.experiments.metrics import task_drops
+from hf_moe_cl.experiments.presets import mini_mtil_tasks
+from hf_moe_cl.experiments.reporting import (
     METRIC_COLUMNS,
     markdown_table,
     selection_summary,

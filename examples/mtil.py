@@ -31,14 +31,14 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.experiment import MethodArguments, prepare_method
-from hf_moe_cl.benchmark.metrics import class_incremental_metrics
-from hf_moe_cl.benchmark.recipes import TINY_IMAGENET, apply_recipe
-from hf_moe_cl.benchmark.reporting import write_result_report
+from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
+from hf_moe_cl.experiments.metrics import class_incremental_metrics
+from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
+from hf_moe_cl.experiments.reporting import write_result_report
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments
-from hf_moe_cl.data.check import check_data
-from hf_moe_cl.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
+from hf_moe_cl.experiments.data_check import check_data
+from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
 
 logger = logging.getLogger("hf_moe_cl")

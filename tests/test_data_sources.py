@@ -13,9 +13,9 @@ from PIL import Image as PILImage
 
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.data import LabelMappingError, SourceError, load_splits, local_datasets, map_label_names
-from hf_moe_cl.data.check import DataCheckError, check_data
+from hf_moe_cl.experiments.data_check import DataCheckError, check_data
 from hf_moe_cl.data.splits import random_split_indices
-from hf_moe_cl.presets import MTIL_DATASETS, PRESETS, HubSource, mini_mtil_tasks, preset_tasks
+from hf_moe_cl.experiments.presets import MTIL_DATASETS, PRESETS, HubSource, mini_mtil_tasks, preset_tasks
 
 SPEC = MTIL_DATASETS
 
@@ -344,7 +344,7 @@ def no_network(monkeypatch, tmp_path):
     from huggingface_hub import HfApi
     from huggingface_hub import constants as hf_constants
 
-    from hf_moe_cl.data import check as check_module
+    from hf_moe_cl.experiments import data_check as check_module
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)

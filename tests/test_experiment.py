@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
+from hf_moe_cl.experiments.experiment import MethodArguments, run_method
 from hf_moe_cl.continual import ContinualTrainingArguments
 
 from conftest import colour_task, tiny_clip, tiny_clip_processor, write_tiny_tokenizer

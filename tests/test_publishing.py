@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 import hf_moe_cl.publishing as publishing
-from hf_moe_cl.benchmark.reporting import matrix_summary
+from hf_moe_cl.experiments.reporting import matrix_summary
 from hf_moe_cl.continual.methods import method_for_model
 from hf_moe_cl.continual.result import ContinualResult
 

@@ -5,15 +5,15 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from hf_moe_cl.presets import (
+from hf_moe_cl.experiments.presets import (
     MTIL_DATASETS,
     MTIL_ORDER_I,
     MTIL_ORDER_II,
     class_incremental_tasks,
     few_shot_subset,
 )
-from hf_moe_cl.benchmark.figures import accuracy_heatmap, selection_heatmap
-from hf_moe_cl.benchmark.reporting import markdown_table, write_report, write_result_report
+from hf_moe_cl.experiments.figures import accuracy_heatmap, selection_heatmap
+from hf_moe_cl.experiments.reporting import markdown_table, write_report, write_result_report
 from hf_moe_cl.continual.result import ContinualResult
 from hf_moe_cl.files import atomic_path, write_text_atomic
 
@@ -68,7 +68,8 @@ def test_result_report_writes_every_kind_protocol_first(tmp_path):
             or line.startswith("| oracle")]
     assert [row.split(":")[0] for row in rows] == ["| protocol", "| per_image", "| oracle"] * 2
     assert "| oracle: task-aware (true task ids) | 26.2 | 60.6 | 75.0 | -15.0 |" in text
-    assert "Headline numbers: the protocol matrix, task-agnostic, one route per test batch (the paper's protocol)." in text
+    headline = "Headline numbers: the protocol matrix, task-agnostic, one route per test batch (the paper's protocol)."
+    assert headline in text
     assert (tmp_path / "per_image" / "metrics.md").read_text().startswith(
         "# moe-adapters: per_image matrix, task-agnostic, route per image\n")
     assert "| a | 20.0 | 80.0 | 0.0 | 0.0 | 80.0 |" in text  # route selection: zero-shot, a, b, c, correct

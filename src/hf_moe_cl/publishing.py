@@ -13,8 +13,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from .benchmark.figures import METRIC_LABELS
-from .benchmark.reporting import matrix_label, matrix_summary, metrics_markdown
+from .experiments.figures import METRIC_LABELS
+from .experiments.reporting import matrix_label, matrix_summary, metrics_markdown
 from .continual.methods import ContinualMethod, method_for_model
 from .continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .files import atomic_folder

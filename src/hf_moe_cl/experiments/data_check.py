@@ -23,10 +23,10 @@ from huggingface_hub.file_download import repo_folder_name
 
 from ..assets import assets_dir as resolve_assets
 from ..continual.tasks import ContinualTask
-from ..presets import ClassIncrementalPreset, HubSource, MTIL_DATASETS, get_preset, hub_source
-from .labels import LabelMappingError
-from .sources import summarize
-from .summary import SourceError
+from ..data.labels import LabelMappingError
+from ..data.sources import summarize
+from ..data.summary import SourceError
+from .presets import ClassIncrementalPreset, HubSource, MTIL_DATASETS, get_preset, hub_source
 
 COLUMNS = ("dataset", "source", "split", "train", "test", "classes", "first classes", "labels")
 DOWNLOAD_COLUMNS = ("item", "source", "status")
