@@ -26,7 +26,7 @@ from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.evaluation import CellRequest
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
-from hf_moe_cl.presets import mini_mtil_tasks
+from hf_moe_cl.experiments.presets import mini_mtil_tasks
 
 
 def main():

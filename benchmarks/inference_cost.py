@@ -32,7 +32,7 @@ from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.classification import image_embeddings, text_embeddings
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
-from hf_moe_cl.presets import MINI_TASKS
+from hf_moe_cl.experiments.presets import MINI_TASKS
 from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES
 
 TASKS = len(MINI_TASKS)

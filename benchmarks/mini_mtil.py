@@ -23,10 +23,10 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
-from hf_moe_cl.benchmark.metrics import task_drops
-from hf_moe_cl.presets import mini_mtil_tasks
-from hf_moe_cl.benchmark.reporting import (
+from hf_moe_cl.experiments.experiment import MethodArguments, run_method
+from hf_moe_cl.experiments.metrics import task_drops
+from hf_moe_cl.experiments.presets import mini_mtil_tasks
+from hf_moe_cl.experiments.reporting import (
     METRIC_COLUMNS,
     markdown_table,
     selection_summary,
@@ -34,8 +34,12 @@ from hf_moe_cl.benchmark.reporting import (
     write_result_report,
 )
 from hf_moe_cl.continual import ContinualTrainingArguments
+from hf_moe_cl.continual.result import MATRIX_TITLES
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, MoEAdaptersArguments
 from hf_moe_cl.files import write_text_atomic
+
+
+MATRIX_NOTE = "Each row names its matrix: " + "; ".join(f"{kind} = {title}" for kind, title in MATRIX_TITLES.items())
 
 
 def storage_lines(condu: dict) -> list[str]:
@@ -57,7 +61,7 @@ def storage_lines(condu: dict) -> list[str]:
 def summary(header, names, rows, matrices, seconds, selections, leaks, condu=None) -> str:
     """The Markdown report: metrics per method, zero-shot per task, the drop per task, task selection without task
     ids, the routing leak after the last task, ConDU's storage, run times."""
-    lines = [header, "", markdown_table(rows, METRIC_COLUMNS), ""]
+    lines = [header, "", MATRIX_NOTE, "", markdown_table(rows, METRIC_COLUMNS), ""]
     lines += ["Drop per task (accuracy right after its training minus after the last task):", "",
               "| method | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     lines += [f"| {method} | " + " | ".join(f"{d:.1f}" for d in task_drops(matrix)) + " |"
@@ -71,9 +75,9 @@ def summary(header, names, rows, matrices, seconds, selections, leaks, condu=Non
                                     for r in report.values()) + " |", "",
                   f"Expert slots still trainable after the last task ({method}): vision "
                   f"{100 * trainable['vision']:.1f} %, text {100 * trainable['text']:.1f} %", ""]
-    if "zero-shot" in matrices:
+    if "zero-shot (oracle)" in matrices:
         lines += ["| zero-shot | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
-                  "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot"][0]) + " |", ""]
+                  "| accuracy | " + " | ".join(f"{v:.1f}" for v in matrices["zero-shot (oracle)"][0]) + " |", ""]
     for method, stages in selections.items():
         lines += [f"Task selection without task ids after the last task ({method}): rows = images of a task, columns "
                   "= where the method sent them (% of the task's test images)", "",
@@ -134,18 +138,15 @@ def main():
                             options=(ddas, moe, condu_args),
                             reference_images=reference)
         reported = write_result_report(Path(args.output_dir) / method, result, method)
-        for kind, label in (("protocol", "task-agnostic, one decision per batch"),
-                            ("per_image", "task-agnostic, per image"), ("oracle", None)):
-            if kind in result.matrices:
-                name = method if label is None else f"{method} ({label})"
-                rows[name], matrices[name] = reported[kind], result.matrices[kind]
+        for kind in result.matrices:  # every row names its matrix
+            rows[f"{method} ({kind})"], matrices[f"{method} ({kind})"] = reported[kind], result.matrices[kind]
         if "per_image" in result.matrices:
             selections[method] = result.diagnostics["route_histogram"]["per_image"]
         condu = result.diagnostics.get("condu", condu)
         if "routing_report" in result.diagnostics:
             leaks[method] = (result.diagnostics["routing_report"][-1], result.diagnostics["trainable_experts"][-1])
         seconds[method] = time.perf_counter() - start
-        print(f"{method}: {rows[method]} ({seconds[method]:.0f} s)", flush=True)
+        print(f"{method}, {result.headline} matrix: {reported[result.headline]} ({seconds[method]:.0f} s)", flush=True)
 
     names = [task.name for task in tasks]
     results = {"tasks": names, "matrices": matrices, "metrics": rows, "seconds": seconds, "route_histogram": selections,

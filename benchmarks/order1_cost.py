@@ -33,11 +33,11 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.recipes import OFFICIAL_DDAS, preset_recipe
+from hf_moe_cl.experiments.recipes import OFFICIAL_DDAS, preset_recipe
 from hf_moe_cl.continual import ContinualTask, ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.evaluation import EvaluationEngine
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
-from hf_moe_cl.presets import MTIL_DATASETS, MTIL_ORDER_I
+from hf_moe_cl.experiments.presets import MTIL_DATASETS, MTIL_ORDER_I
 
 FULL_STEPS = 1000
 TINY_IMAGENET_TRAIN = 100_000

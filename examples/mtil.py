@@ -31,15 +31,15 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.experiment import MethodArguments, prepare_method
-from hf_moe_cl.benchmark.metrics import class_incremental_metrics
-from hf_moe_cl.benchmark.recipes import TINY_IMAGENET, apply_recipe
-from hf_moe_cl.benchmark.reporting import write_result_report
+from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
+from hf_moe_cl.experiments.metrics import class_incremental_metrics
+from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
+from hf_moe_cl.experiments.reporting import write_result_report
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments, get_method
 from hf_moe_cl.continual.methods.ddas import DDASSelection
-from hf_moe_cl.data.check import check_data
-from hf_moe_cl.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
+from hf_moe_cl.experiments.data_check import check_data
+from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
 
 logger = logging.getLogger("hf_moe_cl")
@@ -68,7 +68,9 @@ class ExperimentArguments:
     )
     assets_dir: Optional[str] = field(default=None, metadata={"help": "Shared assets (default ../shared/assets)."})
     check_data: bool = field(
-        default=False, metadata={"help": "Only check the preset's data (splits, sizes, classes) and print a table."}
+        default=False,
+        metadata={"help": "Only check what the run downloads (datasets: splits, sizes, classes; CLIP, DDAS reference "
+                  "and AlexNet weights), print tables, and exit (1 naming each missing item and its fix)."},
     )
     resume: bool = field(default=False, metadata={"help": "Continue after the last finished task in output_dir."})
     print_recipe: bool = field(
@@ -155,11 +157,22 @@ def setup_logging(training: ContinualTrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def base_model(experiment: ExperimentArguments) -> str:
+    if experiment.model_name_or_path is not None:
+        return experiment.model_name_or_path
+    is_mini = get_preset(experiment.preset).name == "mini"
+    return str(assets_dir(experiment.assets_dir) / "proxy-clip") if is_mini else HUB_CLIP
+
+
+def reference_source(experiment: ExperimentArguments) -> str:
+    if experiment.ddas_reference is not None:
+        return experiment.ddas_reference
+    is_mini = get_preset(experiment.preset).name == "mini"
+    return str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if is_mini else TINY_IMAGENET
+
+
 def reference_images(experiment: ExperimentArguments):
-    source = experiment.ddas_reference
-    if source is None:
-        is_mini = get_preset(experiment.preset).name == "mini"
-        source = str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if is_mini else TINY_IMAGENET
+    source = reference_source(experiment)
     return load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
 
 
@@ -178,21 +191,26 @@ def main(argv: Optional[list[str]] = None):
         return
     names = experiment.tasks.split(",") if experiment.tasks else None
     hub_ids = dict(item.split("=", 1) for item in experiment.dataset_ids.split(",")) if experiment.dataset_ids else None
-    if experiment.check_data:
-        print(check_data(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names,
-                         assets=experiment.assets_dir).markdown())
+    ddas = ddas_args.ddas and method_args.method == "moe-adapters"
+    if experiment.check_data:  # everything the run downloads; exits 1 naming each missing item and its fix
+        alexnet = ddas and ddas_args.ddas_feature_extractor == "alexnet"
+        check = check_data(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names,
+                           assets=experiment.assets_dir, raise_on_error=False, model=base_model(experiment),
+                           ddas_reference=reference_source(experiment) if ddas else None,
+                           alexnet_weights=ddas_args.ddas_alexnet_weights if alexnet else None)
+        print(check.markdown())
+        if not check.ok:
+            sys.exit(1)
         return
 
-    model_path = experiment.model_name_or_path
-    if model_path is None:
-        model_path = str(assets_dir(experiment.assets_dir) / "proxy-clip") if preset.name == "mini" else HUB_CLIP
+    model_path = base_model(experiment)
     base = CLIPModel.from_pretrained(model_path, dtype=torch.float32)
     processor = CLIPProcessor.from_pretrained(model_path)
     tasks = preset_tasks(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names, seed=training.seed,
                          assets=experiment.assets_dir)
     logger.info("preset %s, method %s, %d tasks: %s", preset.name, method_args.method, len(tasks),
                 ", ".join(t.name for t in tasks))
-    reference = reference_images(experiment) if ddas_args.ddas and method_args.method == "moe-adapters" else None
+    reference = reference_images(experiment) if ddas else None
     method, training = prepare_method(method_args, base, tasks, training,
                                       options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
     trainer = ContinualTrainer(method=method, args=training, processing_class=processor)
@@ -204,7 +222,8 @@ def main(argv: Optional[list[str]] = None):
     if isinstance(preset, ClassIncrementalPreset):
         steps = [result.accuracy_matrix[i][i] for i in range(len(tasks))]
         metrics = class_incremental_metrics(steps)
-        (output / "class_incremental.json").write_text(json.dumps({"step_accuracy": steps, "metrics": metrics}))
+        (output / "class_incremental.json").write_text(json.dumps({"matrix": "oracle", "step_accuracy": steps,
+                                                                     "metrics": metrics}))
     else:
         metrics = write_result_report(output, result, method_args.method)
         print((output / "metrics.md").read_text())

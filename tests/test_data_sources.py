@@ -13,9 +13,9 @@ from PIL import Image as PILImage
 
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.data import LabelMappingError, SourceError, load_splits, local_datasets, map_label_names
-from hf_moe_cl.data.check import DataCheckError, check_data
+from hf_moe_cl.experiments.data_check import DataCheckError, check_data
 from hf_moe_cl.data.splits import random_split_indices
-from hf_moe_cl.presets import MTIL_DATASETS, PRESETS, HubSource, mini_mtil_tasks, preset_tasks
+from hf_moe_cl.experiments.presets import MTIL_DATASETS, PRESETS, HubSource, mini_mtil_tasks, preset_tasks
 
 SPEC = MTIL_DATASETS
 
@@ -331,3 +331,108 @@ def test_cifar100_class_incremental_steps_follow_the_official_order(tmp_path):
 def test_mini_tasks_accept_a_string_path():
     tasks = mini_mtil_tasks(str(assets_dir()), ["mnist"])
     assert tasks[0].name == "mnist" and len(tasks[0].classnames) == 10
+
+
+# ----- what else a run downloads -----------------------------------------------------------------------------------
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Empty caches and no network: every host refuses at once; counts the requests; the Hub's own calls fail."""
+    import urllib.error
+
+    import datasets
+    import torch
+    from huggingface_hub import HfApi
+    from huggingface_hub import constants as hf_constants
+
+    from hf_moe_cl.experiments import data_check as check_module
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    requests = []
+
+    def refuse(request, timeout):
+        requests.append((request.full_url, request.get_method(), timeout))
+        raise urllib.error.URLError("Name or service not known")
+
+    def never(*args, **kwargs):
+        raise AssertionError("an unreachable host was asked again")
+
+    monkeypatch.setattr(check_module.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(HfApi, "model_info", never)
+    monkeypatch.setattr(HfApi, "dataset_info", never)
+    monkeypatch.setattr("hf_moe_cl.data.hub.load_dataset_builder", never)
+    return requests
+
+
+def test_check_data_offline_asks_each_host_once_and_names_every_missing_item(no_network, monkeypatch):
+    from huggingface_hub import constants as hf_constants
+
+    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_URL
+
+    with pytest.raises(DataCheckError) as raised:
+        check_data("mtil-order-1", tasks=["dtd", "mnist"], model="openai/clip-vit-base-patch16",
+                   ddas_reference="zh-plus/tiny-imagenet", alexnet_weights=ALEXNET_URL)
+    # one HEAD per host, short timeout, no retry: four Hub items ask the Hub once
+    assert no_network == [("https://huggingface.co", "HEAD", 5.0), ("https://download.pytorch.org", "HEAD", 5.0)]
+    problems = raised.value.check.problems
+    assert len(problems) == 5 and all("\n" not in problem and "Fix:" in problem for problem in problems)
+    assert problems[0].startswith("dtd: the Hub copy ") and "HF_HUB_OFFLINE=1" in problems[0]
+    assert problems[1].startswith("mnist: the Hub copy ") and "--data_dir" in problems[1]
+    assert problems[2].startswith("CLIP weights (openai/clip-vit-base-patch16): not in the Hugging Face cache and "
+                                  "https://huggingface.co is unreachable")
+    assert "`hf download openai/clip-vit-base-patch16`" in problems[2] and "--model_name_or_path" in problems[2]
+    assert "`hf download zh-plus/tiny-imagenet --repo-type dataset`" in problems[3]
+    assert problems[4].startswith(f"AlexNet weights ({ALEXNET_URL}): not in torch's hub cache")
+    assert "curl -L -o" in problems[4] and "--ddas_alexnet_weights" in problems[4]
+    statuses = {row["item"]: row["status"] for row in raised.value.check.downloads}
+    assert set(statuses.values()) == {"MISSING"} and len(statuses) == 3
+    text = str(raised.value)
+    assert "| CLIP weights | openai/clip-vit-base-patch16 | MISSING |" in text and "| dtd | FAILED |" in text
+
+    no_network.clear()  # HF_HUB_OFFLINE: the Hub is not even asked; datasets reads only its cache
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+    def offline_builder(*args, **kwargs):
+        raise ConnectionError("offline mode and not in the cache")
+
+    monkeypatch.setattr("hf_moe_cl.data.hub.load_dataset_builder", offline_builder)
+    check = check_data("mtil-order-1", tasks=["dtd"], model="openai/clip-vit-base-patch16", raise_on_error=False)
+    assert no_network == [] and len(check.problems) == 2
+    assert "cannot read the Hub dataset" in check.problems[0] and "HF_HUB_OFFLINE is set" in check.problems[1]
+
+
+def test_check_data_passes_local_and_cached_items_without_network(no_network, tmp_path):
+    import torch
+    from huggingface_hub import constants as hf_constants
+
+    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_URL
+
+    assets = assets_dir()
+    weights = tmp_path / "alexnet.pth"
+    torch.save({}, weights)
+    check = check_data("mini", tasks=["mnist"], assets=assets, model=str(assets / "proxy-clip"),
+                       ddas_reference=str(assets / "reference" / "tinyimagenet-ref"), alexnet_weights=str(weights))
+    assert check.ok and no_network == []
+    assert [row["status"] for row in check.downloads] == ["local folder", "local saved dataset", "local file"]
+    # a cached Hub model and dataset, and cached AlexNet weights
+    snapshot = tmp_path / "hub" / "models--org--clip" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"0")
+    (tmp_path / "hub" / "models--org--clip" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--clip" / "refs" / "main").write_text("abc")
+    dataset = tmp_path / "hub" / "datasets--org--ref" / "snapshots" / "abc" / "data"
+    dataset.mkdir(parents=True)
+    (dataset / "train-00000-of-00001.parquet").write_bytes(b"0")
+    alexnet = tmp_path / "torch" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    alexnet.parent.mkdir(parents=True)
+    alexnet.write_bytes(b"0")
+    assert hf_constants.HF_HUB_CACHE == str(tmp_path / "hub")
+    check = check_data("mini", tasks=["mnist"], assets=assets, model="org/clip", ddas_reference="org/ref",
+                       alexnet_weights=ALEXNET_URL)
+    assert check.ok and no_network == []
+    assert [row["status"] for row in check.downloads] == ["in the Hugging Face cache"] * 2 + ["in torch's hub cache"]
+    with pytest.raises(DataCheckError, match=r"AlexNet weights \(.*missing.pth\): no such file. Fix:"):
+        check_data("mini", tasks=["mnist"], assets=assets, alexnet_weights=str(tmp_path / "missing.pth"))

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from hf_moe_cl import MoELoraConfig, SelectorConfig
-from hf_moe_cl.benchmark.recipes import preset_recipe
+from hf_moe_cl.experiments.recipes import preset_recipe
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.continual.methods.ddas_training import official_learning_rate, train_autoencoder

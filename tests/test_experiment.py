@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import CLIPModel
 
-from hf_moe_cl.benchmark.experiment import MethodArguments, run_method
+from hf_moe_cl.experiments.experiment import MethodArguments, run_method
 from hf_moe_cl.continual import ContinualTrainingArguments
 
 from conftest import colour_task, tiny_clip, tiny_clip_config, tiny_clip_processor, write_tiny_tokenizer
@@ -92,6 +92,7 @@ def test_example_script_help_refusals_and_data_check(tmp_path):
     checked = example("--preset", "mini", "--tasks", "mnist,dtd", "--check_data", "--output_dir", tmp_path)
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert "mnist" in checked.stdout and "dtd" in checked.stdout and "|" in checked.stdout
+    assert "proxy-clip | local folder |" in checked.stdout and "DDAS reference" not in checked.stdout
 
 
 def test_example_log_level_sets_the_library_logger(tmp_path):

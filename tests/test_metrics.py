@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_moe_cl.benchmark.metrics import (
+from hf_moe_cl.experiments.metrics import (
     average,
     backward_transfer,
     class_incremental_metrics,
@@ -84,7 +84,7 @@ def test_the_evaluate_module_loads_offline_and_is_the_implementation_reports_use
     import evaluate
 
     import hf_moe_cl.metrics
-    from hf_moe_cl.benchmark import metrics as library
+    from hf_moe_cl.experiments import metrics as library
     from hf_moe_cl.metrics.mtil import mtil as module
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -99,7 +99,7 @@ def test_the_evaluate_module_loads_offline_and_is_the_implementation_reports_use
 
 @pytest.mark.parametrize("kind", ["protocol", "per_image", "oracle"])
 def test_every_report_figure_title_fits_inside_the_figure(kind):
-    from hf_moe_cl.benchmark.figures import accuracy_heatmap, selection_heatmap
+    from hf_moe_cl.experiments.figures import accuracy_heatmap, selection_heatmap
 
     names = ["caltech101", "fashion_mnist"]
     figures = [accuracy_heatmap([[90.0, 10.0], [85.0, 60.0]], names, "moe-adapters", kind,

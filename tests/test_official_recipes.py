@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_moe_cl.benchmark.recipes import preset_recipe
+from hf_moe_cl.experiments.recipes import preset_recipe
 from hf_moe_cl.continual.methods import MoEAdaptersArguments
 
 from conftest import moe_model
@@ -69,7 +69,7 @@ def test_condu_prototypes_average_the_whole_augmented_training_set(tmp_path, mod
 
 
 def test_presets_keep_the_official_global_batch_over_several_processes():
-    from hf_moe_cl.benchmark.recipes import per_device_batch
+    from hf_moe_cl.experiments.recipes import per_device_batch
 
     assert [per_device_batch(64, n) for n in (1, 2, 4, 8)] == [64, 32, 16, 8]
     assert per_device_batch(128, 4) == 32
@@ -80,7 +80,7 @@ def test_presets_keep_the_official_global_batch_over_several_processes():
 
 
 def test_apply_recipe_splits_the_batch_over_the_world_size_unless_the_user_set_it(tmp_path, monkeypatch):
-    from hf_moe_cl.benchmark.recipes import apply_recipe
+    from hf_moe_cl.experiments.recipes import apply_recipe
     from hf_moe_cl.continual import ContinualTrainingArguments
 
     monkeypatch.setattr(ContinualTrainingArguments, "world_size", property(lambda self: 4))
@@ -110,7 +110,7 @@ def test_print_recipe_prints_every_resolved_argument_as_json(capsys):
 
 
 def test_result_metrics_come_from_the_protocol_matrix_when_the_run_has_one():
-    from hf_moe_cl.benchmark.metrics import mtil_metrics
+    from hf_moe_cl.experiments.metrics import mtil_metrics
     from hf_moe_cl.continual.result import ContinualResult
 
     oracle = [[80.0, 10.0], [70.0, 90.0]]

@@ -9,7 +9,7 @@ from torch.utils.data import random_split
 from hf_moe_cl.assets import REPO_ROOT
 from hf_moe_cl.data.labels import label_key
 from hf_moe_cl.data.splits import random_split_indices
-from hf_moe_cl.presets import (
+from hf_moe_cl.experiments.presets import (
     MTIL_DATASETS,
     MTIL_ORDER_I,
     MTIL_ORDER_II,

@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 import hf_moe_cl.publishing as publishing
-from hf_moe_cl.benchmark.reporting import matrix_summary
+from hf_moe_cl.experiments.reporting import matrix_summary
 from hf_moe_cl.continual.methods import method_for_model
 from hf_moe_cl.continual.result import ContinualResult
 
@@ -68,6 +68,7 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert all(found[key] == pytest.approx(value, abs=0.005) for key, value in expected.items())
     assert {r.metric_name for r in card.data.eval_results} >= {"BWT (protocol)", "Transfer (oracle)"}
     assert "| protocol: task-agnostic, one route per test batch |" in card.text
+    assert "the headline is the protocol matrix, task-agnostic, one route per test batch." in card.text
 
 
 def test_dry_run_writes_exactly_what_would_be_uploaded(ddas_run, fake_hub, tmp_path, monkeypatch):

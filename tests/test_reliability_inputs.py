@@ -422,7 +422,7 @@ def test_example_refuses_abbreviated_flags_and_ddas_without_a_selector(tmp_path,
 
 
 def test_explicit_task_learning_rates_are_not_overwritten_silently(tmp_path):
-    from hf_moe_cl.benchmark.experiment import MethodArguments, prepare_method
+    from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
 
     args = continual_args(tmp_path, task_learning_rates=[1e-3, 2e-3])
     with pytest.raises(ValueError, match="task_learning_rates and use_task_learning_rates=False disagree"):

@@ -5,15 +5,15 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from hf_moe_cl.presets import (
+from hf_moe_cl.experiments.presets import (
     MTIL_DATASETS,
     MTIL_ORDER_I,
     MTIL_ORDER_II,
     class_incremental_tasks,
     few_shot_subset,
 )
-from hf_moe_cl.benchmark.figures import accuracy_heatmap, selection_heatmap
-from hf_moe_cl.benchmark.reporting import markdown_table, write_report, write_result_report
+from hf_moe_cl.experiments.figures import accuracy_heatmap, selection_heatmap
+from hf_moe_cl.experiments.reporting import markdown_table, write_report, write_result_report
 from hf_moe_cl.continual.result import ContinualResult
 from hf_moe_cl.files import atomic_path, write_text_atomic
 
@@ -68,6 +68,10 @@ def test_result_report_writes_every_kind_protocol_first(tmp_path):
             or line.startswith("| oracle")]
     assert [row.split(":")[0] for row in rows] == ["| protocol", "| per_image", "| oracle"] * 2
     assert "| oracle: task-aware (true task ids) | 26.2 | 60.6 | 75.0 | -15.0 |" in text
+    headline = "Headline numbers: the protocol matrix, task-agnostic, one route per test batch (the paper's protocol)."
+    assert headline in text
+    assert (tmp_path / "per_image" / "metrics.md").read_text().startswith(
+        "# moe-adapters: per_image matrix, task-agnostic, route per image\n")
     assert "| a | 20.0 | 80.0 | 0.0 | 0.0 | 80.0 |" in text  # route selection: zero-shot, a, b, c, correct
     assert "![per_image route selection](per_image/route_selection.png)" in text
 
@@ -78,7 +82,9 @@ def test_an_incomplete_matrix_is_reported_without_metrics(tmp_path):
     assert returned == {"oracle": {}}
     saved = json.loads((tmp_path / "oracle" / "accuracy_matrix.json").read_text())
     assert saved["metrics"] == {} and saved["forgetting"] is None
-    assert "| oracle: task-aware (true task ids) | - | - | - | - |" in (tmp_path / "metrics.md").read_text()
+    text = (tmp_path / "metrics.md").read_text()
+    assert "| oracle: task-aware (true task ids) | - | - | - | - |" in text
+    assert "Headline numbers: the oracle matrix, task-aware (true task ids); this run has no protocol matrix." in text
     assert (tmp_path / "oracle" / "accuracy_matrix.png").stat().st_size > 0
 
 
@@ -91,7 +97,7 @@ def test_heatmaps_say_what_they_show_without_touching_pyplot():
     aware = accuracy_heatmap(ORACLE, NAMES, "moe-adapters", "oracle", metrics)
     agnostic = accuracy_heatmap(AGNOSTIC, NAMES, "moe-adapters", "per_image")
     axes, colour_bar = aware.axes
-    assert "moe-adapters" in aware.get_suptitle() and "task-aware" in aware.get_suptitle()
+    assert "moe-adapters" in aware.get_suptitle() and "oracle matrix\ntask-aware" in aware.get_suptitle()
     assert "Transfer 26.2 · Average 60.6 · Last 75.0 · BWT -15.0" in aware.get_suptitle()
     assert "task-agnostic" in agnostic.get_suptitle()
     assert axes.get_xlabel() == "evaluated on" and axes.get_ylabel() == "after training"

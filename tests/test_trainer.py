@@ -197,7 +197,7 @@ def test_train_and_evaluate_outside_a_task_sequence_point_to_train_tasks(tmp_pat
 
 class EvaluateDuringTask(TrainerCallback):
     def __init__(self, trainer):
-        self.trainer, self.seen, self.logged_steps = trainer, [], []
+        self.trainer, self.seen, self.logged_steps, self.logged_keys = trainer, [], [], set()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:
@@ -205,9 +205,11 @@ class EvaluateDuringTask(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logged_steps.append(state.global_step)
+        self.logged_keys |= set(logs or {})
 
 
-def test_evaluate_inside_a_task_measures_that_task_and_steps_keep_increasing(tmp_path, clip_processor):
+def test_evaluate_inside_a_task_measures_that_task_and_steps_keep_increasing(tmp_path, clip_processor, caplog):
+    caplog.set_level("INFO", logger="hf_moe_cl")
     trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path, logging_strategy="steps", logging_steps=2),
                                processing_class=clip_processor)
     callback = EvaluateDuringTask(trainer)
@@ -217,6 +219,11 @@ def test_evaluate_inside_a_task_measures_that_task_and_steps_keep_increasing(tmp
     assert all(0.0 <= accuracy <= 100.0 for _, accuracy in callback.seen)
     steps = callback.logged_steps  # what trackers see: one axis over both tasks of 6 steps
     assert steps == sorted(steps) and steps[0] == 2 and max(steps) == 12 and 8 in steps
+    # every accuracy logged names its matrix
+    assert {"oracle_accuracy/first", "oracle_accuracy/second"} <= callback.logged_keys
+    assert not any(key.startswith("accuracy/") for key in callback.logged_keys)
+    rows = [record.getMessage() for record in caplog.records if " matrix, " in record.getMessage()]
+    assert len(rows) == 2 and all("oracle matrix, task-aware (true task ids): first " in row for row in rows)
 
 
 class CaptureTaskOutputs(TrainerCallback):

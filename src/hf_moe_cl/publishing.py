@@ -13,8 +13,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from .benchmark.figures import METRIC_LABELS
-from .benchmark.reporting import matrix_summary, metrics_markdown
+from .experiments.figures import METRIC_LABELS
+from .experiments.reporting import matrix_label, matrix_summary, metrics_markdown
 from .continual.methods import ContinualMethod, method_for_model
 from .continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .files import atomic_folder
@@ -123,7 +123,8 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
         rows = {f"{kind}: {MATRIX_TITLES[kind]}": matrix_summary(names, result.matrices[kind])
                 for kind in MATRIX_KINDS if kind in result.matrices}
         lines += ["", "## Results", "", "Accuracy (%) on each task's evaluation split; Transfer / Average / Last as "
-                  "ZSCL and MoE-Adapters define them, BWT = backward transfer (negative: forgetting).", "",
+                  "ZSCL and MoE-Adapters define them, BWT = backward transfer (negative: forgetting). Each row names "
+                  f"its matrix; the headline is the {matrix_label(result.headline)}.", "",
                   metrics_markdown(rows, names, "matrix")]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..benchmark.metrics import mtil_metrics
+from ..experiments.metrics import mtil_metrics
 
 Matrix = list[list[Optional[float]]]
 

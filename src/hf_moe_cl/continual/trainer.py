@@ -36,7 +36,7 @@ from .arguments import ContinualTrainingArguments
 from .data import ImageClassificationCollator, training_augmentation
 from .evaluation import CellRequest, EvaluationEngine
 from .methods import ContinualMethod, method_for_model
-from .result import MATRIX_KINDS, ContinualResult
+from .result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .tasks import ContinualTask
 
 logger = logging.getLogger("hf_moe_cl")
@@ -225,18 +225,19 @@ class ContinualTrainer(Trainer):
             for kind in histograms:
                 rows[kind].append(cells[kind])
         matrices["oracle"].append(rows["oracle"])
-        self._report("accuracy", tasks, rows["oracle"])
+        self._report("oracle", tasks, rows["oracle"])
         for kind in histograms:
             matrices[kind].append([cell.accuracy for cell in rows[kind]])
             histograms[kind].append([cell.histogram for cell in rows[kind]])
-            self._report(f"{kind}_accuracy", tasks, matrices[kind][-1])
+            self._report(kind, tasks, matrices[kind][-1])
         counted, self._encodings_mark = self._encodings_mark, dict(engine.encodings)
         return {name: engine.encodings[name] - counted[name] for name in counted}
 
-    def _report(self, prefix: str, tasks: list[ContinualTask], row: list[Optional[float]]) -> None:
-        values = {f"{prefix}/{task.name}": value for task, value in zip(tasks, row) if value is not None}
+    def _report(self, kind: str, tasks: list[ContinualTask], row: list[Optional[float]]) -> None:
+        """One row of the `kind` matrix, logged as `<kind>_accuracy/<task>` and as one line naming the matrix."""
+        values = {f"{kind}_accuracy/{task.name}": value for task, value in zip(tasks, row) if value is not None}
         self.log(values)
-        logger.info("%s, %s: %s", self.task_label, prefix,
+        logger.info("%s, %s matrix, %s: %s", self.task_label, kind, MATRIX_TITLES.get(kind, kind),
                     ", ".join(f"{task.name} {value:.2f}" for task, value in zip(tasks, row) if value is not None))
 
     def _pretrained_accuracies(self, tasks: list[ContinualTask]) -> dict[int, float]:

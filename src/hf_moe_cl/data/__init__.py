@@ -1,7 +1,5 @@
-"""Data sources of the official experiments: Hub parquet copies and torchvision folders, label mapping by name, the
-official split rules, and `check.check_data` to verify a preset's data before a long run.
-
-`check` is imported as `hf_moe_cl.data.check` (it builds on `hf_moe_cl.presets`, which builds on these modules).
+"""Reading the sources of the official experiments: Hub parquet copies and torchvision folders, label mapping by
+name, the official split rules. The experiments themselves (presets, the data check) are in `hf_moe_cl.experiments`.
 """
 
 from .hub import hub_datasets, hub_summary

@@ -6,7 +6,7 @@ transfer and the drop of each task, from an accuracy matrix.
     mtil.compute(accuracies=[[80, 20], [70, 85]], task_names=["a", "b"])
 
 Each example is one row of the matrix: `accuracies[i][j]` is the accuracy on task j after training task i. This file
-is the implementation hf-moe-cl's reports use too (`hf_moe_cl.benchmark.metrics` imports its functions).
+is the implementation hf-moe-cl's reports use too (`hf_moe_cl.experiments.metrics` imports its functions).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A preset's official training recipe as argument values, applied wherever the user did not set the argument.
 
-The facts come from `hf_moe_cl.presets` (read from the official code); this module only says which argument of
-`ContinualTrainingArguments`, `MoEAdaptersArguments`, `DDASArguments` or `ConDUArguments` each fact sets.
+The facts come from `hf_moe_cl.experiments.presets` (read from the official code); this module only says which
+argument of `ContinualTrainingArguments`, `MoEAdaptersArguments`, `DDASArguments` or `ConDUArguments` each fact sets.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Iterable, Union
 
 from ..continual import ContinualTrainingArguments
 from ..continual.methods import ConDUArguments, DDASArguments, MoEAdaptersArguments
-from ..presets import ClassIncrementalPreset, MTILPreset, get_preset
+from .presets import ClassIncrementalPreset, MTILPreset, get_preset
 
 logger = logging.getLogger("hf_moe_cl")
 

@@ -79,7 +79,7 @@ def accuracy_heatmap(matrix: Sequence[Sequence[Optional[float]]], names: Sequenc
                                  linewidth=0.0))
     _axes_labels(axes, names, names, "after training", "evaluated on")
     figure.colorbar(image, ax=axes, label="accuracy (%)", shrink=0.85)
-    title = f"{method}: accuracy, {MATRIX_TITLES.get(kind, kind)}"
+    title = f"{method}: accuracy, {kind} matrix\n{MATRIX_TITLES.get(kind, kind)}"
     if metrics:
         title += "\n" + _metrics_line(metrics)
     figure.suptitle(title, fontsize=10)
@@ -107,8 +107,9 @@ def selection_heatmap(counts: Sequence[Sequence[int]], names: Sequence[str], met
     _axes_labels(axes, names, routes, "images of", "sent to")
     figure.colorbar(image, ax=axes, label="% of the task's test images", shrink=0.85)
     correct = [shares[j, j + 1] for j in range(len(names))]
-    figure.suptitle(f"{method}: route selection after the last task\n{MATRIX_TITLES.get(kind, kind)}\nsent to "
-                    f"their own task: {np.mean(correct):.1f} % on average (framed)", fontsize=10)
+    figure.suptitle(f"{method}: route selection after the last task, {kind} matrix\n"
+                    f"{MATRIX_TITLES.get(kind, kind)}\nsent to their own task: {np.mean(correct):.1f} % on average "
+                    "(framed)", fontsize=10)
     return figure
 
 

@@ -20,10 +20,10 @@ from typing import Mapping, Optional, Union
 
 from datasets import Dataset
 
-from .assets import assets_dir as resolve_assets
-from .continual.tasks import ContinualTask
-from .data.sources import load_splits
-from .data.splits import few_shot_subset
+from ..assets import assets_dir as resolve_assets
+from ..continual.tasks import ContinualTask
+from ..data.sources import load_splits
+from ..data.splits import few_shot_subset
 
 RECIPES = ("moe-adapters", "moe-adapters-few-shot", "condu-lora", "condu-full", "condu-lora-few-shot",
            "condu-full-few-shot")

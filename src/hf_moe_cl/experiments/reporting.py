@@ -21,6 +21,11 @@ DROP_NOTE = ("Drop per task: accuracy right after training the task minus accura
              "(positive: forgotten; BWT is minus their mean over all tasks but the last).")
 
 
+def matrix_label(kind: str) -> str:
+    """How every report names a matrix: `protocol matrix, task-agnostic, one route per test batch`."""
+    return f"{kind} matrix, {MATRIX_TITLES[kind]}" if kind in MATRIX_TITLES else f"{kind} matrix"
+
+
 def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = ("transfer", "average", "last"),
                    first: str = "method") -> str:
     """One row per entry of `rows`: `| method | Transfer | Average | Last |` ("-" where a value is missing)."""
@@ -98,7 +103,7 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
               "forgetting": lost}
     write_text_atomic(output_dir / "accuracy_matrix.json", json.dumps(record, indent=1))
     write_text_atomic(output_dir / "accuracy_matrix.csv", _csv(names, matrix))
-    text = (f"# {method}: {MATRIX_TITLES.get(kind, kind)}\n\n"
+    text = (f"# {method}: {matrix_label(kind)}\n\n"
             + metrics_markdown({method: (metrics, lost)}, names, "method"))
     figure_metrics = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
     save_png(accuracy_heatmap(matrix, names, method, kind, figure_metrics), output_dir / "accuracy_matrix.png")
@@ -133,7 +138,10 @@ def write_result_report(output_dir: str | Path, result: ContinualResult, method:
             sections.append(f"### Route selection after the last task, {kind}\n\n"
                             + selection_table(selection_summary(histograms[kind], names), names)
                             + f"\n\n![{kind} route selection]({kind}/route_selection.png)")
-    text = (f"# {method} on {len(names)} tasks: {', '.join(names)}\n\n" + metrics_markdown(rows, names, "matrix")
+    headline = f"Headline numbers: the {matrix_label(result.headline)}" + (
+        " (the paper's protocol)." if result.headline == "protocol" else "; this run has no protocol matrix.")
+    text = (f"# {method} on {len(names)} tasks: {', '.join(names)}\n\n{headline}\n\n"
+            + metrics_markdown(rows, names, "matrix")
             + "\n\n## Figures and route selection\n\n" + "\n\n".join(sections) + "\n")
     write_text_atomic(output_dir / "metrics.md", text)
     return returned

@@ -1,1 +1,0 @@
-"""Benchmarks of continual methods: MTIL presets, experiments over methods, metrics and reports."""
