@@ -56,7 +56,8 @@ class ExperimentArguments:
 
     preset: str = field(default="mini", metadata={"help": f"One of {', '.join(PRESETS)}."})
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": f"Base CLIP; default {HUB_CLIP}, or the assets' proxy-clip for `mini`."}
+        default=None,
+        metadata={"help": f"Base CLIP; default {HUB_CLIP}, or the assets' proxy-clip for `mini` and `mini-long`."},
     )
     tasks: Optional[str] = field(default=None, metadata={"help": "Comma-separated subset/order of the preset's tasks."})
     data_dir: Optional[str] = field(
@@ -76,7 +77,7 @@ class ExperimentArguments:
     ddas_reference: Optional[str] = field(
         default=None,
         metadata={"help": f"DDAS reference images: a saved dataset folder or a Hub dataset id with an image column "
-                  f"(default: {TINY_IMAGENET}, the assets' reference/tinyimagenet-ref for `mini`)."},
+                  f"(default: {TINY_IMAGENET}, the assets' reference/tinyimagenet-ref for `mini` and `mini-long`)."},
     )
     hub_dry_run_dir: Optional[str] = field(
         default=None, metadata={"help": "Write what --push_to_hub would upload into this (new) folder, upload nothing."}
@@ -148,8 +149,8 @@ def setup_logging(training: ContinualTrainingArguments) -> None:
 def reference_images(experiment: ExperimentArguments):
     source = experiment.ddas_reference
     if source is None:
-        is_mini = get_preset(experiment.preset).name == "mini"
-        source = str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if is_mini else TINY_IMAGENET
+        offline = getattr(get_preset(experiment.preset), "from_assets", False)
+        source = str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if offline else TINY_IMAGENET
     return load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
 
 
@@ -175,7 +176,8 @@ def main(argv: Optional[list[str]] = None):
 
     model_path = experiment.model_name_or_path
     if model_path is None:
-        model_path = str(assets_dir(experiment.assets_dir) / "proxy-clip") if preset.name == "mini" else HUB_CLIP
+        offline = getattr(preset, "from_assets", False)
+        model_path = str(assets_dir(experiment.assets_dir) / "proxy-clip") if offline else HUB_CLIP
     base = CLIPModel.from_pretrained(model_path, dtype=torch.float32)
     processor = CLIPProcessor.from_pretrained(model_path)
     tasks = preset_tasks(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names, seed=training.seed,
