@@ -57,7 +57,8 @@ class ExperimentArguments:
 
     preset: str = field(default="mini", metadata={"help": f"One of {', '.join(PRESETS)}."})
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": f"Base CLIP; default {HUB_CLIP}, or the assets' proxy-clip for `mini`."}
+        default=None,
+        metadata={"help": f"Base CLIP; default {HUB_CLIP}, or the assets' proxy-clip for `mini` and `mini-long`."},
     )
     tasks: Optional[str] = field(default=None, metadata={"help": "Comma-separated subset/order of the preset's tasks."})
     data_dir: Optional[str] = field(
@@ -79,7 +80,7 @@ class ExperimentArguments:
     ddas_reference: Optional[str] = field(
         default=None,
         metadata={"help": f"DDAS reference images: a saved dataset folder or a Hub dataset id with an image column "
-                  f"(default: {TINY_IMAGENET}, the assets' reference/tinyimagenet-ref for `mini`)."},
+                  f"(default: {TINY_IMAGENET}, the assets' reference/tinyimagenet-ref for `mini` and `mini-long`)."},
     )
     hub_dry_run_dir: Optional[str] = field(
         default=None, metadata={"help": "Write what --push_to_hub would upload into this (new) folder, upload nothing."}
@@ -160,15 +161,15 @@ def setup_logging(training: ContinualTrainingArguments) -> None:
 def base_model(experiment: ExperimentArguments) -> str:
     if experiment.model_name_or_path is not None:
         return experiment.model_name_or_path
-    is_mini = get_preset(experiment.preset).name == "mini"
-    return str(assets_dir(experiment.assets_dir) / "proxy-clip") if is_mini else HUB_CLIP
+    offline = getattr(get_preset(experiment.preset), "from_assets", False)
+    return str(assets_dir(experiment.assets_dir) / "proxy-clip") if offline else HUB_CLIP
 
 
 def reference_source(experiment: ExperimentArguments) -> str:
     if experiment.ddas_reference is not None:
         return experiment.ddas_reference
-    is_mini = get_preset(experiment.preset).name == "mini"
-    return str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if is_mini else TINY_IMAGENET
+    offline = getattr(get_preset(experiment.preset), "from_assets", False)
+    return str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if offline else TINY_IMAGENET
 
 
 def reference_images(experiment: ExperimentArguments):

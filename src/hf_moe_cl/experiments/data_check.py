@@ -26,7 +26,7 @@ from ..continual.tasks import ContinualTask
 from ..data.labels import LabelMappingError
 from ..data.sources import summarize
 from ..data.summary import SourceError
-from .presets import ClassIncrementalPreset, HubSource, MTIL_DATASETS, get_preset, hub_source
+from .presets import ClassIncrementalPreset, HubSource, MTIL_DATASETS, get_preset, hub_source, mini_long_tasks
 
 COLUMNS = ("dataset", "source", "split", "train", "test", "classes", "first classes", "labels")
 DOWNLOAD_COLUMNS = ("item", "source", "status")
@@ -198,12 +198,18 @@ def _dataset_row(name: str, data_dir, hub, cache_dir, network: _Network) -> dict
             "first classes": ", ".join(spec.classnames[:3]), "labels": labels}
 
 
-def _assets_row(name: str, assets) -> dict[str, str]:
-    folder = resolve_assets(assets) / "mini-mtil" / name
-    task = ContinualTask.from_disk(folder)
-    return {"dataset": name, "source": str(folder), "split": "train / test", "train": f"{len(task.train_dataset):,}",
+def _assets_row(name: str, assets, preset) -> dict[str, str]:
+    if preset.class_groups:  # mini-long: a class group of one of the assets' datasets
+        folder = resolve_assets(assets) / "mini-mtil" / name.rsplit("-", 1)[0]
+        task = mini_long_tasks(resolve_assets(assets), [name], preset.class_groups, preset.eval_images)[0]
+        split, labels = f"train / test (at most {preset.eval_images} test images)", "renumbered from 0"
+    else:
+        folder = resolve_assets(assets) / "mini-mtil" / name
+        task = ContinualTask.from_disk(folder)
+        split, labels = "train / test", "as saved"
+    return {"dataset": name, "source": str(folder), "split": split, "train": f"{len(task.train_dataset):,}",
             "test": f"{len(task.eval_dataset):,}", "classes": str(len(task.classnames)),
-            "first classes": ", ".join(task.classnames[:3]), "labels": "as saved"}
+            "first classes": ", ".join(task.classnames[:3]), "labels": labels}
 
 
 def check_data(preset, data_dir: Union[None, str, os.PathLike] = None,
@@ -232,7 +238,7 @@ def check_data(preset, data_dir: Union[None, str, os.PathLike] = None,
     for name in names:
         try:
             if getattr(preset, "from_assets", False):
-                check.rows.append(_assets_row(name, assets))
+                check.rows.append(_assets_row(name, assets, preset))
             else:
                 check.rows.append(_dataset_row(name, data_dir, hub_ids.get(name), cache_dir, network))
         except (SourceError, LabelMappingError, FileNotFoundError) as error:

@@ -18,7 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from datasets import Dataset
+import torch
+from datasets import ClassLabel, Dataset
+from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from ..assets import assets_dir as resolve_assets
 from ..continual.tasks import ContinualTask
@@ -207,6 +209,78 @@ MTIL_ORDER_II = ["stanford_cars", "food", "mnist", "oxford_pet", "flowers", "sun
 MINI_TASKS = ["caltech101", "cifar10", "clothing", "dtd", "fashion_mnist", "mnist"]
 
 
+# ----- mini-long: a long task sequence cut from the shared assets ------------------------------------------------
+# Each of the six mini-MTIL datasets is cut by classes, in label order, into MINI_LONG_ROUNDS groups of consecutive
+# classes, the last group taking the remainder: Caltech101's 101 classes into 20, 20, 20, 20 and 21, each 10-class
+# dataset into pairs (labels 0-1, 2-3, ..., 8-9). The 30 tasks run in rounds: round r is the r-th group of every
+# dataset in alphabetical order (caltech101-1, cifar10-1, clothing-1, dtd-1, fashion_mnist-1, mnist-1,
+# caltech101-2, ...), so every sixth task closes a round. Each task keeps its dataset's templates, its own class
+# names, labels renumbered from 0, and at most MINI_LONG_EVAL_IMAGES test images (a seeded draw) so that every cell
+# of the 30 x 30 matrix stays cheap on a CPU.
+MINI_LONG_ROUNDS = 5
+MINI_LONG_STEPS = 100
+MINI_LONG_EVAL_IMAGES = 100
+
+
+def mini_long_names(rounds: int = MINI_LONG_ROUNDS) -> list[str]:
+    """The mini-long task names in their order: `<dataset>-<group>`, round by round."""
+    return [f"{name}-{group}" for group in range(1, rounds + 1) for name in MINI_TASKS]
+
+
+def class_groups(num_classes: int, groups: int) -> list[range]:
+    """`num_classes` labels cut into `groups` runs of consecutive labels, the last taking the remainder."""
+    size = num_classes // groups
+    if size < 1:
+        raise ValueError(f"{num_classes} classes cannot be cut into {groups} groups of at least one class.")
+    return [range(g * size, num_classes if g == groups - 1 else (g + 1) * size) for g in range(groups)]
+
+
+def class_subset_task(task: ContinualTask, classes: range, name: str, eval_images: Optional[int] = None,
+                      seed: int = 0) -> ContinualTask:
+    """The part of `task` whose labels are in `classes`, relabelled 0.. in that order, with its own class names;
+    the test set cut to at most `eval_images` images (a seeded draw)."""
+    names = [task.classnames[c] for c in classes]
+
+    def subset(dataset: Dataset, limit: Optional[int] = None) -> Dataset:
+        keep = [i for i, label in enumerate(dataset["label"]) if label in classes]
+        if limit is not None and len(keep) > limit:
+            draw = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:limit]
+            keep = [keep[i] for i in sorted(draw.tolist())]
+        part = dataset.select(keep)
+        relabelled = [label - classes.start for label in part["label"]]
+        quiet = not are_progress_bars_disabled()
+        if quiet:  # 60 small copies: no bar for each
+            disable_progress_bars()
+        try:
+            part = part.remove_columns("label").add_column("label", relabelled)
+            return part.cast_column("label", ClassLabel(names=names))
+        finally:
+            if quiet:
+                enable_progress_bars()
+
+    return ContinualTask(name=name, train_dataset=subset(task.train_dataset), eval_dataset=subset(
+        task.eval_dataset, eval_images), classnames=names, templates=list(task.templates))
+
+
+def mini_long_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] = None,
+                    rounds: int = MINI_LONG_ROUNDS, eval_images: Optional[int] = MINI_LONG_EVAL_IMAGES
+                    ) -> list[ContinualTask]:
+    """The mini-long tasks (all, or `names` in that order): the mini-MTIL datasets cut by classes (see above)."""
+    names = list(names or mini_long_names(rounds))
+    unknown = sorted(set(names) - set(mini_long_names(rounds)))
+    if unknown:
+        raise ValueError(f"mini-long has no task(s) {unknown}; its tasks are {', '.join(mini_long_names(rounds))}.")
+    datasets = {name.rsplit("-", 1)[0] for name in names}
+    whole = dict(zip(sorted(datasets), mini_mtil_tasks(assets, sorted(datasets))))
+    tasks = []
+    for name in names:
+        dataset, group = name.rsplit("-", 1)
+        groups = class_groups(len(whole[dataset].classnames), rounds)
+        tasks.append(class_subset_task(whole[dataset], groups[int(group) - 1], name, eval_images))
+    return tasks
+
+
+
 @dataclass(frozen=True)
 class MTILPreset:
     """A task sequence and the official per-task recipe facts of MoE-Adapters' MTIL runs."""
@@ -223,6 +297,8 @@ class MTILPreset:
     ddas_learning_rate: float = 0.01  # AutoEncoder.py line 180; few-shot: few_shot_AutoEncoder.py line 211 (0.003)
     eval_batch_size: int = 128
     from_assets: bool = False  # the offline stand-in: mini tasks from the shared assets
+    class_groups: Optional[int] = None  # mini-long: every assets dataset cut by classes into this many tasks
+    eval_images: Optional[int] = None  # test images kept per task (a seeded draw), to bound evaluation
 
 
 @dataclass(frozen=True)
@@ -266,6 +342,8 @@ PRESETS: dict[str, Union[MTILPreset, ClassIncrementalPreset]] = {preset.name: pr
     ClassIncrementalPreset("cifar100-cil-20", 5, 5),
     ClassIncrementalPreset("cifar100-cil-50", 2, 2, batch_size=64),  # cifar100_2-2-MoE-Adapters.yaml line 20
     MTILPreset("mini", tuple(MINI_TASKS), 200, ddas=False, ddas_threshold=None, from_assets=True),
+    MTILPreset("mini-long", tuple(mini_long_names()), MINI_LONG_STEPS, warmup_steps=10, ddas=False,
+               ddas_threshold=None, from_assets=True, class_groups=MINI_LONG_ROUNDS, eval_images=MINI_LONG_EVAL_IMAGES),
 )}
 
 
@@ -380,6 +458,8 @@ def preset_tasks(preset: Union[str, MTILPreset, ClassIncrementalPreset], data_di
     unknown = sorted(set(names) - set(preset.tasks))
     if unknown:
         raise ValueError(f"Preset {preset.name!r} has no task(s) {unknown}; its tasks are {', '.join(preset.tasks)}.")
+    if preset.from_assets and preset.class_groups:
+        return mini_long_tasks(resolve_assets(assets), names, preset.class_groups, preset.eval_images)
     if preset.from_assets:
         return mini_mtil_tasks(resolve_assets(assets), names)
     return [mtil_task(name, data_dir=data_dir, hub=hub_ids.get(name), few_shot=preset.shots, seed=seed,

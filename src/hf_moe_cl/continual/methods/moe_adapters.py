@@ -33,6 +33,12 @@ class MoEAdaptersArguments:
     """MoE-Adapters' options beyond the adapter's size (`MoELoraConfig`)."""
 
     num_experts: int = field(default=22, metadata={"help": "MoE-Adapters: experts per block."})
+    expert_growth_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "Grow the expert bank: before each new task, a block (of either tower) whose share of "
+                  "trainable experts (frozen by no task) is below this gets new experts that bring it back to it "
+                  "(saved in the adapter config: a loaded model keeps growing). None: the paper's fixed bank."},
+    )
     top_k: int = field(default=2, metadata={"help": "MoE-Adapters: experts per sample."})
     noisy_gating: bool = field(default=True, metadata={"help": "MoE-Adapters: noisy top-k gating in training."})
     noisy_gating_eval: bool = field(
@@ -83,6 +89,9 @@ class MoEAdaptersArguments:
             raise ValueError(f"freeze_policy must be 'top_k' (the paper) or 'coverage', got {self.freeze_policy!r}.")
         if not 0.0 < self.freeze_coverage <= 1.0:
             raise ValueError(f"freeze_coverage must be in (0, 1], got {self.freeze_coverage!r}.")
+        if self.expert_growth_threshold is not None and not 0.0 < self.expert_growth_threshold < 1.0:
+            raise ValueError(f"expert_growth_threshold must be a share in (0, 1) or None (the fixed bank), got "
+                             f"{self.expert_growth_threshold!r}.")
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -142,6 +151,8 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         self._sequence: list = []  # the tasks of the running sequence
         self.routing_reports: list[dict] = []  # after each task: learned task -> shares of its selections
         self.trainable_experts: list[dict] = []  # after each task: tower -> share of expert slots still trainable
+        self.expert_growth: list[dict] = []  # before each task: layer -> experts added (empty: none)
+        self.expert_slots: list[dict] = []  # after each task: tower -> {"total", "trainable"} expert slots
         self._alexnet: Optional[AlexNetFeatures] = None
         self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
                          if self.arguments.merge_experts_every > 0 else None)
@@ -151,7 +162,8 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         arguments = cls.pick(options, MoEAdaptersArguments)
         config = MoELoraConfig(num_tasks=1 if arguments.shared_router else num_tasks,
                                num_experts=arguments.num_experts, top_k=arguments.top_k, r=rank,
-                               noisy_gating=arguments.noisy_gating, noisy_gating_eval=arguments.noisy_gating_eval)
+                               noisy_gating=arguments.noisy_gating, noisy_gating_eval=arguments.noisy_gating_eval,
+                               expert_growth_threshold=arguments.expert_growth_threshold)
         model = get_peft_model(copy.deepcopy(base), config)
         return cls(model, arguments, cls.pick(options, DDASArguments), reference_images)
 
@@ -183,8 +195,13 @@ class MoEAdapters(DDASSelection, ContinualMethod):
                               "path as ddas_alexnet_weights.") from error
         self._sequence = list(tasks)
         if self.arguments.shared_router:
+            if self.arguments.expert_growth_threshold is not None:
+                raise ValueError("Expert growth needs one router per task (it grows before each new task's router "
+                                 "trains): it cannot be used with shared_router=True.")
             return
         moe = self.moe
+        if self.arguments.expert_growth_threshold is not None:  # given for this run: saved with the adapter
+            moe.moe_config.expert_growth_threshold = self.arguments.expert_growth_threshold
         learned = [info["name"] if info else None for info in moe.task_info]
         while learned and learned[-1] is None:
             learned.pop()
@@ -216,6 +233,12 @@ class MoEAdapters(DDASSelection, ContinualMethod):
 
     def begin_task(self, trainer, index, task) -> None:
         self.current_route = self.task_route(index)
+        if not self.arguments.shared_router:
+            added = self.moe.grow_experts(self.current_route) if trainer.args.max_steps != 0 else {}
+            if added:
+                logger.info("Task %s: %d layer(s) grew by %d expert(s) in all (trainable share below %.2f).",
+                            task.name, len(added), sum(added.values()), self.moe.moe_config.expert_growth_threshold)
+            self.expert_growth.append(added)  # nothing unless the adapter grows
         self.moe.set_task(self.current_route)
 
     def extra_loss(self):
@@ -239,6 +262,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         moe.set_task_info(route, task.name, task.classnames, task.templates)
         if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
             self._fit_selector(trainer, route, task)  # a continued model's selector learns the new tasks too
+        self.expert_slots.append(self._slots_by_tower())
         if arguments.routing_report:
             self.trainable_experts.append(self._trainable_share())
             learned = range(self.first_route, route + 1)
@@ -294,14 +318,26 @@ class MoEAdapters(DDASSelection, ContinualMethod):
             flags.setdefault(tower_of(name), []).append(layer.moe_lora_frozen_by[self.moe._adapter()] < 0)
         return {tower: float(torch.cat(values).float().mean()) for tower, values in flags.items()}
 
+    def _slots_by_tower(self) -> dict[str, dict[str, int]]:
+        """Per tower, the expert slots (layers x experts) and those frozen by no task."""
+        slots: dict[str, dict[str, int]] = {}
+        for name, layer_slots in self.moe.expert_slots().items():
+            tower = slots.setdefault(tower_of(name), {"total": 0, "trainable": 0})
+            tower["total"] += layer_slots["total"]
+            tower["trainable"] += layer_slots["trainable"]
+        return slots
+
     def diagnostics(self) -> dict:
-        if not self.routing_reports:
-            return {}
-        return {"routing_report": self.routing_reports, "trainable_experts": self.trainable_experts}
+        result = {"expert_slots": self.expert_slots, "expert_growth": self.expert_growth} if self.expert_slots else {}
+        if self.routing_reports:
+            result.update(routing_report=self.routing_reports, trainable_experts=self.trainable_experts)
+        return result
 
     def restore_diagnostics(self, diagnostics: dict) -> None:
         self.routing_reports = list(diagnostics.get("routing_report", []))
         self.trainable_experts = list(diagnostics.get("trainable_experts", []))
+        self.expert_slots = list(diagnostics.get("expert_slots", []))
+        self.expert_growth = list(diagnostics.get("expert_growth", []))
 
     # ----- classification ------------------------------------------------------------------------------------------
     def routed(self, route: Union[int, torch.Tensor]):
@@ -321,6 +357,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
             )
         if saved.selector is not None and moe.selector is None:
             moe.enable_selector(saved.selector)
+        moe.grow_to(saved.experts_per_module)  # a grown bank: its shapes before its weights
         moe.moe_config.task_info = saved.task_info
         path = Path(folder) / "adapter_model.safetensors"
         check_safetensors_file(path)

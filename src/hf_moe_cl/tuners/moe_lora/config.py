@@ -34,6 +34,17 @@ class MoELoraConfig(PeftConfig):
 
     num_tasks: int = field(default=1, metadata={"help": "Number of task routers; grow later with `add_task()`."})
     num_experts: int = field(default=22, metadata={"help": "Experts per adapted module."})
+    expert_growth_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "Grow the bank: before a new task, every adapted module whose share of trainable experts "
+                  "(frozen by no task) is below this gets the fewest new experts (at least top_k) that bring it "
+                  "back to it (`grow_experts`). None: the paper's fixed bank."},
+    )
+    experts_per_module: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Modules whose bank grew: module name -> its number of experts (written by "
+                  "`grow_experts`, read when the adapter is loaded)."},
+    )
     top_k: int = field(default=2, metadata={"help": "Experts each sample is routed to."})
     r: int = field(default=64, metadata={"help": "Rank (bottleneck width) of every expert."})
     expert_activation: Optional[str] = field(
@@ -107,6 +118,18 @@ class MoELoraConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.expert_growth_threshold is not None and (
+                isinstance(self.expert_growth_threshold, bool) or not isinstance(self.expert_growth_threshold,
+                                                                                 (int, float))
+                or not 0.0 < self.expert_growth_threshold < 1.0):
+            raise ValueError(f"`expert_growth_threshold` must be a share in (0, 1) or None (the fixed bank), got "
+                             f"{self.expert_growth_threshold!r}.")
+        smaller = {name: count for name, count in (self.experts_per_module or {}).items()
+                   if isinstance(count, bool) or not isinstance(count, int) or count < self.num_experts}
+        if smaller:
+            raise ValueError(f"`experts_per_module` must give each module at least `num_experts` "
+                             f"({self.num_experts}) experts (a bank only grows), got {smaller}.")
+        self.experts_per_module = dict(self.experts_per_module or {})
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or add experts."

@@ -6,6 +6,7 @@ adapter.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -19,9 +20,9 @@ class ExpertBookkeeping:
     def selection_histogram(self, selections: dict) -> dict[str, torch.Tensor]:
         """Per layer name, how often each expert was chosen in the calls that filled `selections` (`routing(...,
         selections=...)`)."""
-        num_experts = self.moe_config.num_experts
+        adapter = self._adapter()
         names = {layer: name for name, layer in self.moe_layers().items()}
-        return {names[layer]: torch.bincount(torch.cat(chosen).flatten().cpu(), minlength=num_experts)
+        return {names[layer]: torch.bincount(torch.cat(chosen).flatten().cpu(), minlength=layer.expert_count(adapter))
                 for layer, chosen in selections.items()}
 
     def selection_counts(self, task: Optional[int] = None) -> dict[str, torch.Tensor]:
@@ -131,6 +132,59 @@ class ExpertBookkeeping:
             if result is not None:
                 merged[name] = result
         return merged
+
+    # ----- a bank that grows ---------------------------------------------------------------------------------------
+    def expert_slots(self) -> dict[str, dict[str, int]]:
+        """Per layer, its experts ('total') and those frozen by no task ('trainable')."""
+        adapter = self._adapter()
+        return {name: {"total": layer.expert_count(adapter),
+                       "trainable": int((layer.moe_lora_frozen_by[adapter] < 0).sum())}
+                for name, layer in self.moe_layers().items()}
+
+    def grow_experts(self, first_task: int, threshold: Optional[float] = None) -> dict[str, int]:
+        """Before task `first_task` trains: every layer whose share of trainable experts is below `threshold`
+        (default: the config's `expert_growth_threshold`) gets the fewest new experts, at least top_k, that bring
+        the share back to it. New experts change no output, and routers of earlier tasks never select them
+        (`MoELoraLayer.add_experts`). Returns the experts added per layer; the counts are recorded in the config
+        (`experts_per_module`) so that a saved adapter loads with its grown shapes."""
+        config = self.moe_config
+        threshold = config.expert_growth_threshold if threshold is None else threshold
+        if threshold is None:
+            return {}
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be a share in (0, 1), got {threshold!r}.")
+        self._check_task(first_task)
+        adapter = self._adapter()
+        added = {}
+        for name, slots in self.expert_slots().items():
+            total, trainable = slots["total"], slots["trainable"]
+            if trainable >= threshold * total:
+                continue
+            count = max(config.top_k, math.ceil((threshold * total - trainable) / (1.0 - threshold)))
+            while trainable + count < threshold * (total + count):  # rounding of the closed form
+                count += 1
+            self.moe_layers()[name].add_experts(adapter, count, first_task)
+            config.experts_per_module[name] = total + count
+            added[name] = count
+        return added
+
+    def grow_to(self, experts_per_module: dict[str, int]) -> None:
+        """Give each layer the number of experts a saved adapter has (before loading its weights into this
+        model, e.g. resuming from a checkpoint of a grown bank); the loaded state sets their values."""
+        adapter = self._adapter()
+        layers = self.moe_layers()
+        unknown = sorted(set(experts_per_module) - set(layers))
+        if unknown:
+            raise ValueError(f"The saved adapter grew layers this model does not have: {unknown[:3]}. Load it on "
+                             "the base model it was trained on.")
+        for name, count in experts_per_module.items():
+            current = layers[name].expert_count(adapter)
+            if count < current:
+                raise ValueError(f"Layer {name!r} has {current} experts here but {count} in the saved adapter: a "
+                                 "bank only grows. Load the checkpoint into a model built like the saved one.")
+            if count > current:
+                layers[name].add_experts(adapter, count - current, first_task=0)
+                self.moe_config.experts_per_module[name] = count
 
     def expert_parameters(self, layer_name: str) -> dict[str, torch.Tensor]:
         """The effective (frozen slices from their snapshot) stacked expert tensors of one layer."""

@@ -49,8 +49,11 @@ def _cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (batch, dim) through one shared (dim, experts) matrix or one matrix per sample (batch, dim, experts)."""
+def _project(x: torch.Tensor, weight: torch.Tensor, groups: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """x (batch, dim) through one shared (dim, experts) matrix or one matrix per sample (batch, dim, experts);
+    with `groups`, each run of that many experts separately (a matmul's rounding depends on its width)."""
+    if groups is not None:
+        return torch.cat([_project(x, part) for part in weight.split(groups, dim=-1)], dim=-1)
     if weight.dim() == 2:
         return x @ weight
     return torch.bmm(x.unsqueeze(1), weight).squeeze(1)
@@ -65,17 +68,23 @@ def noisy_top_k(
     noise_epsilon: float,
     with_balance_loss: bool = False,
     keep: Optional[torch.Tensor] = None,
+    hidden: Optional[torch.Tensor] = None,
+    expert_groups: Optional[tuple[int, ...]] = None,
 ) -> Routing:
     """Route each row of `router_input` (batch, dim) with gate/noise matrices shared (dim, experts) or per sample.
 
     Noise (learned, softplus standard deviation) is added only when `noisy`; the balance loss is the importance
     term plus the smooth load estimate of the sparsely-gated MoE paper, differentiable in both, over the rows of
-    `keep` (a bool mask; None: every row).
+    `keep` (a bool mask; None: every row). `hidden` (bool, (experts,) or (batch, experts)) marks experts a row may
+    not select: their logits are -inf. `expert_groups` (a grown bank: the experts of each growth) projects each
+    group on its own, so that adding experts leaves the earlier experts' logits bit for bit as they were.
     """
-    clean = _project(router_input, gate)
+    clean = _project(router_input, gate, expert_groups)
+    if hidden is not None:
+        clean = clean.masked_fill(hidden, float("-inf"))
     num_experts = clean.shape[-1]
     if noisy:
-        noise_std = F.softplus(_project(router_input, noise)) + noise_epsilon
+        noise_std = F.softplus(_project(router_input, noise, expert_groups)) + noise_epsilon
         logits = clean + torch.randn_like(clean) * noise_std
     else:
         logits = clean

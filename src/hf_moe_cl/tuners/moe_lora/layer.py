@@ -32,6 +32,7 @@ class MoELoraLayer(BaseTunerLayer):
     adapter_layer_names = EXPERT_PARAMS + ROUTER_PARAMS
     other_param_names = (
         "moe_lora_counts",
+        "moe_lora_expert_task",
         "moe_lora_frozen_by",
         "moe_lora_router_frozen",
         "moe_lora_snapshot",
@@ -48,6 +49,8 @@ class MoELoraLayer(BaseTunerLayer):
         self.moe_lora_counts = BufferDict(persistent=True)
         self.moe_lora_frozen_by = BufferDict(persistent=True)
         self.moe_lora_router_frozen = BufferDict(persistent=True)
+        self.moe_lora_expert_task = BufferDict(persistent=True)  # grown banks only: see add_experts
+        self.moe_lora_expert_groups: dict[str, tuple[int, ...]] = {}  # grown banks: experts added together
         self.moe_lora_snapshot = nn.ModuleDict()
         self.moe_lora_dropout = nn.ModuleDict()
         self.moe_lora_options: dict[str, MoELoraConfig] = {}
@@ -55,9 +58,14 @@ class MoELoraLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self.register_state_dict_pre_hook(_write_frozen_slices_before_save)
         self.register_load_state_dict_post_hook(_snapshot_frozen_slices_after_load)
+        self.register_load_state_dict_post_hook(_expert_groups_after_load)
 
-    def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False, **kwargs) -> None:
-        num_experts, rank, num_tasks = config.num_experts, config.r, config.num_tasks
+    def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False,
+                     num_experts: Optional[int] = None, **kwargs) -> None:
+        """Create the adapter's experts and routers: `num_experts` (default `config.num_experts`; a bank that grew
+        records its own count in `config.experts_per_module`)."""
+        num_experts = num_experts or config.num_experts
+        rank, num_tasks = config.r, config.num_tasks
         bound_a = 1.0 / math.sqrt(self.in_features)
         self.moe_lora_A[adapter_name] = nn.Parameter(
             torch.empty(num_experts, rank, self.in_features).uniform_(-bound_a, bound_a)
@@ -76,6 +84,8 @@ class MoELoraLayer(BaseTunerLayer):
         self.moe_lora_counts[adapter_name] = torch.zeros(num_tasks, num_experts, dtype=torch.long)
         self.moe_lora_frozen_by[adapter_name] = torch.full((num_experts,), -1, dtype=torch.long)
         self.moe_lora_router_frozen[adapter_name] = torch.zeros(num_tasks, dtype=torch.bool)
+        if num_experts > config.num_experts:  # a grown bank being loaded: the saved values replace these
+            self.moe_lora_expert_task[adapter_name] = torch.zeros(num_experts, dtype=torch.long)
         self.moe_lora_snapshot[adapter_name] = BufferDict(persistent=False)
         self.moe_lora_dropout[adapter_name] = (
             nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
@@ -156,6 +166,64 @@ class MoELoraLayer(BaseTunerLayer):
             self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(1, counts.shape[1])])
             frozen = self.moe_lora_router_frozen[adapter]
             self.moe_lora_router_frozen[adapter] = torch.cat([frozen, frozen.new_zeros(1)])
+
+    def expert_count(self, adapter: str) -> int:
+        return self.moe_lora_A[adapter].shape[0]
+
+    def add_experts(self, adapter: str, count: int, first_task: int) -> None:
+        """Append `count` experts that change no output: up-projections and biases zero, down-projections drawn as
+        at creation, router columns zero for every task. Routers of tasks before `first_task` never select them
+        (`moe_lora_expert_task`: per expert, the first task router that may), so a learned task routes exactly
+        as before; the new experts are trainable (frozen by no task)."""
+        if count < 1:
+            raise ValueError(f"count must be a positive number of experts, got {count}.")
+        old_count = self.expert_count(adapter)
+        with torch.no_grad():
+            for name in EXPERT_PARAMS:
+                if adapter not in getattr(self, name):
+                    continue
+                old = getattr(self, name)[adapter]
+                new = old.new_zeros(count, *old.shape[1:])
+                if name == "moe_lora_A":
+                    bound = 1.0 / math.sqrt(self.in_features)
+                    new.uniform_(-bound, bound)
+                getattr(self, name)[adapter] = nn.Parameter(torch.cat([old.detach(), new]),
+                                                            requires_grad=old.requires_grad)
+                snapshots = self.moe_lora_snapshot[adapter]
+                if name in snapshots:
+                    snapshots[name] = torch.cat([snapshots[name], new.clone()])
+            for name in ROUTER_PARAMS:
+                old = getattr(self, name)[adapter]
+                columns = old.new_zeros(*old.shape[:-1], count)
+                getattr(self, name)[adapter] = nn.Parameter(torch.cat([old.detach(), columns], dim=-1),
+                                                            requires_grad=old.requires_grad)
+                snapshots = self.moe_lora_snapshot[adapter]
+                if name in snapshots:
+                    snapshots[name] = torch.cat([snapshots[name], columns.clone()], dim=-1)
+            counts = self.moe_lora_counts[adapter]
+            self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(counts.shape[0], count)], dim=1)
+            frozen_by = self.moe_lora_frozen_by[adapter]
+            self.moe_lora_frozen_by[adapter] = torch.cat([frozen_by, frozen_by.new_full((count,), -1)])
+            tasks = self.moe_lora_expert_task
+            first = tasks[adapter] if adapter in tasks else frozen_by.new_zeros(old_count)
+            self.moe_lora_expert_task[adapter] = torch.cat([first, first.new_full((count,), first_task)])
+        self.moe_lora_expert_groups[adapter] = self.moe_lora_expert_groups.get(adapter, (old_count,)) + (count,)
+
+    def _expert_groups_from_tasks(self) -> None:
+        """The groups of experts added together, from `moe_lora_expert_task` (runs of one first task)."""
+        for adapter in self.moe_lora_expert_task:
+            groups = torch.unique_consecutive(self.moe_lora_expert_task[adapter], return_counts=True)[1]
+            self.moe_lora_expert_groups[adapter] = tuple(groups.tolist())
+
+    def hidden_experts(self, adapter: str, index: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Experts the routers `index` (a task, or one per sample) may not select: those added after they were
+        trained (None for a bank that never grew). (experts,) for a task, (batch, experts) per sample."""
+        if adapter not in self.moe_lora_expert_task:
+            return None
+        first = self.moe_lora_expert_task[adapter]
+        if isinstance(index, int):
+            return first > index
+        return first.unsqueeze(0) > index.to(first.device).unsqueeze(1)
 
     def merge_top_experts(self, adapter: str, counts: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]):
         """Average the two most-selected experts (by a task's `counts`) into its least-selected trainable one.
@@ -264,6 +332,8 @@ class MoELoraLayer(BaseTunerLayer):
             noise_epsilon=options.noise_epsilon,
             with_balance_loss=self.training and options.load_balancing_coef > 0,
             keep=keep,
+            hidden=self.hidden_experts(adapter, index),
+            expert_groups=self.moe_lora_expert_groups.get(adapter),
         )
         if routing.balance_loss is not None:
             loss = options.load_balancing_coef * routing.balance_loss
@@ -345,6 +415,10 @@ def _snapshot_frozen_slices_after_load(module: MoELoraLayer, incompatible_keys) 
                     del snapshots[name]
 
 
+def _expert_groups_after_load(module: MoELoraLayer, incompatible_keys) -> None:
+    module._expert_groups_from_tasks()
+
+
 BLOCK_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 
 
@@ -367,9 +441,10 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
                 "is already wrapped by another adapter") + ". Target nn.Linear modules instead (target_modules)."
             )
         width = base_layer.layer_norm2.normalized_shape[0]
+        num_experts = kwargs.pop("num_experts", None)
         MoELoraLayer.__init__(self, base_layer, width, width, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, num_experts=num_experts)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None,
                 **kwargs: Any):
@@ -407,9 +482,10 @@ class MoELoraLinear(nn.Module, MoELoraLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: MoELoraConfig, **kwargs) -> None:
         super().__init__()
         linear = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        num_experts = kwargs.pop("num_experts", None)
         MoELoraLayer.__init__(self, base_layer, linear.in_features, linear.out_features, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, num_experts=num_experts)
 
     def forward(self, x: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None, **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)

@@ -72,21 +72,23 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
+        num_experts = peft_config.experts_per_module.get(current_key, peft_config.num_experts)
         if isinstance(target, MoELoraLayer):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, peft_config, num_experts=num_experts)
             return
-        new_module = self._create_new_module(peft_config, adapter_name, target, current_key)
+        new_module = self._create_new_module(peft_config, adapter_name, target, current_key, num_experts)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _create_new_module(config: MoELoraConfig, adapter_name: str, target: nn.Module, key: str) -> nn.Module:
+    def _create_new_module(config: MoELoraConfig, adapter_name: str, target: nn.Module, key: str,
+                           num_experts: Optional[int] = None) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base, nn.Linear):
-            return MoELoraLinear(target, adapter_name, config)
+            return MoELoraLinear(target, adapter_name, config, num_experts=num_experts)
         if isinstance(getattr(base, "layer_norm2", None), nn.LayerNorm) and hasattr(base, "mlp"):
-            return MoELoraBlock(target, adapter_name, config)
+            return MoELoraBlock(target, adapter_name, config, num_experts=num_experts)
         raise ValueError(
             f"Target module {key!r} ({type(base).__name__}) is not supported by MoE-LoRA: it adapts transformer "
             "blocks that have `layer_norm2` and `mlp` (the default placement) or `nn.Linear` modules. Change "

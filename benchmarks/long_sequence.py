@@ -1,0 +1,311 @@
+"""How MoE-Adapters scales with the number of tasks: the `mini-long` preset (30 tasks), freeze policies side by side.
+
+    OMP_NUM_THREADS=2 python benchmarks/long_sequence.py --output_dir runs/long_sequence          # the full run
+    python benchmarks/long_sequence.py --num_tasks 3 --steps_per_task 2 --report_at 1,2,3 --eval_images 20 \\
+        --ddas_task_steps 5 --ddas_reference_steps 5 --output_dir runs/long_tiny                   # a smoke run
+
+Variants (`--variants`): MoE-Adapters with `freeze_policy` top_k (the paper), coverage 0.9, coverage 1.0 and
+coverage 1.0 with a growing bank (`expert_growth_threshold`), and individual fine-tuning (one model per task from
+the base CLIP: the upper bound). Every MoE variant trains DDAS (CLIP features, the assets' Tiny ImageNet reference)
+so that the task-agnostic matrices exist. Reported after each task count of `--report_at` (default 6, 12, 18, 24,
+30), in results.md / results.json and one PNG per quantity against the number of tasks:
+
+- Last / individual fine-tuning: the mean over the tasks learned so far of their accuracy (task id given), divided
+  by the same mean of individual fine-tuning;
+- BWT over the tasks learned so far; the newest task's accuracy right after training against its individual
+  fine-tune;
+- trainable expert slots (vision + text: experts frozen by no task) and all expert slots;
+- adapter bytes: the saved adapter of a model that learned that many tasks (experts, plus one router per task;
+  the DDAS selector is not counted);
+- DDAS task identification of the learned tasks' test images, per image and per batch (the paper's protocol);
+- task-agnostic inference time of a mixed batch (`TaskAgnosticClassifier`) against plain CLIP on the same batch;
+- training step time (median over the steps of the task just learned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+from datasets import load_from_disk
+from peft import get_peft_model_state_dict
+from transformers import CLIPModel, CLIPProcessor, TrainerCallback, set_seed
+
+import hf_moe_cl  # noqa: F401
+from hf_moe_cl import TaskAgnosticClassifier
+from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.benchmark.experiment import MethodArguments, prepare_method
+from hf_moe_cl.classification import image_embeddings, text_embeddings
+from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
+from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
+from hf_moe_cl.files import write_text_atomic
+from hf_moe_cl.experiments.presets import MINI_LONG_EVAL_IMAGES, MINI_LONG_STEPS, mini_long_names, mini_long_tasks
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PER_TASK_TENSORS = ("moe_lora_router_gate", "moe_lora_router_noise", "moe_lora_counts", "moe_lora_router_frozen")
+SELECTOR = "moe_lora_selector"
+
+
+def variants(growth_threshold: float) -> dict[str, dict]:
+    return {
+        "top_k": dict(freeze_policy="top_k"),
+        "coverage-0.9": dict(freeze_policy="coverage", freeze_coverage=0.9),
+        "coverage-1.0": dict(freeze_policy="coverage", freeze_coverage=1.0),
+        "coverage-1.0+growth": dict(freeze_policy="coverage", freeze_coverage=1.0,
+                                    expert_growth_threshold=growth_threshold),
+        "individual": None,
+    }
+
+
+class StepTimer(TrainerCallback):
+    """Median wall time of the optimizer steps of each task (forward, backward, step), in ms."""
+
+    def __init__(self):
+        self.per_task: list[float] = []
+        self._times: list[float] = []
+        self._start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._times = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.per_task.append(1000 * statistics.median(self._times) if self._times else float("nan"))
+
+
+def adapter_bytes(model, learned: int) -> int:
+    """Bytes of the saved adapter of a model that learned `learned` tasks: every expert tensor, and of the
+    per-task tensors (routers, counts) the rows of those tasks; the DDAS selector is left out."""
+    total = 0
+    for key, tensor in get_peft_model_state_dict(model).items():
+        if SELECTOR in key:
+            continue
+        size = tensor.numel() * tensor.element_size()
+        if any(name in key for name in PER_TASK_TENSORS):
+            size = size // tensor.shape[0] * learned
+        total += size
+    return total
+
+
+class MeasuredTrainer(ContinualTrainer):
+    """A `ContinualTrainer` that, after the stages of `report_at`, measures the adapter's size and the
+    task-agnostic inference time against plain CLIP on a fixed mixed batch."""
+
+    def __init__(self, *args, report_at=(), plain=None, probe=None, repeats=5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.report_at, self.plain, self.probe, self.repeats = set(report_at), plain, probe, repeats
+        self.measured: dict[int, dict] = {}
+
+    def _evaluate_stage(self, index, tasks, *args, **kwargs):
+        encodings = super()._evaluate_stage(index, tasks, *args, **kwargs)
+        learned = index + 1
+        if learned in self.report_at and isinstance(self.method, MoEAdapters):
+            self.measured[learned] = {"adapter_bytes": adapter_bytes(self.method.model, learned),
+                                      **self._inference_ms(tasks[:learned])}
+        return encodings
+
+    @torch.no_grad()
+    def _inference_ms(self, learned) -> dict:
+        if not self.method.selects_routes:
+            return {}
+        pixels, labels = self.probe
+        device = self.args.device
+        pixels = pixels.to(device)
+        classifier = TaskAgnosticClassifier(self.method, self.processing_class)
+        text = text_embeddings(self.plain, self.processing_class.tokenizer, labels, ["a photo of a {}."], device)
+
+        def plain():
+            return (image_embeddings(self.plain, pixels) @ text.T).argmax(-1)
+
+        def agnostic():
+            return classifier.classify(pixels, candidate_labels=labels)
+
+        times = {"plain": [], "agnostic": []}
+        plain(), agnostic()
+        for _ in range(self.repeats):
+            for name, run in (("plain", plain), ("agnostic", agnostic)):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        plain_ms, agnostic_ms = (1000 * statistics.median(times[n]) for n in ("plain", "agnostic"))
+        return {"plain_ms": plain_ms, "agnostic_ms": agnostic_ms}
+
+
+def probe_batch(tasks, processor, size: int):
+    """A fixed batch mixing the test images of every task in turn, and every class name (zero-shot labels)."""
+    images = [tasks[i % len(tasks)].eval_dataset[i // len(tasks)]["image"].convert("RGB") for i in range(size)]
+    labels = sorted({name for task in tasks for name in task.classnames})
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"], labels
+
+
+def identification(stages, learned: int) -> float:
+    """Share (%) of the learned tasks' test images sent to their own route after `learned` tasks."""
+    counts = stages[learned - 1][:learned]
+    right = sum(task[j + 1] for j, task in enumerate(counts))
+    return 100.0 * right / max(1, sum(sum(task) for task in counts))
+
+
+def rows_at(name, result, individual, timer, measured, report_at) -> dict[int, dict]:
+    oracle = result.matrices["oracle"]
+    diagonal = [individual[j][j] for j in range(len(individual))] if individual else None
+    rows = {}
+    for n in report_at:
+        if n > len(oracle):
+            continue
+        last = sum(oracle[n - 1][:n]) / n
+        row = {"last": last, "newest": oracle[n - 1][n - 1], "step_ms": timer.per_task[n - 1],
+               "bwt": sum(oracle[n - 1][j] - oracle[j][j] for j in range(n - 1)) / (n - 1) if n > 1 else 0.0}
+        if diagonal:
+            row["last_over_individual"] = 100.0 * last / (sum(diagonal[:n]) / n)
+            row["newest_over_individual"] = 100.0 * oracle[n - 1][n - 1] / diagonal[n - 1]
+        slots = result.diagnostics.get("expert_slots")
+        if slots:
+            row["trainable_slots"] = sum(t["trainable"] for t in slots[n - 1].values())
+            row["expert_slots"] = sum(t["total"] for t in slots[n - 1].values())
+        for kind, label in (("per_image", "ddas_per_image"), ("protocol", "ddas_per_batch")):
+            stages = result.diagnostics.get("route_histogram", {}).get(kind)
+            if stages:
+                row[label] = identification(stages, n)
+        row.update(measured.get(n, {}))
+        if "agnostic_ms" in row:
+            row["agnostic_over_plain"] = row["agnostic_ms"] / row["plain_ms"]
+        rows[n] = row
+    return rows
+
+
+COLUMNS = [("last", "Last", "{:.1f}"), ("last_over_individual", "Last / indiv. %", "{:.1f}"),
+           ("bwt", "BWT", "{:.2f}"), ("newest_over_individual", "newest / indiv. %", "{:.1f}"),
+           ("trainable_slots", "trainable slots", "{:,}"), ("expert_slots", "all slots", "{:,}"),
+           ("adapter_bytes", "adapter bytes", "{:,}"), ("ddas_per_image", "DDAS per image %", "{:.1f}"),
+           ("ddas_per_batch", "DDAS per batch %", "{:.1f}"), ("agnostic_over_plain", "agnostic / plain", "{:.2f}"),
+           ("step_ms", "step ms", "{:.0f}")]
+
+
+def markdown(table: dict[str, dict[int, dict]], header: str) -> str:
+    lines = [header, ""]
+    for variant, rows in table.items():
+        lines += [f"### {variant}", "", "| tasks | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
+                  "| ---: |" + " ---: |" * len(COLUMNS)]
+        for n, row in rows.items():
+            cells = [form.format(row[key]) if row.get(key) is not None else "" for key, _, form in COLUMNS]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(table: dict[str, dict[int, dict]], output: Path) -> list[str]:
+    written = []
+    for key, label, _ in COLUMNS:
+        series = {v: [(n, r[key]) for n, r in rows.items() if r.get(key) is not None] for v, rows in table.items()}
+        series = {v: points for v, points in series.items() if points}
+        if not series:
+            continue
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        for variant, points in series.items():
+            axis.plot([n for n, _ in points], [value for _, value in points], marker="o", label=variant)
+        axis.set_xlabel("tasks learned")
+        axis.set_ylabel(label)
+        axis.set_title(f"mini-long: {label}")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = output / f"{key}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path.name)
+    return written
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets_dir", default=None)
+    parser.add_argument("--output_dir", default="runs/long_sequence")
+    parser.add_argument("--num_tasks", type=int, default=30, help="the first N tasks of mini-long")
+    parser.add_argument("--report_at", default="6,12,18,24,30")
+    parser.add_argument("--variants", default=",".join(variants(0.3)))
+    parser.add_argument("--steps_per_task", type=int, default=MINI_LONG_STEPS)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--learning_rate", type=float, default=5e-3, help="MoE-Adapters")
+    parser.add_argument("--individual_learning_rate", type=float, default=5e-5, help="individual full fine-tuning")
+    parser.add_argument("--eval_images", type=int, default=MINI_LONG_EVAL_IMAGES, help="test images per task")
+    parser.add_argument("--growth_threshold", type=float, default=0.3, help="coverage-1.0+growth")
+    parser.add_argument("--ddas_task_steps", type=int, default=300)
+    parser.add_argument("--ddas_reference_steps", type=int, default=1000)
+    parser.add_argument("--probe_batch", type=int, default=64, help="images of the inference-time batch")
+    args = parser.parse_args()
+
+    root = assets_dir(args.assets_dir)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    report_at = sorted({int(n) for n in args.report_at.split(",")} | {args.num_tasks})
+    known = variants(args.growth_threshold)
+    chosen = args.variants.split(",")
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose among {', '.join(known)}")
+    if not 1 <= args.num_tasks <= len(mini_long_names()):
+        parser.error(f"--num_tasks must be between 1 and {len(mini_long_names())}")
+    base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
+    tasks = mini_long_tasks(root, mini_long_names()[:args.num_tasks], eval_images=args.eval_images)
+    reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref"))
+    probe = probe_batch(tasks, processor, args.probe_batch)
+    plain = copy.deepcopy(base).eval()
+
+    results, seconds, individual = {}, {}, None
+    for variant in sorted(chosen, key=lambda v: v != "individual"):  # the upper bound first: ratios need it
+        start = time.perf_counter()
+        training = ContinualTrainingArguments(
+            output_dir=str(output / variant), max_steps=args.steps_per_task,
+            warmup_steps=max(1, args.steps_per_task // 10), use_cpu=True, per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=128, disable_tqdm=True, logging_strategy="no", save_task_checkpoints=False,
+            report_to="none", seed=0,
+            learning_rate=args.individual_learning_rate if variant == "individual" else args.learning_rate)
+        options = (MoEAdaptersArguments(**known[variant]),
+                   DDASArguments(ddas=True, ddas_task_steps=args.ddas_task_steps,
+                                 ddas_reference_steps=args.ddas_reference_steps)) if known[variant] else ()
+        method_args = MethodArguments(method="individual-finetune" if variant == "individual" else "moe-adapters",
+                                      use_task_learning_rates=False)
+        set_seed(0)
+        method, training = prepare_method(method_args, base, tasks, training, options=options,
+                                          reference_images=reference if known[variant] else None)
+        timer = StepTimer()
+        trainer = MeasuredTrainer(method=method, args=training, processing_class=processor, callbacks=[timer],
+                                  report_at=report_at, plain=plain, probe=probe)
+        result = trainer.train_tasks(tasks)
+        if variant == "individual":
+            individual = result.matrices["oracle"]
+        seconds[variant] = time.perf_counter() - start
+        results[variant] = (result, timer, trainer.measured)
+        print(f"{variant}: {seconds[variant]:.0f} s", flush=True)
+
+    table = {variant: rows_at(variant, result, individual, timer, measured, report_at)
+             for variant, (result, timer, measured) in results.items()}
+    header = (f"mini-long, first {args.num_tasks} tasks, {args.steps_per_task} steps per task, batch "
+              f"{args.batch_size}, lr {args.learning_rate:g} (individual {args.individual_learning_rate:g}), "
+              f"{args.eval_images} test images per task, growth threshold {args.growth_threshold:g}; seconds: "
+              + ", ".join(f"{v} {s:.0f}" for v, s in seconds.items()))
+    write_text_atomic(output / "results.json", json.dumps({
+        "arguments": vars(args), "tasks": [t.name for t in tasks], "seconds": seconds, "table": table,
+        "matrices": {v: r.matrices for v, (r, _, _) in results.items()}}, indent=1))
+    report = markdown(table, header)
+    figures = plot(table, output)
+    report += "\nFigures: " + ", ".join(figures) + "\n"
+    write_text_atomic(output / "results.md", report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

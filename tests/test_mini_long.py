@@ -1,0 +1,94 @@
+"""The `mini-long` preset: the shared assets' mini-MTIL datasets cut by classes into 30 tasks."""
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.benchmark.recipes import preset_recipe
+from hf_moe_cl.continual import ContinualTrainingArguments
+from hf_moe_cl.experiments.data_check import check_data
+from hf_moe_cl.experiments.presets import (MINI_TASKS, MTILPreset, class_groups, get_preset, mini_long_names, mini_long_tasks,
+                               mini_mtil_tasks, preset_tasks)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def long_tasks():
+    return preset_tasks("mini-long")
+
+
+def test_the_preset_resolves_to_thirty_tasks_in_rounds():
+    preset = get_preset("mini-long")
+    assert isinstance(preset, MTILPreset) and preset.from_assets and not preset.ddas
+    assert len(preset.tasks) == 30 and preset.class_groups == 5 and preset.eval_images == 100
+    assert list(preset.tasks[:7]) == [f"{name}-1" for name in MINI_TASKS] + ["caltech101-2"]
+    assert preset.tasks[-1] == "mnist-5" and len(set(preset.tasks)) == 30
+    recipe = preset_recipe("mini-long")[ContinualTrainingArguments]
+    assert (recipe["max_steps"], recipe["warmup_steps"]) == (100, 10)
+
+
+def test_class_groups_cut_consecutive_labels_and_refuse_too_few_classes():
+    assert [len(g) for g in class_groups(101, 5)] == [20, 20, 20, 20, 21]
+    assert [list(g) for g in class_groups(10, 5)] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="3 classes cannot be cut into 5 groups"):
+        class_groups(3, 5)
+
+
+def test_split_is_disjoint_relabelled_and_keeps_each_datasets_templates(long_tasks):
+    whole = {task.name: task for task in mini_mtil_tasks(assets_dir())}
+    assert [task.name for task in long_tasks] == mini_long_names()
+    for dataset, source in whole.items():
+        parts = [task for task in long_tasks if task.name.rsplit("-", 1)[0] == dataset]
+        assert len(parts) == 5
+        names = [name for task in parts for name in task.classnames]
+        assert names == source.classnames  # disjoint, every class once, in label order
+        train_counts = Counter(source.train_dataset["label"])
+        offset = 0
+        for task in parts:
+            assert task.templates == source.templates
+            task.validate()
+            for split in (task.train_dataset, task.eval_dataset):
+                assert split.features["label"].names == task.classnames
+                assert set(split["label"]) <= set(range(len(task.classnames)))
+            # every training image of the group's classes, under its new label
+            assert Counter(task.train_dataset["label"]) == {label - offset: count for label, count in
+                                                           train_counts.items()
+                                                           if offset <= label < offset + len(task.classnames)}
+            assert len(task.eval_dataset) <= 100
+            offset += len(task.classnames)
+    assert sum(len(task.eval_dataset) for task in long_tasks) == 2759
+
+
+def test_relabelled_images_are_the_originals_of_their_class():
+    source = mini_mtil_tasks(assets_dir(), ["cifar10"])[0]
+    task = mini_long_tasks(assets_dir(), ["cifar10-3"])[0]
+    assert task.classnames == ["deer", "dog"]
+    originals = [i for i, label in enumerate(source.train_dataset["label"]) if label in (4, 5)]
+    first = source.train_dataset[originals[0]]
+    assert task.train_dataset[0]["label"] == first["label"] - 4
+    assert task.train_dataset[0]["image"].tobytes() == first["image"].tobytes()
+
+
+def test_a_subset_of_tasks_in_any_order_and_unknown_names(long_tasks):
+    picked = preset_tasks("mini-long", tasks=["mnist-2", "caltech101-5"])
+    assert [t.name for t in picked] == ["mnist-2", "caltech101-5"]
+    assert picked[1].classnames == long_tasks[24].classnames and len(picked[1].classnames) == 21
+    with pytest.raises(ValueError, match=r"no task\(s\) \['mnist-6'\]"):
+        preset_tasks("mini-long", tasks=["mnist-6"])
+    with pytest.raises(ValueError, match=r"mini-long has no task\(s\) \['mnist'\]"):
+        mini_long_tasks(assets_dir(), ["mnist"])
+
+
+def test_data_check_and_example_script_know_the_preset():
+    check = check_data("mini-long", tasks=["dtd-2", "caltech101-1"])
+    assert [row["dataset"] for row in check.rows] == ["dtd-2", "caltech101-1"]
+    assert [row["classes"] for row in check.rows] == ["2", "20"]
+    recipe = subprocess.run([sys.executable, os.path.join(REPO, "examples", "mtil.py"), "--preset", "mini-long",
+                             "--output_dir", "unused", "--print_recipe"], capture_output=True, text=True, timeout=300)
+    assert recipe.returncode == 0, recipe.stderr[-3000:]
+    assert '"preset": "mini-long"' in recipe.stdout and '"max_steps": 100' in recipe.stdout
