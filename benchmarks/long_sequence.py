@@ -40,7 +40,7 @@ from transformers import CLIPModel, CLIPProcessor, TrainerCallback, set_seed
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl import TaskAgnosticClassifier
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.experiment import MethodArguments, prepare_method
+from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
 from hf_moe_cl.classification import image_embeddings, text_embeddings
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.benchmark.recipes import preset_recipe
+from hf_moe_cl.experiments.recipes import preset_recipe
 from hf_moe_cl.continual import ContinualTrainingArguments
 from hf_moe_cl.experiments.data_check import check_data
 from hf_moe_cl.experiments.presets import (MINI_TASKS, MTILPreset, class_groups, get_preset, mini_long_names, mini_long_tasks,
