@@ -8,8 +8,8 @@
 
 A preset is an official experiment (tasks, steps, batch size, schedule, DDAS); every argument you give wins over the
 preset's value. After the run, `output_dir` holds the report (one folder per matrix: protocol, per_image, oracle;
-metrics.md with Transfer / Average / Last / BWT) and one checkpoint folder per task (`--resume` continues after the
-last finished one). `--help` lists this script's options; `--help_all` adds every `TrainingArguments` option.
+metrics.md with Transfer / Average / Last / BWT), all_results.json, the final adapter (ConDU: its save) at its root
+and one checkpoint folder per task (`--resume` continues after the last finished one). `--help` lists this script's options; `--help_all` adds every `TrainingArguments` option.
 """
 
 from __future__ import annotations
@@ -187,17 +187,20 @@ def main(argv: Optional[list[str]] = None):
                                       options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
     trainer = ContinualTrainer(method=method, args=training, processing_class=processor)
     result = trainer.train_tasks(tasks, resume=experiment.resume)
+    trainer.save_model()  # the final adapter (ConDU: its save) at the root, beside the task folders
     if not trainer.is_world_process_zero():
         return
     output = Path(training.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     if isinstance(preset, ClassIncrementalPreset):
         steps = [result.accuracy_matrix[i][i] for i in range(len(tasks))]
         metrics = class_incremental_metrics(steps)
         (output / "class_incremental.json").write_text(json.dumps({"step_accuracy": steps, "metrics": metrics}))
+        results = {"headline_matrix": "class_incremental", **{f"class_incremental_{k}": v for k, v in metrics.items()}}
     else:
         metrics = write_result_report(output, result, method_args.method)
         print((output / "metrics.md").read_text())
+        results = result.all_results()
+    trainer.save_metrics("all", results, combined=False)  # all_results.json
     if training.push_to_hub or experiment.hub_dry_run_dir:
         repo_id = training.hub_model_id or output.name
         where = push_to_hub(method, repo_id, result, tasks=tasks, token=training.hub_token,

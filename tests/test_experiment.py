@@ -65,6 +65,11 @@ def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
     for name in ("metrics.md", "oracle/accuracy_matrix.json", "oracle/accuracy_matrix.csv",
                  "oracle/accuracy_matrix.png"):
         assert (out / name).is_file(), name
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}  # final adapter
+    assert (out / "adapter_model.safetensors").read_bytes() == (out / "task-01-dtd" /
+                                                               "adapter_model.safetensors").read_bytes()
+    assert json.loads((out / "all_results.json").read_text()) == {
+        "headline_matrix": "oracle", **{f"oracle_{k}": v for k, v in summary["metrics"]["oracle"].items()}}
     progress = json.loads((out / "task-01-dtd" / "continual_progress.json").read_text())
     assert progress["steps_done"] == 6  # 3 steps per task (the command line), not 50 (YAML) or 200 (the preset)
     assert "task 1/2: mnist" in result.stderr and "task 2/2: dtd" in result.stderr
