@@ -38,8 +38,9 @@ from hf_moe_cl.benchmark.reporting import write_result_report
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments
 from hf_moe_cl.data.check import check_data
-from hf_moe_cl.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
+from hf_moe_cl.presets import PRESETS, ClassIncrementalPreset, get_preset, hub_source, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
+from hf_moe_cl.tuners.moe_lora.card import hub_id
 
 logger = logging.getLogger("hf_moe_cl")
 HUB_CLIP = "openai/clip-vit-base-patch16"
@@ -81,9 +82,15 @@ class ExperimentArguments:
     hub_dry_run_dir: Optional[str] = field(
         default=None, metadata={"help": "Write what --push_to_hub would upload into this (new) folder, upload nothing."}
     )
+    hub_base_model: Optional[str] = field(
+        default=None, metadata={"help": "Hub id of the base model when --model_name_or_path is a local copy of it: the "
+                                "published card and adapter name it (default: the base model if it is a Hub id)."}
+    )
 
     def __post_init__(self):
         get_preset(self.preset)
+        if self.hub_base_model is not None and hub_id(self.hub_base_model) is None:
+            raise ValueError(f"--hub_base_model must be a Hub model id (e.g. {HUB_CLIP}), got {self.hub_base_model!r}.")
 
 
 LIBRARY_GROUPS = (ExperimentArguments, MethodArguments, MoEAdaptersArguments, DDASArguments, LoRAArguments,
@@ -153,6 +160,15 @@ def reference_images(experiment: ExperimentArguments):
     return load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
 
 
+def hub_dataset_ids(preset, experiment: ExperimentArguments, tasks, hub_ids) -> dict[str, str]:
+    """Task name -> the Hub dataset it was read from (none for the assets' mini tasks or --data_dir folders)."""
+    if experiment.data_dir or getattr(preset, "from_assets", False):
+        return {}
+    if isinstance(preset, ClassIncrementalPreset):
+        return {task.name: hub_source(preset.dataset, (hub_ids or {}).get(preset.dataset)).repo_id for task in tasks}
+    return {task.name: hub_source(task.name, (hub_ids or {}).get(task.name)).repo_id for task in tasks}
+
+
 def main(argv: Optional[list[str]] = None):
     groups, training, explicit = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(training)
@@ -185,6 +201,8 @@ def main(argv: Optional[list[str]] = None):
     reference = reference_images(experiment) if ddas_args.ddas and method_args.method == "moe-adapters" else None
     method, training = prepare_method(method_args, base, tasks, training,
                                       options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
+    # published at the end by hf_moe_cl.publishing: the Trainer would create the repo when built (even in a dry run)
+    push, training.push_to_hub = training.push_to_hub, False
     trainer = ContinualTrainer(method=method, args=training, processing_class=processor)
     result = trainer.train_tasks(tasks, resume=experiment.resume)
     trainer.save_model()  # the final adapter (ConDU: its save) at the root, beside the task folders
@@ -201,12 +219,14 @@ def main(argv: Optional[list[str]] = None):
         print((output / "metrics.md").read_text())
         results = result.all_results()
     trainer.save_metrics("all", results, combined=False)  # all_results.json
-    if training.push_to_hub or experiment.hub_dry_run_dir:
+    if push or experiment.hub_dry_run_dir:
         repo_id = training.hub_model_id or output.name
         where = push_to_hub(method, repo_id, result, tasks=tasks, token=training.hub_token,
                             private=bool(training.hub_private_repo), dry_run_dir=experiment.hub_dry_run_dir,
-                            base_model=None if Path(model_path).exists() else model_path)
-        logger.info("Published to %s", where)
+                            base_model=experiment.hub_base_model or hub_id(model_path), training_args=training,
+                            dataset_ids=hub_dataset_ids(preset, experiment, tasks, hub_ids))
+        logger.info("%s %s", "Dry run of the upload written to" if experiment.hub_dry_run_dir else "Published to",
+                    where)
     print(json.dumps({"method": method_args.method, "headline_matrix": result.headline, "metrics": metrics}))
 
 

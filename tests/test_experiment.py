@@ -110,3 +110,41 @@ def test_example_log_level_sets_the_library_logger(tmp_path):
         assert "max_steps" in explicit and training.max_steps == 7
     finally:
         library.setLevel(before)
+
+
+def load_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtil_example", os.path.join(REPO, "examples", "mtil.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_push_to_hub_with_a_dry_run_trains_and_never_contacts_the_hub(tmp_path, monkeypatch):
+    """transformers' Trainer creates the repo when built with push_to_hub: the example keeps it out of the Trainer's
+    arguments and publishes at the end, a dry run writing files only."""
+    from huggingface_hub import HfApi, ModelCard
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run contacted the Hub")
+
+    for name in ("create_repo", "upload_folder", "model_info"):
+        monkeypatch.setattr(HfApi, name, refuse)
+    model_dir = tmp_path / "model"
+    tiny_clip().save_pretrained(model_dir)
+    tiny_clip_processor(write_tiny_tokenizer(tmp_path)).save_pretrained(model_dir)
+    load_example().main(["--tasks", "mnist,dtd", "--model_name_or_path", str(model_dir), "--max_steps", "1",
+                         "--num_experts", "2", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu",
+                         "--report_to", "none", "--check_images", "false", "--per_device_eval_batch_size", "500",
+                         "--push_to_hub", "true", "--hub_model_id", "me/mini-run", "--hub_dry_run_dir",
+                         str(tmp_path / "upload"), "--hub_base_model", "openai/clip-vit-base-patch16"])
+    card = ModelCard.load(tmp_path / "upload" / "README.md")
+    assert card.data.base_model == "openai/clip-vit-base-patch16" and card.data.license == "unknown"
+    assert json.loads((tmp_path / "upload" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "openai/clip-vit-base-patch16"
+    assert "| max_steps | 1 |" in card.text and "| num_experts | 2 |" in card.text
+    assert (tmp_path / "out" / "all_results.json").is_file()
+    with pytest.raises(ValueError, match="--hub_base_model must be a Hub model id"):
+        load_example().parse_args(["--output_dir", str(tmp_path), "--hub_base_model", str(tmp_path)])
