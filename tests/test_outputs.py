@@ -94,3 +94,38 @@ def test_pipeline_loads_a_condu_save_folder(condu_output):
     assert [(o["label"], o["task"]) for o in out] == [(o["label"], o["task"]) for o in expected]
     assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-5)
     assert {o["task"] for o in out} >= {"first"}
+
+
+def test_a_condu_card_names_its_hub_base_and_its_usage_code_runs_against_the_folder(condu_output, tmp_path,
+                                                                                    monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import ModelCard
+
+    from hf_moe_cl import publishing
+    from test_publishing import run_card_usage
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    output, method, result = condu_output
+    published = tmp_path / "published"
+    publishing.push_to_hub(method, "me/condu-colours", result, dry_run_dir=published,
+                           dataset_ids={"first": "me/first", "second": "me/second"})
+    card = ModelCard.load(published / "README.md")
+    assert card.data.library_name == "hf-moe-cl" and card.data.datasets == ["me/first", "me/second"]
+    assert "| condu_top_k | 1 |" in card.text and "Headline, from the `oracle` matrix" in card.text
+    colour_task("first", seed=0).eval_dataset["image"][0].save(tmp_path / "photo.jpg")
+    predictions = run_card_usage(card, "me/condu-colours", published, tmp_path / "photo.jpg")
+    expected = TaskAgnosticClassifier.from_pretrained(str(output))(
+        [colour_task("first", seed=0).eval_dataset["image"][0]], candidate_labels=["cat", "dog"])
+    assert [(p["label"], p["task"]) for p in predictions] == [(p["label"], p["task"]) for p in expected]
+    # a Hub base model replaces the local one in the published save
+    hub = tmp_path / "hub"
+    publishing.push_to_hub(method, "me/condu-colours", result, dry_run_dir=hub,
+                           base_model="openai/clip-vit-base-patch16")
+    assert json.loads((hub / CONFIG_FILE).read_text())["base_model_name_or_path"] == "openai/clip-vit-base-patch16"
+    assert json.loads((published / CONFIG_FILE).read_text())["base_model_name_or_path"] == str(base_dir_of(method))
+    with pytest.raises(ValueError, match="Hub id of the base model"):
+        publishing.push_to_hub(method, "me/x", result, dry_run_dir=tmp_path / "bad", base_model=str(output))
+
+
+def base_dir_of(method):
+    return method.model.name_or_path
