@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -141,15 +142,16 @@ def parse_args(argv: list[str]):
     return groups, training, explicit
 
 
-def setup_logging(training: ContinualTrainingArguments) -> None:
-    """As transformers' examples: info on the main process unless --log_level says otherwise."""
+def setup_logging(training: ContinualTrainingArguments, explicit: set[str] = frozenset()) -> None:
+    """The library's log at info on the main process, transformers and datasets at warning (their info is
+    configuration dumps); --log_level (--log_level_replica on the other processes) sets all three."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
-    if training.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    level = training.get_process_log_level()
-    logger.setLevel(level)
+    level = training.get_process_log_level()  # the option given, else transformers' own level (warning)
+    logger.setLevel(logging.INFO if training.should_log and "log_level" not in explicit else level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
+    # peft reads a deprecated transformers attribute while wrapping the model: nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def reference_images(experiment: ExperimentArguments):
@@ -171,7 +173,7 @@ def hub_dataset_ids(preset, experiment: ExperimentArguments, tasks, hub_ids) -> 
 
 def main(argv: Optional[list[str]] = None):
     groups, training, explicit = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(training)
+    setup_logging(training, explicit)
     experiment, method_args, moe_args, ddas_args, lora_args, condu_args = groups
     preset = get_preset(experiment.preset)
     moe_args, ddas_args, condu_args, training = apply_recipe(preset, (moe_args, ddas_args, condu_args, training),

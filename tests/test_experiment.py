@@ -40,8 +40,11 @@ def test_unknown_method_is_a_clear_error():
 
 
 def example(*argv, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(REPO, "examples", "mtil.py"), *map(str, argv)],
-                          capture_output=True, text=True, timeout=timeout)
+    """The example's run; its output decoded with carriage returns kept (a progress bar's updates share a line)."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "mtil.py"), *map(str, argv)],
+                            capture_output=True, timeout=timeout)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
@@ -73,6 +76,13 @@ def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
     progress = json.loads((out / "task-01-dtd" / "continual_progress.json").read_text())
     assert progress["steps_done"] == 6  # 3 steps per task (the command line), not 50 (YAML) or 200 (the preset)
     assert "task 1/2: mnist" in result.stderr and "task 2/2: dtd" in result.stderr
+    # fits on one screen: no configuration dumps; the preset's values once, in one line
+    output = result.stdout + result.stderr
+    assert output.count("\n") <= 40, output  # lines as a terminal shows them (progress updates overwrite theirs)
+    assert "Model config" not in output and "***** Running training *****" not in output
+    preset_lines = [line for line in output.splitlines() if "Preset mini sets" in line]
+    assert len(preset_lines) == 1 and "per_device_train_batch_size=64" in preset_lines[0] and \
+        "keeps your max_steps, per_device_eval_batch_size, warmup_steps." in preset_lines[0]
     uploaded = {p.name for p in (tmp_path / "upload").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= uploaded
     assert "mnist" in (tmp_path / "upload" / "README.md").read_text()
@@ -105,7 +115,7 @@ def test_example_log_level_sets_the_library_logger(tmp_path):
     try:
         groups, training, explicit = module.parse_args(["--output_dir", str(tmp_path), "--log_level", "error",
                                                         "--max-steps", "7"])
-        module.setup_logging(training)
+        module.setup_logging(training, explicit)
         assert library.level == logging.ERROR
         assert "max_steps" in explicit and training.max_steps == 7
     finally:
