@@ -8,8 +8,8 @@
 
 A preset is an official experiment (tasks, steps, batch size, schedule, DDAS); every argument you give wins over the
 preset's value. After the run, `output_dir` holds the report (one folder per matrix: protocol, per_image, oracle;
-metrics.md with Transfer / Average / Last / BWT) and one checkpoint folder per task (`--resume` continues after the
-last finished one). `--help` lists this script's options; `--help_all` adds every `TrainingArguments` option.
+metrics.md with Transfer / Average / Last / BWT), all_results.json, the final adapter (ConDU: its save) at its root
+and one checkpoint folder per task (`--resume` continues after the last finished one). `--help` lists this script's options; `--help_all` adds every `TrainingArguments` option.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,8 +40,9 @@ from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments, get_method
 from hf_moe_cl.continual.methods.ddas import DDASSelection
 from hf_moe_cl.experiments.data_check import check_data
-from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
+from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, hub_source, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
+from hf_moe_cl.tuners.moe_lora.card import hub_id
 
 logger = logging.getLogger("hf_moe_cl")
 HUB_CLIP = "openai/clip-vit-base-patch16"
@@ -85,9 +87,15 @@ class ExperimentArguments:
     hub_dry_run_dir: Optional[str] = field(
         default=None, metadata={"help": "Write what --push_to_hub would upload into this (new) folder, upload nothing."}
     )
+    hub_base_model: Optional[str] = field(
+        default=None, metadata={"help": "Hub id of the base model when --model_name_or_path is a local copy of it: the "
+                                "published card and adapter name it (default: the base model if it is a Hub id)."}
+    )
 
     def __post_init__(self):
         get_preset(self.preset)
+        if self.hub_base_model is not None and hub_id(self.hub_base_model) is None:
+            raise ValueError(f"--hub_base_model must be a Hub model id (e.g. {HUB_CLIP}), got {self.hub_base_model!r}.")
 
 
 LIBRARY_GROUPS = (ExperimentArguments, MethodArguments, MoEAdaptersArguments, DDASArguments, LoRAArguments,
@@ -147,15 +155,16 @@ def parse_args(argv: list[str]):
     return groups, training, explicit
 
 
-def setup_logging(training: ContinualTrainingArguments) -> None:
-    """As transformers' examples: info on the main process unless --log_level says otherwise."""
+def setup_logging(training: ContinualTrainingArguments, explicit: set[str] = frozenset()) -> None:
+    """The library's log at info on the main process, transformers and datasets at warning (their info is
+    configuration dumps); --log_level (--log_level_replica on the other processes) sets all three."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
-    if training.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    level = training.get_process_log_level()
-    logger.setLevel(level)
+    level = training.get_process_log_level()  # the option given, else transformers' own level (warning)
+    logger.setLevel(logging.INFO if training.should_log and "log_level" not in explicit else level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
+    # peft reads a deprecated transformers attribute while wrapping the model: nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def base_model(experiment: ExperimentArguments) -> str:
@@ -177,9 +186,18 @@ def reference_images(experiment: ExperimentArguments):
     return load_from_disk(source) if Path(source).is_dir() else load_dataset(source, split="train")
 
 
+def hub_dataset_ids(preset, experiment: ExperimentArguments, tasks, hub_ids) -> dict[str, str]:
+    """Task name -> the Hub dataset it was read from (none for the assets' mini tasks or --data_dir folders)."""
+    if experiment.data_dir or getattr(preset, "from_assets", False):
+        return {}
+    if isinstance(preset, ClassIncrementalPreset):
+        return {task.name: hub_source(preset.dataset, (hub_ids or {}).get(preset.dataset)).repo_id for task in tasks}
+    return {task.name: hub_source(task.name, (hub_ids or {}).get(task.name)).repo_id for task in tasks}
+
+
 def main(argv: Optional[list[str]] = None):
     groups, training, explicit = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(training)
+    setup_logging(training, explicit)
     experiment, method_args, moe_args, ddas_args, lora_args, condu_args = groups
     preset = get_preset(experiment.preset)
     moe_args, ddas_args, condu_args, training = apply_recipe(preset, (moe_args, ddas_args, condu_args, training),
@@ -214,26 +232,33 @@ def main(argv: Optional[list[str]] = None):
     reference = reference_images(experiment) if ddas else None
     method, training = prepare_method(method_args, base, tasks, training,
                                       options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
+    # published at the end by hf_moe_cl.publishing: the Trainer would create the repo when built (even in a dry run)
+    push, training.push_to_hub = training.push_to_hub, False
     trainer = ContinualTrainer(method=method, args=training, processing_class=processor)
     result = trainer.train_tasks(tasks, resume=experiment.resume)
+    trainer.save_model()  # the final adapter (ConDU: its save) at the root, beside the task folders
     if not trainer.is_world_process_zero():
         return
     output = Path(training.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     if isinstance(preset, ClassIncrementalPreset):
         steps = [result.accuracy_matrix[i][i] for i in range(len(tasks))]
         metrics = class_incremental_metrics(steps)
         (output / "class_incremental.json").write_text(json.dumps({"matrix": "oracle", "step_accuracy": steps,
                                                                      "metrics": metrics}))
+        results = {"headline_matrix": "class_incremental", **{f"class_incremental_{k}": v for k, v in metrics.items()}}
     else:
         metrics = write_result_report(output, result, method_args.method)
         print((output / "metrics.md").read_text())
-    if training.push_to_hub or experiment.hub_dry_run_dir:
+        results = result.all_results()
+    trainer.save_metrics("all", results, combined=False)  # all_results.json
+    if push or experiment.hub_dry_run_dir:
         repo_id = training.hub_model_id or output.name
         where = push_to_hub(method, repo_id, result, tasks=tasks, token=training.hub_token,
                             private=bool(training.hub_private_repo), dry_run_dir=experiment.hub_dry_run_dir,
-                            base_model=None if Path(model_path).exists() else model_path)
-        logger.info("Published to %s", where)
+                            base_model=experiment.hub_base_model or hub_id(model_path), training_args=training,
+                            dataset_ids=hub_dataset_ids(preset, experiment, tasks, hub_ids))
+        logger.info("%s %s", "Dry run of the upload written to" if experiment.hub_dry_run_dir else "Published to",
+                    where)
     print(json.dumps({"method": method_args.method, "headline_matrix": result.headline, "metrics": metrics}))
 
 

@@ -42,8 +42,11 @@ def test_unknown_method_is_a_clear_error():
 
 
 def example(*argv, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(REPO, "examples", "mtil.py"), *map(str, argv)],
-                          capture_output=True, text=True, timeout=timeout)
+    """The example's run; its output decoded with carriage returns kept (a progress bar's updates share a line)."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "mtil.py"), *map(str, argv)],
+                            capture_output=True, timeout=timeout)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
@@ -72,9 +75,21 @@ def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
     for name in ("metrics.md", "oracle/accuracy_matrix.json", "oracle/accuracy_matrix.csv",
                  "oracle/accuracy_matrix.png"):
         assert (out / name).is_file(), name
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}  # final adapter
+    assert (out / "adapter_model.safetensors").read_bytes() == (out / "task-01-dtd" /
+                                                               "adapter_model.safetensors").read_bytes()
+    assert json.loads((out / "all_results.json").read_text()) == {
+        "headline_matrix": "oracle", **{f"oracle_{k}": v for k, v in summary["metrics"]["oracle"].items()}}
     progress = json.loads((out / "task-01-dtd" / "continual_progress.json").read_text())
     assert progress["steps_done"] == 6  # 3 steps per task (the command line), not 50 (YAML) or 200 (the preset)
     assert "task 1/2: mnist" in result.stderr and "task 2/2: dtd" in result.stderr
+    # fits on one screen: no configuration dumps; the preset's values once, in one line
+    output = result.stdout + result.stderr
+    assert output.count("\n") <= 40, output  # lines as a terminal shows them (progress updates overwrite theirs)
+    assert "Model config" not in output and "***** Running training *****" not in output
+    preset_lines = [line for line in output.splitlines() if "Preset mini sets" in line]
+    assert len(preset_lines) == 1 and "per_device_train_batch_size=64" in preset_lines[0] and \
+        "keeps your max_steps, per_device_eval_batch_size, warmup_steps." in preset_lines[0]
     uploaded = {p.name for p in (tmp_path / "upload").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= uploaded
     assert "mnist" in (tmp_path / "upload" / "README.md").read_text()
@@ -108,8 +123,46 @@ def test_example_log_level_sets_the_library_logger(tmp_path):
     try:
         groups, training, explicit = module.parse_args(["--output_dir", str(tmp_path), "--log_level", "error",
                                                         "--max-steps", "7"])
-        module.setup_logging(training)
+        module.setup_logging(training, explicit)
         assert library.level == logging.ERROR
         assert "max_steps" in explicit and training.max_steps == 7
     finally:
         library.setLevel(before)
+
+
+def load_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtil_example", os.path.join(REPO, "examples", "mtil.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_push_to_hub_with_a_dry_run_trains_and_never_contacts_the_hub(tmp_path, monkeypatch):
+    """transformers' Trainer creates the repo when built with push_to_hub: the example keeps it out of the Trainer's
+    arguments and publishes at the end, a dry run writing files only."""
+    from huggingface_hub import HfApi, ModelCard
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run contacted the Hub")
+
+    for name in ("create_repo", "upload_folder", "model_info"):
+        monkeypatch.setattr(HfApi, name, refuse)
+    model_dir = tmp_path / "model"
+    tiny_clip().save_pretrained(model_dir)
+    tiny_clip_processor(write_tiny_tokenizer(tmp_path)).save_pretrained(model_dir)
+    load_example().main(["--tasks", "mnist,dtd", "--model_name_or_path", str(model_dir), "--max_steps", "1",
+                         "--num_experts", "2", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu",
+                         "--report_to", "none", "--check_images", "false", "--per_device_eval_batch_size", "500",
+                         "--push_to_hub", "true", "--hub_model_id", "me/mini-run", "--hub_dry_run_dir",
+                         str(tmp_path / "upload"), "--hub_base_model", "openai/clip-vit-base-patch16"])
+    card = ModelCard.load(tmp_path / "upload" / "README.md")
+    assert card.data.base_model == "openai/clip-vit-base-patch16" and card.data.license == "unknown"
+    assert json.loads((tmp_path / "upload" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "openai/clip-vit-base-patch16"
+    assert "| max_steps | 1 |" in card.text and "| num_experts | 2 |" in card.text
+    assert (tmp_path / "out" / "all_results.json").is_file()
+    with pytest.raises(ValueError, match="--hub_base_model must be a Hub model id"):
+        load_example().parse_args(["--output_dir", str(tmp_path), "--hub_base_model", str(tmp_path)])

@@ -1,5 +1,6 @@
 """Publishing without the Hub: `HfApi` is replaced by a fake that copies the uploaded folder."""
 
+import importlib.metadata
 import json
 import shutil
 import types
@@ -7,12 +8,23 @@ import types
 import pytest
 from huggingface_hub import ModelCard
 
+import hf_moe_cl
 import hf_moe_cl.publishing as publishing
+from hf_moe_cl.experiments.metrics import mtil_metrics
 from hf_moe_cl.experiments.reporting import matrix_summary
 from hf_moe_cl.continual.methods import method_for_model
 from hf_moe_cl.continual.result import ContinualResult
 
-from conftest import tiny_clip
+from conftest import continual_args, tiny_clip
+from test_pipeline import proxy_adapter  # noqa: F401  (a fixture: an adapter on the assets' proxy CLIP)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No Hub lookups (the base model's card): the tests run offline, a lookup would wait for its timeouts."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture
@@ -37,18 +49,12 @@ def fake_hub(tmp_path, monkeypatch):
     return calls, landed
 
 
-def expected_eval_results(result):
-    expected = {}
-    for kind, matrix in result.matrices.items():
-        metrics, lost = matrix_summary(result.task_names, matrix)
-        expected.update({(kind, name): value for name, value in {**metrics, "bwt": lost["bwt"]}.items()})
-    return expected
-
-
-def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fake_hub):
+def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fake_hub, tmp_path):
     model, _, result, _ = ddas_run
     calls, landed = fake_hub
-    url = publishing.push_to_hub(model, "me/continual-clip", result, private=True, token="secret")
+    args = continual_args(tmp_path, learning_rate=0.0125, seed=41)
+    url = publishing.push_to_hub(model, "me/continual-clip", result, private=True, token="secret", training_args=args,
+                                 dataset_ids={"first": "me/first-colours"})
     assert url == "https://huggingface.co/me/continual-clip/commit/1"
     assert calls[:2] == [("init", "secret"), ("create_repo", "me/continual-clip", True, True)]
     assert sorted(p.name for p in landed.iterdir()) == ["README.md", "adapter_config.json",
@@ -59,16 +65,40 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert card.data.library_name == "peft" and card.data.pipeline_tag is None  # no path that ignores the adapter
     assert {"hf-moe-cl", "continual-learning", "moe-adapters", "task-agnostic"} <= set(card.data.tags)
     assert card.data.base_model is None  # the tiny test CLIP has no Hub id
-    assert "0. **first** (3 classes): red, green, blue" in card.text
+    assert card.data.license == "unknown" and card.data.datasets == ["me/first-colours"]
+    assert "0. **first** [`me/first-colours`](https://huggingface.co/datasets/me/first-colours) (3 classes): red, " \
+           "green, blue" in card.text
     assert "1. **second** (3 classes): yellow, cyan, magenta" in card.text
-    assert 'model="me/continual-clip"' in card.text and "REPO_ID" not in card.text
-    found = {(r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}
-    expected = expected_eval_results(result)
-    assert set(found) == set(expected) and len(found) == 4 * len(result.matrices) == 12
-    assert all(found[key] == pytest.approx(value, abs=0.005) for key, value in expected.items())
-    assert {r.metric_name for r in card.data.eval_results} >= {"BWT (protocol)", "Transfer (oracle)"}
+    assert 'TaskAgnosticClassifier.from_pretrained("me/continual-clip")' in card.text and "REPO_ID" not in card.text
+    # model-index: per matrix, the accuracy after the last task of each task read from the Hub ("second" is not)
+    found = {(r.metric_config, r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert found == {(kind, "me/first-colours", "accuracy"): pytest.approx(matrix[-1][0], abs=0.005)
+                     for kind, matrix in result.matrices.items()}
+    assert {r.metric_name for r in card.data.eval_results} >= {
+        "Accuracy after the last task (protocol matrix: task-agnostic, one route per test batch)"}
     assert "| protocol: task-agnostic, one route per test batch |" in card.text
     assert "the headline is the protocol matrix, task-agnostic, one route per test batch." in card.text
+    headline = mtil_metrics(result.matrices["protocol"])
+    assert (f"Headline, from the `protocol` matrix (task-agnostic, one route per test batch): Transfer "
+            f"{headline['transfer']:.1f}, Average {headline['average']:.1f}, Last {headline['last']:.1f}.") in card.text
+    assert "| learning_rate | 0.0125 |" in card.text and "| seed | 41 |" in card.text
+    assert "| lr_scheduler_type | cosine |" in card.text and "| num_processes | 1 |" in card.text
+    assert "| ddas |" not in card.text  # a bare model: the options of the run that trained it are unknown
+    options = publishing.training_hyperparameters(method_for_model(model))
+    assert options["method"] == "moe-adapters" and options["ddas"] is False and options["num_experts"] == 22
+    assert f"- peft {importlib.metadata.version('peft')}" in card.text and f"- hf-moe-cl {hf_moe_cl.__version__}" \
+        in card.text
+    for key in ("yu2024boosting", "park2024learning", "gao2025enhanced", "zheng2023preventing"):
+        assert f"@{'inproceedings' if key in ('yu2024boosting', 'zheng2023preventing') else 'article'}{{{key}," \
+            in card.text
+
+
+def test_the_license_is_the_base_models_when_its_card_names_one(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a CLIP\n")
+    assert publishing.base_license(str(tmp_path)) == "mit"
+    method = method_for_model(tiny_clip())
+    assert publishing.model_card(method, "me/x", base_model=str(tmp_path)).data.license == "mit"
+    assert publishing.base_license(str(tmp_path / "missing")) is None
 
 
 def test_dry_run_writes_exactly_what_would_be_uploaded(ddas_run, fake_hub, tmp_path, monkeypatch):
@@ -113,7 +143,34 @@ def test_a_full_fine_tune_is_published_for_transformers_with_its_base_model(tmp_
     assert folder == str(tmp_path / "out")
     assert card.data.library_name == "transformers" and card.data.base_model == "openai/clip-vit-base-patch16"
     assert 'CLIPModel.from_pretrained("me/finetuned")' in card.text
-    assert {(r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}["oracle", "bwt"] == -20.0
+    assert card.data.eval_results is None  # the tasks have no Hub dataset id
+    assert "| oracle: task-aware (true task ids) | 10.0 | 45.0 | 55.0 | -20.0 |" in card.text
     assert "0. **a**" in card.text  # no class names recorded: the task names from the result
     local = publishing.model_card(method, "me/finetuned", result, base_model=str(tmp_path))
     assert local.data.base_model is None and str(tmp_path) in local.text  # a local path is no Hub id
+
+
+def run_card_usage(card: ModelCard, repo_id: str, folder, image_path) -> list:
+    """Execute the card's usage code with the repo id replaced by a local folder; returns its `predictions`."""
+    code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'"{repo_id}"' in code and '"photo.jpg"' in code
+    namespace = {}
+    exec(code.replace(f'"{repo_id}"', repr(str(folder))).replace('"photo.jpg"', repr(str(image_path))), namespace)
+    return namespace["predictions"]
+
+
+def test_the_cards_usage_code_runs_against_the_published_folder(proxy_adapter, tmp_path):
+    from hf_moe_cl import TaskAgnosticClassifier
+    from hf_moe_cl.inference import load_adapter_model
+
+    folder, images = proxy_adapter
+    published = tmp_path / "published"
+    publishing.push_to_hub(load_adapter_model(str(folder)), "me/clip-cifar10", dry_run_dir=published)
+    card = ModelCard.load(published / "README.md")
+    images[0].save(tmp_path / "photo.jpg")
+    predictions = run_card_usage(card, "me/clip-cifar10", published, tmp_path / "photo.jpg")
+    from PIL import Image
+
+    expected = TaskAgnosticClassifier.from_pretrained(str(folder))([Image.open(tmp_path / "photo.jpg")],
+                                                                   candidate_labels=["cat", "dog"])
+    assert predictions == expected and predictions[0]["task"] in ("cifar10", None)

@@ -14,21 +14,33 @@ from transformers import CLIPProcessor, Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .condu import holds_condu
+from .continual.methods import ConDU
 from .inference import TaskAgnosticClassifier, load_adapter_model
 
 TASK = "task-agnostic-image-classification"
 
 
+# The attribute of a ConDU save's CLIP that holds its method (the pipeline's model must be the CLIP itself).
+METHOD_ATTRIBUTE = "_hf_moe_cl_method"
+
+
 class MoELoraCLIP:
-    """What `pipeline(TASK, model="<adapter folder or repo>")` loads: the adapter on the base CLIP its config names.
+    """What `pipeline(TASK, model="<folder or repo>")` loads: a MoE-LoRA adapter on the base CLIP its config names,
+    or a ConDU save (its CLIP, carrying the ConDU method that classifies with it).
 
     transformers asks for `dtype="auto"` unless told otherwise; that loads float32 here (see `load_adapter_model`).
     """
 
     @classmethod
     def from_pretrained(cls, adapter_name_or_path: str, dtype: Union[str, torch.dtype, None] = "auto", token=None,
-                        **_pipeline_kwargs):
+                        **pipeline_kwargs):
         dtype = torch.float32 if dtype in ("auto", None) else dtype
+        hub = {k: pipeline_kwargs[k] for k in ("revision", "subfolder") if pipeline_kwargs.get(k) is not None}
+        if holds_condu(adapter_name_or_path, token=token, **hub):
+            method = ConDU.from_pretrained(adapter_name_or_path, dtype=dtype, token=token, **hub)
+            setattr(method.model, METHOD_ATTRIBUTE, method)
+            return method.model
         return load_adapter_model(adapter_name_or_path, dtype=dtype, token=token)
 
 
@@ -56,7 +68,7 @@ class TaskAgnosticImageClassificationPipeline(Pipeline):
             raise ValueError(f"The {TASK} pipeline needs CLIP's tokenizer and image processor: pass "
                              "processor=CLIPProcessor.from_pretrained(base) (or tokenizer= and image_processor=).")
         processor = CLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
-        self.classifier = TaskAgnosticClassifier(self.model, processor)
+        self.classifier = TaskAgnosticClassifier(getattr(self.model, METHOD_ATTRIBUTE, self.model), processor)
 
     def _sanitize_parameters(self, candidate_labels: Optional[Sequence[str]] = None,
                              hypothesis_template: Union[str, Sequence[str], None] = None, timeout=None):

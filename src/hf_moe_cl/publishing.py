@@ -1,20 +1,25 @@
 """Publishing a continual model: the method's folder (for MoE-Adapters the peft adapter with its DDAS selector) and a
-model card (`huggingface_hub.ModelCard`: base model, library, tags, the tasks, model-index results), uploaded
-through huggingface_hub, or written to a local folder as a dry run of exactly that upload.
+model card (`huggingface_hub.ModelCard`: base model and its license, library, tags, datasets, the tasks, training
+hyperparameters, library versions, citations, model-index results), uploaded through huggingface_hub, or written to
+a local folder as a dry run of exactly that upload.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import tempfile
+from enum import Enum
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainingArguments
 
 from .experiments.figures import METRIC_LABELS
 from .experiments.reporting import matrix_label, matrix_summary, metrics_markdown
+from .continual.checkpoints import jsonable
 from .continual.methods import ContinualMethod, method_for_model
 from .continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .files import atomic_folder
@@ -54,33 +59,118 @@ def task_records(method: ContinualMethod, result: Optional[ContinualResult] = No
     return [(name, None) for name in (result.task_names if result is not None else [])]
 
 
-def eval_results(result: ContinualResult) -> list[EvalResult]:
-    """Transfer / Average / Last / BWT of every matrix kind as model-index entries; the kind is the metric config."""
-    names = list(result.task_names)
+def eval_results(result: ContinualResult, dataset_ids: dict[str, str]) -> list[EvalResult]:
+    """model-index entries: per matrix kind (the metric config) and per task with a Hub dataset id (the dataset
+    type), the accuracy on that task after the last task; tasks without a Hub id are left out."""
     entries = []
     for kind in [k for k in MATRIX_KINDS if k in result.matrices]:
-        metrics, lost = matrix_summary(names, result.matrices[kind])
-        values = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
-        for metric, value in values.items():
+        for name, value in zip(result.task_names, result.matrices[kind][-1]):
+            if value is None or name not in dataset_ids:
+                continue
             entries.append(EvalResult(
                 task_type="image-classification", task_name="Continual image classification",
-                dataset_type="continual-task-sequence", dataset_name=f"{len(names)} tasks in order: {', '.join(names)}",
-                metric_type=metric, metric_value=round(value, 2), metric_config=kind,
-                metric_name=f"{METRIC_LABELS[metric]} ({kind})",
+                dataset_type=dataset_ids[name], dataset_name=name, metric_type="accuracy",
+                metric_value=round(value, 2), metric_config=kind,
+                metric_name=f"Accuracy after the last task ({kind} matrix: {MATRIX_TITLES[kind]})",
             ))
     return entries
 
 
+def base_license(base: Optional[str]) -> Optional[str]:
+    """The license in the base model's card (its folder's README.md, or its Hub repo's), None when it says none or
+    cannot be read."""
+    local = Path(base) / "README.md" if base and Path(base).is_dir() else None
+    if local is None and hub_id(base) is None:
+        return None
+    try:
+        card = ModelCard.load(local if local is not None else hub_id(base))
+    except (OSError, ValueError, HfHubHTTPError):  # no card, no such repo, offline
+        return None
+    return card.data.get("license")
+
+
+# The training arguments a card lists (those a continual run of this library reads).
+CARD_TRAINING_ARGUMENTS = ("max_steps", "num_train_epochs", "per_device_train_batch_size",
+                           "gradient_accumulation_steps", "learning_rate", "task_learning_rates", "lr_scheduler_type",
+                           "warmup_steps", "weight_decay", "label_smoothing_factor", "max_grad_norm", "optim", "seed",
+                           "bf16", "fp16", "train_augmentation", "train_template")
+
+
+def training_hyperparameters(method: Optional[ContinualMethod] = None,
+                             args: Optional[TrainingArguments] = None) -> dict[str, Any]:
+    """Flat `{name: value}` of a run's settings: the training arguments the library reads (with the number of
+    processes) and the method's name and options (`method.fingerprint()` without the adapter config)."""
+    values: dict[str, Any] = {}
+    if args is not None:
+        values.update({name: getattr(args, name) for name in CARD_TRAINING_ARGUMENTS if hasattr(args, name)})
+        if args.max_steps != -1:
+            values.pop("num_train_epochs", None)
+        values["num_processes"] = args.world_size
+
+    if method is not None:  # {"method": name, "arguments": {...}, "ddas": {...}}: option names are unique
+        for key, value in method.fingerprint().items():
+            if key != "adapter":
+                values.update(jsonable(value) if isinstance(value, dict) else {key: value})
+    return {name: value.value if isinstance(value, Enum) else jsonable(value) for name, value in values.items()}
+
+
+LIBRARIES = ("hf-moe-cl", "transformers", "peft", "torch", "datasets", "huggingface_hub", "accelerate")
+
+
+def library_versions() -> dict[str, str]:
+    from . import __version__
+
+    versions = {"hf-moe-cl": __version__}
+    for name in LIBRARIES[1:]:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+CITATIONS = {
+    "MoE-Adapters": """@inproceedings{yu2024boosting,
+  title={Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts Adapters},
+  author={Yu, Jiazuo and Zhuge, Yunzhi and Zhang, Lu and Hu, Ping and Wang, Dong and Lu, Huchuan and He, You},
+  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages={23219--23230},
+  year={2024}
+}""",
+    "expert merging": """@article{park2024learning,
+  title={Learning More Generalized Experts by Merging Experts in Mixture-of-Experts},
+  author={Park, Sejik},
+  journal={arXiv preprint arXiv:2405.11530},
+  year={2024}
+}""",
+    "ConDU": """@article{gao2025enhanced,
+  title={Enhanced Continual Learning of Vision-Language Models with Model Fusion},
+  author={Gao, Haoyuan and Zhang, Zicong and Wei, Yuqi and Zhao, Linglan and Li, Guilin and Li, Yexin and Kong, Linghe
+          and Huang, Weiran},
+  journal={arXiv preprint arXiv:2503.10705},
+  year={2025}
+}""",
+    "MTIL / ZSCL": """@inproceedings{zheng2023preventing,
+  title={Preventing Zero-Shot Transfer Degradation in Continual Learning of Vision-Language Models},
+  author={Zheng, Zangwei and Ma, Mingyuan and Wang, Kai and Qin, Ziheng and Yue, Xiangyu and You, Yang},
+  booktitle={Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year={2023}
+}""",
+}
+
+
 def _usage(method: ContinualMethod, library: str, repo_id: str, base: Optional[str]) -> str:
     base = base or "<the base CLIP>"
-    if library == "peft" and method.selects_routes:
-        return (f'import hf_moe_cl\nfrom transformers import pipeline\n\nclassifier = pipeline('
-                f'"task-agnostic-image-classification", model="{repo_id}")\n'
-                'classifier("photo.jpg", candidate_labels=["cat", "dog"])  # labels for images of no learned task')
+    if method.selects_routes:
+        return (f'from PIL import Image\nfrom hf_moe_cl import TaskAgnosticClassifier\n\n'
+                f'classifier = TaskAgnosticClassifier.from_pretrained("{repo_id}")  # on the base CLIP it names\n'
+                'predictions = classifier([Image.open("photo.jpg")], candidate_labels=["cat", "dog"])\n'
+                "# one {'label', 'score', 'task'} per image: 'task' is the learned task the image was routed to, or "
+                "None (zero-shot CLIP among candidate_labels)")
     if library == "peft":
         return (f"import hf_moe_cl  # registers the MoE-LoRA method with peft\nfrom peft import PeftModel\n"
                 f"from transformers import CLIPModel\n\nmodel = PeftModel.from_pretrained("
-                f'CLIPModel.from_pretrained("{base}"), "{repo_id}")')
+                f'CLIPModel.from_pretrained("{base}"), "{repo_id}")\nmodel.set_task(0)  # the task of the images')
     if library == "transformers":
         return f'from transformers import CLIPModel\n\nmodel = CLIPModel.from_pretrained("{repo_id}")'
     return (f"from huggingface_hub import snapshot_download\nfrom transformers import CLIPModel\n"
@@ -89,20 +179,32 @@ def _usage(method: ContinualMethod, library: str, repo_id: str, base: Optional[s
             f'method.load(snapshot_download("{repo_id}"))')
 
 
+def _table(values: dict[str, Any], first: str, second: str) -> list[str]:
+    return [f"| {first} | {second} |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in values.items()]
+
+
 def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] = None,
-               tasks: Optional[Sequence] = None, base_model: Optional[str] = None) -> ModelCard:
-    """The card of a continual model: metadata (base model, library, tags, model-index from `result`), how to load
-    it from `repo_id`, the tasks with their classes, and every matrix's metrics and forgetting."""
+               tasks: Optional[Sequence] = None, base_model: Optional[str] = None,
+               training_args: Optional[TrainingArguments] = None,
+               dataset_ids: Optional[dict[str, str]] = None) -> ModelCard:
+    """The card of a continual model: metadata (base model and its license, library, tags, datasets, model-index
+    from `result`), how to load and use it from `repo_id`, the tasks with their classes, every matrix's metrics and
+    forgetting, the training hyperparameters (`training_args` and the method's options), library versions and
+    citations. `dataset_ids` maps task names to the Hub datasets they were read from (the card's `datasets` and the
+    model-index's dataset types); `base_model` names the Hub base model when training used a local copy."""
     method = _as_method(method_or_model)
     library, base = library_of(method), base_model or base_model_of(method)
     records = task_records(method, result, tasks)
+    dataset_ids = dict(dataset_ids or {})
     name = repo_id.split("/")[-1]
+    license_ = base_license(base)
     # no pipeline_tag: the Hub's zero-shot-image-classification widget and pipeline would load the base CLIP alone
     data = ModelCardData(
-        base_model=hub_id(base), library_name=library, model_name=name,
+        base_model=hub_id(base), library_name=library, model_name=name, license=license_ or "unknown",
+        datasets=sorted(set(dataset_ids.values())) or None,
         tags=["hf-moe-cl", "continual-learning", "clip", method.name] + (["task-agnostic"] if method.selects_routes
                                                                          else []),
-        eval_results=eval_results(result) if result is not None else None,
+        eval_results=(eval_results(result, dataset_ids) or None) if result is not None else None,
     )
     lines = [f"# {name}", "",
              f"CLIP continually trained on {len(records)} tasks in order with hf-moe-cl, method "
@@ -114,58 +216,91 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
                       f"{config.num_tasks} task routers; "
                       + ("a DDAS selector, stored in the adapter's weights, picks the router of each image."
                          if moe.selector is not None else "no DDAS selector: pass the task id."))
-    lines += ["", "## Usage", "", "```python", _usage(method, library, repo_id, base), "```", "", "## Tasks", ""]
+    if result is not None and len(result.task_names) >= 2 and result.matrices.get(result.headline):
+        kind = result.headline
+        metrics, _ = matrix_summary(list(result.task_names), result.matrices[kind])
+        if metrics:
+            lines += ["", f"Headline, from the `{kind}` matrix ({MATRIX_TITLES[kind]}): "
+                      + ", ".join(f"{METRIC_LABELS[m]} {v:.1f}" for m, v in metrics.items()) + "."]
+    if hub_id(base) is None:
+        lines += ["", "The base model was a local copy: loading this repository needs it at the same path, or pass "
+                  "the base model's Hub id when publishing (`base_model=`, `--hub_base_model`)."]
+    lines += ["", f"License: {license_ or 'unknown (the base model card names none; check the base model terms)'}."]
+    lines += ["", "## Usage", "", "```python", _usage(method, library, repo_id, base), "```"]
+    if method.selects_routes:
+        lines += ["", '`import hf_moe_cl` also registers `pipeline("task-agnostic-image-classification", '
+                  f'model="{repo_id}")`, which answers the same way.']
+    lines += ["", "## Tasks", ""]
     for index, (task, classnames) in enumerate(records):
-        lines.append(f"{index}. **{task}**" + ("" if classnames is None else
-                                               f" ({len(classnames)} classes): " + ", ".join(classnames)))
+        source = f" [`{dataset_ids[task]}`](https://huggingface.co/datasets/{dataset_ids[task]})" \
+            if task in dataset_ids else ""
+        lines.append(f"{index}. **{task}**{source}" + ("" if classnames is None else
+                                                       f" ({len(classnames)} classes): " + ", ".join(classnames)))
     if result is not None:
         names = list(result.task_names)
         rows = {f"{kind}: {MATRIX_TITLES[kind]}": matrix_summary(names, result.matrices[kind])
                 for kind in MATRIX_KINDS if kind in result.matrices}
-        lines += ["", "## Results", "", "Accuracy (%) on each task's evaluation split; Transfer / Average / Last as "
-                  "ZSCL and MoE-Adapters define them, BWT = backward transfer (negative: forgetting). Each row names "
-                  f"its matrix; the headline is the {matrix_label(result.headline)}.", "",
+        lines += ["", "## Results", "", "Accuracy (%) on each task's evaluation split, one row per matrix (the "
+                  "model-index lists each task's accuracy after the last task, per matrix); Transfer / Average / Last "
+                  "as ZSCL and MoE-Adapters define them, BWT = backward transfer (negative: forgetting). The headline "
+                  f"is the {matrix_label(result.headline)}.", "",
                   metrics_markdown(rows, names, "matrix")]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    options = method if isinstance(method_or_model, ContinualMethod) else None  # a bare model: its options unknown
+    lines += ["", "## Training hyperparameters", ""] + _table(training_hyperparameters(options, training_args),
+                                                               "hyperparameter", "value")
+    lines += ["", "## Framework versions", ""] + [f"- {k} {v}" for k, v in library_versions().items()]
+    lines += ["", "## Citation", ""]
+    for paper, bibtex in CITATIONS.items():
+        lines += [f"{paper}:", "", "```bibtex", bibtex, "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def _write_folder(method: ContinualMethod, card: ModelCard, folder: Path, base_model: Optional[str]) -> None:
-    """What is published: the method's saved folder (an adapter config naming `base_model` if given) and README.md
-    (replacing the card peft writes)."""
-    config = next(iter(method.model.peft_config.values())) if isinstance(method.model, PeftModel) else None
-    recorded = config.base_model_name_or_path if config is not None else None
-    if config is not None and base_model:
-        config.base_model_name_or_path = base_model
+    """What is published: the method's saved folder (naming `base_model` as its base if given: an adapter's config,
+    a ConDU save's header) and README.md (replacing the card peft writes)."""
+    peft = isinstance(method.model, PeftModel)
+    holder = next(iter(method.model.peft_config.values())) if peft else method.model
+    field = "base_model_name_or_path" if peft else "name_or_path"
+    recorded = getattr(holder, field, None)
+    if base_model:
+        setattr(holder, field, base_model)
     try:
         method.save(folder)
     finally:
-        if config is not None:
-            config.base_model_name_or_path = recorded
+        if base_model:
+            setattr(holder, field, recorded)
     card.save(folder / "README.md")
 
 
 def push_to_hub(method_or_model, repo_id: str, result: Optional[ContinualResult] = None, *,
                 tasks: Optional[Sequence] = None, base_model: Optional[str] = None, private: bool = False,
                 token: Optional[str] = None, dry_run_dir: Optional[str | Path] = None,
+                training_args: Optional[TrainingArguments] = None, dataset_ids: Optional[dict[str, str]] = None,
                 commit_message: str = "Upload continual CLIP (hf-moe-cl)") -> str:
     """Publish a continual method (or a bare model, e.g. a MoE-LoRA `PeftModel`) with its model card.
 
     The folder `method.save` writes and README.md are staged in a temporary folder and uploaded through
     `HfApi.create_repo` + `upload_folder`; returns the commit URL. With `dry_run_dir`, the same files are written
-    there instead (a new or empty folder) and nothing is uploaded; returns that folder. `result` adds the
-    model-index results; `tasks` (the `ContinualTask`s) name the classes when the model does not record them;
-    `base_model` (e.g. the Hub id of the local copy training used) replaces the base model the model records, in
-    the card and in an uploaded adapter's config, so that loading the repo finds it.
+    there instead (a new or empty folder) and nothing is uploaded or created on the Hub; returns that folder.
+    `result` adds the results; `tasks` (the `ContinualTask`s) name the classes when the model does not record them;
+    `base_model` (the Hub id of the local copy training used) replaces the base model the model records, in the
+    card and in the uploaded folder, so that loading the repo finds it; `training_args` and `dataset_ids` (task name
+    -> Hub dataset id) go into the card (see `model_card`).
     """
+    if base_model is not None and hub_id(base_model) is None:
+        raise ValueError(f"base_model must be the Hub id of the base model (e.g. openai/clip-vit-base-patch16), not "
+                         f"{base_model!r}: a published repo is loaded on it.")
     method = _as_method(method_or_model)
+    card_inputs = dict(result=result, tasks=tasks, base_model=base_model, training_args=training_args,
+                       dataset_ids=dataset_ids)
     if dry_run_dir is not None:
-        card = model_card(method, repo_id, result, tasks, base_model)
+        card = model_card(method_or_model, repo_id, **card_inputs)
         with atomic_folder(dry_run_dir, replace=False) as folder:
             _write_folder(method, card, folder, base_model)
         return str(dry_run_dir)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    card = model_card(method, repo_id, result, tasks, base_model)
+    card = model_card(method_or_model, repo_id, **card_inputs)
     with tempfile.TemporaryDirectory() as folder:
         _write_folder(method, card, Path(folder), base_model)
         return str(api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message))

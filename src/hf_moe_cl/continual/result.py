@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..experiments.metrics import mtil_metrics
+from ..experiments.metrics import mtil_metrics, summary
 
 Matrix = list[list[Optional[float]]]
 
@@ -47,3 +47,14 @@ class ContinualResult:
     def metrics(self) -> dict[str, float]:
         """Transfer / Average / Last of the headline matrix (`headline`: the paper's protocol when there is one)."""
         return mtil_metrics(self.matrices[self.headline])
+
+    def all_results(self) -> dict[str, Any]:
+        """The final numbers as transformers' `all_results.json` holds them: `headline_matrix` (the matrix the
+        headline comes from) and `<matrix>_<metric>` for Transfer / Average / Last / BWT of every matrix (those its
+        evaluated cells allow), e.g. `protocol_last`."""
+        results: dict[str, Any] = {"headline_matrix": self.headline}
+        kinds = [k for k in MATRIX_KINDS if k in self.matrices] + [k for k in self.matrices if k not in MATRIX_KINDS]
+        for kind in kinds:
+            metrics = summary(self.matrices[kind], self.task_names)
+            results.update({f"{kind}_{name}": value for name, value in metrics.items() if name != "drop"})
+        return results

@@ -10,7 +10,7 @@ import logging
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
+from ..files import atomic_files, read_json_file, write_json_atomic
 from .checkpoints import (
     base_weights_fingerprint,
     check_same_run,
@@ -465,6 +466,29 @@ class ContinualTrainer(Trainer):
         if task.learning_rate is not None:
             return task.learning_rate
         return task.official_learning_rates.get(self.method.recipe, self.args.learning_rate)
+
+    # ----- the run's outputs ---------------------------------------------------------------------------------------
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """The method's folder (`method.save`: for MoE-Adapters the peft adapter with its DDAS selector, for ConDU its
+        publishable save) at `output_dir` (default: the run's), beside the task folders; each file replaced
+        atomically. Nothing is pushed: publish with `hf_moe_cl.publishing.push_to_hub`."""
+        if _internal_call:  # a mid-task checkpoint of the Trainer (save_strategy)
+            return super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            with atomic_files(output_dir or self.args.output_dir) as staging:
+                self.method.save(staging)
+        self.accelerator.wait_for_everyone()
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """As `Trainer.save_metrics` (`<split>_results.json`, merged into `all_results.json`), written atomically;
+        for a run's final numbers: `trainer.save_metrics("all", result.all_results())`."""
+        if not self.is_world_process_zero():
+            return
+        output = Path(self.args.output_dir)
+        write_json_atomic(output / f"{split}_results.json", metrics)
+        if combined:
+            merged = read_json_file(output / "all_results.json") if (output / "all_results.json").is_file() else {}
+            write_json_atomic(output / "all_results.json", {**merged, **metrics})
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def _save_task(self, index: int, names: list[str], matrices: dict, histograms: dict, run: dict) -> dict:

@@ -71,15 +71,12 @@ def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
     fields the user set); returns them in the same order. The training batch is the official global one, split
     over the processes (`per_device_batch`) unless the user set `per_device_train_batch_size`."""
     recipe = preset_recipe(preset)
-    updated = []
+    updated, applied, kept = [], {}, []
     for argument in arguments:
         values = {name: value for kind, changes in recipe.items() if isinstance(argument, kind)
                   for name, value in changes.items() if name not in explicit}
-        kept = sorted({name for kind, changes in recipe.items() if isinstance(argument, kind)
-                       for name in changes} & explicit)
-        if kept:
-            logger.info("Preset %s: keeping your %s instead of the official value(s).", get_preset(preset).name,
-                        ", ".join(kept))
+        kept += sorted({name for kind, changes in recipe.items() if isinstance(argument, kind)
+                        for name in changes} & explicit)
         if values and isinstance(argument, ContinualTrainingArguments):
             if "per_device_train_batch_size" in values:
                 values["per_device_train_batch_size"] = per_device_batch(values["per_device_train_batch_size"],
@@ -89,4 +86,9 @@ def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
             updated.append(argument)
         else:
             updated.append(dataclasses.replace(argument, **values) if values else argument)
+        applied.update(values)
+    if applied or kept:  # once, every value the preset set (the batch: per device)
+        logger.info("Preset %s sets %s%s", get_preset(preset).name,
+                    ", ".join(f"{name}={value}" for name, value in applied.items()) or "nothing",
+                    f"; keeps your {', '.join(kept)}." if kept else ".")
     return updated

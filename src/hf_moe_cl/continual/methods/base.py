@@ -20,6 +20,7 @@ from torch import nn
 
 from ...classification import ZERO_SHOT, Routes
 from ...files import check_safetensors_file
+from ...tuners.moe_lora.card import drop_peft_template
 from ..checkpoints import jsonable
 
 # Adapter-config entries that change during a run (tasks added, selector fitted) or only at load time.
@@ -157,8 +158,9 @@ class ContinualMethod:
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """Write what a task checkpoint holds (resume reads it back with `load`)."""
+        """Write what a task checkpoint holds (resume reads it back with `load`); no peft README template."""
         self.model.save_pretrained(folder)
+        drop_peft_template(folder)
 
     def load(self, folder: Path) -> None:
         """Restore the state saved by `save` (every tensor of the model, no more, no less)."""

@@ -55,3 +55,11 @@ def tidy_peft_card(folder: str, base: Optional[str]) -> None:
     card.data.tags = sorted(set(tags) | {"hf-moe-cl", "moe-lora"})
     card.text = adapter_card_text(base) + ("\n" + versions if versions else "")
     card.save(path)
+
+
+def drop_peft_template(folder: str | os.PathLike) -> None:
+    """Delete peft's generic README template from a saved adapter folder (another peft method's: it would name a local
+    base model path); the published card is written by `publishing.model_card`."""
+    path = Path(folder) / "README.md"
+    if path.is_file() and PEFT_TEMPLATE_MARK in path.read_text(encoding="utf-8"):
+        path.unlink()
