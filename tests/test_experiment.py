@@ -49,17 +49,24 @@ def example(*argv, timeout=600):
     return result
 
 
-def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
-    """A YAML config overridden on the command line; --max_steps honoured over the preset's 200; the report, the
-    task checkpoints, the library's log and a dry run of --push_to_hub."""
+def tiny_model_folder(tmp_path):
+    """A tiny CLIP and its processor saved together, with 48 text positions so prompts of real class names fit (as
+    in CLIP's 77 tokens)."""
     model_dir = tmp_path / "model"
     config = tiny_clip_config()
-    config.text_config.max_position_embeddings = 48  # prompts of real class names fit, as in CLIP's 77 tokens
+    config.text_config.max_position_embeddings = 48
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(model_dir)
     tokenizer_dir = write_tiny_tokenizer(tmp_path)
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 48}))
     tiny_clip_processor(tokenizer_dir).save_pretrained(model_dir)
+    return model_dir
+
+
+def test_example_script_runs_the_mini_preset_end_to_end(tmp_path):
+    """A YAML config overridden on the command line; --max_steps honoured over the preset's 200; the report, the
+    task checkpoints, the library's log and a dry run of --push_to_hub."""
+    model_dir = tiny_model_folder(tmp_path)
     config = {"preset": "mini", "tasks": "mnist,dtd", "model_name_or_path": str(model_dir), "max_steps": 50,
               "method": "moe-adapters", "num_experts": 4, "rank": 4, "output_dir": str(tmp_path / "out"),
               "use_cpu": True, "per_device_eval_batch_size": 500, "warmup_steps": 1, "report_to": "none",
@@ -150,9 +157,7 @@ def test_push_to_hub_with_a_dry_run_trains_and_never_contacts_the_hub(tmp_path, 
 
     for name in ("create_repo", "upload_folder", "model_info"):
         monkeypatch.setattr(HfApi, name, refuse)
-    model_dir = tmp_path / "model"
-    tiny_clip().save_pretrained(model_dir)
-    tiny_clip_processor(write_tiny_tokenizer(tmp_path)).save_pretrained(model_dir)
+    model_dir = tiny_model_folder(tmp_path)
     load_example().main(["--tasks", "mnist,dtd", "--model_name_or_path", str(model_dir), "--max_steps", "1",
                          "--num_experts", "2", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu",
                          "--report_to", "none", "--check_images", "false", "--per_device_eval_batch_size", "500",

@@ -77,7 +77,7 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert {r.metric_name for r in card.data.eval_results} >= {
         "Accuracy after the last task (protocol matrix: task-agnostic, one route per test batch)"}
     assert "| protocol: task-agnostic, one route per test batch |" in card.text
-    assert "the headline is the protocol matrix, task-agnostic, one route per test batch." in card.text
+    assert "The headline is the protocol matrix, task-agnostic, one route per test batch." in card.text
     headline = mtil_metrics(result.matrices["protocol"])
     assert (f"Headline, from the `protocol` matrix (task-agnostic, one route per test batch): Transfer "
             f"{headline['transfer']:.1f}, Average {headline['average']:.1f}, Last {headline['last']:.1f}.") in card.text
