@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -30,9 +31,10 @@ import torch
 from datasets import Dataset
 from models import MODELS, load_model
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, TrainerCallback
 
 from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.classification import RoutedClassifier
 from hf_moe_cl.experiments.recipes import OFFICIAL_DDAS, preset_recipe
 from hf_moe_cl.continual import ContinualTask, ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.evaluation import EvaluationEngine
@@ -48,13 +50,16 @@ class Measured:
     """What the scaled run measured (seconds, counts)."""
 
     train_s_per_step: float
+    task_overhead_s: float  # per task: building its optimiser, schedule and loader, and the method's end of task
     ddas_s: float
     ddas_steps: int  # autoencoder iterations the scaled run trained (reference + tasks)
     read_s_per_image: float
     untouched_s_per_image: float
     routed_s_per_image: float
     routed_per_oracle: float  # routed encodings of the three matrices per routed encoding of the oracle alone
-    other_eval_s_per_image: float  # text features, DDAS decisions, scoring: per test image evaluated
+    selection_s_per_image: float  # DDAS features and decisions of a test image
+    text_s: float  # text features of every label space through the routes asked for: as many at full size
+    other_eval_s_per_image: float  # scoring and bookkeeping per test image evaluated
 
 
 def full_reads(test_sizes: list[int], image_bytes: int, budget_bytes: float, embedding_bytes: int
@@ -87,13 +92,16 @@ def project(measured: Measured, test_sizes: list[int], image_bytes: int, budget_
     reads, untouched = full_reads(test_sizes, image_bytes, budget_bytes, embedding_bytes)
     oracle = sum(sum(test_sizes[: i + 1]) for i in range(stages))
     evaluated = sum(test_sizes) * (stages + 1)
+    selected = sum(test_sizes) * stages
     parts = {
-        "training": stages * FULL_STEPS * measured.train_s_per_step,
+        "training": stages * (FULL_STEPS * measured.train_s_per_step + measured.task_overhead_s),
         "DDAS fitting": measured.ddas_s * full_ddas_steps / max(measured.ddas_steps, 1),
         "reading test images": reads * measured.read_s_per_image,
         "untouched encodings": untouched * measured.untouched_s_per_image,
         "routed encodings": oracle * measured.routed_per_oracle * measured.routed_s_per_image,
-        "scoring and selection": evaluated * measured.other_eval_s_per_image,
+        "DDAS selection": selected * measured.selection_s_per_image,
+        "text features": measured.text_s,
+        "scoring": evaluated * measured.other_eval_s_per_image,
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -126,6 +134,29 @@ def scaled_tasks(scale: float, source_size: int) -> list[ContinualTask]:
                                    list(spec.classnames), list(spec.templates),
                                    official_learning_rates=dict(spec.learning_rates)))
     return tasks
+
+
+class StepTimer(TrainerCallback):
+    """Seconds of every optimizer step but each task's first (which pays one-off costs), and of the first ones."""
+
+    def __init__(self, watch: "Stopwatch"):
+        self.watch, self.steps, self.first, self.start, self.first_step = watch, [], [], 0.0, True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.watch._sync()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.watch._sync()
+        (self.first if self.first_step else self.steps).append(time.perf_counter() - self.start)
+        self.first_step = False
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.steps or self.first)
 
 
 class Stopwatch:
@@ -179,8 +210,9 @@ def run_scaled(args) -> tuple[Measured, dict]:
     reference = synthetic_split(max(2, math.ceil(TINY_IMAGENET_TRAIN * args.scale)), 1, args.source_size, 99, 99)
     recipe = preset_recipe("mtil-order-1")
     steps = max(1, round(FULL_STEPS * args.scale))
-    ddas_task_steps = max(1, round(OFFICIAL_DDAS["task_steps"] * args.scale))
-    ddas_reference_steps = max(1, round(OFFICIAL_DDAS["reference_steps"] * args.scale))
+    ddas_scale = args.scale if args.ddas_scale is None else args.ddas_scale
+    ddas_task_steps = max(1, round(OFFICIAL_DDAS["task_steps"] * ddas_scale))
+    ddas_reference_steps = max(1, round(OFFICIAL_DDAS["reference_steps"] * ddas_scale))
     ddas = DDASArguments(**dict(recipe[DDASArguments], ddas_task_steps=ddas_task_steps,
                                 ddas_reference_steps=ddas_reference_steps, ddas_alexnet_weights=None))
     training = dict(recipe[ContinualTrainingArguments], max_steps=steps, warmup_steps=max(1, steps // 10),
@@ -195,12 +227,15 @@ def run_scaled(args) -> tuple[Measured, dict]:
     watch = Stopwatch(device)
     watch.wrap(ContinualTrainer, "_train_one_task", "training")
     watch.wrap(MoEAdapters, "_fit_selector", "ddas")
+    watch.wrap(MoEAdapters, "choose_routes", "selection", lambda result, a: a[2].shape[0])
+    watch.wrap(RoutedClassifier, "text", "text")
     watch.wrap(EvaluationEngine, "_untouched_of", "untouched", lambda result, a: a[3].shape[0])
     watch.wrap(EvaluationEngine, "_routed", "routed", lambda result, a: a[2].shape[0])
     watch.wrap(ContinualTrainer, "_evaluate_stage", "evaluation")
     loader = EvaluationEngine._loader
     EvaluationEngine._loader = lambda self, task: timed_loader(watch, loader(self, task))
-    trainer = ContinualTrainer(method=method, args=training_args, processing_class=processor)
+    steps_timer = StepTimer(watch)
+    trainer = ContinualTrainer(method=method, args=training_args, processing_class=processor, callbacks=[steps_timer])
     start = time.perf_counter()
     result = trainer.train_tasks(tasks)
     wall = time.perf_counter() - start
@@ -208,14 +243,18 @@ def run_scaled(args) -> tuple[Measured, dict]:
     oracle = sum(sum(test_sizes[: i + 1]) for i in range(len(tasks)))
     routed = sum(stage["routed"] for stage in result.diagnostics["image_encodings"])
     evaluated = sum(test_sizes) * (len(tasks) + 1)
-    accounted = sum(watch.seconds.get(k, 0.0) for k in ("reading", "untouched", "routed"))
+    accounted = sum(watch.seconds.get(k, 0.0) for k in ("reading", "untouched", "routed", "selection", "text"))
+    step_s = steps_timer.step_s
     measured = Measured(
-        train_s_per_step=watch.seconds["training"] / (steps * len(tasks)),
+        train_s_per_step=step_s,
+        task_overhead_s=max(0.0, watch.seconds["training"] / len(tasks) - steps * step_s),
         ddas_s=watch.seconds["ddas"], ddas_steps=ddas_reference_steps + ddas_task_steps * len(tasks),
         read_s_per_image=watch.seconds["reading"] / watch.count["reading"],
         untouched_s_per_image=watch.seconds["untouched"] / watch.count["untouched"],
         routed_s_per_image=watch.seconds["routed"] / watch.count["routed"],
         routed_per_oracle=routed / oracle,
+        selection_s_per_image=watch.seconds["selection"] / watch.count["selection"],
+        text_s=watch.seconds["text"],
         other_eval_s_per_image=max(0.0, watch.seconds["evaluation"] - accounted) / evaluated,
     )
     return measured, {"wall_s": wall, "scaled_steps": steps, "images": sum(test_sizes), "image_size": size,
@@ -228,6 +267,9 @@ def main():
     parser.add_argument("--scale", type=float, default=0.01, help="share of steps, images and DDAS iterations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in training and evaluation")
+    parser.add_argument("--ddas_scale", type=float, default=None,
+                        help="share of the official DDAS iterations (default --scale; 1 trains the selector fully, "
+                        "so it routes as in a real run)")
     parser.add_argument("--eval_batch_size", type=int, default=128)
     parser.add_argument("--eval_cache_gb", type=float, default=4.0)
     parser.add_argument("--source_size", type=int, default=320, help="side of the synthetic JPEG images")
@@ -243,10 +285,12 @@ def main():
                     OFFICIAL_DDAS["reference_steps"] + OFFICIAL_DDAS["task_steps"] * len(MTIL_ORDER_I))
     print(f"model={args.model} device={args.device} precision={'bf16' if args.bf16 else 'fp32'} scale={args.scale} "
           f"({info['scaled_steps']} steps per task, {info['images']} test images; scaled run {info['wall_s']:.0f} s)")
-    print(f"measured: {1000 * measured.train_s_per_step:.1f} ms/step, read {1000 * measured.read_s_per_image:.2f} "
+    print(f"measured: {1000 * measured.train_s_per_step:.1f} ms/step (+{measured.task_overhead_s:.1f} s per task), "
+          f"read {1000 * measured.read_s_per_image:.2f} "
           f"ms/image, untouched {1000 * measured.untouched_s_per_image:.2f} ms/image, routed "
           f"{1000 * measured.routed_s_per_image:.2f} ms/image, {measured.routed_per_oracle:.2f} routed encodings per "
-          f"oracle encoding, DDAS {measured.ddas_s:.1f} s for {measured.ddas_steps} iterations")
+          f"oracle encoding, DDAS {measured.ddas_s:.1f} s for {measured.ddas_steps} iterations, selection "
+          f"{1000 * measured.selection_s_per_image:.2f} ms/image, text features {measured.text_s:.1f} s")
     print(f"projected MTIL Order I ({sum(test_sizes):,} test images, eval cache {args.eval_cache_gb:g} GiB):")
     for name, seconds in parts.items():
         if name != "total":
