@@ -9,7 +9,7 @@ import numpy as np
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, TrainerCallback
 
 TEXT_VOCAB = 86  # matches tiny_tokenizer_dir: 84 symbols, then <|startoftext|>, <|endoftext|>
 
@@ -37,6 +37,17 @@ def tiny_clip_config(vision_width: int = 48, text_width: int = 32) -> CLIPConfig
         ),
         projection_dim=16,
     )
+
+
+class StopAtTask(TrainerCallback):
+    """Interrupts a continual run when task `name` starts training (a run stopped midway, to resume)."""
+
+    def __init__(self, trainer, name):
+        self.trainer, self.name = trainer, name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.current_task.name == self.name:
+            raise KeyboardInterrupt("simulated interruption")
 
 
 def tiny_clip(seed: int = 0, **kwargs) -> CLIPModel:

@@ -6,13 +6,12 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import TrainerCallback
 
 from hf_moe_cl import MoELoraConfig
 from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments
 
-from conftest import colour_task, continual_args, tiny_clip
+from conftest import StopAtTask, colour_task, continual_args, tiny_clip
 
 VISION0 = "vision_model.encoder.layers.0"
 
@@ -122,13 +121,6 @@ def test_a_grown_adapter_loads_with_its_shapes_and_keeps_growing(tmp_path, clip_
     assert all(torch.equal(expected[t], got) for t, got in outputs(loaded, clip_inputs, [0, 1]).items())
 
 
-class StopAtTask(TrainerCallback):
-    def __init__(self, trainer, name):
-        self.trainer, self.name = trainer, name
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer.current_task.name == self.name:
-            raise KeyboardInterrupt("simulated interruption")
 
 
 def growing_method(model_seed=0, **arguments):

@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.methods import ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments
 
-from conftest import colour_task, continual_args, moe_model, tiny_clip
+from conftest import StopAtTask, colour_task, continual_args, moe_model, tiny_clip
 
 
 def make_args(tmp_path, **overrides):
@@ -53,13 +53,6 @@ def test_moe_sequence_freezes_routes_and_saves_each_task(tmp_path, clip_processo
     assert checked > 0
 
 
-class StopAtTask(TrainerCallback):
-    def __init__(self, trainer, name):
-        self.trainer, self.name = trainer, name
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer.current_task.name == self.name:
-            raise KeyboardInterrupt("simulated interruption")
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, clip_processor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 from contextlib import contextmanager
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -122,12 +123,11 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         if getattr(self, "_model_hooks", None) is None:
             self._model_hooks = [self.model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                                  self.model.register_forward_hook(self._end_call)]
-            for tower, begin, end in (("vision_model", self._route_images, self._end_images),
-                                      ("text_model", self._route_text, self._end_text)):
+            for tower, begin in (("vision_model", self._route_images), ("text_model", self._route_text)):
                 module = getattr(self.model, tower, None)
                 if isinstance(module, nn.Module):
                     self._model_hooks += [module.register_forward_pre_hook(begin, with_kwargs=True),
-                                          module.register_forward_hook(end)]
+                                          module.register_forward_hook(partial(self._end_tower, tower))]
 
     # ----- routing -------------------------------------------------------------------------------------------------
     def _inject_route(self, module, args, kwargs):
@@ -197,9 +197,10 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         self._pushed["vision_model"] = True
         return None
 
-    def _end_images(self, module, args, output):
-        if self._pushed["vision_model"]:
-            self._pushed["vision_model"] = False
+    def _end_tower(self, tower: str, module, args, output):
+        """Forward hook of a tower: the route its pre-hook gave the call ends with it."""
+        if self._pushed[tower]:
+            self._pushed[tower] = False
             self._call_routes.pop()
 
     def _route_text(self, module, args, kwargs):
@@ -214,11 +215,6 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
             self._call_routes.append(self._make_route(self._images_route))
             self._pushed["text_model"] = True
         return None
-
-    def _end_text(self, module, args, output):
-        if self._pushed["text_model"]:
-            self._pushed["text_model"] = False
-            self._call_routes.pop()
 
     def _make_route(self, task_ids: TaskIds, selections: Optional[dict] = None) -> TaskRoute:
         if task_ids is None:
