@@ -574,3 +574,27 @@ def test_a_safetensors_file_of_every_common_dtype_passes_the_check(tmp_path):
                "fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
     save_file(tensors, str(tmp_path / "ok.safetensors"))
     check_safetensors_file(tmp_path / "ok.safetensors")  # no false refusal
+
+
+def test_a_missing_path_or_damaged_adapter_config_is_named_before_any_hub_call(tmp_path, monkeypatch):
+    """`TaskAgnosticClassifier.from_pretrained` (and the pipeline's loader) on a path that does not exist, or on a
+    folder whose adapter_config.json is truncated, name the path or the file, not a Hub or JSON error."""
+    from huggingface_hub import HfApi
+
+    from hf_moe_cl import TaskAgnosticClassifier
+    from hf_moe_cl.pipeline import MoELoraCLIP
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(HfApi, "model_info", refuse)
+    missing = tmp_path / "no-such-run" / "adapter"
+    with pytest.raises(FileNotFoundError, match="neither a folder here nor a Hub repo id"):
+        TaskAgnosticClassifier.from_pretrained(str(missing))
+    with pytest.raises(FileNotFoundError, match="neither a folder here nor a Hub repo id"):
+        MoELoraCLIP.from_pretrained(str(missing))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "adapter_config.json").write_text('{"peft_type": "MOE_LO')
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        TaskAgnosticClassifier.from_pretrained(str(damaged))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -10,6 +11,20 @@ from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Unt
 from .condu import holds_condu
 from .continual.data import to_rgb
 from .continual.methods import ConDU, ContinualMethod, method_for_model
+from .files import check_json_file
+
+
+def check_adapter_source(adapter_name_or_path: str, subfolder: Optional[str] = None) -> None:
+    """Refuse, before any Hub call, a local-looking path that does not exist, and check a local folder's
+    adapter_config.json parses (peft's own loader gives a bare JSON error for a damaged one)."""
+    path = os.path.join(os.fspath(adapter_name_or_path), subfolder or "")
+    if os.path.isdir(path):
+        check_json_file(os.path.join(path, "adapter_config.json"))
+        return
+    name = os.fspath(adapter_name_or_path)
+    if os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise FileNotFoundError(f"{name} is neither a folder here nor a Hub repo id (namespace/name): give the folder "
+                                "a model was saved to with save_pretrained, or a repo id.")
 
 
 def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
@@ -20,6 +35,7 @@ def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optio
     from peft import PeftConfig, PeftModel
     from transformers import CLIPModel
 
+    check_adapter_source(adapter_name_or_path, adapter_kwargs.get("subfolder"))
     config = PeftConfig.from_pretrained(adapter_name_or_path, **adapter_kwargs)
     base = base_model_name_or_path or config.base_model_name_or_path
     if not base:
@@ -69,6 +85,7 @@ class TaskAgnosticClassifier:
         from transformers import CLIPModel, CLIPProcessor
 
         hub = {k: adapter_kwargs[k] for k in ("subfolder", "revision", "token") if k in adapter_kwargs}
+        check_adapter_source(adapter_name_or_path, hub.get("subfolder"))
         if holds_condu(adapter_name_or_path, **hub):
             base = None
             if base_model_name_or_path is not None:

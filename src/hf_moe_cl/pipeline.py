@@ -16,7 +16,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .condu import holds_condu
 from .continual.methods import ConDU
-from .inference import TaskAgnosticClassifier, load_adapter_model
+from .inference import TaskAgnosticClassifier, check_adapter_source, load_adapter_model
 
 TASK = "task-agnostic-image-classification"
 
@@ -37,6 +37,7 @@ class MoELoraCLIP:
                         **pipeline_kwargs):
         dtype = torch.float32 if dtype in ("auto", None) else dtype
         hub = {k: pipeline_kwargs[k] for k in ("revision", "subfolder") if pipeline_kwargs.get(k) is not None}
+        check_adapter_source(adapter_name_or_path, hub.get("subfolder"))
         if holds_condu(adapter_name_or_path, token=token, **hub):
             method = ConDU.from_pretrained(adapter_name_or_path, dtype=dtype, token=token, **hub)
             setattr(method.model, METHOD_ATTRIBUTE, method)
