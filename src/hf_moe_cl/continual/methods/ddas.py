@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from ...classification import Routes, image_embeddings
+from ...classification import Routes
 from ...data.splits import few_shot_subset
 from ...tuners.moe_lora.features import ALEXNET_FEATURES, ALEXNET_URL, AlexNetFeatures, prefix_features, vision_prefix
 from ...tuners.moe_lora.selector import SelectorConfig
@@ -136,11 +136,7 @@ class DDASSelection:
             if self._alexnet is None:
                 self._alexnet = AlexNetFeatures(self.ddas.ddas_alexnet_weights).to(pixels.device)
             return self._alexnet(pixels), None
-        with self.moe.routing(None):
-            if config.feature_layer is None:
-                embeddings = image_embeddings(self.model, pixels)
-                return embeddings, embeddings
-            return prefix_features(vision_prefix(self.model.vision_model, pixels, config.feature_layer)), None
+        return self.moe.clip_selector_features(pixels)
 
     @torch.no_grad()
     def _features_of(self, trainer, dataset: Dataset, label: str) -> torch.Tensor:

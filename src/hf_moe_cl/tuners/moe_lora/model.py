@@ -9,7 +9,6 @@ from functools import partial
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_name_from_state_dict_key
 from torch import nn
 
@@ -18,6 +17,7 @@ from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
 from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
 from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
+from ...classification import image_embeddings
 from .features import prefix_features, vision_prefix
 from .selector import DistributionSelector, SelectorConfig, legacy_selector_prefixes, stack_legacy_autoencoders
 
@@ -184,18 +184,23 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
                 f"This adapter's DDAS selector reads {config.feature_extractor} features, which the model cannot "
                 "compute by itself: classify with TaskAgnosticClassifier (it loads them), or pass task_ids."
             )
-        with torch.no_grad(), self.routing(None):
-            if config.feature_layer is None:
-                features = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(),
-                                       dim=-1)
-            else:
-                features = prefix_features(vision_prefix(module, pixels, config.feature_layer))
-        routes = self.selector.select(features)
+        routes = self.selector.select(self.clip_selector_features(pixels)[0])
         chosen = routes.unique().tolist()
         self._images_route = chosen[0] if len(chosen) == 1 else "mixed"
         self._call_routes.append(self._make_route(routes))
         self._pushed["vision_model"] = True
         return None
+
+    @torch.no_grad()
+    def clip_selector_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The selector's CLIP features of `pixels`, computed by the untouched model (its image embeddings, or its
+        tokens after `feature_layer` blocks), and those embeddings when they are the features."""
+        layer = self.selector.config.feature_layer
+        with self.routing(None):
+            if layer is None:
+                embeddings = image_embeddings(self.model, pixels)
+                return embeddings, embeddings
+            return prefix_features(vision_prefix(self.model.vision_model, pixels, layer)), None
 
     def _end_tower(self, tower: str, module, args, output):
         """Forward hook of a tower: the route its pre-hook gave the call ends with it."""
