@@ -158,28 +158,36 @@ def identification(stages, learned: int) -> float:
     return 100.0 * right / max(1, sum(sum(task) for task in counts))
 
 
-def rows_at(name, result, individual, timer, measured, report_at) -> dict[int, dict]:
-    oracle = result.matrices["oracle"]
+def variant_record(result, timer, measured, seconds) -> dict:
+    """What the table needs of one variant's run, in JSON form (saved as <variant>.json so that variants can run in
+    separate processes and a finished one is not run again)."""
+    keep = ("expert_slots", "route_histogram")
+    return {"matrices": result.matrices, "diagnostics": {k: v for k, v in result.diagnostics.items() if k in keep},
+            "step_ms": timer.per_task, "measured": {str(n): m for n, m in measured.items()}, "seconds": seconds}
+
+
+def rows_at(record, individual, report_at) -> dict[int, dict]:
+    oracle = record["matrices"]["oracle"]
     diagonal = [individual[j][j] for j in range(len(individual))] if individual else None
     rows = {}
     for n in report_at:
         if n > len(oracle):
             continue
         last = sum(oracle[n - 1][:n]) / n
-        row = {"last": last, "newest": oracle[n - 1][n - 1], "step_ms": timer.per_task[n - 1],
+        row = {"last": last, "newest": oracle[n - 1][n - 1], "step_ms": record["step_ms"][n - 1],
                "bwt": sum(oracle[n - 1][j] - oracle[j][j] for j in range(n - 1)) / (n - 1) if n > 1 else 0.0}
-        if diagonal:
+        if diagonal and len(diagonal) >= n:
             row["last_over_individual"] = 100.0 * last / (sum(diagonal[:n]) / n)
             row["newest_over_individual"] = 100.0 * oracle[n - 1][n - 1] / diagonal[n - 1]
-        slots = result.diagnostics.get("expert_slots")
+        slots = record["diagnostics"].get("expert_slots")
         if slots:
             row["trainable_slots"] = sum(t["trainable"] for t in slots[n - 1].values())
             row["expert_slots"] = sum(t["total"] for t in slots[n - 1].values())
         for kind, label in (("per_image", "ddas_per_image"), ("protocol", "ddas_per_batch")):
-            stages = result.diagnostics.get("route_histogram", {}).get(kind)
+            stages = record["diagnostics"].get("route_histogram", {}).get(kind)
             if stages:
                 row[label] = identification(stages, n)
-        row.update(measured.get(n, {}))
+        row.update(record["measured"].get(str(n), {}))
         if "agnostic_ms" in row:
             row["agnostic_over_plain"] = row["agnostic_ms"] / row["plain_ms"]
         rows[n] = row
@@ -244,6 +252,8 @@ def main():
     parser.add_argument("--ddas_task_steps", type=int, default=300)
     parser.add_argument("--ddas_reference_steps", type=int, default=1000)
     parser.add_argument("--probe_batch", type=int, default=64, help="images of the inference-time batch")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: build results.md from the <variant>.json files already in output_dir")
     args = parser.parse_args()
 
     root = assets_dir(args.assets_dir)
@@ -257,15 +267,26 @@ def main():
         parser.error(f"unknown variant(s) {unknown}; choose among {', '.join(known)}")
     if not 1 <= args.num_tasks <= len(mini_long_names()):
         parser.error(f"--num_tasks must be between 1 and {len(mini_long_names())}")
-    base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
-    processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
-    tasks = mini_long_tasks(root, mini_long_names()[:args.num_tasks], eval_images=args.eval_images)
-    reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref"))
-    probe = probe_batch(tasks, processor, args.probe_batch)
-    plain = copy.deepcopy(base).eval()
-
-    results, seconds, individual = {}, {}, None
-    for variant in sorted(chosen, key=lambda v: v != "individual"):  # the upper bound first: ratios need it
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "output_dir", "report_only")}
+    records = {}
+    for variant in chosen:
+        saved = output / f"{variant}.json"
+        if saved.is_file():
+            record = json.loads(saved.read_text())
+            if record.get("settings") != settings:
+                parser.error(f"{saved} was measured with other settings ({record.get('settings')}); "
+                             f"delete it or use another --output_dir")
+            records[variant] = record
+            print(f"{variant}: measured before, read from {saved}", flush=True)
+    todo = [] if args.report_only else [v for v in chosen if v not in records]
+    if todo:
+        base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
+        processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
+        tasks = mini_long_tasks(root, mini_long_names()[:args.num_tasks], eval_images=args.eval_images)
+        reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref"))
+        probe = probe_batch(tasks, processor, args.probe_batch)
+        plain = copy.deepcopy(base).eval()
+    for variant in todo:
         start = time.perf_counter()
         training = ContinualTrainingArguments(
             output_dir=str(output / variant), max_steps=args.steps_per_task,
@@ -285,21 +306,21 @@ def main():
         trainer = MeasuredTrainer(method=method, args=training, processing_class=processor, callbacks=[timer],
                                   report_at=report_at, plain=plain, probe=probe)
         result = trainer.train_tasks(tasks)
-        if variant == "individual":
-            individual = result.matrices["oracle"]
-        seconds[variant] = time.perf_counter() - start
-        results[variant] = (result, timer, trainer.measured)
-        print(f"{variant}: {seconds[variant]:.0f} s", flush=True)
+        records[variant] = {"settings": settings, "tasks": [t.name for t in tasks],
+                            **variant_record(result, timer, trainer.measured, time.perf_counter() - start)}
+        write_text_atomic(output / f"{variant}.json", json.dumps(records[variant], indent=1))
+        print(f"{variant}: {records[variant]['seconds']:.0f} s", flush=True)
 
-    table = {variant: rows_at(variant, result, individual, timer, measured, report_at)
-             for variant, (result, timer, measured) in results.items()}
+    everything = {p.stem: json.loads(p.read_text()) for p in sorted(output.glob("*.json"))
+                  if p.stem in known and p.stem not in records}
+    records.update({v: r for v, r in everything.items() if r.get("settings") == settings})
+    individual = records.get("individual", {}).get("matrices", {}).get("oracle")
+    table = {variant: rows_at(records[variant], individual, report_at) for variant in known if variant in records}
     header = (f"mini-long, first {args.num_tasks} tasks, {args.steps_per_task} steps per task, batch "
               f"{args.batch_size}, lr {args.learning_rate:g} (individual {args.individual_learning_rate:g}), "
               f"{args.eval_images} test images per task, growth threshold {args.growth_threshold:g}; seconds: "
-              + ", ".join(f"{v} {s:.0f}" for v, s in seconds.items()))
-    write_text_atomic(output / "results.json", json.dumps({
-        "arguments": vars(args), "tasks": [t.name for t in tasks], "seconds": seconds, "table": table,
-        "matrices": {v: r.matrices for v, (r, _, _) in results.items()}}, indent=1))
+              + ", ".join(f"{v} {r['seconds']:.0f}" for v, r in records.items()))
+    write_text_atomic(output / "results.json", json.dumps({"arguments": vars(args), "table": table}, indent=1))
     report = markdown(table, header)
     figures = plot(table, output)
     report += "\nFigures: " + ", ".join(figures) + "\n"
