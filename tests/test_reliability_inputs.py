@@ -198,7 +198,7 @@ def test_resume_refuses_other_training_settings_and_another_base(tmp_path, clip_
 
 
 def test_the_base_fingerprint_ignores_the_adapters_initialisation():
-    from hf_moe_cl.continual.checkpoints import base_weights_fingerprint
+    from hf_moe_cl.tuners.moe_lora.base_weights import base_weights_fingerprint
 
     torch.manual_seed(0)
     first = moe_model()
@@ -206,6 +206,75 @@ def test_the_base_fingerprint_ignores_the_adapters_initialisation():
     assert base_weights_fingerprint(first) == base_weights_fingerprint(second) == base_weights_fingerprint(
         tiny_clip())
     assert base_weights_fingerprint(tiny_clip(seed=1)) != base_weights_fingerprint(tiny_clip())
+
+
+def test_an_adapter_is_refused_on_other_pretrained_weights_of_the_same_shape(tmp_path, clip_inputs, caplog):
+    from peft import PeftConfig, PeftModel
+
+    from hf_moe_cl.tuners.moe_lora.base_weights import base_weights_record
+
+    model = moe_model()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["base_weights"]
+    assert saved == base_weights_record(tiny_clip())
+
+    other = tiny_clip(seed=1)
+    untouched = {name: p.clone() for name, p in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"created on other pretrained weights.*base_weights=None"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not any("moe_lora" in name for name, _ in other.named_modules())  # refused before any injection
+    assert all(torch.equal(untouched[n], p) for n, p in other.state_dict().items())
+
+    same = PeftModel.from_pretrained(tiny_clip(), tmp_path)  # the base it was created on
+    with torch.no_grad():
+        model.set_task(1), same.set_task(1)
+        assert torch.equal(model(**clip_inputs).logits_per_image, same(**clip_inputs).logits_per_image)
+
+    host = moe_model()  # load_adapter into a model of other weights is refused the same way
+    host_other = PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path, config=_without_record(tmp_path))
+    with pytest.raises(ValueError, match="created on other pretrained weights"):
+        host_other.load_adapter(tmp_path, adapter_name="second")
+    host.load_adapter(tmp_path, adapter_name="second")
+
+    config = PeftConfig.from_pretrained(tmp_path)  # on purpose: the documented way round
+    config.base_weights = None
+    PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path, config=config)
+
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):  # another dtype cannot be compared: said, not silent
+        PeftModel.from_pretrained(tiny_clip(seed=1).to(torch.bfloat16), tmp_path)
+    assert "created on float32 base weights and is loaded on bfloat16 ones" in caplog.text
+
+
+def _without_record(folder):
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(folder)
+    config.base_weights = None
+    return config
+
+
+@pytest.mark.parametrize("record", ["abc", {"sha256": "0" * 16}, {"sha256": "z" * 16, "dtype": "float32",
+                                                                   "layout": "0" * 16}])
+def test_a_damaged_base_weights_record_is_named(tmp_path, record):
+    from peft import PeftModel
+
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), base_weights=record)))
+    with pytest.raises(ValueError, match="`base_weights` must be None or.*damaged or edited"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+
+
+def test_an_adapter_saved_before_the_record_loads_and_gains_it(tmp_path):
+    from peft import PeftModel
+
+    from hf_moe_cl.tuners.moe_lora.base_weights import base_weights_record
+
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "base_weights"}))
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    assert loaded.peft_config["default"].base_weights == base_weights_record(tiny_clip())
 
 
 def test_resume_into_a_missing_or_empty_folder_is_refused(tmp_path, clip_processor):

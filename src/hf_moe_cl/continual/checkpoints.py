@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import torch
-
 from ..files import atomic_folder, is_temporary, read_json_file, temporary_sibling, write_json_atomic
 
 logger = logging.getLogger("hf_moe_cl")
@@ -252,23 +250,3 @@ def run_lock(output_dir: str | Path) -> Iterator[Path]:
                 path.unlink()
         except (OSError, ValueError):
             pass
-
-
-def base_weights_fingerprint(model) -> str:
-    """A hash of the model's pretrained weights (names, dtypes, shapes, bytes), without a peft adapter's own
-    tensors: two bases of the same shape but other weights differ here."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    adapter_parts = {name: set(module.adapter_layer_names) | set(module.other_param_names)
-                     for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
-    digest = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        parts = name.split(".")
-        if any(parts[i] in adapter_parts.get(".".join(parts[:i]), ()) for i in range(len(parts))):
-            continue
-        if parameter.device.type == "meta":
-            continue
-        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        digest.update(f"{key}:{parameter.dtype}:{tuple(parameter.shape)};".encode())
-        digest.update(parameter.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]

@@ -20,8 +20,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
 from ..files import atomic_files, read_json_file, write_json_atomic
+from ..tuners.moe_lora.base_weights import base_weights_fingerprint
 from .checkpoints import (
-    base_weights_fingerprint,
     check_same_run,
     finished_folders,
     jsonable,

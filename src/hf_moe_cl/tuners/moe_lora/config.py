@@ -103,6 +103,15 @@ class MoELoraConfig(PeftConfig):
             "no selector. Its weights are saved in adapter_model.safetensors with the experts."
         },
     )
+    base_weights: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "The pretrained weights the adapter belongs to: hashes of their values and of their names and "
+            "shapes, and their dtype (see `base_weights_record`). Filled when the adapter is created and compared "
+            "when it is loaded, so a base of the same shape with other weights is refused; set it to None in a "
+            "loaded config to load on another base on purpose."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -154,6 +163,8 @@ class MoELoraConfig(PeftConfig):
             self._check_task_info()
         if self.selector is not None:
             self.selector = SelectorConfig.from_dict(dict(self.selector)).to_dict()
+        if self.base_weights is not None:
+            self._check_base_weights()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -175,6 +186,18 @@ class MoELoraConfig(PeftConfig):
                              f"{{'name': str, 'classnames': [str], 'templates': [str]}}; got {str(info)[:120]}. In a "
                              "saved adapter_config.json this means the file was damaged or edited: save the adapter "
                              "again.")
+
+    def _check_base_weights(self) -> None:
+        record = self.base_weights
+        valid = (isinstance(record, dict) and set(record) == {"sha256", "dtype", "layout"}
+                 and isinstance(record["dtype"], str) and all(
+                     isinstance(record[key], str) and len(record[key]) == 16
+                     and all(c in "0123456789abcdef" for c in record[key]) for key in ("sha256", "layout")))
+        if not valid:
+            raise ValueError(f"`base_weights` must be None or {{'sha256': 16 hex digits, 'dtype': str, 'layout': 16 "
+                             f"hex digits}}; got "
+                             f"{str(record)[:120]}. In a saved adapter_config.json this means the file was damaged "
+                             "or edited: save the adapter again.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -18,6 +18,7 @@ from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
 from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
 from ...classification import image_embeddings
+from .base_weights import base_weights_record
 from .features import prefix_features, vision_prefix
 from .selector import DistributionSelector, SelectorConfig, legacy_selector_prefixes, stack_legacy_autoencoders
 
@@ -104,8 +105,6 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         super()._replace_module(parent, child_name, new_module, child)
 
     def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
-        # One router: route through it, like any adapter. Several: no task is a safe guess, so calls go to the
-        # untouched model until set_task() / task_ids / a selector picks one.
         # One router: route through it, like any adapter. Several: until set_task() / task_ids / routing() pick a
         # route, images go through the DDAS selector when the adapter has a trained one; otherwise training is
         # refused and inference warns once that it runs as the untouched model (see `_unrouted`).
@@ -307,11 +306,41 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
 
     # ----- DDAS selector (part of the adapter) ---------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """peft's injection (at creation, `add_adapter`, `load_adapter`), plus the adapter's DDAS selector."""
+        """peft's injection (at creation, `add_adapter`, `load_adapter`), plus the adapter's DDAS selector. An
+        adapter created on other pretrained weights than `model`'s is refused before anything is injected."""
+        self._check_base_weights(model, self.peft_config[adapter_name], adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         if config.selector is not None:
             self._build_selector(adapter_name, SelectorConfig.from_dict(config.selector), config.num_tasks)
+
+    @staticmethod
+    def _check_base_weights(model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
+        """Record the base's weights in a new adapter's config; compare them with a loaded adapter's record."""
+        current = base_weights_record(model)
+        if config.base_weights is None or current is None:
+            config.base_weights = config.base_weights or current
+            return
+        if config.base_weights == current:
+            return
+        recorded = config.base_weights
+        if recorded["layout"] != current["layout"]:
+            return  # another architecture: loading the weights names the tensors that do not fit
+        if recorded["dtype"] != current["dtype"]:
+            logger.warning("Adapter %r was created on %s base weights and is loaded on %s ones: whether they are the "
+                           "same pretrained weights cannot be checked (load the base in %s to check it).",
+                           adapter_name, recorded["dtype"], current["dtype"], recorded["dtype"])
+            return
+        base = config.base_model_name_or_path
+        raise ValueError(
+            f"Adapter {adapter_name!r} was created on other pretrained weights than this model's (weights hash "
+            f"{recorded['sha256']}, this model's {current['sha256']}): a base of the same shape with other weights "
+            "gives wrong answers. Load the base model it was trained on"
+            + (f" ({base!r}, at the revision it was trained with)" if base else "")
+            + "; to load it on this one on purpose, set `base_weights=None` in its config "
+            "(config = PeftConfig.from_pretrained(path); config.base_weights = None; "
+            "PeftModel.from_pretrained(model, path, config=config))."
+        )
 
     def _build_selector(self, adapter: str, settings: SelectorConfig, num_tasks: int) -> DistributionSelector:
         selector = DistributionSelector(settings, num_tasks)
