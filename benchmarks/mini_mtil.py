@@ -6,7 +6,10 @@
 Prints Transfer / Average / Last (ZSCL definitions) and backward transfer per method and the zero-shot accuracy
 per task, and writes each method's report (`write_result_report`: per matrix kind the matrix, metrics, forgetting
 and heatmap, the route selection of task-agnostic kinds) under output_dir/<method>/ plus results.md. Every option
-of `ConDUArguments` is a flag (defaults: the official code's); ConDU's storage is reported beside its metrics.
+of `ConDUArguments` and of `DDASArguments` is a flag (ConDU's defaults: the official code's; DDAS's: the library's, e.g.
+`--ddas_training official --ddas_feature_extractor alexnet --ddas_threshold 0.0655 --ddas_learning_rate 0.01
+--ddas_weight_decay 1e-4 --ddas_include_untrained true` for the official selector); ConDU's storage is reported
+beside its metrics.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def summary(header, names, rows, matrices, seconds, selections, leaks, condu=Non
 
 
 def main():
-    parser = HfArgumentParser([ConDUArguments], description=__doc__,
+    parser = HfArgumentParser([ConDUArguments, DDASArguments], description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets_dir", default=None)
     parser.add_argument("--output_dir", default="runs/mini_mtil")
@@ -104,14 +107,15 @@ def main():
     parser.add_argument("--task_agnostic", action="store_true",
                         help="MoE-Adapters also trains DDAS (reference: reference/tinyimagenet-ref) and reports the "
                         "task-agnostic matrix, DDAS's task confusion and the unseen-task share sent to zero-shot")
-    parser.add_argument("--ddas_feature_layer", type=int, default=None)
-    parser.add_argument("--ddas_task_steps", type=int, default=300, help="paper: 300")
     parser.add_argument("--num_experts", type=int, default=22, help="MoE-Adapters (Park 2024's merging: 55)")
     parser.add_argument("--freeze_policy", default="top_k", help="MoE-Adapters: 'top_k' (paper) or 'coverage'")
     parser.add_argument("--freeze_coverage", type=float, default=1.0)
     parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer trains and evaluates")
-    condu_args, args = parser.parse_args_into_dataclasses()
+    condu_args, ddas_args, args = parser.parse_args_into_dataclasses()
+    if ddas_args.ddas and not args.task_agnostic:
+        parser.error("--ddas true is set by --task_agnostic (which also reports the task-agnostic matrices): use that")
+    ddas = dataclasses.replace(ddas_args, ddas=args.task_agnostic)
 
     root = assets_dir(args.assets_dir)
     base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
@@ -130,8 +134,6 @@ def main():
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
             logging_strategy="no", save_task_checkpoints=False, seed=0,
         )
-        ddas = DDASArguments(ddas=args.task_agnostic, ddas_feature_layer=args.ddas_feature_layer,
-                             ddas_task_steps=args.ddas_task_steps)
         moe = MoEAdaptersArguments(num_experts=args.num_experts, freeze_policy=args.freeze_policy,
                                    freeze_coverage=args.freeze_coverage, merge_experts_every=args.merge_experts_every)
         result = run_method(MethodArguments(method=method), base, processor, tasks, training,
@@ -156,6 +158,10 @@ def main():
     header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, "
               "learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
+    if args.task_agnostic:
+        changed = {f.name: getattr(ddas, f.name) for f in dataclasses.fields(DDASArguments)
+                   if f.name != "ddas" and getattr(ddas, f.name) != f.default}
+        header += "; DDAS: " + (", ".join(f"{k[len('ddas_'):]}={v}" for k, v in changed.items()) or "defaults")
     if "condu" in seconds:
         header += "; ConDU: " + ", ".join(f"{k[len('condu_'):]}={v}" for k, v in dataclasses.asdict(condu_args).items())
     report = summary(header, names, rows, matrices, seconds, selections, leaks, condu)
