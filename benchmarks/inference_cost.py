@@ -3,8 +3,9 @@
     python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 [--repeats 10] [--unseen 0.5]
     python benchmarks/inference_cost.py --model proxy-clip --batch_size 64
     python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 --device cuda
+    python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 --tasks 30   # a long sequence
 
-The batch mixes images of six tasks; a share `--unseen` of them comes from tasks the model never learned. DDAS is
+The batch mixes images of six datasets, spread over `--tasks` learned tasks (default six); a share `--unseen` of them comes from tasks the model never learned. DDAS is
 fitted so that it sends those to zero-shot CLIP and the others to their task's router. Plain CLIP encodes the
 batch and scores it against one task's class prompts; the task-agnostic side computes DDAS features, picks a route
 per image, finishes the untouched pass for zero-shot images and runs the routed pass for the others only, then
@@ -49,9 +50,10 @@ def batch_pixels(root, processor, model, batch_size):
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, device="cpu"):
-    """A six-task MoE model whose DDAS selector sends the `seen` images to their task and the others to zero-shot."""
-    model = get_peft_model(base, MoELoraConfig(num_tasks=TASKS)).eval()
+def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, device="cpu", tasks=TASKS):
+    """A `tasks`-task MoE model whose DDAS selector sends the `seen` images to their task (image i to task
+    i % tasks) and the others to zero-shot."""
+    model = get_peft_model(base, MoELoraConfig(num_tasks=tasks)).eval()
     if extractor == "alexnet":
         settings = SelectorConfig(feature_dim=ALEXNET_FEATURES, sigmoid_output=True, standardize=False,
                                   feature_extractor="alexnet")
@@ -62,14 +64,17 @@ def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, de
     model.to(device)
     method = MoEAdapters(model, ddas=DDASArguments(ddas_alexnet_weights=None))  # AlexNet's cost, random weights
     features = method.selector_features(pixels)[0]
-    # Fitted on the batch itself, so the decisions are as wanted whatever the (random) weights.
+    # Fitted on the batch itself, so the decisions are as wanted whatever the (random) weights. A task without an
+    # image in the batch is fitted on shifted features, far from every image, so that it is never picked.
     selector.fit_reference(features[~seen], steps=300, lr=1e-2)
-    for task in range(TASKS):
-        rows = torch.nonzero(seen & (torch.arange(len(seen), device=seen.device) % TASKS == task)).flatten()
-        selector.fit_task(task, features[rows], steps=300, lr=1e-2, threshold=float("inf"))
+    for task in range(tasks):
+        rows = torch.nonzero(seen & (torch.arange(len(seen), device=seen.device) % tasks == task)).flatten()
+        own = features[rows] if len(rows) else features[seen] + 5.0 * features.std()
+        selector.fit_task(task, own, steps=300, lr=1e-2, threshold=float("inf"))
     meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
-    for task, name in enumerate(MINI_TASKS):
-        model.base_model.set_task_info(task, name, meta["classnames"], meta["templates"])
+    for task in range(tasks):
+        model.base_model.set_task_info(task, f"{MINI_TASKS[task % TASKS]}-{task}", meta["classnames"],
+                                       meta["templates"])
     return TaskAgnosticClassifier(method, processor)
 
 
@@ -87,7 +92,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu (the target's setting) or cuda")
     parser.add_argument("--bf16", action="store_true", help="every pipeline under bf16 autocast (weights fp32)")
+    parser.add_argument("--tasks", type=int, default=TASKS, help="learned tasks: routers and DDAS autoencoders")
     args = parser.parse_args()
+    if args.tasks < 1:
+        parser.error(f"--tasks must be at least 1, got {args.tasks}")
     torch.manual_seed(0)
     root = assets_dir(args.assets_dir)
     processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
@@ -109,7 +117,7 @@ def main():
                                     ("DDAS (CLIP final embedding)", "clip", None),
                                     ("DDAS (AlexNet, official)", "alexnet", None)):
         classifier = task_agnostic(load_model(args.model, root), processor, root, pixels, seen, extractor, layer,
-                                   device)
+                                   device, args.tasks)
         routes = classifier.method.select_routes(classifier.core, pixels)[0].selected
         routed_share[label] = float((routes >= 0).float().mean())
         candidates[f"{label} + MoE"] = lambda c=classifier: c.classify(pixels, candidate_labels=labels)
@@ -130,7 +138,7 @@ def main():
             synchronize()
             times[name].append(time.perf_counter() - start)
     plain_ms = 1000 * statistics.median(times["plain CLIP"])
-    print(f"model={args.model} batch={args.batch_size} unseen={args.unseen:.0%} "
+    print(f"model={args.model} tasks={args.tasks} batch={args.batch_size} unseen={args.unseen:.0%} "
           f"precision={'bf16 autocast' if args.bf16 else 'fp32'} (median of {args.repeats} interleaved repeats, "
           f"{device.type})")
     print(f"{'pipeline':42s} {'ms':>8s} {'/ plain':>8s} {'routed':>7s}")

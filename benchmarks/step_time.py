@@ -3,10 +3,11 @@ fine-tuning, each eager and (with --compile) under torch.compile.
 
 Everything is measured in one run on the same batch, so the printed ratios compare like with like:
     python benchmarks/step_time.py [--assets_dir ../shared/assets] [--batch_size 64] [--steps 20] [--device cpu]
-                                   [--bf16] [--compile]
+                                   [--bf16] [--compile] [--tasks 30]
 --model vit-b16-random times a randomly initialised CLIP of the paper's size (use a small --batch_size on CPU).
 "ops" counts the top-level aten ops one train step dispatches (forward, backward and AdamW; torch.profiler on the
-CPU side), the launch overhead a GPU pays per step in eager mode.
+CPU side), the launch overhead a GPU pays per step in eager mode. --tasks N also times the step of the last of N
+tasks, after the earlier ones froze experts (top_k, or coverage 1.0 with a growing bank), against the first task's.
 On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
 included, the other models' not); on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
 """
@@ -17,6 +18,7 @@ import argparse
 import copy
 import statistics
 import time
+from typing import Optional
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -125,6 +127,37 @@ def measure_all(models, batch, steps, device):
     }
 
 
+def after_earlier_tasks(model, tasks: int, policy: str, growth: Optional[float] = None, seed: int = 0):
+    """`model` (num_tasks=tasks) as its last task starts training: each earlier task selected `top_k + 2` random
+    trainable experts per layer and froze them as `policy` says ('top_k': its two most-selected, the paper;
+    'coverage': all it used), the bank growing below the trainable share `growth`."""
+    moe = model.base_model
+    generator = torch.Generator().manual_seed(seed)
+    k = moe.moe_config.top_k
+    for task in range(tasks - 1):
+        if growth is not None:
+            moe.grow_experts(task, growth)
+        frozen = moe.frozen_experts()
+        histogram = {}
+        for name, layer in moe.moe_layers().items():
+            count = layer.expert_count(moe._adapter())
+            trainable = torch.tensor([e for e in range(count) if e not in frozen.get(name, {})], dtype=torch.long)
+            if not len(trainable):  # a fixed bank used up: the task selects frozen experts, freezes nothing new
+                trainable = torch.arange(count)
+            used = trainable[torch.randperm(len(trainable), generator=generator)[:k + 2]]
+            histogram[name] = torch.zeros(count, dtype=torch.long).index_put_(
+                (used,), torch.randint(1, 100, (len(used),), generator=generator))
+        if policy == "coverage":
+            moe.freeze_covering(task, histogram, 1.0)
+        else:
+            moe.set_selection_counts(task, histogram)
+            moe.freeze_most_selected(task)
+    if growth is not None:
+        moe.grow_experts(tasks - 1, growth)
+    moe.set_task(tasks - 1)
+    return model
+
+
 def paper_parameter_count():
     """Trainable MoE parameters of the paper's setting (ViT-B/16 CLIP, 11 tasks) on a locally built config."""
     with torch.device("meta"):
@@ -142,6 +175,9 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the weights stay fp32, as Trainer's)")
     parser.add_argument("--compile", action="store_true",
                         help="also time every variant's train step under torch.compile (forward and backward)")
+    parser.add_argument("--tasks", type=int, default=0,
+                        help="also time the step of the last of this many tasks (experts frozen by the earlier ones, "
+                        "top_k or coverage with growth) against the first task's")
     parser.add_argument(
         "--model",
         choices=MODELS,
@@ -170,6 +206,17 @@ def main():
             copy.deepcopy(base), MoELoraConfig(r=args.rank, num_experts=2)
         ),
     }
+    if args.tasks:
+        def sequence(policy=None, growth=None):
+            model = get_peft_model(copy.deepcopy(base), MoELoraConfig(r=args.rank, num_tasks=args.tasks))
+            if policy is None:
+                model.base_model.set_task(0)
+                return model
+            return after_earlier_tasks(model, args.tasks, policy, growth)
+
+        candidates[f"MoE-Adapters, task 1 of {args.tasks}"] = sequence
+        candidates[f"MoE-Adapters, task {args.tasks}, top_k frozen"] = lambda: sequence("top_k")
+        candidates[f"MoE-Adapters, task {args.tasks}, coverage + growth"] = lambda: sequence("coverage", 0.3)
     models = {name: build() for name, build in candidates.items()}
     if args.compile:
         for name, build in candidates.items():
@@ -199,6 +246,13 @@ def main():
               f"{ratio(moe22 + ' compiled', lora + ' compiled', 'step_s'):.2f}  (both compiled)")
         print(f"step time  compiled MoE-Adapters(22) / full FT    : "
               f"{ratio(moe22 + ' compiled', full + ' compiled', 'step_s'):.2f}  (both compiled)")
+    if args.tasks:
+        first = f"MoE-Adapters, task 1 of {args.tasks}"
+        for last in (f"MoE-Adapters, task {args.tasks}, top_k frozen", f"MoE-Adapters, task {args.tasks}, "
+                     "coverage + growth"):
+            experts = sum(layer.expert_count("default") for layer in models[last].base_model.moe_layers().values())
+            print(f"step time  {last.removeprefix('MoE-Adapters, ')} / task 1: {ratio(last, first, 'step_s'):.2f}  "
+                  f"(target <= 1.1; {experts:,} experts in all)")
     print(f"memory     MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'memory'):.2f}")
     print(f"memory     MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'memory'):.2f}")
     print(f"paper setting (ViT-B/16 config, 11 tasks): {paper_parameter_count():,d} trainable MoE parameters "
