@@ -215,24 +215,42 @@ def markdown(table: dict[str, dict[int, dict]], header: str) -> str:
 
 
 def plot(table: dict[str, dict[int, dict]], output: Path) -> list[str]:
-    written = []
+    """One PNG per quantity against the number of tasks, and all of them on one page (scaling.png)."""
+    panels = []
     for key, label, _ in COLUMNS:
         series = {v: [(n, r[key]) for n, r in rows.items() if r.get(key) is not None] for v, rows in table.items()}
         series = {v: points for v, points in series.items() if points}
-        if not series:
-            continue
-        figure, axis = plt.subplots(figsize=(5, 3.5))
+        if series:
+            panels.append((key, label, series))
+
+    def draw(axis, label, series):
         for variant, points in series.items():
             axis.plot([n for n, _ in points], [value for _, value in points], marker="o", label=variant)
         axis.set_xlabel("tasks learned")
         axis.set_ylabel(label)
-        axis.set_title(f"mini-long: {label}")
-        axis.legend(fontsize=7)
+        axis.set_title(f"mini-long: {label}", fontsize=9)
+        axis.legend(fontsize=6)
+
+    written = []
+    for key, label, series in panels:
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        draw(axis, label, series)
         figure.tight_layout()
-        path = output / f"{key}.png"
-        figure.savefig(path, dpi=120)
+        figure.savefig(output / f"{key}.png", dpi=120)
         plt.close(figure)
-        written.append(path.name)
+        written.append(f"{key}.png")
+    if panels:
+        columns = 3
+        rows = -(-len(panels) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+        for axis, (_, label, series) in zip(axes.flat, panels):
+            draw(axis, label, series)
+        for axis in list(axes.flat)[len(panels):]:
+            axis.set_visible(False)
+        figure.tight_layout()
+        figure.savefig(output / "scaling.png", dpi=80)
+        plt.close(figure)
+        written.append("scaling.png")
     return written
 
 
