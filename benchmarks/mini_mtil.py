@@ -111,6 +111,7 @@ def main():
     parser.add_argument("--freeze_policy", default="top_k", help="MoE-Adapters: 'top_k' (paper) or 'coverage'")
     parser.add_argument("--freeze_coverage", type=float, default=1.0)
     parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (data order, noise, initialisation)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer trains and evaluates")
     condu_args, ddas_args, args = parser.parse_args_into_dataclasses()
     if ddas_args.ddas and not args.task_agnostic:
@@ -132,7 +133,7 @@ def main():
             output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
             warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=args.device == "cpu",
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
-            logging_strategy="no", save_task_checkpoints=False, seed=0,
+            logging_strategy="no", save_task_checkpoints=False, seed=args.seed,
         )
         moe = MoEAdaptersArguments(num_experts=args.num_experts, freeze_policy=args.freeze_policy,
                                    freeze_coverage=args.freeze_coverage, merge_experts_every=args.merge_experts_every)
@@ -155,7 +156,7 @@ def main():
                "routing_report": {m: leak for m, (leak, _) in leaks.items()},
                "trainable_experts": {m: trainable for m, (_, trainable) in leaks.items()}, "condu": condu}
     write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
-    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, "
+    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, seed {args.seed}, "
               "learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
     if args.task_agnostic:
