@@ -431,11 +431,11 @@ def test_a_nan_base_weight_is_named_before_training(tmp_path, clip_processor):
 
 # ----- options -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("option, value, message", [
-    ("ddas_quantile", 2.0, r"`ddas_quantile` must be a number in \(0, 1\], got 2.0"),
-    ("ddas_quantile", 0.0, "`ddas_quantile` must be a number in"),
-    ("ddas_quantile", math.nan, "`ddas_quantile` must be a number in"),
-    ("ddas_learning_rate", -1e-3, "`ddas_learning_rate` must be a finite positive number"),
-    ("ddas_learning_rate", math.inf, "`ddas_learning_rate` must be a finite positive number"),
+    ("ddas_quantile", 2.0, r"`ddas_quantile` must be a finite number in \(0, 1\], got 2.0"),
+    ("ddas_quantile", 0.0, "`ddas_quantile` must be a finite number in"),
+    ("ddas_quantile", math.nan, "`ddas_quantile` must be a finite number in"),
+    ("ddas_learning_rate", -1e-3, "`ddas_learning_rate` must be a finite number > 0"),
+    ("ddas_learning_rate", math.inf, "`ddas_learning_rate` must be a finite number > 0"),
     ("ddas_threshold", math.nan, "`ddas_threshold` must be None or a finite number >= 0, got nan"),
     ("ddas_threshold", -0.1, "`ddas_threshold` must be None or a finite number >= 0"),
     ("ddas_threshold", "0.06", "`ddas_threshold` must be None or a finite number"),
