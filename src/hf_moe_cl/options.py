@@ -13,6 +13,10 @@ from typing import Any, Optional, Sequence
 KIND_NAMES = {bool: "a boolean (True or False)", int: "an integer", float: "a finite number", str: "a string"}
 
 
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _is_kind(value: Any, kind: type) -> bool:
     if kind is bool:
         return isinstance(value, bool)
@@ -44,11 +48,11 @@ def check_option(name: str, value: Any, kind: type, low: Optional[float] = None,
     else:
         wanted = KIND_NAMES[kind]
         if low is not None and high is not None:
-            wanted += f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            wanted += f" in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}"
         elif low is not None:
-            wanted += f" {'>' if low_open else '>='} {low:g}"
+            wanted += f" {'>' if low_open else '>='} {_number(low)}"
         elif high is not None:
-            wanted += f" {'<' if high_open else '<='} {high:g}"
+            wanted += f" {'<' if high_open else '<='} {_number(high)}"
     raise ValueError(f"`{name}` must be {'None or ' if optional else ''}{wanted}, got {value!r}.")
 
 

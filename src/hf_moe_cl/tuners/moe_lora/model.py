@@ -290,7 +290,7 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
 
     def set_task(self, task: Optional[int]) -> None:
         """Route every later call through `task`'s router; None or -1 gives the unadapted base model."""
-        self._default_route = self._make_route(task)
+        self._default_route = self._make_route(None if task is None else self._as_task_id(task))
         self._task_chosen = True
 
     @property
