@@ -698,7 +698,7 @@ def option_classes():
     ("condu", "condu_top_k", 1.5, "`condu_top_k` must be an integer"),
     ("lora", "lora_targets", " , ", "lora_targets names no module"),
     ("method", "rank", 0, "`rank` must be an integer >= 1, got 0"),
-    ("method", "method", ["lora"], "`method` must be one of"),
+    ("method", "method", ["lora"], r"`method` must be a string, got \['lora'\]"),
     ("method", "use_task_learning_rates", "false", "`use_task_learning_rates` must be a boolean"),
     ("config", "expert_bias", "false", "`expert_bias` must be a boolean"),
     ("config", "init_weights", 1, "`init_weights` must be a boolean"),

@@ -30,7 +30,8 @@ class MethodArguments:
     )
 
     def __post_init__(self):
-        check_option("method", self.method, str, choices=tuple(METHODS))
+        check_option("method", self.method, str)
+        get_method(self.method)
         check_option("rank", self.rank, int, low=1)
         check_option("use_task_learning_rates", self.use_task_learning_rates, bool)
 
