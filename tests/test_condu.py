@@ -139,9 +139,9 @@ def test_trigger_files_round_trip_and_bad_files_fail_clearly(tmp_path):
 
 
 def test_unknown_options_are_refused():
-    with pytest.raises(ValueError, match="condu_rescaler must be one of"):
+    with pytest.raises(ValueError, match="`condu_rescaler` must be one of"):
         ConDUArguments(condu_rescaler="median")
-    with pytest.raises(ValueError, match="condu_fusion must be one of"):
+    with pytest.raises(ValueError, match="`condu_fusion` must be one of"):
         ConDUArguments(condu_fusion="votes")
     with pytest.raises(ValueError, match="names no layer"):
         ConDUArguments(condu_lora_targets=" , ")

@@ -109,7 +109,7 @@ def test_set_autoencoder_refuses_bad_input():
     (dict(ddas_training="official", ddas_threshold=0.06), "alexnet"),
     (dict(ddas_include_untrained=True), "fixed ddas_threshold"),
     (dict(ddas_augment_once=True), "ddas_training='official'"),
-    (dict(ddas_training="averaged"), "'sampled' or 'official'"),
+    (dict(ddas_training="averaged"), r"`ddas_training` must be one of \('sampled', 'official'\), got 'averaged'"),
     (dict(ddas_batch_size=0), "ddas_batch_size"),
     (dict(ddas_reference_shots=0), "ddas_reference_shots"),
 ])

@@ -276,7 +276,7 @@ def test_load_balancing_loss_is_collected_when_enabled(clip_inputs):
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="top_k.*cannot exceed"):
         MoELoraConfig(num_experts=2, top_k=3)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="`r` must be an integer >= 1, got 0"):
         MoELoraConfig(r=0)
     with pytest.raises(ValueError, match="expert_activation"):
         MoELoraConfig(expert_activation="nope")

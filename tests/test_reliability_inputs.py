@@ -431,11 +431,11 @@ def test_a_nan_base_weight_is_named_before_training(tmp_path, clip_processor):
 
 # ----- options -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("option, value, message", [
-    ("ddas_quantile", 2.0, r"`ddas_quantile` must be a number in \(0, 1\], got 2.0"),
-    ("ddas_quantile", 0.0, "`ddas_quantile` must be a number in"),
-    ("ddas_quantile", math.nan, "`ddas_quantile` must be a number in"),
-    ("ddas_learning_rate", -1e-3, "`ddas_learning_rate` must be a finite positive number"),
-    ("ddas_learning_rate", math.inf, "`ddas_learning_rate` must be a finite positive number"),
+    ("ddas_quantile", 2.0, r"`ddas_quantile` must be a finite number in \(0, 1\], got 2.0"),
+    ("ddas_quantile", 0.0, "`ddas_quantile` must be a finite number in"),
+    ("ddas_quantile", math.nan, "`ddas_quantile` must be a finite number in"),
+    ("ddas_learning_rate", -1e-3, "`ddas_learning_rate` must be a finite number > 0"),
+    ("ddas_learning_rate", math.inf, "`ddas_learning_rate` must be a finite number > 0"),
     ("ddas_threshold", math.nan, "`ddas_threshold` must be None or a finite number >= 0, got nan"),
     ("ddas_threshold", -0.1, "`ddas_threshold` must be None or a finite number >= 0"),
     ("ddas_threshold", "0.06", "`ddas_threshold` must be None or a finite number"),
@@ -667,3 +667,227 @@ def test_a_missing_path_or_damaged_adapter_config_is_named_before_any_hub_call(t
     (damaged / "adapter_config.json").write_text('{"peft_type": "MOE_LO')
     with pytest.raises(ValueError, match="adapter_config.json"):
         TaskAgnosticClassifier.from_pretrained(str(damaged))
+
+
+# ----- probes beyond the listed cases: every option, every value read back, the public calls ---------------------------
+def option_classes():
+    from hf_moe_cl import MoELoraConfig, SelectorConfig
+    from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments
+    from hf_moe_cl.experiments.experiment import MethodArguments
+
+    return {"moe": MoEAdaptersArguments, "ddas": DDASArguments, "condu": ConDUArguments, "lora": LoRAArguments,
+            "method": MethodArguments, "config": MoELoraConfig,
+            "selector": lambda **kw: SelectorConfig(feature_dim=8, **kw),
+            "training": lambda **kw: continual_args("/tmp/unused", **kw)}
+
+
+@pytest.mark.parametrize("kind, option, value, message", [
+    ("moe", "top_k", 30, r"`top_k` must be an integer in \[1, 22\], got 30"),
+    ("moe", "num_experts", 0, "`num_experts` must be an integer >= 1, got 0"),
+    ("moe", "freeze_experts_per_task", -1, "`freeze_experts_per_task` must be None or an integer in"),
+    ("moe", "freeze_images", 0, "`freeze_images` must be None or an integer >= 1"),
+    ("moe", "routing_report_images", 2.5, "`routing_report_images` must be an integer"),
+    ("moe", "merge_experts_every", math.nan, "`merge_experts_every` must be an integer"),
+    ("moe", "noisy_gating", "false", r"`noisy_gating` must be a boolean \(True or False\), got 'false'"),
+    ("moe", "shared_router", 1, "`shared_router` must be a boolean"),
+    ("ddas", "ddas", "yes", "`ddas` must be a boolean"),
+    ("ddas", "ddas_feature_layer", 0, "`ddas_feature_layer` must be None or an integer >= 1"),
+    ("ddas", "ddas_alexnet_weights", 5, "`ddas_alexnet_weights` must be None or a string"),
+    ("ddas", "ddas_batch_size", 0, "`ddas_batch_size` must be an integer >= 1"),
+    ("condu", "condu_lora_init_std", math.nan, "`condu_lora_init_std` must be a finite number > 0"),
+    ("condu", "condu_top_k", 1.5, "`condu_top_k` must be an integer"),
+    ("lora", "lora_targets", " , ", "lora_targets names no module"),
+    ("method", "rank", 0, "`rank` must be an integer >= 1, got 0"),
+    ("method", "method", ["lora"], r"`method` must be a string, got \['lora'\]"),
+    ("method", "use_task_learning_rates", "false", "`use_task_learning_rates` must be a boolean"),
+    ("config", "expert_bias", "false", "`expert_bias` must be a boolean"),
+    ("config", "init_weights", 1, "`init_weights` must be a boolean"),
+    ("config", "expert_growth_threshold", True, "`expert_growth_threshold` must be None or a finite number"),
+    ("config", "target_modules", 5, "`target_modules` must be None, a string or a list of strings"),
+    ("config", "experts_per_module", [1], "`experts_per_module` must be a dict"),
+    ("selector", "standardize", "no", "`selector.standardize` must be a boolean"),
+    ("training", "per_device_train_batch_size", 0, "`per_device_train_batch_size` must be an integer >= 1"),
+    ("training", "gradient_accumulation_steps", 0, "`gradient_accumulation_steps` must be an integer >= 1"),
+    ("training", "label_smoothing_factor", 1.5, r"`label_smoothing_factor` must be a finite number in \[0, 1\)"),
+    ("training", "weight_decay", math.nan, "`weight_decay` must be a finite number >= 0"),
+    ("training", "max_grad_norm", -1.0, "`max_grad_norm` must be None or a finite number >= 0"),
+    ("training", "adam_beta2", 1.0, r"`adam_beta2` must be a finite number in \[0, 1\)"),
+    ("training", "seed", -1, r"`seed` must be an integer in \[0, 4294967295\]"),
+    ("training", "save_total_limit", 0, "`save_total_limit` must be None or an integer >= 1"),
+    ("training", "task_learning_rates", 1e-3, "`task_learning_rates` must be None or a list"),
+    ("training", "train_template", -1, "`train_template` must be an integer >= 0"),
+    ("training", "max_steps", 1.5, "`max_steps` must be an integer"),
+    ("training", "num_train_epochs", math.nan, "`num_train_epochs` must be a finite number >= 0"),
+    ("training", "check_images", "no", "`check_images` must be a boolean"),
+])
+def test_every_option_refuses_a_wrong_type_or_range_when_made(kind, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        option_classes()[kind](**{option: value})
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter") / "good"
+    moe_model(init_weights=False).save_pretrained(folder)
+    return folder
+
+
+def damaged_copy(saved_adapter, tmp_path, tensor=None, change=None, config=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(saved_adapter, folder)
+    if tensor is not None:
+        weights = load_file(folder / "adapter_model.safetensors")
+        key = next(k for k in sorted(weights) if k.endswith("." + tensor))
+        weights[key] = change(weights[key].clone())
+        save_file(weights, folder / "adapter_model.safetensors")
+    if config is not None:
+        values = json.loads((folder / "adapter_config.json").read_text())
+        values.update(config)
+        (folder / "adapter_config.json").write_text(json.dumps(values))
+    return folder
+
+
+def set_first(value):
+    def change(tensor):
+        tensor.view(-1)[0] = value
+        return tensor
+    return change
+
+
+@pytest.mark.parametrize("tensor, change, message", [
+    ("moe_lora_A", set_first(math.nan), "moe_lora_A.default' holds 1 NaN or infinite value"),
+    ("moe_lora_B", lambda t: t.fill_(math.inf), "moe_lora_B.default' holds 512 NaN or infinite value"),
+    ("moe_lora_router_gate", set_first(-math.inf), "moe_lora_router_gate.default' holds 1 NaN or infinite"),
+    ("moe_lora_bias_A", lambda t: t.long(), "moe_lora_bias_A.default' has dtype torch.int64; weights are floating"),
+    ("moe_lora_frozen_by", set_first(99), r"frozen_by.default' holds values from -1 to 99; it holds integers in "
+                                          r"\[-1, 1\] \(2 task routers\)"),
+    ("moe_lora_frozen_by", set_first(-5), r"frozen_by.default' holds values from -5 to -1"),
+    ("moe_lora_frozen_by", lambda t: t.float(), "frozen_by.default' has dtype torch.float32"),
+    ("moe_lora_counts", set_first(-3), "counts.default' holds values from -3 to 0; it holds integers >= 0"),
+    ("moe_lora_router_frozen", lambda t: t.long() + 7, "router_frozen.default' has dtype torch.int64; it holds "
+                                                       "booleans"),
+])
+def test_invalid_values_in_a_saved_adapters_tensors_are_named(saved_adapter, tmp_path, tensor, change, message):
+    from peft import PeftModel
+
+    folder = damaged_copy(saved_adapter, tmp_path, tensor, change)
+    with pytest.raises(ValueError, match=r"checkpoint \(adapter_model.safetensors\) holds invalid values: .*" + message):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_invalid_values_met_when_resuming_name_the_file(saved_adapter, tmp_path):
+    from hf_moe_cl.continual.methods import MoEAdapters
+
+    folder = damaged_copy(saved_adapter, tmp_path, "moe_lora_A", set_first(math.nan))
+    with pytest.raises(ValueError, match=f"{folder / 'adapter_model.safetensors'}: .* holds 1 NaN"):
+        MoEAdapters(moe_model()).load(folder)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"expert_bias": "false"}, "`expert_bias` must be a boolean"),
+    ({"noisy_gating": "false"}, "`noisy_gating` must be a boolean"),
+    ({"num_tasks": "2"}, "`num_tasks` must be an integer >= 1, got '2'"),
+    ({"experts_per_module": [1]}, "`experts_per_module` must be a dict"),
+    ({"target_modules": 5}, "`target_modules` must be None, a string or a list of strings"),
+    ({"selector": {"feature_dim": 8, "standardize": "false"}}, "`selector.standardize` must be a boolean"),
+])
+def test_wrongly_typed_values_in_a_saved_adapter_config_name_the_file(saved_adapter, tmp_path, config, message):
+    from peft import PeftModel
+
+    folder = damaged_copy(saved_adapter, tmp_path, config=config)
+    with pytest.raises(ValueError, match=f"{folder / 'adapter_config.json'} holds an invalid value: {message}"):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_experts_per_module_naming_no_adapted_module_is_refused(saved_adapter, tmp_path):
+    from peft import PeftModel
+
+    folder = damaged_copy(saved_adapter, tmp_path, config={"experts_per_module": {"vision_model.layers.0": 6}})
+    with pytest.raises(ValueError, match=r"`experts_per_module` of adapter 'default' names modules the adapter does "
+                                         r"not adapt in this model: \['vision_model.layers.0'\]"):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+@pytest.mark.parametrize("call", [
+    lambda model: model.set_task(torch.tensor([1])),
+    lambda model: model.set_task([1]),
+    lambda model: model.base_model.routing([0, 1, 1, 0]).__enter__(),
+])
+def test_several_task_ids_where_one_is_expected_are_refused(call):
+    model = moe_model()
+    model.set_task(1)
+    with pytest.raises(ValueError, match="A task id must be one integer, got .*per-sample task ids go to routing"):
+        call(model)
+    assert model.base_model.active_task == 1  # unchanged
+
+
+def test_a_train_template_beyond_a_tasks_templates_is_refused_not_clamped(tmp_path, clip_processor):
+    with pytest.raises(ValueError, match=r"train_template=2 but task 'first' has 2 prompt template\(s\)"):
+        run(tmp_path, clip_processor, train_template=2)
+    assert not any(tmp_path.glob("task-*"))
+
+
+@pytest.fixture(scope="module")
+def agnostic_classifier(module_processor):
+    from hf_moe_cl import SelectorConfig, TaskAgnosticClassifier
+
+    model = moe_model()
+    model.base_model.enable_selector(SelectorConfig(feature_dim=model.config.projection_dim)).trained[0] = True
+    return TaskAgnosticClassifier(model, module_processor)
+
+
+@pytest.mark.parametrize("labels, pixels, templates, message", [
+    ([], None, None, "The zero-shot label set has no class names: pass `candidate_labels`"),
+    (["cat", "cat"], None, None, r"duplicate class names \['cat'\]"),
+    ("cat", None, None, "`candidate_labels` must be a list of class names .* one class per character"),
+    (["cat", ""], None, None, "needs one non-empty class name"),
+    (["cat"], None, ["a {} {}"], "the prompt template 'a {} {}' has 2 fields"),
+    (["cat"], None, "a {}", "`templates` must be a non-empty list"),
+    (["cat"], torch.randn(3, 16, 16), None, r"`pixels` must be a floating-point tensor .* got \(3, 16, 16\)"),
+    (["cat"], torch.zeros(1, 3, 16, 16, dtype=torch.uint8), None, "`pixels` must be a floating-point tensor"),
+    (["cat"], torch.full((1, 3, 16, 16), math.nan), None, "`pixels` holds NaN or infinite values"),
+])
+def test_classify_checks_its_labels_and_pixels_first(agnostic_classifier, labels, pixels, templates, message):
+    pixels = torch.randn(2, 3, 16, 16) if pixels is None else pixels
+    extra = {} if templates is None else {"templates": templates}
+    with pytest.raises(ValueError, match=message):
+        agnostic_classifier.classify(pixels, candidate_labels=labels, **extra)
+
+
+def test_classify_of_an_empty_batch_is_an_empty_list(agnostic_classifier):
+    assert agnostic_classifier.classify(torch.zeros(0, 3, 16, 16), candidate_labels=["cat"]) == []
+    assert len(agnostic_classifier.classify(torch.randn(2, 3, 16, 16), candidate_labels=["cat", "dog"])) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "task.json is not valid JSON"),
+    ('["a", "b"]', "task.json should hold a JSON object"),
+    ('{"classnames": "abc"}', "`classnames` must be a list of class names"),
+    ('{"classnames": ["a", "a"]}', r"duplicate class names \['a'\]"),
+    ('{"classnames": ["a"], "templates": null}', "`templates` must be a non-empty list"),
+])
+def test_a_damaged_task_json_is_named(tmp_path, content, message):
+    (tmp_path / "task.json").write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        ContinualTask.from_disk(tmp_path)
+    assert str(tmp_path / "task.json") in str(error.value)
+
+
+@pytest.mark.parametrize("outer", ["task checkpoint", "run in progress", "finished run"])
+def test_an_output_dir_inside_another_run_is_refused(tmp_path, outer):
+    checkpoint = tmp_path / "outer" / "task-00-first"
+    checkpoint.mkdir(parents=True)
+    inner = checkpoint / "inner" if outer == "task checkpoint" else tmp_path / "outer" / "inner"
+    if outer == "run in progress":
+        (tmp_path / "outer" / LOCK_FILE).write_text("{}")
+    else:
+        (checkpoint / "continual_progress.json").write_text("{}")
+    what = "a task checkpoint of another run" if outer == "task checkpoint" else "the output_dir of another run"
+    with pytest.raises(ValueError, match=f"lies inside .*, {what}"):
+        with run_lock(inner):
+            pass
+    assert not inner.exists()

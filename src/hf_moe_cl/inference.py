@@ -11,6 +11,7 @@ from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Unt
 from .condu import holds_condu
 from .continual.data import to_rgb
 from .continual.methods import ConDU, ContinualMethod, method_for_model
+from .continual.tasks import check_label_space
 from .files import check_json_file
 
 
@@ -108,6 +109,18 @@ class TaskAgnosticClassifier:
     def classify(self, pixels: torch.Tensor, candidate_labels: Optional[Sequence[str]] = None,
                  templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
         """As `__call__`, for a batch of CLIP pixel values."""
+        if candidate_labels is not None:
+            check_label_space(candidate_labels, templates, "The zero-shot label set", "candidate_labels")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.dtype.is_floating_point:
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"`pixels` must be a floating-point tensor (batch, channels, height, width) of CLIP pixel "
+                             f"values (the image processor's pixel_values), got {shape}"
+                             + (f" {pixels.dtype}" if isinstance(pixels, torch.Tensor) else "") + ".")
+        if pixels.shape[0] == 0:
+            return []
+        if not bool(torch.isfinite(pixels).all()):
+            raise ValueError("`pixels` holds NaN or infinite values: every score would be NaN. Check the images and "
+                             "their preprocessing.")
         pixels = pixels.to(self.device)
         routes, untouched = self.method.select_routes(self.core, pixels)
         unknown = int((routes.selected == ZERO_SHOT).sum())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import TrainingArguments
+
+from ..options import check_flags, check_option
 
 
 @dataclass
@@ -80,21 +81,33 @@ class ContinualTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.eval_cache_gb, bool) or not isinstance(self.eval_cache_gb, (int, float)) or not (
-                math.isfinite(self.eval_cache_gb) and self.eval_cache_gb >= 0):
-            raise ValueError(f"eval_cache_gb must be a non-negative number of GiB, got {self.eval_cache_gb!r}.")
-        if isinstance(self.protocol_unit, bool) or not isinstance(self.protocol_unit, int) or self.protocol_unit < 1:
-            raise ValueError(f"protocol_unit must be a positive number of images, got {self.protocol_unit!r}.")
-        rates = [("learning_rate", self.learning_rate)] + [
-            (f"task_learning_rates[{i}]", rate) for i, rate in enumerate(self.task_learning_rates or [])]
-        for name, rate in rates:
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
-                raise ValueError(f"`{name}` must be a finite positive number, got {rate!r}.")
+        check_option("max_steps", self.max_steps, int)
         if self.max_steps < -1:
             raise ValueError(f"`max_steps` must be the steps per task, -1 (train `num_train_epochs` epochs per task) "
                              f"or 0 (evaluate only), got {self.max_steps}.")
+        check_option("num_train_epochs", self.num_train_epochs, float, low=0)
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise ValueError("With max_steps=-1 every task trains `num_train_epochs` epochs; set it above 0.")
-        if self.train_augmentation not in (None, "none", "random_resized_crop"):
-            raise ValueError(f"Unknown train_augmentation {self.train_augmentation!r}; use 'random_resized_crop' "
-                             "(official) or 'none'.")
+        if not isinstance(self.task_learning_rates, (type(None), list, tuple)):
+            raise ValueError(f"`task_learning_rates` must be None or a list of one learning rate per task, got "
+                             f"{self.task_learning_rates!r}.")
+        rates = [("learning_rate", self.learning_rate)] + [
+            (f"task_learning_rates[{i}]", rate) for i, rate in enumerate(self.task_learning_rates or [])]
+        for name, rate in rates:
+            check_option(name, rate, float, low=0, low_open=True)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "protocol_unit"):
+            check_option(name, getattr(self, name), int, low=1)
+        check_option("train_template", self.train_template, int, low=0)
+        check_option("dataloader_num_workers", self.dataloader_num_workers, int, low=0)
+        check_option("save_total_limit", self.save_total_limit, int, low=1, optional=True)
+        check_option("seed", self.seed, int, low=0, high=2**32 - 1)
+        for name in ("warmup_steps", "weight_decay", "adam_epsilon", "eval_cache_gb"):
+            check_option(name, getattr(self, name), float, low=0)
+        check_option("max_grad_norm", self.max_grad_norm, float, low=0, optional=True)
+        for name in ("label_smoothing_factor", "adam_beta1", "adam_beta2"):
+            check_option(name, getattr(self, name), float, low=0, high=1, high_open=True)
+        check_flags(self, ("evaluate_all_tasks", "save_task_checkpoints", "overwrite_output_dir", "check_images"))
+        check_option("task_agnostic_eval", self.task_agnostic_eval, bool, optional=True)
+        check_option("train_augmentation", self.train_augmentation, str, choices=("random_resized_crop", "none"),
+                     optional=True)

@@ -202,6 +202,22 @@ def _describe(holder: Any) -> str:
     return f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
 
 
+def check_not_inside_a_run(output_dir: str | Path) -> None:
+    """Refuse an output_dir inside a task checkpoint or inside another run's output_dir: that run replaces or
+    prunes its task folders whole, and would delete this run's files with them."""
+    root = Path(output_dir).resolve()
+    for folder in root.parents:
+        if (folder / PROGRESS_FILE).is_file():
+            what = "a task checkpoint of another run"
+        elif (folder / LOCK_FILE).is_file() or finished_folders(folder):
+            what = "the output_dir of another run"
+        else:
+            continue
+        raise ValueError(f"output_dir {output_dir} lies inside {folder}, {what}: that run replaces and prunes its "
+                         "task folders whole, which would delete this run's checkpoints. Choose an output_dir outside "
+                         "it.")
+
+
 @contextmanager
 def run_lock(output_dir: str | Path) -> Iterator[Path]:
     """Hold `output_dir/.run.lock` while the block runs: a second run on the same folder is refused with the
@@ -211,6 +227,7 @@ def run_lock(output_dir: str | Path) -> Iterator[Path]:
     if root.exists() and not root.is_dir():
         raise ValueError(f"output_dir {root} is a file, not a folder: give a folder path for the checkpoints (or "
                          "move the file away).")
+    check_not_inside_a_run(root)
     root.mkdir(parents=True, exist_ok=True)
     path, host = root / LOCK_FILE, socket.gethostname()
     mine = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}

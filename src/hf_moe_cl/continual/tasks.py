@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import string
@@ -17,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.labels import label_key
+from ..files import read_json_file
 from .data import to_rgb
 
 INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
@@ -76,6 +76,31 @@ def _template_problem(template) -> Optional[str]:
     return None
 
 
+def check_label_space(classnames, templates, owner: str, names_argument: str = "classnames") -> None:
+    """Refuse class names that are not a list of distinct non-empty strings, and templates that are not a non-empty
+    list of strings with exactly one '{}' each; `owner` starts every message (e.g. "Task 'cifar100'")."""
+    if isinstance(classnames, str) or not isinstance(classnames, (list, tuple)):
+        raise ValueError(f"{owner}: `{names_argument}` must be a list of class names (one per label), got "
+                         f"{type(classnames).__name__} {_short(classnames)}; a string would make one class per "
+                         "character.")
+    if not classnames:
+        raise ValueError(f"{owner} has no class names: pass `{names_argument}` (one per label).")
+    if not all(isinstance(name, str) and name.strip() for name in classnames):
+        raise ValueError(f"{owner} needs one non-empty class name (a string) per label, got {list(classnames)!r}.")
+    duplicates = sorted({name for name in classnames if classnames.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{owner} has duplicate class names {duplicates}: two labels with the same prompt cannot be "
+                         "told apart. Make every class name unique.")
+    if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
+        raise ValueError(f"{owner}: `templates` must be a non-empty list of prompt templates, got "
+                         f"{_short(templates)}.")
+    for template in templates:
+        problem = _template_problem(template)
+        if problem:
+            raise ValueError(f"{owner}: the prompt template {template!r} {problem}; a template must contain exactly "
+                             "one '{}' where the class name goes (write '{{' and '}}' for braces).")
+
+
 @dataclass
 class ContinualTask:
     """One task of a sequence. Datasets have an `image` column (PIL, any mode) and an integer `label` column.
@@ -116,27 +141,7 @@ class ContinualTask:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"A task needs a non-empty name (a string), got {self.name!r}: it names the task in the "
                              "matrices, the reports and its checkpoint folder.")
-        if isinstance(self.classnames, str) or not isinstance(self.classnames, (list, tuple)):
-            raise ValueError(f"Task {self.name!r}: `classnames` must be a list of class names (one per label), got "
-                             f"{type(self.classnames).__name__} {_short(self.classnames)}; a string would make one "
-                             "class per character.")
-        if not self.classnames:
-            raise ValueError(f"Task {self.name!r} has no class names: pass `classnames` (one per label).")
-        if not all(isinstance(name, str) and name.strip() for name in self.classnames):
-            raise ValueError(f"Task {self.name!r} needs one non-empty class name (a string) per label, got "
-                             f"{self.classnames!r}.")
-        duplicates = sorted({name for name in self.classnames if self.classnames.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"Task {self.name!r} has duplicate class names {duplicates}: two labels with the same "
-                             "prompt cannot be told apart. Make every class name unique.")
-        if isinstance(self.templates, str) or not isinstance(self.templates, (list, tuple)) or not self.templates:
-            raise ValueError(f"Task {self.name!r}: `templates` must be a non-empty list of prompt templates, got "
-                             f"{_short(self.templates)}.")
-        for template in self.templates:
-            problem = _template_problem(template)
-            if problem:
-                raise ValueError(f"Task {self.name!r}: the prompt template {template!r} {problem}; a template must "
-                                 "contain exactly one '{}' where the class name goes (write '{{' and '}}' for braces).")
+        check_label_space(self.classnames, self.templates, f"Task {self.name!r}")
         self._check_train_classes()
         rates = ([("learning_rate", self.learning_rate)] if self.learning_rate is not None else []) + [
             (f"official_learning_rates[{key!r}]", rate) for key, rate in self.official_learning_rates.items()]
@@ -218,13 +223,18 @@ class ContinualTask:
         meta_file = path / "task.json"
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} is missing: a task folder needs task.json with its class names.")
-        meta = json.loads(meta_file.read_text())
+        meta = read_json_file(meta_file)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_file} should hold a JSON object with the task's name, classnames and templates.")
+        name = meta.get("name", path.name)
+        check_label_space(meta.get("classnames"), meta.get("templates", ["a photo of a {}."]),
+                          f"{meta_file} (task {name!r})")
         splits = load_from_disk(str(path))
         return cls(
-            name=meta.get("name", path.name),
+            name=name,
             train_dataset=splits[train_split] if train_split in splits else None,
             eval_dataset=splits[eval_split],
-            classnames=list(meta.get("classnames") or []),
-            templates=list(meta.get("templates") or ["a photo of a {}."]),
+            classnames=list(meta["classnames"]),
+            templates=list(meta.get("templates", ["a photo of a {}."])),
             learning_rate=learning_rate,
         )

@@ -287,6 +287,10 @@ class ContinualTrainer(Trainer):
         for task in tasks:
             task.validate(needs_training=train, check_images=self.args.check_images,
                           progress=self.is_world_process_zero() and not self.args.disable_tqdm)
+            if train and self.args.train_template >= len(task.templates):
+                raise ValueError(f"train_template={self.args.train_template} but task {task.name!r} has "
+                                 f"{len(task.templates)} prompt template(s): give every task that many templates or "
+                                 "choose a lower train_template.")
             self._check_prompts_differ(task)
         for name, parameter in self.method.model.named_parameters():
             if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
@@ -432,7 +436,7 @@ class ContinualTrainer(Trainer):
         model = self.method.training_model()
         if model is not self.model:
             self.model = self.model_wrapped = model.to(self.args.device)
-        template = task.templates[min(self.args.train_template, len(task.templates) - 1)]
+        template = task.templates[self.args.train_template]
         self._prompt_tokens = tokenize_prompts(self.processing_class.tokenizer, task.prompts(template))
         self._label_map = torch.full((len(task.classnames),), -100, dtype=torch.long)
         self._label_map[task.trained_classes] = torch.arange(len(task.trained_classes))

@@ -14,6 +14,7 @@ from transformers import set_seed
 
 from ..continual import ContinualResult, ContinualTrainer, ContinualTrainingArguments
 from ..continual.methods import METHODS, get_method
+from ..options import check_option
 
 
 @dataclass
@@ -29,7 +30,10 @@ class MethodArguments:
     )
 
     def __post_init__(self):
+        check_option("method", self.method, str)
         get_method(self.method)
+        check_option("rank", self.rank, int, low=1)
+        check_option("use_task_learning_rates", self.use_task_learning_rates, bool)
 
 
 def build_method(method_args: MethodArguments, base, num_tasks: int, options: Sequence = (), reference_images=None):

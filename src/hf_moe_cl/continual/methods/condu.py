@@ -40,6 +40,7 @@ from ...condu.lora import (
     trained_factors,
     weight_delta,
 )
+from ...options import check_option
 from ..data import ImageClassificationCollator, training_augmentation
 from .base import ContinualMethod
 from .registry import register_method
@@ -89,10 +90,10 @@ class ConDUArguments:
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        if self.condu_top_k < 1:
-            raise ValueError(f"condu_top_k must be positive, got {self.condu_top_k}.")
+            check_option(name, getattr(self, name), str, choices=allowed)
+        check_option("condu_top_k", self.condu_top_k, int, low=1)
+        check_option("condu_lora_init_std", self.condu_lora_init_std, float, low=0.0, low_open=True)
+        check_option("condu_lora_targets", self.condu_lora_targets, str)
         if self.condu_fine_tune == "lora" and not self.lora_target_list:
             raise ValueError("condu_lora_targets names no layer; give e.g. 'fc1,fc2'.")
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ...classification import Routes
 from ...data.splits import few_shot_subset
+from ...options import check_flags, check_option
 from ...tuners.moe_lora.features import ALEXNET_FEATURES, ALEXNET_URL, AlexNetFeatures, prefix_features, vision_prefix
 from ...tuners.moe_lora.selector import SelectorConfig
 from ..data import ImageClassificationCollator, training_augmentation
@@ -88,30 +89,21 @@ class DDASArguments:
     )
 
     def __post_init__(self):
-        if self.ddas_feature_extractor not in ("clip", "alexnet"):
-            raise ValueError(f"ddas_feature_extractor must be 'clip' or 'alexnet', got {self.ddas_feature_extractor!r}.")
+        check_flags(self, ("ddas", "ddas_include_untrained", "ddas_augment_once"))
+        check_option("ddas_feature_extractor", self.ddas_feature_extractor, str, choices=("clip", "alexnet"))
+        check_option("ddas_feature_layer", self.ddas_feature_layer, int, low=1, optional=True)
         if self.ddas_feature_extractor == "alexnet" and self.ddas_feature_layer is not None:
             raise ValueError("ddas_feature_layer selects CLIP blocks; it cannot be used with the AlexNet extractor.")
-        counts = {"ddas_hidden_dim": (self.ddas_hidden_dim, 1), "ddas_task_steps": (self.ddas_task_steps, 1),
-                  "ddas_reference_steps": (self.ddas_reference_steps, 1), "ddas_max_images": (self.ddas_max_images, 1),
-                  "ddas_batch_size": (self.ddas_batch_size, 1), "ddas_reference_shots": (self.ddas_reference_shots, 1)}
-        for name, (value, low) in counts.items():
-            if name == "ddas_reference_shots" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-        numbers = {"ddas_learning_rate": (self.ddas_learning_rate, "a finite positive number", lambda v: v > 0),
-                   "ddas_weight_decay": (self.ddas_weight_decay, "a finite number >= 0", lambda v: v >= 0),
-                   "ddas_quantile": (self.ddas_quantile, "a number in (0, 1]", lambda v: 0 < v <= 1),
-                   "ddas_threshold": (self.ddas_threshold, "None or a finite number >= 0", lambda v: v >= 0)}
-        for name, (value, wanted, valid) in numbers.items():
-            if value is None and name == "ddas_threshold":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not valid(value):
-                raise ValueError(f"`{name}` must be {wanted}, got {value!r}.")
-        if self.ddas_training not in ("sampled", "official"):
-            raise ValueError(f"ddas_training must be 'sampled' or 'official', got {self.ddas_training!r}.")
+        check_option("ddas_alexnet_weights", self.ddas_alexnet_weights, str, optional=True)
+        for name in ("ddas_hidden_dim", "ddas_task_steps", "ddas_reference_steps", "ddas_max_images",
+                     "ddas_batch_size"):
+            check_option(name, getattr(self, name), int, low=1)
+        check_option("ddas_reference_shots", self.ddas_reference_shots, int, low=1, optional=True)
+        check_option("ddas_learning_rate", self.ddas_learning_rate, float, low=0.0, low_open=True)
+        check_option("ddas_weight_decay", self.ddas_weight_decay, float, low=0.0)
+        check_option("ddas_quantile", self.ddas_quantile, float, low=0.0, high=1.0, low_open=True)
+        check_option("ddas_threshold", self.ddas_threshold, float, low=0.0, optional=True)
+        check_option("ddas_training", self.ddas_training, str, choices=("sampled", "official"))
         if self.ddas_training == "official" and (self.ddas_feature_extractor != "alexnet"
                                                   or self.ddas_threshold is None):
             raise ValueError("ddas_training='official' trains the official AlexNet autoencoders for a fixed "

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ...files import check_safetensors_file
+from ...options import check_option
 from .registry import register_method
 from .base import ContinualMethod, check_loaded
 
@@ -17,6 +18,11 @@ from .base import ContinualMethod, check_loaded
 @dataclass
 class LoRAArguments:
     lora_targets: str = field(default="q_proj,v_proj", metadata={"help": "LoRA baseline: comma-separated modules."})
+
+    def __post_init__(self):
+        check_option("lora_targets", self.lora_targets, str)
+        if not self.target_list:
+            raise ValueError("lora_targets names no module; give e.g. 'q_proj,v_proj'.")
 
     @property
     def target_list(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ...classification import text_embeddings
 from ...files import check_safetensors_file
+from ...options import check_flags, check_option
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.features import AlexNetFeatures
 from ...tuners.moe_lora.model import find_moe, tower_of
@@ -83,15 +84,18 @@ class MoEAdaptersArguments:
     )
 
     def __post_init__(self):
-        if self.merge_experts_every < 0:
-            raise ValueError(f"merge_experts_every must be >= 0, got {self.merge_experts_every}.")
-        if self.freeze_policy not in ("top_k", "coverage"):
-            raise ValueError(f"freeze_policy must be 'top_k' (the paper) or 'coverage', got {self.freeze_policy!r}.")
-        if not 0.0 < self.freeze_coverage <= 1.0:
-            raise ValueError(f"freeze_coverage must be in (0, 1], got {self.freeze_coverage!r}.")
-        if self.expert_growth_threshold is not None and not 0.0 < self.expert_growth_threshold < 1.0:
-            raise ValueError(f"expert_growth_threshold must be a share in (0, 1) or None (the fixed bank), got "
-                             f"{self.expert_growth_threshold!r}.")
+        check_option("num_experts", self.num_experts, int, low=1)
+        check_option("top_k", self.top_k, int, low=1, high=self.num_experts)
+        check_option("expert_growth_threshold", self.expert_growth_threshold, float, low=0.0, high=1.0,
+                     low_open=True, high_open=True, optional=True)
+        check_option("freeze_experts_per_task", self.freeze_experts_per_task, int, low=0, high=self.num_experts,
+                     optional=True)
+        check_option("freeze_policy", self.freeze_policy, str, choices=("top_k", "coverage"))
+        check_option("freeze_coverage", self.freeze_coverage, float, low=0.0, high=1.0, low_open=True)
+        check_option("freeze_images", self.freeze_images, int, low=1, optional=True)
+        check_option("routing_report_images", self.routing_report_images, int, low=1)
+        check_option("merge_experts_every", self.merge_experts_every, int, low=0)
+        check_flags(self, ("noisy_gating", "noisy_gating_eval", "routing_report", "shared_router", "relearn_tasks"))
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -361,5 +365,8 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         moe.moe_config.task_info = saved.task_info
         path = Path(folder) / "adapter_model.safetensors"
         check_safetensors_file(path)
-        set_peft_model_state_dict(self.model, load_file(path))
+        try:
+            set_peft_model_state_dict(self.model, load_file(path))
+        except ValueError as error:  # the checks of MoELoraModel's loader, which does not know the file
+            raise ValueError(f"{path}: {error}") from None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -12,6 +11,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from transformers.activations import ACT2FN
 
 from ...files import check_json_file, check_safetensors_file
+from ...options import check_flags, check_option
 from .card import tidy_peft_card
 from .peft_type import MOE_LORA
 from .selector import SelectorConfig
@@ -124,21 +124,32 @@ class MoELoraConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = MOE_LORA
         for name in ("num_tasks", "num_experts", "top_k", "r"):
+            check_option(name, getattr(self, name), int, low=1)
+        check_option("expert_growth_threshold", self.expert_growth_threshold, float, low=0.0, high=1.0,
+                     low_open=True, high_open=True, optional=True)
+        check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights"))
+        check_option("expert_scale", self.expert_scale, float)
+        check_option("expert_dropout", self.expert_dropout, float, low=0.0, high=1.0, high_open=True)
+        check_option("noise_epsilon", self.noise_epsilon, float, low=0.0)
+        check_option("load_balancing_coef", self.load_balancing_coef, float, low=0.0)
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.expert_growth_threshold is not None and (
-                isinstance(self.expert_growth_threshold, bool) or not isinstance(self.expert_growth_threshold,
-                                                                                 (int, float))
-                or not 0.0 < self.expert_growth_threshold < 1.0):
-            raise ValueError(f"`expert_growth_threshold` must be a share in (0, 1) or None (the fixed bank), got "
-                             f"{self.expert_growth_threshold!r}.")
-        smaller = {name: count for name, count in (self.experts_per_module or {}).items()
+            names = value if isinstance(value, (list, set, tuple)) else [value]
+            if value is not None and not all(isinstance(v, str) for v in names):
+                raise ValueError(f"`{name}` must be None, a string or a list of strings (module names), got "
+                                 f"{value!r}.")
+        if self.experts_per_module is None:
+            self.experts_per_module = {}
+        if not isinstance(self.experts_per_module, dict) or not all(isinstance(name, str)
+                                                                    for name in self.experts_per_module):
+            raise ValueError(f"`experts_per_module` must be a dict of module name -> number of experts, got "
+                             f"{self.experts_per_module!r}.")
+        smaller = {name: count for name, count in self.experts_per_module.items()
                    if isinstance(count, bool) or not isinstance(count, int) or count < self.num_experts}
         if smaller:
             raise ValueError(f"`experts_per_module` must give each module at least `num_experts` "
                              f"({self.num_experts}) experts (a bank only grows), got {smaller}.")
-        self.experts_per_module = dict(self.experts_per_module or {})
+        self.experts_per_module = dict(self.experts_per_module)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or add experts."
@@ -147,17 +158,6 @@ class MoELoraConfig(PeftConfig):
             raise ValueError(
                 f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
                 f"{sorted(ACT2FN)}."
-            )
-        for name in ("expert_scale", "expert_dropout", "noise_epsilon", "load_balancing_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-        if not 0.0 <= self.expert_dropout < 1.0:
-            raise ValueError(f"`expert_dropout` must be in [0, 1), got {self.expert_dropout!r}.")
-        if self.noise_epsilon < 0 or self.load_balancing_coef < 0:
-            raise ValueError(
-                f"`noise_epsilon` ({self.noise_epsilon!r}) and `load_balancing_coef` ({self.load_balancing_coef!r}) "
-                "must be non-negative."
             )
         if self.task_info is not None:
             self._check_task_info()
@@ -203,10 +203,16 @@ class MoELoraConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """peft's loader, plus checks of a local adapter folder before peft parses its files."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(folder):
+        local = os.path.isdir(folder)
+        if local:
             check_json_file(os.path.join(folder, CONFIG_NAME))
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if os.path.isdir(folder):
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as error:
+            if not local:
+                raise
+            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: {error}") from None
+        if local:
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):
                 check_safetensors_file(weights)

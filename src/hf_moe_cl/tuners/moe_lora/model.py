@@ -16,7 +16,7 @@ from .peft_type import MOE_LORA_PREFIX
 from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
 from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
-from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
+from .layer import EXPERT_PARAMS, ROUTER_PARAMS, MoELoraBlock, MoELoraLayer, MoELoraLinear
 from ...classification import image_embeddings
 from .base_weights import base_weights_record
 from .features import prefix_features, vision_prefix
@@ -50,6 +50,34 @@ def tower_of(layer_name: str) -> str:
     return "other"
 
 
+
+
+def _value_problem(key: str, value: torch.Tensor, num_tasks: int) -> Optional[str]:
+    """What is wrong with a loaded tensor of a MoE layer (None: nothing, or not a MoE layer's tensor): weights must be
+    finite floats; selection counts non-negative integers; the task that froze an expert -1 (none) or a task id;
+    the task an expert was added for a task id; router freeze flags booleans."""
+    name = next((part for part in key.split(".") if part.startswith(MOE_LORA_PREFIX)), None)
+    if name is None or name == SELECTOR_ATTRIBUTE:
+        return None  # the selector checks its own tensors
+    integer = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+    if name in EXPERT_PARAMS + ROUTER_PARAMS:
+        if not value.dtype.is_floating_point:
+            return f"has dtype {value.dtype}; weights are floating point"
+        if not bool(torch.isfinite(value).all()):
+            return f"holds {int((~torch.isfinite(value)).sum())} NaN or infinite value(s)"
+        return None
+    ranges = {"moe_lora_counts": (0, None), "moe_lora_frozen_by": (-1, num_tasks - 1),
+              "moe_lora_expert_task": (0, num_tasks - 1)}
+    if name in ranges:
+        low, high = ranges[name]
+        wanted = f"integers >= {low}" if high is None else f"integers in [{low}, {high}] ({num_tasks} task routers)"
+        if not integer:
+            return f"has dtype {value.dtype}; it holds {wanted}"
+        if value.numel() and (int(value.min()) < low or (high is not None and int(value.max()) > high)):
+            return f"holds values from {int(value.min())} to {int(value.max())}; it holds {wanted}"
+    if name == "moe_lora_router_frozen" and value.dtype != torch.bool:
+        return f"has dtype {value.dtype}; it holds booleans (one per task router)"
+    return None
 
 
 class MoELoraModel(ExpertBookkeeping, BaseTuner):
@@ -249,6 +277,9 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         """An int task id from an int, a numpy integer or a 0-d integer tensor; floats and bools are errors."""
         if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
             raise ValueError(f"A task id must be an integer, got the boolean {value!r}.")
+        if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0:
+            raise ValueError(f"A task id must be one integer, got {value!r}; per-sample task ids go to routing() or "
+                             "`task_ids` as a 1-D integer tensor (torch.tensor(ids)), one id per sample.")
         try:
             return operator.index(value)
         except TypeError:
@@ -259,7 +290,7 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
 
     def set_task(self, task: Optional[int]) -> None:
         """Route every later call through `task`'s router; None or -1 gives the unadapted base model."""
-        self._default_route = self._make_route(task)
+        self._default_route = self._make_route(None if task is None else self._as_task_id(task))
         self._task_chosen = True
 
     @property
@@ -311,6 +342,11 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         self._check_base_weights(model, self.peft_config[adapter_name], adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
+        unknown = sorted(set(config.experts_per_module) - set(self.moe_layers()))
+        if unknown:
+            raise ValueError(f"`experts_per_module` of adapter {adapter_name!r} names modules the adapter does not "
+                             f"adapt in this model: {unknown[:3]}. In a saved adapter_config.json this means the file "
+                             "was damaged or edited, or the adapter belongs to another base model.")
         if config.selector is not None:
             self._build_selector(adapter_name, SelectorConfig.from_dict(config.selector), config.num_tasks)
 
@@ -426,6 +462,14 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
                 f"not in it (e.g. {missing[:2]}) and {len(unexpected)} of its tensors have no place in the model "
                 f"(e.g. {unexpected[:2]}), as when the base model has more or fewer layers. {fix}"
             )
+        for key, value in remapped.items():
+            problem = _value_problem(key, value, config.num_tasks)
+            if problem:
+                raise ValueError(
+                    f"The MoE-LoRA checkpoint (adapter_model.safetensors) holds invalid values: {key!r} {problem}. "
+                    "The file was damaged or edited, or the training that wrote it diverged: save or download the "
+                    "adapter again."
+                )
         return remapped
 
     # ----- introspection -------------------------------------------------------------------------------------------

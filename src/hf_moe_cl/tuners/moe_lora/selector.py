@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...options import check_option
+
 ZERO_SHOT = -1
 FEATURE_EXTRACTORS = ("clip", "alexnet")
 
@@ -37,20 +39,12 @@ class SelectorConfig:
 
     def __post_init__(self):
         for name in ("feature_dim", "hidden_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DDAS selector `{name}` must be a positive integer, got {value!r}.")
-        if self.feature_extractor not in FEATURE_EXTRACTORS:
-            raise ValueError(
-                f"Unknown DDAS feature_extractor {self.feature_extractor!r}; use one of {FEATURE_EXTRACTORS}."
-            )
-        if self.feature_layer is not None and (
-            isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int) or self.feature_layer < 1
-        ):
-            raise ValueError(
-                f"DDAS `feature_layer` must be None (final embedding) or a positive number of vision blocks, got "
-                f"{self.feature_layer!r}."
-            )
+            check_option(f"selector.{name}", getattr(self, name), int, low=1)
+        for name in ("sigmoid_output", "standardize", "include_untrained"):
+            check_option(f"selector.{name}", getattr(self, name), bool)
+        check_option("selector.feature_extractor", self.feature_extractor, str, choices=FEATURE_EXTRACTORS)
+        # None: the final image embedding; k: the tokens after k vision blocks
+        check_option("selector.feature_layer", self.feature_layer, int, low=1, optional=True)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SelectorConfig":

@@ -1,0 +1,62 @@
+"""Checks of option values: a refused value names the option, the value and what is valid.
+
+Every options dataclass of the library (`MoELoraConfig`, `ContinualTrainingArguments`, the methods' arguments)
+checks its fields with `check_option` in `__post_init__`, so a bad value fails when the options are made, before any
+model is built or any task trains.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+KIND_NAMES = {bool: "a boolean (True or False)", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_option(name: str, value: Any, kind: type, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False, choices: Optional[Sequence] = None,
+                 optional: bool = False) -> None:
+    """Raise ValueError unless `value` is of `kind` (bool, int, float: finite, or str) and lies in the range (`low`,
+    `high`; inclusive unless `*_open`) or among `choices`; None passes when `optional`."""
+    if value is None and optional:
+        return
+    valid = _is_kind(value, kind) and (choices is None or value in choices)
+    if valid and low is not None:
+        valid = value > low if low_open else value >= low
+    if valid and high is not None:
+        valid = value < high if high_open else value <= high
+    if valid:
+        return
+    if choices is not None:
+        wanted = f"one of {tuple(choices)}"
+    else:
+        wanted = KIND_NAMES[kind]
+        if low is not None and high is not None:
+            wanted += f" in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}"
+        elif low is not None:
+            wanted += f" {'>' if low_open else '>='} {_number(low)}"
+        elif high is not None:
+            wanted += f" {'<' if high_open else '<='} {_number(high)}"
+    raise ValueError(f"`{name}` must be {'None or ' if optional else ''}{wanted}, got {value!r}.")
+
+
+def check_flags(options: Any, names: Sequence[str]) -> None:
+    """Every one of `names` is a boolean attribute of `options` (a string such as 'false' would count as true)."""
+    for name in names:
+        check_option(name, getattr(options, name), bool)
