@@ -207,14 +207,15 @@ def main():
         ),
     }
     if args.tasks:
-        def sequence(policy=None, growth=None):
-            model = get_peft_model(copy.deepcopy(base), MoELoraConfig(r=args.rank, num_tasks=args.tasks))
+        def sequence(policy=None, growth=None, task=args.tasks):
+            model = get_peft_model(copy.deepcopy(base), MoELoraConfig(r=args.rank, num_tasks=task))
             if policy is None:
                 model.base_model.set_task(0)
                 return model
-            return after_earlier_tasks(model, args.tasks, policy, growth)
+            return after_earlier_tasks(model, task, policy, growth)
 
         candidates[f"MoE-Adapters, task 1 of {args.tasks}"] = sequence
+        candidates["MoE-Adapters, task 2, top_k frozen"] = lambda: sequence("top_k", task=2)
         candidates[f"MoE-Adapters, task {args.tasks}, top_k frozen"] = lambda: sequence("top_k")
         candidates[f"MoE-Adapters, task {args.tasks}, coverage + growth"] = lambda: sequence("coverage", 0.3)
     models = {name: build() for name, build in candidates.items()}
@@ -248,8 +249,8 @@ def main():
               f"{ratio(moe22 + ' compiled', full + ' compiled', 'step_s'):.2f}  (both compiled)")
     if args.tasks:
         first = f"MoE-Adapters, task 1 of {args.tasks}"
-        for last in (f"MoE-Adapters, task {args.tasks}, top_k frozen", f"MoE-Adapters, task {args.tasks}, "
-                     "coverage + growth"):
+        for last in ("MoE-Adapters, task 2, top_k frozen", f"MoE-Adapters, task {args.tasks}, top_k frozen",
+                     f"MoE-Adapters, task {args.tasks}, coverage + growth"):
             experts = sum(layer.expert_count("default") for layer in models[last].base_model.moe_layers().values())
             print(f"step time  {last.removeprefix('MoE-Adapters, ')} / task 1: {ratio(last, first, 'step_s'):.2f}  "
                   f"(target <= 1.1; {experts:,} experts in all)")
