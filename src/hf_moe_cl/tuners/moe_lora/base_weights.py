@@ -29,14 +29,18 @@ def _base_parameters(model):
         yield name.removeprefix("base_model.model.").replace(".base_layer", ""), parameter
 
 
-def base_weights_fingerprint(model) -> str:
-    """A hash of the model's pretrained weights (names, dtypes, shapes, bytes), without a peft adapter's own
-    tensors: two bases of the same shape but other weights differ here."""
+def _digest(parameters) -> str:
     digest = hashlib.sha256()
-    for key, parameter in _base_parameters(model):
+    for key, parameter in parameters:
         digest.update(f"{key}:{parameter.dtype}:{tuple(parameter.shape)};".encode())
         digest.update(parameter.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
+
+
+def base_weights_fingerprint(model) -> str:
+    """A hash of the model's pretrained weights (names, dtypes, shapes, bytes), without a peft adapter's own
+    tensors: two bases of the same shape but other weights differ here."""
+    return _digest(_base_parameters(model))
 
 
 def base_weights_record(model) -> Optional[dict]:
@@ -49,5 +53,4 @@ def base_weights_record(model) -> Optional[dict]:
         return None
     layout = hashlib.sha256("".join(f"{key}:{tuple(p.shape)};" for key, p in parameters).encode())
     dtypes = Counter(str(p.dtype).removeprefix("torch.") for _, p in parameters)
-    return {"sha256": base_weights_fingerprint(model), "dtype": dtypes.most_common(1)[0][0],
-            "layout": layout.hexdigest()[:16]}
+    return {"sha256": _digest(parameters), "dtype": dtypes.most_common(1)[0][0], "layout": layout.hexdigest()[:16]}

@@ -354,10 +354,10 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
     def _check_base_weights(model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
         """Record the base's weights in a new adapter's config; compare them with a loaded adapter's record."""
         current = base_weights_record(model)
-        if config.base_weights is None or current is None:
-            config.base_weights = config.base_weights or current
+        if config.base_weights is None:  # a new adapter (or one saved before the record existed)
+            config.base_weights = current
             return
-        if config.base_weights == current:
+        if current is None or config.base_weights == current:  # a meta-device base has no weights to compare
             return
         recorded = config.base_weights
         if recorded["layout"] != current["layout"]:
