@@ -5,15 +5,15 @@
     python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 --device cuda
     python benchmarks/inference_cost.py --model vit-b16-random --batch_size 32 --tasks 30   # a long sequence
 
-The batch mixes images of six datasets, spread over `--tasks` learned tasks (default six); a share `--unseen` of them comes from tasks the model never learned. DDAS is
-fitted so that it sends those to zero-shot CLIP and the others to their task's router. Plain CLIP encodes the
-batch and scores it against one task's class prompts; the task-agnostic side computes DDAS features, picks a route
-per image, finishes the untouched pass for zero-shot images and runs the routed pass for the others only, then
-scores each image against its task's prompts (text features are cached per route, as in a served model). The
-DDAS feature sources compared: CLIP after 1 block (the untouched pass is then finished for zero-shot images), the
-final CLIP embedding (the whole untouched pass, reused for zero-shot images) and AlexNet (the official extractor,
-random weights: its cost, not its decisions). Medians of interleaved repeats; random images of the model's size
-(ViT-B/16 scale) or real mini-MTIL images (proxy scale).
+The batch mixes images of six datasets, spread over `--tasks` learned tasks (default six); a share `--unseen` of
+them comes from tasks the model never learned. DDAS is fitted so that it sends those to zero-shot CLIP and the
+others to their task's router. Plain CLIP encodes the batch and scores it against one task's class prompts; the
+task-agnostic side computes DDAS features, picks a route per image, finishes the untouched pass for zero-shot images
+and runs the routed pass for the others only, then scores each image against its task's prompts (text features are
+cached per route, as in a served model). The DDAS feature sources compared: CLIP after 1 block (the untouched pass
+is then finished for zero-shot images), the final CLIP embedding (the whole untouched pass, reused for zero-shot
+images) and AlexNet (the official extractor, random weights: its cost, not its decisions). Medians of interleaved
+repeats; random images of the model's size (ViT-B/16 scale) or real mini-MTIL images (proxy scale).
 """
 
 from __future__ import annotations

@@ -156,7 +156,8 @@ def main():
                "routing_report": {m: leak for m, (leak, _) in leaks.items()},
                "trainable_experts": {m: trainable for m, (_, trainable) in leaks.items()}, "condu": condu}
     write_text_atomic(Path(args.output_dir) / "results.json", json.dumps(results))
-    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, seed {args.seed}, "
+    header = (f"steps per task: {args.steps_per_task}, batch {args.batch_size}, device {args.device}, "
+              f"seed {args.seed}, "
               "learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
     if args.task_agnostic:
