@@ -113,6 +113,9 @@ def main():
     parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (data order, noise, initialisation)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer trains and evaluates")
+    parser.add_argument("--task_checkpoints", action="store_true",
+                        help="save a checkpoint after every task and resume from the last one already under "
+                        "output_dir/<method> (a long run stopped midway continues where it stopped)")
     condu_args, ddas_args, args = parser.parse_args_into_dataclasses()
     if ddas_args.ddas and not args.task_agnostic:
         parser.error("--ddas true is set by --task_agnostic (which also reports the task-agnostic matrices): use that")
@@ -133,11 +136,13 @@ def main():
             output_dir=str(Path(args.output_dir) / method), max_steps=args.steps_per_task,
             warmup_steps=max(1, args.steps_per_task // 10), learning_rate=rates[method], use_cpu=args.device == "cpu",
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
-            logging_strategy="no", save_task_checkpoints=False, seed=args.seed,
+            logging_strategy="no", save_task_checkpoints=args.task_checkpoints, seed=args.seed,
         )
         moe = MoEAdaptersArguments(num_experts=args.num_experts, freeze_policy=args.freeze_policy,
                                    freeze_coverage=args.freeze_coverage, merge_experts_every=args.merge_experts_every)
-        result = run_method(MethodArguments(method=method), base, processor, tasks, training,
+        folder = Path(training.output_dir)
+        resume = args.task_checkpoints and folder.is_dir() and any(folder.iterdir())
+        result = run_method(MethodArguments(method=method), base, processor, tasks, training, resume=resume,
                             options=(ddas, moe, condu_args),
                             reference_images=reference)
         reported = write_result_report(Path(args.output_dir) / method, result, method)
