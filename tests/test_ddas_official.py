@@ -105,8 +105,6 @@ def test_set_autoencoder_refuses_bad_input():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(ddas_training="official"), "fixed threshold"),
-    (dict(ddas_training="official", ddas_threshold=0.06), "alexnet"),
     (dict(ddas_include_untrained=True), "fixed ddas_threshold"),
     (dict(ddas_augment_once=True), "ddas_training='official'"),
     (dict(ddas_training="averaged"), r"`ddas_training` must be one of \('sampled', 'official'\), got 'averaged'"),
@@ -163,3 +161,69 @@ def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bou
     assert calls == [(10, 4, 4, 0.01, 1e-4, 3), (9, 4, 3, 0.01, 1e-4, 3)]
     assert selector.config.include_untrained and selector.trained.tolist() == [True, True, False]
     assert selector.thresholds.tolist() == pytest.approx([0.0655, 0.0655])  # the untrained task: the same bound
+
+
+def test_official_training_on_clip_features_standardises_with_the_reference_and_calibrates_on_held_out_images(
+        tmp_path, module_processor, monkeypatch):
+    """The official loop is not tied to AlexNet: on CLIP features the inputs are standardised with the reference
+    images' (un-augmented) mean and scale, and a task's calibrated threshold is the quantile of its autoencoder's
+    errors on a seeded held-out 10 % of its images, which the loop never sees."""
+    from hf_moe_cl.continual.methods import ddas as ddas_module
+
+    trained = []
+    original = ddas_module.train_autoencoder
+
+    def recording(autoencoder, loader, features, *rest, **kwargs):
+        trained.append((autoencoder, list(loader.dataset["label"])))
+        return original(autoencoder, loader, features, *rest, **kwargs)
+
+    monkeypatch.setattr(ddas_module, "train_autoencoder", recording)
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4))
+    ddas = DDASArguments(ddas=True, ddas_training="official", ddas_task_steps=3, ddas_reference_steps=4,
+                         ddas_batch_size=4, ddas_quantile=0.5)
+    reference = noise_images(10, 0)
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=reference)
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
+    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    task = colour_task("first", n_train=30, n_eval=12)
+    trainer.train_tasks([task])
+    selector = model.base_model.selector
+
+    def embeddings(images):
+        pixels = module_processor.image_processor(images=[image.convert("RGB") for image in images],
+                                                  return_tensors="pt")["pixel_values"]
+        return method.selector_features(pixels)[0]
+
+    reference_features = embeddings(reference["image"])
+    torch.testing.assert_close(selector.feature_mean, reference_features.mean(0))
+    torch.testing.assert_close(selector.feature_scale, reference_features.std(0).clamp_min(1e-6))
+    held = sorted(torch.randperm(30, generator=torch.Generator().manual_seed(args.seed + 1))[:3].tolist())
+    kept = [i for i in range(30) if i not in held]
+    assert [len(labels) for _, labels in trained] == [10, 27]
+    assert trained[1][1] == [task.train_dataset[i]["label"] for i in kept]
+    autoencoder = trained[1][0]
+    errors = autoencoder.errors(selector.normalise(embeddings(task.train_dataset.select(held)["image"])))
+    assert selector.thresholds.tolist() == pytest.approx([float(errors.median())])
+    assert selector.trained.tolist() == [True, True]
+
+
+@pytest.mark.parametrize("training, max_images, n_train, named, given", [
+    ("official", 2000, 9, "small", 9), ("sampled", 2000, 9, "small", 9), ("sampled", 8, 30, "first", 8)])
+def test_a_calibrated_threshold_refuses_a_task_too_small_before_training(tmp_path, module_processor, training,
+                                                                         max_images, n_train, named, given):
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
+    ddas = DDASArguments(ddas=True, ddas_training=training, ddas_task_steps=1, ddas_reference_steps=1,
+                         ddas_batch_size=4, ddas_max_images=max_images)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(4, 0))
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
+    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    tasks = [colour_task("first", n_train=30, n_eval=6), colour_task("small", n_train=n_train, n_eval=6)]
+    with pytest.raises(ValueError, match=f"Task '{named}' gives DDAS {given} training images: too few to "
+                                         "calibrate"):
+        trainer.train_tasks(tasks)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # nothing trained

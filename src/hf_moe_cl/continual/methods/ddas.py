@@ -51,9 +51,9 @@ class DDASArguments:
     ddas_training: str = field(
         default="sampled",
         metadata={"help": "'official': the official loop (ddas_training.py): the whole training set through the "
-                  "training augmentation, steps + 1 iterations, Adam with the official step decay (needs the AlexNet "
-                  "extractor and a fixed threshold). 'sampled': features of at most ddas_max_images un-augmented "
-                  "images, computed once, batches drawn with replacement (fast; works with CLIP features)."},
+                  "training augmentation, steps + 1 iterations, Adam with the official step decay (with a calibrated "
+                  "threshold, 10 % of each task's images are held out to calibrate it). 'sampled': features of at "
+                  "most ddas_max_images un-augmented images, computed once, batches drawn with replacement (fast)."},
     )
     ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder (official: "
                                                                 "--iterations 300, run as 301)."})
@@ -104,11 +104,6 @@ class DDASArguments:
         check_option("ddas_quantile", self.ddas_quantile, float, low=0.0, high=1.0, low_open=True)
         check_option("ddas_threshold", self.ddas_threshold, float, low=0.0, optional=True)
         check_option("ddas_training", self.ddas_training, str, choices=("sampled", "official"))
-        if self.ddas_training == "official" and (self.ddas_feature_extractor != "alexnet"
-                                                  or self.ddas_threshold is None):
-            raise ValueError("ddas_training='official' trains the official AlexNet autoencoders for a fixed "
-                             "threshold: set ddas_feature_extractor='alexnet' and ddas_threshold (e.g. 0.0655), "
-                             "or use ddas_training='sampled'.")
         if self.ddas_include_untrained and self.ddas_threshold is None:
             raise ValueError("ddas_include_untrained needs a fixed ddas_threshold: a task not learned yet has no "
                              "calibrated one.")
@@ -143,6 +138,20 @@ class DDASSelection:
             features.append(trainer.accelerator.gather_for_metrics(self.selector_features(pixels)[0]))
         return torch.cat(features)
 
+    def check_calibration(self, tasks) -> None:
+        """Refuse, before the first task trains, a sequence with a task too small to hold out the tenth of its
+        images that calibrates its threshold."""
+        if self.ddas.ddas_threshold is not None:
+            return
+        for task in tasks:
+            images = len(task.train_dataset)
+            if self.ddas.ddas_training == "sampled":
+                images = min(images, self.ddas.ddas_max_images)
+            if images < 10:
+                raise ValueError(f"Task {task.name!r} gives DDAS {images} training images: too few to calibrate its "
+                                 "threshold on a held-out 10 %. Give it at least 10 (and ddas_max_images >= 10), or "
+                                 "set a fixed ddas_threshold.")
+
     def _selector_settings(self) -> SelectorConfig:
         ddas = self.ddas
         if ddas.ddas_feature_extractor == "alexnet":  # the paper's autoencoders: sigmoid outputs on raw features
@@ -171,6 +180,8 @@ class DDASSelection:
             if "label" not in reference.column_names:
                 reference = reference.add_column("label", [0] * len(reference))
             if official:
+                if selector.config.standardize:  # the scale every autoencoder's inputs are standardised with
+                    selector.set_standardization(self._features_of(trainer, reference, "reference images"))
                 self._fit_official(trainer, None, reference, len(self.ddas_reference), ddas.ddas_reference_steps,
                                    "DDAS reference autoencoder" if show else None)
             else:
@@ -195,11 +206,17 @@ class DDASSelection:
                       progress: Optional[str]) -> None:
         """One autoencoder (the reference for `route=None`) trained by the official loop on `dataset` through the
         training augmentation; `whole` is the size of the full training set it was drawn from (epochs count its
-        batches, as the official few-shot code does)."""
+        batches, as the official few-shot code does). A task's calibrated threshold (no `ddas_threshold`) comes
+        from a seeded held-out 10 % of `dataset`, which the loop then does not see."""
         ddas, selector = self.ddas, self.moe.selector
         if len(dataset) == 0:
             raise ValueError("Cannot train a DDAS autoencoder on zero images: the dataset is empty.")
         seed = trainer.args.seed + (0 if route is None else route + 1)
+        heldout = None
+        if route is not None and ddas.ddas_threshold is None:
+            held = len(dataset) // 10
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+            heldout, dataset = dataset.select(sorted(order[:held])), dataset.select(sorted(order[held:]))
         device = trainer.args.device
         processor = trainer.processing_class.image_processor
         loader = DataLoader(dataset, batch_size=ddas.ddas_batch_size, shuffle=True,
@@ -211,7 +228,7 @@ class DDASSelection:
 
         @torch.no_grad()
         def features(batch) -> torch.Tensor:
-            return self.selector_features(batch["pixel_values"].to(device))[0]
+            return selector.normalise(self.selector_features(batch["pixel_values"].to(device))[0])
 
         extract = features
         if ddas.ddas_augment_once:  # few-shot: each image augmented once, then fixed (few_shot_AutoEncoder.py 170-189)
@@ -223,7 +240,11 @@ class DDASSelection:
         autoencoder = new_autoencoder(config.feature_dim, config.hidden_dim, config.sigmoid_output, seed).to(device)
         train_autoencoder(autoencoder, loader, extract, steps, ddas.ddas_learning_rate, ddas.ddas_weight_decay,
                           math.ceil(whole / ddas.ddas_batch_size), progress)
-        selector.set_autoencoder(route, autoencoder, None if route is None else ddas.ddas_threshold)
+        threshold = None if route is None else ddas.ddas_threshold
+        if heldout is not None:
+            threshold = selector.calibrated_threshold(autoencoder, self._features_of(trainer, heldout, "held out"),
+                                                      ddas.ddas_quantile)
+        selector.set_autoencoder(route, autoencoder, threshold)
 
     def _route_features(self, pixels, untouched=None):
         """DDAS features of `pixels`, and the untouched CLIP's embeddings for images sent to zero-shot: `untouched`

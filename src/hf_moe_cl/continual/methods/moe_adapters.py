@@ -197,6 +197,8 @@ class MoEAdapters(DDASSelection, ContinualMethod):
                 raise OSError(f"The DDAS AlexNet weights (ddas_alexnet_weights={self.ddas.ddas_alexnet_weights!r}) "
                               f"cannot be loaded: {error}. Download the file where there is a network and pass its "
                               "path as ddas_alexnet_weights.") from error
+        if self.ddas.ddas:
+            self.check_calibration(tasks)
         self._sequence = list(tasks)
         if self.arguments.shared_router:
             if self.arguments.expert_growth_threshold is not None:

@@ -142,7 +142,9 @@ class DistributionSelector(nn.Module):
         self.trained = torch.cat([self.trained, self.trained.new_zeros(1)])
         return self.num_tasks - 1
 
-    def _normalise(self, features: torch.Tensor) -> torch.Tensor:
+    def normalise(self, features: torch.Tensor) -> torch.Tensor:
+        """`features` as every autoencoder sees them: standardised with the reference's mean and scale (unless
+        `standardize=False`), on the selector's device and dtype."""
         features = features.to(self.feature_mean.device, self.feature_mean.dtype)
         return (features - self.feature_mean) / self.feature_scale if self.config.standardize else features
 
@@ -175,14 +177,30 @@ class DistributionSelector(nn.Module):
     def fit_reference(self, features: torch.Tensor, steps: int = 1000, lr: float = 1e-3, batch_size: int = 64,
                       seed: int = 0, progress: Optional[str] = None) -> None:
         """Train the reference autoencoder (paper: Tiny ImageNet, 1000 steps); sets the standardisation."""
-        features = features.detach().to(self.feature_mean.device, self.feature_mean.dtype)
+        features = features.detach()
+        self.set_standardization(features)
+        self._fit(0, self.normalise(features), steps, lr, batch_size, seed, progress)
+        self.trained[0] = True
+
+    def set_standardization(self, reference_features: torch.Tensor) -> None:
+        """Take the mean and scale every autoencoder's inputs are standardised with from the reference images'
+        features (a no-op with `standardize=False`); set before any autoencoder is trained."""
+        features = reference_features.detach().to(self.feature_mean.device, self.feature_mean.dtype)
         if features.shape[0] < 2:
             raise ValueError("The reference autoencoder needs at least two reference images.")
         if self.config.standardize:
             self.feature_mean.copy_(features.mean(0))
             self.feature_scale.copy_(features.std(0).clamp_min(1e-6))
-        self._fit(0, self._normalise(features), steps, lr, batch_size, seed, progress)
-        self.trained[0] = True
+
+    @torch.no_grad()
+    def calibrated_threshold(self, autoencoder: FeatureAutoencoder, heldout_features: torch.Tensor,
+                             quantile: float) -> float:
+        """The `quantile` of `autoencoder`'s errors on held-out in-task features (so that about 1 - quantile of
+        in-distribution images fall back to zero-shot)."""
+        if heldout_features.shape[0] < 1:
+            raise ValueError("Too few images to calibrate a threshold: give more, or a fixed `threshold`.")
+        errors = autoencoder.errors(self.normalise(heldout_features).to(next(autoencoder.parameters()).device))
+        return float(torch.quantile(errors.float(), quantile))
 
     def fit_task(self, task: int, features: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
                  threshold: Optional[float] = None, heldout_fraction: float = 0.1, quantile: float = 0.95,
@@ -197,16 +215,15 @@ class DistributionSelector(nn.Module):
             raise ValueError(f"Task id {task} is out of range: the selector has {self.num_tasks} task autoencoders.")
         if not self.has_reference:
             raise ValueError("Train the reference autoencoder first (fit_reference): the decision compares to it.")
-        features = self._normalise(features.detach())
+        features = features.detach()
         order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))
         held = int(features.shape[0] * heldout_fraction) if threshold is None else 0
         if threshold is None and held < 1:
             raise ValueError("Too few images to calibrate a threshold: give more, or a fixed `threshold`.")
-        train, heldout = features[order[held:]], features[order[:held]]
+        train, heldout = self.normalise(features[order[held:]]), features[order[:held]]
         autoencoder = self._fit(task + 1, train, steps, lr, batch_size, seed + task + 1, progress)
         if threshold is None:
-            with torch.no_grad():
-                threshold = float(torch.quantile(autoencoder.errors(heldout), quantile))
+            threshold = self.calibrated_threshold(autoencoder, heldout, quantile)
         self.thresholds[task] = threshold
         self.trained[task + 1] = True
         return threshold
@@ -239,7 +256,7 @@ class DistributionSelector(nn.Module):
         """(batch, 1 + tasks) errors: column 0 the reference, then each task; untrained ones are +inf unless
         `include_untrained` (the official code compares the randomly initialised ones too). Every autoencoder runs
         in the same two batched matrix products."""
-        features = self._normalise(features)
+        features = self.normalise(features)
         slots = self.encoder_weight.shape[0]
         inputs = features.unsqueeze(0).expand(slots, *features.shape)
         hidden = torch.relu(torch.baddbmm(self.encoder_bias.unsqueeze(1), inputs, self.encoder_weight.transpose(1, 2)))
