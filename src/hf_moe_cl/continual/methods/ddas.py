@@ -52,7 +52,7 @@ class DDASArguments:
         default="sampled",
         metadata={"help": "'official': the official loop (ddas_training.py): the whole training set through the "
                   "training augmentation, steps + 1 iterations, Adam with the official step decay (with a calibrated "
-                  "threshold, 10 % of each task's images are held out to calibrate it). 'sampled': features of at "
+                  "threshold, a tenth of each task's images is held out to calibrate it). 'sampled': features of at "
                   "most ddas_max_images un-augmented images, computed once, batches drawn with replacement (fast)."},
     )
     ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder (official: "
