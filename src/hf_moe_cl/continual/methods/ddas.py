@@ -20,7 +20,7 @@ from ...classification import Routes
 from ...data.splits import few_shot_subset
 from ...options import check_flags, check_option
 from ...tuners.moe_lora.features import ALEXNET_FEATURES, ALEXNET_URL, AlexNetFeatures, prefix_features, vision_prefix
-from ...tuners.moe_lora.selector import SelectorConfig
+from ...tuners.moe_lora.selector import HELDOUT_FRACTION, SelectorConfig, heldout_count
 from ..data import ImageClassificationCollator, training_augmentation
 from .ddas_training import new_autoencoder, train_autoencoder
 
@@ -147,10 +147,11 @@ class DDASSelection:
             images = len(task.train_dataset)
             if self.ddas.ddas_training == "sampled":
                 images = min(images, self.ddas.ddas_max_images)
-            if images < 10:
+            if heldout_count(images) < 1:
+                least = math.ceil(1 / HELDOUT_FRACTION)
                 raise ValueError(f"Task {task.name!r} gives DDAS {images} training images: too few to calibrate its "
-                                 "threshold on a held-out 10 %. Give it at least 10 (and ddas_max_images >= 10), or "
-                                 "set a fixed ddas_threshold.")
+                                 f"threshold on a held-out {HELDOUT_FRACTION:.0%}. Give it at least {least} (and "
+                                 f"ddas_max_images >= {least}), or set a fixed ddas_threshold.")
 
     def _selector_settings(self) -> SelectorConfig:
         ddas = self.ddas
@@ -214,7 +215,7 @@ class DDASSelection:
         seed = trainer.args.seed + (0 if route is None else route + 1)
         heldout = None
         if route is not None and ddas.ddas_threshold is None:
-            held = len(dataset) // 10
+            held = heldout_count(len(dataset))
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
             heldout, dataset = dataset.select(sorted(order[:held])), dataset.select(sorted(order[held:]))
         device = trainer.args.device

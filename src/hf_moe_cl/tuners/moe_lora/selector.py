@@ -22,6 +22,12 @@ from tqdm.auto import tqdm
 from ...options import check_option
 
 ZERO_SHOT = -1
+HELDOUT_FRACTION = 0.1  # the share of a task's images its calibrated threshold is measured on
+
+
+def heldout_count(images: int, fraction: float = HELDOUT_FRACTION) -> int:
+    """How many of a task's `images` are held out to calibrate its threshold (0: too few to calibrate)."""
+    return int(images * fraction)
 FEATURE_EXTRACTORS = ("clip", "alexnet")
 
 
@@ -203,7 +209,7 @@ class DistributionSelector(nn.Module):
         return float(torch.quantile(errors.float(), quantile))
 
     def fit_task(self, task: int, features: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
-                 threshold: Optional[float] = None, heldout_fraction: float = 0.1, quantile: float = 0.95,
+                 threshold: Optional[float] = None, heldout_fraction: float = HELDOUT_FRACTION, quantile: float = 0.95,
                  seed: int = 0, progress: Optional[str] = None) -> float:
         """Train task `task`'s autoencoder (paper: 300 steps) and set its threshold; returns the threshold.
 
@@ -217,7 +223,7 @@ class DistributionSelector(nn.Module):
             raise ValueError("Train the reference autoencoder first (fit_reference): the decision compares to it.")
         features = features.detach()
         order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))
-        held = int(features.shape[0] * heldout_fraction) if threshold is None else 0
+        held = heldout_count(features.shape[0], heldout_fraction) if threshold is None else 0
         if threshold is None and held < 1:
             raise ValueError("Too few images to calibrate a threshold: give more, or a fixed `threshold`.")
         train, heldout = self.normalise(features[order[held:]]), features[order[:held]]
