@@ -3,7 +3,6 @@ and optimizer together, as torch.profiler records them on the CPU."""
 
 from __future__ import annotations
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 

@@ -339,3 +339,53 @@ def test_a_loaded_selector_with_impossible_values_is_refused_and_the_legacy_layo
         save_file(damaged, str(weights))
         with pytest.raises(ValueError, match="damaged or edited"):
             PeftModel.from_pretrained(tiny_clip(), str(tmp_path / "good"))
+
+
+def test_sampled_fitting_uses_the_batch_size_and_weight_decay_given():
+    """fit_reference/fit_task equal a hand-written loop: the seeded initialisation, Adam with the weight decay, and
+    `batch_size` indices drawn with replacement per step."""
+    features = cluster(CENTRES["reference"], 40, 0, spread=2.0)
+    selector = DistributionSelector(SelectorConfig(feature_dim=8, hidden_dim=6), num_tasks=1)
+    selector.fit_reference(features, steps=5, lr=1e-2, batch_size=7, weight_decay=0.3, seed=3)
+
+    generator = torch.Generator().manual_seed(3)
+    autoencoder = selector._autoencoder()
+    with torch.no_grad():
+        for linear in (autoencoder.encoder, autoencoder.decoder):
+            bound = 1.0 / math.sqrt(linear.in_features)
+            for param in (linear.weight, linear.bias):
+                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-2, weight_decay=0.3)
+    inputs = (features - features.mean(0)) / features.std(0)
+    for _ in range(5):
+        loss = autoencoder.errors(inputs[torch.randint(0, 40, (7,), generator=generator)]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    fitted = selector.autoencoder(0).state_dict()
+    assert all(torch.equal(fitted[name], value) for name, value in autoencoder.state_dict().items())
+    without = DistributionSelector(SelectorConfig(feature_dim=8, hidden_dim=6), num_tasks=1)
+    without.fit_reference(features, steps=5, lr=1e-2, batch_size=7, seed=3)
+    assert not torch.equal(without.autoencoder(0).encoder.weight, fitted["encoder.weight"])
+
+
+def test_the_sampled_ddas_loop_passes_its_batch_size_and_weight_decay(tmp_path, module_processor, monkeypatch):
+    calls = []
+    for name in ("fit_reference", "fit_task"):
+        original = getattr(DistributionSelector, name)
+
+        def recording(self, *args, _original=original, _name=name, **kwargs):
+            calls.append((_name, kwargs["batch_size"], kwargs["weight_decay"]))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(DistributionSelector, name, recording)
+    model = moe_model()
+    ddas = DDASArguments(ddas=True, ddas_task_steps=2, ddas_reference_steps=2, ddas_batch_size=5,
+                         ddas_weight_decay=0.25)
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(12, 0))
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
+    ContinualTrainer(method=method, args=args, processing_class=module_processor).train_tasks(
+        [colour_task("first", n_train=20, n_eval=6)])
+    assert calls == [("fit_reference", 5, 0.25), ("fit_task", 5, 0.25)]

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .options import is_shape
+
 FIX = "Delete it and save or download it again."
 # Bytes per element of the safetensors dtypes.
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -159,9 +161,7 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
             continue
         shape, (start, end) = entry.get("shape"), entry["data_offsets"]
         width = SAFETENSORS_DTYPE_BYTES.get(entry.get("dtype"))
-        valid_shape = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                      for d in shape)
-        if width is None or not valid_shape or not all(isinstance(o, int) and o >= 0 for o in (start, end)) \
+        if width is None or not is_shape(shape) or not all(isinstance(o, int) and o >= 0 for o in (start, end)) \
                 or end - start != math.prod(shape) * width:
             raise ValueError(f"{path} has a malformed safetensors header: tensor {key!r} (dtype {entry.get('dtype')!r}, "
                              f"shape {shape!r}) does not fit its data offsets {entry['data_offsets']!r}. {FIX}")

@@ -17,6 +17,22 @@ def _number(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
+def is_finite_number(value: Any) -> bool:
+    """An int or a finite float, not a bool (JSON's true would otherwise pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_shape(value: Any) -> bool:
+    """A list of non-negative integer sizes (not bools), as a tensor shape read from a file."""
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for naming a bad value in an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_kind(value: Any, kind: type) -> bool:
     if kind is bool:
         return isinstance(value, bool)
@@ -25,7 +41,7 @@ def _is_kind(value: Any, kind: type) -> bool:
     if kind is int:
         return isinstance(value, int)
     if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
+        return is_finite_number(value)
     return isinstance(value, kind)
 
 

@@ -13,7 +13,6 @@ Nothing is pickled; every file is written to a staging folder and renamed into p
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from ..files import FIX, atomic_files, check_safetensors_file, read_json_file
+from ..options import is_finite_number, is_shape
 from .store import DeltaStore
 
 FORMAT, VERSION = "hf-moe-cl/condu", 1
@@ -107,10 +107,6 @@ def read_header(folder: Path) -> dict:
     return header
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _header_problem(header: dict) -> Optional[str]:
     """What is wrong with a condu_config.json of the right format, or None."""
     missing = [key for key in ("fine_tune", "model", "rule", "tasks", "shapes") if key not in header]
@@ -121,15 +117,13 @@ def _header_problem(header: dict) -> Optional[str]:
     if not isinstance(header["model"], dict) or not isinstance(header["rule"], str):
         return "`model` must be an object and `rule` a string"
     shapes = header["shapes"]
-    if not isinstance(shapes, dict) or not shapes or not all(
-            isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
-            for s in shapes.values()):
+    if not isinstance(shapes, dict) or not shapes or not all(is_shape(s) for s in shapes.values()):
         return "`shapes` must map tensor names to lists of sizes"
     tasks = header["tasks"]
     if not isinstance(tasks, list) or not tasks:
         return "`tasks` must be a non-empty list"
     for t, task in enumerate(tasks):
-        if not isinstance(task, dict) or not _is_number(task.get("rescaler")):
+        if not isinstance(task, dict) or not is_finite_number(task.get("rescaler")):
             return f"tasks[{t}] must be an object with a finite `rescaler`, got {task!r:.80}"
         if not isinstance(task.get("prototypes"), list) or not all(isinstance(k, str) for k in task["prototypes"]):
             return f"tasks[{t}].prototypes must be a list of prototype kinds"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from ..files import atomic_folder, is_temporary, read_json_file, temporary_sibling, write_json_atomic
+from ..options import is_finite_number, short_repr
 
 logger = logging.getLogger("hf_moe_cl")
 
@@ -72,12 +73,7 @@ def differences(stored: Any, current: Any, path: str = "") -> list[str]:
         for i, (a, b) in enumerate(zip(stored, current)):
             found += differences(a, b, f"{path}[{i}]")
         return found
-    return [] if stored == current else [f"{path}: {_short(stored)} -> {_short(current)}"]
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return [] if stored == current else [f"{path}: {short_repr(stored)} -> {short_repr(current)}"]
 
 
 def finished_folders(output_dir: str | Path) -> dict[int, Path]:
@@ -120,7 +116,7 @@ def _progress_problem(progress: dict, index: int) -> Optional[str]:
     if isinstance(finished, bool) or not isinstance(finished, int) or finished != index:
         return f"finished_task is {finished!r} but the folder is task {index}'s"
     if not isinstance(names, list) or len(names) <= finished or not all(isinstance(n, str) for n in names):
-        return f"task_names {_short(names)} does not name task {finished}"
+        return f"task_names {short_repr(names)} does not name task {finished}"
     if not isinstance(progress["run"], dict) or not isinstance(progress.get("evaluated"), bool):
         return "`run` must be an object and `evaluated` true or false"
     steps = progress.get("steps_done")
@@ -132,12 +128,11 @@ def _progress_problem(progress: dict, index: int) -> Optional[str]:
     rows = finished + int(progress["evaluated"])
     for kind, matrix in matrices.items():
         if not isinstance(matrix, list) or len(matrix) != rows:
-            return f"matrices.{kind} must have {rows} row(s) after task {finished}, not {_short(matrix)}"
+            return f"matrices.{kind} must have {rows} row(s) after task {finished}, not {short_repr(matrix)}"
         for row in matrix:
             if not isinstance(row, list) or len(row) != len(names) or not all(
-                    value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and 0 <= value <= 100) for value in row):
-                return f"matrices.{kind} has the row {_short(row)}, not {len(names)} accuracies (0-100 or null)"
+                    value is None or (is_finite_number(value) and 0 <= value <= 100) for value in row):
+                return f"matrices.{kind} has the row {short_repr(row)}, not {len(names)} accuracies (0-100 or null)"
     return None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 import string
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..data.labels import label_key
 from ..files import read_json_file
+from ..options import is_finite_number, short_repr
 from .data import to_rgb
 
 INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
@@ -53,11 +53,6 @@ def _open_image(image) -> Image.Image:
     return Image.fromarray(image)
 
 
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _template_problem(template) -> Optional[str]:
     """What is wrong with a prompt template, or None: it must hold exactly one empty replacement field `{}`."""
     if not isinstance(template, str):
@@ -81,7 +76,7 @@ def check_label_space(classnames, templates, owner: str, names_argument: str = "
     list of strings with exactly one '{}' each; `owner` starts every message (e.g. "Task 'cifar100'")."""
     if isinstance(classnames, str) or not isinstance(classnames, (list, tuple)):
         raise ValueError(f"{owner}: `{names_argument}` must be a list of class names (one per label), got "
-                         f"{type(classnames).__name__} {_short(classnames)}; a string would make one class per "
+                         f"{type(classnames).__name__} {short_repr(classnames)}; a string would make one class per "
                          "character.")
     if not classnames:
         raise ValueError(f"{owner} has no class names: pass `{names_argument}` (one per label).")
@@ -93,7 +88,7 @@ def check_label_space(classnames, templates, owner: str, names_argument: str = "
                          "told apart. Make every class name unique.")
     if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
         raise ValueError(f"{owner}: `templates` must be a non-empty list of prompt templates, got "
-                         f"{_short(templates)}.")
+                         f"{short_repr(templates)}.")
     for template in templates:
         problem = _template_problem(template)
         if problem:
@@ -146,7 +141,7 @@ class ContinualTask:
         rates = ([("learning_rate", self.learning_rate)] if self.learning_rate is not None else []) + [
             (f"official_learning_rates[{key!r}]", rate) for key, rate in self.official_learning_rates.items()]
         for name, rate in rates:
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            if not is_finite_number(rate) or rate <= 0:
                 raise ValueError(f"Task {self.name!r}: {name} must be a finite positive number, got {rate!r}.")
         splits = [("eval", self.eval_dataset)]
         if needs_training:
@@ -172,7 +167,7 @@ class ContinualTask:
             isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(self.classnames) for c in classes)
         if not valid or len(set(classes)) != len(classes):
             raise ValueError(f"Task {self.name!r}: `train_classes` must be a non-empty list of distinct class indices "
-                             f"in 0..{len(self.classnames) - 1} (positions in `classnames`), got {_short(classes)}.")
+                             f"in 0..{len(self.classnames) - 1} (positions in `classnames`), got {short_repr(classes)}.")
 
     def _check_labels(self, split: str, dataset: Dataset) -> None:
         feature = dataset.features["label"]

@@ -389,12 +389,6 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
                          full_train_dataset=whole if few_shot else None)
 
 
-def hub_task(name: str, hub_id: Optional[str] = None, few_shot: Optional[int] = None, seed: int = 0,
-             cache_dir: Optional[str] = None) -> ContinualTask:
-    """`mtil_task` from the Hub copy `hub_id` (default: the spec's)."""
-    return mtil_task(name, hub=hub_id, few_shot=few_shot, seed=seed, cache_dir=cache_dir)
-
-
 def mini_mtil_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] = None) -> list[ContinualTask]:
     """The six real mini-MTIL datasets of the shared assets, alphabetical like Order I."""
     return [ContinualTask.from_disk(Path(assets) / "mini-mtil" / name) for name in (names or MINI_TASKS)]

@@ -188,6 +188,7 @@ class DDASSelection:
             else:
                 selector.fit_reference(self._features_of(trainer, reference, "reference images"),
                                        steps=ddas.ddas_reference_steps, lr=ddas.ddas_learning_rate,
+                                       batch_size=ddas.ddas_batch_size, weight_decay=ddas.ddas_weight_decay,
                                        seed=trainer.args.seed,
                                        progress="DDAS reference autoencoder" if show else None)
         progress = f"DDAS autoencoder: {task.name}" if show else None
@@ -197,6 +198,7 @@ class DDASSelection:
         else:
             selector.fit_task(route, self._features_of(trainer, task.train_dataset, task.name),
                               steps=ddas.ddas_task_steps, lr=ddas.ddas_learning_rate, threshold=ddas.ddas_threshold,
+                              batch_size=ddas.ddas_batch_size, weight_decay=ddas.ddas_weight_decay,
                               quantile=ddas.ddas_quantile, seed=trainer.args.seed, progress=progress)
         if ddas.ddas_include_untrained:  # the official single threshold also bounds tasks not learned yet
             for other in range(selector.num_tasks):

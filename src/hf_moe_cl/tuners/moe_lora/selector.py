@@ -156,7 +156,7 @@ class DistributionSelector(nn.Module):
 
     # ----- training ------------------------------------------------------------------------------------------------
     def _fit(self, slot: int, features: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
-             progress: Optional[str] = None) -> FeatureAutoencoder:
+             progress: Optional[str] = None, weight_decay: float = 0.0) -> FeatureAutoencoder:
         if features.shape[0] == 0:
             raise ValueError("Cannot train a DDAS autoencoder on zero images: the task's dataset is empty.")
         autoencoder = self._autoencoder().to(features.device)
@@ -166,7 +166,7 @@ class DistributionSelector(nn.Module):
                 bound = 1.0 / math.sqrt(linear.in_features)
                 for param in (linear.weight, linear.bias):
                     param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
-        optimizer = torch.optim.Adam(autoencoder.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(autoencoder.parameters(), lr=lr, weight_decay=weight_decay)
         autoencoder.train()
         with torch.enable_grad():
             for _ in tqdm(range(steps), desc=progress, disable=progress is None, leave=False):
@@ -181,11 +181,11 @@ class DistributionSelector(nn.Module):
         return autoencoder
 
     def fit_reference(self, features: torch.Tensor, steps: int = 1000, lr: float = 1e-3, batch_size: int = 64,
-                      seed: int = 0, progress: Optional[str] = None) -> None:
+                      seed: int = 0, progress: Optional[str] = None, weight_decay: float = 0.0) -> None:
         """Train the reference autoencoder (paper: Tiny ImageNet, 1000 steps); sets the standardisation."""
         features = features.detach()
         self.set_standardization(features)
-        self._fit(0, self.normalise(features), steps, lr, batch_size, seed, progress)
+        self._fit(0, self.normalise(features), steps, lr, batch_size, seed, progress, weight_decay)
         self.trained[0] = True
 
     def set_standardization(self, reference_features: torch.Tensor) -> None:
@@ -210,7 +210,7 @@ class DistributionSelector(nn.Module):
 
     def fit_task(self, task: int, features: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
                  threshold: Optional[float] = None, heldout_fraction: float = HELDOUT_FRACTION, quantile: float = 0.95,
-                 seed: int = 0, progress: Optional[str] = None) -> float:
+                 seed: int = 0, progress: Optional[str] = None, weight_decay: float = 0.0) -> float:
         """Train task `task`'s autoencoder (paper: 300 steps) and set its threshold; returns the threshold.
 
         With `threshold=None` it is calibrated: the `quantile` of the errors on a held-out `heldout_fraction` of
@@ -227,7 +227,7 @@ class DistributionSelector(nn.Module):
         if threshold is None and held < 1:
             raise ValueError("Too few images to calibrate a threshold: give more, or a fixed `threshold`.")
         train, heldout = self.normalise(features[order[held:]]), features[order[:held]]
-        autoencoder = self._fit(task + 1, train, steps, lr, batch_size, seed + task + 1, progress)
+        autoencoder = self._fit(task + 1, train, steps, lr, batch_size, seed + task + 1, progress, weight_decay)
         if threshold is None:
             threshold = self.calibrated_threshold(autoencoder, heldout, quantile)
         self.thresholds[task] = threshold
