@@ -44,7 +44,8 @@ from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
 from hf_moe_cl.classification import image_embeddings, text_embeddings
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
-from hf_moe_cl.files import write_text_atomic
+from hf_moe_cl.experiments.figures import save_png
+from hf_moe_cl.files import write_json_atomic, write_text_atomic
 from hf_moe_cl.experiments.presets import MINI_LONG_EVAL_IMAGES, MINI_LONG_STEPS, mini_long_names, mini_long_tasks
 
 matplotlib.use("Agg")
@@ -115,11 +116,11 @@ class MeasuredTrainer(ContinualTrainer):
         learned = index + 1
         if learned in self.report_at and isinstance(self.method, MoEAdapters):
             self.measured[learned] = {"adapter_bytes": adapter_bytes(self.method.model, learned),
-                                      **self._inference_ms(tasks[:learned])}
+                                      **self._inference_ms()}
         return encodings
 
     @torch.no_grad()
-    def _inference_ms(self, learned) -> dict:
+    def _inference_ms(self) -> dict:
         if not self.method.selects_routes:
             return {}
         pixels, labels = self.probe
@@ -240,7 +241,7 @@ def plot(table: dict[str, dict[int, dict]], output: Path) -> list[str]:
         figure, axis = plt.subplots(figsize=(5, 3.5))
         draw(axis, label, series)
         figure.tight_layout()
-        figure.savefig(output / f"{key}.png", dpi=120)
+        save_png(figure, output / f"{key}.png", dpi=120)
         plt.close(figure)
         written.append(f"{key}.png")
     if panels:
@@ -252,7 +253,7 @@ def plot(table: dict[str, dict[int, dict]], output: Path) -> list[str]:
         for axis in list(axes.flat)[len(panels):]:
             axis.set_visible(False)
         figure.tight_layout()
-        figure.savefig(output / "scaling.png", dpi=80)
+        save_png(figure, output / "scaling.png", dpi=80)
         plt.close(figure)
         written.append("scaling.png")
     return written
@@ -330,7 +331,7 @@ def main():
         result = trainer.train_tasks(tasks)
         records[variant] = {"settings": settings, "tasks": [t.name for t in tasks],
                             **variant_record(result, timer, trainer.measured, time.perf_counter() - start)}
-        write_text_atomic(output / f"{variant}.json", json.dumps(records[variant], indent=1))
+        write_json_atomic(output / f"{variant}.json", records[variant])
         print(f"{variant}: {records[variant]['seconds']:.0f} s", flush=True)
 
     everything = {p.stem: json.loads(p.read_text()) for p in sorted(output.glob("*.json"))
@@ -342,7 +343,7 @@ def main():
               f"{args.batch_size}, lr {args.learning_rate:g} (individual {args.individual_learning_rate:g}), "
               f"{args.eval_images} test images per task, growth threshold {args.growth_threshold:g}; seconds: "
               + ", ".join(f"{v} {r['seconds']:.0f}" for v, r in records.items()))
-    write_text_atomic(output / "results.json", json.dumps({"arguments": vars(args), "table": table}, indent=1))
+    write_json_atomic(output / "results.json", {"arguments": vars(args), "table": table})
     report = markdown(table, header)
     figures = plot(table, output)
     report += "\nFigures: " + ", ".join(figures) + "\n"

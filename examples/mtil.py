@@ -36,6 +36,7 @@ from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
 from hf_moe_cl.experiments.metrics import class_incremental_metrics
 from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
 from hf_moe_cl.experiments.reporting import write_result_report
+from hf_moe_cl.files import write_json_atomic
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments, get_method
 from hf_moe_cl.continual.methods.ddas import DDASSelection
@@ -243,8 +244,8 @@ def main(argv: Optional[list[str]] = None):
     if isinstance(preset, ClassIncrementalPreset):
         steps = [result.accuracy_matrix[i][i] for i in range(len(tasks))]
         metrics = class_incremental_metrics(steps)
-        (output / "class_incremental.json").write_text(json.dumps({"matrix": "oracle", "step_accuracy": steps,
-                                                                     "metrics": metrics}))
+        write_json_atomic(output / "class_incremental.json", {"matrix": "oracle", "step_accuracy": steps,
+                                                              "metrics": metrics})
         results = {"headline_matrix": "class_incremental", **{f"class_incremental_{k}": v for k, v in metrics.items()}}
     else:
         metrics = write_result_report(output, result, method_args.method)

@@ -113,7 +113,7 @@ def selection_heatmap(counts: Sequence[Sequence[int]], names: Sequence[str], met
     return figure
 
 
-def save_png(figure: Figure, path) -> None:
-    """Write `figure` as a PNG, atomically."""
+def save_png(figure: Figure, path, dpi: Optional[float] = None) -> None:
+    """Write `figure` as a PNG, atomically (`dpi`: matplotlib's default when None)."""
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
+        figure.savefig(temporary, format="png", dpi=dpi)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
-from ..files import write_text_atomic
+from ..files import write_json_atomic, write_text_atomic
 from .figures import METRIC_LABELS, accuracy_heatmap, save_png, selection_heatmap
 from .metrics import forgetting, mtil_metrics
 
@@ -101,7 +100,7 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
     metrics, lost = matrix_summary(names, matrix)
     record = {"method": method, "kind": kind, "tasks": names, "accuracy_matrix": matrix, "metrics": metrics,
               "forgetting": lost}
-    write_text_atomic(output_dir / "accuracy_matrix.json", json.dumps(record, indent=1))
+    write_json_atomic(output_dir / "accuracy_matrix.json", record)
     write_text_atomic(output_dir / "accuracy_matrix.csv", _csv(names, matrix))
     text = (f"# {method}: {matrix_label(kind)}\n\n"
             + metrics_markdown({method: (metrics, lost)}, names, "method"))
@@ -109,8 +108,8 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
     save_png(accuracy_heatmap(matrix, names, method, kind, figure_metrics), output_dir / "accuracy_matrix.png")
     if route_histogram:
         summary = selection_summary(route_histogram, names)
-        write_text_atomic(output_dir / "route_selection.json",
-                          json.dumps({"method": method, "kind": kind, "tasks": names, **summary}, indent=1))
+        write_json_atomic(output_dir / "route_selection.json",
+                          {"method": method, "kind": kind, "tasks": names, **summary})
         save_png(selection_heatmap(summary["counts_after_last_task"], names, method, kind),
                  output_dir / "route_selection.png")
         text += "\n\n## Route selection after the last task\n\n" + selection_table(summary, names)
