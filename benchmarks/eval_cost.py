@@ -22,7 +22,7 @@ from datasets import load_from_disk
 from transformers import CLIPModel, CLIPProcessor
 
 import hf_moe_cl  # noqa: F401
-from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.evaluation import CellRequest
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
@@ -35,10 +35,10 @@ def main():
     parser.add_argument("--assets_dir", default=None)
     args = parser.parse_args()
     root = assets_dir(args.assets_dir)
-    base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
-    processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
+    base = CLIPModel.from_pretrained(root / PROXY_CLIP, dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(root / PROXY_CLIP)
     tasks = mini_mtil_tasks(root)
-    reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref"))
+    reference = load_from_disk(str(root / REFERENCE_IMAGES))
     ddas = DDASArguments(ddas=True, ddas_task_steps=1000)
     method = MoEAdapters.from_base(base, [MoEAdaptersArguments(), ddas], num_tasks=len(tasks), rank=64,
                                    reference_images=reference)

@@ -30,7 +30,7 @@ from peft import get_peft_model
 from transformers import CLIPProcessor
 
 from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier
-from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.assets import MINI_MTIL, PROXY_CLIP, assets_dir
 from hf_moe_cl.classification import image_embeddings, text_embeddings
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.experiments.presets import MINI_TASKS
@@ -45,7 +45,7 @@ def batch_pixels(root, processor, model, batch_size):
         return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     images = []
     for index in range(batch_size):
-        split = load_from_disk(str(root / "mini-mtil" / MINI_TASKS[index % TASKS]))["test"]
+        split = load_from_disk(str(root / MINI_MTIL / MINI_TASKS[index % TASKS]))["test"]
         images.append(split[index // TASKS]["image"].convert("RGB"))
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
@@ -71,7 +71,7 @@ def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, de
         rows = torch.nonzero(seen & (torch.arange(len(seen), device=seen.device) % tasks == task)).flatten()
         own = features[rows] if len(rows) else features[seen] + 5.0 * features.std()
         selector.fit_task(task, own, steps=300, lr=1e-2, threshold=float("inf"))
-    meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
+    meta = json.loads((root / MINI_MTIL / "cifar10" / "task.json").read_text())
     for task in range(tasks):
         model.base_model.set_task_info(task, f"{MINI_TASKS[task % TASKS]}-{task}", meta["classnames"],
                                        meta["templates"])
@@ -98,12 +98,12 @@ def main():
         parser.error(f"--tasks must be at least 1, got {args.tasks}")
     torch.manual_seed(0)
     root = assets_dir(args.assets_dir)
-    processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
+    processor = CLIPProcessor.from_pretrained(root / PROXY_CLIP)
     device = torch.device(args.device)
     plain = load_model(args.model, root).eval().to(device)
     pixels = batch_pixels(root, processor, plain, args.batch_size).to(device)
     seen = (torch.arange(args.batch_size) >= int(round(args.unseen * args.batch_size))).to(device)
-    meta = json.loads((root / "mini-mtil" / "cifar10" / "task.json").read_text())
+    meta = json.loads((root / MINI_MTIL / "cifar10" / "task.json").read_text())
     labels = meta["classnames"]
     text = text_embeddings(plain, processor.tokenizer, labels, meta["templates"], device)
 

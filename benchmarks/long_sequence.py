@@ -39,7 +39,7 @@ from transformers import CLIPModel, CLIPProcessor, TrainerCallback, set_seed
 
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl import TaskAgnosticClassifier
-from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
 from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
 from hf_moe_cl.classification import image_embeddings, text_embeddings
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
@@ -303,10 +303,10 @@ def main():
             print(f"{variant}: measured before, read from {saved}", flush=True)
     todo = [] if args.report_only else [v for v in chosen if v not in records]
     if todo:
-        base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
-        processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
+        base = CLIPModel.from_pretrained(root / PROXY_CLIP, dtype=torch.float32)
+        processor = CLIPProcessor.from_pretrained(root / PROXY_CLIP)
         tasks = mini_long_tasks(root, mini_long_names()[:args.num_tasks], eval_images=args.eval_images)
-        reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref"))
+        reference = load_from_disk(str(root / REFERENCE_IMAGES))
         probe = probe_batch(tasks, processor, args.probe_batch)
         plain = copy.deepcopy(base).eval()
     for variant in todo:

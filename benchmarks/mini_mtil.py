@@ -25,7 +25,7 @@ from datasets import load_from_disk
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401
-from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
 from hf_moe_cl.experiments.experiment import MethodArguments, run_method
 from hf_moe_cl.experiments.metrics import task_drops
 from hf_moe_cl.experiments.presets import mini_mtil_tasks
@@ -122,10 +122,10 @@ def main():
     ddas = dataclasses.replace(ddas_args, ddas=args.task_agnostic)
 
     root = assets_dir(args.assets_dir)
-    base = CLIPModel.from_pretrained(root / "proxy-clip", dtype=torch.float32)
-    processor = CLIPProcessor.from_pretrained(root / "proxy-clip")
+    base = CLIPModel.from_pretrained(root / PROXY_CLIP, dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(root / PROXY_CLIP)
     tasks = mini_mtil_tasks(root)
-    reference = load_from_disk(str(root / "reference" / "tinyimagenet-ref")) if args.task_agnostic else None
+    reference = load_from_disk(str(root / REFERENCE_IMAGES)) if args.task_agnostic else None
     rates = {"moe-adapters": args.lr_moe, "lora": args.lr_lora, "full-finetune": args.lr_full,
              "individual-finetune": args.lr_full, "zero-shot": args.lr_full,
              "condu": args.lr_condu or (args.lr_lora if condu_args.condu_fine_tune == "lora" else args.lr_full)}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+from hf_moe_cl.assets import PROXY_CLIP
+
 MODELS = ("proxy-clip", "vit-b16-random", "tiny-random")
 
 
@@ -29,7 +31,7 @@ def tiny_config() -> CLIPConfig:
 
 def load_model(name: str, assets) -> CLIPModel:
     if name == "proxy-clip":
-        return CLIPModel.from_pretrained(assets / "proxy-clip", dtype=torch.float32)
+        return CLIPModel.from_pretrained(assets / PROXY_CLIP, dtype=torch.float32)
     if name == "vit-b16-random":
         return CLIPModel(vit_b16_config())
     if name == "tiny-random":

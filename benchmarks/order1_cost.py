@@ -33,7 +33,7 @@ from models import MODELS, load_model
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, TrainerCallback
 
-from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.assets import PROXY_CLIP, assets_dir
 from hf_moe_cl.classification import RoutedClassifier
 from hf_moe_cl.experiments.recipes import OFFICIAL_DDAS, preset_recipe
 from hf_moe_cl.continual import ContinualTask, ContinualTrainer, ContinualTrainingArguments
@@ -205,7 +205,7 @@ def run_scaled(args) -> tuple[Measured, dict]:
     size = base.config.vision_config.image_size
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
                                                                  crop_size={"height": size, "width": size}),
-                              tokenizer=CLIPTokenizer.from_pretrained(root / "proxy-clip"))
+                              tokenizer=CLIPTokenizer.from_pretrained(root / PROXY_CLIP))
     tasks = scaled_tasks(args.scale, args.source_size)
     reference = synthetic_split(max(2, math.ceil(TINY_IMAGENET_TRAIN * args.scale)), 1, args.source_size, 99, 99)
     recipe = preset_recipe("mtil-order-1")

@@ -27,11 +27,11 @@ from profiling import aten_ops
 from transformers import CLIPModel, CLIPTokenizer
 
 from hf_moe_cl import MoELoraConfig
-from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.assets import PROXY_CLIP, assets_dir
 
 
 def make_batch(path, batch_size, image_size, device):
-    tokenizer = CLIPTokenizer.from_pretrained(path / "proxy-clip")
+    tokenizer = CLIPTokenizer.from_pretrained(path / PROXY_CLIP)
     prompts = [f"a photo of a {c}." for c in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                                "horse", "ship", "truck"]]
     text = tokenizer(prompts, padding=True, return_tensors="pt").to(device)

@@ -31,7 +31,7 @@ from datasets import load_dataset, load_from_disk
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
-from hf_moe_cl.assets import assets_dir
+from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
 from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
 from hf_moe_cl.experiments.metrics import class_incremental_metrics
 from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
@@ -172,14 +172,14 @@ def base_model(experiment: ExperimentArguments) -> str:
     if experiment.model_name_or_path is not None:
         return experiment.model_name_or_path
     offline = getattr(get_preset(experiment.preset), "from_assets", False)
-    return str(assets_dir(experiment.assets_dir) / "proxy-clip") if offline else HUB_CLIP
+    return str(assets_dir(experiment.assets_dir) / PROXY_CLIP) if offline else HUB_CLIP
 
 
 def reference_source(experiment: ExperimentArguments) -> str:
     if experiment.ddas_reference is not None:
         return experiment.ddas_reference
     offline = getattr(get_preset(experiment.preset), "from_assets", False)
-    return str(assets_dir(experiment.assets_dir) / "reference" / "tinyimagenet-ref") if offline else TINY_IMAGENET
+    return str(assets_dir(experiment.assets_dir) / REFERENCE_IMAGES) if offline else TINY_IMAGENET
 
 
 def reference_images(experiment: ExperimentArguments):

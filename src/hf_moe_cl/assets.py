@@ -9,6 +9,10 @@ import os
 from pathlib import Path
 
 ASSETS_ENV = "HF_MOE_CL_ASSETS"
+# What the folder holds, relative to it.
+PROXY_CLIP = Path("proxy-clip")  # a small CLIPModel pretrained on real 32x32 images, with the real CLIP tokenizer
+MINI_MTIL = Path("mini-mtil")  # one `datasets.load_from_disk` folder per task
+REFERENCE_IMAGES = Path("reference") / "tinyimagenet-ref"  # Tiny ImageNet images: DDAS's reference set
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

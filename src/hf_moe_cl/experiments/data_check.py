@@ -21,7 +21,7 @@ from huggingface_hub import HfApi, try_to_load_from_cache
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.file_download import repo_folder_name
 
-from ..assets import assets_dir as resolve_assets
+from ..assets import MINI_MTIL, assets_dir as resolve_assets
 from ..continual.tasks import ContinualTask
 from ..data.labels import LabelMappingError
 from ..data.sources import summarize
@@ -200,11 +200,11 @@ def _dataset_row(name: str, data_dir, hub, cache_dir, network: _Network) -> dict
 
 def _assets_row(name: str, assets, preset) -> dict[str, str]:
     if preset.class_groups:  # mini-long: a class group of one of the assets' datasets
-        folder = resolve_assets(assets) / "mini-mtil" / name.rsplit("-", 1)[0]
+        folder = resolve_assets(assets) / MINI_MTIL / name.rsplit("-", 1)[0]
         task = mini_long_tasks(resolve_assets(assets), [name], preset.class_groups, preset.eval_images)[0]
         split, labels = f"train / test (at most {preset.eval_images} test images)", "renumbered from 0"
     else:
-        folder = resolve_assets(assets) / "mini-mtil" / name
+        folder = resolve_assets(assets) / MINI_MTIL / name
         task = ContinualTask.from_disk(folder)
         split, labels = "train / test", "as saved"
     return {"dataset": name, "source": str(folder), "split": split, "train": f"{len(task.train_dataset):,}",

@@ -22,7 +22,7 @@ import torch
 from datasets import ClassLabel, Dataset
 from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-from ..assets import assets_dir as resolve_assets
+from ..assets import MINI_MTIL, assets_dir as resolve_assets
 from ..continual.tasks import ContinualTask
 from ..data.sources import load_splits
 from ..data.splits import few_shot_subset
@@ -391,7 +391,7 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
 
 def mini_mtil_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] = None) -> list[ContinualTask]:
     """The six real mini-MTIL datasets of the shared assets, alphabetical like Order I."""
-    return [ContinualTask.from_disk(Path(assets) / "mini-mtil" / name) for name in (names or MINI_TASKS)]
+    return [ContinualTask.from_disk(Path(assets) / MINI_MTIL / name) for name in (names or MINI_TASKS)]
 
 
 def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str], steps: Optional[int] = None,
