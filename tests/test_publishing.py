@@ -174,3 +174,23 @@ def test_the_cards_usage_code_runs_against_the_published_folder(proxy_adapter, t
     expected = TaskAgnosticClassifier.from_pretrained(str(folder))([Image.open(tmp_path / "photo.jpg")],
                                                                    candidate_labels=["cat", "dog"])
     assert predictions == expected and predictions[0]["task"] in ("cifar10", None)
+
+
+def test_the_peft_usage_code_of_a_task_aware_card_loads_the_published_adapter(tmp_path, clip_inputs):
+    import torch
+
+    from conftest import moe_model
+
+    model = moe_model(init_weights=False).eval()
+    tiny_clip().save_pretrained(tmp_path / "base")  # the same seeded weights as the adapter's base
+    publishing.push_to_hub(model, "me/moe-clip", dry_run_dir=tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"me/moe-clip"' in code and "model.set_task(0)" in code
+    namespace = {}
+    exec(code.replace('"me/moe-clip"', repr(str(tmp_path / "out"))).replace("<base CLIP>",
+                                                                            repr(str(tmp_path / "base"))), namespace)
+    model.set_task(0)
+    with torch.no_grad():
+        assert torch.equal(namespace["model"].eval()(**clip_inputs).logits_per_image,
+                           model(**clip_inputs).logits_per_image)

@@ -24,7 +24,7 @@ from .continual.methods import ContinualMethod, method_for_model
 from .continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .files import atomic_folder
 from .tuners.moe_lora import find_moe
-from .tuners.moe_lora.card import hub_id
+from .tuners.moe_lora.card import hub_id, peft_loading_code
 
 def _as_method(method_or_model) -> ContinualMethod:
     return method_or_model if isinstance(method_or_model, ContinualMethod) else method_for_model(method_or_model)
@@ -168,9 +168,7 @@ def _usage(method: ContinualMethod, library: str, repo_id: str, base: Optional[s
                 "# one {'label', 'score', 'task'} per image: 'task' is the learned task the image was routed to, or "
                 "None (zero-shot CLIP among candidate_labels)")
     if library == "peft":
-        return (f"import hf_moe_cl  # registers the MoE-LoRA method with peft\nfrom peft import PeftModel\n"
-                f"from transformers import CLIPModel\n\nmodel = PeftModel.from_pretrained("
-                f'CLIPModel.from_pretrained("{base}"), "{repo_id}")\nmodel.set_task(0)  # the task of the images')
+        return peft_loading_code(base, repo_id)
     if library == "transformers":
         return f'from transformers import CLIPModel\n\nmodel = CLIPModel.from_pretrained("{repo_id}")'
     return (f"from huggingface_hub import snapshot_download\nfrom transformers import CLIPModel\n"

@@ -30,12 +30,17 @@ def hub_id(name: Optional[str]) -> Optional[str]:
     return name
 
 
+def peft_loading_code(base: Optional[str], location: str) -> str:
+    """Python that loads a MoE-LoRA adapter from `location` with peft, on the base CLIP `base` when it is a Hub id."""
+    base_model = f'CLIPModel.from_pretrained("{base}")' if hub_id(base) else "CLIPModel.from_pretrained(<base CLIP>)"
+    return ("import hf_moe_cl  # registers MoE-LoRA with peft\nfrom peft import PeftModel\n"
+            f'from transformers import CLIPModel\n\nmodel = PeftModel.from_pretrained({base_model}, "{location}")\n'
+            "model.set_task(0)  # the task of the images; or task_ids=..., or hf_moe_cl.TaskAgnosticClassifier")
+
+
 def adapter_card_text(base: Optional[str]) -> str:
-    base_line = f'CLIPModel.from_pretrained("{base}")' if hub_id(base) else "CLIPModel.from_pretrained(<base CLIP>)"
-    return (f"# MoE-LoRA adapter (hf-moe-cl)\n\n{IMPORT_HINT}\n\n```python\nimport hf_moe_cl  # registers MoE-LoRA "
-            f"with peft\nfrom peft import PeftModel\nfrom transformers import CLIPModel\n\nmodel = "
-            f'PeftModel.from_pretrained({base_line}, "<this folder or repo>")\nmodel.set_task(0)  # or task_ids=..., '
-            "or hf_moe_cl.TaskAgnosticClassifier\n```\n")
+    return (f"# MoE-LoRA adapter (hf-moe-cl)\n\n{IMPORT_HINT}\n\n```python\n"
+            f"{peft_loading_code(base, '<this folder or repo>')}\n```\n")
 
 
 def tidy_peft_card(folder: str, base: Optional[str]) -> None:
