@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from datasets import load_from_disk
 from models import MODELS, load_model
+from timing import median_ms
 from peft import get_peft_model
 from transformers import CLIPProcessor
 
@@ -121,29 +120,15 @@ def main():
         routes = classifier.method.select_routes(classifier.core, pixels)[0].selected
         routed_share[label] = float((routes >= 0).float().mean())
         candidates[f"{label} + MoE"] = lambda c=classifier: c.classify(pixels, candidate_labels=labels)
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     if args.bf16:
         candidates = {name: (lambda run=run: _autocast(run, device)) for name, run in candidates.items()}
-    times = {name: [] for name in candidates}
-    for run in candidates.values():
-        run()
-    for _ in range(args.repeats):
-        for name, run in candidates.items():
-            synchronize()
-            start = time.perf_counter()
-            run()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
-    plain_ms = 1000 * statistics.median(times["plain CLIP"])
+    times = median_ms(candidates, args.repeats, device)
+    plain_ms = times["plain CLIP"]
     print(f"model={args.model} tasks={args.tasks} batch={args.batch_size} unseen={args.unseen:.0%} "
           f"precision={'bf16 autocast' if args.bf16 else 'fp32'} (median of {args.repeats} interleaved repeats, "
           f"{device.type})")
     print(f"{'pipeline':42s} {'ms':>8s} {'/ plain':>8s} {'routed':>7s}")
-    for name, values in times.items():
-        ms = 1000 * statistics.median(values)
+    for name, ms in times.items():
         share = routed_share.get(name.removesuffix(" + MoE"))
         print(f"{name:42s} {ms:8.1f} {ms / plain_ms:8.2f} {'' if share is None else f'{share:.0%}':>7s}")
     print("targets: task-agnostic / plain CLIP <= 1.1 on CPU (batch 32), <= 1.15 on a GPU (batch 128, bf16), "

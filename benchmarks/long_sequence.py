@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import matplotlib
 import torch
 from datasets import load_from_disk
 from peft import get_peft_model_state_dict
-from transformers import CLIPModel, CLIPProcessor, TrainerCallback, set_seed
+from timing import StepTimer, median_ms
+from transformers import CLIPModel, CLIPProcessor, set_seed
 
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl import TaskAgnosticClassifier
@@ -65,27 +65,6 @@ def variants(growth_threshold: float) -> dict[str, dict]:
                                     expert_growth_threshold=growth_threshold),
         "individual": None,
     }
-
-
-class StepTimer(TrainerCallback):
-    """Median wall time of the optimizer steps of each task (forward, backward, step), in ms."""
-
-    def __init__(self):
-        self.per_task: list[float] = []
-        self._times: list[float] = []
-        self._start = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._times = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._times.append(time.perf_counter() - self._start)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.per_task.append(1000 * statistics.median(self._times) if self._times else float("nan"))
 
 
 def adapter_bytes(model, learned: int) -> int:
@@ -135,20 +114,16 @@ class MeasuredTrainer(ContinualTrainer):
         def agnostic():
             return classifier.classify(pixels, candidate_labels=labels)
 
-        times = {"plain": [], "agnostic": []}
-        plain(), agnostic()
-        for _ in range(self.repeats):
-            for name, run in (("plain", plain), ("agnostic", agnostic)):
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-        plain_ms, agnostic_ms = (1000 * statistics.median(times[n]) for n in ("plain", "agnostic"))
-        return {"plain_ms": plain_ms, "agnostic_ms": agnostic_ms}
+        times = median_ms({"plain": plain, "agnostic": agnostic}, self.repeats, device)
+        return {"plain_ms": times["plain"], "agnostic_ms": times["agnostic"]}
 
 
 def probe_batch(tasks, processor, size: int):
-    """A fixed batch mixing the test images of every task in turn, and every class name (zero-shot labels)."""
-    images = [tasks[i % len(tasks)].eval_dataset[i // len(tasks)]["image"].convert("RGB") for i in range(size)]
+    """A fixed batch mixing the test images of every task in turn (from the first again when a task has fewer than
+    its share), and every class name (zero-shot labels)."""
+    datasets = [task.eval_dataset for task in tasks]
+    images = [datasets[i % len(tasks)][(i // len(tasks)) % len(datasets[i % len(tasks)])]["image"].convert("RGB")
+              for i in range(size)]
     labels = sorted({name for task in tasks for name in task.classnames})
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"], labels
 
@@ -165,7 +140,7 @@ def variant_record(result, timer, measured, seconds) -> dict:
     separate processes and a finished one is not run again)."""
     keep = ("expert_slots", "route_histogram")
     return {"matrices": result.matrices, "diagnostics": {k: v for k, v in result.diagnostics.items() if k in keep},
-            "step_ms": timer.per_task, "measured": {str(n): m for n, m in measured.items()}, "seconds": seconds}
+            "step_ms": timer.per_task_ms, "measured": {str(n): m for n, m in measured.items()}, "seconds": seconds}
 
 
 def rows_at(record, individual, report_at) -> dict[int, dict]:
@@ -325,7 +300,7 @@ def main():
         set_seed(0)
         method, training = prepare_method(method_args, base, tasks, training, options=options,
                                           reference_images=reference if known[variant] else None)
-        timer = StepTimer()
+        timer = StepTimer(training.device)
         trainer = MeasuredTrainer(method=method, args=training, processing_class=processor, callbacks=[timer],
                                   report_at=report_at, plain=plain, probe=probe)
         result = trainer.train_tasks(tasks)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -30,8 +29,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 from models import MODELS, load_model
+from timing import StepTimer, synchronize
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, TrainerCallback
+from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
 from hf_moe_cl.assets import PROXY_CLIP, assets_dir
 from hf_moe_cl.classification import RoutedClassifier
@@ -136,47 +136,20 @@ def scaled_tasks(scale: float, source_size: int) -> list[ContinualTask]:
     return tasks
 
 
-class StepTimer(TrainerCallback):
-    """Seconds of every optimizer step but each task's first (which pays one-off costs), and of the first ones."""
-
-    def __init__(self, watch: "Stopwatch"):
-        self.watch, self.steps, self.first, self.start, self.first_step = watch, [], [], 0.0, True
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.first_step = True
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.watch._sync()
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.watch._sync()
-        (self.first if self.first_step else self.steps).append(time.perf_counter() - self.start)
-        self.first_step = False
-
-    @property
-    def step_s(self) -> float:
-        return statistics.median(self.steps or self.first)
-
-
 class Stopwatch:
     """Seconds and counts of wrapped calls, synchronising the device around each."""
 
     def __init__(self, device: torch.device):
         self.device, self.seconds, self.count = device, {}, {}
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def wrap(self, owner, name: str, label: str, count=lambda result, args: 1):
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            self._sync()
+            synchronize(self.device)
             start = time.perf_counter()
             result = original(*args, **kwargs)
-            self._sync()
+            synchronize(self.device)
             self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
             self.count[label] = self.count.get(label, 0) + count(result, args)
             return result
@@ -234,7 +207,7 @@ def run_scaled(args) -> tuple[Measured, dict]:
     watch.wrap(ContinualTrainer, "_evaluate_stage", "evaluation")
     loader = EvaluationEngine._loader
     EvaluationEngine._loader = lambda self, task: timed_loader(watch, loader(self, task))
-    steps_timer = StepTimer(watch)
+    steps_timer = StepTimer(device)
     trainer = ContinualTrainer(method=method, args=training_args, processing_class=processor, callbacks=[steps_timer])
     start = time.perf_counter()
     result = trainer.train_tasks(tasks)

@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from models import MODELS, load_model, vit_b16_config
 from profiling import aten_ops
+from timing import synchronize
 from transformers import CLIPModel, CLIPTokenizer
 
 from hf_moe_cl import MoELoraConfig
@@ -73,11 +74,11 @@ def resident_bytes(model, optimizer):
 
 def training_memory(model, optimizer, batch, device):
     if device.type == "cuda":  # the other models on the device cancel out: peak minus before, plus this one's own
-        torch.cuda.synchronize()
+        synchronize(device)
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         train_step(model, optimizer, *batch)
-        torch.cuda.synchronize()
+        synchronize(device)
         return torch.cuda.max_memory_allocated() - before + resident_bytes(model, optimizer)
     saved = []
 
@@ -93,12 +94,10 @@ def training_memory(model, optimizer, batch, device):
 
 
 def timed_step(model, optimizer, batch, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     train_step(model, optimizer, *batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
