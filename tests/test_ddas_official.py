@@ -21,7 +21,7 @@ def test_the_official_loop_runs_iterations_plus_one_steps_restarting_the_loader_
     """AutoEncoder.py 167-175: iter() at every epoch boundary (iteration % num_batches == 0) and on StopIteration;
     few_shot_AutoEncoder.py counts epochs over the whole set (num_batches 5) while its loader holds 3 batches."""
     loader = [torch.full((2, 4), float(i)) for i in range(3)]
-    seen, rates = [], []
+    seen = []
     autoencoder = FeatureAutoencoder(4, 2, sigmoid_output=True)
     steps = []
     autoencoder.register_forward_hook(lambda *_: steps.append(1))
@@ -86,9 +86,12 @@ def test_untrained_autoencoders_take_part_only_under_the_official_rule():
     masked, official = hand_made_selector(False), hand_made_selector(True)
     assert masked.reconstruction_errors(features)[0].tolist() == [1.0, 0.25, math.inf]
     assert official.reconstruction_errors(features)[0].tolist() == [1.0, 0.25, 0.0]
-    assert masked.select_batch(features) == 0 and official.select_batch(features) == 1
+    def batch_decision(selector):
+        return int(selector.select_units(selector.reconstruction_errors(features), len(features))[0])
+
+    assert batch_decision(masked) == 0 and batch_decision(official) == 1
     official.thresholds.fill_(-1.0)  # the single official threshold also bounds the untrained winner
-    assert official.select_batch(features) == -1
+    assert batch_decision(official) == -1
 
 
 def test_set_autoencoder_refuses_bad_input():

@@ -29,7 +29,11 @@ def separate_evaluation(trainer, task, kind, route=None, batch_size=32):
         if kind == "oracle":
             routes, untouched = Routes.single(route, pixels.shape[0], pixels.device), None
         else:
-            routes, untouched = method.select_routes(classifier, pixels, per_batch=kind == "protocol")
+            routes, untouched = method.select_routes(classifier, pixels)
+            if kind == "protocol":  # one decision for the batch, from its mean errors
+                errors = method.moe.selector.reconstruction_errors(method._route_features(pixels)[0])
+                routes = Routes.single(int(method.moe.selector.select_units(errors, len(errors))[0]),
+                                       pixels.shape[0], pixels.device)
         with torch.no_grad():
             correct += int((classifier.scores(pixels, routes, space, untouched).argmax(-1) == labels).sum())
         total += labels.numel()

@@ -117,10 +117,9 @@ class ContinualMethod:
         """The route of task `column`'s cell in the task-aware matrix after learning task `row`."""
         return self.task_route(column) if column <= row else self.unseen_route(row)
 
-    def select_routes(self, classifier, pixels: torch.Tensor,
-                      per_batch: bool = False) -> tuple[Routes, Optional[torch.Tensor]]:
-        """Routes chosen without a task id (per image, or one for the batch), and the untouched CLIP's
-        embeddings of `pixels` when computing the routes produced them (reused for zero-shot images)."""
+    def select_routes(self, classifier, pixels: torch.Tensor) -> tuple[Routes, Optional[torch.Tensor]]:
+        """Routes chosen without a task id, per image, and the untouched CLIP's embeddings of `pixels` when
+        computing the routes produced them (reused for zero-shot images)."""
         raise NotImplementedError(f"{type(self).__name__} cannot classify without a task id.")
 
     def choose_routes(self, classifier, pixels: torch.Tensor, untouched: Optional[torch.Tensor] = None,

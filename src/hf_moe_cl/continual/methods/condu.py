@@ -267,12 +267,10 @@ class ConDU(ContinualMethod):
         prototypes = [prototype_vectors(means, self.arguments.condu_prototypes) for means in self.store.prototypes]
         return vote(image_features, prototypes, self.arguments.condu_top_k)
 
-    def select_routes(self, classifier, pixels, per_batch=False):
+    def select_routes(self, classifier, pixels):
         """The pretrained model and the top-K voted task models, their outputs fused (`condu_fusion`) with equal
         weights 1/(K+1) (official) or, with `condu_weighting="similarity"`, the task models sharing K/(K+1) by the
         softmax of their similarities."""
-        if per_batch:
-            raise NotImplementedError("ConDU votes per image; it has no per-batch decision.")
         return self.choose_routes(classifier, pixels)
 
     def choose_routes(self, classifier, pixels, untouched=None, unit=None):

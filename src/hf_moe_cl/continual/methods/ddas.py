@@ -264,13 +264,10 @@ class DDASSelection:
         features, embeddings = self.selector_features(pixels)
         return features, untouched if untouched is not None else embeddings
 
-    def select_routes(self, classifier, pixels, per_batch=False):
-        """DDAS's routes, per image or (`per_batch`) one for the batch."""
-        selector = self.moe.selector
+    def select_routes(self, classifier, pixels):
+        """DDAS's routes, per image."""
         features, untouched = self._route_features(pixels)
-        if per_batch:
-            return Routes.single(selector.select_batch(features), pixels.shape[0], pixels.device), untouched
-        return Routes(selector.select(features)), untouched
+        return Routes(self.moe.selector.select(features)), untouched
 
     def choose_routes(self, classifier, pixels, untouched=None, unit=None):
         """Per-image and per-unit routes from one computation of every autoencoder's errors."""

@@ -285,12 +285,6 @@ class DistributionSelector(nn.Module):
         """Per image: the task whose autoencoder fits best, or -1 (zero-shot) for the reference or a poor fit."""
         return self.decide(self.reconstruction_errors(features))
 
-    @torch.no_grad()
-    def select_batch(self, features: torch.Tensor) -> int:
-        """One decision for the whole batch from its mean errors (the official protocol: a test batch of one
-        dataset)."""
-        return int(self.select_units(self.reconstruction_errors(features), features.shape[0])[0])
-
     def select_units(self, errors: torch.Tensor, unit: int) -> torch.Tensor:
         """One decision per consecutive `unit` rows of `errors` (the last unit may be shorter), from their mean
         errors: the official protocol's decision per test batch, whatever batches the images were encoded in."""
