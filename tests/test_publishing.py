@@ -11,7 +11,6 @@ from huggingface_hub import ModelCard
 import hf_moe_cl
 import hf_moe_cl.publishing as publishing
 from hf_moe_cl.experiments.metrics import mtil_metrics
-from hf_moe_cl.experiments.reporting import matrix_summary
 from hf_moe_cl.continual.methods import method_for_model
 from hf_moe_cl.continual.result import ContinualResult
 
