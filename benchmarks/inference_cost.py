@@ -19,7 +19,6 @@ repeats; random images of the model's size (ViT-B/16 scale) or real mini-MTIL im
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 from datasets import load_from_disk
@@ -31,6 +30,7 @@ from transformers import CLIPProcessor
 from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier
 from hf_moe_cl.assets import MINI_MTIL, PROXY_CLIP, assets_dir
 from hf_moe_cl.classification import image_embeddings, text_embeddings
+from hf_moe_cl.continual import ContinualTask
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.experiments.presets import MINI_TASKS
 from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES
@@ -49,9 +49,9 @@ def batch_pixels(root, processor, model, batch_size):
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, device="cpu", tasks=TASKS):
+def task_agnostic(base, processor, labels, pixels, seen, extractor, layer=None, device="cpu", tasks=TASKS):
     """A `tasks`-task MoE model whose DDAS selector sends the `seen` images to their task (image i to task
-    i % tasks) and the others to zero-shot."""
+    i % tasks) and the others to zero-shot; every task has the class names and templates of the task `labels`."""
     model = get_peft_model(base, MoELoraConfig(num_tasks=tasks)).eval()
     if extractor == "alexnet":
         settings = SelectorConfig(feature_dim=ALEXNET_FEATURES, sigmoid_output=True, standardize=False,
@@ -70,10 +70,9 @@ def task_agnostic(base, processor, root, pixels, seen, extractor, layer=None, de
         rows = torch.nonzero(seen & (torch.arange(len(seen), device=seen.device) % tasks == task)).flatten()
         own = features[rows] if len(rows) else features[seen] + 5.0 * features.std()
         selector.fit_task(task, own, steps=300, lr=1e-2, threshold=float("inf"))
-    meta = json.loads((root / MINI_MTIL / "cifar10" / "task.json").read_text())
     for task in range(tasks):
-        model.base_model.set_task_info(task, f"{MINI_TASKS[task % TASKS]}-{task}", meta["classnames"],
-                                       meta["templates"])
+        model.base_model.set_task_info(task, f"{MINI_TASKS[task % TASKS]}-{task}", labels.classnames,
+                                       labels.templates)
     return TaskAgnosticClassifier(method, processor)
 
 
@@ -102,9 +101,9 @@ def main():
     plain = load_model(args.model, root).eval().to(device)
     pixels = batch_pixels(root, processor, plain, args.batch_size).to(device)
     seen = (torch.arange(args.batch_size) >= int(round(args.unseen * args.batch_size))).to(device)
-    meta = json.loads((root / MINI_MTIL / "cifar10" / "task.json").read_text())
-    labels = meta["classnames"]
-    text = text_embeddings(plain, processor.tokenizer, labels, meta["templates"], device)
+    cifar10 = ContinualTask.from_disk(root / MINI_MTIL / "cifar10")
+    labels = cifar10.classnames
+    text = text_embeddings(plain, processor.tokenizer, labels, cifar10.templates, device)
 
     @torch.no_grad()
     def plain_clip():
@@ -115,7 +114,7 @@ def main():
     for label, extractor, layer in (("DDAS (CLIP after 1 block)", "clip", 1),
                                     ("DDAS (CLIP final embedding)", "clip", None),
                                     ("DDAS (AlexNet, official)", "alexnet", None)):
-        classifier = task_agnostic(load_model(args.model, root), processor, root, pixels, seen, extractor, layer,
+        classifier = task_agnostic(load_model(args.model, root), processor, cifar10, pixels, seen, extractor, layer,
                                    device, args.tasks)
         routes = classifier.method.select_routes(classifier.core, pixels)[0].selected
         routed_share[label] = float((routes >= 0).float().mean())
