@@ -25,7 +25,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from ..files import FIX, atomic_files, check_safetensors_file, read_json_file
-from ..options import is_finite_number, is_shape
+from ..options import is_finite_number, is_shape, short_repr
 from .store import DeltaStore
 
 FORMAT, VERSION = "hf-moe-cl/condu", 1
@@ -124,7 +124,7 @@ def _header_problem(header: dict) -> Optional[str]:
         return "`tasks` must be a non-empty list"
     for t, task in enumerate(tasks):
         if not isinstance(task, dict) or not is_finite_number(task.get("rescaler")):
-            return f"tasks[{t}] must be an object with a finite `rescaler`, got {task!r:.80}"
+            return f"tasks[{t}] must be an object with a finite `rescaler`, got {short_repr(task)}"
         if not isinstance(task.get("prototypes"), list) or not all(isinstance(k, str) for k in task["prototypes"]):
             return f"tasks[{t}].prototypes must be a list of prototype kinds"
         for key in ("classnames", "templates"):
