@@ -141,13 +141,27 @@ def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bou
 
     torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
                tmp_path / "alexnet.pth")
-    calls = []
-    original = ddas_module.train_autoencoder
+    calls, augmented, collated = [], [], []
+    original, original_augmentation = ddas_module.train_autoencoder, ddas_module.training_augmentation
+
+    def counting_augmentation(processor, name):
+        crop = original_augmentation(processor, name)
+        assert crop.scale == (0.9, 1.0)  # the official training augmentation
+
+        def augment(image):
+            augmented.append(1)
+            return crop(image)
+        return augment
 
     def recording(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch, progress=None):
         calls.append((len(loader.dataset), loader.batch_size, iterations, lr, weight_decay, batches_per_epoch))
-        return original(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch, progress)
 
+        def counted(batch):
+            collated.append(len(batch["pixel_values"]))
+            return features(batch)
+        return original(autoencoder, loader, counted, iterations, lr, weight_decay, batches_per_epoch, progress)
+
+    monkeypatch.setattr(ddas_module, "training_augmentation", counting_augmentation)
     monkeypatch.setattr(ddas_module, "train_autoencoder", recording)
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
     ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.0655, ddas_task_steps=3,
@@ -162,8 +176,65 @@ def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bou
     trainer.train_tasks([colour_task("first", n_train=9, n_eval=12)])  # of a model with two task routers
     selector = model.base_model.selector
     assert calls == [(10, 4, 4, 0.01, 1e-4, 3), (9, 4, 3, 0.01, 1e-4, 3)]
+    assert len(collated) == 5 + 4 and len(augmented) == sum(collated)  # every image of every step was augmented
     assert selector.config.include_untrained and selector.trained.tolist() == [True, True, False]
     assert selector.thresholds.tolist() == pytest.approx([0.0655, 0.0655])  # the untrained task: the same bound
+
+
+
+def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_over_the_whole_sets(
+        tmp_path, module_processor, monkeypatch):
+    """few_shot_AutoEncoder.py: the reference is `shots` images per class, every image is augmented once and its
+    features then fixed, and the epochs of the rate decay count batches of the whole training set (and the whole
+    reference), not of the few-shot draw."""
+    import dataclasses
+
+    from hf_moe_cl.continual.methods import ddas as ddas_module
+    from hf_moe_cl.data.splits import few_shot_subset
+    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES, AlexNetFeatures
+
+    torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
+               tmp_path / "alexnet.pth")
+    augmented, calls = [], []
+    original_augmentation, original_training = ddas_module.training_augmentation, ddas_module.train_autoencoder
+
+    def counting_augmentation(processor, name):
+        crop = original_augmentation(processor, name)
+        assert (crop.scale, name) == ((0.9, 1.0), "random_resized_crop")  # the official training augmentation
+
+        def augment(image):
+            augmented.append(image.tobytes())
+            return crop(image)
+        return augment
+
+    def recording(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch, progress=None):
+        calls.append((features, loader.dataset.shape, iterations, lr, batches_per_epoch))
+        return original_training(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch,
+                                 progress)
+
+    monkeypatch.setattr(ddas_module, "training_augmentation", counting_augmentation)
+    monkeypatch.setattr(ddas_module, "train_autoencoder", recording)
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
+    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.06, ddas_task_steps=3,
+                         ddas_reference_steps=4, ddas_training="official", ddas_learning_rate=0.003,
+                         ddas_weight_decay=1e-4, ddas_batch_size=4, ddas_include_untrained=True,
+                         ddas_reference_shots=2, ddas_augment_once=True,
+                         ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
+    reference = noise_images(13, 0).add_column("label", [i % 3 for i in range(13)])
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=reference)
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
+    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    whole = colour_task("first", n_train=30, n_eval=12)
+    few = dataclasses.replace(whole, train_dataset=few_shot_subset(whole.train_dataset, 2, args.seed),
+                              full_train_dataset=whole.train_dataset)
+    trainer.train_tasks([few])
+    shots = few_shot_subset(reference, 2, args.seed)
+    # reference: 2 x 3 classes fixed features, 13 images -> 4 batches an epoch; task: 2 x 3, 30 images -> 8 batches
+    assert calls == [(None, (6, ALEXNET_FEATURES), 4, 0.003, 4), (None, (6, ALEXNET_FEATURES), 3, 0.003, 8)]
+    assert sorted(augmented) == sorted(image.convert("RGB").tobytes()
+                                       for image in [*shots["image"], *few.train_dataset["image"]])
 
 
 def test_official_training_on_clip_features_standardises_with_the_reference_and_calibrates_on_held_out_images(

@@ -8,6 +8,7 @@ lists are cut to two tasks. Uploads go to a fake Hub that writes into the folder
 import os
 import re
 import shutil
+import sys
 import types
 from pathlib import Path
 
@@ -91,3 +92,45 @@ def test_documents_name_no_missing_modules():
             missing.append(name)
     assert not missing, missing
     assert os.path.isdir(REPO / "docs")
+
+
+def test_print_recipe_output_in_the_docs_is_what_the_command_prints(capsys, monkeypatch):
+    """docs/gpu.md shows `--print_recipe`'s output for mtil-order-1 (one process): it is today's output, key for key."""
+    import importlib.util
+    import json
+
+    shown = re.search(r"python examples/mtil.py --preset mtil-order-1 --print_recipe\n```\n\n```json\n(.*?)```",
+                      (REPO / "docs" / "gpu.md").read_text(), re.S)
+    assert shown, "docs/gpu.md no longer shows the `--print_recipe` command followed by its JSON output"
+    spec = importlib.util.spec_from_file_location("mtil_example", REPO / "examples" / "mtil.py")
+    mtil = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mtil)  # dataclasses look their module up
+    spec.loader.exec_module(mtil)
+    monkeypatch.chdir(REPO)
+    mtil.main(["--preset", "mtil-order-1", "--print_recipe"])
+    printed = capsys.readouterr().out
+    assert list(json.loads(shown.group(1)).items()) == list(json.loads(printed).items())
+
+
+def test_commands_in_the_docs_use_options_their_scripts_have():
+    """The ```bash blocks are not run (they train for hours), but every `--option` they pass to a script of this
+    repository is one that script's `--help` lists."""
+    import subprocess
+
+    calls: dict[str, set[str]] = {}
+    for path in DOCUMENTS:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                call = re.search(r"\b((?:examples|benchmarks|tests)/\w+\.py)\b(.*)", line.split("#")[0])
+                if call:
+                    calls.setdefault(call.group(1), set()).update(re.findall(r"(?<![\w-])(--\w+)", call.group(2)))
+    assert {"examples/mtil.py", "benchmarks/mini_mtil.py"} <= set(calls)
+    unknown = []
+    for script, options in sorted(calls.items()):
+        help_flag = "--help_all" if script == "examples/mtil.py" else "--help"
+        shown = subprocess.run([sys.executable, script, help_flag], cwd=REPO, capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        listed = set(re.findall(r"(?<![\w-])(--\w+)", shown.stdout))
+        unknown += [f"{script} {option}" for option in sorted(options - listed)]
+    assert not unknown, f"the docs pass options these scripts do not have: {unknown}"

@@ -51,7 +51,7 @@ def test_condu_first_cell_is_the_pretrained_model_as_the_official_evaluation(tmp
 def test_condu_prototypes_average_the_whole_augmented_training_set(tmp_path, module_processor, monkeypatch):
     """few_shot_finetune.py lines 181-197: prototypes over `dataset.train_loader` (train_preprocess, every image)."""
     from hf_moe_cl.continual import ContinualTrainer
-    from hf_moe_cl.continual.data import RandomResizedCrop
+    from hf_moe_cl.continual.preprocessing import RandomResizedCrop
     from hf_moe_cl.continual.methods import ConDU, ConDUArguments
     from hf_moe_cl.data.splits import few_shot_subset
 

@@ -9,7 +9,7 @@ import torch
 
 from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Untouched
 from .condu import holds_condu
-from .continual.data import to_rgb
+from .continual.preprocessing import to_rgb
 from .continual.methods import ConDU, ContinualMethod, method_for_model
 from .continual.tasks import check_label_space
 from .files import check_json_file

@@ -1,7 +1,7 @@
 """Continual learning of CLIP: tasks, data, the `ContinualTrainer` task loop, evaluation and the methods."""
 
 from .arguments import ContinualTrainingArguments
-from .data import ImageClassificationCollator, to_rgb
+from .preprocessing import ImageClassificationCollator, to_rgb
 from .methods import METHODS, ContinualMethod, get_method, method_for_model, register_method
 from .result import ContinualResult
 from .tasks import ContinualTask

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..experiments.metrics import mtil_metrics, summary
+from ..metrics.mtil.mtil import mtil_metrics, summary
 
 Matrix = list[list[Optional[float]]]
 

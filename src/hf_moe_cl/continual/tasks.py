@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..data.labels import label_key
 from ..files import read_json_file
 from ..options import is_finite_number, short_repr
-from .data import to_rgb
+from .preprocessing import to_rgb
 
 INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 

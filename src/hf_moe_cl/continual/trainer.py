@@ -34,7 +34,7 @@ from .checkpoints import (
     update_progress,
 )
 from .arguments import ContinualTrainingArguments
-from .data import ImageClassificationCollator, training_augmentation
+from .preprocessing import ImageClassificationCollator, training_augmentation
 from .evaluation import CellRequest, EvaluationEngine
 from .methods import ContinualMethod, method_for_model
 from .result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult

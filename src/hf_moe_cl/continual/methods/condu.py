@@ -41,7 +41,7 @@ from ...condu.lora import (
     weight_delta,
 )
 from ...options import check_option
-from ..data import ImageClassificationCollator, training_augmentation
+from ..preprocessing import ImageClassificationCollator, training_augmentation
 from .base import ContinualMethod
 from .registry import register_method
 

@@ -21,7 +21,7 @@ from ...data.splits import few_shot_subset
 from ...options import check_flags, check_option
 from ...tuners.moe_lora.features import ALEXNET_FEATURES, ALEXNET_URL, AlexNetFeatures, prefix_features, vision_prefix
 from ...tuners.moe_lora.selector import HELDOUT_FRACTION, SelectorConfig, heldout_count
-from ..data import ImageClassificationCollator, training_augmentation
+from ..preprocessing import ImageClassificationCollator, training_augmentation
 from .ddas_training import new_autoencoder, train_autoencoder
 
 
