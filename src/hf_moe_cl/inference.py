@@ -11,8 +11,8 @@ from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Unt
 from .condu import holds_condu
 from .continual.preprocessing import to_rgb
 from .continual.methods import ConDU, ContinualMethod, method_for_model
-from .continual.tasks import check_label_space
 from .files import check_json_file
+from .options import check_label_space
 
 
 def check_adapter_source(adapter_name_or_path: str, subfolder: Optional[str] = None) -> None:

@@ -2,12 +2,14 @@
 
 Every options dataclass of the library (`MoELoraConfig`, `ContinualTrainingArguments`, the methods' arguments)
 checks its fields with `check_option` in `__post_init__`, so a bad value fails when the options are made, before any
-model is built or any task trains.
+model is built or any task trains. `check_label_space` is the one check of class names and prompt templates, wherever
+they come from (a task, a config, a saved file).
 """
 
 from __future__ import annotations
 
 import math
+import string
 from typing import Any, Optional, Sequence
 
 KIND_NAMES = {bool: "a boolean (True or False)", int: "an integer", float: "a finite number", str: "a string"}
@@ -76,3 +78,46 @@ def check_flags(options: Any, names: Sequence[str]) -> None:
     """Every one of `names` is a boolean attribute of `options` (a string such as 'false' would count as true)."""
     for name in names:
         check_option(name, getattr(options, name), bool)
+
+
+def _template_problem(template) -> Optional[str]:
+    """What is wrong with a prompt template, or None: it must hold exactly one empty replacement field `{}`."""
+    if not isinstance(template, str):
+        return f"is a {type(template).__name__}, not a string"
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        return f"does not parse ({error})"
+    if not fields:
+        return "has no '{}'"
+    if len(fields) > 1:
+        return f"has {len(fields)} fields"
+    if fields[0] != ("", "", None):
+        return f"has the field {{{fields[0][0]}}} (a named, numbered or formatted field)"
+    return None
+
+
+def check_label_space(classnames, templates, owner: str, names_argument: str = "classnames") -> None:
+    """Refuse class names that are not a list of distinct non-empty strings, and templates that are not a non-empty
+    list of strings with exactly one '{}' each; `owner` starts every message (e.g. "Task 'cifar100'")."""
+    if isinstance(classnames, str) or not isinstance(classnames, (list, tuple)):
+        raise ValueError(f"{owner}: `{names_argument}` must be a list of class names (one per label), got "
+                         f"{type(classnames).__name__} {short_repr(classnames)}; a string would make one class per "
+                         "character.")
+    if not classnames:
+        raise ValueError(f"{owner} has no class names: pass `{names_argument}` (one per label).")
+    if not all(isinstance(name, str) and name.strip() for name in classnames):
+        raise ValueError(f"{owner} needs one non-empty class name (a string) per label, got {list(classnames)!r}.")
+    duplicates = sorted({name for name in classnames if classnames.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{owner} has duplicate class names {duplicates}: two labels with the same prompt cannot be "
+                         "told apart. Make every class name unique.")
+    if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
+        raise ValueError(f"{owner}: `templates` must be a non-empty list of prompt templates, got "
+                         f"{short_repr(templates)}.")
+    for template in templates:
+        problem = _template_problem(template)
+        if problem:
+            raise ValueError(f"{owner}: the prompt template {template!r} {problem}; a template must contain exactly "
+                             "one '{}' where the class name goes (write '{{' and '}}' for braces).")
