@@ -28,6 +28,7 @@ import torch
 import transformers
 import yaml
 from datasets import load_dataset, load_from_disk
+from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
@@ -37,6 +38,7 @@ from hf_moe_cl.experiments.metrics import class_incremental_metrics
 from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
 from hf_moe_cl.experiments.reporting import write_result_report
 from hf_moe_cl.files import write_json_atomic
+from hf_moe_cl.options import short_repr
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments, get_method
 from hf_moe_cl.continual.methods.ddas import DDASSelection
@@ -48,10 +50,13 @@ from hf_moe_cl.tuners.moe_lora.card import hub_id
 logger = logging.getLogger("hf_moe_cl")
 HUB_CLIP = "openai/clip-vit-base-patch16"
 
-# TrainingArguments this script has its own way for (refused) or does not use (a warning when you set them).
+# TrainingArguments this script has its own way for or never uses: refused when given, never ignored.
+NO_BEST = "every task keeps its own checkpoint; there is no best one to reload"
 REFUSED = {"resume_from_checkpoint": "use --resume, which continues after the last finished task",
-           "load_best_model_at_end": "every task keeps its own checkpoint; there is no best one to reload"}
-UNUSED = {"do_train", "do_eval", "do_predict", "eval_strategy", "eval_steps", "save_steps", "metric_for_best_model"}
+           "load_best_model_at_end": NO_BEST, "metric_for_best_model": NO_BEST,
+           **dict.fromkeys(("do_train", "do_eval", "do_predict"), "it trains and evaluates every task itself"),
+           "eval_steps": "every task is evaluated after it trains (eval_strategy 'no'), never during training",
+           "save_steps": "every task is saved after it trains (save_strategy 'no'; --save_task_checkpoints)"}
 
 
 @dataclass
@@ -111,8 +116,15 @@ def explicit_fields(argv: list[str]) -> set[str]:
 
 def config_as_argv(path: str) -> list[str]:
     """A YAML or JSON file of arguments as command-line arguments, so options after it override it."""
-    values = yaml.safe_load(Path(path).read_text()) if path.endswith((".yaml", ".yml")) else json.loads(
-        Path(path).read_text())
+    try:
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"Cannot read the config file {path}, which must hold a mapping of argument names to "
+                         f"values (e.g. 'max_steps: 100'): {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"The config file {path} must hold a mapping of argument names to values (e.g. "
+                         f"'max_steps: 100'), got {short_repr(values)}.")
     argv = []
     for name, value in values.items():
         if value is None:
@@ -122,8 +134,13 @@ def config_as_argv(path: str) -> list[str]:
     return argv
 
 
+def full_parser() -> HfArgumentParser:
+    """Every option of the script. No abbreviations: `--max_step 1` would set max_steps, yet not count as given, so
+    the preset would override it."""
+    return HfArgumentParser(LIBRARY_GROUPS + (ContinualTrainingArguments,), allow_abbrev=False)
+
+
 def parse_args(argv: list[str]):
-    # No abbreviations: `--max_step 1` would set max_steps, yet not count as given, so the preset would override it.
     library = HfArgumentParser(LIBRARY_GROUPS, usage="%(prog)s [config.yaml|config.json] [--option value ...]",
                                allow_abbrev=False)
     if "-h" in argv or "--help" in argv:
@@ -132,12 +149,15 @@ def parse_args(argv: list[str]):
               "--output_dir, --max_steps (steps per task), --learning_rate, --per_device_train_batch_size, --seed, "
               "--bf16, --log_level, --push_to_hub, --hub_model_id; --help_all lists them all.")
         sys.exit(0)
-    parser = HfArgumentParser(LIBRARY_GROUPS + (ContinualTrainingArguments,), allow_abbrev=False)
+    parser = full_parser()
     if "--help_all" in argv:
         parser.print_help()
         sys.exit(0)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        argv = config_as_argv(argv[0]) + argv[1:]
+        try:
+            argv = config_as_argv(argv[0]) + argv[1:]
+        except ValueError as error:
+            parser.error(str(error))
     *groups, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (options are spelled out in full, never "
@@ -149,11 +169,88 @@ def parse_args(argv: list[str]):
     if "ddas" in explicit and ddas.ddas and not issubclass(get_method(method), DDASSelection):
         parser.error(f"--ddas true applies to --method moe-adapters; {method} does not use a DDAS selector (ConDU "
                      "picks tasks by its own voting). Drop --ddas.")
-    ignored = sorted(explicit & UNUSED)
-    if ignored:
-        logger.warning("Ignoring %s: this script trains and evaluates every task itself.",
-                       ", ".join(f"--{name}" for name in ignored))
     return groups, training, explicit
+
+
+def unused_options(experiment: ExperimentArguments, method_args: MethodArguments, ddas_args: DDASArguments,
+                   training: ContinualTrainingArguments) -> dict[str, str]:
+    """The options this run does not use (by its preset, method, DDAS and publishing, the recipe applied) -> why."""
+    preset, method = get_preset(experiment.preset), get_method(method_args.method)
+    unused = {}
+    if isinstance(preset, ClassIncrementalPreset):
+        unused["tasks"] = f"preset {preset.name} runs its fixed class-incremental steps of {preset.dataset}"
+    if getattr(preset, "from_assets", False):
+        unused.update(dict.fromkeys(("data_dir", "dataset_ids"), f"preset {preset.name} reads the shared assets"))
+    else:
+        unused["assets_dir"] = f"preset {preset.name} reads no shared assets"
+        if experiment.data_dir is not None:
+            unused["dataset_ids"] = "--data_dir reads every dataset from its folders, not from the Hub"
+    for group in (MoEAdaptersArguments, LoRAArguments, ConDUArguments):
+        if group is not method.arguments_class:
+            unused.update(dict.fromkeys((f.name for f in dataclasses.fields(group)),
+                                        f"an option of another method than --method {method.name}"))
+    if not (issubclass(method, DDASSelection) and ddas_args.ddas):
+        unused.update(dict.fromkeys(["ddas_reference", *(f.name for f in dataclasses.fields(DDASArguments)
+                                                         if f.name != "ddas")],
+                                    "a DDAS option, and this run has no DDAS selector: that needs --ddas true and "
+                                    "--method moe-adapters"))
+    if not (training.push_to_hub or experiment.hub_dry_run_dir):
+        unused.update(dict.fromkeys(("hub_model_id", "hub_base_model", "hub_token", "hub_private_repo"),
+                                    "nothing is published: that needs --push_to_hub true or --hub_dry_run_dir"))
+    return unused
+
+
+def hub_repo_id(training: ContinualTrainingArguments) -> str:
+    """The Hub repo --push_to_hub (or its dry run) publishes to: --hub_model_id, else output_dir's name."""
+    return training.hub_model_id or Path(training.output_dir).name
+
+
+def dataset_ids_map(experiment: ExperimentArguments) -> Optional[dict[str, str]]:
+    """--dataset_ids as {dataset: Hub id}; an entry that is not `name=owner/dataset`, names a dataset twice or
+    names one this run does not read is refused."""
+    if experiment.dataset_ids is None:
+        return None
+    preset = get_preset(experiment.preset)
+    if isinstance(preset, ClassIncrementalPreset):
+        datasets_read = [preset.dataset]
+    else:
+        datasets_read = experiment.tasks.split(",") if experiment.tasks else list(preset.tasks)
+    hub_ids = {}
+    for entry in experiment.dataset_ids.split(","):
+        name, _, repo_id = entry.partition("=")
+        if not name.strip() or not repo_id.strip():
+            raise ValueError(f"--dataset_ids entry {entry!r} is not 'dataset=owner/name': give comma-separated "
+                             "pairs, e.g. 'cifar100=my/cifar100,dtd=my/dtd'.")
+        if name in hub_ids:
+            raise ValueError(f"--dataset_ids names {name!r} twice; give one Hub copy per dataset.")
+        if name not in datasets_read:
+            raise ValueError(f"--dataset_ids names {name!r}, which this run does not read; its datasets are "
+                             f"{', '.join(datasets_read)}.")
+        hub_ids[name] = repo_id
+    return hub_ids
+
+
+def check_run(experiment: ExperimentArguments, method_args: MethodArguments, ddas_args: DDASArguments,
+              training: ContinualTrainingArguments, explicit: set[str]) -> None:
+    """Refuse, before anything is loaded or trained, options given that this run does not use, a malformed
+    --dataset_ids, and a publication that would fail at the end (a repo id the Hub refuses, a dry-run folder that
+    holds files)."""
+    unused = unused_options(experiment, method_args, ddas_args, training)
+    given = sorted(explicit & set(unused))
+    if given:
+        raise ValueError("Options this run does not use: " + "; ".join(f"--{name}, {unused[name]}" for name in given)
+                         + f". Drop {'it' if len(given) == 1 else 'them'}; nothing is ignored silently.")
+    dataset_ids_map(experiment)
+    if training.push_to_hub or experiment.hub_dry_run_dir:
+        try:
+            validate_repo_id(hub_repo_id(training))
+        except ValueError as error:
+            raise ValueError(f"Cannot publish to {hub_repo_id(training)!r} (--hub_model_id, else output_dir's "
+                             f"name): {error}") from None
+    dry_run = Path(experiment.hub_dry_run_dir) if experiment.hub_dry_run_dir else None
+    if dry_run is not None and dry_run.exists() and (not dry_run.is_dir() or any(dry_run.iterdir())):
+        raise ValueError(f"--hub_dry_run_dir {dry_run} exists and is not an empty folder; choose a new folder or "
+                         "remove it first.")
 
 
 def setup_logging(training: ContinualTrainingArguments, explicit: set[str] = frozenset()) -> None:
@@ -203,6 +300,11 @@ def main(argv: Optional[list[str]] = None):
     preset = get_preset(experiment.preset)
     moe_args, ddas_args, condu_args, training = apply_recipe(preset, (moe_args, ddas_args, condu_args, training),
                                                              explicit)
+    moe_args = moe_args.for_new_adapter()  # the adapter this script builds
+    try:
+        check_run(experiment, method_args, ddas_args, training, explicit)
+    except ValueError as error:
+        full_parser().error(str(error))
     if experiment.print_recipe:
         resolved = {}
         for group in (experiment, method_args, moe_args, ddas_args, lora_args, condu_args):
@@ -210,7 +312,7 @@ def main(argv: Optional[list[str]] = None):
         print(json.dumps({**resolved, **training.to_dict()}, indent=1, default=str))
         return
     names = experiment.tasks.split(",") if experiment.tasks else None
-    hub_ids = dict(item.split("=", 1) for item in experiment.dataset_ids.split(",")) if experiment.dataset_ids else None
+    hub_ids = dataset_ids_map(experiment)
     ddas = ddas_args.ddas and method_args.method == "moe-adapters"
     if experiment.check_data:  # everything the run downloads; exits 1 naming each missing item and its fix
         alexnet = ddas and ddas_args.ddas_feature_extractor == "alexnet"
@@ -253,8 +355,7 @@ def main(argv: Optional[list[str]] = None):
         results = result.all_results()
     trainer.save_metrics("all", results, combined=False)  # all_results.json
     if push or experiment.hub_dry_run_dir:
-        repo_id = training.hub_model_id or output.name
-        where = push_to_hub(method, repo_id, result, tasks=tasks, token=training.hub_token,
+        where = push_to_hub(method, hub_repo_id(training), result, tasks=tasks, token=training.hub_token,
                             private=bool(training.hub_private_repo), dry_run_dir=experiment.hub_dry_run_dir,
                             base_model=experiment.hub_base_model or hub_id(model_path), training_args=training,
                             dataset_ids=hub_dataset_ids(preset, experiment, tasks, hub_ids))

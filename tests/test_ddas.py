@@ -58,9 +58,11 @@ def test_fitting_is_reproducible():
 def test_untrained_tasks_are_never_chosen_and_fixed_thresholds_apply():
     selector = DistributionSelector(SelectorConfig(feature_dim=8, hidden_dim=6), num_tasks=3)
     selector.fit_reference(cluster(CENTRES["reference"], 200, 0, spread=2.0), steps=200, lr=1e-2)
-    selector.fit_task(0, cluster(CENTRES["a"], 200, 1), steps=200, lr=1e-2, threshold=0.0)
-    assert selector.thresholds[0] == 0.0 and math.isinf(selector.thresholds[2])
-    assert (selector.select(cluster(CENTRES["a"], 20, 3)) == -1).all()  # threshold 0: nothing fits
+    selector.fit_task(0, cluster(CENTRES["a"], 200, 1), steps=200, lr=1e-2, threshold=1e-12)
+    assert selector.thresholds[0] == pytest.approx(1e-12) and math.isinf(selector.thresholds[2])
+    assert (selector.select(cluster(CENTRES["a"], 20, 3)) == -1).all()  # threshold ~0: nothing fits
+    with pytest.raises(ValueError, match="needs a positive threshold"):
+        selector.fit_task(1, cluster(CENTRES["a"], 10, 1), threshold=0.0)
     with pytest.raises(ValueError, match="out of range"):
         selector.fit_task(3, cluster(CENTRES["a"], 10, 1))
     with pytest.raises(ValueError, match="reference autoencoder first"):

@@ -84,7 +84,10 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert "| lr_scheduler_type | cosine |" in card.text and "| num_processes | 1 |" in card.text
     assert "| ddas |" not in card.text  # a bare model: the options of the run that trained it are unknown
     options = publishing.training_hyperparameters(method_for_model(model))
-    assert options["method"] == "moe-adapters" and options["ddas"] is False and options["num_experts"] == 22
+    moe = model.base_model
+    assert options["method"] == "moe-adapters" and options["ddas"] is False
+    # the model's own adapter settings, not MoEAdaptersArguments' defaults
+    assert (options["num_experts"], options["top_k"]) == (moe.moe_config.num_experts, moe.moe_config.top_k) == (4, 2)
     assert f"- peft {importlib.metadata.version('peft')}" in card.text and f"- hf-moe-cl {hf_moe_cl.__version__}" \
         in card.text
     for key in ("yu2024boosting", "park2024learning", "gao2025enhanced", "zheng2023preventing"):

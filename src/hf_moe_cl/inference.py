@@ -34,10 +34,19 @@ def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optio
     config. CLIP checkpoints are often stored in float16 (the shared proxy-clip is); DDAS thresholds were
     calibrated on float32 features and CPUs run float16 slowly, hence float32 unless `dtype` says otherwise."""
     from peft import PeftConfig, PeftModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from transformers import CLIPModel
 
     check_adapter_source(adapter_name_or_path, adapter_kwargs.get("subfolder"))
-    config = PeftConfig.from_pretrained(adapter_name_or_path, **adapter_kwargs)
+    # Read by the config class of its type, as PeftModel.from_pretrained does (PeftConfig's own reader skips the
+    # checks of MoELoraConfig.from_pretrained, which name the file).
+    hub = {k: adapter_kwargs[k] for k in ("subfolder", "revision", "token") if k in adapter_kwargs}
+    try:
+        config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(adapter_name_or_path, **hub)]
+    except (KeyError, TypeError):
+        raise ValueError(f"The adapter_config.json of {adapter_name_or_path} has no `peft_type` that peft knows: the "
+                         "file was damaged or edited, or the adapter is of a peft method not installed here.") from None
+    config = config_class.from_pretrained(adapter_name_or_path, **adapter_kwargs)
     base = base_model_name_or_path or config.base_model_name_or_path
     if not base:
         raise ValueError(f"The adapter config of {adapter_name_or_path} names no base model "

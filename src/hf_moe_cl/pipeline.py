@@ -42,7 +42,7 @@ class MoELoraCLIP:
             method = ConDU.from_pretrained(adapter_name_or_path, dtype=dtype, token=token, **hub)
             setattr(method.model, METHOD_ATTRIBUTE, method)
             return method.model
-        return load_adapter_model(adapter_name_or_path, dtype=dtype, token=token)
+        return load_adapter_model(adapter_name_or_path, dtype=dtype, token=token, **hub)
 
 
 class TaskAgnosticImageClassificationPipeline(Pipeline):

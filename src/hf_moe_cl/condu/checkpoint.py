@@ -25,14 +25,17 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from ..files import FIX, atomic_files, check_safetensors_file, read_json_file
-from ..options import is_finite_number, is_shape, short_repr
+from ..options import check_label_space, is_finite_number, is_shape, short_repr
 from .store import DeltaStore
+from .unify import UNIFY_RULES
 
 FORMAT, VERSION = "hf-moe-cl/condu", 1
 CONFIG_FILE = "condu_config.json"
 TRIGGERS_FILE = "condu_triggers.safetensors"
 DELTA_FILE = "condu_delta.safetensors"
 FILES = (CONFIG_FILE, TRIGGERS_FILE, DELTA_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+TASK_KEYS = ("name", "classnames", "templates", "rescaler", "prototypes")  # one entry of condu_config.json's tasks
+PROTOTYPE_MEANS = ("image_mean", "text_mean")  # the per-class means a task's prototypes are made of
 
 
 def model_fingerprint(model) -> dict:
@@ -108,7 +111,8 @@ def read_header(folder: Path) -> dict:
 
 
 def _header_problem(header: dict) -> Optional[str]:
-    """What is wrong with a condu_config.json of the right format, or None."""
+    """What is wrong with a condu_config.json of the right format, or None. Every field the store is built from is
+    checked here, with the checks a value given in code gets (class names and templates: `check_label_space`)."""
     missing = [key for key in ("fine_tune", "model", "rule", "tasks", "shapes") if key not in header]
     if missing:
         return f"it lacks {missing}"
@@ -116,6 +120,8 @@ def _header_problem(header: dict) -> Optional[str]:
         return f"fine_tune is {header['fine_tune']!r}, not 'lora' or 'full'"
     if not isinstance(header["model"], dict) or not isinstance(header["rule"], str):
         return "`model` must be an object and `rule` a string"
+    if header["rule"] not in UNIFY_RULES:
+        return f"rule is {header['rule']!r}, not one of {UNIFY_RULES}"
     shapes = header["shapes"]
     if not isinstance(shapes, dict) or not shapes or not all(is_shape(s) for s in shapes.values()):
         return "`shapes` must map tensor names to lists of sizes"
@@ -125,13 +131,24 @@ def _header_problem(header: dict) -> Optional[str]:
     for t, task in enumerate(tasks):
         if not isinstance(task, dict) or not is_finite_number(task.get("rescaler")):
             return f"tasks[{t}] must be an object with a finite `rescaler`, got {short_repr(task)}"
-        if not isinstance(task.get("prototypes"), list) or not all(isinstance(k, str) for k in task["prototypes"]):
-            return f"tasks[{t}].prototypes must be a list of prototype kinds"
+        if sorted(task) != sorted(TASK_KEYS):
+            return f"tasks[{t}] has the keys {sorted(task)}, not {sorted(TASK_KEYS)}"
+        if task["rescaler"] < 0:
+            return f"tasks[{t}].rescaler is {task['rescaler']!r}; a rescaler is a ratio of magnitudes, never negative"
+        kinds = task["prototypes"]
+        if not isinstance(kinds, list) or "image_mean" not in kinds or len(set(kinds)) != len(kinds) \
+                or not set(kinds) <= set(PROTOTYPE_MEANS):
+            return (f"tasks[{t}].prototypes must list 'image_mean' (votes use it) and may list 'text_mean', got "
+                    f"{short_repr(kinds)}")
         for key in ("classnames", "templates"):
-            if key in task and not (isinstance(task[key], list) and all(isinstance(v, str) for v in task[key])):
+            if not (isinstance(task[key], list) and all(isinstance(v, str) for v in task[key])):
                 return f"tasks[{t}].{key} must be a list of strings"
-        if "name" in task and not isinstance(task["name"], str):
-            return f"tasks[{t}].name must be a string"
+        if not isinstance(task["name"], str) or not task["name"].strip():
+            return f"tasks[{t}].name must be a non-empty string, got {short_repr(task['name'])}"
+        try:
+            check_label_space(task["classnames"], task["templates"], f"tasks[{t}]")
+        except ValueError as error:
+            return str(error).rstrip(".")
     return None
 
 
@@ -150,16 +167,18 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
         raise ValueError(f"The ConDU save in {folder} was made for another model ({header['model']}), not this one "
                          f"({fingerprint}); load it on the base model it was trained from.")
     triggers = _tensors(folder / TRIGGERS_FILE)
-    unified = _tensors(folder / (ADAPTER_WEIGHTS if header["fine_tune"] == "lora" else DELTA_FILE))
+    unified = _tensors(folder / _unified_file(header))
     shapes = {n: torch.Size(s) for n, s in header["shapes"].items()}
     tasks = header["tasks"]
 
     def tensor(source: dict, key: str, shape: Optional[torch.Size] = None) -> torch.Tensor:
+        file = TRIGGERS_FILE if source is triggers else _unified_file(header)
         if key not in source:
-            raise ValueError(f"The ConDU save in {folder} is incomplete: it lacks tensor {key!r}; save it again.")
+            raise ValueError(f"The ConDU save in {folder} is incomplete: it lacks tensor {key!r} ({file}); save it "
+                             "again.")
         if shape is not None and source[key].shape != shape:
             raise ValueError(f"The ConDU save in {folder} is inconsistent: {key!r} has shape "
-                             f"{tuple(source[key].shape)}, its config says {tuple(shape)}.")
+                             f"{tuple(source[key].shape)} in {file}, {CONFIG_FILE} says {tuple(shape)}.")
         return source[key]
 
     lora = header["fine_tune"] == "lora"
@@ -170,27 +189,41 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
     store.packed_masks = [{n: tensor(triggers, f"mask.{t}.{n}", torch.Size([(s.numel() + 7) // 8]))
                            for n, s in shapes.items()} for t in range(len(tasks))]
     store.rescalers = [float(task["rescaler"]) for task in tasks]
-    store.tasks = [{k: task[k] for k in ("name", "classnames", "templates") if k in task} for task in tasks]
+    store.tasks = [{k: task[k] for k in ("name", "classnames", "templates")} for task in tasks]
     store.prototypes = [{kind: tensor(triggers, f"prototype.{t}.{kind}") for kind in task["prototypes"]}
                         for t, task in enumerate(tasks)]
-    _check_tensors(folder, header, triggers, store)
+    _check_tensors(folder, header, triggers, unified, store)
     return store, header
 
 
-def _check_tensors(folder: Path, header: dict, triggers: dict, store: DeltaStore) -> None:
-    """The tensors agree with the header: one set of masks per listed task, float and finite values, prototypes of
-    one row per class and the model's width."""
+def _check_tensors(folder: Path, header: dict, triggers: dict, unified: dict, store: DeltaStore) -> None:
+    """The tensors agree with the header: one set of triggers per listed task and no tensor it does not list, masks
+    of bytes (bit-packed), float and finite values, prototypes of one row per class and the model's width."""
     tasks = header["tasks"]
-    saved = {int(key.split(".")[1]) for key in triggers if key.startswith(("mask.", "prototype."))}
-    if saved != set(range(len(tasks))):
+    saved = sorted({key.split(".")[1] for key in triggers if key.startswith(("mask.", "prototype."))},
+                   key=lambda task: (len(task), task))  # ids as read, in numeric order
+    if saved != [str(t) for t in range(len(tasks))]:
         raise ValueError(f"The ConDU save in {folder} is inconsistent: {CONFIG_FILE} lists {len(tasks)} task(s) but "
-                         f"{TRIGGERS_FILE} holds triggers of tasks {sorted(saved)}. {FIX}")
+                         f"{TRIGGERS_FILE} holds triggers of tasks [{', '.join(saved)}]. {FIX}")
+    listed = {f"origin.{n}" for n in store.origin} | {f"mask.{t}.{n}" for t, masks in enumerate(store.packed_masks)
+                                                       for n in masks}
+    listed |= {f"prototype.{t}.{kind}" for t, means in enumerate(store.prototypes) for kind in means}
+    for file, extra in ((TRIGGERS_FILE, set(triggers) - listed),
+                        (_unified_file(header), set(unified) - set(store.shapes))):
+        if extra:
+            raise ValueError(f"The ConDU save in {folder} is inconsistent: {file} holds tensors {sorted(extra)[:5]} "
+                             f"that {CONFIG_FILE} does not list. {FIX}")
+    for t, masks in enumerate(store.packed_masks):
+        for n, packed in masks.items():
+            if packed.dtype != torch.uint8:
+                raise ValueError(f"The ConDU save in {folder} holds mask.{t}.{n} of dtype {packed.dtype} in "
+                                 f"{TRIGGERS_FILE}; a sign mask is stored as uint8 bytes, 8 elements each. {FIX}")
     width = header["model"].get("projection_dim")
     named = [(f"{n}", v) for n, v in list(store.unified_tensors.items()) + list(store.origin.items())]
     for t, (task, means) in enumerate(zip(tasks, store.prototypes)):
         for kind, value in means.items():
             name = f"prototype.{t}.{kind}"
-            classes = len(task.get("classnames") or []) or value.shape[0]
+            classes = len(task["classnames"])
             if value.dim() != 2 or value.shape[0] != classes or (width is not None and value.shape[1] != width):
                 raise ValueError(f"The ConDU save in {folder} is inconsistent: {name} has shape {tuple(value.shape)}, "
                                  f"not ({classes}, {width}) (one row per class of task {t}, the model's width). {FIX}")
@@ -199,3 +232,8 @@ def _check_tensors(folder: Path, header: dict, triggers: dict, store: DeltaStore
         if not value.dtype.is_floating_point or not torch.isfinite(value).all():
             raise ValueError(f"The ConDU save in {folder} holds {name} of dtype {value.dtype} with non-finite or "
                              f"non-float values. {FIX}")
+
+
+def _unified_file(header: dict) -> str:
+    """The file of the unified tensors: the peft adapter's weights (LoRA) or the weight delta (full)."""
+    return ADAPTER_WEIGHTS if header["fine_tune"] == "lora" else DELTA_FILE

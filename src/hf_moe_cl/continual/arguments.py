@@ -7,7 +7,18 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from ..options import check_flags, check_option
+from ..options import check_flags, check_option, short_repr
+
+# TrainingArguments with which the HF Trainer would save or evaluate on its own inside a task: the value that leaves
+# both to the task loop, and why another value is refused.
+LEFT_TO_THE_TASK_LOOP = {
+    "save_strategy": ("no", "the Trainer's checkpoint-N folders count the steps from 0 in every task, so each task's "
+                      "replace the previous task's, and none can be resumed; the task loop saves every task itself "
+                      "(save_task_checkpoints)"),
+    "eval_strategy": ("no", "the Trainer has no eval_dataset; the task loop evaluates the tasks after each task itself "
+                      "(evaluate_all_tasks); to measure during a task, call trainer.evaluate() from a callback"),
+    "load_best_model_at_end": (False, "every task keeps its own checkpoint; there is no best one to reload"),
+}
 
 
 @dataclass
@@ -37,7 +48,9 @@ class ContinualTrainingArguments(TrainingArguments):
                   "size, scale 0.9-1.0, bicubic) or 'none' (the evaluation transform)."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep `image`/`label` for the collator."})
-    save_strategy: str = field(default="no", metadata={"help": "Mid-task checkpoints; tasks are saved anyway."})
+    save_strategy: str = field(
+        default="no", metadata={"help": "Must stay 'no': the task loop saves each task (save_task_checkpoints)."}
+    )
     ddp_broadcast_buffers: Optional[bool] = field(
         default=False,
         metadata={"help": "Keep per-rank expert-selection counts; they are all-reduced before freezing/merging."},
@@ -80,6 +93,11 @@ class ContinualTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        for name, (off, why) in LEFT_TO_THE_TASK_LOOP.items():
+            value = getattr(self, name)
+            if value != off:  # transformers' strategy enums equal their string values
+                raise ValueError(f"`{name}={short_repr(value)}` cannot be used with ContinualTrainer: {why}. Leave "
+                                 f"`{name}` at {off!r}.")
         super().__post_init__()
         check_option("max_steps", self.max_steps, int)
         if self.max_steps < -1:

@@ -33,11 +33,21 @@ TASK_FOLDER = re.compile(r"task-(\d+)-(.+)")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+# What to do instead of resuming a folder of another run (`overwrite_output_dir` alone does not apply to a resume).
+START_OVER = "or start over: run without resume=True and with overwrite_output_dir=True"
+
+
+def is_plain_name(name: Any) -> bool:
+    """A string usable as a file name on every platform and unable to leave its folder: letters, digits, `.`, `_`,
+    `-`, at most 64 characters, starting with a letter or digit and not ending with a dot."""
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None and not name.endswith(".")
+
+
 def task_folder(output_dir: str | Path, index: int, name: str) -> Path:
-    """`output_dir/task-NN-name`: the task's name when it is a plain file name (letters, digits, `.`, `_`, `-`; at
-    most 64), else a slug of it and a hash of the whole name (`task-00-org-dataset-1a2b3c4d`), so no name can leave
-    `output_dir` and the folder is the same at every resume."""
-    if not SAFE_NAME.fullmatch(name) or name.endswith("."):
+    """`output_dir/task-NN-name`: the task's name when it is a plain file name (`is_plain_name`), else a slug of it
+    and a hash of the whole name (`task-00-org-dataset-1a2b3c4d`), so no name can leave `output_dir` and the folder
+    is the same at every resume."""
+    if not is_plain_name(name):
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_")[:40]
         digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         name = f"{slug}-{digest}" if slug else digest
@@ -103,11 +113,11 @@ def read_progress(folder: Path) -> dict:
     progress = read_json_file(path)
     if not isinstance(progress, dict) or "finished_task" not in progress or "run" not in progress:
         raise ValueError(f"{path} is not a continual progress file of this version (no "
-                         "`finished_task` / `run`). Use another output_dir, or overwrite_output_dir=True to start over.")
+                         f"`finished_task` / `run`). Use another output_dir, {START_OVER}.")
     problem = _progress_problem(progress, int(TASK_FOLDER.fullmatch(folder.name).group(1)))
     if problem:
         raise ValueError(f"{path}: {problem}; no run writes that (was it edited?). Delete {folder.name} to retrain "
-                         "from the task before it, use another output_dir, or overwrite_output_dir=True to start over.")
+                         f"from the task before it, use another output_dir, {START_OVER}.")
     return progress
 
 
@@ -156,7 +166,7 @@ def check_same_run(folder: Path, progress: dict, run: dict) -> list[str]:
         raise ValueError(
             f"Cannot resume from {folder}: it was written by another run. What differs (checkpoint -> now): {listed}. "
             "Resume with the same settings (only the learning rates of tasks not trained yet may change), use another "
-            "output_dir, or set overwrite_output_dir=True to start over."
+            f"output_dir, {START_OVER}."
         )
     return later
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from datasets import ClassLabel, Dataset, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
 from datasets import Image as ImageFeature
 from PIL import Image
 from tqdm.auto import tqdm
@@ -86,23 +86,32 @@ class ContinualTask:
     def validate(self, needs_training: bool = True, check_images: bool = False, progress: bool = False) -> None:
         """Fail before any training starts, naming the task and what to fix.
 
-        Checks class names (present, unique strings), templates, the splits' columns, that labels are integers
-        indexing `classnames`, learning rates, and with `check_images` that every image decodes.
+        Checks class names (present, unique strings), templates, the splits' columns (`full_train_dataset` too,
+        when training), that labels are integers indexing `classnames`, learning rates, and with `check_images`
+        that every image decodes.
         """
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"A task needs a non-empty name (a string), got {self.name!r}: it names the task in the "
                              "matrices, the reports and its checkpoint folder.")
         check_label_space(self.classnames, self.templates, f"Task {self.name!r}")
         self._check_train_classes()
+        if not isinstance(self.official_learning_rates, dict):
+            raise ValueError(f"Task {self.name!r}: `official_learning_rates` must map recipe names to learning rates "
+                             "(a dict such as {'moe-adapters': 1e-3}), got "
+                             f"{short_repr(self.official_learning_rates)}.")
         rates = ([("learning_rate", self.learning_rate)] if self.learning_rate is not None else []) + [
             (f"official_learning_rates[{key!r}]", rate) for key, rate in self.official_learning_rates.items()]
         for name, rate in rates:
             if not is_finite_number(rate) or rate <= 0:
                 raise ValueError(f"Task {self.name!r}: {name} must be a finite positive number, got {rate!r}.")
         splits = [("eval", self.eval_dataset)]
-        if needs_training:
-            splits.insert(0, ("train", self.train_dataset))
+        if needs_training:  # the whole split feeds ConDU's prototypes and DDAS's epochs: checked as the train split
+            splits[:0] = [("train", self.train_dataset)] + (
+                [] if self.full_train_dataset is None else [("full train", self.full_train_dataset)])
         for split, dataset in splits:
+            if dataset is not None and not isinstance(dataset, Dataset):
+                raise ValueError(f"Task {self.name!r}: the {split} dataset is a {type(dataset).__name__}, not a "
+                                 "datasets.Dataset with `image` and `label` columns.")
             if dataset is None or len(dataset) == 0:
                 raise ValueError(f"Task {self.name!r} has an empty {split} dataset: give it at least one example.")
             missing = {"image", "label"} - set(dataset.column_names)
@@ -167,9 +176,10 @@ class ContinualTask:
             )
 
     @classmethod
-    def from_disk(cls, path: str | os.PathLike, train_split: str = "train", eval_split: str = "test",
+    def from_disk(cls, path: str | os.PathLike, train_split: Optional[str] = "train", eval_split: str = "test",
                   learning_rate: Optional[float] = None) -> "ContinualTask":
-        """Load a task saved as `datasets.save_to_disk` with a `task.json` (name, classnames, templates) beside it."""
+        """Load a task saved as `datasets.save_to_disk` with a `task.json` (name, classnames, templates) beside it;
+        `train_split=None` for an evaluation-only task (a named split the folder lacks is refused, not dropped)."""
         path = Path(path)
         meta_file = path / "task.json"
         if not meta_file.is_file():
@@ -181,9 +191,17 @@ class ContinualTask:
         check_label_space(meta.get("classnames"), meta.get("templates", ["a photo of a {}."]),
                           f"{meta_file} (task {name!r})")
         splits = load_from_disk(str(path))
+        if not isinstance(splits, DatasetDict):
+            raise ValueError(f"{path} holds one dataset, not a DatasetDict of splits; save the splits together "
+                             "(DatasetDict({'train': ..., 'test': ...}).save_to_disk).")
+        wanted = [("eval_split", eval_split)] + ([] if train_split is None else [("train_split", train_split)])
+        for argument, split in wanted:
+            if split not in splits:
+                raise ValueError(f"{path} has no split {split!r} (`{argument}`); it has {sorted(splits)}: pass one of "
+                                 "them (train_split=None loads an evaluation-only task).")
         return cls(
             name=name,
-            train_dataset=splits[train_split] if train_split in splits else None,
+            train_dataset=None if train_split is None else splits[train_split],
             eval_dataset=splits[eval_split],
             classnames=list(meta["classnames"]),
             templates=list(meta.get("templates", ["a photo of a {}."])),

@@ -20,10 +20,13 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
 from ..files import atomic_files, read_json_file, write_json_atomic
+from ..options import short_repr
 from ..tuners.moe_lora.base_weights import base_weights_fingerprint
 from .checkpoints import (
+    check_not_inside_a_run,
     check_same_run,
     finished_folders,
+    is_plain_name,
     jsonable,
     prune,
     read_progress,
@@ -84,6 +87,7 @@ class ContinualTrainer(Trainer):
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"output_dir {output_dir} is a file, not a folder: give a folder path for the checkpoints "
                              "(or move the file away).")
+        check_not_inside_a_run(output_dir)  # before the Trainer creates the folder there
         self._output_dir_had_files = output_dir.is_dir() and any(output_dir.iterdir())  # Trainer creates it
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = ImageClassificationCollator(processing_class.image_processor)
@@ -115,7 +119,8 @@ class ContinualTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Accuracy of the model being trained on the current task (its eval split, or `eval_dataset`), as a
-        Trainer user expects during `train_tasks` (e.g. with `eval_strategy="steps"`)."""
+        Trainer user expects during `train_tasks` (e.g. from a callback; `eval_strategy` stays "no": the Trainer has
+        no eval_dataset of its own)."""
         task = self.current_task
         if task is None:
             raise ValueError(
@@ -278,6 +283,9 @@ class ContinualTrainer(Trainer):
         })
 
     def _validate(self, tasks: list[ContinualTask], train: bool) -> None:
+        if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, ContinualTask) for t in tasks):
+            raise ValueError(f"train_tasks needs a non-empty list of ContinualTask (one per task, in training order), "
+                             f"got {short_repr(tasks)}.")
         if len({task.name for task in tasks}) != len(tasks):
             raise ValueError("Task names must be unique: they name the checkpoint folders.")
         if self.args.task_learning_rates is not None and len(self.args.task_learning_rates) != len(tasks):
@@ -366,14 +374,17 @@ class ContinualTrainer(Trainer):
         tasks not trained yet may differ from the first start (logged). A run holds `output_dir/.run.lock` while it
         lasts: a second run on the same folder is refused.
         """
+        if resume and not self.args.save_task_checkpoints:
+            raise ValueError("resume=True continues from the task checkpoints in output_dir, but "
+                             "save_task_checkpoints=False neither writes nor reads them. Set "
+                             "save_task_checkpoints=True to resume, or start the run without resume=True.")
         train = self.method.trains and self.args.max_steps != 0
         self._validate(tasks, train)
-        if resume and self.args.save_task_checkpoints and not (self._output_dir_had_files or
-                                                               finished_folders(self.args.output_dir)):
+        if resume and not (self._output_dir_had_files or finished_folders(self.args.output_dir)):
             raise ValueError(f"resume=True, but output_dir {self.args.output_dir} was empty or did not exist: there is "
                              "nothing to resume. Check the path, or start the run without resume=True.")
-        holding = self.args.save_task_checkpoints and self.is_world_process_zero()
-        with run_lock(self.args.output_dir) if holding else nullcontext():
+        # the folder checks and the lock hold without task checkpoints too: such a run still writes there (save_model)
+        with run_lock(self.args.output_dir) if self.is_world_process_zero() else nullcontext():
             return self._train_tasks(tasks, resume, train)
 
     def _train_tasks(self, tasks: list[ContinualTask], resume: bool, train: bool) -> ContinualResult:
@@ -382,8 +393,7 @@ class ContinualTrainer(Trainer):
         self.num_routes = self.method.route_count(tasks)
         names = [task.name for task in tasks]
         run = self.run_identity(tasks)
-        start, progress = self._prepare_output_dir(tasks, run, resume) if self.args.save_task_checkpoints else (0,
-                                                                                                              None)
+        start, progress = self._prepare_output_dir(tasks, run, resume)
         matrices = {"oracle": [], **{kind: [] for kind in histograms}}
         encodings: list[dict[str, int]] = []
         if progress is not None:
@@ -476,7 +486,7 @@ class ContinualTrainer(Trainer):
         """The method's folder (`method.save`: for MoE-Adapters the peft adapter with its DDAS selector, for ConDU its
         publishable save) at `output_dir` (default: the run's), beside the task folders; each file replaced
         atomically. Nothing is pushed: publish with `hf_moe_cl.publishing.push_to_hub`."""
-        if _internal_call:  # a mid-task checkpoint of the Trainer (save_strategy)
+        if _internal_call:  # the Trainer's own saves (Trainer.push_to_hub, hyperparameter search)
             return super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():
             with atomic_files(output_dir or self.args.output_dir) as staging:
@@ -486,6 +496,10 @@ class ContinualTrainer(Trainer):
     def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
         """As `Trainer.save_metrics` (`<split>_results.json`, merged into `all_results.json`), written atomically;
         for a run's final numbers: `trainer.save_metrics("all", result.all_results())`."""
+        if not is_plain_name(split):  # it names a file in output_dir: "../x" would write outside
+            raise ValueError(f"save_metrics: the split {short_repr(split)} names the file <split>_results.json in "
+                             "output_dir, so it must be a plain file name (letters, digits, '.', '_', '-'; at most 64 "
+                             "characters), e.g. 'all' or 'eval'.")
         if not self.is_world_process_zero():
             return
         output = Path(self.args.output_dir)

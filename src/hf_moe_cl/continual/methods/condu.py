@@ -17,6 +17,7 @@ import torch
 
 from ...classification import ZERO_SHOT, Routes, image_embeddings, text_embeddings
 from ...condu import (
+    CONFIG_FILE,
     PROTOTYPE_KINDS,
     UNIFY_RULES,
     Delta,
@@ -40,7 +41,8 @@ from ...condu.lora import (
     trained_factors,
     weight_delta,
 )
-from ...options import check_option
+from ...files import FIX
+from ...options import check_option, short_repr
 from ..preprocessing import ImageClassificationCollator, training_augmentation
 from .base import ContinualMethod
 from .registry import register_method
@@ -113,6 +115,7 @@ class ConDU(ContinualMethod):
     untouched_is_fixed = True
 
     def __init__(self, model, arguments: Optional[ConDUArguments] = None, rank: int = 64):
+        check_option("rank", rank, int, low=1)
         super().__init__(model.eval(), arguments)
         self.rank = rank
         self.store = DeltaStore(self.arguments.condu_rescaler)
@@ -139,6 +142,7 @@ class ConDU(ContinualMethod):
         options unless `arguments` are given (voting options may differ, training ones may not)."""
         folder = resolve_folder(folder_or_repo_id, subfolder, revision, token)
         header = read_header(folder)
+        saved, rank = _saved_settings(folder, header)
         if base_model is None:
             name = header.get("base_model_name_or_path")
             if not name:
@@ -147,13 +151,7 @@ class ConDU(ContinualMethod):
             from transformers import CLIPModel
 
             base_model = CLIPModel.from_pretrained(name, **model_kwargs)
-        if arguments is None:
-            try:
-                arguments = ConDUArguments(**header["options"])
-            except TypeError as error:
-                raise ValueError(f"The ConDU save in {folder_or_repo_id} has options this version does not know "
-                                 f"({error}); upgrade hf-moe-cl or pass `arguments=`.") from None
-        method = cls(base_model, arguments, rank=header["rank"])
+        method = cls(base_model, saved if arguments is None else arguments, rank=rank)
         method.load(folder)
         return method
 
@@ -311,13 +309,20 @@ class ConDU(ContinualMethod):
         """A save of this base model, made with the same training options (another model's save, or one trained
         with other options, is a clear error)."""
         store, header = load_folder(folder, model_fingerprint(self.model))
-        saved = dict(header["options"], rank=header["rank"])
+        arguments, rank = _saved_settings(Path(folder), header)
+        saved = dict(dataclasses.asdict(arguments), rank=rank)
         ours = dict(dataclasses.asdict(self.arguments), rank=self.rank)
-        differ = [k for k in _TRAINING_OPTIONS + (_LORA_OPTIONS if self.lora else ()) if saved.get(k) != ours[k]]
+        differ = [k for k in _TRAINING_OPTIONS + (_LORA_OPTIONS if self.lora else ()) if saved[k] != ours[k]]
         if differ:
             raise ValueError(f"The ConDU save in {folder} was trained with "
-                             + ", ".join(f"{k}={saved.get(k)!r}" for k in differ) + "; this ConDU has "
+                             + ", ".join(f"{k}={saved[k]!r}" for k in differ) + "; this ConDU has "
                              + ", ".join(f"{k}={ours[k]!r}" for k in differ) + ". Use the same options.")
+        if self.arguments.condu_prototypes == "fused":
+            textless = [t for t, means in enumerate(store.prototypes) if "text_mean" not in means]
+            if textless:
+                raise ValueError(f"The ConDU save in {folder} holds no text prototypes (text_mean) for task(s) "
+                                 f"{textless}, which condu_prototypes='fused' votes with; use "
+                                 "condu_prototypes='image'.")
         if self.lora:
             expected = factor_shapes(self.model, self.arguments.lora_target_list, self.rank)
             if dict(store.shapes) != expected:
@@ -326,3 +331,33 @@ class ConDU(ContinualMethod):
                                  "trained from.")
         self.store = store
         self._deltas = {}
+
+
+def _saved_settings(folder: Path, header: dict) -> tuple[ConDUArguments, int]:
+    """The options and LoRA rank a save was trained with, checked as the same values given in code are; a refusal
+    names the file."""
+    path = folder / CONFIG_FILE
+    fields = {f.name for f in dataclasses.fields(ConDUArguments)}
+    options, base = header.get("options"), header.get("base_model_name_or_path")
+    if isinstance(options, dict) and set(options) - fields:
+        raise ValueError(f"{path} has options this version does not know ({sorted(set(options) - fields)}); it was "
+                         "written by a newer hf-moe-cl: upgrade it.")
+    try:
+        missing = [key for key in ("options", "rank") if key not in header]
+        if missing:
+            raise ValueError(f"it lacks {missing}")
+        if not isinstance(options, dict):
+            raise ValueError(f"`options` must be an object, got {short_repr(options)}")
+        if fields - set(options):
+            raise ValueError(f"`options` lacks {sorted(fields - set(options))}")
+        if base is not None and not isinstance(base, str):
+            raise ValueError(f"base_model_name_or_path is {short_repr(base)}, not a model name or folder")
+        check_option("rank", header["rank"], int, low=1)
+        arguments = ConDUArguments(**options)
+        if (arguments.condu_fine_tune, arguments.condu_rescaler) != (header["fine_tune"], header["rule"]):
+            raise ValueError(f"its options say condu_fine_tune={arguments.condu_fine_tune!r}, condu_rescaler="
+                             f"{arguments.condu_rescaler!r} but its tensors were saved with fine_tune="
+                             f"{header['fine_tune']!r}, rule={header['rule']!r}")
+        return arguments, header["rank"]
+    except ValueError as error:
+        raise ValueError(f"{path} is damaged or was edited: {str(error).rstrip('.')}. {FIX}") from None

@@ -64,7 +64,8 @@ class DDASArguments:
     ddas_weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (official: 1e-4)."})
     ddas_batch_size: int = field(default=64, metadata={"help": "Autoencoder batch size (official: 64)."})
     ddas_threshold: Optional[float] = field(
-        default=None, metadata={"help": "Fixed zero-shot threshold; None calibrates one per task on held-out data."}
+        default=None,
+        metadata={"help": "Fixed zero-shot threshold (> 0); None calibrates one per task on held-out data."},
     )
     ddas_quantile: float = field(
         default=0.95, metadata={"help": "Calibrated threshold: this quantile of held-out in-task errors."}
@@ -102,7 +103,8 @@ class DDASArguments:
         check_option("ddas_learning_rate", self.ddas_learning_rate, float, low=0.0, low_open=True)
         check_option("ddas_weight_decay", self.ddas_weight_decay, float, low=0.0)
         check_option("ddas_quantile", self.ddas_quantile, float, low=0.0, high=1.0, low_open=True)
-        check_option("ddas_threshold", self.ddas_threshold, float, low=0.0, optional=True)
+        # 0 would send every image to zero-shot (an autoencoder's error is never below it)
+        check_option("ddas_threshold", self.ddas_threshold, float, low=0.0, low_open=True, optional=True)
         check_option("ddas_training", self.ddas_training, str, choices=("sampled", "official"))
         if self.ddas_include_untrained and self.ddas_threshold is None:
             raise ValueError("ddas_include_untrained needs a fixed ddas_threshold: a task not learned yet has no "
@@ -137,6 +139,14 @@ class DDASSelection:
             pixels = batch["pixel_values"].to(trainer.args.device)
             features.append(trainer.accelerator.gather_for_metrics(self.selector_features(pixels)[0]))
         return torch.cat(features)
+
+    def check_feature_layer(self) -> None:
+        """Refuse a `ddas_feature_layer` beyond the model's vision blocks (the prefix would silently be all of them)."""
+        layer, depth = self.ddas.ddas_feature_layer, self.model.config.vision_config.num_hidden_layers
+        if layer is not None and layer > depth:
+            raise ValueError(f"ddas_feature_layer={layer} is beyond this model's vision tower, which has {depth} "
+                             f"blocks: give 1 to {depth} (the tokens after that many blocks), or None for the image "
+                             "embedding.")
 
     def check_calibration(self, tasks) -> None:
         """Refuse, before the first task trains, a sequence with a task too small to hold out the tenth of its

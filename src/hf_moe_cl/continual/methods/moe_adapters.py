@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,22 +29,35 @@ from .ddas import DDASArguments, DDASSelection
 
 logger = logging.getLogger("hf_moe_cl")
 
+# The adapter `MoEAdapters.from_base` builds where MoEAdaptersArguments leave these to the model (None): the paper's.
+NEW_ADAPTER = {"num_experts": 22, "top_k": 2, "noisy_gating": True, "noisy_gating_eval": False}
+
 
 @dataclass
 class MoEAdaptersArguments:
-    """MoE-Adapters' options beyond the adapter's size (`MoELoraConfig`)."""
+    """MoE-Adapters' options beyond the adapter's size (`MoELoraConfig`). The adapter's settings (`num_experts`,
+    `top_k`, `noisy_gating`, `noisy_gating_eval`) are None by default: those of the model given to `MoEAdapters` (a
+    value that differs from them is refused), the paper's for the adapter `from_base` builds (`NEW_ADAPTER`)."""
 
-    num_experts: int = field(default=22, metadata={"help": "MoE-Adapters: experts per block."})
+    num_experts: Optional[int] = field(
+        default=None, metadata={"help": "MoE-Adapters: experts per block (None: the model's; a new adapter: 22)."}
+    )
     expert_growth_threshold: Optional[float] = field(
         default=None,
         metadata={"help": "Grow the expert bank: before each new task, a block (of either tower) whose share of "
                   "trainable experts (frozen by no task) is below this gets new experts that bring it back to it "
                   "(saved in the adapter config: a loaded model keeps growing). None: the paper's fixed bank."},
     )
-    top_k: int = field(default=2, metadata={"help": "MoE-Adapters: experts per sample."})
-    noisy_gating: bool = field(default=True, metadata={"help": "MoE-Adapters: noisy top-k gating in training."})
-    noisy_gating_eval: bool = field(
-        default=False, metadata={"help": "Keep the gating noise on in evaluation (the official class-incremental code)."}
+    top_k: Optional[int] = field(
+        default=None, metadata={"help": "MoE-Adapters: experts per sample (None: the model's; a new adapter: 2)."}
+    )
+    noisy_gating: Optional[bool] = field(
+        default=None,
+        metadata={"help": "MoE-Adapters: noisy top-k gating in training (None: the model's; a new adapter: true)."},
+    )
+    noisy_gating_eval: Optional[bool] = field(
+        default=None, metadata={"help": "Keep the gating noise on in evaluation (the official class-incremental code; "
+                                "None: the model's; a new adapter: false)."}
     )
     freeze_experts_per_task: Optional[int] = field(
         default=None,
@@ -84,18 +98,28 @@ class MoEAdaptersArguments:
     )
 
     def __post_init__(self):
-        check_option("num_experts", self.num_experts, int, low=1)
-        check_option("top_k", self.top_k, int, low=1, high=self.num_experts)
+        given = [name for name in NEW_ADAPTER if getattr(self, name) is not None]  # None: the model's
+        if "num_experts" in given:
+            check_option("num_experts", self.num_experts, int, low=1)
+        # bounded by the bank from_base builds; MoEAdapters checks them again against a model given to it
+        experts = self.num_experts or NEW_ADAPTER["num_experts"]
+        if "top_k" in given:
+            check_option("top_k", self.top_k, int, low=1, high=experts)
         check_option("expert_growth_threshold", self.expert_growth_threshold, float, low=0.0, high=1.0,
                      low_open=True, high_open=True, optional=True)
-        check_option("freeze_experts_per_task", self.freeze_experts_per_task, int, low=0, high=self.num_experts,
-                     optional=True)
+        check_option("freeze_experts_per_task", self.freeze_experts_per_task, int, low=0, high=experts, optional=True)
         check_option("freeze_policy", self.freeze_policy, str, choices=("top_k", "coverage"))
         check_option("freeze_coverage", self.freeze_coverage, float, low=0.0, high=1.0, low_open=True)
         check_option("freeze_images", self.freeze_images, int, low=1, optional=True)
         check_option("routing_report_images", self.routing_report_images, int, low=1)
         check_option("merge_experts_every", self.merge_experts_every, int, low=0)
-        check_flags(self, ("noisy_gating", "noisy_gating_eval", "routing_report", "shared_router", "relearn_tasks"))
+        check_flags(self, [name for name in ("noisy_gating", "noisy_gating_eval") if name in given] +
+                    ["routing_report", "shared_router", "relearn_tasks"])
+
+    def for_new_adapter(self) -> "MoEAdaptersArguments":
+        """These options with the adapter's settings left to the model (None) set to the paper's (`NEW_ADAPTER`)."""
+        return dataclasses.replace(self, **{name: value for name, value in NEW_ADAPTER.items()
+                                            if getattr(self, name) is None})
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -148,7 +172,9 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         super().__init__(model, arguments)
         if find_moe(model) is None:
             raise ValueError("MoEAdapters needs a MoE-LoRA model: get_peft_model(clip, MoELoraConfig(...)).")
+        self.arguments = self._fit_to_model(self.arguments)
         self.ddas = ddas if ddas is not None else DDASArguments()
+        self.check_feature_layer()
         self.ddas_reference = ddas_reference
         self.current_route: Optional[int] = None
         self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
@@ -163,7 +189,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
 
     @classmethod
     def from_base(cls, base, options=(), num_tasks=1, rank=64, reference_images=None):
-        arguments = cls.pick(options, MoEAdaptersArguments)
+        arguments = cls.pick(options, MoEAdaptersArguments).for_new_adapter()
         config = MoELoraConfig(num_tasks=1 if arguments.shared_router else num_tasks,
                                num_experts=arguments.num_experts, top_k=arguments.top_k, r=rank,
                                noisy_gating=arguments.noisy_gating, noisy_gating_eval=arguments.noisy_gating_eval,
@@ -174,6 +200,26 @@ class MoEAdapters(DDASSelection, ContinualMethod):
     @property
     def moe(self) -> MoELoraModel:
         return find_moe(self.model)
+
+    def _fit_to_model(self, arguments: MoEAdaptersArguments) -> MoEAdaptersArguments:
+        """`arguments` with the model's adapter settings. A setting given that differs from the model's could not
+        take effect, and a freeze beyond the model's experts would freeze whole banks: both are refused."""
+        config = self.moe.moe_config
+        differ = [name for name in NEW_ADAPTER if getattr(arguments, name) not in (None, getattr(config, name))]
+        if differ:
+            raise ValueError(
+                f"MoEAdaptersArguments has {', '.join(f'{n}={getattr(arguments, n)!r}' for n in differ)} but the "
+                f"model's adapter has {', '.join(f'{n}={getattr(config, n)!r}' for n in differ)}: a model given to "
+                "MoEAdapters keeps its own settings. Leave them None (the model's), or build the model with "
+                "MoELoraConfig(...) set as wanted (MoEAdapters.from_base does it from these arguments)."
+            )
+        smallest = min(slots["total"] for slots in self.moe.expert_slots().values())
+        freeze = arguments.freeze_experts_per_task
+        if freeze is not None and freeze > smallest:
+            raise ValueError(f"freeze_experts_per_task={freeze} is more than the {smallest} experts of this model's "
+                             f"smallest bank: one task would freeze every expert it used. Give at most {smallest} (0 "
+                             f"disables freezing, None freezes top_k={config.top_k}).")
+        return dataclasses.replace(arguments, **{name: getattr(config, name) for name in NEW_ADAPTER})
 
     @property
     def selects_routes(self) -> bool:

@@ -11,7 +11,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from transformers.activations import ACT2FN
 
 from ...files import check_json_file, check_safetensors_file
-from ...options import check_flags, check_option
+from ...options import check_flags, check_label_space, check_option, short_repr
 from .card import tidy_peft_card
 from .peft_type import MOE_LORA
 from .selector import SelectorConfig
@@ -21,6 +21,14 @@ LEGACY_SELECTOR_FILES = ("ddas_config.json", "ddas.safetensors")
 
 # The paper's placement: one expert bank per transformer block of both CLIP towers, in parallel to the MLP.
 CLIP_BLOCK_TARGETS = r".*(vision_model|text_model)\.encoder\.layers\.\d+"
+
+
+def check_task_record(task: int, name, classnames, templates) -> None:
+    """What a task router was trained on (an entry of `task_info`): a non-empty name, and class names and templates
+    that pass the check a task's own get, since the classifier builds its prompts from them."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"Task {task}'s name in `task_info` must be a non-empty string, got {short_repr(name)}.")
+    check_label_space(classnames, templates, f"Task {task} ({name!r}) in `task_info`")
 
 
 @dataclass
@@ -127,17 +135,30 @@ class MoELoraConfig(PeftConfig):
             check_option(name, getattr(self, name), int, low=1)
         check_option("expert_growth_threshold", self.expert_growth_threshold, float, low=0.0, high=1.0,
                      low_open=True, high_open=True, optional=True)
-        check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights"))
+        check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights", "inference_mode"))
+        for name in ("base_model_name_or_path", "revision"):
+            check_option(name, getattr(self, name), str, optional=True)
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise ValueError(f"`auto_mapping` must be None or a dict, got {short_repr(self.auto_mapping)}.")
         check_option("expert_scale", self.expert_scale, float)
         check_option("expert_dropout", self.expert_dropout, float, low=0.0, high=1.0, high_open=True)
         check_option("noise_epsilon", self.noise_epsilon, float, low=0.0)
         check_option("load_balancing_coef", self.load_balancing_coef, float, low=0.0)
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             names = value if isinstance(value, (list, set, tuple)) else [value]
             if value is not None and not all(isinstance(v, str) for v in names):
                 raise ValueError(f"`{name}` must be None, a string or a list of strings (module names), got "
                                  f"{value!r}.")
+        # no string: peft would match module names against each of its characters
+        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, set, tuple)) or not all(
+                isinstance(v, str) for v in self.modules_to_save)):
+            raise ValueError(f"`modules_to_save` must be None or a list of module names, got "
+                             f"{short_repr(self.modules_to_save)}" + (f": write [{self.modules_to_save!r}]."
+                                                                     if isinstance(self.modules_to_save, str) else "."))
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError(f"`target_modules` is empty ({self.target_modules!r}), which adapts nothing: give module "
+                             "names, or None to adapt every encoder block of both CLIP towers.")
         if self.experts_per_module is None:
             self.experts_per_module = {}
         if not isinstance(self.experts_per_module, dict) or not all(isinstance(name, str)
@@ -154,6 +175,7 @@ class MoELoraConfig(PeftConfig):
             raise ValueError(
                 f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or add experts."
             )
+        check_option("expert_activation", self.expert_activation, str, optional=True)
         if self.expert_activation is not None and self.expert_activation not in ACT2FN:
             raise ValueError(
                 f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
@@ -162,6 +184,9 @@ class MoELoraConfig(PeftConfig):
         if self.task_info is not None:
             self._check_task_info()
         if self.selector is not None:
+            if not isinstance(self.selector, dict):
+                raise ValueError(f"`selector` must be None or a dict of DDAS selector settings (the fields of "
+                                 f"SelectorConfig), got {short_repr(self.selector)}.")
             self.selector = SelectorConfig.from_dict(dict(self.selector)).to_dict()
         if self.base_weights is not None:
             self._check_base_weights()
@@ -186,6 +211,9 @@ class MoELoraConfig(PeftConfig):
                              f"{{'name': str, 'classnames': [str], 'templates': [str]}}; got {str(info)[:120]}. In a "
                              "saved adapter_config.json this means the file was damaged or edited: save the adapter "
                              "again.")
+        for task, entry in enumerate(info):
+            if entry is not None:
+                check_task_record(task, entry["name"], entry["classnames"], entry["templates"])
 
     def _check_base_weights(self) -> None:
         record = self.base_weights
@@ -208,7 +236,7 @@ class MoELoraConfig(PeftConfig):
             check_json_file(os.path.join(folder, CONFIG_NAME))
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:  # TypeError: a value of a type no check foresaw
             if not local:
                 raise
             raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: {error}") from None

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_
 from torch import nn
 
 from .peft_type import MOE_LORA_PREFIX
-from .config import CLIP_BLOCK_TARGETS, MoELoraConfig
+from .config import CLIP_BLOCK_TARGETS, MoELoraConfig, check_task_record
 from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
 from .layer import EXPERT_PARAMS, ROUTER_PARAMS, MoELoraBlock, MoELoraLayer, MoELoraLinear
@@ -338,17 +338,40 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
     # ----- DDAS selector (part of the adapter) ---------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection (at creation, `add_adapter`, `load_adapter`), plus the adapter's DDAS selector. An
-        adapter created on other pretrained weights than `model`'s is refused before anything is injected."""
-        self._check_base_weights(model, self.peft_config[adapter_name], adapter_name)
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        adapter created on other pretrained weights than `model`'s, or with settings that do not fit it, is refused
+        before anything is injected."""
         config = self.peft_config[adapter_name]
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if config.task_type is not None and model_type in TARGETS_BY_MODEL_TYPE:
+            raise ValueError(f"`task_type` of adapter {adapter_name!r} is {str(config.task_type)!r}, but peft's task "
+                             f"types wrap language models, not a {model_type!r} model (its forward would fail): leave "
+                             "task_type None. In a saved adapter_config.json this means the file was damaged or "
+                             "edited.")
+        settings = None if config.selector is None else SelectorConfig.from_dict(config.selector)
+        if settings is not None:
+            self._check_selector_fits(model, settings, adapter_name)
+        self._check_base_weights(model, config, adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
         unknown = sorted(set(config.experts_per_module) - set(self.moe_layers()))
         if unknown:
             raise ValueError(f"`experts_per_module` of adapter {adapter_name!r} names modules the adapter does not "
                              f"adapt in this model: {unknown[:3]}. In a saved adapter_config.json this means the file "
                              "was damaged or edited, or the adapter belongs to another base model.")
-        if config.selector is not None:
-            self._build_selector(adapter_name, SelectorConfig.from_dict(config.selector), config.num_tasks)
+        if settings is not None:
+            self._build_selector(adapter_name, settings, config.num_tasks)
+
+    @staticmethod
+    def _check_selector_fits(model: nn.Module, settings: SelectorConfig, adapter_name: str) -> None:
+        """A selector reading the tokens after more vision blocks than `model` has would silently read them all."""
+        layers = getattr(getattr(getattr(model, "vision_model", None), "encoder", None), "layers", None)
+        if settings.feature_extractor != "clip" or settings.feature_layer is None or layers is None:
+            return
+        if settings.feature_layer > len(layers):
+            raise ValueError(f"The DDAS selector of adapter {adapter_name!r} reads the tokens after `feature_layer`="
+                             f"{settings.feature_layer} vision blocks, but this model's vision tower has "
+                             f"{len(layers)}: give 1 to {len(layers)}, or None for the image embeddings. In a saved "
+                             "adapter_config.json this means the file was damaged or edited, or the adapter belongs "
+                             "to another base model.")
 
     @staticmethod
     def _check_base_weights(model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
@@ -398,6 +421,7 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         adapter's weights."""
         settings = settings if isinstance(settings, SelectorConfig) else SelectorConfig.from_dict(settings)
         adapter = self._adapter()
+        self._check_selector_fits(self.model, settings, adapter)
         self.peft_config[adapter].selector = settings.to_dict()
         return self._build_selector(adapter, settings, self.num_tasks)
 
@@ -502,8 +526,10 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         return info + [None] * (self.num_tasks - len(info))
 
     def set_task_info(self, task: int, name: str, classnames: list[str], templates: list[str]) -> None:
-        """Record what task `task`'s router was trained on (saved in the adapter config)."""
-        self._check_task(task)
+        """Record what task `task`'s router was trained on (saved in the adapter config); checked here, so that a
+        saved adapter always loads again."""
+        task = self._check_task(task)
+        check_task_record(task, name, classnames, templates)
         info = self.task_info
         info[task] = {"name": name, "classnames": list(classnames), "templates": list(templates)}
         self.moe_config.task_info = info

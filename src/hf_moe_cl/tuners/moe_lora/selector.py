@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...options import check_option
+from .features import ALEXNET_FEATURES
 
 ZERO_SHOT = -1
 HELDOUT_FRACTION = 0.1  # the share of a task's images its calibrated threshold is measured on
@@ -51,6 +52,13 @@ class SelectorConfig:
         check_option("selector.feature_extractor", self.feature_extractor, str, choices=FEATURE_EXTRACTORS)
         # None: the final image embedding; k: the tokens after k vision blocks
         check_option("selector.feature_layer", self.feature_layer, int, low=1, optional=True)
+        if self.feature_extractor == "alexnet":
+            if self.feature_layer is not None:
+                raise ValueError("`selector.feature_layer` selects CLIP vision blocks; it cannot be used with the "
+                                 "AlexNet extractor (set it to None).")
+            if self.feature_dim != ALEXNET_FEATURES:
+                raise ValueError(f"`selector.feature_dim` must be {ALEXNET_FEATURES} with the AlexNet extractor (its "
+                                 f"conv5 features at 224 px), got {self.feature_dim}.")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SelectorConfig":
@@ -58,6 +66,8 @@ class SelectorConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown DDAS selector setting(s) {unknown}; known: {sorted(known)}.")
+        if "feature_dim" not in values:
+            raise ValueError(f"The DDAS selector settings {values} lack `feature_dim` (the width of its features).")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -83,6 +93,7 @@ class FeatureAutoencoder(nn.Module):
 
 
 AUTOENCODER_TENSORS = ("encoder_weight", "encoder_bias", "decoder_weight", "decoder_bias")
+SELECTOR_TENSORS = AUTOENCODER_TENSORS + ("thresholds", "trained", "feature_mean", "feature_scale")
 
 
 class DistributionSelector(nn.Module):
@@ -109,7 +120,6 @@ class DistributionSelector(nn.Module):
         self.register_buffer("trained", torch.zeros(num_tasks + 1, dtype=torch.bool))  # [reference, tasks...]
         self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
         self.register_buffer("feature_scale", torch.ones(config.feature_dim))
-        self.register_load_state_dict_post_hook(_check_loaded_selector)
 
     def _autoencoder(self) -> FeatureAutoencoder:
         return FeatureAutoencoder(self.config.feature_dim, self.config.hidden_dim, self.config.sigmoid_output)
@@ -148,9 +158,22 @@ class DistributionSelector(nn.Module):
         self.trained = torch.cat([self.trained, self.trained.new_zeros(1)])
         return self.num_tasks - 1
 
+    def _check_width(self, features: torch.Tensor) -> None:
+        """Features of another width come from another extractor, model or layer than the selector was built for."""
+        config = self.config
+        if features.dim() != 2 or features.shape[-1] != config.feature_dim:
+            source = ("AlexNet's conv5 features" if config.feature_extractor == "alexnet" else
+                      "CLIP's image embeddings" if config.feature_layer is None else
+                      f"CLIP's tokens after {config.feature_layer} vision blocks")
+            raise ValueError(f"The DDAS selector reads {config.feature_dim} features per image ({source}), got "
+                             f"features of shape {tuple(features.shape)}: they come from another model or layer "
+                             "than the selector's `feature_dim` was set for. Use the base model the adapter was "
+                             "trained on, or enable a selector whose feature_dim fits this model and fit it again.")
+
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
         """`features` as every autoencoder sees them: standardised with the reference's mean and scale (unless
         `standardize=False`), on the selector's device and dtype."""
+        self._check_width(features)
         features = features.to(self.feature_mean.device, self.feature_mean.dtype)
         return (features - self.feature_mean) / self.feature_scale if self.config.standardize else features
 
@@ -191,6 +214,7 @@ class DistributionSelector(nn.Module):
     def set_standardization(self, reference_features: torch.Tensor) -> None:
         """Take the mean and scale every autoencoder's inputs are standardised with from the reference images'
         features (a no-op with `standardize=False`); set before any autoencoder is trained."""
+        self._check_width(reference_features)
         features = reference_features.detach().to(self.feature_mean.device, self.feature_mean.dtype)
         if features.shape[0] < 2:
             raise ValueError("The reference autoencoder needs at least two reference images.")
@@ -221,6 +245,10 @@ class DistributionSelector(nn.Module):
             raise ValueError(f"Task id {task} is out of range: the selector has {self.num_tasks} task autoencoders.")
         if not self.has_reference:
             raise ValueError("Train the reference autoencoder first (fit_reference): the decision compares to it.")
+        if threshold is not None and not threshold > 0:
+            raise ValueError(f"A task autoencoder needs a positive threshold, got {threshold!r}: an image is routed to "
+                             "the task when its error is at most the threshold, so 0 would send every image to "
+                             "zero-shot.")
         features = features.detach()
         order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))
         held = heldout_count(features.shape[0], heldout_fraction) if threshold is None else 0
@@ -296,28 +324,41 @@ class DistributionSelector(nn.Module):
         return self.decide(sums / sizes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A selector saved in the layout of hf-moe-cl <= 0.2 loads into the stacked one."""
+        """A selector saved in the layout of hf-moe-cl <= 0.2 loads into the stacked one; values no selector can have
+        are refused before anything is copied (the copy would turn a float `trained` into booleans)."""
         converted = stack_legacy_autoencoders(state_dict, prefix)
         if converted is not state_dict:
             state_dict.clear()
             state_dict.update(converted)
+        problems = _saved_selector_problems({name: state_dict[prefix + name] for name in SELECTOR_TENSORS
+                                             if prefix + name in state_dict})
+        if problems:
+            adapter = prefix.rstrip(".").rpartition(".")[-1]  # the selector's key in the tuner: the adapter's name
+            owner = f"of adapter {adapter!r} in its weights (adapter_model.safetensors)" if adapter else "state loaded"
+            raise ValueError(f"The DDAS selector {owner} has " + "; ".join(problems) + ": the file was damaged or "
+                             "edited. Save the adapter again, or refit the selector.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _check_loaded_selector(selector: DistributionSelector, incompatible_keys) -> None:
-    """Refuse loaded values no selector can have (NaN thresholds or weights, a non-positive feature scale), which
-    would send every image to zero-shot or make every error NaN."""
+def _saved_selector_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What no selector can hold: a `trained` that is not boolean, weights that are not finite floats, a threshold
+    that is NaN or not positive (every image would go to zero-shot; +inf is no limit), a non-positive feature scale
+    (every error NaN)."""
     problems = []
-    if bool(torch.isnan(selector.thresholds).any()) or bool((selector.thresholds == -math.inf).any()):
-        problems.append(f"thresholds {selector.thresholds.tolist()} (NaN or -inf)")
-    for name in AUTOENCODER_TENSORS + ("feature_mean", "feature_scale"):
-        if not bool(torch.isfinite(getattr(selector, name)).all()):
-            problems.append(f"non-finite values in {name}")
-    if not bool((selector.feature_scale > 0).all()):
-        problems.append("a feature_scale that is not positive")
-    if problems:
-        raise ValueError("The DDAS selector loaded with the adapter has " + "; ".join(problems) + ": the adapter's "
-                         "weights file was damaged or edited. Save the adapter again, or refit the selector.")
+    for name, value in tensors.items():
+        if name == "trained":
+            if value.dtype != torch.bool:
+                problems.append(f"`trained` of dtype {value.dtype} (it holds booleans: which autoencoders are trained)")
+        elif not value.dtype.is_floating_point:
+            problems.append(f"`{name}` of dtype {value.dtype} (floating point)")
+        elif name == "thresholds":
+            if not bool((value > 0).all()):
+                problems.append(f"thresholds {value.tolist()} (each must be positive, +inf for no limit)")
+        elif not bool(torch.isfinite(value).all()):
+            problems.append(f"non-finite values in `{name}`")
+        elif name == "feature_scale" and not bool((value > 0).all()):
+            problems.append("a feature_scale that is not positive")
+    return problems
 
 
 def _tensor_of(autoencoder: FeatureAutoencoder, name: str) -> torch.Tensor:

@@ -1,0 +1,232 @@
+"""Options checked against what they apply to, before any work: DDAS and MoE-Adapters options against the model, and
+`examples/mtil.py`'s options against the run (preset, method, DDAS, publishing, config files)."""
+
+import json
+import logging
+
+import pytest
+
+from conftest import moe_model, tiny_clip
+from test_experiment import load_example
+
+
+@pytest.fixture(scope="module")
+def mtil():
+    return load_example()
+
+
+@pytest.fixture
+def no_work(mtil, monkeypatch):
+    """Loading a model or a task fails the test: a refusal must come before any work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(mtil.CLIPModel, "from_pretrained", refuse)
+    monkeypatch.setattr(mtil, "preset_tasks", refuse)
+    monkeypatch.setattr(mtil, "check_data", refuse)
+
+
+def refused(mtil, capsys, argv) -> str:
+    """The usage error `mtil.main(argv)` exits with (code 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        mtil.main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def recipe(mtil, capsys, argv) -> dict:
+    mtil.main([*argv, "--print_recipe"])
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+# ----- DDAS and MoE-Adapters options against the model ----------------------------------------------------------------
+def test_a_zero_ddas_threshold_is_refused_when_the_options_are_made():
+    from hf_moe_cl.continual.methods import DDASArguments
+
+    with pytest.raises(ValueError, match=r"`ddas_threshold` must be None or a finite number > 0, got 0.0"):
+        DDASArguments(ddas=True, ddas_threshold=0.0)
+    assert DDASArguments(ddas=True, ddas_threshold=1e-6).ddas_threshold == 1e-6
+
+
+def test_a_ddas_feature_layer_beyond_the_vision_tower_is_refused_when_the_method_is_built():
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
+
+    message = r"ddas_feature_layer=3 is beyond this model's vision tower, which has 2 blocks: give 1 to 2"
+    with pytest.raises(ValueError, match=message):
+        MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True, ddas_feature_layer=3))
+    with pytest.raises(ValueError, match=message):
+        MoEAdapters.from_base(tiny_clip(), [MoEAdaptersArguments(num_experts=2), DDASArguments(ddas_feature_layer=3)],
+                              num_tasks=2, rank=2)
+    assert MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True, ddas_feature_layer=2)).ddas.ddas_feature_layer == 2
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(num_experts=8, top_k=3), r"MoEAdaptersArguments has num_experts=8, top_k=3 but the model's adapter has "
+                                   r"num_experts=4, top_k=2: a model given to MoEAdapters keeps its own settings"),
+    (dict(noisy_gating=False), r"has noisy_gating=False but the model's adapter has noisy_gating=True"),
+    (dict(noisy_gating_eval=True), r"has noisy_gating_eval=True but the model's adapter has noisy_gating_eval=False"),
+    (dict(freeze_experts_per_task=10), r"freeze_experts_per_task=10 is more than the 4 experts of this model's "
+                                       r"smallest bank: one task would freeze every expert it used. Give at most 4"),
+])
+def test_moe_adapters_arguments_that_do_not_fit_the_model_are_refused(values, message):
+    from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments
+
+    with pytest.raises(ValueError, match=message):
+        MoEAdapters(moe_model(), MoEAdaptersArguments(**values))
+
+
+def test_moe_adapters_arguments_left_to_the_model_take_its_settings():
+    from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments
+
+    method = MoEAdapters(moe_model(), MoEAdaptersArguments(merge_experts_every=2, freeze_experts_per_task=4))
+    arguments = method.arguments
+    assert (arguments.num_experts, arguments.top_k, arguments.noisy_gating, arguments.noisy_gating_eval) == \
+        (4, 2, True, False)
+    assert method.fingerprint()["arguments"]["num_experts"] == 4  # the identity records what runs
+    built = MoEAdapters.from_base(tiny_clip(), [MoEAdaptersArguments()], num_tasks=2, rank=2)
+    assert built.moe.moe_config.num_experts == 22 and built.arguments.top_k == 2  # a new adapter: the paper's
+
+
+# ----- examples/mtil.py: what is checked before any work -------------------------------------------------------------
+def test_a_dry_run_folder_that_holds_files_is_refused_before_any_work(mtil, capsys, tmp_path, no_work):
+    full = tmp_path / "upload"
+    full.mkdir()
+    (full / "old.txt").write_text("x")
+    err = refused(mtil, capsys, ["--method", "zero-shot", "--tasks", "dtd", "--output_dir", str(tmp_path / "out"),
+                                 "--hub_dry_run_dir", str(full)])
+    assert f"--hub_dry_run_dir {full} exists and is not an empty folder; choose a new folder" in err
+    assert not (tmp_path / "out").exists() and [p.name for p in full.iterdir()] == ["old.txt"]
+
+
+@pytest.mark.parametrize("output_dir, hub_model_id, repo_id", [
+    ("out", "a/b/c", "a/b/c"), ("bad name", None, "bad name"), ("out", "me/run.", "me/run.")])
+def test_a_repo_id_the_hub_refuses_is_named_before_any_work(mtil, capsys, tmp_path, no_work, output_dir,
+                                                            hub_model_id, repo_id):
+    argv = ["--method", "zero-shot", "--tasks", "dtd", "--output_dir", str(tmp_path / output_dir),
+            "--push_to_hub", "true", *(["--hub_model_id", hub_model_id] if hub_model_id else [])]
+    err = refused(mtil, capsys, argv)
+    assert f"Cannot publish to {repo_id!r} (--hub_model_id, else output_dir's name): Repo id must" in err
+    assert not (tmp_path / output_dir).exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset_ids", "foo"], "--dataset_ids entry 'foo' is not 'dataset=owner/name': give comma-separated pairs"),
+    (["--dataset_ids", "dtd=my/dtd,"], "--dataset_ids entry '' is not 'dataset=owner/name'"),
+    (["--dataset_ids", "dtd="], "--dataset_ids entry 'dtd=' is not 'dataset=owner/name'"),
+    (["--dataset_ids", "dtd=a/b,dtd=c/d"], "--dataset_ids names 'dtd' twice"),
+    (["--tasks", "dtd,mnist", "--dataset_ids", "cifar100=my/cifar100"],
+     "--dataset_ids names 'cifar100', which this run does not read; its datasets are dtd, mnist."),
+    (["--preset", "cifar100-cil-10", "--dataset_ids", "dtd=my/dtd"],
+     "--dataset_ids names 'dtd', which this run does not read; its datasets are cifar100."),
+])
+def test_malformed_or_unused_dataset_ids_are_refused_before_any_work(mtil, capsys, tmp_path, no_work, argv, message):
+    preset = [] if "--preset" in argv else ["--preset", "mtil-order-1"]
+    err = refused(mtil, capsys, [*preset, *argv, "--method", "zero-shot", "--output_dir", str(tmp_path / "out")])
+    assert message in err and not (tmp_path / "out").exists()
+
+
+def test_dataset_ids_of_the_runs_datasets_are_kept(mtil, capsys, tmp_path):
+    argv = ["--preset", "mtil-order-1", "--tasks", "dtd,mnist", "--output_dir", str(tmp_path)]
+    assert recipe(mtil, capsys, [*argv, "--dataset_ids", "dtd=my/dtd"])["dataset_ids"] == "dtd=my/dtd"
+    experiment = mtil.ExperimentArguments(preset="cifar100-cil-10", dataset_ids="cifar100=my/c")
+    assert mtil.dataset_ids_map(experiment) == {"cifar100": "my/c"}
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("list.json", "[1, 2]", "must hold a mapping of argument names to values (e.g. 'max_steps: 100'), got [1, 2]"),
+    ("bad.yaml", "max_steps: 5\n  bad: [\n", "which must hold a mapping of argument names to values (e.g. "
+                                             "'max_steps: 100'): mapping values are not allowed here"),
+    ("bad.json", "{\"max_steps\": ", "which must hold a mapping of argument names to values"),
+    ("empty.yaml", "", "must hold a mapping of argument names to values (e.g. 'max_steps: 100'), got None"),
+])
+def test_a_config_file_that_is_not_a_mapping_is_named(mtil, capsys, tmp_path, no_work, name, text, message):
+    config = tmp_path / name
+    config.write_text(text)
+    err = refused(mtil, capsys, [str(config)])
+    assert str(config) in err and message in err
+
+
+def test_a_missing_config_file_is_named(mtil, capsys, tmp_path, no_work):
+    err = refused(mtil, capsys, [str(tmp_path / "none.yaml")])
+    assert f"Cannot read the config file {tmp_path / 'none.yaml'}" in err and "No such file" in err
+
+
+# ----- examples/mtil.py: options the run does not use are refused, not ignored ---------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "cifar100-cil-10", "--tasks", "step00"],
+     "--tasks, preset cifar100-cil-10 runs its fixed class-incremental steps of cifar100"),
+    (["--preset", "mini", "--data_dir", "/data"], "--data_dir, preset mini reads the shared assets"),
+    (["--preset", "mini-long", "--dataset_ids", "dtd=a/b"], "--dataset_ids, preset mini-long reads the shared assets"),
+    (["--preset", "mtil-order-1", "--data_dir", "/data", "--dataset_ids", "dtd=a/b"],
+     "--dataset_ids, --data_dir reads every dataset from its folders, not from the Hub"),
+    (["--preset", "mtil-order-1", "--assets_dir", "/assets"],
+     "--assets_dir, preset mtil-order-1 reads no shared assets"),
+    (["--method", "lora", "--num_experts", "4"], "--num_experts, an option of another method than --method lora"),
+    (["--method", "zero-shot", "--lora_targets", "q_proj"], "--lora_targets, an option of another method than "
+                                                            "--method zero-shot"),
+    (["--method", "moe-adapters", "--condu_top_k", "3"], "--condu_top_k, an option of another method"),
+    (["--preset", "mtil-order-1", "--method", "condu", "--ddas_threshold", "0.1"],
+     "--ddas_threshold, a DDAS option, and this run has no DDAS selector: that needs --ddas true and --method "
+     "moe-adapters"),
+    (["--preset", "mini", "--ddas_threshold", "0.1"], "--ddas_threshold, a DDAS option"),
+    (["--preset", "mtil-order-1", "--ddas", "false", "--ddas_reference", "my/ref"], "--ddas_reference, a DDAS option"),
+    (["--hub_model_id", "me/run"], "--hub_model_id, nothing is published: that needs --push_to_hub true or "
+                                   "--hub_dry_run_dir"),
+    (["--hub_base_model", "openai/clip-vit-base-patch16"], "--hub_base_model, nothing is published"),
+])
+def test_options_the_run_does_not_use_are_refused_before_any_work(mtil, capsys, tmp_path, no_work, argv, message):
+    for print_recipe in ([], ["--print_recipe"]):  # the recipe refuses what the run would
+        err = refused(mtil, capsys, [*argv, *print_recipe, "--output_dir", str(tmp_path / "out")])
+        assert f"Options this run does not use: {message}" in err and "Drop it; nothing is ignored silently." in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_unused_options_are_named_together(mtil, capsys, tmp_path):
+    err = refused(mtil, capsys, ["--method", "zero-shot", "--num_experts", "4", "--condu_top_k", "2",
+                                 "--output_dir", str(tmp_path)])
+    assert "--condu_top_k, an option of another method than --method zero-shot; --num_experts, an option" in err
+    assert "Drop them;" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--preset", "mtil-order-1", "--ddas_threshold", "0.1"],  # the preset's DDAS is on
+    ["--preset", "mini", "--ddas", "true", "--ddas_threshold", "0.1", "--ddas_reference", "my/ref"],
+    ["--method", "condu", "--condu_top_k", "3", "--preset", "mtil-order-1", "--dataset_ids", "dtd=my/dtd"],
+    ["--method", "lora", "--lora_targets", "q_proj"],
+    ["--push_to_hub", "true", "--hub_model_id", "me/run", "--hub_base_model", "openai/clip-vit-base-patch16"],
+    ["--preset", "mtil-order-1", "--data_dir", "/data", "--tasks", "dtd"],
+])
+def test_options_the_run_uses_are_accepted(mtil, capsys, tmp_path, argv):
+    assert recipe(mtil, capsys, [*argv, "--output_dir", str(tmp_path)])["preset"]
+
+
+def test_the_recipe_shows_the_adapter_the_script_builds(mtil, capsys, tmp_path):
+    order1 = recipe(mtil, capsys, ["--preset", "mtil-order-1", "--output_dir", str(tmp_path)])
+    assert (order1["num_experts"], order1["top_k"], order1["noisy_gating"], order1["noisy_gating_eval"]) == \
+        (22, 2, True, False)
+    cil = recipe(mtil, capsys, ["--preset", "cifar100-cil-10", "--output_dir", str(tmp_path)])
+    assert (cil["num_experts"], cil["noisy_gating_eval"]) == (2, True)
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["--do_train"], "it trains and evaluates every task itself"),
+    (["--do_eval", "true"], "it trains and evaluates every task itself"),
+    (["--eval_steps", "5"], "every task is evaluated after it trains (eval_strategy 'no'), never during training"),
+    (["--save_steps", "5"], "every task is saved after it trains (save_strategy 'no'; --save_task_checkpoints)"),
+    (["--metric_for_best_model", "loss"], "every task keeps its own checkpoint; there is no best one to reload"),
+])
+def test_training_arguments_the_script_never_uses_are_refused_not_ignored(mtil, capsys, tmp_path, argv, reason):
+    with pytest.raises(SystemExit) as exit_:
+        mtil.parse_args(["--output_dir", str(tmp_path), *argv])
+    assert exit_.value.code == 2
+    assert f"--{argv[0][2:]} is not used by this script: {reason}." in capsys.readouterr().err
+
+
+def test_no_option_is_reported_as_ignored(mtil, capsys, tmp_path, caplog):
+    """eval_strategy 'no' is the value used (others are refused by ContinualTrainingArguments): no warning."""
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        mtil.parse_args(["--output_dir", str(tmp_path), "--eval_strategy", "no", "--save_strategy", "no"])
+    assert not caplog.records
+    with pytest.raises(ValueError, match="eval_strategy='steps'` cannot be used"):
+        mtil.parse_args(["--output_dir", str(tmp_path), "--eval_strategy", "steps"])

@@ -1,0 +1,222 @@
+"""A task's whole training split, a task folder's splits and every field of a ConDU save are checked before any work:
+a bad one is refused with a message naming the problem (and the file it was read from), and nothing is loaded or
+trained. Rows of docs/reliability.md."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from hf_moe_cl import ContinualTask, ContinualTrainer
+from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+
+from conftest import colour_task, continual_args, tiny_clip
+
+
+# ----- ContinualTask.full_train_dataset ------------------------------------------------------------------------------
+@pytest.mark.parametrize("whole, message", [
+    (lambda: colour_task("x", num_classes=6).train_dataset,
+     r"full train labels range from 0 to 5 but there are 3 class names"),
+    (lambda: Dataset.from_dict({"img": [1, 2], "label": [0, 1]}),
+     r"the full train dataset lacks column\(s\) \['image'\]"),
+    (lambda: colour_task("x").train_dataset.select([]), "has an empty full train dataset"),
+    (lambda: Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0.5]}),
+     "the full train labels are of type float"),
+    (lambda: [{"image": Image.new("RGB", (8, 8)), "label": 0}],
+     "the full train dataset is a list, not a datasets.Dataset"),
+])
+def test_a_bad_full_train_dataset_is_refused_before_training(tmp_path, clip_processor, whole, message):
+    task = colour_task("first")
+    task.full_train_dataset = whole()
+    with pytest.raises(ValueError, match=f"Task 'first'.*{message}"):
+        task.validate()
+    task.validate(needs_training=False)  # only training reads it
+    trainer = ContinualTrainer(method=ConDU(tiny_clip(), ConDUArguments(), rank=2),
+                               args=continual_args(tmp_path / "run", max_steps=1), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=message):
+        trainer.train_tasks([task, colour_task("second", seed=1, offset=3)])
+    assert not list((tmp_path / "run").glob("task-*"))  # nothing trained or saved
+
+
+def test_official_learning_rates_that_are_not_a_dict_are_refused():
+    task = colour_task("first")
+    task.official_learning_rates = [("moe-adapters", 1e-3)]
+    with pytest.raises(ValueError, match=r"Task 'first': `official_learning_rates` must map recipe names to learning "
+                                         r"rates \(a dict such as \{'moe-adapters': 1e-3\}\), got \[\('moe-adapters'"):
+        task.validate()
+
+
+# ----- ContinualTask.from_disk splits --------------------------------------------------------------------------------
+def task_folder(path, splits=("train", "test")):
+    data = Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2, "label": [0, 1]})
+    DatasetDict({split: data for split in splits}).save_to_disk(str(path))
+    (path / "task.json").write_text(json.dumps({"name": "t", "classnames": ["a", "b"]}))
+    return path
+
+
+@pytest.mark.parametrize("splits, message", [
+    (dict(eval_split="validation"), r"has no split 'validation' \(`eval_split`\); it has \['test', 'train'\]"),
+    (dict(train_split="trian"), r"has no split 'trian' \(`train_split`\); it has \['test', 'train'\]"),
+])
+def test_a_split_the_task_folder_lacks_is_named_with_the_splits_it_has(tmp_path, splits, message):
+    folder = task_folder(tmp_path / "task")
+    with pytest.raises(ValueError, match=message) as error:
+        ContinualTask.from_disk(folder, **splits)
+    assert str(folder) in str(error.value)
+
+
+def test_an_evaluation_only_task_folder_loads_with_train_split_none(tmp_path):
+    folder = task_folder(tmp_path / "task", splits=("test",))
+    with pytest.raises(ValueError, match=r"has no split 'train' \(`train_split`\); it has \['test'\]: pass one of "
+                                         r"them \(train_split=None loads an evaluation-only task\)"):
+        ContinualTask.from_disk(folder)
+    task = ContinualTask.from_disk(folder, train_split=None)
+    assert task.train_dataset is None and len(task.eval_dataset) == 2
+    task.validate(needs_training=False)
+
+
+def test_a_task_folder_of_one_dataset_is_named(tmp_path):
+    Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0]}).save_to_disk(str(tmp_path))
+    (tmp_path / "task.json").write_text(json.dumps({"classnames": ["a"]}))
+    with pytest.raises(ValueError, match=f"{tmp_path} holds one dataset, not a DatasetDict of splits"):
+        ContinualTask.from_disk(tmp_path)
+
+
+# ----- every field of condu_config.json and of the tensors -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def condu_save(tmp_path_factory):
+    """A LoRA ConDU save of two tasks (rank 2) on `tiny_clip()`, made without training."""
+    method = ConDU(tiny_clip(), ConDUArguments(), rank=2)
+    method.store = method._new_store(0)
+    generator = torch.Generator().manual_seed(0)
+    for t, names in enumerate([["red", "green", "blue"], ["cat", "dog"]]):
+        delta = {n: torch.randn(s, generator=generator) * 0.01 for n, s in method.store.shapes.items()}
+        means = {kind: torch.nn.functional.normalize(torch.randn(len(names), 16, generator=generator), dim=-1)
+                 for kind in ("image_mean", "text_mean")}
+        method.store.add_task(delta, means, {"name": f"t{t}", "classnames": names, "templates": ["a photo of {}."]})
+    folder = tmp_path_factory.mktemp("condu") / "save"
+    method.save(folder)
+    return folder
+
+
+TRIGGERS = "condu_triggers.safetensors"
+
+
+def edit_config(edit):
+    def damage(folder):
+        path = folder / "condu_config.json"
+        header = json.loads(path.read_text())
+        edit(header)
+        path.write_text(json.dumps(header))
+    return damage
+
+
+def edit_tensors(file, edit):
+    def damage(folder):
+        tensors = load_file(str(folder / file))
+        edit(tensors)
+        save_file(tensors, str(folder / file))
+    return damage
+
+
+def first_mask(tensors):
+    return next(key for key in tensors if key.startswith("mask.0."))
+
+
+def without_text_means(folder):
+    edit_config(lambda h: h["tasks"][0].update(prototypes=["image_mean"]))(folder)
+    edit_tensors(TRIGGERS, lambda t: t.pop("prototype.0.text_mean"))(folder)
+
+
+CONFIG = "condu_config.json is damaged or was edited: "
+DAMAGES = {
+    "no options": (edit_config(lambda h: h.pop("options")), CONFIG + r"it lacks \['options'\]"),
+    "no rank": (edit_config(lambda h: h.pop("rank")), CONFIG + r"it lacks \['rank'\]"),
+    "rank a string": (edit_config(lambda h: h.update(rank="2")), CONFIG + "`rank` must be an integer >= 1, got '2'"),
+    "rank 0": (edit_config(lambda h: h.update(rank=0)), CONFIG + "`rank` must be an integer >= 1, got 0"),
+    "options a list": (edit_config(lambda h: h.update(options=[1])),
+                       CONFIG + r"`options` must be an object, got \[1\]"),
+    "an option missing": (edit_config(lambda h: h["options"].pop("condu_top_k")),
+                          CONFIG + r"`options` lacks \['condu_top_k'\]"),
+    "an unknown option": (edit_config(lambda h: h["options"].update(condu_extra=1)),
+                          r"condu_config.json has options this version does not know \(\['condu_extra'\]\)"),
+    "condu_top_k 0": (edit_config(lambda h: h["options"].update(condu_top_k=0)),
+                      CONFIG + "`condu_top_k` must be an integer >= 1, got 0"),
+    "condu_fusion unknown": (edit_config(lambda h: h["options"].update(condu_fusion="votes")),
+                             CONFIG + "`condu_fusion` must be one of"),
+    "options of another fine-tuning": (edit_config(lambda h: h["options"].update(condu_fine_tune="full")),
+                                       CONFIG + "its options say condu_fine_tune='full', .* fine_tune='lora'"),
+    "base model a number": (edit_config(lambda h: h.update(base_model_name_or_path=5)),
+                            CONFIG + "base_model_name_or_path is 5, not a model name or folder"),
+    "unknown rule": (edit_config(lambda h: h.update(rule="evil")), CONFIG + r"rule is 'evil', not one of"),
+    "template without {}": (edit_config(lambda h: h["tasks"][0].update(templates=["photo"])),
+                            CONFIG + r"tasks\[0\]: the prompt template 'photo' has no '\{\}'"),
+    "template with two {}": (edit_config(lambda h: h["tasks"][0].update(templates=["{} {}"])),
+                             CONFIG + r"tasks\[0\]: the prompt template '\{\} \{\}' has 2 fields"),
+    "no templates": (edit_config(lambda h: h["tasks"][0].update(templates=[])),
+                     CONFIG + r"tasks\[0\]: `templates` must be a non-empty list"),
+    "duplicate class names": (edit_config(lambda h: h["tasks"][1].update(classnames=["x", "x"])),
+                              CONFIG + r"tasks\[1\] has duplicate class names \['x'\]"),
+    "empty class name": (edit_config(lambda h: h["tasks"][1].update(classnames=["cat", " "])),
+                         CONFIG + r"tasks\[1\] needs one non-empty class name"),
+    "no templates key": (edit_config(lambda h: h["tasks"][0].pop("templates")),
+                         CONFIG + r"tasks\[0\] has the keys \['classnames', 'name', 'prototypes', 'rescaler'\]"),
+    "empty task name": (edit_config(lambda h: h["tasks"][0].update(name="")),
+                        CONFIG + r"tasks\[0\].name must be a non-empty string"),
+    "negative rescaler": (edit_config(lambda h: h["tasks"][0].update(rescaler=-5.0)),
+                          CONFIG + r"tasks\[0\].rescaler is -5.0"),
+    "no prototypes": (edit_config(lambda h: h["tasks"][0].update(prototypes=[])),
+                      CONFIG + r"tasks\[0\].prototypes must list 'image_mean'"),
+    "unknown prototype": (edit_config(lambda h: h["tasks"][0].update(prototypes=["image_mean", "evil"])),
+                          CONFIG + r"tasks\[0\].prototypes must list 'image_mean'"),
+    "float mask": (edit_tensors(TRIGGERS, lambda t: t.update({first_mask(t): t[first_mask(t)].float()})),
+                   r"holds mask.0.\S+ of dtype torch.float32 in condu_triggers.safetensors; a sign mask is stored as "
+                   r"uint8"),
+    "int64 mask": (edit_tensors(TRIGGERS, lambda t: t.update({first_mask(t): t[first_mask(t)].long()})),
+                   r"holds mask.0.\S+ of dtype torch.int64 in condu_triggers.safetensors"),
+    "unlisted trigger": (edit_tensors(TRIGGERS, lambda t: t.update({"mask.0.x": torch.zeros(1)})),
+                         r"condu_triggers.safetensors holds tensors \['mask.0.x'\] that condu_config.json does not "
+                         r"list"),
+    "unlisted unified tensor": (edit_tensors("adapter_model.safetensors", lambda t: t.update(x=torch.zeros(1))),
+                                r"adapter_model.safetensors holds tensors \['x'\] that condu_config.json does not "
+                                r"list"),
+    "short mask": (edit_tensors(TRIGGERS, lambda t: t.update({first_mask(t): t[first_mask(t)][:-1]})),
+                   r"has shape \(\d+,\) in condu_triggers.safetensors, condu_config.json says"),
+    "no text prototypes for fused voting": (without_text_means, r"holds no text prototypes \(text_mean\) for task\(s\) "
+                                                                r"\[0\], which condu_prototypes='fused' votes with"),
+}
+
+
+def test_an_intact_condu_save_loads(condu_save):
+    method = ConDU.from_pretrained(condu_save, base_model=tiny_clip())
+    assert method.store.num_tasks == 2 and method.rank == 2
+    assert method.learned_tasks()[1] == {"name": "t1", "classnames": ["cat", "dog"], "templates": ["a photo of {}."]}
+    resumed = ConDU(tiny_clip(), ConDUArguments(), rank=2)
+    resumed.load(condu_save)
+    assert resumed.store.num_tasks == 2
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_every_field_of_a_condu_save_is_checked_and_the_file_named(condu_save, tmp_path, case):
+    damage, message = DAMAGES[case]
+    folder = tmp_path / "save"
+    shutil.copytree(condu_save, folder)
+    damage(folder)
+    with pytest.raises(ValueError, match=message) as error:
+        ConDU.from_pretrained(folder, base_model=tiny_clip())
+    assert str(folder) in str(error.value)
+    resumed = ConDU(tiny_clip(), ConDUArguments(), rank=2)  # the resume path: ConDU.load
+    with pytest.raises(ValueError, match=message):
+        resumed.load(folder)
+    assert resumed.store.num_tasks == 0 and not resumed.store.shapes  # nothing loaded
+
+
+def test_a_rank_given_in_code_is_checked_as_a_saved_one():
+    for rank in ("2", 0, True, 2.0):
+        with pytest.raises(ValueError, match=f"`rank` must be an integer >= 1, got {rank!r}"):
+            ConDU(tiny_clip(), ConDUArguments(), rank=rank)
+
