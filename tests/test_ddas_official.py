@@ -134,13 +134,29 @@ def test_presets_pin_the_official_ddas(preset, lr, threshold, shots):
     assert ddas.ddas_reference_shots == shots and ddas.ddas_augment_once == (shots is not None)
 
 
+def random_alexnet_weights(folder) -> str:
+    """A state dict file of randomly initialised AlexNet conv layers (torchvision's layout): the paper's extractor
+    without its download."""
+    from hf_moe_cl.tuners.moe_lora.features import AlexNetFeatures
+
+    path = folder / "alexnet.pth"
+    torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()}, path)
+    return str(path)
+
+
+def one_step_trainer(method, tmp_path, processor) -> ContinualTrainer:
+    """A trainer of one step per task, no checkpoints, evaluating only the task just learned: what the DDAS fit
+    needs around it."""
+    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
+                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
+    return ContinualTrainer(method=method, args=args, processing_class=processor)
+
+
 def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bounds_untrained_ones(
         tmp_path, module_processor, monkeypatch):
     from hf_moe_cl.continual.methods import ddas as ddas_module
-    from hf_moe_cl.tuners.moe_lora.features import AlexNetFeatures
 
-    torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
-               tmp_path / "alexnet.pth")
     calls, augmented, collated = [], [], []
     original, original_augmentation = ddas_module.train_autoencoder, ddas_module.training_augmentation
 
@@ -167,19 +183,15 @@ def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bou
     ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.0655, ddas_task_steps=3,
                          ddas_reference_steps=4, ddas_training="official", ddas_learning_rate=0.01,
                          ddas_weight_decay=1e-4, ddas_batch_size=4, ddas_include_untrained=True,
-                         ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
+                         ddas_alexnet_weights=random_alexnet_weights(tmp_path))
     method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(10, 0))
-    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
-                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
-                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
-    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    trainer = one_step_trainer(method, tmp_path, module_processor)
     trainer.train_tasks([colour_task("first", n_train=9, n_eval=12)])  # of a model with two task routers
     selector = model.base_model.selector
     assert calls == [(10, 4, 4, 0.01, 1e-4, 3), (9, 4, 3, 0.01, 1e-4, 3)]
     assert len(collated) == 5 + 4 and len(augmented) == sum(collated)  # every image of every step was augmented
     assert selector.config.include_untrained and selector.trained.tolist() == [True, True, False]
     assert selector.thresholds.tolist() == pytest.approx([0.0655, 0.0655])  # the untrained task: the same bound
-
 
 
 def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_over_the_whole_sets(
@@ -191,10 +203,8 @@ def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_o
 
     from hf_moe_cl.continual.methods import ddas as ddas_module
     from hf_moe_cl.data.splits import few_shot_subset
-    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES, AlexNetFeatures
+    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES
 
-    torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
-               tmp_path / "alexnet.pth")
     augmented, calls = [], []
     original_augmentation, original_training = ddas_module.training_augmentation, ddas_module.train_autoencoder
 
@@ -219,18 +229,15 @@ def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_o
                          ddas_reference_steps=4, ddas_training="official", ddas_learning_rate=0.003,
                          ddas_weight_decay=1e-4, ddas_batch_size=4, ddas_include_untrained=True,
                          ddas_reference_shots=2, ddas_augment_once=True,
-                         ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
+                         ddas_alexnet_weights=random_alexnet_weights(tmp_path))
     reference = noise_images(13, 0).add_column("label", [i % 3 for i in range(13)])
     method = MoEAdapters(model, ddas=ddas, ddas_reference=reference)
-    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
-                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
-                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
-    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    trainer = one_step_trainer(method, tmp_path, module_processor)
     whole = colour_task("first", n_train=30, n_eval=12)
-    few = dataclasses.replace(whole, train_dataset=few_shot_subset(whole.train_dataset, 2, args.seed),
+    few = dataclasses.replace(whole, train_dataset=few_shot_subset(whole.train_dataset, 2, trainer.args.seed),
                               full_train_dataset=whole.train_dataset)
     trainer.train_tasks([few])
-    shots = few_shot_subset(reference, 2, args.seed)
+    shots = few_shot_subset(reference, 2, trainer.args.seed)
     # reference: 2 x 3 classes fixed features, 13 images -> 4 batches an epoch; task: 2 x 3, 30 images -> 8 batches
     assert calls == [(None, (6, ALEXNET_FEATURES), 4, 0.003, 4), (None, (6, ALEXNET_FEATURES), 3, 0.003, 8)]
     assert sorted(augmented) == sorted(image.convert("RGB").tobytes()
@@ -257,10 +264,7 @@ def test_official_training_on_clip_features_standardises_with_the_reference_and_
                          ddas_batch_size=4, ddas_quantile=0.5)
     reference = noise_images(10, 0)
     method = MoEAdapters(model, ddas=ddas, ddas_reference=reference)
-    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
-                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
-                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
-    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    trainer = one_step_trainer(method, tmp_path, module_processor)
     task = colour_task("first", n_train=30, n_eval=12)
     trainer.train_tasks([task])
     selector = model.base_model.selector
@@ -273,7 +277,7 @@ def test_official_training_on_clip_features_standardises_with_the_reference_and_
     reference_features = embeddings(reference["image"])
     torch.testing.assert_close(selector.feature_mean, reference_features.mean(0))
     torch.testing.assert_close(selector.feature_scale, reference_features.std(0).clamp_min(1e-6))
-    held = sorted(torch.randperm(30, generator=torch.Generator().manual_seed(args.seed + 1))[:3].tolist())
+    held = sorted(torch.randperm(30, generator=torch.Generator().manual_seed(trainer.args.seed + 1))[:3].tolist())
     kept = [i for i in range(30) if i not in held]
     assert [len(labels) for _, labels in trained] == [10, 27]
     assert trained[1][1] == [task.train_dataset[i]["label"] for i in kept]
@@ -292,10 +296,7 @@ def test_a_calibrated_threshold_refuses_a_task_too_small_before_training(tmp_pat
                          ddas_batch_size=4, ddas_max_images=max_images)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(4, 0))
-    args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
-                                      per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
-                                      logging_strategy="no", save_task_checkpoints=False, evaluate_all_tasks=False)
-    trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
+    trainer = one_step_trainer(method, tmp_path, module_processor)
     tasks = [colour_task("first", n_train=30, n_eval=6), colour_task("small", n_train=n_train, n_eval=6)]
     with pytest.raises(ValueError, match=f"Task '{named}' gives DDAS {given} training images: too few to "
                                          "calibrate"):
