@@ -121,3 +121,12 @@ def check_label_space(classnames, templates, owner: str, names_argument: str = "
         if problem:
             raise ValueError(f"{owner}: the prompt template {template!r} {problem}; a template must contain exactly "
                              "one '{}' where the class name goes (write '{{' and '}}' for braces).")
+
+
+def check_task_record(name, classnames, templates, owner: str, name_owner: str) -> None:
+    """What a saved task is recorded with (an adapter's `task_info`, a ConDU save's tasks): a non-empty name, and
+    class names and templates that pass `check_label_space`, since prompts are built from them. `name_owner` starts
+    the message about the name, `owner` the others."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{name_owner} must be a non-empty string, got {short_repr(name)}.")
+    check_label_space(classnames, templates, owner)

@@ -25,7 +25,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from ..files import FIX, atomic_files, check_safetensors_file, read_json_file
-from ..options import check_label_space, is_finite_number, is_shape, short_repr
+from ..options import check_task_record, is_finite_number, is_shape, short_repr
 from .store import DeltaStore
 from .unify import UNIFY_RULES
 
@@ -143,10 +143,8 @@ def _header_problem(header: dict) -> Optional[str]:
         for key in ("classnames", "templates"):
             if not (isinstance(task[key], list) and all(isinstance(v, str) for v in task[key])):
                 return f"tasks[{t}].{key} must be a list of strings"
-        if not isinstance(task["name"], str) or not task["name"].strip():
-            return f"tasks[{t}].name must be a non-empty string, got {short_repr(task['name'])}"
         try:
-            check_label_space(task["classnames"], task["templates"], f"tasks[{t}]")
+            check_task_record(task["name"], task["classnames"], task["templates"], f"tasks[{t}]", f"tasks[{t}].name")
         except ValueError as error:
             return str(error).rstrip(".")
     return None

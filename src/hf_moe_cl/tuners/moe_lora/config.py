@@ -11,7 +11,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from transformers.activations import ACT2FN
 
 from ...files import check_json_file, check_safetensors_file
-from ...options import check_flags, check_label_space, check_option, short_repr
+from ...options import check_flags, check_option, check_task_record, short_repr
 from .card import tidy_peft_card
 from .peft_type import MOE_LORA
 from .selector import SelectorConfig
@@ -23,12 +23,10 @@ LEGACY_SELECTOR_FILES = ("ddas_config.json", "ddas.safetensors")
 CLIP_BLOCK_TARGETS = r".*(vision_model|text_model)\.encoder\.layers\.\d+"
 
 
-def check_task_record(task: int, name, classnames, templates) -> None:
-    """What a task router was trained on (an entry of `task_info`): a non-empty name, and class names and templates
-    that pass the check a task's own get, since the classifier builds its prompts from them."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"Task {task}'s name in `task_info` must be a non-empty string, got {short_repr(name)}.")
-    check_label_space(classnames, templates, f"Task {task} ({name!r}) in `task_info`")
+def check_task_info_entry(task: int, name, classnames, templates) -> None:
+    """An entry of `task_info`: what task `task`'s router was trained on (`options.check_task_record`)."""
+    check_task_record(name, classnames, templates, f"Task {task} ({name!r}) in `task_info`",
+                     f"Task {task}'s name in `task_info`")
 
 
 @dataclass
@@ -213,7 +211,7 @@ class MoELoraConfig(PeftConfig):
                              "again.")
         for task, entry in enumerate(info):
             if entry is not None:
-                check_task_record(task, entry["name"], entry["classnames"], entry["templates"])
+                check_task_info_entry(task, entry["name"], entry["classnames"], entry["templates"])
 
     def _check_base_weights(self) -> None:
         record = self.base_weights

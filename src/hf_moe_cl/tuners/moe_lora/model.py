@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_
 from torch import nn
 
 from .peft_type import MOE_LORA_PREFIX
-from .config import CLIP_BLOCK_TARGETS, MoELoraConfig, check_task_record
+from .config import CLIP_BLOCK_TARGETS, MoELoraConfig, check_task_info_entry
 from .experts import ExpertBookkeeping
 from .gating import NO_ROUTE, TaskRoute
 from .layer import EXPERT_PARAMS, ROUTER_PARAMS, MoELoraBlock, MoELoraLayer, MoELoraLinear
@@ -529,7 +529,7 @@ class MoELoraModel(ExpertBookkeeping, BaseTuner):
         """Record what task `task`'s router was trained on (saved in the adapter config); checked here, so that a
         saved adapter always loads again."""
         task = self._check_task(task)
-        check_task_record(task, name, classnames, templates)
+        check_task_info_entry(task, name, classnames, templates)
         info = self.task_info
         info[task] = {"name": name, "classnames": list(classnames), "templates": list(templates)}
         self.moe_config.task_info = info
