@@ -35,6 +35,11 @@ RUNS = {
     # MoE-Adapters with DDAS (the README's main job, shortened): protocol, per_image and oracle matrices
     "moe-adapters-ddas": COMMON + ["--method", "moe-adapters", "--ddas", "true", "--learning_rate", "5e-3",
                                    "--ddas_task_steps", "30", "--ddas_reference_steps", "30"],
+    # the official DDAS training loop (few-shot form: reference shots, images augmented once) on CLIP features
+    "moe-adapters-ddas-official": COMMON + ["--method", "moe-adapters", "--ddas", "true", "--learning_rate", "5e-3",
+                                            "--ddas_training", "official", "--ddas_task_steps", "30",
+                                            "--ddas_reference_steps", "30", "--ddas_augment_once", "true",
+                                            "--ddas_reference_shots", "5"],
     # the variants that exercise freezing by coverage, a growing bank and expert merging
     "moe-adapters-growth": COMMON + ["--method", "moe-adapters", "--learning_rate", "5e-3", "--num_experts", "4",
                                      "--freeze_policy", "coverage", "--freeze_images", "64",
