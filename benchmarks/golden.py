@@ -86,6 +86,9 @@ def run_record(name: str, argv: list[str], folder: Path) -> dict:
     assets = str(assets_dir())  # the configs name the base model by path: the same run elsewhere names another
     configs = {path.name: json.loads(path.read_text().replace(assets, "<assets>"))
                for path in sorted(output.glob("*.json")) if path.name != "all_results.json"}
+    for config in configs.values():  # peft saves this set in Python's (per-process) set order
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
     return {"command": argv, "matrices": progress["matrices"], "route_histogram": progress["route_histogram"],
             "all_results": json.loads((output / "all_results.json").read_text()), "tensors": tensors,
             "configs": configs}

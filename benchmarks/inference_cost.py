@@ -33,7 +33,7 @@ from hf_moe_cl.classification import image_embeddings, text_embeddings
 from hf_moe_cl.continual import ContinualTask
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.experiments.presets import MINI_TASKS
-from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES
+from hf_moe_cl.ddas.settings import ALEXNET_FEATURES
 
 TASKS = len(MINI_TASKS)
 

@@ -38,7 +38,8 @@ from timing import StepTimer, median_ms
 from transformers import CLIPModel, CLIPProcessor, set_seed
 
 import hf_moe_cl  # noqa: F401
-from hf_moe_cl import TaskAgnosticClassifier
+from hf_moe_cl import MoELoraConfig, TaskAgnosticClassifier
+from hf_moe_cl.ddas.settings import SELECTOR_KEY
 from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
 from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
 from hf_moe_cl.classification import image_embeddings, text_embeddings
@@ -52,7 +53,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PER_TASK_TENSORS = ("moe_lora_router_gate", "moe_lora_router_noise", "moe_lora_counts", "moe_lora_router_frozen")
-SELECTOR = "moe_lora_selector"
 ROUND = 6  # mini-long's rounds: one task of each dataset
 
 
@@ -62,7 +62,7 @@ def variants(growth_threshold: float) -> dict[str, dict]:
         "coverage-0.9": dict(freeze_policy="coverage", freeze_coverage=0.9),
         "coverage-1.0": dict(freeze_policy="coverage", freeze_coverage=1.0),
         "coverage-1.0+growth": dict(freeze_policy="coverage", freeze_coverage=1.0,
-                                    expert_growth_threshold=growth_threshold),
+                                    adapter=MoELoraConfig(expert_growth_threshold=growth_threshold)),
         "individual": None,
     }
 
@@ -72,7 +72,7 @@ def adapter_bytes(model, learned: int) -> int:
     per-task tensors (routers, counts) the rows of those tasks; the DDAS selector is left out."""
     total = 0
     for key, tensor in get_peft_model_state_dict(model).items():
-        if SELECTOR in key:
+        if SELECTOR_KEY in key:
             continue
         size = tensor.numel() * tensor.element_size()
         if any(name in key for name in PER_TASK_TENSORS):
@@ -292,9 +292,13 @@ def main():
             per_device_eval_batch_size=128, disable_tqdm=True, logging_strategy="no", save_task_checkpoints=False,
             report_to="none", seed=0,
             learning_rate=args.individual_learning_rate if variant == "individual" else args.learning_rate)
-        options = (MoEAdaptersArguments(**known[variant]),
-                   DDASArguments(ddas=True, ddas_task_steps=args.ddas_task_steps,
-                                 ddas_reference_steps=args.ddas_reference_steps)) if known[variant] else ()
+        options = ()
+        if known[variant]:
+            settings = dict(known[variant])
+            options = (MoEAdaptersArguments(**{k: v for k, v in settings.items() if k != "adapter"}),
+                       settings.get("adapter", MoELoraConfig()),
+                       DDASArguments(ddas=True, ddas_task_steps=args.ddas_task_steps,
+                                     ddas_reference_steps=args.ddas_reference_steps))
         method_args = MethodArguments(method="individual-finetune" if variant == "individual" else "moe-adapters",
                                       use_task_learning_rates=False)
         set_seed(0)

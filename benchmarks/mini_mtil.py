@@ -26,7 +26,7 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401
 from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
-from hf_moe_cl.experiments.experiment import MethodArguments, run_method
+from hf_moe_cl.experiments.experiment import AdapterArguments, MethodArguments, run_method
 from hf_moe_cl.experiments.metrics import task_drops
 from hf_moe_cl.experiments.presets import mini_mtil_tasks
 from hf_moe_cl.experiments.reporting import (
@@ -92,7 +92,7 @@ def summary(header, names, rows, matrices, seconds, selections, leaks, condu=Non
 
 
 def main():
-    parser = HfArgumentParser([ConDUArguments, DDASArguments], description=__doc__,
+    parser = HfArgumentParser([ConDUArguments, DDASArguments, AdapterArguments], description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets_dir", default=None)
     parser.add_argument("--output_dir", default="runs/mini_mtil")
@@ -107,7 +107,6 @@ def main():
     parser.add_argument("--task_agnostic", action="store_true",
                         help="MoE-Adapters also trains DDAS (reference: reference/tinyimagenet-ref) and reports the "
                         "task-agnostic matrix, DDAS's task confusion and the unseen-task share sent to zero-shot")
-    parser.add_argument("--num_experts", type=int, default=22, help="MoE-Adapters (Park 2024's merging: 55)")
     parser.add_argument("--freeze_policy", default="top_k", help="MoE-Adapters: 'top_k' (paper) or 'coverage'")
     parser.add_argument("--freeze_coverage", type=float, default=1.0)
     parser.add_argument("--merge_experts_every", type=int, default=0, help="MoE-Adapters (Park 2024: 100)")
@@ -116,7 +115,7 @@ def main():
     parser.add_argument("--task_checkpoints", action="store_true",
                         help="save a checkpoint after every task and resume from the last one already under "
                         "output_dir/<method> (a long run stopped midway continues where it stopped)")
-    condu_args, ddas_args, args = parser.parse_args_into_dataclasses()
+    condu_args, ddas_args, adapter_args, args = parser.parse_args_into_dataclasses()
     if ddas_args.ddas and not args.task_agnostic:
         parser.error("--ddas true is set by --task_agnostic (which also reports the task-agnostic matrices): use that")
     ddas = dataclasses.replace(ddas_args, ddas=args.task_agnostic)
@@ -138,12 +137,12 @@ def main():
             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
             logging_strategy="no", save_task_checkpoints=args.task_checkpoints, seed=args.seed,
         )
-        moe = MoEAdaptersArguments(num_experts=args.num_experts, freeze_policy=args.freeze_policy,
-                                   freeze_coverage=args.freeze_coverage, merge_experts_every=args.merge_experts_every)
+        moe = MoEAdaptersArguments(freeze_policy=args.freeze_policy, freeze_coverage=args.freeze_coverage,
+                                   merge_experts_every=args.merge_experts_every)
         folder = Path(training.output_dir)
         resume = args.task_checkpoints and folder.is_dir() and any(folder.iterdir())
         result = run_method(MethodArguments(method=method), base, processor, tasks, training, resume=resume,
-                            options=(ddas, moe, condu_args),
+                            options=(ddas, moe, condu_args, *adapter_args.configs()),
                             reference_images=reference)
         reported = write_result_report(Path(args.output_dir) / method, result, method)
         for kind in result.matrices:  # every row names its matrix
@@ -166,8 +165,8 @@ def main():
               "learning rates: "
               + ", ".join(f"{m} {rates[m]:g}" for m in seconds if m != "zero-shot"))
     if args.task_agnostic:
-        changed = {f.name: getattr(ddas, f.name) for f in dataclasses.fields(DDASArguments)
-                   if f.name != "ddas" and getattr(ddas, f.name) != f.default}
+        changed = {f.name: getattr(group, f.name) for group in (ddas, adapter_args) for f in dataclasses.fields(group)
+                   if f.name.startswith("ddas_") and getattr(group, f.name) != f.default}
         header += "; DDAS: " + (", ".join(f"{k[len('ddas_'):]}={v}" for k, v in changed.items()) or "defaults")
     if "condu" in seconds:
         header += "; ConDU: " + ", ".join(f"{k[len('condu_'):]}={v}" for k, v in dataclasses.asdict(condu_args).items())

@@ -35,11 +35,12 @@ from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
 from hf_moe_cl.assets import PROXY_CLIP, assets_dir
 from hf_moe_cl.classification import RoutedClassifier
+from hf_moe_cl.experiments.experiment import AdapterArguments
 from hf_moe_cl.experiments.recipes import OFFICIAL_DDAS, preset_recipe
 from hf_moe_cl.continual import ContinualTask, ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.evaluation import EvaluationEngine
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
-from hf_moe_cl.experiments.presets import MTIL_DATASETS, MTIL_ORDER_I
+from hf_moe_cl.experiments.datasets import MTIL_DATASETS, MTIL_ORDER_I
 
 FULL_STEPS = 1000
 TINY_IMAGENET_TRAIN = 100_000
@@ -195,7 +196,8 @@ def run_scaled(args) -> tuple[Measured, dict]:
         output_dir=str(output), report_to="none", disable_tqdm=True, logging_strategy="no", seed=0,
         use_cpu=device.type == "cpu", bf16=args.bf16, bf16_full_eval=args.bf16, save_task_checkpoints=False,
         eval_cache_gb=args.eval_cache_gb, check_images=False, dataloader_num_workers=args.num_workers, **training)
-    method = MoEAdapters.from_base(base, [MoEAdaptersArguments(), ddas], num_tasks=len(tasks), rank=64,
+    selector = AdapterArguments(**recipe[AdapterArguments]).selector_config()
+    method = MoEAdapters.from_base(base, [MoEAdaptersArguments(), ddas, selector], num_tasks=len(tasks), rank=64,
                                    reference_images=reference)
     watch = Stopwatch(device)
     watch.wrap(ContinualTrainer, "_train_one_task", "training")

@@ -33,15 +33,15 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
 from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
-from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
+from hf_moe_cl.experiments.experiment import AdapterArguments, MethodArguments, prepare_method
 from hf_moe_cl.experiments.metrics import class_incremental_metrics
 from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
 from hf_moe_cl.experiments.reporting import write_result_report
 from hf_moe_cl.files import write_json_atomic
 from hf_moe_cl.options import short_repr
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
-from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments, get_method
-from hf_moe_cl.continual.methods.ddas import DDASSelection
+from hf_moe_cl.continual.methods import (ConDUArguments, DDASArguments, LoRAArguments, MoEAdapters,
+                                         MoEAdaptersArguments, get_method)
 from hf_moe_cl.experiments.data_check import check_data
 from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, hub_source, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
@@ -104,8 +104,9 @@ class ExperimentArguments:
             raise ValueError(f"--hub_base_model must be a Hub model id (e.g. {HUB_CLIP}), got {self.hub_base_model!r}.")
 
 
-LIBRARY_GROUPS = (ExperimentArguments, MethodArguments, MoEAdaptersArguments, DDASArguments, LoRAArguments,
-                  ConDUArguments)
+LIBRARY_GROUPS = (ExperimentArguments, MethodArguments, AdapterArguments, MoEAdaptersArguments, DDASArguments,
+                  LoRAArguments, ConDUArguments)
+ADAPTER_FIELDS = ("num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold")
 
 
 def explicit_fields(argv: list[str]) -> set[str]:
@@ -165,8 +166,8 @@ def parse_args(argv: list[str]):
     explicit = explicit_fields(argv)
     for name in sorted(explicit & set(REFUSED)):
         parser.error(f"--{name} is not used by this script: {REFUSED[name]}.")
-    method, ddas = groups[1].method, groups[3]
-    if "ddas" in explicit and ddas.ddas and not issubclass(get_method(method), DDASSelection):
+    method, ddas = groups[1].method, groups[4]
+    if "ddas" in explicit and ddas.ddas and not issubclass(get_method(method), MoEAdapters):
         parser.error(f"--ddas true applies to --method moe-adapters; {method} does not use a DDAS selector (ConDU "
                      "picks tasks by its own voting). Drop --ddas.")
     return groups, training, explicit
@@ -185,13 +186,16 @@ def unused_options(experiment: ExperimentArguments, method_args: MethodArguments
         unused["assets_dir"] = f"preset {preset.name} reads no shared assets"
         if experiment.data_dir is not None:
             unused["dataset_ids"] = "--data_dir reads every dataset from its folders, not from the Hub"
+    other_method = f"an option of another method than --method {method.name}"
     for group in (MoEAdaptersArguments, LoRAArguments, ConDUArguments):
         if group is not method.arguments_class:
-            unused.update(dict.fromkeys((f.name for f in dataclasses.fields(group)),
-                                        f"an option of another method than --method {method.name}"))
-    if not (issubclass(method, DDASSelection) and ddas_args.ddas):
-        unused.update(dict.fromkeys(["ddas_reference", *(f.name for f in dataclasses.fields(DDASArguments)
-                                                         if f.name != "ddas")],
+            unused.update(dict.fromkeys((f.name for f in dataclasses.fields(group)), other_method))
+    if not issubclass(method, MoEAdapters):
+        unused.update(dict.fromkeys(ADAPTER_FIELDS, other_method))
+    if not (issubclass(method, MoEAdapters) and ddas_args.ddas):
+        ddas_options = [f.name for f in (*dataclasses.fields(DDASArguments), *dataclasses.fields(AdapterArguments))
+                        if f.name.startswith("ddas_")]
+        unused.update(dict.fromkeys(["ddas_reference", *ddas_options],
                                     "a DDAS option, and this run has no DDAS selector: that needs --ddas true and "
                                     "--method moe-adapters"))
     if not (training.push_to_hub or experiment.hub_dry_run_dir):
@@ -296,18 +300,18 @@ def hub_dataset_ids(preset, experiment: ExperimentArguments, tasks, hub_ids) -> 
 def main(argv: Optional[list[str]] = None):
     groups, training, explicit = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(training, explicit)
-    experiment, method_args, moe_args, ddas_args, lora_args, condu_args = groups
+    experiment, method_args, adapter_args, moe_args, ddas_args, lora_args, condu_args = groups
     preset = get_preset(experiment.preset)
-    moe_args, ddas_args, condu_args, training = apply_recipe(preset, (moe_args, ddas_args, condu_args, training),
-                                                             explicit)
-    moe_args = moe_args.for_new_adapter()  # the adapter this script builds
+    adapter_args, moe_args, ddas_args, condu_args, training = apply_recipe(
+        preset, (adapter_args, moe_args, ddas_args, condu_args, training), explicit)
     try:
         check_run(experiment, method_args, ddas_args, training, explicit)
     except ValueError as error:
         full_parser().error(str(error))
     if experiment.print_recipe:
-        resolved = {}
-        for group in (experiment, method_args, moe_args, ddas_args, lora_args, condu_args):
+        resolved = {**dataclasses.asdict(experiment), **dataclasses.asdict(method_args),
+                    **adapter_args.resolved()}  # the adapter's settings as it will have them
+        for group in (moe_args, ddas_args, lora_args, condu_args):
             resolved.update(dataclasses.asdict(group))
         print(json.dumps({**resolved, **training.to_dict()}, indent=1, default=str))
         return
@@ -315,7 +319,7 @@ def main(argv: Optional[list[str]] = None):
     hub_ids = dataset_ids_map(experiment)
     ddas = ddas_args.ddas and method_args.method == "moe-adapters"
     if experiment.check_data:  # everything the run downloads; exits 1 naming each missing item and its fix
-        alexnet = ddas and ddas_args.ddas_feature_extractor == "alexnet"
+        alexnet = ddas and adapter_args.selector_config().feature_extractor == "alexnet"
         check = check_data(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names,
                            assets=experiment.assets_dir, raise_on_error=False, model=base_model(experiment),
                            ddas_reference=reference_source(experiment) if ddas else None,
@@ -334,7 +338,8 @@ def main(argv: Optional[list[str]] = None):
                 ", ".join(t.name for t in tasks))
     reference = reference_images(experiment) if ddas else None
     method, training = prepare_method(method_args, base, tasks, training,
-                                      options=(moe_args, ddas_args, lora_args, condu_args), reference_images=reference)
+                                      options=(moe_args, ddas_args, lora_args, condu_args, *adapter_args.configs()),
+                                      reference_images=reference)
     # published at the end by hf_moe_cl.publishing: the Trainer would create the repo when built (even in a dry run)
     push, training.push_to_hub = training.push_to_hub, False
     trainer = ContinualTrainer(method=method, args=training, processing_class=processor)

@@ -213,9 +213,9 @@ def test_lora_save_is_a_peft_adapter_of_the_unified_model_and_rebuilds_every_tas
     rebuilt = first.task_delta(0)
     assert all(torch.allclose(rebuilt[n], method.direct[0][n], atol=1e-6) for n in rebuilt)
     # a task's model: the loaded method and the trained one classify alike
-    with loaded.routed(0):
+    with loaded.acting_as(0):
         mine = image_embeddings(loaded.model, pixels)
-    with method.routed(0):
+    with method.acting_as(0):
         assert torch.equal(mine, image_embeddings(method.model, pixels))
 
 

@@ -15,7 +15,8 @@ from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.data import LabelMappingError, SourceError, load_splits, local_datasets, map_label_names
 from hf_moe_cl.experiments.data_check import DataCheckError, check_data
 from hf_moe_cl.data.splits import random_split_indices
-from hf_moe_cl.experiments.presets import MTIL_DATASETS, PRESETS, HubSource, mini_mtil_tasks, preset_tasks
+from hf_moe_cl.experiments.datasets import MTIL_DATASETS, HubSource
+from hf_moe_cl.experiments.presets import PRESETS, mini_mtil_tasks, preset_tasks
 
 SPEC = MTIL_DATASETS
 

@@ -11,7 +11,7 @@ from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier, upg
 from hf_moe_cl.classification import image_embeddings
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
-from hf_moe_cl.tuners.moe_lora import DistributionSelector
+from hf_moe_cl.ddas import DistributionSelector
 
 from conftest import colour_task, moe_model, noise_images, tiny_clip
 
@@ -244,7 +244,8 @@ def test_loading_from_a_hub_repo_id_carries_the_selector(ddas_run, tmp_path):
 
 
 def test_alexnet_extractor_is_torchvisions_conv5_before_relu_with_a_sigmoid(tmp_path):
-    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES, AlexNetFeatures
+    from hf_moe_cl.ddas.features import AlexNetFeatures
+    from hf_moe_cl.ddas.settings import ALEXNET_FEATURES
 
     random = AlexNetFeatures(weights=None)
     assert len(random.features) == 11 and isinstance(random.features[-1], torch.nn.Conv2d)  # features[:-2]
@@ -263,14 +264,15 @@ def test_alexnet_extractor_is_torchvisions_conv5_before_relu_with_a_sigmoid(tmp_
 
 
 def test_ddas_with_the_official_alexnet_setting_trains_and_routes(tmp_path, module_processor):
-    from hf_moe_cl.tuners.moe_lora.features import AlexNetFeatures
+    from hf_moe_cl.ddas.features import AlexNetFeatures
 
     torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()},
                tmp_path / "alexnet.pth")
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4))
-    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.0655, ddas_task_steps=5,
-                         ddas_reference_steps=5, ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
-    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(8, 0))
+    ddas = DDASArguments(ddas=True, ddas_threshold=0.0655, ddas_task_steps=5, ddas_reference_steps=5,
+                         ddas_alexnet_weights=str(tmp_path / "alexnet.pth"))
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(8, 0),
+                         selector=SelectorConfig(feature_extractor="alexnet"))
     args = ContinualTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, use_cpu=True, report_to="none",
                                       per_device_train_batch_size=4, per_device_eval_batch_size=12, disable_tqdm=True,
                                       logging_strategy="no", save_task_checkpoints=False)
@@ -315,10 +317,13 @@ def test_a_loaded_selector_with_impossible_values_is_refused_and_the_legacy_layo
     (hf-moe-cl <= 0.2) loads into the stacked layout with the same decisions."""
     from safetensors.torch import load_file, save_file
 
+    def wide(features):  # the tiny CLIP's embeddings are 16 wide
+        return torch.cat([features, features], dim=1)
+
     model = moe_model()
-    selector = model.base_model.enable_selector(SelectorConfig(feature_dim=8, hidden_dim=4))
-    selector.fit_reference(cluster(CENTRES["reference"], 200, 0, spread=2.0), steps=50, lr=1e-2)
-    selector.fit_task(0, cluster(CENTRES["a"], 200, 1), steps=50, lr=1e-2)
+    selector = model.base_model.enable_selector(SelectorConfig(feature_dim=16, hidden_dim=4))
+    selector.fit_reference(wide(cluster(CENTRES["reference"], 200, 0, spread=2.0)), steps=50, lr=1e-2)
+    selector.fit_task(0, wide(cluster(CENTRES["a"], 200, 1)), steps=50, lr=1e-2)
     model.save_pretrained(tmp_path / "good")
     weights = tmp_path / "good" / "adapter_model.safetensors"
     tensors = load_file(weights)
@@ -332,7 +337,7 @@ def test_a_loaded_selector_with_impossible_values_is_refused_and_the_legacy_layo
             legacy[f"{prefix}{owner}.{part}.{kind}"] = value.clone()
     save_file(legacy, str(weights))
     loaded = PeftModel.from_pretrained(tiny_clip(), str(tmp_path / "good"))
-    batch = cluster(CENTRES["a"], 20, 3)
+    batch = wide(cluster(CENTRES["a"], 20, 3))
     assert torch.equal(loaded.base_model.selector.select(batch), selector.select(batch))
     for key, bad in ((prefix + "thresholds", float("nan")), (prefix + "feature_scale", 0.0),
                      (prefix + "tasks.0.decoder.weight", float("inf"))):

@@ -7,12 +7,12 @@ import torch
 from peft import get_peft_model
 
 from hf_moe_cl import MoELoraConfig, SelectorConfig
+from hf_moe_cl.experiments.experiment import AdapterArguments
 from hf_moe_cl.experiments.recipes import preset_recipe
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
-from hf_moe_cl.continual.methods.ddas_training import official_learning_rate, train_autoencoder
-from hf_moe_cl.tuners.moe_lora import DistributionSelector
-from hf_moe_cl.tuners.moe_lora.selector import FeatureAutoencoder
+from hf_moe_cl.ddas import DistributionSelector
+from hf_moe_cl.ddas.autoencoder import FeatureAutoencoder, epoch_batches, official_learning_rate, train_autoencoder
 
 from conftest import colour_task, noise_images, tiny_clip
 
@@ -20,17 +20,19 @@ from conftest import colour_task, noise_images, tiny_clip
 def test_the_official_loop_runs_iterations_plus_one_steps_restarting_the_loader_as_the_official_code():
     """AutoEncoder.py 167-175: iter() at every epoch boundary (iteration % num_batches == 0) and on StopIteration;
     few_shot_AutoEncoder.py counts epochs over the whole set (num_batches 5) while its loader holds 3 batches."""
-    loader = [torch.full((2, 4), float(i)) for i in range(3)]
     seen = []
+
+    class Loader:
+        def __iter__(self):
+            for i in range(3):
+                seen.append(i)
+                yield torch.sigmoid(torch.full((2, 4), float(i)))
+
     autoencoder = FeatureAutoencoder(4, 2, sigmoid_output=True)
     steps = []
     autoencoder.register_forward_hook(lambda *_: steps.append(1))
-
-    def features(batch):
-        seen.append(int(batch[0, 0]))
-        return torch.sigmoid(batch)
-
-    train_autoencoder(autoencoder, loader, features, iterations=12, lr=0.01, weight_decay=1e-4, batches_per_epoch=5)
+    train_autoencoder(autoencoder, epoch_batches(Loader(), 5), 12, lr=0.01, weight_decay=1e-4, schedule="official",
+                      batches_per_epoch=5)
     assert len(steps) == 13
     # iterations 0-2 batches 0,1,2; 3 runs out -> restart 0; 4 -> 1; 5 is an epoch boundary -> restart 0; ...
     assert seen == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 0, 1, 2]
@@ -48,8 +50,8 @@ def test_the_official_optimiser_is_adam_with_weight_decay_and_the_decayed_rate(m
 
     monkeypatch.setattr(torch.optim, "Adam", recording)
     loader = [torch.rand(2, 4)]
-    train_autoencoder(FeatureAutoencoder(4, 2, True), loader, None, iterations=10, lr=0.003, weight_decay=1e-4,
-                      batches_per_epoch=1)
+    train_autoencoder(FeatureAutoencoder(4, 2, True), epoch_batches(loader, 1), 10, lr=0.003, weight_decay=1e-4,
+                      schedule="official", batches_per_epoch=1)
     group = made[0].param_groups[0]
     assert group["weight_decay"] == 1e-4 and group["lr"] == pytest.approx(0.0003)  # epoch 10: one decay
     assert made[0].state[made[0].param_groups[0]["params"][0]]["step"] == 11
@@ -107,8 +109,15 @@ def test_set_autoencoder_refuses_bad_input():
         selector.set_autoencoder(0, FeatureAutoencoder(3, 2, False), threshold=0.1)
 
 
+def test_untrained_autoencoders_need_a_fixed_threshold():
+    with pytest.raises(ValueError, match="fixed ddas_threshold"):
+        DDASArguments().check_selector(SelectorConfig(include_untrained=True))
+    with pytest.raises(ValueError, match="fixed ddas_threshold"):
+        MoEAdapters(get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4)),
+                    ddas=DDASArguments(ddas=True), selector=SelectorConfig(include_untrained=True))
+
+
 @pytest.mark.parametrize("bad, match", [
-    (dict(ddas_include_untrained=True), "fixed ddas_threshold"),
     (dict(ddas_augment_once=True), "ddas_training='official'"),
     (dict(ddas_training="averaged"), r"`ddas_training` must be one of \('sampled', 'official'\), got 'averaged'"),
     (dict(ddas_batch_size=0), "ddas_batch_size"),
@@ -126,18 +135,19 @@ def test_presets_pin_the_official_ddas(preset, lr, threshold, shots):
     """AutoEncoder.py line 180 (0.01), few_shot_AutoEncoder.py line 211 (0.003), both lines 160/192 (weight decay
     1e-4), the scripts' --iterations 1000 / 300 and batch 64, Full_Shot_order1.sh (0.0655) and
     Few_Shot_order1_test.sh (0.06)."""
-    ddas = DDASArguments(**preset_recipe(preset)[DDASArguments])
-    assert (ddas.ddas_training, ddas.ddas_feature_extractor, ddas.ddas_learning_rate, ddas.ddas_weight_decay) == (
+    recipe = preset_recipe(preset)
+    ddas, selector = DDASArguments(**recipe[DDASArguments]), AdapterArguments(**recipe[AdapterArguments])
+    assert (ddas.ddas_training, selector.ddas_feature_extractor, ddas.ddas_learning_rate, ddas.ddas_weight_decay) == (
         "official", "alexnet", lr, 1e-4)
     assert (ddas.ddas_reference_steps, ddas.ddas_task_steps, ddas.ddas_batch_size) == (1000, 300, 64)
-    assert ddas.ddas_threshold == threshold and ddas.ddas_include_untrained
+    assert ddas.ddas_threshold == threshold and selector.ddas_include_untrained
     assert ddas.ddas_reference_shots == shots and ddas.ddas_augment_once == (shots is not None)
 
 
 def random_alexnet_weights(folder) -> str:
     """A state dict file of randomly initialised AlexNet conv layers (torchvision's layout): the paper's extractor
     without its download."""
-    from hf_moe_cl.tuners.moe_lora.features import AlexNetFeatures
+    from hf_moe_cl.ddas.features import AlexNetFeatures
 
     path = folder / "alexnet.pth"
     torch.save({f"features.{k}": v for k, v in AlexNetFeatures(weights=None).features.state_dict().items()}, path)
@@ -153,38 +163,66 @@ def one_step_trainer(method, tmp_path, processor) -> ContinualTrainer:
     return ContinualTrainer(method=method, args=args, processing_class=processor)
 
 
-def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bounds_untrained_ones(
-        tmp_path, module_processor, monkeypatch):
-    from hf_moe_cl.continual.methods import ddas as ddas_module
+def recording_fits(monkeypatch, on_call):
+    """Calls `on_call(data, steps, lr, weight_decay, batches_per_epoch)` at every fit of an official autoencoder
+    (`data`: the loader of feature batches it trains on), then fits it; returns the autoencoders fitted."""
+    from hf_moe_cl.ddas import fitting
 
-    calls, augmented, collated = [], [], []
-    original, original_augmentation = ddas_module.train_autoencoder, ddas_module.training_augmentation
+    fitted, original = [], fitting.fit_autoencoder
 
-    def counting_augmentation(processor, name):
-        crop = original_augmentation(processor, name)
-        assert crop.scale == (0.9, 1.0)  # the official training augmentation
+    def recording(feature_dim, hidden_dim, sigmoid_output, data, steps, lr, weight_decay, seed, schedule, **kwargs):
+        on_call(data, steps, lr, weight_decay, kwargs["batches_per_epoch"])
+        fitted.append(original(feature_dim, hidden_dim, sigmoid_output, data, steps, lr, weight_decay, seed,
+                               schedule, **kwargs))
+        return fitted[-1]
+
+    monkeypatch.setattr(fitting, "fit_autoencoder", recording)
+    return fitted
+
+
+def counting_augmentation(monkeypatch, augmented, name="random_resized_crop"):
+    """Every image the training augmentation crops is added to `augmented` (its bytes)."""
+    from hf_moe_cl.continual import context
+
+    original = context.training_augmentation
+
+    def counting(processor, given):
+        crop = original(processor, given)
+        assert (crop.scale, given) == ((0.9, 1.0), name)  # the official training augmentation
 
         def augment(image):
-            augmented.append(1)
+            augmented.append(image.tobytes())
             return crop(image)
         return augment
 
-    def recording(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch, progress=None):
-        calls.append((len(loader.dataset), loader.batch_size, iterations, lr, weight_decay, batches_per_epoch))
+    monkeypatch.setattr(context, "training_augmentation", counting)
+
+
+def official_alexnet(tmp_path, **settings):
+    return (DDASArguments(ddas=True, ddas_task_steps=3, ddas_reference_steps=4, ddas_training="official",
+                          ddas_weight_decay=1e-4, ddas_batch_size=4,
+                          ddas_alexnet_weights=random_alexnet_weights(tmp_path), **settings),
+            SelectorConfig(feature_extractor="alexnet", include_untrained=True))
+
+
+def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bounds_untrained_ones(
+        tmp_path, module_processor, monkeypatch):
+    calls, augmented, collated = [], [], []
+
+    def on_call(data, steps, lr, weight_decay, batches_per_epoch):
+        calls.append((len(data.loader.dataset), data.loader.batch_size, steps, lr, weight_decay, batches_per_epoch))
+        function = data.function
 
         def counted(batch):
             collated.append(len(batch["pixel_values"]))
-            return features(batch)
-        return original(autoencoder, loader, counted, iterations, lr, weight_decay, batches_per_epoch, progress)
+            return function(batch)
+        data.function = counted
 
-    monkeypatch.setattr(ddas_module, "training_augmentation", counting_augmentation)
-    monkeypatch.setattr(ddas_module, "train_autoencoder", recording)
+    recording_fits(monkeypatch, on_call)
+    counting_augmentation(monkeypatch, augmented)
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
-    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.0655, ddas_task_steps=3,
-                         ddas_reference_steps=4, ddas_training="official", ddas_learning_rate=0.01,
-                         ddas_weight_decay=1e-4, ddas_batch_size=4, ddas_include_untrained=True,
-                         ddas_alexnet_weights=random_alexnet_weights(tmp_path))
-    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(10, 0))
+    ddas, selector = official_alexnet(tmp_path, ddas_threshold=0.0655, ddas_learning_rate=0.01)
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(10, 0), selector=selector)
     trainer = one_step_trainer(method, tmp_path, module_processor)
     trainer.train_tasks([colour_task("first", n_train=9, n_eval=12)])  # of a model with two task routers
     selector = model.base_model.selector
@@ -201,37 +239,18 @@ def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_o
     reference), not of the few-shot draw."""
     import dataclasses
 
-    from hf_moe_cl.continual.methods import ddas as ddas_module
     from hf_moe_cl.data.splits import few_shot_subset
-    from hf_moe_cl.tuners.moe_lora.features import ALEXNET_FEATURES
+    from hf_moe_cl.ddas.settings import ALEXNET_FEATURES
 
     augmented, calls = [], []
-    original_augmentation, original_training = ddas_module.training_augmentation, ddas_module.train_autoencoder
-
-    def counting_augmentation(processor, name):
-        crop = original_augmentation(processor, name)
-        assert (crop.scale, name) == ((0.9, 1.0), "random_resized_crop")  # the official training augmentation
-
-        def augment(image):
-            augmented.append(image.tobytes())
-            return crop(image)
-        return augment
-
-    def recording(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch, progress=None):
-        calls.append((features, loader.dataset.shape, iterations, lr, batches_per_epoch))
-        return original_training(autoencoder, loader, features, iterations, lr, weight_decay, batches_per_epoch,
-                                 progress)
-
-    monkeypatch.setattr(ddas_module, "training_augmentation", counting_augmentation)
-    monkeypatch.setattr(ddas_module, "train_autoencoder", recording)
+    recording_fits(monkeypatch, lambda data, steps, lr, weight_decay, epoch: calls.append(
+        (tuple(data.dataset.shape), steps, lr, epoch)))
+    counting_augmentation(monkeypatch, augmented)
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
-    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_threshold=0.06, ddas_task_steps=3,
-                         ddas_reference_steps=4, ddas_training="official", ddas_learning_rate=0.003,
-                         ddas_weight_decay=1e-4, ddas_batch_size=4, ddas_include_untrained=True,
-                         ddas_reference_shots=2, ddas_augment_once=True,
-                         ddas_alexnet_weights=random_alexnet_weights(tmp_path))
+    ddas, selector = official_alexnet(tmp_path, ddas_threshold=0.06, ddas_learning_rate=0.003,
+                                      ddas_reference_shots=2, ddas_augment_once=True)
     reference = noise_images(13, 0).add_column("label", [i % 3 for i in range(13)])
-    method = MoEAdapters(model, ddas=ddas, ddas_reference=reference)
+    method = MoEAdapters(model, ddas=ddas, ddas_reference=reference, selector=selector)
     trainer = one_step_trainer(method, tmp_path, module_processor)
     whole = colour_task("first", n_train=30, n_eval=12)
     few = dataclasses.replace(whole, train_dataset=few_shot_subset(whole.train_dataset, 2, trainer.args.seed),
@@ -239,7 +258,7 @@ def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_o
     trainer.train_tasks([few])
     shots = few_shot_subset(reference, 2, trainer.args.seed)
     # reference: 2 x 3 classes fixed features, 13 images -> 4 batches an epoch; task: 2 x 3, 30 images -> 8 batches
-    assert calls == [(None, (6, ALEXNET_FEATURES), 4, 0.003, 4), (None, (6, ALEXNET_FEATURES), 3, 0.003, 8)]
+    assert calls == [((6, ALEXNET_FEATURES), 4, 0.003, 4), ((6, ALEXNET_FEATURES), 3, 0.003, 8)]
     assert sorted(augmented) == sorted(image.convert("RGB").tobytes()
                                        for image in [*shots["image"], *few.train_dataset["image"]])
 
@@ -249,16 +268,8 @@ def test_official_training_on_clip_features_standardises_with_the_reference_and_
     """The official loop is not tied to AlexNet: on CLIP features the inputs are standardised with the reference
     images' (un-augmented) mean and scale, and a task's calibrated threshold is the quantile of its autoencoder's
     errors on a seeded held-out 10 % of its images, which the loop never sees."""
-    from hf_moe_cl.continual.methods import ddas as ddas_module
-
-    trained = []
-    original = ddas_module.train_autoencoder
-
-    def recording(autoencoder, loader, features, *rest, **kwargs):
-        trained.append((autoencoder, list(loader.dataset["label"])))
-        return original(autoencoder, loader, features, *rest, **kwargs)
-
-    monkeypatch.setattr(ddas_module, "train_autoencoder", recording)
+    labels = []
+    fitted = recording_fits(monkeypatch, lambda data, *rest: labels.append(list(data.loader.dataset["label"])))
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4))
     ddas = DDASArguments(ddas=True, ddas_training="official", ddas_task_steps=3, ddas_reference_steps=4,
                          ddas_batch_size=4, ddas_quantile=0.5)
@@ -279,10 +290,9 @@ def test_official_training_on_clip_features_standardises_with_the_reference_and_
     torch.testing.assert_close(selector.feature_scale, reference_features.std(0).clamp_min(1e-6))
     held = sorted(torch.randperm(30, generator=torch.Generator().manual_seed(trainer.args.seed + 1))[:3].tolist())
     kept = [i for i in range(30) if i not in held]
-    assert [len(labels) for _, labels in trained] == [10, 27]
-    assert trained[1][1] == [task.train_dataset[i]["label"] for i in kept]
-    autoencoder = trained[1][0]
-    errors = autoencoder.errors(selector.normalise(embeddings(task.train_dataset.select(held)["image"])))
+    assert [len(batch_labels) for batch_labels in labels] == [10, 27]
+    assert labels[1] == [task.train_dataset[i]["label"] for i in kept]
+    errors = fitted[1].errors(selector.normalise(embeddings(task.train_dataset.select(held)["image"])))
     assert selector.thresholds.tolist() == pytest.approx([float(errors.median())])
     assert selector.trained.tolist() == [True, True]
 

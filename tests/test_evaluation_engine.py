@@ -12,7 +12,7 @@ import torch
 from conftest import colour_task, continual_args, moe_model, tiny_clip_processor, write_tiny_tokenizer
 from torch.utils.data import DataLoader
 
-from hf_moe_cl.classification import LabelSpace, Routes
+from hf_moe_cl.classification import LabelSpace, ImageRoutes
 from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.evaluation import CellRequest
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
@@ -24,15 +24,15 @@ def separate_evaluation(trainer, task, kind, route=None, batch_size=32):
     method, classifier = trainer.method, trainer.classifier()
     space = LabelSpace.of(task.classnames, task.templates)
     correct = total = 0
-    for batch in DataLoader(task.eval_dataset, batch_size=batch_size, collate_fn=trainer.data_collator):
+    for batch in DataLoader(task.eval_dataset, batch_size=batch_size, collate_fn=trainer.evaluation_collator):
         pixels, labels = batch["pixel_values"], batch["labels"]
         if kind == "oracle":
-            routes, untouched = Routes.single(route, pixels.shape[0], pixels.device), None
+            routes, untouched = ImageRoutes.single(route, pixels.shape[0], pixels.device), None
         else:
             routes, untouched = method.select_routes(classifier, pixels)
             if kind == "protocol":  # one decision for the batch, from its mean errors
-                errors = method.moe.selector.reconstruction_errors(method._route_features(pixels)[0])
-                routes = Routes.single(int(method.moe.selector.select_units(errors, len(errors))[0]),
+                errors = method.moe.selector.reconstruction_errors(method.selector_features(pixels)[0])
+                routes = ImageRoutes.single(int(method.moe.selector.select_units(errors, len(errors))[0]),
                                        pixels.shape[0], pixels.device)
         with torch.no_grad():
             correct += int((classifier.scores(pixels, routes, space, untouched).argmax(-1) == labels).sum())

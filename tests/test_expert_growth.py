@@ -9,6 +9,7 @@ from peft import PeftModel, get_peft_model
 
 from hf_moe_cl import MoELoraConfig
 from hf_moe_cl.continual import ContinualTrainer
+from hf_moe_cl.experiments.experiment import AdapterArguments
 from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments
 
 from conftest import StopAtTask, colour_task, continual_args, tiny_clip
@@ -94,9 +95,9 @@ def test_config_and_arguments_refuse_bad_growth_settings():
     with pytest.raises(ValueError, match="at least `num_experts`"):
         config(experts_per_module={VISION0: 3})
     with pytest.raises(ValueError, match="expert_growth_threshold"):
-        MoEAdaptersArguments(expert_growth_threshold=1.5)
+        AdapterArguments(expert_growth_threshold=1.5)
     model = get_peft_model(tiny_clip(), config())
-    with pytest.raises(ValueError, match=r"threshold must be a share in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"`threshold` must be None or a finite number in \(0, 1\)"):
         model.base_model.grow_experts(1, threshold=2.0)
 
 
@@ -125,9 +126,9 @@ def test_a_grown_adapter_loads_with_its_shapes_and_keeps_growing(tmp_path, clip_
 
 def growing_method(model_seed=0, **arguments):
     torch.manual_seed(model_seed)
-    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, top_k=2, r=4))
-    values = dict(freeze_policy="coverage", expert_growth_threshold=0.5, **arguments)
-    return MoEAdapters(model, MoEAdaptersArguments(**values))
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, top_k=2, r=4,
+                                                      expert_growth_threshold=0.5))
+    return MoEAdapters(model, MoEAdaptersArguments(freeze_policy="coverage", **arguments))
 
 
 def three_tasks():

@@ -69,9 +69,11 @@ def test_parameter_shapes_and_count():
 def test_default_init_and_zero_shot_path_equal_the_base_model(clip_inputs):
     reference = logits(tiny_clip(), clip_inputs)
     fresh = get_peft_model(tiny_clip(), small_config())
+    fresh.set_task(0)  # zero-initialised up-projections and routers: every task equals the base model
     assert torch.equal(logits(fresh, clip_inputs), reference)
     model = get_peft_model(tiny_clip(), small_config(init_weights=False)).eval()
-    assert torch.equal(logits(model, clip_inputs), reference)  # several routers: no task until one is picked
+    with pytest.raises(ValueError, match="no route was chosen"):  # several routers: a route must be chosen
+        logits(model, clip_inputs)
     model.set_task(0)
     assert not torch.allclose(logits(model, clip_inputs), reference)
     single = get_peft_model(tiny_clip(), small_config(num_tasks=1, init_weights=False)).eval()
@@ -348,6 +350,8 @@ def test_push_to_hub_uploads_the_folder_peft_saves(tmp_path, monkeypatch, clip_i
     model.push_to_hub("someone/moe-clip")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(uploaded))
     loaded = PeftModel.from_pretrained(tiny_clip(), uploaded).eval()
+    model.set_task(1)
+    loaded.set_task(1)
     assert torch.equal(logits(loaded, clip_inputs), logits(model, clip_inputs))
 
 

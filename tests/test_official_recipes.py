@@ -3,7 +3,7 @@
 import torch
 
 from hf_moe_cl.experiments.recipes import preset_recipe
-from hf_moe_cl.continual.methods import MoEAdaptersArguments
+from hf_moe_cl.experiments.experiment import AdapterArguments
 
 from conftest import moe_model
 
@@ -25,7 +25,7 @@ def test_noisy_gating_eval_keeps_the_router_noise_on_in_evaluation(clip_inputs):
 
 def test_class_incremental_presets_keep_the_noise_on_in_evaluation():
     for name in ("cifar100-cil-10", "cifar100-cil-20", "cifar100-cil-50"):
-        assert preset_recipe(name)[MoEAdaptersArguments]["noisy_gating_eval"] is True
+        assert preset_recipe(name)[AdapterArguments]["noisy_gating_eval"] is True
 
 
 def test_condu_first_cell_is_the_pretrained_model_as_the_official_evaluation(tmp_path, module_processor):
@@ -41,7 +41,7 @@ def test_condu_first_cell_is_the_pretrained_model_as_the_official_evaluation(tmp
         args = continual_args(tmp_path / first_cell, max_steps=3, learning_rate=5e-2, seed=5)
         trainer = ContinualTrainer(method=method, args=args, processing_class=module_processor)
         task = colour_task("first", seed=0)
-        zero_shot = trainer._pretrained_accuracies([task])
+        zero_shot = trainer.engine.pretrained_accuracies([task], trainer.classifier())
         results[first_cell] = (trainer.train_tasks([task]).accuracy_matrix[0][0], zero_shot)
     assert results["pretrained"][1] == {0: results["pretrained"][0]}  # the cell is the pretrained accuracy
     assert results["task"][1] == {}  # the task's own model: the pretrained one is not even measured
@@ -61,10 +61,11 @@ def test_condu_prototypes_average_the_whole_augmented_training_set(tmp_path, mod
     task.full_train_dataset, task.train_dataset = task.train_dataset, few_shot_subset(task.train_dataset, 1, 42)
     method = ConDU(tiny_clip(), ConDUArguments(), rank=4)
     trainer = ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=1), processing_class=module_processor)
-    loader = method._prototype_loader(trainer, task)
+    loader = method._prototype_loader(trainer.task_context(), task)
     assert len(loader.dataset) == len(task.full_train_dataset) > len(task.train_dataset)
     assert isinstance(loader.collate_fn.augment, RandomResizedCrop)
-    plain = ConDU(tiny_clip(), ConDUArguments(condu_prototype_images="plain"), rank=4)._prototype_loader(trainer, task)
+    plain = ConDU(tiny_clip(), ConDUArguments(condu_prototype_images="plain"), rank=4)._prototype_loader(
+        trainer.task_context(), task)
     assert len(plain.dataset) == len(task.train_dataset) and plain.collate_fn.augment is None
 
 

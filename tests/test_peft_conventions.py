@@ -118,4 +118,4 @@ def test_the_version_has_one_source():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hf_moe_cl.__version__"}
-    assert hf_moe_cl.__version__ == "0.2.0"
+    assert hf_moe_cl.__version__ == "0.3.0"

@@ -9,14 +9,8 @@ from torch.utils.data import random_split
 from hf_moe_cl.assets import REPO_ROOT
 from hf_moe_cl.data.labels import label_key
 from hf_moe_cl.data.splits import random_split_indices
-from hf_moe_cl.experiments.presets import (
-    MTIL_DATASETS,
-    MTIL_ORDER_I,
-    MTIL_ORDER_II,
-    PRESETS,
-    ClassIncrementalPreset,
-    MTILPreset,
-)
+from hf_moe_cl.experiments.datasets import MTIL_DATASETS, MTIL_ORDER_I, MTIL_ORDER_II
+from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, MTILPreset
 
 REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 OFFICIAL_NAMES = {"aircraft": "Aircraft", "caltech101": "Caltech101", "cifar100": "CIFAR100", "dtd": "DTD",

@@ -46,7 +46,7 @@ def folder_bytes(folder):
     (lambda: continual_args("/tmp/x", max_steps=-1, num_train_epochs=0), "set it above 0"),
     (lambda: continual_args("/tmp/x", train_augmentation="flip"), "`train_augmentation` must be None or one of"),
     (lambda: MoEAdaptersArguments(merge_experts_every=-1), "`merge_experts_every` must be an integer >= 0, got -1"),
-    (lambda: SelectorConfig(feature_dim=0), "`selector.feature_dim` must be an integer >= 1, got 0"),
+    (lambda: SelectorConfig(feature_dim=0), "`selector.feature_dim` must be None or an integer >= 1, got 0"),
     (lambda: SelectorConfig(feature_dim=8, feature_layer=0), "`selector.feature_layer` must be None or an integer >= 1"),
     (lambda: ConDUArguments(condu_top_k=0), "`condu_top_k` must be an integer >= 1, got 0"),
 ])

@@ -50,15 +50,16 @@ def test_a_zero_ddas_threshold_is_refused_when_the_options_are_made():
 
 
 def test_a_ddas_feature_layer_beyond_the_vision_tower_is_refused_when_the_method_is_built():
-    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
+    from hf_moe_cl import SelectorConfig
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 
-    message = r"ddas_feature_layer=3 is beyond this model's vision tower, which has 2 blocks: give 1 to 2"
+    message = r"reads the tokens after `feature_layer`=3 vision blocks, but this model's vision tower has 2: give 1 to 2"
     with pytest.raises(ValueError, match=message):
-        MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True, ddas_feature_layer=3))
+        MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True), selector=SelectorConfig(feature_layer=3))
     with pytest.raises(ValueError, match=message):
-        MoEAdapters.from_base(tiny_clip(), [MoEAdaptersArguments(num_experts=2), DDASArguments(ddas_feature_layer=3)],
-                              num_tasks=2, rank=2)
-    assert MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True, ddas_feature_layer=2)).ddas.ddas_feature_layer == 2
+        MoEAdapters.from_base(tiny_clip(), [SelectorConfig(feature_layer=3)], num_tasks=2, rank=2)
+    method = MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True), selector=SelectorConfig(feature_layer=2))
+    assert method.selector_settings.feature_layer == 2 and method.selector_settings.feature_dim == 96
 
 
 @pytest.mark.parametrize("values, message", [
@@ -76,16 +77,18 @@ def test_moe_adapters_arguments_that_do_not_fit_the_model_are_refused(values, me
         MoEAdapters(moe_model(), MoEAdaptersArguments(**values))
 
 
-def test_moe_adapters_arguments_left_to_the_model_take_its_settings():
+def test_moe_adapters_takes_the_adapter_settings_from_the_model_and_from_base_from_its_config():
+    from hf_moe_cl import MoELoraConfig
     from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments
 
     method = MoEAdapters(moe_model(), MoEAdaptersArguments(merge_experts_every=2, freeze_experts_per_task=4))
-    arguments = method.arguments
-    assert (arguments.num_experts, arguments.top_k, arguments.noisy_gating, arguments.noisy_gating_eval) == \
-        (4, 2, True, False)
-    assert method.fingerprint()["arguments"]["num_experts"] == 4  # the identity records what runs
+    assert method.fingerprint()["adapter"]["default"]["num_experts"] == 4  # the identity records what runs
     built = MoEAdapters.from_base(tiny_clip(), [MoEAdaptersArguments()], num_tasks=2, rank=2)
-    assert built.moe.moe_config.num_experts == 22 and built.arguments.top_k == 2  # a new adapter: the paper's
+    config = built.moe.moe_config
+    assert (config.num_experts, config.top_k, config.num_tasks, config.r) == (22, 2, 2, 2)  # the paper's, sized
+    built = MoEAdapters.from_base(tiny_clip(), [MoELoraConfig(num_experts=6, top_k=3)], num_tasks=3, rank=2)
+    config = built.moe.moe_config
+    assert (config.num_experts, config.top_k, config.num_tasks, config.r) == (6, 3, 3, 2)
 
 
 # ----- examples/mtil.py: what is checked before any work -------------------------------------------------------------

@@ -441,7 +441,7 @@ def test_a_nan_base_weight_is_named_before_training(tmp_path, clip_processor):
     ("ddas_threshold", 0.0, "`ddas_threshold` must be None or a finite number > 0, got 0.0"),
     ("ddas_threshold", "0.06", "`ddas_threshold` must be None or a finite number"),
     ("ddas_max_images", 0, "`ddas_max_images` must be an integer >= 1, got 0"),
-    ("ddas_hidden_dim", 0, "`ddas_hidden_dim` must be an integer >= 1"),
+    ("ddas_hidden_dim", 0, "`selector.hidden_dim` must be an integer >= 1"),  # deprecated: SelectorConfig's
     ("ddas_task_steps", 0, "`ddas_task_steps` must be an integer >= 1"),
     ("ddas_reference_steps", 1.5, "`ddas_reference_steps` must be an integer >= 1"),
     ("ddas_max_images", True, "`ddas_max_images` must be an integer"),
@@ -674,25 +674,27 @@ def test_a_missing_path_or_damaged_adapter_config_is_named_before_any_hub_call(t
 def option_classes():
     from hf_moe_cl import MoELoraConfig, SelectorConfig
     from hf_moe_cl.continual.methods import ConDUArguments, DDASArguments, LoRAArguments, MoEAdaptersArguments
-    from hf_moe_cl.experiments.experiment import MethodArguments
+    from hf_moe_cl.experiments.experiment import AdapterArguments, MethodArguments
 
     return {"moe": MoEAdaptersArguments, "ddas": DDASArguments, "condu": ConDUArguments, "lora": LoRAArguments,
+            "adapter": AdapterArguments,
             "method": MethodArguments, "config": MoELoraConfig,
             "selector": lambda **kw: SelectorConfig(feature_dim=8, **kw),
             "training": lambda **kw: continual_args("/tmp/unused", **kw)}
 
 
 @pytest.mark.parametrize("kind, option, value, message", [
-    ("moe", "top_k", 30, r"`top_k` must be an integer in \[1, 22\], got 30"),
-    ("moe", "num_experts", 0, "`num_experts` must be an integer >= 1, got 0"),
-    ("moe", "freeze_experts_per_task", -1, "`freeze_experts_per_task` must be None or an integer in"),
+    ("adapter", "top_k", 30, r"`top_k` \(30\) cannot exceed `num_experts` \(22\)"),
+    ("adapter", "num_experts", 0, "`num_experts` must be an integer >= 1, got 0"),
+    ("adapter", "noisy_gating", "false", r"`noisy_gating` must be a boolean \(True or False\), got 'false'"),
+    ("adapter", "ddas_feature_layer", 0, "`selector.feature_layer` must be None or an integer >= 1"),
+    ("adapter", "ddas_feature_extractor", "vgg", r"`selector.feature_extractor` must be one of \('clip', 'alexnet'\)"),
+    ("moe", "freeze_experts_per_task", -1, "`freeze_experts_per_task` must be None or an integer >= 0"),
     ("moe", "freeze_images", 0, "`freeze_images` must be None or an integer >= 1"),
     ("moe", "routing_report_images", 2.5, "`routing_report_images` must be an integer"),
     ("moe", "merge_experts_every", math.nan, "`merge_experts_every` must be an integer"),
-    ("moe", "noisy_gating", "false", r"`noisy_gating` must be a boolean \(True or False\), got 'false'"),
     ("moe", "shared_router", 1, "`shared_router` must be a boolean"),
     ("ddas", "ddas", "yes", "`ddas` must be a boolean"),
-    ("ddas", "ddas_feature_layer", 0, "`ddas_feature_layer` must be None or an integer >= 1"),
     ("ddas", "ddas_alexnet_weights", 5, "`ddas_alexnet_weights` must be None or a string"),
     ("ddas", "ddas_batch_size", 0, "`ddas_batch_size` must be an integer >= 1"),
     ("condu", "condu_lora_init_std", math.nan, "`condu_lora_init_std` must be a finite number > 0"),
@@ -706,7 +708,7 @@ def option_classes():
     ("config", "expert_growth_threshold", True, "`expert_growth_threshold` must be None or a finite number"),
     ("config", "target_modules", 5, "`target_modules` must be None, a string or a list of strings"),
     ("config", "experts_per_module", [1], "`experts_per_module` must be a dict"),
-    ("selector", "standardize", "no", "`selector.standardize` must be a boolean"),
+    ("selector", "standardize", "no", "`selector.standardize` must be None or a boolean"),
     ("training", "per_device_train_batch_size", 0, "`per_device_train_batch_size` must be an integer >= 1"),
     ("training", "gradient_accumulation_steps", 0, "`gradient_accumulation_steps` must be an integer >= 1"),
     ("training", "label_smoothing_factor", 1.5, r"`label_smoothing_factor` must be a finite number in \[0, 1\)"),
@@ -794,7 +796,7 @@ def test_invalid_values_met_when_resuming_name_the_file(saved_adapter, tmp_path)
     ({"num_tasks": "2"}, "`num_tasks` must be an integer >= 1, got '2'"),
     ({"experts_per_module": [1]}, "`experts_per_module` must be a dict"),
     ({"target_modules": 5}, "`target_modules` must be None, a string or a list of strings"),
-    ({"selector": {"feature_dim": 8, "standardize": "false"}}, "`selector.standardize` must be a boolean"),
+    ({"selector": {"feature_dim": 8, "standardize": "false"}}, "`selector.standardize` must be None or a boolean"),
 ])
 def test_wrongly_typed_values_in_a_saved_adapter_config_name_the_file(saved_adapter, tmp_path, config, message):
     from peft import PeftModel

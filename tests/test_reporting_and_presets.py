@@ -5,13 +5,9 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from hf_moe_cl.experiments.presets import (
-    MTIL_DATASETS,
-    MTIL_ORDER_I,
-    MTIL_ORDER_II,
-    class_incremental_tasks,
-    few_shot_subset,
-)
+from hf_moe_cl.data.splits import few_shot_subset
+from hf_moe_cl.experiments.datasets import MTIL_DATASETS, MTIL_ORDER_I, MTIL_ORDER_II
+from hf_moe_cl.experiments.presets import class_incremental_tasks
 from hf_moe_cl.experiments.figures import accuracy_heatmap, selection_heatmap
 from hf_moe_cl.experiments.reporting import markdown_table, write_report, write_result_report
 from hf_moe_cl.continual.result import ContinualResult

@@ -4,7 +4,6 @@ plain `Trainer` trains MoE-LoRA with a per-sample `task_ids` column."""
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -24,21 +23,20 @@ def test_training_without_a_route_says_what_to_pass(clip_inputs):
     model(**clip_inputs, task_ids=torch.tensor([0, 1, 1, 0])).logits_per_image.sum().backward()
 
 
-def test_inference_without_a_route_warns_once(clip_inputs, caplog):
+def test_a_call_without_a_route_is_refused_and_the_untouched_model_is_an_explicit_choice(clip_inputs):
+    """A model with several task routers, no selector and no task chosen would answer as the untouched CLIP: it is
+    refused, in training and inference alike, naming set_task, task_ids and the selector; set_task(None) is the
+    explicit zero-shot route."""
     model = moe_model(init_weights=False).eval()
     base = tiny_clip().eval()
-    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"), torch.no_grad():
-        out = model(**clip_inputs).logits_per_image
-        model(**clip_inputs)
-    warnings = [r for r in caplog.records if "no task was chosen" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    for training in (False, True):
+        model.train(training)
+        with pytest.raises(ValueError, match=r"no route was chosen.*task_ids.*set_task\(t\).*DDAS selector"):
+            model(**clip_inputs)
+    model.eval()
+    model.set_task(None)
     with torch.no_grad():
-        torch.testing.assert_close(out, base(**clip_inputs).logits_per_image)
-    caplog.clear()
-    model.set_task(None)  # the untouched model, asked for: no warning
-    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"), torch.no_grad():
-        model(**clip_inputs)
-    assert not caplog.records
+        torch.testing.assert_close(model(**clip_inputs).logits_per_image, base(**clip_inputs).logits_per_image)
 
 
 def selector_model(tmp_path):

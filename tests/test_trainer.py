@@ -236,7 +236,7 @@ def task_outputs(method, task, processor):
     pixels = processor.image_processor(images=[image.convert("RGB") for image in task.train_dataset["image"]],
                                        return_tensors="pt")["pixel_values"]
     method.model.eval()
-    with method.routed(0):
+    with method.acting_as(0):
         return (image_embeddings(method.model, pixels),
                 text_embeddings(method.model, processor.tokenizer, task.classnames, task.templates, "cpu"))
 

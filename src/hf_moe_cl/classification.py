@@ -2,9 +2,9 @@
 
 Evaluation (with and without a task id), the task-agnostic inference entry point and ConDU's voting all classify
 through `RoutedClassifier`. A *route* names the model an image goes through: a learned task (0, 1, ...) or -1,
-the method's model for no learned task (the untouched CLIP for MoE-Adapters and ConDU). A `Router` (every
-continual method is one) makes its model act as a route's model; routers with `mixed_routes` run a batch whose
-images take different routes in one pass, the others are run route by route.
+the method's model for no learned task (the untouched CLIP for MoE-Adapters and ConDU). Every continual method is a
+`RouteModels`: it makes its model act as a route's model; those with `mixed_routes` run a batch whose images take
+different routes in one pass, the others are run route by route.
 """
 
 from __future__ import annotations
@@ -66,18 +66,18 @@ class LabelSpace:
         return cls(tuple(classnames), tuple(templates))
 
 
-class Router(Protocol):
+class RouteModels(Protocol):
     """What the classification core needs of a continual method."""
 
     model: nn.Module
     mixed_routes: bool
 
-    def routed(self, route: Union[int, torch.Tensor]) -> ContextManager:
+    def acting_as(self, route: Union[int, torch.Tensor]) -> ContextManager:
         """The model acts as `route`'s model (an int, or one route per image when `mixed_routes`)."""
 
 
 @dataclass
-class Routes:
+class ImageRoutes:
     """Per image, the routes whose predictions are combined (batch, m), their weights and how they are fused.
 
     `selected` is the route the method identified for each image (for selection statistics), `ids[:, 0]` when the
@@ -98,25 +98,25 @@ class Routes:
             self.selected = self.ids[:, 0]
 
     @classmethod
-    def single(cls, route: int, batch: int, device) -> "Routes":
+    def single(cls, route: int, batch: int, device) -> "ImageRoutes":
         return cls(torch.full((batch,), route, dtype=torch.long, device=device))
 
 
 class RoutedClassifier:
-    """Classifies pixel batches through a router's models; text embeddings are cached per (route, label space).
+    """Classifies pixel batches through the models of routes; text embeddings are cached per (route, label space).
 
-    The cache assumes the router's models do not change while this object is used: build a new one after
+    The cache assumes those models do not change while this object is used: build a new one after
     training.
     """
 
-    def __init__(self, router: Router, tokenizer, device, untouched_text: Optional[dict] = None):
-        self.router, self.tokenizer, self.device = router, tokenizer, device
+    def __init__(self, models: RouteModels, tokenizer, device, untouched_text: Optional[dict] = None):
+        self.models, self.tokenizer, self.device = models, tokenizer, device
         self._text: dict[tuple[int, LabelSpace], torch.Tensor] = {}
         self._untouched_text = self._text if untouched_text is None else untouched_text
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.router.model.logit_scale.exp().float()
+        return self.models.model.logit_scale.exp().float()
 
     def text(self, space: LabelSpace, route: int) -> torch.Tensor:
         """Text embeddings of a label space through a route's model; route -1's are kept in `untouched_text` when
@@ -124,8 +124,8 @@ class RoutedClassifier:
         cache = self._untouched_text if route == ZERO_SHOT else self._text
         key = (route, space)
         if key not in cache:
-            with self.router.routed(route):
-                cache[key] = text_embeddings(self.router.model, self.tokenizer, space.classnames, space.templates,
+            with self.models.acting_as(route):
+                cache[key] = text_embeddings(self.models.model, self.tokenizer, space.classnames, space.templates,
                                              self.device)
         return cache[key]
 
@@ -133,7 +133,7 @@ class RoutedClassifier:
         """Embeddings of `pixels[i]` through route `routes[i]`. Rows routed to -1 take the untouched model's
         embeddings from `untouched` when given: a tensor for every row, or a function of the row indices that
         finishes an untouched pass already begun (so zero-shot images never run twice)."""
-        out = torch.empty(pixels.shape[0], self.router.model.config.projection_dim, device=pixels.device)
+        out = torch.empty(pixels.shape[0], self.models.model.config.projection_dim, device=pixels.device)
         pending = torch.ones_like(routes, dtype=torch.bool)
         if untouched is not None:
             zero_shot = routes == ZERO_SHOT
@@ -142,18 +142,18 @@ class RoutedClassifier:
                 out[rows] = (untouched(rows) if callable(untouched) else untouched[rows]).to(out.dtype)
             pending &= ~zero_shot
         distinct = routes[pending].unique().tolist()
-        if self.router.mixed_routes and len(distinct) > 1:
+        if self.models.mixed_routes and len(distinct) > 1:
             rows = torch.nonzero(pending).flatten()
-            with self.router.routed(routes[rows]):
-                out[rows] = image_embeddings(self.router.model, pixels[rows])
+            with self.models.acting_as(routes[rows]):
+                out[rows] = image_embeddings(self.models.model, pixels[rows])
             return out
         for route in distinct:
             rows = torch.nonzero(pending & (routes == route)).flatten()
-            with self.router.routed(route):
-                out[rows] = image_embeddings(self.router.model, pixels[rows])
+            with self.models.acting_as(route):
+                out[rows] = image_embeddings(self.models.model, pixels[rows])
         return out
 
-    def similarities(self, images: torch.Tensor, routes: Routes, space: LabelSpace) -> torch.Tensor:
+    def similarities(self, images: torch.Tensor, routes: ImageRoutes, space: LabelSpace) -> torch.Tensor:
         """(batch, m, classes) cosine similarities of image embeddings (batch, m, dim), each under its route's text
         features."""
         batch, width = routes.ids.shape
@@ -165,7 +165,7 @@ class RoutedClassifier:
             out[rows] = images[rows].float() @ self.text(space, route).T
         return out.view(batch, width, -1)
 
-    def fuse(self, images: torch.Tensor, routes: Routes, space: LabelSpace) -> torch.Tensor:
+    def fuse(self, images: torch.Tensor, routes: ImageRoutes, space: LabelSpace) -> torch.Tensor:
         """(batch, classes) fused scores of image embeddings (batch, m, dim) under their routes: weighted logits,
         or weighted softmax probabilities."""
         logits = self.similarities(images, routes, space)
@@ -176,7 +176,7 @@ class RoutedClassifier:
             logits = torch.softmax(self.logit_scale * logits, dim=-1)
         return (logits * weights.unsqueeze(-1).to(logits.device, logits.dtype)).sum(1)
 
-    def scores(self, pixels: torch.Tensor, routes: Routes, space: LabelSpace, untouched: Untouched = None
+    def scores(self, pixels: torch.Tensor, routes: ImageRoutes, space: LabelSpace, untouched: Untouched = None
                ) -> torch.Tensor:
         """(batch, classes) fused scores of `pixels` under their routes (see `fuse`)."""
         batch, width = routes.ids.shape

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, Untouched
+from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, ImageRoutes, Untouched
 from .condu import holds_condu
 from .continual.preprocessing import to_rgb
 from .continual.methods import ConDU, ContinualMethod, method_for_model
@@ -150,7 +150,7 @@ class TaskAgnosticClassifier:
             if embeddings is not None:
                 scores = embeddings[rows] @ self.core.text(space, route).T
             else:
-                subset = Routes(routes.ids[rows], None if routes.weights is None else routes.weights[rows],
+                subset = ImageRoutes(routes.ids[rows], None if routes.weights is None else routes.weights[rows],
                                 routes.fusion, routes.selected[rows])
                 scores = self.core.scores(pixels[rows], subset, space, subset_of(untouched, rows))
             if routes.fusion == "logits":

@@ -8,8 +8,10 @@ they come from (a task, a config, a saved file).
 
 from __future__ import annotations
 
+import functools
 import math
 import string
+import warnings
 from typing import Any, Optional, Sequence
 
 KIND_NAMES = {bool: "a boolean (True or False)", int: "an integer", float: "a finite number", str: "a string"}
@@ -130,3 +132,25 @@ def check_task_record(name, classnames, templates, owner: str, name_owner: str) 
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{name_owner} must be a non-empty string, got {short_repr(name)}.")
     check_label_space(classnames, templates, owner)
+
+
+def moved_options(**destinations: str):
+    """Class decorator of an options dataclass: keyword arguments that name options it no longer has (`name=
+    "where it lives now"`) are still accepted for one minor version, with a FutureWarning naming their new place;
+    their values are kept in `moved` (set before `__post_init__`, which may check them) for whoever reads them."""
+
+    def decorate(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            self.moved = {name: kwargs.pop(name) for name in list(kwargs) if name in destinations}
+            for name in self.moved:
+                warnings.warn(f"{cls.__name__}({name}=...) is deprecated and will be removed in hf-moe-cl 0.4: "
+                              f"{destinations[name]}.", FutureWarning, stacklevel=2)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate

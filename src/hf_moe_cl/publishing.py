@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from .experiments.figures import METRIC_LABELS
 from .experiments.reporting import matrix_label, matrix_summary, metrics_markdown
-from .continual.checkpoints import jsonable
+from .continual.run_folder import jsonable
 from .continual.methods import ContinualMethod, method_for_model
 from .continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .files import atomic_folder
@@ -109,10 +109,15 @@ def training_hyperparameters(method: Optional[ContinualMethod] = None,
 
     if method is not None:  # {"method": name, "arguments": {...}, "ddas": {...}}: option names are unique
         for key, value in method.fingerprint().items():
-            if key != "adapter":
+            if key == "adapter":  # {adapter name: its config}: the settings that size and route the experts
+                values.update({name: setting for config in value.values() for name, setting in config.items()
+                               if name in CARD_ADAPTER_SETTINGS})
+            else:
                 values.update(jsonable(value) if isinstance(value, dict) else {key: value})
     return {name: value.value if isinstance(value, Enum) else jsonable(value) for name, value in values.items()}
 
+
+CARD_ADAPTER_SETTINGS = ("num_experts", "top_k", "r", "expert_growth_threshold", "noisy_gating", "noisy_gating_eval")
 
 LIBRARIES = ("hf-moe-cl", "transformers", "peft", "torch", "datasets", "huggingface_hub", "accelerate")
 

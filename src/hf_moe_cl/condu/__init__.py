@@ -1,10 +1,10 @@
 """ConDU (Gao et al.): per-task deltas unified into one delta plus task triggers, decoupled on demand.
 
 `unify` (the delta algebra), `store` (what is kept between tasks), `lora` (deltas in LoRA-factor space),
-`voting` (task selection by class prototypes), `checkpoint` (the folder format, local or on the Hub).
+`voting` (task selection by class prototypes), `folder` (the saved folder, local or on the Hub).
 """
 
-from .checkpoint import (
+from .folder import (
     CONFIG_FILE,
     DELTA_FILE,
     TRIGGERS_FILE,

@@ -21,7 +21,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..classification import ZERO_SHOT, LabelSpace, RoutedClassifier, Routes, image_embeddings
+from ..classification import ZERO_SHOT, ImageRoutes, LabelSpace, RoutedClassifier, image_embeddings
+from .result import MATRIX_KINDS
 
 KINDS = ("oracle", "per_image", "protocol")
 PAIR = 1 << 20  # (image, route) pairs are keyed image * PAIR + route
@@ -78,7 +79,7 @@ class EvaluationEngine:
         if world > 1:
             unit = args.protocol_unit
             dataset = Subset(dataset, [i for i in range(len(dataset)) if (i // unit) % world == rank])
-        return DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=self.trainer.data_collator,
+        return DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=self.trainer.evaluation_collator,
                           num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
 
     def _batches(self, task) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,7 +91,7 @@ class EvaluationEngine:
             return
         kept: Optional[list] = [] if self.budget > 0 else None
         size = 0
-        for batch in self.trainer.progress(self._loader(task), f"reading {task.name}"):
+        for batch in self.trainer.task_context().progress(self._loader(task), f"reading {task.name}"):
             pixels, labels = batch["pixel_values"], batch["labels"]
             if kept is not None:
                 size += pixels.numel() * pixels.element_size() + labels.numel() * labels.element_size()
@@ -133,7 +134,7 @@ class EvaluationEngine:
         if cached is not None:
             return cached[start:start + pixels.shape[0]].to(pixels.device)
         size = self.trainer.args.per_device_eval_batch_size
-        with self.method.routed(ZERO_SHOT), self._precision():
+        with self.method.acting_as(ZERO_SHOT), self._precision():
             embeddings = torch.cat([image_embeddings(self.method.model, pixels[i:i + size])
                                     for i in range(0, pixels.shape[0], size)])
         self.encodings["untouched"] += pixels.shape[0]
@@ -163,7 +164,7 @@ class EvaluationEngine:
                 chosen = routes[part] if route is None else route
                 if route is None and bool((chosen == chosen[0]).all()):
                     chosen = int(chosen[0])  # one route: the whole-batch routing of a single task
-                with self.method.routed(chosen), self._precision():
+                with self.method.acting_as(chosen), self._precision():
                     out[part] = image_embeddings(self.method.model, pixels[rows[part]])
         self.encodings["routed"] += rows.shape[0]
         return out
@@ -197,16 +198,16 @@ class EvaluationEngine:
             untouched = self._untouched_of(task, start, pixels) if needs_untouched else None
             if untouched is not None:
                 untouched_parts.append(untouched)
-            routes: dict[str, Routes] = {}
+            routes: dict[str, ImageRoutes] = {}
             if request.oracle is not None:
-                routes["oracle"] = Routes.single(request.oracle, batch, device)
+                routes["oracle"] = ImageRoutes.single(request.oracle, batch, device)
             if selecting:
                 with self._precision():
                     chosen = method.choose_routes(classifier, pixels, untouched, unit)
                 if request.per_image:
                     routes["per_image"] = chosen[0]
                 if request.protocol:
-                    routes["protocol"] = Routes(chosen[1].to(device).repeat_interleave(unit)[:batch])
+                    routes["protocol"] = ImageRoutes(chosen[1].to(device).repeat_interleave(unit)[:batch])
             embeddings = self._embed(pixels, routes, untouched)
             for kind, kind_routes in routes.items():
                 scores = classifier.fuse(embeddings[kind], kind_routes, space)
@@ -223,7 +224,7 @@ class EvaluationEngine:
                                  if kind in histograms else None)
                 for i, kind in enumerate(kinds)}
 
-    def _embed(self, pixels: torch.Tensor, routes: dict[str, Routes], untouched: Optional[torch.Tensor]
+    def _embed(self, pixels: torch.Tensor, routes: dict[str, ImageRoutes], untouched: Optional[torch.Tensor]
                ) -> dict[str, torch.Tensor]:
         """Per kind, (batch, width, dim) image embeddings of every image under each of its routes: route -1 from
         the untouched embeddings, every other (image, route) pair encoded once for all kinds together."""
@@ -243,3 +244,59 @@ class EvaluationEngine:
                 result[~zero_shot] = encoded[torch.searchsorted(unique, key[~zero_shot])]
             out[kind] = result
         return out
+
+    # ----- a stage -------------------------------------------------------------------------------------------------
+    def agnostic_kinds(self) -> list[str]:
+        """The task-agnostic matrices the run fills (`task_agnostic_eval`; None: whichever the method can)."""
+        wanted = self.trainer.args.task_agnostic_eval
+        if wanted is None:
+            wanted = self.method.selects_routes
+        if not wanted:
+            return []
+        if not self.method.selects_routes:
+            raise ValueError(
+                f"task_agnostic_eval needs a method that picks a model per image without a task id; "
+                f"{type(self.method).__name__} cannot (MoE-Adapters needs a DDAS selector: DDASArguments(ddas=True))."
+            )
+        return [kind for kind in MATRIX_KINDS[:2] if kind == "per_image" or self.method.batch_selection]
+
+    def pretrained_accuracies(self, tasks: list, classifier: RoutedClassifier) -> dict[int, float]:
+        """Accuracy of the method's model for no learned task (-1) on every task that some cell evaluates with it,
+        measured before any training: that model never changes."""
+        method, last = self.method, len(tasks) - 1
+        needed = {j for j in range(len(tasks)) if method.cell_route(j, j) == ZERO_SHOT}
+        if self.trainer.args.evaluate_all_tasks:
+            needed |= {j for i in range(last) for j in range(i + 1, len(tasks))
+                       if method.cell_route(i, j) == ZERO_SHOT}
+        return {j: self.evaluate(tasks[j], CellRequest(oracle=ZERO_SHOT), classifier)["oracle"].accuracy
+                for j in sorted(needed)}
+
+    def stage(self, index: int, tasks: list, classifier: RoutedClassifier, matrices: dict, histograms: dict,
+              pretrained: dict[int, float]) -> dict[str, list]:
+        """The cells of every matrix after task `index`, each task's from one pass over its test set: the oracle
+        row's accuracies, and per task-agnostic kind its `CellResult`s. A cell that cannot change is reused (a task
+        not evaluated at this stage: None; a final task model's: its diagonal; the model for no learned task: the
+        `pretrained` accuracy); an unseen task whose route is None (the method's own selection) takes its
+        per-image cell."""
+        method = self.method
+        rows = {kind: [] for kind in matrices}
+        for j, other in enumerate(tasks):
+            oracle, reuse = None, None
+            if not (self.trainer.args.evaluate_all_tasks or j == index):
+                reuse = (None,)
+            elif j < index and method.task_models_are_final:
+                reuse = (matrices["oracle"][j][j],)
+            else:
+                route = method.cell_route(index, j)
+                if route == ZERO_SHOT:
+                    reuse = (pretrained[j],)
+                else:
+                    oracle = route
+            request = CellRequest(oracle=oracle, per_image="per_image" in histograms or oracle is None and
+                                  reuse is None, protocol="protocol" in histograms)
+            cells = self.evaluate(other, request, classifier)
+            rows["oracle"].append(reuse[0] if reuse is not None else cells["oracle" if oracle is not None else
+                                                                            "per_image"].accuracy)
+            for kind in histograms:
+                rows[kind].append(cells[kind])
+        return rows

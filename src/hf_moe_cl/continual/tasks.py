@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,13 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..classification import tokenize_prompts
 from ..data.labels import label_key
 from ..files import read_json_file
 from ..options import check_label_space, is_finite_number, short_repr
 from .preprocessing import to_rgb
 
+logger = logging.getLogger("hf_moe_cl")
 INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
@@ -175,6 +178,27 @@ class ContinualTask:
                 "(dataset.align_labels_with_mapping)."
             )
 
+    def check_prompts(self, tokenizer) -> None:
+        """Class names whose prompts are the same tokens (cut at the tokenizer's length) under every template cannot
+        be told apart: refused. The same under some templates only: a warning (those templates do not separate them,
+        the average over all templates still does)."""
+        same: dict[tuple[int, int], list[str]] = {}
+        for template in self.templates:
+            ids = tokenize_prompts(tokenizer, [template.format(c) for c in self.classnames])["input_ids"].tolist()
+            first: dict[tuple, int] = {}
+            for i, row in enumerate(ids):
+                other = first.setdefault(tuple(row), i)
+                if other != i:
+                    same.setdefault((other, i), []).append(template)
+        for (a, b), templates in same.items():
+            names = f"the classes {self.classnames[a]!r} and {self.classnames[b]!r}"
+            cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens"
+            if len(templates) == len(self.templates):
+                raise ValueError(f"Task {self.name!r}: {names} give the same tokens with every template ({cut}), so "
+                                 "they cannot be told apart. Shorten the class names or the templates.")
+            logger.warning("Task %r: %s give the same tokens with %d of %d templates (%s), e.g. %r.", self.name, names,
+                           len(templates), len(self.templates), cut, templates[0])
+
     @classmethod
     def from_disk(cls, path: str | os.PathLike, train_split: Optional[str] = "train", eval_split: str = "test",
                   learning_rate: Optional[float] = None) -> "ContinualTask":
@@ -207,3 +231,23 @@ class ContinualTask:
             templates=list(meta.get("templates", ["a photo of a {}."])),
             learning_rate=learning_rate,
         )
+
+
+def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False) -> None:
+    """A task sequence `ContinualTrainer` can run with `args`: a non-empty list of uniquely named tasks, each valid
+    (`ContinualTask.validate`, its prompts told apart by `tokenizer`), with the training template and one learning
+    rate per task where `args` asks for them."""
+    if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, ContinualTask) for t in tasks):
+        raise ValueError(f"train_tasks needs a non-empty list of ContinualTask (one per task, in training order), "
+                         f"got {short_repr(tasks)}.")
+    if len({task.name for task in tasks}) != len(tasks):
+        raise ValueError("Task names must be unique: they name the checkpoint folders.")
+    if args.task_learning_rates is not None and len(args.task_learning_rates) != len(tasks):
+        raise ValueError(f"task_learning_rates has {len(args.task_learning_rates)} entries for {len(tasks)} tasks.")
+    for task in tasks:
+        task.validate(needs_training=train, check_images=args.check_images, progress=progress)
+        if train and args.train_template >= len(task.templates):
+            raise ValueError(f"train_template={args.train_template} but task {task.name!r} has "
+                             f"{len(task.templates)} prompt template(s): give every task that many templates or "
+                             "choose a lower train_template.")
+        task.check_prompts(tokenizer)

@@ -6,8 +6,8 @@ classified belongs to a `ContinualMethod` (MoE-Adapters, ConDU, the baselines).
 
 from __future__ import annotations
 
+import copy
 import logging
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -15,33 +15,30 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, set_seed
-from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
-from ..files import atomic_files, read_json_file, write_json_atomic
-from ..options import short_repr
-from ..tuners.moe_lora.base_weights import base_weights_fingerprint
-from .checkpoints import (
-    check_not_inside_a_run,
-    check_same_run,
+from ..files import atomic_files
+from .run_folder import (
+    check_output_dir,
     finished_folders,
-    is_plain_name,
-    jsonable,
     prune,
-    read_progress,
     remove_temporary,
+    resume_point,
+    run_identity,
     run_lock,
+    save_results,
     save_task,
     task_folder,
     update_progress,
 )
 from .arguments import ContinualTrainingArguments
+from .context import TaskContext
 from .preprocessing import ImageClassificationCollator, training_augmentation
 from .evaluation import CellRequest, EvaluationEngine
 from .methods import ContinualMethod, method_for_model
 from .result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
-from .tasks import ContinualTask
+from .tasks import ContinualTask, check_tasks
 
 logger = logging.getLogger("hf_moe_cl")
 
@@ -84,13 +81,16 @@ class ContinualTrainer(Trainer):
         if not isinstance(args, ContinualTrainingArguments):
             raise ValueError("ContinualTrainer needs `args` of type ContinualTrainingArguments.")
         output_dir = Path(args.output_dir)
-        if output_dir.exists() and not output_dir.is_dir():
-            raise ValueError(f"output_dir {output_dir} is a file, not a folder: give a folder path for the checkpoints "
-                             "(or move the file away).")
-        check_not_inside_a_run(output_dir)  # before the Trainer creates the folder there
+        check_output_dir(output_dir)  # before the Trainer creates the folder there
         self._output_dir_had_files = output_dir.is_dir() and any(output_dir.iterdir())  # Trainer creates it
-        if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = ImageClassificationCollator(processing_class.image_processor)
+        image_processor = processing_class.image_processor
+        if kwargs.get("data_collator") is None:  # training batches go through the official augmentation
+            kwargs["data_collator"] = ImageClassificationCollator(image_processor, training_augmentation(
+                image_processor, args.train_augmentation))
+        elif args.train_augmentation not in (None, "none"):
+            raise ValueError("`train_augmentation` applies to the collator ContinualTrainer makes; with a "
+                             "data_collator of your own (it collates the training batches) set "
+                             "train_augmentation='none' and augment in your collator.")
         callbacks = list(kwargs.pop("callbacks", None) or []) + method.callbacks()
         model = method.training_model()
         super().__init__(model=method.model if model is None else model, args=args,
@@ -98,11 +98,11 @@ class ContinualTrainer(Trainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TaskProgressCallback(self))
         self.method = method
+        self.evaluation_collator = ImageClassificationCollator(image_processor)  # test images as evaluated
         self.current_task: Optional[ContinualTask] = None
         self.task_label = ""
         self.num_routes = 0
-        self._prompt_tokens: Optional[dict[str, torch.Tensor]] = None
-        self._label_map: Optional[torch.Tensor] = None  # dataset label -> position among the trained classes
+        self._task_inputs: Optional[tuple[dict[str, torch.Tensor], torch.Tensor]] = None  # prompts, label map
         self._in_task_loop = False
         self._steps_done = 0  # optimizer steps of the finished tasks
         self._step_offset = 0  # added to the Trainer's per-task step in logs
@@ -147,16 +147,23 @@ class ContinualTrainer(Trainer):
         finally:
             self.state.global_step -= self._step_offset
 
-    def progress(self, iterable, description: str):
-        """A named progress bar over `iterable` on the main process (none with `disable_tqdm`)."""
-        return tqdm(iterable, desc=description, leave=False,
-                    disable=self.args.disable_tqdm or not self.is_world_process_zero())
+    def task_context(self) -> TaskContext:
+        """What the method's hooks get: this run's device, seed, tokenizer and ways to read images."""
+        args = self.args
+        return TaskContext(device=args.device, seed=args.seed, trains=args.max_steps != 0,
+                           tokenizer=self.processing_class.tokenizer,
+                           image_processor=self.processing_class.image_processor,
+                           augmentation=args.train_augmentation, eval_batch_size=args.eval_batch_size,
+                           num_workers=args.dataloader_num_workers,
+                           show_progress=self.is_world_process_zero() and not args.disable_tqdm,
+                           prepare=self.accelerator.prepare, gather=self.accelerator.gather_for_metrics)
 
     # ----- loss ----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tokens = {k: v.to(inputs["pixel_values"].device) for k, v in self._prompt_tokens.items()}
+        prompt_tokens, label_map = self._task_inputs
+        tokens = {k: v.to(inputs["pixel_values"].device) for k, v in prompt_tokens.items()}
         outputs = model(pixel_values=inputs["pixel_values"], **tokens)
-        labels = self._label_map.to(inputs["labels"].device)[inputs["labels"]]
+        labels = label_map.to(inputs["labels"].device)[inputs["labels"]]
         loss = F.cross_entropy(
             outputs.logits_per_image.float(), labels, label_smoothing=self.args.label_smoothing_factor
         )
@@ -190,46 +197,12 @@ class ContinualTrainer(Trainer):
             self._engine = EvaluationEngine(self, self.method)
         return self._engine
 
-    def _agnostic_kinds(self) -> list[str]:
-        wanted = self.args.task_agnostic_eval
-        if wanted is None:
-            wanted = self.method.selects_routes
-        if not wanted:
-            return []
-        if not self.method.selects_routes:
-            raise ValueError(
-                f"task_agnostic_eval needs a method that picks a model per image without a task id; "
-                f"{type(self.method).__name__} cannot (MoE-Adapters needs a DDAS selector: DDASArguments(ddas=True))."
-            )
-        return [kind for kind in MATRIX_KINDS[:2] if kind == "per_image" or self.method.batch_selection]
-
     def _evaluate_stage(self, index: int, tasks: list[ContinualTask], matrices: dict, histograms: dict,
                         pretrained: dict[int, float]) -> dict[str, int]:
-        """One row of every matrix after task `index`, each task's cells from one pass over its test set (see
-        `EvaluationEngine`); returns the image encodings run since the last stage (the first stage's include the
-        pretrained model's cells). An unseen task whose route is None (the method's
-        own selection) takes its per-image cell."""
-        method, classifier, engine = self.method, self.classifier(), self.engine
-        rows = {kind: [] for kind in matrices}
-        for j, other in enumerate(tasks):
-            oracle, reuse = None, None
-            if not (self.args.evaluate_all_tasks or j == index):
-                reuse = (None,)
-            elif j < index and method.task_models_are_final:
-                reuse = (matrices["oracle"][j][j],)
-            else:
-                route = method.cell_route(index, j)
-                if route == ZERO_SHOT:
-                    reuse = (pretrained[j],)
-                else:
-                    oracle = route
-            request = CellRequest(oracle=oracle, per_image="per_image" in histograms or oracle is None and
-                                  reuse is None, protocol="protocol" in histograms)
-            cells = engine.evaluate(other, request, classifier)
-            rows["oracle"].append(reuse[0] if reuse is not None else cells["oracle" if oracle is not None else
-                                                                            "per_image"].accuracy)
-            for kind in histograms:
-                rows[kind].append(cells[kind])
+        """One row of every matrix after task `index` (`EvaluationEngine.stage`), logged; returns the image
+        encodings run since the last stage (the first stage's include the pretrained model's cells)."""
+        engine = self.engine
+        rows = engine.stage(index, tasks, self.classifier(), matrices, histograms, pretrained)
         matrices["oracle"].append(rows["oracle"])
         self._report("oracle", tasks, rows["oracle"])
         for kind in histograms:
@@ -246,125 +219,33 @@ class ContinualTrainer(Trainer):
         logger.info("%s, %s matrix, %s: %s", self.task_label, kind, MATRIX_TITLES.get(kind, kind),
                     ", ".join(f"{task.name} {value:.2f}" for task, value in zip(tasks, row) if value is not None))
 
-    def _pretrained_accuracies(self, tasks: list[ContinualTask]) -> dict[int, float]:
-        """Accuracy of the method's model for no learned task (-1) on every task that some cell evaluates with it,
-        measured before any training: that model never changes."""
-        method, last = self.method, len(tasks) - 1
-        needed = {j for j in range(len(tasks)) if method.cell_route(j, j) == ZERO_SHOT}
-        if self.args.evaluate_all_tasks:
-            needed |= {j for i in range(last) for j in range(i + 1, len(tasks))
-                       if method.cell_route(i, j) == ZERO_SHOT}
-        return {j: self.evaluate_task(tasks[j], ZERO_SHOT) for j in sorted(needed)}
-
     # ----- the task loop -------------------------------------------------------------------------------------------
     def run_identity(self, tasks: list[ContinualTask]) -> dict:
         """What makes a checkpoint folder this run's: compared before resuming."""
-        base = self.method.model.config
-        args = self.args
-        return jsonable({
-            "method": self.method.fingerprint(),
-            "base_model": {"name_or_path": getattr(base, "_name_or_path", None), "model_type": base.model_type,
-                           "vision": [base.vision_config.hidden_size, base.vision_config.num_hidden_layers],
-                           "text": [base.text_config.hidden_size, base.text_config.num_hidden_layers],
-                           "projection_dim": base.projection_dim,
-                           "weights": base_weights_fingerprint(self.method.model)},
-            "seed": args.seed, "max_steps": args.max_steps,
-            "num_train_epochs": args.num_train_epochs if args.max_steps == -1 else None,
-            "batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "warmup_steps": args.warmup_steps,
-            "optimizer": {"optim": args.optim, "optim_args": args.optim_args, "adam_beta1": args.adam_beta1,
-                          "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_epsilon},
-            "max_grad_norm": args.max_grad_norm, "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-            "lr_scheduler_type": args.lr_scheduler_type, "weight_decay": args.weight_decay,
-            "label_smoothing": args.label_smoothing_factor, "train_template": args.train_template,
-            "train_augmentation": args.train_augmentation,
-            "learning_rates": [self.task_learning_rate(i, task) for i, task in enumerate(tasks)],
-            "tasks": [{"name": t.name, "classnames": t.classnames, "templates": t.templates} for t in tasks],
-        })
+        return run_identity(self.method, self.args, tasks,
+                            [self.task_learning_rate(i, task) for i, task in enumerate(tasks)])
 
     def _validate(self, tasks: list[ContinualTask], train: bool) -> None:
-        if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, ContinualTask) for t in tasks):
-            raise ValueError(f"train_tasks needs a non-empty list of ContinualTask (one per task, in training order), "
-                             f"got {short_repr(tasks)}.")
-        if len({task.name for task in tasks}) != len(tasks):
-            raise ValueError("Task names must be unique: they name the checkpoint folders.")
-        if self.args.task_learning_rates is not None and len(self.args.task_learning_rates) != len(tasks):
-            raise ValueError(
-                f"task_learning_rates has {len(self.args.task_learning_rates)} entries for {len(tasks)} tasks."
-            )
-        for task in tasks:
-            task.validate(needs_training=train, check_images=self.args.check_images,
-                          progress=self.is_world_process_zero() and not self.args.disable_tqdm)
-            if train and self.args.train_template >= len(task.templates):
-                raise ValueError(f"train_template={self.args.train_template} but task {task.name!r} has "
-                                 f"{len(task.templates)} prompt template(s): give every task that many templates or "
-                                 "choose a lower train_template.")
-            self._check_prompts_differ(task)
+        check_tasks(tasks, train, self.args, self.processing_class.tokenizer,
+                    progress=self.is_world_process_zero() and not self.args.disable_tqdm)
         for name, parameter in self.method.model.named_parameters():
             if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
                 raise ValueError(f"The model's {name} holds NaN or infinite values before any training: the base model "
                                  "(or the adapter it continues) is damaged. Load it again from its source.")
 
-    def _check_prompts_differ(self, task: ContinualTask) -> None:
-        """Class names whose prompts are the same tokens (cut at the tokenizer's length) under every template cannot
-        be told apart: refused. The same under some templates only: a warning (those templates do not separate them,
-        the average over all templates still does)."""
-        tokenizer = self.processing_class.tokenizer
-        same: dict[tuple[int, int], list[str]] = {}
-        for template in task.templates:
-            ids = tokenize_prompts(tokenizer, [template.format(c) for c in task.classnames])["input_ids"].tolist()
-            first: dict[tuple, int] = {}
-            for i, row in enumerate(ids):
-                other = first.setdefault(tuple(row), i)
-                if other != i:
-                    same.setdefault((other, i), []).append(template)
-        for (a, b), templates in same.items():
-            names = f"the classes {task.classnames[a]!r} and {task.classnames[b]!r}"
-            cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens"
-            if len(templates) == len(task.templates):
-                raise ValueError(f"Task {task.name!r}: {names} give the same tokens with every template ({cut}), so "
-                                 "they cannot be told apart. Shorten the class names or the templates.")
-            logger.warning("Task %r: %s give the same tokens with %d of %d templates (%s), e.g. %r.", task.name, names,
-                           len(templates), len(task.templates), cut, templates[0])
-
     def _prepare_output_dir(self, tasks: list[ContinualTask], run: dict, resume: bool) -> tuple[int, Optional[dict]]:
-        """(first task to run, progress of the checkpoint resumed from); refuses to mix runs in one folder."""
-        output_dir = self.args.output_dir
-        if self.is_world_process_zero():
-            remove_temporary(output_dir)
-        folders = finished_folders(output_dir)
-        if folders and not resume:
-            if not self.args.overwrite_output_dir:
-                raise ValueError(
-                    f"{output_dir} already holds task checkpoints ({', '.join(p.name for p in folders.values())}). "
-                    "Resume them with resume=True (--resume), write to another output_dir, or set "
-                    "overwrite_output_dir=True to replace them."
-                )
-            if self.is_world_process_zero():
-                for folder in folders.values():
-                    shutil.rmtree(folder)
-            self.accelerator.wait_for_everyone()
+        """(first task to run, progress of the checkpoint resumed from, whose state the method loads); refuses to mix
+        runs in one folder."""
+        main = self.is_world_process_zero()
+        if main:
+            remove_temporary(self.args.output_dir)
+        folder, progress = resume_point(self.args.output_dir, [task.name for task in tasks], run, resume,
+                                        self.args.overwrite_output_dir, main)
+        self.accelerator.wait_for_everyone()
+        if folder is None:
             return 0, None
-        names = [task.name for task in tasks]
-        expected = {i: task_folder(output_dir, i, name) for i, name in enumerate(names)}
-        strangers = [folder for i, folder in folders.items() if expected.get(i) != folder]
-        if strangers:
-            raise ValueError(f"Cannot resume in {output_dir}: {strangers[0].name} is not a task of this sequence "
-                             f"{names}. Use another output_dir or the same task sequence.")
-        if not folders:
-            if resume:
-                logger.warning("resume=True, but %s holds no finished task checkpoint: starting from the first "
-                               "task.", output_dir)
-            return 0, None
-        last = max(folders)
-        progress = read_progress(folders[last])
-        if progress["task_names"] != names:
-            raise ValueError(f"Cannot resume from {folders[last]}: it belongs to the task sequence "
-                             f"{progress['task_names']}, not {names}. Use the same tasks or another output_dir.")
-        for line in check_same_run(folders[last], progress, run):
-            logger.warning("Resuming with a changed setting: %s.", line)
-        self.method.load(folders[last])
-        return last + (1 if progress["evaluated"] else 0), progress
+        self.method.load(folder)
+        return progress["finished_task"] + (1 if progress["evaluated"] else 0), progress
 
     def train_tasks(self, tasks: list[ContinualTask], resume: bool = False) -> ContinualResult:
         """Train the tasks in order; after each: the method's end of task, a checkpoint, one row of each matrix.
@@ -388,8 +269,9 @@ class ContinualTrainer(Trainer):
             return self._train_tasks(tasks, resume, train)
 
     def _train_tasks(self, tasks: list[ContinualTask], resume: bool, train: bool) -> ContinualResult:
-        histograms = {kind: [] for kind in self._agnostic_kinds()}
-        self.method.begin_sequence(self, tasks)
+        histograms = {kind: [] for kind in self.engine.agnostic_kinds()}
+        context = self.task_context()
+        self.method.begin_sequence(context, tasks)
         self.num_routes = self.method.route_count(tasks)
         names = [task.name for task in tasks]
         run = self.run_identity(tasks)
@@ -407,7 +289,7 @@ class ContinualTrainer(Trainer):
             logger.info("Resuming after task %d/%d (%s) from %s.", progress["finished_task"] + 1, len(tasks),
                         names[progress["finished_task"]], self.args.output_dir)
         self._encodings_mark = dict(self.engine.encodings)
-        pretrained = self._pretrained_accuracies(tasks)
+        pretrained = self.engine.pretrained_accuracies(tasks, self.classifier())
         for index in range(start, len(tasks)):
             task = tasks[index]
             self.task_label = f"task {index + 1}/{len(tasks)}: {task.name}"
@@ -415,7 +297,7 @@ class ContinualTrainer(Trainer):
             if not trained_before:
                 logger.info("%s", self.task_label)
                 self._step_offset = self._steps_done
-                self._run_task(index, task, train)
+                self._run_task(index, task, train, context)
                 self._steps_done += self.state.global_step if train else 0
                 if self.args.save_task_checkpoints:
                     progress = self._save_task(index, names, matrices, histograms, run)
@@ -433,23 +315,28 @@ class ContinualTrainer(Trainer):
         ordered = {kind: matrices[kind] for kind in MATRIX_KINDS if kind in matrices}
         return ContinualResult(task_names=names, matrices=ordered, diagnostics=diagnostics)
 
-    def _run_task(self, index: int, task: ContinualTask, train: bool) -> None:
+    def _run_task(self, index: int, task: ContinualTask, train: bool, context: TaskContext) -> None:
         set_seed(self.method.task_seed(self.args.seed, index))
         self.current_task = task
-        self.method.begin_task(self, index, task)
+        self.method.begin_task(context, index, task)
         if train:
             self._train_one_task(index, task)
-        self.method.end_task(self, index, task)
+        self.method.end_task(context, index, task)
         self.current_task = None
 
     def _train_one_task(self, index: int, task: ContinualTask) -> None:
+        """`Trainer.train()` on the task, with what the task trains (the method's training model, the task's
+        learning rate, its dataset, prompts and labels) given to the trainer for that call only: nothing of one
+        task is left for the next, and the user's arguments are never changed."""
+        run_args, run_model, run_wrapped = self.args, self.model, self.model_wrapped
         model = self.method.training_model()
-        if model is not self.model:
+        if model is not run_model:
             self.model = self.model_wrapped = model.to(self.args.device)
         template = task.templates[self.args.train_template]
-        self._prompt_tokens = tokenize_prompts(self.processing_class.tokenizer, task.prompts(template))
-        self._label_map = torch.full((len(task.classnames),), -100, dtype=torch.long)
-        self._label_map[task.trained_classes] = torch.arange(len(task.trained_classes))
+        label_map = torch.full((len(task.classnames),), -100, dtype=torch.long)
+        label_map[task.trained_classes] = torch.arange(len(task.trained_classes))
+        self._task_inputs = (tokenize_prompts(self.processing_class.tokenizer, task.prompts(template)), label_map)
+        self.args = copy.copy(run_args)  # this task's arguments: the run's with the task's learning rate
         self.args.learning_rate = self.task_learning_rate(index, task)
         self.train_dataset = task.train_dataset
         self.optimizer, self.lr_scheduler = None, None
@@ -458,19 +345,9 @@ class ContinualTrainer(Trainer):
             self.train()
         finally:
             self._in_task_loop = False
+            self.args, self.model, self.model_wrapped = run_args, run_model, run_wrapped
+            self.train_dataset, self._task_inputs, self.optimizer, self.lr_scheduler = None, None, None, None
             self.accelerator.free_memory()  # the next task prepares its own model and optimiser
-
-    def get_train_dataloader(self):
-        """Training batches go through the official augmentation (`train_augmentation`); evaluation's do not."""
-        if self.args.train_augmentation in (None, "none"):
-            return super().get_train_dataloader()
-        evaluation_collator = self.data_collator
-        self.data_collator = ImageClassificationCollator(evaluation_collator.image_processor, training_augmentation(
-            evaluation_collator.image_processor, self.args.train_augmentation))
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = evaluation_collator
 
     def task_learning_rate(self, index: int, task: ContinualTask) -> float:
         """`task_learning_rates[index]`, else the task's own rate, else its official rate for the method's recipe,
@@ -496,17 +373,8 @@ class ContinualTrainer(Trainer):
     def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
         """As `Trainer.save_metrics` (`<split>_results.json`, merged into `all_results.json`), written atomically;
         for a run's final numbers: `trainer.save_metrics("all", result.all_results())`."""
-        if not is_plain_name(split):  # it names a file in output_dir: "../x" would write outside
-            raise ValueError(f"save_metrics: the split {short_repr(split)} names the file <split>_results.json in "
-                             "output_dir, so it must be a plain file name (letters, digits, '.', '_', '-'; at most 64 "
-                             "characters), e.g. 'all' or 'eval'.")
-        if not self.is_world_process_zero():
-            return
-        output = Path(self.args.output_dir)
-        write_json_atomic(output / f"{split}_results.json", metrics)
-        if combined:
-            merged = read_json_file(output / "all_results.json") if (output / "all_results.json").is_file() else {}
-            write_json_atomic(output / "all_results.json", {**merged, **metrics})
+        if self.is_world_process_zero():
+            save_results(self.args.output_dir, split, metrics, combined)
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def _save_task(self, index: int, names: list[str], matrices: dict, histograms: dict, run: dict) -> dict:

@@ -26,7 +26,8 @@ from ..continual.tasks import ContinualTask
 from ..data.labels import LabelMappingError
 from ..data.sources import summarize
 from ..data.summary import SourceError
-from .presets import ClassIncrementalPreset, HubSource, MTIL_DATASETS, get_preset, hub_source, mini_long_tasks
+from .datasets import MTIL_DATASETS, HubSource, hub_source
+from .presets import ClassIncrementalPreset, get_preset, mini_long_tasks
 
 COLUMNS = ("dataset", "source", "split", "train", "test", "classes", "first classes", "labels")
 DOWNLOAD_COLUMNS = ("item", "source", "status")

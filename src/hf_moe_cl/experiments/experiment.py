@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 from transformers import set_seed
 
 from ..continual import ContinualResult, ContinualTrainer, ContinualTrainingArguments
 from ..continual.methods import METHODS, get_method
+from ..ddas.settings import SELECTOR_OPTION_NAMES, SelectorConfig
 from ..options import check_option
+from ..tuners.moe_lora import MoELoraConfig
 
 
 @dataclass
@@ -34,6 +36,58 @@ class MethodArguments:
         get_method(self.method)
         check_option("rank", self.rank, int, low=1)
         check_option("use_task_learning_rates", self.use_task_learning_rates, bool)
+
+
+def _owner_help(owner: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(owner) if f.name == name)
+
+
+ADAPTER_OPTIONS = ("num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold")
+
+
+def _option(owner: type, name: str):
+    return field(default=None, metadata={"help": f"{owner.__name__}.{name} (None: its default). "
+                                                 + _owner_help(owner, name)})
+
+
+@dataclass
+class AdapterArguments:
+    """The command line's names for the settings of the adapter MoE-Adapters builds: its `MoELoraConfig` and its
+    DDAS selector's `SelectorConfig` own them (their defaults, their checks); None leaves a setting to them."""
+
+    num_experts: Optional[int] = _option(MoELoraConfig, "num_experts")
+    top_k: Optional[int] = _option(MoELoraConfig, "top_k")
+    noisy_gating: Optional[bool] = _option(MoELoraConfig, "noisy_gating")
+    noisy_gating_eval: Optional[bool] = _option(MoELoraConfig, "noisy_gating_eval")
+    expert_growth_threshold: Optional[float] = _option(MoELoraConfig, "expert_growth_threshold")
+    ddas_feature_extractor: Optional[str] = _option(SelectorConfig, "feature_extractor")
+    ddas_feature_layer: Optional[int] = _option(SelectorConfig, "feature_layer")
+    ddas_hidden_dim: Optional[int] = _option(SelectorConfig, "hidden_dim")
+    ddas_include_untrained: Optional[bool] = _option(SelectorConfig, "include_untrained")
+
+    def __post_init__(self):
+        self.adapter_config(), self.selector_config()  # their owners check the values given
+
+    def _given(self, names) -> dict[str, Any]:
+        return {names[name] if isinstance(names, dict) else name: getattr(self, name) for name in names
+                if getattr(self, name) is not None}
+
+    def adapter_config(self) -> MoELoraConfig:
+        """The adapter's settings given here, the rest MoELoraConfig's defaults (its size is set by the run)."""
+        return MoELoraConfig(**self._given(ADAPTER_OPTIONS))
+
+    def selector_config(self) -> SelectorConfig:
+        return SelectorConfig(**self._given(SELECTOR_OPTION_NAMES))
+
+    def resolved(self) -> dict[str, Any]:
+        """Every option as the adapter will have it (the owners' defaults where None)."""
+        adapter, selector = self.adapter_config(), self.selector_config()
+        return {**{name: getattr(adapter, name) for name in ADAPTER_OPTIONS},
+                **{option: getattr(selector, name) for option, name in SELECTOR_OPTION_NAMES.items()}}
+
+    def configs(self) -> tuple[MoELoraConfig, SelectorConfig]:
+        """What `from_base` takes among its options."""
+        return self.adapter_config(), self.selector_config()
 
 
 def build_method(method_args: MethodArguments, base, num_tasks: int, options: Sequence = (), reference_images=None):

@@ -1,7 +1,8 @@
 """A preset's official training recipe as argument values, applied wherever the user did not set the argument.
 
 The facts come from `hf_moe_cl.experiments.presets` (read from the official code); this module only says which
-argument of `ContinualTrainingArguments`, `MoEAdaptersArguments`, `DDASArguments` or `ConDUArguments` each fact sets.
+argument of `ContinualTrainingArguments`, `AdapterArguments`, `MoEAdaptersArguments`, `DDASArguments` or
+`ConDUArguments` each fact sets. Arguments are rebuilt with the recipe's values, so their own checks run on them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Iterable, Union
 
 from ..continual import ContinualTrainingArguments
 from ..continual.methods import ConDUArguments, DDASArguments, MoEAdaptersArguments
+from .experiment import AdapterArguments
 from .presets import ClassIncrementalPreset, MTILPreset, get_preset
 
 logger = logging.getLogger("hf_moe_cl")
@@ -35,18 +37,21 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
                 learning_rate=preset.learning_rate, label_smoothing_factor=preset.label_smoothing,
                 warmup_steps=preset.warmup_steps, weight_decay=preset.weight_decay, evaluate_all_tasks=False,
                 task_agnostic_eval=False),
-            MoEAdaptersArguments: dict(num_experts=preset.num_experts, top_k=preset.top_k, shared_router=True,
-                                       freeze_experts_per_task=0, noisy_gating_eval=preset.noisy_gating_eval),
+            AdapterArguments: dict(num_experts=preset.num_experts, top_k=preset.top_k,
+                                   noisy_gating_eval=preset.noisy_gating_eval),
+            MoEAdaptersArguments: dict(shared_router=True, freeze_experts_per_task=0),
             DDASArguments: dict(ddas=False),
         }
-    ddas = dict(ddas=preset.ddas)
+    ddas, selector = dict(ddas=preset.ddas), {}
     if preset.ddas:  # the paper's selector: AlexNet features, a fixed threshold, the official training
-        ddas.update(ddas_feature_extractor="alexnet", ddas_threshold=preset.ddas_threshold, ddas_training="official",
+        selector = dict(ddas_feature_extractor="alexnet", ddas_include_untrained=True)
+        ddas.update(ddas_threshold=preset.ddas_threshold, ddas_training="official",
                     ddas_learning_rate=preset.ddas_learning_rate, ddas_weight_decay=OFFICIAL_DDAS["weight_decay"],
                     ddas_batch_size=OFFICIAL_DDAS["batch_size"], ddas_reference_steps=OFFICIAL_DDAS["reference_steps"],
-                    ddas_task_steps=OFFICIAL_DDAS["task_steps"], ddas_include_untrained=True,
-                    ddas_reference_shots=preset.shots, ddas_augment_once=preset.shots is not None)
+                    ddas_task_steps=OFFICIAL_DDAS["task_steps"], ddas_reference_shots=preset.shots,
+                    ddas_augment_once=preset.shots is not None)
     return {
+        AdapterArguments: selector,
         ContinualTrainingArguments: dict(
             max_steps=preset.steps_per_task, per_device_train_batch_size=preset.batch_size,
             label_smoothing_factor=preset.label_smoothing, warmup_steps=preset.warmup_steps,
@@ -77,15 +82,10 @@ def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
                   for name, value in changes.items() if name not in explicit}
         kept += sorted({name for kind, changes in recipe.items() if isinstance(argument, kind)
                         for name in changes} & explicit)
-        if values and isinstance(argument, ContinualTrainingArguments):
-            if "per_device_train_batch_size" in values:
-                values["per_device_train_batch_size"] = per_device_batch(values["per_device_train_batch_size"],
-                                                                         argument.world_size)
-            for name, value in values.items():  # TrainingArguments derive state in __post_init__: set in place
-                setattr(argument, name, value)
-            updated.append(argument)
-        else:
-            updated.append(dataclasses.replace(argument, **values) if values else argument)
+        if "per_device_train_batch_size" in values and isinstance(argument, ContinualTrainingArguments):
+            values["per_device_train_batch_size"] = per_device_batch(values["per_device_train_batch_size"],
+                                                                     argument.world_size)
+        updated.append(dataclasses.replace(argument, **values) if values else argument)
         applied.update(values)
     if applied or kept:  # once, every value the preset set (the batch: per device)
         logger.info("Preset %s sets %s%s", get_preset(preset).name,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from peft import PeftModel
 
+from ...ddas.settings import DDASArguments
 from ...tuners.moe_lora.model import find_moe
 from .base import ContinualMethod
 from .condu import ConDU, ConDUArguments
-from .ddas import DDASArguments
 from .finetune import ContinualFineTune
 from .individual import IndividualFineTune
 from .lora import ContinualLoRA, LoRAArguments

@@ -2,14 +2,15 @@
 
 The trainer owns the loop (train each task, fill the accuracy matrices, write checkpoints); a method owns the
 model: what is trained for a task, what happens before and after it (routers, freezing, delta unification), how
-images are classified with a task id and without one, and what a checkpoint holds. Hooks are called like a
-`TrainerCallback`'s, with the trainer as first argument. Adding a method is one file that subclasses this and
-registers itself with `register_method`.
+images are classified with a task id and without one, and what a checkpoint holds. Its hooks get a `TaskContext`
+(the run's device, seed, tokenizer and ways to read images), never the trainer. Adding a method is one file that
+subclasses this and registers itself with `register_method`.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Optional, Sequence, Union
@@ -18,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ...classification import ZERO_SHOT, Routes
+from ...classification import ZERO_SHOT, ImageRoutes
 from ...files import check_safetensors_file
 from ...tuners.moe_lora.card import drop_peft_template
-from ..checkpoints import jsonable
+from ..run_folder import jsonable
 
 # Adapter-config entries that change during a run (tasks added, selector fitted) or only at load time.
 RUN_STATE_CONFIG_KEYS = {"task_info", "selector", "num_tasks", "inference_mode", "revision"}
@@ -75,14 +76,14 @@ class ContinualMethod:
         return cls(copy.deepcopy(base), cls.pick(options, cls.arguments_class))
 
     # ----- the task loop -------------------------------------------------------------------------------------------
-    def begin_sequence(self, trainer, tasks: list) -> None:
+    def begin_sequence(self, context, tasks: list) -> None:
         """Before the first task (and before resuming): check the tasks fit the model, prepare per-task state."""
 
     def task_seed(self, seed: int, index: int) -> int:
         """The seed task `index` trains with."""
         return seed + index
 
-    def begin_task(self, trainer, index: int, task) -> None:
+    def begin_task(self, context, index: int, task) -> None:
         """Before task `index` trains: route it, reset what it starts from."""
 
     def training_model(self) -> nn.Module:
@@ -97,13 +98,19 @@ class ContinualMethod:
         """`TrainerCallback`s the trainer adds while this method runs."""
         return []
 
-    def end_task(self, trainer, index: int, task) -> None:
+    def end_task(self, context, index: int, task) -> None:
         """After task `index` trained: freeze, fit selectors, unify deltas."""
 
     # ----- classification ------------------------------------------------------------------------------------------
-    def routed(self, route: Union[int, torch.Tensor]) -> ContextManager:
+    def acting_as(self, route: Union[int, torch.Tensor]) -> ContextManager:
         """The model acts as `route`'s model. One model serves every route by default."""
         return nullcontext()
+
+    def routed(self, route: Union[int, torch.Tensor]) -> ContextManager:
+        """Deprecated name of `acting_as` (hf-moe-cl 0.2)."""
+        warnings.warn("ContinualMethod.routed() is now acting_as(); routed() goes in hf-moe-cl 0.4.", FutureWarning,
+                      stacklevel=2)
+        return self.acting_as(route)
 
     def task_route(self, index: int) -> int:
         """The route of the sequence's task `index` once learned."""
@@ -117,13 +124,13 @@ class ContinualMethod:
         """The route of task `column`'s cell in the task-aware matrix after learning task `row`."""
         return self.task_route(column) if column <= row else self.unseen_route(row)
 
-    def select_routes(self, classifier, pixels: torch.Tensor) -> tuple[Routes, Optional[torch.Tensor]]:
+    def select_routes(self, classifier, pixels: torch.Tensor) -> tuple[ImageRoutes, Optional[torch.Tensor]]:
         """Routes chosen without a task id, per image, and the untouched CLIP's embeddings of `pixels` when
         computing the routes produced them (reused for zero-shot images)."""
         raise NotImplementedError(f"{type(self).__name__} cannot classify without a task id.")
 
     def choose_routes(self, classifier, pixels: torch.Tensor, untouched: Optional[torch.Tensor] = None,
-                      unit: Optional[int] = None) -> tuple[Routes, Optional[torch.Tensor]]:
+                      unit: Optional[int] = None) -> tuple[ImageRoutes, Optional[torch.Tensor]]:
         """Evaluation's routes without a task id, from one look at `pixels`: per image, and with `unit` one route
         per `unit` consecutive images (the protocol's decision per test batch). `untouched` are the untouched
         model's embeddings of `pixels` when the caller has them."""

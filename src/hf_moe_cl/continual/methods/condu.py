@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ...classification import ZERO_SHOT, Routes, image_embeddings, text_embeddings
+from ...classification import ZERO_SHOT, ImageRoutes, image_embeddings, text_embeddings
 from ...condu import (
     CONFIG_FILE,
     PROTOTYPE_KINDS,
@@ -43,7 +43,6 @@ from ...condu.lora import (
 )
 from ...files import FIX
 from ...options import check_option, short_repr
-from ..preprocessing import ImageClassificationCollator, training_augmentation
 from .base import ContinualMethod
 from .registry import register_method
 
@@ -168,9 +167,9 @@ class ConDU(ContinualMethod):
                              "condu_lora_targets (transformers' CLIP MLP layers are 'fc1,fc2').")
         return DeltaStore(rule, origin=draw_factors(shapes, self.arguments.condu_lora_init_std, seed))
 
-    def begin_sequence(self, trainer, tasks) -> None:
+    def begin_sequence(self, context, tasks) -> None:
         if self.store.num_tasks == 0:  # a store loaded from a save keeps its own origin
-            self.store = self._new_store(trainer.args.seed)
+            self.store = self._new_store(context.seed)
 
     def lora_config(self):
         return lora_config(self.arguments.lora_target_list, self.rank, self._base_name())
@@ -178,10 +177,10 @@ class ConDU(ContinualMethod):
     def _base_name(self) -> Optional[str]:
         return getattr(self.model, "name_or_path", None) or None
 
-    def begin_task(self, trainer, index, task) -> None:
+    def begin_task(self, context, index, task) -> None:
         model = copy.deepcopy(self.model)
         if self.lora:  # every task starts from the same draw, as every official session (one process, seed 42) does
-            start = draw_factors(self.store.shapes, self.arguments.condu_lora_init_std, trainer.args.seed + 1)
+            start = draw_factors(self.store.shapes, self.arguments.condu_lora_init_std, context.seed + 1)
             model = lora_model(model, self.lora_config(), start)
         else:
             for name, param in model.named_parameters():
@@ -191,7 +190,7 @@ class ConDU(ContinualMethod):
     def training_model(self):
         return self._training
 
-    def end_task(self, trainer, index, task) -> None:
+    def end_task(self, context, index, task) -> None:
         model, self._training = self._training, None
         if self.lora:
             tuned, origin = trained_factors(model), self.store.origin
@@ -199,40 +198,34 @@ class ConDU(ContinualMethod):
             tuned, origin = model.state_dict(), self.model.state_dict()
         delta = {n: tuned[n].float().cpu() - origin[n].float().cpu() for n in self.store.shapes}
         info = {"name": task.name, "classnames": list(task.classnames), "templates": list(task.templates)}
-        self.store.add_task(delta, self._prototype_means(trainer, task), info)
+        self.store.add_task(delta, self._prototype_means(context, task), info)
         self._deltas = {}
 
-    def _prototype_loader(self, trainer, task):
+    def _prototype_loader(self, context, task):
         """The prototypes' images: the whole training set through the training augmentation (official), or the task's
         training images as evaluated."""
         if self.arguments.condu_prototype_images == "plain":
-            return trainer.get_eval_dataloader(task.train_dataset)
+            return context.loader(task.train_dataset)
         whole = task.full_train_dataset if task.full_train_dataset is not None else task.train_dataset
-        plain = trainer.data_collator
-        trainer.data_collator = ImageClassificationCollator(plain.image_processor, training_augmentation(
-            plain.image_processor, trainer.args.train_augmentation))
-        try:
-            return trainer.get_eval_dataloader(whole)
-        finally:
-            trainer.data_collator = plain
+        return context.loader(whole, augmented=True)
 
     @torch.no_grad()
-    def _prototype_means(self, trainer, task) -> dict[str, torch.Tensor]:
+    def _prototype_means(self, context, task) -> dict[str, torch.Tensor]:
         """Per class, the mean unit image feature of the pretrained CLIP over the training images
         (`condu_prototype_images`) and the mean unit text feature over its templates."""
-        device = trainer.args.device
+        device = context.device
         features, labels = [], []
-        for batch in trainer.progress(self._prototype_loader(trainer, task), f"prototypes of {task.name}"):
+        for batch in context.progress(self._prototype_loader(context, task), f"prototypes of {task.name}"):
             pixels, batch_labels = batch["pixel_values"].to(device), batch["labels"].to(device)
-            gathered = trainer.accelerator.gather_for_metrics((image_embeddings(self.model, pixels), batch_labels))
+            gathered = context.gather((image_embeddings(self.model, pixels), batch_labels))
             features.append(gathered[0])
             labels.append(gathered[1])
         features, labels = torch.cat(features), torch.cat(labels)
         classes = len(task.classnames)
         sums = torch.zeros(classes, features.shape[-1], device=device).index_add(0, labels, features)
         counts = torch.bincount(labels, minlength=classes).clamp(min=1).unsqueeze(-1)
-        text = text_embeddings(self.model, trainer.processing_class.tokenizer, task.classnames, task.templates,
-                               device, normalise=False)
+        text = text_embeddings(self.model, context.tokenizer, task.classnames, task.templates, device,
+                               normalise=False)
         return {"image_mean": (sums / counts).cpu(), "text_mean": text.cpu()}
 
     # ----- classification ------------------------------------------------------------------------------------------
@@ -249,7 +242,7 @@ class ConDU(ContinualMethod):
             return delta
         return weight_delta({n: self.store.origin[n] + d for n, d in delta.items()}, lora_scaling(self.rank))
 
-    def routed(self, route: int):
+    def acting_as(self, route: int):
         return applied_delta(self.model, None if route == ZERO_SHOT else self.task_weight_delta(route))
 
     def unseen_route(self, index: int) -> Optional[int]:
@@ -284,7 +277,7 @@ class ConDU(ContinualMethod):
             task_weights = torch.softmax(similarity, dim=-1) * k / (k + 1)
         ids = torch.cat([torch.full_like(voted[:, :1], ZERO_SHOT), voted], dim=1)
         weights = torch.cat([torch.full_like(similarity[:, :1], 1.0 / (k + 1)), task_weights], dim=1)
-        return Routes(ids, weights, fusion=self.arguments.condu_fusion, selected=voted[:, 0]), pretrained
+        return ImageRoutes(ids, weights, fusion=self.arguments.condu_fusion, selected=voted[:, 0]), pretrained
 
     def learned_tasks(self) -> dict[int, dict]:
         return {task: dict(info) for task, info in enumerate(self.store.tasks)}

@@ -23,7 +23,7 @@ class IndividualFineTune(ContinualMethod):
     def task_seed(self, seed: int, index: int) -> int:
         return seed
 
-    def begin_task(self, trainer, index, task) -> None:
+    def begin_task(self, context, index, task) -> None:
         with torch.no_grad():
             self.model.load_state_dict(self._pretrained)
 

@@ -1,4 +1,8 @@
-"""MoE-Adapters (Yu et al., CVPR 2024): task-routed expert LoRAs, activate-freeze, expert merging and DDAS."""
+"""MoE-Adapters (Yu et al., CVPR 2024): task-routed expert LoRAs, activate-freeze, expert merging and DDAS.
+
+The adapter's settings (experts, top-k, noise, growth, the DDAS selector) are its `MoELoraConfig`'s; this method
+owns what happens around each task: routers, freezing, merging, fitting the selector, routing reports.
+"""
 
 from __future__ import annotations
 
@@ -16,49 +20,33 @@ from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ...classification import text_embeddings
+from ...classification import ImageRoutes
+from ...ddas.features import load_alexnet, selector_features
+from ...ddas.fitting import SelectorFitting, check_calibration
+from ...ddas.settings import SELECTOR_OPTION_NAMES, DDASArguments, SelectorConfig
 from ...files import check_safetensors_file
-from ...options import check_flags, check_option
+from ...options import check_flags, check_option, moved_options
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
-from ...tuners.moe_lora.features import AlexNetFeatures
+from ...tuners.moe_lora.config import check_growth_threshold
+from ...tuners.moe_lora.experts import COVERAGE
 from ...tuners.moe_lora.model import find_moe, tower_of
-from ..checkpoints import jsonable
-from .registry import register_method
+from ..run_folder import jsonable
 from .base import ContinualMethod
-from .ddas import DDASArguments, DDASSelection
+from .expert_usage import evaluation_selections, routing_report, slots_by_tower, trainable_share
+from .registry import register_method
 
 logger = logging.getLogger("hf_moe_cl")
 
-# The adapter `MoEAdapters.from_base` builds where MoEAdaptersArguments leave these to the model (None): the paper's.
-NEW_ADAPTER = {"num_experts": 22, "top_k": 2, "noisy_gating": True, "noisy_gating_eval": False}
+ADAPTER_SETTINGS = ("it is a setting of the adapter: MoELoraConfig({name}=...) (MoEAdapters.from_base takes a "
+                    "MoELoraConfig among its options; a model given to MoEAdapters keeps its own)")
 
 
+@moved_options(**{name: ADAPTER_SETTINGS.format(name=name) for name in (
+    "num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold")})
 @dataclass
 class MoEAdaptersArguments:
-    """MoE-Adapters' options beyond the adapter's size (`MoELoraConfig`). The adapter's settings (`num_experts`,
-    `top_k`, `noisy_gating`, `noisy_gating_eval`) are None by default: those of the model given to `MoEAdapters` (a
-    value that differs from them is refused), the paper's for the adapter `from_base` builds (`NEW_ADAPTER`)."""
+    """MoE-Adapters' options around each task; the adapter's own settings are its `MoELoraConfig`'s."""
 
-    num_experts: Optional[int] = field(
-        default=None, metadata={"help": "MoE-Adapters: experts per block (None: the model's; a new adapter: 22)."}
-    )
-    expert_growth_threshold: Optional[float] = field(
-        default=None,
-        metadata={"help": "Grow the expert bank: before each new task, a block (of either tower) whose share of "
-                  "trainable experts (frozen by no task) is below this gets new experts that bring it back to it "
-                  "(saved in the adapter config: a loaded model keeps growing). None: the paper's fixed bank."},
-    )
-    top_k: Optional[int] = field(
-        default=None, metadata={"help": "MoE-Adapters: experts per sample (None: the model's; a new adapter: 2)."}
-    )
-    noisy_gating: Optional[bool] = field(
-        default=None,
-        metadata={"help": "MoE-Adapters: noisy top-k gating in training (None: the model's; a new adapter: true)."},
-    )
-    noisy_gating_eval: Optional[bool] = field(
-        default=None, metadata={"help": "Keep the gating noise on in evaluation (the official class-incremental code; "
-                                "None: the model's; a new adapter: false)."}
-    )
     freeze_experts_per_task: Optional[int] = field(
         default=None,
         metadata={"help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."},
@@ -98,28 +86,13 @@ class MoEAdaptersArguments:
     )
 
     def __post_init__(self):
-        given = [name for name in NEW_ADAPTER if getattr(self, name) is not None]  # None: the model's
-        if "num_experts" in given:
-            check_option("num_experts", self.num_experts, int, low=1)
-        # bounded by the bank from_base builds; MoEAdapters checks them again against a model given to it
-        experts = self.num_experts or NEW_ADAPTER["num_experts"]
-        if "top_k" in given:
-            check_option("top_k", self.top_k, int, low=1, high=experts)
-        check_option("expert_growth_threshold", self.expert_growth_threshold, float, low=0.0, high=1.0,
-                     low_open=True, high_open=True, optional=True)
-        check_option("freeze_experts_per_task", self.freeze_experts_per_task, int, low=0, high=experts, optional=True)
+        check_option("freeze_experts_per_task", self.freeze_experts_per_task, int, low=0, optional=True)
         check_option("freeze_policy", self.freeze_policy, str, choices=("top_k", "coverage"))
-        check_option("freeze_coverage", self.freeze_coverage, float, low=0.0, high=1.0, low_open=True)
+        check_option("freeze_coverage", self.freeze_coverage, float, **COVERAGE)
         check_option("freeze_images", self.freeze_images, int, low=1, optional=True)
         check_option("routing_report_images", self.routing_report_images, int, low=1)
         check_option("merge_experts_every", self.merge_experts_every, int, low=0)
-        check_flags(self, [name for name in ("noisy_gating", "noisy_gating_eval") if name in given] +
-                    ["routing_report", "shared_router", "relearn_tasks"])
-
-    def for_new_adapter(self) -> "MoEAdaptersArguments":
-        """These options with the adapter's settings left to the model (None) set to the paper's (`NEW_ADAPTER`)."""
-        return dataclasses.replace(self, **{name: value for name, value in NEW_ADAPTER.items()
-                                            if getattr(self, name) is None})
+        check_flags(self, ["routing_report", "shared_router", "relearn_tasks"])
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -157,9 +130,13 @@ class ExpertMergingCallback(TrainerCallback):
 
 
 @register_method
-class MoEAdapters(DDASSelection, ContinualMethod):
+class MoEAdapters(ContinualMethod):
     """MoE-Adapters on a `get_peft_model(clip, MoELoraConfig(...))` model: one router per task, activate-freeze
-    after each task, optional expert merging, and a DDAS selector for images without a task id."""
+    after each task, optional expert merging, and a DDAS selector for images without a task id.
+
+    `selector` gives the settings of the DDAS selector the adapter gets when DDAS first fits one (default: the
+    untouched CLIP's image embeddings); an adapter that has a selector keeps its own.
+    """
 
     name = "moe-adapters"
     arguments_class = MoEAdaptersArguments
@@ -168,13 +145,13 @@ class MoEAdapters(DDASSelection, ContinualMethod):
     untouched_is_fixed = True
 
     def __init__(self, model, arguments: Optional[MoEAdaptersArguments] = None,
-                 ddas: Optional[DDASArguments] = None, ddas_reference: Optional[Dataset] = None):
+                 ddas: Optional[DDASArguments] = None, ddas_reference: Optional[Dataset] = None,
+                 selector: Optional[SelectorConfig] = None):
         super().__init__(model, arguments)
         if find_moe(model) is None:
             raise ValueError("MoEAdapters needs a MoE-LoRA model: get_peft_model(clip, MoELoraConfig(...)).")
-        self.arguments = self._fit_to_model(self.arguments)
         self.ddas = ddas if ddas is not None else DDASArguments()
-        self.check_feature_layer()
+        self._check_against_the_adapter(selector)
         self.ddas_reference = ddas_reference
         self.current_route: Optional[int] = None
         self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
@@ -183,43 +160,59 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         self.trainable_experts: list[dict] = []  # after each task: tower -> share of expert slots still trainable
         self.expert_growth: list[dict] = []  # before each task: layer -> experts added (empty: none)
         self.expert_slots: list[dict] = []  # after each task: tower -> {"total", "trainable"} expert slots
-        self._alexnet: Optional[AlexNetFeatures] = None
+        self._alexnet = None
         self._merging = (ExpertMergingCallback(self, self.arguments.merge_experts_every)
                          if self.arguments.merge_experts_every > 0 else None)
 
-    @classmethod
-    def from_base(cls, base, options=(), num_tasks=1, rank=64, reference_images=None):
-        arguments = cls.pick(options, MoEAdaptersArguments).for_new_adapter()
-        config = MoELoraConfig(num_tasks=1 if arguments.shared_router else num_tasks,
-                               num_experts=arguments.num_experts, top_k=arguments.top_k, r=rank,
-                               noisy_gating=arguments.noisy_gating, noisy_gating_eval=arguments.noisy_gating_eval,
-                               expert_growth_threshold=arguments.expert_growth_threshold)
-        model = get_peft_model(copy.deepcopy(base), config)
-        return cls(model, arguments, cls.pick(options, DDASArguments), reference_images)
-
-    @property
-    def moe(self) -> MoELoraModel:
-        return find_moe(self.model)
-
-    def _fit_to_model(self, arguments: MoEAdaptersArguments) -> MoEAdaptersArguments:
-        """`arguments` with the model's adapter settings. A setting given that differs from the model's could not
-        take effect, and a freeze beyond the model's experts would freeze whole banks: both are refused."""
-        config = self.moe.moe_config
-        differ = [name for name in NEW_ADAPTER if getattr(arguments, name) not in (None, getattr(config, name))]
+    def _check_against_the_adapter(self, selector: Optional[SelectorConfig]) -> None:
+        """Options of hf-moe-cl 0.2 that are the adapter's settings now must agree with the model's; a freeze
+        beyond the model's experts would freeze whole banks. Sets the selector settings DDAS will use."""
+        moe, arguments = self.moe, self.arguments
+        config = moe.moe_config
+        moved = dict(getattr(arguments, "moved", {}))
+        growth = moved.pop("expert_growth_threshold", None)
+        if growth is not None:  # as hf-moe-cl 0.2 did: the run's threshold, saved with the adapter
+            check_growth_threshold("expert_growth_threshold", growth)
+            config.expert_growth_threshold = growth
+        differ = [name for name, value in moved.items() if value != getattr(config, name)]
         if differ:
             raise ValueError(
-                f"MoEAdaptersArguments has {', '.join(f'{n}={getattr(arguments, n)!r}' for n in differ)} but the "
-                f"model's adapter has {', '.join(f'{n}={getattr(config, n)!r}' for n in differ)}: a model given to "
-                "MoEAdapters keeps its own settings. Leave them None (the model's), or build the model with "
-                "MoELoraConfig(...) set as wanted (MoEAdapters.from_base does it from these arguments)."
+                f"MoEAdaptersArguments has {', '.join(f'{n}={moved[n]!r}' for n in differ)} but the model's adapter "
+                f"has {', '.join(f'{n}={getattr(config, n)!r}' for n in differ)}: a model given to MoEAdapters keeps "
+                "its own settings. Build the model with MoELoraConfig(...) set as wanted."
             )
-        smallest = min(slots["total"] for slots in self.moe.expert_slots().values())
+        smallest = min(slots["total"] for slots in moe.expert_slots().values())
         freeze = arguments.freeze_experts_per_task
         if freeze is not None and freeze > smallest:
             raise ValueError(f"freeze_experts_per_task={freeze} is more than the {smallest} experts of this model's "
                              f"smallest bank: one task would freeze every expert it used. Give at most {smallest} (0 "
                              f"disables freezing, None freezes top_k={config.top_k}).")
-        return dataclasses.replace(arguments, **{name: getattr(config, name) for name in NEW_ADAPTER})
+        moved = {SELECTOR_OPTION_NAMES[name]: value for name, value in getattr(self.ddas, "moved", {}).items()}
+        if moved and selector is not None:
+            raise ValueError(f"DDASArguments has {sorted(moved)} and MoEAdapters got selector=...: give the "
+                             "selector's settings once, in SelectorConfig.")
+        if moe.selector is not None:
+            settings = moe.selector.config
+        else:
+            settings = selector if selector is not None else SelectorConfig(**moved)
+        self.selector_settings = settings.bound_to(self.model.config)
+        self.ddas.check_selector(self.selector_settings)
+
+    @classmethod
+    def from_base(cls, base, options=(), num_tasks=1, rank=64, reference_images=None):
+        """A new adapter from the `MoELoraConfig` among `options` (its sizes; the paper's by default), with
+        `num_tasks` routers (one if `shared_router`) of rank `rank`."""
+        arguments = cls.pick(options, MoEAdaptersArguments)
+        template = next((option for option in options if isinstance(option, MoELoraConfig)), MoELoraConfig())
+        config = dataclasses.replace(template, num_tasks=1 if arguments.shared_router else num_tasks, r=rank,
+                                     **getattr(arguments, "moved", {}))
+        model = get_peft_model(copy.deepcopy(base), config)
+        selector = next((option for option in options if isinstance(option, SelectorConfig)), None)
+        return cls(model, arguments, cls.pick(options, DDASArguments), reference_images, selector)
+
+    @property
+    def moe(self) -> MoELoraModel:
+        return find_moe(self.model)
 
     @property
     def selects_routes(self) -> bool:
@@ -227,7 +220,7 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         return self.ddas.ddas or (selector is not None and selector.has_reference)
 
     # ----- the task loop -------------------------------------------------------------------------------------------
-    def begin_sequence(self, trainer, tasks) -> None:
+    def begin_sequence(self, context, tasks) -> None:
         if self.ddas.ddas and self.arguments.shared_router:
             raise ValueError("DDAS needs one router per task: it cannot be used with shared_router=True.")
         if self.ddas.ddas and (self.ddas_reference is None or len(self.ddas_reference) == 0):
@@ -235,25 +228,18 @@ class MoEAdapters(DDASSelection, ContinualMethod):
                 "DDAS needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. Tiny "
                 "ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters."
             )
-        if self.ddas.ddas and self.ddas.ddas_feature_extractor == "alexnet" and self._alexnet is None:
+        if self.ddas.ddas and self.selector_settings.feature_extractor == "alexnet" and self._alexnet is None:
             # loaded (downloaded) now, so a missing file or network fails before the first task trains
-            try:
-                self._alexnet = AlexNetFeatures(self.ddas.ddas_alexnet_weights).to(trainer.args.device)
-            except OSError as error:
-                raise OSError(f"The DDAS AlexNet weights (ddas_alexnet_weights={self.ddas.ddas_alexnet_weights!r}) "
-                              f"cannot be loaded: {error}. Download the file where there is a network and pass its "
-                              "path as ddas_alexnet_weights.") from error
+            self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, context.device)
         if self.ddas.ddas:
-            self.check_calibration(tasks)
+            check_calibration(self.ddas, tasks)
         self._sequence = list(tasks)
+        moe = self.moe
         if self.arguments.shared_router:
-            if self.arguments.expert_growth_threshold is not None:
+            if moe.moe_config.expert_growth_threshold is not None:
                 raise ValueError("Expert growth needs one router per task (it grows before each new task's router "
                                  "trains): it cannot be used with shared_router=True.")
             return
-        moe = self.moe
-        if self.arguments.expert_growth_threshold is not None:  # given for this run: saved with the adapter
-            moe.moe_config.expert_growth_threshold = self.arguments.expert_growth_threshold
         learned = [info["name"] if info else None for info in moe.task_info]
         while learned and learned[-1] is None:
             learned.pop()
@@ -281,12 +267,13 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         return self.moe.num_tasks
 
     def fingerprint(self) -> dict:
-        return {**super().fingerprint(), "ddas": jsonable(self.ddas)}
+        selector = {"selector": self.selector_settings.to_dict()} if self.selects_routes else {}
+        return {**super().fingerprint(), "ddas": jsonable(self.ddas), **selector}
 
-    def begin_task(self, trainer, index, task) -> None:
+    def begin_task(self, context, index, task) -> None:
         self.current_route = self.task_route(index)
         if not self.arguments.shared_router:
-            added = self.moe.grow_experts(self.current_route) if trainer.args.max_steps != 0 else {}
+            added = self.moe.grow_experts(self.current_route) if context.trains else {}
             if added:
                 logger.info("Task %s: %d layer(s) grew by %d expert(s) in all (trainable share below %.2f).",
                             task.name, len(added), sum(added.values()), self.moe.moe_config.expert_growth_threshold)
@@ -299,13 +286,13 @@ class MoEAdapters(DDASSelection, ContinualMethod):
     def callbacks(self):
         return [self._merging] if self._merging is not None else []
 
-    def end_task(self, trainer, index, task) -> None:
+    def end_task(self, context, index, task) -> None:
         moe, route, arguments = self.moe, self.current_route, self.arguments
         self.current_route = None
-        if trainer.args.max_steps != 0 and not arguments.shared_router:
+        if context.trains and not arguments.shared_router:
             moe.set_selection_counts(route, global_selection_counts(moe, route))
             if arguments.freeze_policy == "coverage":
-                used = self.evaluation_selections(trainer, route, task, arguments.freeze_images)
+                used = evaluation_selections(self.model, context, route, task, arguments.freeze_images)
                 moe.freeze_covering(route, used, arguments.freeze_coverage)
             elif arguments.freeze_experts_per_task is None or arguments.freeze_experts_per_task > 0:
                 moe.freeze_most_selected(route, arguments.freeze_experts_per_task)
@@ -313,71 +300,22 @@ class MoEAdapters(DDASSelection, ContinualMethod):
             return
         moe.set_task_info(route, task.name, task.classnames, task.templates)
         if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
-            self._fit_selector(trainer, route, task)  # a continued model's selector learns the new tasks too
-        self.expert_slots.append(self._slots_by_tower())
+            self._fit_selector(context, route, task)  # a continued model's selector learns the new tasks too
+        self.expert_slots.append(slots_by_tower(moe))
         if arguments.routing_report:
-            self.trainable_experts.append(self._trainable_share())
-            learned = range(self.first_route, route + 1)
-            self.routing_reports.append({self._sequence[r - self.first_route].name:
-                                         self._leak(trainer, r, self._sequence[r - self.first_route])
-                                         for r in learned})
+            self.trainable_experts.append(trainable_share(moe))
+            learned = self._sequence[: route + 1 - self.first_route]
+            self.routing_reports.append({
+                task.name: routing_report(self.model, context, self.first_route + i, task,
+                                          arguments.routing_report_images) for i, task in enumerate(learned)})
 
-    @torch.no_grad()
-    def evaluation_selections(self, trainer, route: int, task, max_images: Optional[int] = None
-                              ) -> dict[str, torch.Tensor]:
-        """Per layer, how often each expert is chosen when `route` classifies `task`'s training images (a seeded
-        sample of `max_images`, or all) and encodes its prompts, as at evaluation: no noise, no augmentation."""
-        dataset = task.train_dataset
-        if max_images is not None and len(dataset) > max_images:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(trainer.args.seed))
-            dataset = dataset.select(sorted(order[:max_images].tolist()))
-        selections: dict = {}
+    def _fit_selector(self, context, route: int, task) -> None:
+        moe = self.moe
+        if moe.selector is None:
+            moe.enable_selector(self.selector_settings)
         self.model.eval()
-        device = trainer.args.device
-        with self.moe.routing(route, selections=selections):
-            for batch in trainer.progress(trainer.get_eval_dataloader(dataset), f"routing of {task.name}"):
-                self.model.get_image_features(pixel_values=batch["pixel_values"].to(device))
-            text_embeddings(self.model, trainer.processing_class.tokenizer, task.classnames, task.templates, device)
-        return self.moe.selection_histogram(selections)
-
-    def _leak(self, trainer, route: int, task) -> dict:
-        """Shares of `task`'s evaluation-time selections on experts that are still trainable (later tasks can move
-        them) and on experts it did not freeze itself, per tower and per layer."""
-        used = self.evaluation_selections(trainer, route, task, self.arguments.routing_report_images)
-        frozen_by = {name: layer.moe_lora_frozen_by[self.moe._adapter()].cpu()
-                     for name, layer in self.moe.moe_layers().items()}
-        report = {"layers": {}}
-        for tower in ("vision", "text"):
-            total = trainable = foreign = 0
-            for name, counts in used.items():
-                if tower_of(name) != tower:
-                    continue
-                layer_total = int(counts.sum())
-                layer_trainable = int(counts[frozen_by[name] < 0].sum())
-                layer_foreign = int(counts[frozen_by[name] != route].sum())
-                report["layers"][name] = {"trainable": layer_trainable / layer_total,
-                                          "not_own": layer_foreign / layer_total}
-                total, trainable, foreign = total + layer_total, trainable + layer_trainable, foreign + layer_foreign
-            if total:
-                report[tower] = {"trainable": trainable / total, "not_own": foreign / total}
-        return report
-
-    def _trainable_share(self) -> dict[str, float]:
-        """Per tower, the share of expert slots (layers x experts) no task has frozen: what later tasks can still
-        train, the price of a freeze policy."""
-        flags: dict[str, list] = {}
-        for name, layer in self.moe.moe_layers().items():
-            flags.setdefault(tower_of(name), []).append(layer.moe_lora_frozen_by[self.moe._adapter()] < 0)
-        return {tower: float(torch.cat(values).float().mean()) for tower, values in flags.items()}
-
-    def _slots_by_tower(self) -> dict[str, dict[str, int]]:
-        """Per tower, the expert slots (layers x experts) and those frozen by no task."""
-        slots: dict[str, dict[str, int]] = {}
-        for name, layer_slots in self.moe.expert_slots().items():
-            tower = slots.setdefault(tower_of(name), {"total": 0, "trainable": 0})
-            tower["total"] += layer_slots["total"]
-            tower["trainable"] += layer_slots["trainable"]
-        return slots
+        fitting = SelectorFitting(moe.selector, self.ddas, context, lambda pixels: self.selector_features(pixels)[0])
+        fitting.fit(route, task, self.ddas_reference)
 
     def diagnostics(self) -> dict:
         result = {"expert_slots": self.expert_slots, "expert_growth": self.expert_growth} if self.expert_slots else {}
@@ -392,8 +330,40 @@ class MoEAdapters(DDASSelection, ContinualMethod):
         self.expert_growth = list(diagnostics.get("expert_growth", []))
 
     # ----- classification ------------------------------------------------------------------------------------------
-    def routed(self, route: Union[int, torch.Tensor]):
+    def acting_as(self, route: Union[int, torch.Tensor]):
         return self.moe.routing(route)
+
+    def selector_features(self, pixels: torch.Tensor):
+        """The DDAS selector's features of `pixels`, and the untouched CLIP's embeddings of them (see
+        `ddas.features.selector_features`)."""
+        return selector_features(self.moe.selector.config, self.model, pixels, lambda: self.moe.routing(None),
+                                 self._alexnet_for(pixels.device))
+
+    def _alexnet_for(self, device):
+        if self.moe.selector.config.feature_extractor == "alexnet" and self._alexnet is None:
+            self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, device)
+        return self._alexnet
+
+    def select_routes(self, classifier, pixels):
+        """DDAS's routes, per image."""
+        routes, _, untouched = self.moe.selector.choose(self.model, pixels, lambda: self.moe.routing(None),
+                                                         self._alexnet_for(pixels.device))
+        return ImageRoutes(routes), untouched
+
+    def choose_routes(self, classifier, pixels, untouched=None, unit=None):
+        """Per-image and per-unit routes from one computation of every autoencoder's errors."""
+        routes, units, _ = self.moe.selector.choose(self.model, pixels, lambda: self.moe.routing(None),
+                                                    self._alexnet_for(pixels.device), untouched, unit)
+        return ImageRoutes(routes), units
+
+    def learned_tasks(self) -> dict[int, dict]:
+        selector, info = self.moe.selector, self.moe.task_info
+        trained = [t for t in range(self.moe.num_tasks) if selector is not None and selector.task_is_trained(t)]
+        missing = [t for t in trained if not info[t] or not info[t].get("classnames")]
+        if missing:
+            raise ValueError(f"Tasks {missing} have no class names in the adapter config (`task_info`); save the "
+                             "adapter from ContinualTrainer or call set_task_info().")
+        return {t: info[t] for t in trained}
 
     # ----- checkpoints ---------------------------------------------------------------------------------------------
     def load(self, folder: Path) -> None:
@@ -417,4 +387,3 @@ class MoEAdapters(DDASSelection, ContinualMethod):
             set_peft_model_state_dict(self.model, load_file(path))
         except ValueError as error:  # the checks of MoELoraModel's loader, which does not know the file
             raise ValueError(f"{path}: {error}") from None
-

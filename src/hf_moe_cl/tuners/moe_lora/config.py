@@ -10,17 +10,20 @@ from peft.config import PeftConfig
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from transformers.activations import ACT2FN
 
+from ...ddas.settings import SelectorConfig
 from ...files import check_json_file, check_safetensors_file
+from ...legacy import LEGACY_SELECTOR_FILES
 from ...options import check_flags, check_option, check_task_record, short_repr
 from .card import tidy_peft_card
 from .peft_type import MOE_LORA
-from .selector import SelectorConfig
-
-# What hf-moe-cl 0.1 wrote beside the adapter before the selector moved into it.
-LEGACY_SELECTOR_FILES = ("ddas_config.json", "ddas.safetensors")
 
 # The paper's placement: one expert bank per transformer block of both CLIP towers, in parallel to the MLP.
 CLIP_BLOCK_TARGETS = r".*(vision_model|text_model)\.encoder\.layers\.\d+"
+
+
+def check_growth_threshold(name: str, value) -> None:
+    """A bank grows when its share of trainable experts falls below this share in (0, 1) (None: it never grows)."""
+    check_option(name, value, float, low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
 
 
 def check_task_info_entry(task: int, name, classnames, templates) -> None:
@@ -131,8 +134,7 @@ class MoELoraConfig(PeftConfig):
         self.peft_type = MOE_LORA
         for name in ("num_tasks", "num_experts", "top_k", "r"):
             check_option(name, getattr(self, name), int, low=1)
-        check_option("expert_growth_threshold", self.expert_growth_threshold, float, low=0.0, high=1.0,
-                     low_open=True, high_open=True, optional=True)
+        check_growth_threshold("expert_growth_threshold", self.expert_growth_threshold)
         check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights", "inference_mode"))
         for name in ("base_model_name_or_path", "revision"):
             check_option(name, getattr(self, name), str, optional=True)
@@ -181,6 +183,8 @@ class MoELoraConfig(PeftConfig):
             )
         if self.task_info is not None:
             self._check_task_info()
+        if isinstance(self.selector, SelectorConfig):
+            self.selector = self.selector.to_dict()
         if self.selector is not None:
             if not isinstance(self.selector, dict):
                 raise ValueError(f"`selector` must be None or a dict of DDAS selector settings (the fields of "
@@ -238,6 +242,10 @@ class MoELoraConfig(PeftConfig):
             if not local:
                 raise
             raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: {error}") from None
+        if local and config.selector is not None and config.selector["feature_dim"] is None:
+            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: the DDAS selector settings "
+                             "lack `feature_dim` (the width of its features), which a saved selector always records: "
+                             "the file was damaged or edited. Save the adapter again.")
         if local:
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):

@@ -11,7 +11,11 @@ from typing import Optional
 
 import torch
 
+from ...options import check_option
+from .config import check_growth_threshold
 from .layer import EXPERT_PARAMS, ROUTER_PARAMS
+
+COVERAGE = dict(low=0.0, high=1.0, low_open=True)  # a share of a task's selections in (0, 1]
 
 
 class ExpertBookkeeping:
@@ -45,8 +49,7 @@ class ExpertBookkeeping:
                         ) -> dict[str, list[int]]:
         """Per layer, freeze the most-used experts of `histogram` (e.g. a task's evaluation-time selections) until
         they carry `coverage` of its selections (1.0: every expert it uses), and the task's router."""
-        if not 0.0 < coverage <= 1.0:
-            raise ValueError(f"coverage must be in (0, 1], got {coverage!r}.")
+        check_option("coverage", coverage, float, **COVERAGE)
         adapter = self._adapter()
         task = self._check_task(task)
         newly = {}
@@ -148,11 +151,10 @@ class ExpertBookkeeping:
         (`MoELoraLayer.add_experts`). Returns the experts added per layer; the counts are recorded in the config
         (`experts_per_module`) so that a saved adapter loads with its grown shapes."""
         config = self.moe_config
+        check_growth_threshold("threshold", threshold)
         threshold = config.expert_growth_threshold if threshold is None else threshold
         if threshold is None:
             return {}
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be a share in (0, 1), got {threshold!r}.")
         self._check_task(first_task)
         adapter = self._adapter()
         added = {}

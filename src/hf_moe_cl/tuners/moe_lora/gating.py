@@ -34,7 +34,7 @@ class TaskRoute(NamedTuple):
 NO_ROUTE = TaskRoute()
 
 
-class Routing(NamedTuple):
+class ExpertChoice(NamedTuple):
     """One routing decision per sample: the chosen experts and their mixing weights."""
 
     experts: torch.Tensor  # (batch, top_k) long
@@ -70,7 +70,7 @@ def noisy_top_k(
     keep: Optional[torch.Tensor] = None,
     hidden: Optional[torch.Tensor] = None,
     expert_groups: Optional[tuple[int, ...]] = None,
-) -> Routing:
+) -> ExpertChoice:
     """Route each row of `router_input` (batch, dim) with gate/noise matrices shared (dim, experts) or per sample.
 
     Noise (learned, softplus standard deviation) is added only when `noisy`; the balance loss is the importance
@@ -109,4 +109,4 @@ def noisy_top_k(
         else:
             load = (dense > 0).sum(0).to(dense.dtype)
         balance = _cv_squared(importance) + _cv_squared(load)
-    return Routing(experts=experts, weights=weights, balance_loss=balance)
+    return ExpertChoice(experts=experts, weights=weights, balance_loss=balance)

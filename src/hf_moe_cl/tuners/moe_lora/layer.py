@@ -313,9 +313,6 @@ class MoELoraLayer(BaseTunerLayer):
         keep: Optional[torch.Tensor], selections: Optional[dict] = None,
     ) -> torch.Tensor:
         options = self.moe_lora_options[adapter]
-        num_tasks = self.moe_lora_router_gate[adapter].shape[0]
-        if task is not None and not 0 <= task < num_tasks:
-            raise ValueError(f"Task id {task} is out of range: this adapter has {num_tasks} task routers.")
         weight_a = self.moe_lora_A[adapter]
         if x.dtype != weight_a.dtype:
             x = x.to(weight_a.dtype)
@@ -323,7 +320,7 @@ class MoELoraLayer(BaseTunerLayer):
         batch, length, dim = tokens.shape
         index = task if task_ids is None else task_ids
         noisy = options.noisy_gating and (self.training or options.noisy_gating_eval)
-        routing = noisy_top_k(
+        choice = noisy_top_k(
             tokens[:, 0],
             self._rows(adapter, "moe_lora_router_gate", index),
             self._rows(adapter, "moe_lora_router_noise", index) if noisy else None,
@@ -335,10 +332,10 @@ class MoELoraLayer(BaseTunerLayer):
             hidden=self.hidden_experts(adapter, index),
             expert_groups=self.moe_lora_expert_groups.get(adapter),
         )
-        if routing.balance_loss is not None:
-            loss = options.load_balancing_coef * routing.balance_loss
+        if choice.balance_loss is not None:
+            loss = options.load_balancing_coef * choice.balance_loss
             self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss
-        experts, mix = routing.experts, routing.weights
+        experts, mix = choice.experts, choice.weights
         if mix.dtype != weight_a.dtype:
             mix = mix.to(weight_a.dtype)
         if self.training and not _recomputing():

@@ -8,6 +8,8 @@ member is a complete stand-in for one.
 
 from __future__ import annotations
 
+from ...legacy import LEGACY_PEFT_TYPE_NAMES
+
 
 class ExternalPeftType(str):
     """A peft type defined outside peft's enum; behaves like a `PeftType` member wherever peft uses one."""
@@ -26,8 +28,8 @@ class ExternalPeftType(str):
 
 
 MOE_LORA = ExternalPeftType("MOE_LORA")
-# hf-moe-cl 0.2 stored this sentence as the type; folders saved with it still load.
-LEGACY_PEFT_TYPES = (ExternalPeftType("MOE_LORA (needs `import hf_moe_cl` before loading)"),)
+# What hf-moe-cl 0.2 stored as the type; folders saved with it still load.
+LEGACY_PEFT_TYPES = tuple(ExternalPeftType(name) for name in LEGACY_PEFT_TYPE_NAMES)
 MOE_LORA_PREFIX = "moe_lora_"
 # What a user who loads an adapter without the library sees, in the card saved beside every adapter.
 IMPORT_HINT = ("This adapter is a MoE-LoRA adapter of hf-moe-cl: `import hf_moe_cl` before loading it with peft "

@@ -11,86 +11,15 @@ The selector is part of the adapter: its settings are `MoELoraConfig.selector` a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ...options import check_option
-from .features import ALEXNET_FEATURES
-
-ZERO_SHOT = -1
-HELDOUT_FRACTION = 0.1  # the share of a task's images its calibrated threshold is measured on
-
-
-def heldout_count(images: int, fraction: float = HELDOUT_FRACTION) -> int:
-    """How many of a task's `images` are held out to calibrate its threshold (0: too few to calibrate)."""
-    return int(images * fraction)
-FEATURE_EXTRACTORS = ("clip", "alexnet")
-
-
-@dataclass
-class SelectorConfig:
-    """Shape and feature source of a DDAS selector (stored as a dict in `MoELoraConfig.selector`)."""
-
-    feature_dim: int
-    hidden_dim: int = 100
-    sigmoid_output: bool = False
-    standardize: bool = True
-    feature_extractor: str = "clip"
-    feature_layer: Optional[int] = None
-    include_untrained: bool = False  # official: the argmin also runs over task autoencoders not trained yet
-
-    def __post_init__(self):
-        for name in ("feature_dim", "hidden_dim"):
-            check_option(f"selector.{name}", getattr(self, name), int, low=1)
-        for name in ("sigmoid_output", "standardize", "include_untrained"):
-            check_option(f"selector.{name}", getattr(self, name), bool)
-        check_option("selector.feature_extractor", self.feature_extractor, str, choices=FEATURE_EXTRACTORS)
-        # None: the final image embedding; k: the tokens after k vision blocks
-        check_option("selector.feature_layer", self.feature_layer, int, low=1, optional=True)
-        if self.feature_extractor == "alexnet":
-            if self.feature_layer is not None:
-                raise ValueError("`selector.feature_layer` selects CLIP vision blocks; it cannot be used with the "
-                                 "AlexNet extractor (set it to None).")
-            if self.feature_dim != ALEXNET_FEATURES:
-                raise ValueError(f"`selector.feature_dim` must be {ALEXNET_FEATURES} with the AlexNet extractor (its "
-                                 f"conv5 features at 224 px), got {self.feature_dim}.")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SelectorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown DDAS selector setting(s) {unknown}; known: {sorted(known)}.")
-        if "feature_dim" not in values:
-            raise ValueError(f"The DDAS selector settings {values} lack `feature_dim` (the width of its features).")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class FeatureAutoencoder(nn.Module):
-    """`Linear(F, hidden) + ReLU -> Linear(hidden, F) [+ Sigmoid]`, the paper's autoencoder."""
-
-    def __init__(self, feature_dim: int, hidden_dim: int, sigmoid_output: bool):
-        super().__init__()
-        self.encoder = nn.Linear(feature_dim, hidden_dim)
-        self.decoder = nn.Linear(hidden_dim, feature_dim)
-        self.sigmoid_output = sigmoid_output
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(F.relu(self.encoder(features)))
-        return torch.sigmoid(out) if self.sigmoid_output else out
-
-    def errors(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-sample mean squared reconstruction error."""
-        return (self(features) - features).pow(2).mean(-1)
-
+from ..classification import ZERO_SHOT, Untouched
+from .autoencoder import FeatureAutoencoder, fit_autoencoder
+from .features import selector_features
+from .settings import HELDOUT_FRACTION, SelectorConfig, heldout_count
 
 AUTOENCODER_TENSORS = ("encoder_weight", "encoder_bias", "decoder_weight", "decoder_bias")
 SELECTOR_TENSORS = AUTOENCODER_TENSORS + ("thresholds", "trained", "feature_mean", "feature_scale")
@@ -178,38 +107,14 @@ class DistributionSelector(nn.Module):
         return (features - self.feature_mean) / self.feature_scale if self.config.standardize else features
 
     # ----- training ------------------------------------------------------------------------------------------------
-    def _fit(self, slot: int, features: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
-             progress: Optional[str] = None, weight_decay: float = 0.0) -> FeatureAutoencoder:
-        if features.shape[0] == 0:
-            raise ValueError("Cannot train a DDAS autoencoder on zero images: the task's dataset is empty.")
-        autoencoder = self._autoencoder().to(features.device)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():  # seeded initialisation: the same data and seed give the same selector
-            for linear in (autoencoder.encoder, autoencoder.decoder):
-                bound = 1.0 / math.sqrt(linear.in_features)
-                for param in (linear.weight, linear.bias):
-                    param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
-        optimizer = torch.optim.Adam(autoencoder.parameters(), lr=lr, weight_decay=weight_decay)
-        autoencoder.train()
-        with torch.enable_grad():
-            for _ in tqdm(range(steps), desc=progress, disable=progress is None, leave=False):
-                index = torch.randint(0, features.shape[0], (min(batch_size, features.shape[0]),),
-                                      generator=generator).to(features.device)
-                loss = autoencoder.errors(features[index]).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        autoencoder.requires_grad_(False).eval()
-        self._store(slot, autoencoder)
-        return autoencoder
-
     def fit_reference(self, features: torch.Tensor, steps: int = 1000, lr: float = 1e-3, batch_size: int = 64,
                       seed: int = 0, progress: Optional[str] = None, weight_decay: float = 0.0) -> None:
-        """Train the reference autoencoder (paper: Tiny ImageNet, 1000 steps); sets the standardisation."""
+        """Train the reference autoencoder on `features` with the sampled schedule (paper: Tiny ImageNet, 1000
+        steps); sets the standardisation."""
         features = features.detach()
         self.set_standardization(features)
-        self._fit(0, self.normalise(features), steps, lr, batch_size, seed, progress, weight_decay)
-        self.trained[0] = True
+        self.set_autoencoder(None, self._fit(self.normalise(features), steps, lr, batch_size, seed, progress,
+                                             weight_decay))
 
     def set_standardization(self, reference_features: torch.Tensor) -> None:
         """Take the mean and scale every autoencoder's inputs are standardised with from the reference images'
@@ -235,43 +140,52 @@ class DistributionSelector(nn.Module):
     def fit_task(self, task: int, features: torch.Tensor, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
                  threshold: Optional[float] = None, heldout_fraction: float = HELDOUT_FRACTION, quantile: float = 0.95,
                  seed: int = 0, progress: Optional[str] = None, weight_decay: float = 0.0) -> float:
-        """Train task `task`'s autoencoder (paper: 300 steps) and set its threshold; returns the threshold.
+        """Train task `task`'s autoencoder on `features` with the sampled schedule (paper: 300 steps) and set its
+        threshold; returns the threshold.
 
         With `threshold=None` it is calibrated: the `quantile` of the errors on a held-out `heldout_fraction` of
         the task's features (so that about 1 - quantile of in-distribution images fall back to zero-shot). A fixed
         threshold (the paper's 0.0655 for AlexNet features) is used as given.
         """
-        if not 0 <= task < self.num_tasks:
-            raise ValueError(f"Task id {task} is out of range: the selector has {self.num_tasks} task autoencoders.")
-        if not self.has_reference:
-            raise ValueError("Train the reference autoencoder first (fit_reference): the decision compares to it.")
-        if threshold is not None and not threshold > 0:
-            raise ValueError(f"A task autoencoder needs a positive threshold, got {threshold!r}: an image is routed to "
-                             "the task when its error is at most the threshold, so 0 would send every image to "
-                             "zero-shot.")
+        self._check_slot(task, threshold, calibrated=threshold is None)
         features = features.detach()
         order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))
         held = heldout_count(features.shape[0], heldout_fraction) if threshold is None else 0
         if threshold is None and held < 1:
             raise ValueError("Too few images to calibrate a threshold: give more, or a fixed `threshold`.")
         train, heldout = self.normalise(features[order[held:]]), features[order[:held]]
-        autoencoder = self._fit(task + 1, train, steps, lr, batch_size, seed + task + 1, progress, weight_decay)
+        autoencoder = self._fit(train, steps, lr, batch_size, seed + task + 1, progress, weight_decay)
         if threshold is None:
             threshold = self.calibrated_threshold(autoencoder, heldout, quantile)
-        self.thresholds[task] = threshold
-        self.trained[task + 1] = True
+        self.set_autoencoder(task, autoencoder, threshold)
         return threshold
+
+    def _fit(self, features: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
+             progress: Optional[str], weight_decay: float) -> FeatureAutoencoder:
+        config = self.config
+        return fit_autoencoder(config.feature_dim, config.hidden_dim, config.sigmoid_output, features, steps, lr,
+                               weight_decay, seed, "sampled", batch_size, progress=progress)
+
+    def _check_slot(self, task: Optional[int], threshold: Optional[float], calibrated: bool = False) -> None:
+        """A task autoencoder (`task` not None) needs a task id of the selector, a positive threshold (or one to
+        be `calibrated`) and the reference autoencoder first: the decision compares to it."""
+        if task is None:
+            return
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"Task id {task} is out of range: the selector has {self.num_tasks} task autoencoders.")
+        if not self.has_reference:
+            raise ValueError("Train (or set) the reference autoencoder first (fit_reference): the decision compares "
+                             "to it.")
+        if not calibrated and (threshold is None or not threshold > 0):
+            raise ValueError(f"A task autoencoder needs a positive threshold, got {threshold!r}: an image is routed to "
+                             "the task when its error is at most the threshold, so 0 would send every image to "
+                             "zero-shot.")
 
     def set_autoencoder(self, task: Optional[int], autoencoder: FeatureAutoencoder,
                         threshold: Optional[float] = None) -> None:
         """Take the weights of an autoencoder trained elsewhere (e.g. the official DDAS loop) as the reference's
         (`task=None`) or task `task`'s, with that task's threshold; marks it trained."""
-        if task is not None and not 0 <= task < self.num_tasks:
-            raise ValueError(f"Task id {task} is out of range: the selector has {self.num_tasks} task autoencoders.")
-        if task is not None and (threshold is None or not threshold > 0):
-            raise ValueError(f"A task autoencoder needs a positive threshold, got {threshold!r}.")
-        if task is not None and not self.has_reference:
-            raise ValueError("Set the reference autoencoder first: the decision compares to it.")
+        self._check_slot(task, threshold)
         expected = {name: tuple(getattr(self, name).shape[1:]) for name in AUTOENCODER_TENSORS}
         given = {name: tuple(_tensor_of(autoencoder, name).shape) for name in AUTOENCODER_TENSORS}
         if given != expected:
@@ -309,6 +223,19 @@ class DistributionSelector(nn.Module):
         return torch.where((best > 0) & fits, task, torch.full_like(task, ZERO_SHOT))
 
     @torch.no_grad()
+    def choose(self, model, pixels: torch.Tensor, untouched_model: Callable[[], ContextManager],
+               alexnet: Optional[nn.Module] = None, untouched: Untouched = None, unit: Optional[int] = None
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Untouched]:
+        """The routes of `pixels`, from one computation of every autoencoder's errors on their features (see
+        `features.selector_features`, whose arguments these are): per image, per `unit` consecutive images when a
+        `unit` is given (the official protocol's decision per test batch), and the untouched CLIP's embeddings of
+        the images (or the function that finishes them). The tuner's own forward and `TaskAgnosticClassifier`
+        both choose here."""
+        features, untouched = selector_features(self.config, model, pixels, untouched_model, alexnet, untouched)
+        errors = self.reconstruction_errors(features)
+        return self.decide(errors), None if unit is None else self.select_units(errors, unit), untouched
+
+    @torch.no_grad()
     def select(self, features: torch.Tensor) -> torch.Tensor:
         """Per image: the task whose autoencoder fits best, or -1 (zero-shot) for the reference or a poor fit."""
         return self.decide(self.reconstruction_errors(features))
@@ -324,12 +251,8 @@ class DistributionSelector(nn.Module):
         return self.decide(sums / sizes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A selector saved in the layout of hf-moe-cl <= 0.2 loads into the stacked one; values no selector can have
-        are refused before anything is copied (the copy would turn a float `trained` into booleans)."""
-        converted = stack_legacy_autoencoders(state_dict, prefix)
-        if converted is not state_dict:
-            state_dict.clear()
-            state_dict.update(converted)
+        """Values no selector can have are refused before anything is copied (the copy would turn a float `trained`
+        into booleans). A selector saved by hf-moe-cl <= 0.2 was stacked by the tuner's loader before this."""
         problems = _saved_selector_problems({name: state_dict[prefix + name] for name in SELECTOR_TENSORS
                                              if prefix + name in state_dict})
         if problems:
@@ -365,33 +288,3 @@ def _tensor_of(autoencoder: FeatureAutoencoder, name: str) -> torch.Tensor:
     """One of `AUTOENCODER_TENSORS` of a module autoencoder."""
     part, kind = name.split("_")
     return getattr(getattr(autoencoder, part), kind)
-
-
-def legacy_selector_prefixes(state_dict: dict) -> list[str]:
-    """The prefixes under which `state_dict` holds a selector in the layout of hf-moe-cl <= 0.2."""
-    marker = "reference.encoder.weight"
-    return [key[: -len(marker)] for key in state_dict if key.endswith("moe_lora_selector." + marker)
-            or key.endswith("moe_lora_selector.default." + marker)]
-
-
-def stack_legacy_autoencoders(state_dict: dict, prefix: str) -> dict:
-    """A selector state saved by hf-moe-cl <= 0.2 (one module per autoencoder: `reference.encoder.weight`,
-    `tasks.0.encoder.weight`, ...) in the stacked layout; other keys are returned unchanged."""
-    legacy = [key for key in state_dict if key.startswith(prefix + "reference.")]
-    if not legacy:
-        return state_dict
-    state = dict(state_dict)
-    tasks = sorted({int(key[len(prefix) + len("tasks."):].split(".")[0]) for key in state
-                    if key.startswith(prefix + "tasks.")})
-    if tasks != list(range(len(tasks))):
-        raise ValueError(f"The saved DDAS selector has task autoencoders {tasks}: they must be numbered from 0 "
-                         "without gaps. The adapter file is damaged; save it again.")
-    for name in AUTOENCODER_TENSORS:
-        part, kind = name.split("_")
-        slots = [f"{prefix}reference.{part}.{kind}"] + [f"{prefix}tasks.{t}.{part}.{kind}" for t in tasks]
-        missing = [key for key in slots if key not in state]
-        if missing:
-            raise ValueError(f"The saved DDAS selector lacks {missing[:2]}: the adapter file is damaged; save it "
-                             "again.")
-        state[prefix + name] = torch.stack([state.pop(key) for key in slots])
-    return state

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from ..tuners.moe_lora.base_weights import base_weights_fingerprint
 from ..files import atomic_folder, is_temporary, read_json_file, temporary_sibling, write_json_atomic
 from ..options import is_finite_number, short_repr
 
@@ -146,6 +147,34 @@ def _progress_problem(progress: dict, index: int) -> Optional[str]:
     return None
 
 
+def run_identity(method, args, tasks, learning_rates: list[float]) -> dict:
+    """What makes a checkpoint folder a run's (the method and its options, the base model and its weights, the
+    training arguments that change numbers, the tasks): compared before resuming."""
+    base = method.model.config
+    return jsonable({
+        "method": method.fingerprint(),
+        "base_model": {"name_or_path": getattr(base, "_name_or_path", None), "model_type": base.model_type,
+                       "vision": [base.vision_config.hidden_size, base.vision_config.num_hidden_layers],
+                       "text": [base.text_config.hidden_size, base.text_config.num_hidden_layers],
+                       "projection_dim": base.projection_dim,
+                       "weights": base_weights_fingerprint(method.model)},
+        "seed": args.seed, "max_steps": args.max_steps,
+        "num_train_epochs": args.num_train_epochs if args.max_steps == -1 else None,
+        "batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "warmup_steps": args.warmup_steps,
+        "optimizer": {"optim": args.optim, "optim_args": args.optim_args, "adam_beta1": args.adam_beta1,
+                      "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_epsilon},
+        "max_grad_norm": args.max_grad_norm, "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "lr_scheduler_type": args.lr_scheduler_type, "weight_decay": args.weight_decay,
+        "label_smoothing": args.label_smoothing_factor, "train_template": args.train_template,
+        "train_augmentation": args.train_augmentation, "evaluate_all_tasks": args.evaluate_all_tasks,
+        "task_agnostic_eval": args.task_agnostic_eval, "protocol_unit": args.protocol_unit,
+        "eval_precision": "bf16" if args.bf16_full_eval else "fp16" if args.fp16_full_eval else "fp32",
+        "learning_rates": learning_rates,
+        "tasks": [{"name": t.name, "classnames": t.classnames, "templates": t.templates} for t in tasks],
+    })
+
+
 def check_same_run(folder: Path, progress: dict, run: dict) -> list[str]:
     """Refuse to resume from a checkpoint of another run, naming what differs. The learning rates of the tasks not
     trained yet may change (e.g. lowered after a task diverged); those changes are returned as lines to log."""
@@ -169,6 +198,58 @@ def check_same_run(folder: Path, progress: dict, run: dict) -> list[str]:
             f"output_dir, {START_OVER}."
         )
     return later
+
+
+def resume_point(output_dir, names: list[str], run: dict, resume: bool, overwrite: bool, main: bool
+                 ) -> tuple[Optional[Path], Optional[dict]]:
+    """The task checkpoint a run of the tasks `names` continues from (with its progress), or (None, None) to start
+    at the first task. Without `resume`, existing checkpoints are refused unless `overwrite` (the main process
+    then deletes them); a checkpoint of another task sequence or of another run (`run`, see `check_same_run`) is
+    refused."""
+    folders = finished_folders(output_dir)
+    if folders and not resume:
+        if not overwrite:
+            raise ValueError(
+                f"{output_dir} already holds task checkpoints ({', '.join(p.name for p in folders.values())}). "
+                "Resume them with resume=True (--resume), write to another output_dir, or set "
+                "overwrite_output_dir=True to replace them."
+            )
+        if main:
+            for folder in folders.values():
+                shutil.rmtree(folder)
+        return None, None
+    expected = {i: task_folder(output_dir, i, name) for i, name in enumerate(names)}
+    strangers = [folder for i, folder in folders.items() if expected.get(i) != folder]
+    if strangers:
+        raise ValueError(f"Cannot resume in {output_dir}: {strangers[0].name} is not a task of this sequence "
+                         f"{names}. Use another output_dir or the same task sequence.")
+    if not folders:
+        if resume:
+            logger.warning("resume=True, but %s holds no finished task checkpoint: starting from the first task.",
+                           output_dir)
+        return None, None
+    last = folders[max(folders)]
+    progress = read_progress(last)
+    if progress["task_names"] != names:
+        raise ValueError(f"Cannot resume from {last}: it belongs to the task sequence {progress['task_names']}, not "
+                         f"{names}. Use the same tasks or another output_dir.")
+    for line in check_same_run(last, progress, run):
+        logger.warning("Resuming with a changed setting: %s.", line)
+    return last, progress
+
+
+def save_results(output_dir, split: str, metrics: dict, combined: bool = True) -> None:
+    """`output_dir/<split>_results.json`, and the same merged into `all_results.json` (`combined`), as the Trainer's
+    `save_metrics` writes them, atomically."""
+    if not is_plain_name(split):  # it names a file in output_dir: "../x" would write outside
+        raise ValueError(f"save_metrics: the split {short_repr(split)} names the file <split>_results.json in "
+                         "output_dir, so it must be a plain file name (letters, digits, '.', '_', '-'; at most 64 "
+                         "characters), e.g. 'all' or 'eval'.")
+    output = Path(output_dir)
+    write_json_atomic(output / f"{split}_results.json", metrics)
+    if combined:
+        merged = read_json_file(output / "all_results.json") if (output / "all_results.json").is_file() else {}
+        write_json_atomic(output / "all_results.json", {**merged, **metrics})
 
 
 def save_task(folder: Path, write_model: Callable[[Path], None], progress: dict) -> None:
@@ -207,9 +288,12 @@ def _describe(holder: Any) -> str:
     return f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
 
 
-def check_not_inside_a_run(output_dir: str | Path) -> None:
-    """Refuse an output_dir inside a task checkpoint or inside another run's output_dir: that run replaces or
-    prunes its task folders whole, and would delete this run's files with them."""
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse an output_dir that is a file, or that lies inside a task checkpoint or inside another run's output_dir:
+    that run replaces or prunes its task folders whole, and would delete this run's files with them."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ValueError(f"output_dir {output_dir} is a file, not a folder: give a folder path for the checkpoints "
+                         "(or move the file away).")
     root = Path(output_dir).resolve()
     for folder in root.parents:
         if (folder / PROGRESS_FILE).is_file():
@@ -229,10 +313,7 @@ def run_lock(output_dir: str | Path) -> Iterator[Path]:
     holder's pid, host and start time. A lock left by a process of this host that no longer exists (a killed run)
     is taken over, with a log line."""
     root = Path(output_dir)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"output_dir {root} is a file, not a folder: give a folder path for the checkpoints (or "
-                         "move the file away).")
-    check_not_inside_a_run(root)
+    check_output_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     path, host = root / LOCK_FILE, socket.gethostname()
     mine = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}

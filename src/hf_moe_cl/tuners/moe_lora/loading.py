@@ -1,0 +1,120 @@
+"""What a MoE-LoRA adapter must satisfy to be injected into a model or loaded into it: each check names the file a
+bad value came from and what to do. `MoELoraModel` calls them at peft's two entry points (`inject_adapter`,
+`_remap_adapter_state_dict_for_load`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...ddas.settings import SELECTOR_KEY
+from .base_weights import base_weights_record
+from .config import MoELoraConfig
+from .layer import EXPERT_PARAMS, ROUTER_PARAMS
+from .peft_type import MOE_LORA_PREFIX
+
+logger = logging.getLogger("hf_moe_cl")
+EDITED = "In a saved adapter_config.json this means the file was damaged or edited"
+
+
+def check_injection(model: nn.Module, config: MoELoraConfig, adapter_name: str, model_types) -> None:
+    """Before anything is injected: peft's task types (which wrap language models), and the base weights the adapter
+    was created on. A new adapter's config records them."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.task_type is not None and model_type in model_types:
+        raise ValueError(f"`task_type` of adapter {adapter_name!r} is {str(config.task_type)!r}, but peft's task "
+                         f"types wrap language models, not a {model_type!r} model (its forward would fail): leave "
+                         f"task_type None. {EDITED}.")
+    current = base_weights_record(model)
+    if config.base_weights is None:  # a new adapter (or one saved before the record existed)
+        config.base_weights = current
+        return
+    if current is None or config.base_weights == current:  # a meta-device base has no weights to compare
+        return
+    recorded = config.base_weights
+    if recorded["layout"] != current["layout"]:
+        return  # another architecture: loading the weights names the tensors that do not fit
+    if recorded["dtype"] != current["dtype"]:
+        logger.warning("Adapter %r was created on %s base weights and is loaded on %s ones: whether they are the "
+                       "same pretrained weights cannot be checked (load the base in %s to check it).",
+                       adapter_name, recorded["dtype"], current["dtype"], recorded["dtype"])
+        return
+    base = config.base_model_name_or_path
+    raise ValueError(
+        f"Adapter {adapter_name!r} was created on other pretrained weights than this model's (weights hash "
+        f"{recorded['sha256']}, this model's {current['sha256']}): a base of the same shape with other weights "
+        "gives wrong answers. Load the base model it was trained on"
+        + (f" ({base!r}, at the revision it was trained with)" if base else "")
+        + "; to load it on this one on purpose, set `base_weights=None` in its config "
+        "(config = PeftConfig.from_pretrained(path); config.base_weights = None; "
+        "PeftModel.from_pretrained(model, path, config=config))."
+    )
+
+
+def check_grown_modules(config: MoELoraConfig, adapter_name: str, adapted: set) -> None:
+    """After injection: every module `experts_per_module` names is adapted in this model."""
+    unknown = sorted(set(config.experts_per_module) - adapted)
+    if unknown:
+        raise ValueError(f"`experts_per_module` of adapter {adapter_name!r} names modules the adapter does not "
+                         f"adapt in this model: {unknown[:3]}. {EDITED}, or the adapter belongs to another base model.")
+
+
+def check_loaded_state(expected: dict, config: MoELoraConfig, adapter_name: str, remapped: dict) -> None:
+    """A checkpoint (remapped to this model's keys) that does not fit `expected` (the model's state dict) is refused
+    instead of loading part of it, and so is one holding values no adapter can have."""
+    base = config.base_model_name_or_path
+    fix = (f"Load it on the base model it was trained on ({base!r})" if base else
+           "Load it on the base model it was trained on") + " with the adapter_config.json saved beside it."
+    for key, value in remapped.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise ValueError(
+                f"The MoE-LoRA checkpoint does not match this model: {key!r} has shape {tuple(value.shape)} in "
+                f"the checkpoint but {tuple(expected[key].shape)} here. {fix}"
+            )
+    own = {key for key in expected if f".{adapter_name}" in key and MOE_LORA_PREFIX in key}
+    missing, unexpected = sorted(own - set(remapped)), sorted(set(remapped) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"The MoE-LoRA checkpoint does not match this model: {len(missing)} adapter tensors of the model are "
+            f"not in it (e.g. {missing[:2]}) and {len(unexpected)} of its tensors have no place in the model "
+            f"(e.g. {unexpected[:2]}), as when the base model has more or fewer layers. {fix}"
+        )
+    for key, value in remapped.items():
+        problem = value_problem(key, value, config.num_tasks)
+        if problem:
+            raise ValueError(
+                f"The MoE-LoRA checkpoint (adapter_model.safetensors) holds invalid values: {key!r} {problem}. "
+                "The file was damaged or edited, or the training that wrote it diverged: save or download the "
+                "adapter again."
+            )
+
+
+def value_problem(key: str, value: torch.Tensor, num_tasks: int) -> Optional[str]:
+    """What is wrong with a loaded tensor of a MoE layer (None: nothing, or not a MoE layer's tensor): weights must be
+    finite floats; selection counts non-negative integers; the task that froze an expert -1 (none) or a task id;
+    the task an expert was added for a task id; router freeze flags booleans."""
+    name = next((part for part in key.split(".") if part.startswith(MOE_LORA_PREFIX)), None)
+    if name is None or name == SELECTOR_KEY:
+        return None  # the selector checks its own tensors
+    integer = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+    if name in EXPERT_PARAMS + ROUTER_PARAMS:
+        if not value.dtype.is_floating_point:
+            return f"has dtype {value.dtype}; weights are floating point"
+        if not bool(torch.isfinite(value).all()):
+            return f"holds {int((~torch.isfinite(value)).sum())} NaN or infinite value(s)"
+        return None
+    ranges = {"moe_lora_counts": (0, None), "moe_lora_frozen_by": (-1, num_tasks - 1),
+              "moe_lora_expert_task": (0, num_tasks - 1)}
+    if name in ranges:
+        low, high = ranges[name]
+        wanted = f"integers >= {low}" if high is None else f"integers in [{low}, {high}] ({num_tasks} task routers)"
+        if not integer:
+            return f"has dtype {value.dtype}; it holds {wanted}"
+        if value.numel() and (int(value.min()) < low or (high is not None and int(value.max()) > high)):
+            return f"holds values from {int(value.min())} to {int(value.max())}; it holds {wanted}"
+    if name == "moe_lora_router_frozen" and value.dtype != torch.bool:
+        return f"has dtype {value.dtype}; it holds booleans (one per task router)"
+    return None
