@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import string
 
 import numpy as np
@@ -179,3 +180,66 @@ def ddas_run(tmp_path_factory, module_processor):
     method = MoEAdapters(model, ddas=ddas, ddas_reference=noise_images(60, 0))
     result = ContinualTrainer(method=method, args=args, processing_class=module_processor).train_tasks(tasks)
     return model, tasks, result, tmp_path
+
+
+# ----- runs, output folders and saved adapters, used by the tests of several files -----------------------------------
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def tasks_named(*names):
+    """Colour tasks named `names`, each with its own seed and colours."""
+    return [colour_task(name, seed=i, offset=3 * i) for i, name in enumerate(names)]
+
+
+def run(tmp_path, clip_processor, model=None, tasks=None, resume=False, **overrides):
+    """A continual run of `tasks` (by default two colour tasks, 'first' and 'second') on `model` (by default a fresh
+    `moe_model()`) into `tmp_path`; `overrides` change the training arguments."""
+    from hf_moe_cl import ContinualTrainer
+
+    trainer = ContinualTrainer(model=model or moe_model(), args=continual_args(tmp_path, **overrides),
+                               processing_class=clip_processor)
+    return trainer.train_tasks(tasks or tasks_named("first", "second"), resume=resume)
+
+
+def trainer_for(output_dir, processor, **overrides):
+    """A ContinualTrainer of a fresh `moe_model()` for one step per task; `overrides` change the training arguments."""
+    from hf_moe_cl import ContinualTrainer
+
+    return ContinualTrainer(model=moe_model(), args=continual_args(output_dir, max_steps=1, **overrides),
+                            processing_class=processor)
+
+
+def tree_bytes(root):
+    """Every file under `root` (relative path -> bytes) and every folder (-> None)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def saved(folder, model):
+    """`model` saved to `folder` (returned)."""
+    model.save_pretrained(folder)
+    return folder
+
+
+def edited(source, folder, config=None, tensors=None):
+    """A copy of the adapter folder `source` with `config` values and `tensors` (name suffix -> new value) replaced."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    if config is not None:
+        values = json.loads((folder / "adapter_config.json").read_text())
+        values.update(config)
+        (folder / "adapter_config.json").write_text(json.dumps(values))
+    if tensors is not None:
+        weights = load_file(folder / "adapter_model.safetensors")
+        for suffix, value in tensors.items():
+            weights[next(k for k in weights if k.endswith(suffix))] = value
+        save_file(weights, folder / "adapter_model.safetensors")
+    return folder
+
+
+def load_peft(folder):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(tiny_clip(), str(folder))

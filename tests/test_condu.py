@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -315,3 +316,74 @@ def test_a_save_loads_from_a_hub_repo_id_with_subfolder_and_revision(lora_run, t
     assert ConDU.from_pretrained("someone/condu-clip", tiny_clip(), subfolder="v1", revision="v0").store.num_tasks == 1
     with pytest.raises(OSError, match="neither a local folder nor a reachable Hub repo"):
         ConDU.from_pretrained("someone/missing", tiny_clip())
+
+
+# ----- a damaged save folder of the delta store ----------------------------------------------------------------------
+def condu_save(folder):
+    from hf_moe_cl.condu.checkpoint import model_fingerprint, save_folder
+    from hf_moe_cl.condu.store import DeltaStore
+
+    generator = torch.Generator().manual_seed(0)
+    store = DeltaStore("official")
+    for t in range(2):
+        store.add_task({"w": torch.randn(4, 6, generator=generator)},
+                       {"image_mean": torch.randn(3, 16, generator=generator)},
+                       {"name": f"task{t}", "classnames": ["a", "b", "c"], "templates": ["{}"]})
+    save_folder(folder, store, model_fingerprint(tiny_clip()), {"arguments": {}})
+    return folder
+
+
+def edit_condu_config(folder, edit):
+    path = folder / "condu_config.json"
+    header = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(header)))
+
+
+def rewrite_triggers(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "condu_triggers.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def drop_last_task(header):
+    header["tasks"] = header["tasks"][:1]
+    return header
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: edit_condu_config(f, lambda h: [h]), "should hold a JSON object .* not a list"),
+    (lambda f: (f / "condu_config.json").write_text('{"format": '), "condu_config.json is not valid JSON"),
+    (lambda f: edit_condu_config(f, lambda h: {k: v for k, v in h.items() if k != "tasks"}), r"it lacks \['tasks'\]"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "shapes": {"w": "4x6"}}), "`shapes` must map tensor names"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "fine_tune": "half"}), "fine_tune is 'half'"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "tasks": []}), "`tasks` must be a non-empty list"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "tasks": [{**h["tasks"][0], "rescaler": math.nan},
+                                                              h["tasks"][1]]}),
+     r"tasks\[0\] must be an object with a finite `rescaler`"),
+    (lambda f: edit_condu_config(f, lambda h: {**h, "tasks": [{**h["tasks"][0], "classnames": "abc"},
+                                                              h["tasks"][1]]}),
+     r"tasks\[0\].classnames must be a list of strings"),
+    (lambda f: edit_condu_config(f, drop_last_task), r"lists 1 task\(s\) but condu_triggers.safetensors holds "
+                                                     r"triggers of tasks \[0, 1\]"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.1.image_mean": torch.zeros(3, 8)})),
+     r"prototype.1.image_mean has shape \(3, 8\), not \(3, 16\)"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.0.image_mean": torch.zeros(2, 16)})),
+     r"prototype.0.image_mean has shape \(2, 16\), not \(3, 16\)"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.0.image_mean": torch.full((3, 16), math.nan)})),
+     "holds prototype.0.image_mean of dtype torch.float32 with non-finite"),
+    (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.0.image_mean": torch.zeros(3, 16,
+                                                                                            dtype=torch.int32)})),
+     "holds prototype.0.image_mean of dtype torch.int32"),
+])
+def test_a_damaged_condu_save_is_named(tmp_path, damage, message):
+    from hf_moe_cl.condu.checkpoint import load_folder, model_fingerprint
+
+    folder = condu_save(tmp_path / "save")
+    store, _ = load_folder(folder, model_fingerprint(tiny_clip()))  # intact: loads
+    assert store.num_tasks == 2
+    damage(folder)
+    with pytest.raises(ValueError, match=message):
+        load_folder(folder, model_fingerprint(tiny_clip()))

@@ -13,7 +13,8 @@ from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.ddas import DistributionSelector
 
-from conftest import colour_task, moe_model, noise_images, tiny_clip
+from conftest import (colour_task, continual_args, edited, load_peft, moe_model, noise_images, saved,
+                      tasks_named, tiny_clip)
 
 
 def cluster(centre, n, seed, spread=0.3):
@@ -396,3 +397,89 @@ def test_the_sampled_ddas_loop_passes_its_batch_size_and_weight_decay(tmp_path, 
     ContinualTrainer(method=method, args=args, processing_class=module_processor).train_tasks(
         [colour_task("first", n_train=20, n_eval=6)])
     assert calls == [("fit_reference", 5, 0.25), ("fit_task", 5, 0.25)]
+
+
+# ----- a selector's values and settings checked when it is fitted, enabled and loaded --------------------------------
+def with_selector(**settings):
+    model = moe_model()
+    selector = model.base_model.enable_selector(SelectorConfig(**{"feature_dim": 16, "hidden_dim": 4, **settings}))
+    generator = torch.Generator().manual_seed(0)
+    selector.fit_reference(torch.randn(20, 16, generator=generator), steps=2)
+    selector.fit_task(0, torch.randn(20, 16, generator=generator) + 3, steps=2, threshold=1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def selector_adapter(tmp_path_factory):
+    return saved(tmp_path_factory.mktemp("selector") / "good", with_selector())
+
+
+def test_an_intact_selector_loads(selector_adapter):
+    selector = load_peft(selector_adapter).base_model.selector
+    assert selector.thresholds.tolist() == [1.0, float("inf")] and selector.trained.tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"thresholds": torch.tensor([-1.0, float("inf")])}, r"thresholds \[-1.0, inf\] \(each must be positive"),
+    ({"thresholds": torch.tensor([0.0, float("inf")])}, r"thresholds \[0.0, inf\] \(each must be positive"),
+    ({"thresholds": torch.tensor([1, 2])}, r"`thresholds` of dtype torch.int64 \(floating point\)"),
+    ({"trained": torch.tensor([0.5, 0.5, 0.0])}, r"`trained` of dtype torch.float32 \(it holds booleans"),
+    ({"feature_mean": torch.full((16,), float("nan"))}, r"non-finite values in `feature_mean`"),
+])
+def test_impossible_values_of_a_saved_selector_are_refused_at_load(selector_adapter, tmp_path, tensors, message):
+    folder = edited(selector_adapter, tmp_path / "damaged", tensors=tensors)
+    with pytest.raises(ValueError, match=r"The DDAS selector of adapter 'default' in its weights "
+                                         r"\(adapter_model.safetensors\) has " + message + ".*damaged or edited"):
+        load_peft(folder)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan")])
+def test_fit_task_refuses_a_threshold_that_routes_nothing_before_training(threshold):
+    selector = with_selector().base_model.selector
+    before = selector.decoder_weight.clone()
+    with pytest.raises(ValueError, match=f"A task autoencoder needs a positive threshold, got {threshold}"):
+        selector.fit_task(1, torch.randn(20, 16), steps=2, threshold=threshold)
+    assert not selector.task_is_trained(1) and torch.equal(selector.decoder_weight, before)
+
+
+def test_a_feature_layer_beyond_the_vision_tower_is_refused(selector_adapter, tmp_path):
+    model = moe_model()
+    with pytest.raises(ValueError, match=r"The DDAS selector of adapter 'default' reads the tokens after "
+                                         r"`feature_layer`=3 vision blocks, but this model's vision tower has 2: give "
+                                         r"1 to 2"):
+        model.base_model.enable_selector({"feature_dim": 96, "feature_layer": 3})
+    assert model.base_model.selector is None and model.peft_config["default"].selector is None  # nothing enabled
+    model.base_model.enable_selector({"feature_dim": 96, "feature_layer": 2})  # the last block is fine
+    folder = edited(selector_adapter, tmp_path / "damaged",
+                    config={"selector": {"feature_dim": 16, "hidden_dim": 4, "feature_layer": 7}})
+    with pytest.raises(ValueError, match=r"`feature_layer`=7 vision blocks, but this model's vision tower has 2.*"
+                                         r"damaged or edited"):
+        load_peft(folder)
+
+
+def test_features_of_another_width_than_the_selectors_are_named(selector_adapter, tmp_path, clip_inputs):
+    """A saved `feature_layer` edited to a valid depth but another width than `feature_dim` is refused at load,
+    naming both widths (it used to fail only when features reached the selector); features of another width given
+    to a selector directly name the widths too, instead of torch's size mismatch."""
+    folder = edited(selector_adapter, tmp_path / "edited",
+                    config={"selector": {"feature_dim": 16, "hidden_dim": 4, "feature_layer": 1}})
+    with pytest.raises(ValueError, match=r"reads 16 features per image, but this model gives 96 \(its tokens after 1 "
+                                         r"vision blocks\).*damaged or edited"):
+        load_peft(folder)
+    with pytest.raises(ValueError, match=r"reads 16 features per image \(CLIP's image embeddings\), got features of "
+                                         r"shape \(3, 8\)"):
+        with_selector().base_model.selector.select(torch.randn(3, 8))
+
+
+def test_missing_alexnet_weights_fail_before_the_first_task(tmp_path, clip_processor):
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+
+    from conftest import noise_images
+
+    ddas = DDASArguments(ddas=True, ddas_feature_extractor="alexnet", ddas_alexnet_weights=str(tmp_path / "no.pth"),
+                         ddas_task_steps=2, ddas_reference_steps=2)
+    method = MoEAdapters(moe_model(), ddas=ddas, ddas_reference=noise_images(4, 0))
+    trainer = ContinualTrainer(method=method, args=continual_args(tmp_path / "run"), processing_class=clip_processor)
+    with pytest.raises(OSError, match=r"ddas_alexnet_weights='.*no.pth'\) cannot be loaded: .*pass its path"):
+        trainer.train_tasks(tasks_named("first", "second"))
+    assert not any((tmp_path / "run").glob("task-*"))

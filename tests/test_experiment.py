@@ -11,7 +11,8 @@ from transformers import CLIPModel
 from hf_moe_cl.experiments.experiment import MethodArguments, run_method
 from hf_moe_cl.continual import ContinualTrainingArguments
 
-from conftest import colour_task, tiny_clip, tiny_clip_config, tiny_clip_processor, write_tiny_tokenizer
+from conftest import (colour_task, continual_args, tasks_named, tiny_clip, tiny_clip_config,
+                      tiny_clip_processor, write_tiny_tokenizer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,3 +172,14 @@ def test_push_to_hub_with_a_dry_run_trains_and_never_contacts_the_hub(tmp_path, 
     assert (tmp_path / "out" / "all_results.json").is_file()
     with pytest.raises(ValueError, match="--hub_base_model must be a Hub model id"):
         load_example().parse_args(["--output_dir", str(tmp_path), "--hub_base_model", str(tmp_path)])
+
+
+def test_explicit_task_learning_rates_are_not_overwritten_silently(tmp_path):
+    from hf_moe_cl.experiments.experiment import MethodArguments, prepare_method
+
+    args = continual_args(tmp_path, task_learning_rates=[1e-3, 2e-3])
+    with pytest.raises(ValueError, match="task_learning_rates and use_task_learning_rates=False disagree"):
+        prepare_method(MethodArguments(method="zero-shot", use_task_learning_rates=False), tiny_clip(),
+                       tasks_named("a", "b"), args)
+    _, kept = prepare_method(MethodArguments(method="zero-shot"), tiny_clip(), tasks_named("a", "b"), args)
+    assert kept.task_learning_rates == [1e-3, 2e-3]

@@ -14,7 +14,7 @@ from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.methods import ConDU, ConDUArguments
 from hf_moe_cl.continual.result import ContinualResult
 
-from conftest import colour_task, continual_args, noise_images, tiny_clip
+from conftest import colour_task, continual_args, noise_images, tiny_clip, trainer_for, tree_bytes
 
 
 def two_tasks():
@@ -129,3 +129,17 @@ def test_a_condu_card_names_its_hub_base_and_its_usage_code_runs_against_the_fol
 
 def base_dir_of(method):
     return method.model.name_or_path
+
+
+@pytest.mark.parametrize("split", ["../../escaped", "../escaped", "a/b", "an absolute path", "", ".hidden", "..",
+                                   "a" * 65, 3, None])
+def test_save_metrics_refuses_a_split_that_is_not_a_plain_file_name(tmp_path, module_processor, split):
+    split = str(tmp_path / "escaped") if split == "an absolute path" else split
+    folder = tmp_path / "a" / "b" / "run"
+    trainer = trainer_for(folder, module_processor)
+    trainer.save_metrics("all", {"accuracy": 50.0})
+    saved = tree_bytes(tmp_path)
+    with pytest.raises(ValueError, match=r"save_metrics: the split .* names the file <split>_results.json in "
+                                         r"output_dir, so it must be a plain file name"):
+        trainer.save_metrics(split, {"accuracy": 1.0})
+    assert tree_bytes(tmp_path) == saved

@@ -1,6 +1,7 @@
 """Task-agnostic inference as a transformers pipeline, and loading a published adapter with nothing but its folder."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from hf_moe_cl import MoELoraConfig, SelectorConfig, TaskAgnosticClassifier, Tas
 from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.continual.methods import MoEAdapters
 
-from conftest import noise_images, tiny_clip
+from conftest import moe_model, noise_images, saved, tiny_clip
 
 TASK = "task-agnostic-image-classification"
 
@@ -97,3 +98,49 @@ def test_an_adapter_config_without_base_model_is_a_clear_error(proxy_adapter, tm
     (copy / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="base_model_name_or_path="):
         TaskAgnosticClassifier.from_pretrained(str(copy))
+
+
+def test_the_pipeline_loader_passes_the_subfolder_on(tmp_path):
+    """`MoELoraCLIP.from_pretrained(root, subfolder=...)` loads the adapter of the subfolder (it used to be dropped
+    after the source check, so the root was read instead)."""
+    tiny_clip().save_pretrained(tmp_path / "base")
+    model = moe_model()
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    saved(tmp_path / "root" / "adapter", model)
+    from hf_moe_cl.pipeline import MoELoraCLIP
+
+    loaded = MoELoraCLIP.from_pretrained(str(tmp_path / "root"), subfolder="adapter")
+    assert loaded.peft_config["default"].num_tasks == 2
+
+
+# ----- TaskAgnosticClassifier.classify checks its inputs -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def agnostic_classifier(module_processor):
+    from hf_moe_cl import SelectorConfig, TaskAgnosticClassifier
+
+    model = moe_model()
+    model.base_model.enable_selector(SelectorConfig(feature_dim=model.config.projection_dim)).trained[0] = True
+    return TaskAgnosticClassifier(model, module_processor)
+
+
+@pytest.mark.parametrize("labels, pixels, templates, message", [
+    ([], None, None, "The zero-shot label set has no class names: pass `candidate_labels`"),
+    (["cat", "cat"], None, None, r"duplicate class names \['cat'\]"),
+    ("cat", None, None, "`candidate_labels` must be a list of class names .* one class per character"),
+    (["cat", ""], None, None, "needs one non-empty class name"),
+    (["cat"], None, ["a {} {}"], "the prompt template 'a {} {}' has 2 fields"),
+    (["cat"], None, "a {}", "`templates` must be a non-empty list"),
+    (["cat"], torch.randn(3, 16, 16), None, r"`pixels` must be a floating-point tensor .* got \(3, 16, 16\)"),
+    (["cat"], torch.zeros(1, 3, 16, 16, dtype=torch.uint8), None, "`pixels` must be a floating-point tensor"),
+    (["cat"], torch.full((1, 3, 16, 16), math.nan), None, "`pixels` holds NaN or infinite values"),
+])
+def test_classify_checks_its_labels_and_pixels_first(agnostic_classifier, labels, pixels, templates, message):
+    pixels = torch.randn(2, 3, 16, 16) if pixels is None else pixels
+    extra = {} if templates is None else {"templates": templates}
+    with pytest.raises(ValueError, match=message):
+        agnostic_classifier.classify(pixels, candidate_labels=labels, **extra)
+
+
+def test_classify_of_an_empty_batch_is_an_empty_list(agnostic_classifier):
+    assert agnostic_classifier.classify(torch.zeros(0, 3, 16, 16), candidate_labels=["cat"]) == []
+    assert len(agnostic_classifier.classify(torch.randn(2, 3, 16, 16), candidate_labels=["cat", "dog"])) == 2

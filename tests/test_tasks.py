@@ -1,10 +1,23 @@
+"""Tasks (`ContinualTask`): their definition (names, class names, prompt templates, labels, learning rates) is
+checked before any training, their images are decoded and converted to RGB (by bit depth, refusing damaged
+or non-finite images), and a task folder loads with the splits it has (`ContinualTask.from_disk`)."""
+
+import json
+import logging
+import math
+
 import numpy as np
 import pytest
-from datasets import Dataset
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.continual import ContinualTask, ImageClassificationCollator, to_rgb
+from hf_moe_cl.continual import ContinualTask, ContinualTrainer, ImageClassificationCollator, to_rgb
+from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+
+from conftest import colour_task, continual_args, moe_model, run, tiny_clip
 
 
 def image_dataset(labels, mode="RGB"):
@@ -78,3 +91,250 @@ def test_missing_task_json_is_a_clear_error(tmp_path):
 def test_missing_assets_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="HF_MOE_CL_ASSETS"):
         assets_dir(tmp_path / "nowhere")
+
+
+# ----- task definitions: names, class names, templates, labels -------------------------------------------------------
+def image_split(labels, image=None, features=None):
+    image = image or Image.new("RGB", (8, 8), (10, 20, 30))
+    return Dataset.from_dict({"image": [image] * len(labels), "label": labels}, features=features)
+
+
+def simple_task(**changes):
+    task = ContinualTask("t", image_split([0, 1, 2]), image_split([0, 1, 2]), ["red", "green", "blue"])
+    for key, value in changes.items():
+        setattr(task, key, value)
+    return task
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(classnames=["red", "red", "blue"]), r"duplicate class names \['red'\]"),
+    (dict(classnames=["red", "", "blue"]), "non-empty class name"),
+    (dict(train_dataset=image_split([0.0, 1.0, 2.5])), "labels are of type float"),
+    (dict(train_dataset=image_split(["red", "green", "blue"])), "labels are of type string"),
+    (dict(learning_rate=0.0), "learning_rate must be a finite positive number"),
+    (dict(official_learning_rates={"moe-adapters": math.nan}), r"official_learning_rates\['moe-adapters'\]"),
+])
+def test_bad_tasks_are_refused(change, message):
+    task = ContinualTask("t", image_split([0, 1, 2]), image_split([0, 1, 2]), ["red", "green", "blue"])
+    for key, value in change.items():
+        setattr(task, key, value)
+    with pytest.raises(ValueError, match=message):
+        task.validate()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(classnames="rgb"), "`classnames` must be a list of class names .* got str 'rgb'; a string would make one "
+                             "class per character"),
+    (dict(classnames={"red": 0}), "`classnames` must be a list"),
+    (dict(templates="a photo of {}."), "`templates` must be a non-empty list"),
+    (dict(templates=[]), "`templates` must be a non-empty list"),
+    (dict(templates=["{} and {}"]), "has 2 fields"),
+    (dict(templates=["a photo of {name}."]), r"has the field \{name\}"),
+    (dict(templates=["a photo of {0}."]), r"has the field \{0\}"),
+    (dict(templates=["a photo of {!r}."]), "a named, numbered or formatted field"),
+    (dict(templates=["a photo of {:>5}."]), "a named, numbered or formatted field"),
+    (dict(templates=["a photo of {."]), "does not parse"),
+    (dict(templates=["no slot"]), "has no '{}'"),
+    (dict(templates=[None]), "is a NoneType, not a string"),
+    (dict(train_classes=[]), "`train_classes` must be a non-empty list of distinct class indices in 0..2"),
+    (dict(train_classes=[0, 3]), "`train_classes` must be"),
+    (dict(train_classes=[0, 0]), "`train_classes` must be"),
+    (dict(train_classes=[True]), "`train_classes` must be"),
+    (dict(train_classes="01"), "`train_classes` must be"),
+    (dict(train_classes=[0, 1.0]), "`train_classes` must be"),
+    (dict(train_dataset=image_split([0, None, 2])), "1 train example.s. have no label .None., the first at index 1"),
+    (dict(eval_dataset=image_split([None, 1, 2])), "1 eval example.s. have no label"),
+])
+def test_bad_task_definitions_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        simple_task(**change).validate()
+
+
+def test_escaped_braces_in_a_template_are_fine():
+    simple_task(templates=["{{a}} photo of {}."]).validate()
+    assert simple_task().prompts("{{a}} {}") == ["{a} red", "{a} green", "{a} blue"]
+
+
+def class_label_split(names):
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=names)})
+    return image_split([0, 1, 2], features=features)
+
+
+@pytest.mark.parametrize("names, message", [
+    (["blue", "red", "green"], r"label 0 is 'blue' there but classnames\[0\] is 'red'"),
+    (["Red", "Blue", "Green"], r"label 1 is 'Blue' there but classnames\[1\] is 'green'"),
+    (["red", "green", "blue"], None),
+    (["n01", "n02", "n03"], None),  # other names (e.g. WordNet ids): nothing to compare
+])
+def test_class_labels_in_another_order_than_the_class_names_are_refused(names, message):
+    task = simple_task(train_dataset=class_label_split(names), eval_dataset=class_label_split(names))
+    if message is None:
+        task.validate()
+        return
+    with pytest.raises(ValueError, match=f"ClassLabel names are the task's class names in another order .*{message}"):
+        task.validate()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "needs a non-empty name"), ("  ", "needs a non-empty name"), (None, "needs a non-empty name"),
+    (3, "needs a non-empty name"),
+])
+def test_empty_or_non_string_task_names_are_refused(name, message):
+    task = colour_task("t")
+    task.name = name
+    with pytest.raises(ValueError, match=message):
+        task.validate()
+
+
+def test_official_learning_rates_that_are_not_a_dict_are_refused():
+    task = colour_task("first")
+    task.official_learning_rates = [("moe-adapters", 1e-3)]
+    with pytest.raises(ValueError, match=r"Task 'first': `official_learning_rates` must map recipe names to learning "
+                                         r"rates \(a dict such as \{'moe-adapters': 1e-3\}\), got \[\('moe-adapters'"):
+        task.validate()
+
+
+def test_class_names_cut_to_the_same_prompt_are_refused_before_training(tmp_path, clip_processor):
+    task = colour_task("long")
+    task.classnames = ["redredredredredred", "redredredredredreg", "blue"]  # equal in the first 16 tokens
+    model = moe_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="the classes 'redredredredredred' and 'redredredredredreg' give the same "
+                                         r"tokens with every template \(the tokenizer cuts prompts at 16 tokens\)"):
+        run(tmp_path, clip_processor, tasks=[task], model=model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(tmp_path.glob("task-*"))
+
+
+def test_class_names_cut_alike_by_some_templates_only_are_a_warning(tmp_path, clip_processor, caplog):
+    task = colour_task("long")
+    task.classnames = ["redredredredr1", "redredredredr2", "blue"]
+    task.templates = ["a photo of {}.", "{}"]  # the second separates them
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        run(tmp_path, clip_processor, tasks=[task])
+    assert "give the same tokens with 1 of 2 templates" in caplog.text
+
+
+# ----- images --------------------------------------------------------------------------------------------------------
+def damaged_images(task, positions, truncate=True):
+    """The task's eval split with the images at `positions` replaced by damaged PNG bytes."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    bad = data[: len(data) // 2] if truncate else b"not an image at all"
+    images = [{"bytes": bad, "path": None} if i in positions else image
+              for i, image in enumerate(task.eval_dataset.cast_column("image", task.eval_dataset.features["image"]
+                                                                       .__class__(decode=False))["image"])]
+    return Dataset.from_dict({"image": images, "label": task.eval_dataset["label"]},
+                             features=task.eval_dataset.features)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_a_damaged_image_in_a_later_task_fails_before_any_training(tmp_path, clip_processor, truncate):
+    first, second = colour_task("first"), colour_task("second", seed=1, offset=3)
+    second.eval_dataset = damaged_images(second, {3, 7}, truncate)
+    model = moe_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = ContinualTrainer(model=model, args=continual_args(tmp_path), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=r"task 'second', eval split: 2 image\(s\) cannot be decoded, the first at "
+                                         r"index 3"):
+        trainer.train_tasks([first, second])
+    assert not any(tmp_path.glob("task-*"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("mode, value, expected", [("I;16", 32896, 128), ("I", 65535, 255), ("F", 0.5, 128)])
+def test_wide_and_float_images_are_scaled_by_bit_depth(mode, value, expected):
+    image = Image.new(mode, (4, 4), value)  # a uniform grey stays grey, it is not stretched to black
+    assert np.asarray(to_rgb(image)).tolist() == [[[expected] * 3] * 4] * 4
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_or_infinite_pixels_are_refused(value):
+    pixels = np.full((8, 8), 0.5, dtype=np.float32)
+    pixels[2, 3] = value
+    bad = Image.fromarray(pixels, mode="F")
+    with pytest.raises(ValueError, match="F image has .* pixel value.s.; they have no colour"):
+        to_rgb(bad)
+    images = [Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F")] * 3 + [bad]
+    task = simple_task(eval_dataset=Dataset.from_dict({"image": images, "label": [0, 1, 2, 0]}))
+    with pytest.raises(ValueError, match=r"eval split: 1 image\(s\) cannot be decoded, the first at index 3 "
+                                         r"\(ValueError: A F image has"):
+        task.validate(check_images=True)
+
+
+# ----- the whole training split a few-shot train set was drawn from (full_train_dataset) -----------------------------
+@pytest.mark.parametrize("whole, message", [
+    (lambda: colour_task("x", num_classes=6).train_dataset,
+     r"full train labels range from 0 to 5 but there are 3 class names"),
+    (lambda: Dataset.from_dict({"img": [1, 2], "label": [0, 1]}),
+     r"the full train dataset lacks column\(s\) \['image'\]"),
+    (lambda: colour_task("x").train_dataset.select([]), "has an empty full train dataset"),
+    (lambda: Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0.5]}),
+     "the full train labels are of type float"),
+    (lambda: [{"image": Image.new("RGB", (8, 8)), "label": 0}],
+     "the full train dataset is a list, not a datasets.Dataset"),
+])
+def test_a_bad_full_train_dataset_is_refused_before_training(tmp_path, clip_processor, whole, message):
+    task = colour_task("first")
+    task.full_train_dataset = whole()
+    with pytest.raises(ValueError, match=f"Task 'first'.*{message}"):
+        task.validate()
+    task.validate(needs_training=False)  # only training reads it
+    trainer = ContinualTrainer(method=ConDU(tiny_clip(), ConDUArguments(), rank=2),
+                               args=continual_args(tmp_path / "run", max_steps=1), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=message):
+        trainer.train_tasks([task, colour_task("second", seed=1, offset=3)])
+    assert not list((tmp_path / "run").glob("task-*"))  # nothing trained or saved
+
+
+# ----- task folders (ContinualTask.from_disk) ------------------------------------------------------------------------
+def task_folder(path, splits=("train", "test")):
+    data = Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2, "label": [0, 1]})
+    DatasetDict({split: data for split in splits}).save_to_disk(str(path))
+    (path / "task.json").write_text(json.dumps({"name": "t", "classnames": ["a", "b"]}))
+    return path
+
+
+@pytest.mark.parametrize("splits, message", [
+    (dict(eval_split="validation"), r"has no split 'validation' \(`eval_split`\); it has \['test', 'train'\]"),
+    (dict(train_split="trian"), r"has no split 'trian' \(`train_split`\); it has \['test', 'train'\]"),
+])
+def test_a_split_the_task_folder_lacks_is_named_with_the_splits_it_has(tmp_path, splits, message):
+    folder = task_folder(tmp_path / "task")
+    with pytest.raises(ValueError, match=message) as error:
+        ContinualTask.from_disk(folder, **splits)
+    assert str(folder) in str(error.value)
+
+
+def test_an_evaluation_only_task_folder_loads_with_train_split_none(tmp_path):
+    folder = task_folder(tmp_path / "task", splits=("test",))
+    with pytest.raises(ValueError, match=r"has no split 'train' \(`train_split`\); it has \['test'\]: pass one of "
+                                         r"them \(train_split=None loads an evaluation-only task\)"):
+        ContinualTask.from_disk(folder)
+    task = ContinualTask.from_disk(folder, train_split=None)
+    assert task.train_dataset is None and len(task.eval_dataset) == 2
+    task.validate(needs_training=False)
+
+
+def test_a_task_folder_of_one_dataset_is_named(tmp_path):
+    Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0]}).save_to_disk(str(tmp_path))
+    (tmp_path / "task.json").write_text(json.dumps({"classnames": ["a"]}))
+    with pytest.raises(ValueError, match=f"{tmp_path} holds one dataset, not a DatasetDict of splits"):
+        ContinualTask.from_disk(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "task.json is not valid JSON"),
+    ('["a", "b"]', "task.json should hold a JSON object"),
+    ('{"classnames": "abc"}', "`classnames` must be a list of class names"),
+    ('{"classnames": ["a", "a"]}', r"duplicate class names \['a'\]"),
+    ('{"classnames": ["a"], "templates": null}', "`templates` must be a non-empty list"),
+])
+def test_a_damaged_task_json_is_named(tmp_path, content, message):
+    (tmp_path / "task.json").write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        ContinualTask.from_disk(tmp_path)
+    assert str(tmp_path / "task.json") in str(error.value)

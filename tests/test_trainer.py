@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import TrainerCallback
 from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.methods import ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments
 
-from conftest import StopAtTask, colour_task, continual_args, moe_model, tiny_clip
+from conftest import StopAtTask, colour_task, continual_args, moe_model, run, tiny_clip, trainer_for, tree_bytes
 
 
 def make_args(tmp_path, **overrides):
@@ -322,3 +323,33 @@ def test_a_published_model_learns_one_more_task_in_a_fresh_process(tmp_path, cli
     assert all(name in card for name in ("first", "second", "third"))
     saved = json.loads((tmp_path / "card" / "adapter_config.json").read_text())
     assert [info["name"] for info in saved["task_info"]] == ["first", "second", "third"]
+
+
+# ----- refused before any training -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda task: [], lambda task: (), lambda task: None, lambda task: "first", lambda task: task,
+    lambda task: ["first"], lambda task: [task.train_dataset], lambda task: (t for t in [task]),
+], ids=["empty list", "empty tuple", "None", "a string", "one task", "a name", "a dataset", "a generator"])
+def test_train_tasks_refuses_anything_but_a_non_empty_list_of_tasks(tmp_path, module_processor, make):
+    folder = tmp_path / "run"
+    trainer = trainer_for(folder, module_processor)
+    with pytest.raises(ValueError, match=r"(?s)^train_tasks needs a non-empty list of ContinualTask \(one per task, in "
+                                         r"training order\), got .*\.$"):
+        trainer.train_tasks(make(colour_task("first", n_train=16, n_eval=6)))
+    assert tree_bytes(folder) == {}  # no lock, no checkpoint
+
+
+def test_a_nan_base_weight_is_named_before_training(tmp_path, clip_processor):
+    model = moe_model()
+    with torch.no_grad():
+        model.base_model.model.vision_model.post_layernorm.weight[3] = math.nan
+    with pytest.raises(ValueError, match="vision_model.post_layernorm.weight holds NaN or infinite values before any "
+                                         "training: the base model .* is damaged"):
+        run(tmp_path, clip_processor, model=model)
+    assert not any(tmp_path.glob("task-*"))
+
+
+def test_a_train_template_beyond_a_tasks_templates_is_refused_not_clamped(tmp_path, clip_processor):
+    with pytest.raises(ValueError, match=r"train_template=2 but task 'first' has 2 prompt template\(s\)"):
+        run(tmp_path, clip_processor, train_template=2)
+    assert not any(tmp_path.glob("task-*"))

@@ -1,10 +1,13 @@
-"""No silent fallback to the untouched CLIP: an adapter with a trained selector routes each image through it when no
+"""Routing: which task router each image goes through. A task id is one integer (`set_task`, `routing()`), per-sample
+task ids a 1-D integer tensor of one id per sample; anything else is refused, integer-like ids route like an int.
+No silent fallback to the untouched CLIP: an adapter with a trained selector routes each image through it when no
 task is given, training without a route is an error that says what to pass, inference without one warns once; the
 plain `Trainer` trains MoE-LoRA with a per-sample `task_ids` column."""
 
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 from conftest import TEXT_VOCAB, moe_model, tiny_clip
@@ -97,3 +100,57 @@ def test_the_plain_trainer_trains_with_a_task_ids_column(tmp_path):
     ContrastiveTrainer(model=model, args=args, train_dataset=data).train()
     counts = model.base_model.selection_counts()
     assert all(int(c[0].sum()) > 0 and int(c[1].sum()) > 0 for c in counts.values())
+
+
+# ----- task ids ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task, message", [
+    (1.7, "must be an integer"), (1.0, "must be an integer"), (True, "boolean"), ("1", "must be an integer"),
+    (torch.tensor(1.0), "must be an integer"), (5, "out of range"),
+])
+def test_bad_task_ids_are_refused(task, message):
+    with pytest.raises(ValueError, match=message):
+        moe_model(num_tasks=3).set_task(task)
+
+
+@pytest.mark.parametrize("task", [np.int64(1), torch.tensor(1), 1])
+def test_integer_like_task_ids_route_like_an_int(task, clip_inputs):
+    model = moe_model(num_tasks=3, init_weights=False).eval()
+    model.set_task(1)
+    with torch.no_grad():
+        expected = model(**clip_inputs).logits_per_image
+        model.set_task(task)
+        assert model.base_model.active_task == 1
+        assert torch.equal(model(**clip_inputs).logits_per_image, expected)
+
+
+@pytest.mark.parametrize("call", [
+    lambda model: model.set_task(torch.tensor([1])),
+    lambda model: model.set_task([1]),
+    lambda model: model.base_model.routing([0, 1, 1, 0]).__enter__(),
+])
+def test_several_task_ids_where_one_is_expected_are_refused(call):
+    model = moe_model()
+    model.set_task(1)
+    with pytest.raises(ValueError, match="A task id must be one integer, got .*per-sample task ids go to routing"):
+        call(model)
+    assert model.base_model.active_task == 1  # unchanged
+
+
+def test_float_task_id_tensors_are_refused(clip_inputs):
+    with pytest.raises(ValueError, match="integer tensor"):
+        moe_model(num_tasks=3).eval()(**clip_inputs, task_ids=torch.tensor([0.0, 1.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("task_ids", [
+    torch.tensor([[0, 1], [1, 0]]), torch.tensor([], dtype=torch.long), torch.zeros(4, dtype=torch.long,
+                                                                                    device="meta"),
+    torch.tensor([[0, 1, 1, 0]]),
+])
+def test_task_ids_of_another_shape_or_without_values_are_refused(task_ids, clip_inputs):
+    with pytest.raises(ValueError, match=r"task_ids must be a non-empty 1-D tensor with values .* got shape"):
+        moe_model(num_tasks=3).eval()(**clip_inputs, task_ids=task_ids)
+
+
+def test_task_ids_for_another_batch_size_are_refused(clip_inputs):
+    with pytest.raises(ValueError, match="3 task ids were given for a batch of 4 samples"):
+        moe_model(num_tasks=3).eval()(**clip_inputs, task_ids=torch.tensor([0, 1, 2]))

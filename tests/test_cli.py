@@ -1,12 +1,15 @@
-"""Options checked against what they apply to, before any work: DDAS and MoE-Adapters options against the model, and
-`examples/mtil.py`'s options against the run (preset, method, DDAS, publishing, config files)."""
+"""`examples/mtil.py`'s command line, checked before any work (no model or data loaded, nothing written): config
+files, dataset ids, publishing options, abbreviated flags, options the run does not use and training arguments the
+script never uses are refused with a usage error that names them; `--print_recipe` shows the adapter it builds."""
 
 import json
 import logging
+import os
+import sys
 
 import pytest
 
-from conftest import moe_model, tiny_clip
+from conftest import SRC
 from test_experiment import load_example
 
 
@@ -40,58 +43,7 @@ def recipe(mtil, capsys, argv) -> dict:
     return json.loads(out[out.index("{"):])
 
 
-# ----- DDAS and MoE-Adapters options against the model ----------------------------------------------------------------
-def test_a_zero_ddas_threshold_is_refused_when_the_options_are_made():
-    from hf_moe_cl.continual.methods import DDASArguments
-
-    with pytest.raises(ValueError, match=r"`ddas_threshold` must be None or a finite number > 0, got 0.0"):
-        DDASArguments(ddas=True, ddas_threshold=0.0)
-    assert DDASArguments(ddas=True, ddas_threshold=1e-6).ddas_threshold == 1e-6
-
-
-def test_a_ddas_feature_layer_beyond_the_vision_tower_is_refused_when_the_method_is_built():
-    from hf_moe_cl import SelectorConfig
-    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
-
-    message = r"reads the tokens after `feature_layer`=3 vision blocks, but this model's vision tower has 2: give 1 to 2"
-    with pytest.raises(ValueError, match=message):
-        MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True), selector=SelectorConfig(feature_layer=3))
-    with pytest.raises(ValueError, match=message):
-        MoEAdapters.from_base(tiny_clip(), [SelectorConfig(feature_layer=3)], num_tasks=2, rank=2)
-    method = MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True), selector=SelectorConfig(feature_layer=2))
-    assert method.selector_settings.feature_layer == 2 and method.selector_settings.feature_dim == 96
-
-
-@pytest.mark.parametrize("values, message", [
-    (dict(num_experts=8, top_k=3), r"MoEAdaptersArguments has num_experts=8, top_k=3 but the model's adapter has "
-                                   r"num_experts=4, top_k=2: a model given to MoEAdapters keeps its own settings"),
-    (dict(noisy_gating=False), r"has noisy_gating=False but the model's adapter has noisy_gating=True"),
-    (dict(noisy_gating_eval=True), r"has noisy_gating_eval=True but the model's adapter has noisy_gating_eval=False"),
-    (dict(freeze_experts_per_task=10), r"freeze_experts_per_task=10 is more than the 4 experts of this model's "
-                                       r"smallest bank: one task would freeze every expert it used. Give at most 4"),
-])
-def test_moe_adapters_arguments_that_do_not_fit_the_model_are_refused(values, message):
-    from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments
-
-    with pytest.raises(ValueError, match=message):
-        MoEAdapters(moe_model(), MoEAdaptersArguments(**values))
-
-
-def test_moe_adapters_takes_the_adapter_settings_from_the_model_and_from_base_from_its_config():
-    from hf_moe_cl import MoELoraConfig
-    from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments
-
-    method = MoEAdapters(moe_model(), MoEAdaptersArguments(merge_experts_every=2, freeze_experts_per_task=4))
-    assert method.fingerprint()["adapter"]["default"]["num_experts"] == 4  # the identity records what runs
-    built = MoEAdapters.from_base(tiny_clip(), [MoEAdaptersArguments()], num_tasks=2, rank=2)
-    config = built.moe.moe_config
-    assert (config.num_experts, config.top_k, config.num_tasks, config.r) == (22, 2, 2, 2)  # the paper's, sized
-    built = MoEAdapters.from_base(tiny_clip(), [MoELoraConfig(num_experts=6, top_k=3)], num_tasks=3, rank=2)
-    config = built.moe.moe_config
-    assert (config.num_experts, config.top_k, config.num_tasks, config.r) == (6, 3, 3, 2)
-
-
-# ----- examples/mtil.py: what is checked before any work -------------------------------------------------------------
+# ----- what is checked before any work -------------------------------------------------------------------------------
 def test_a_dry_run_folder_that_holds_files_is_refused_before_any_work(mtil, capsys, tmp_path, no_work):
     full = tmp_path / "upload"
     full.mkdir()
@@ -155,7 +107,31 @@ def test_a_missing_config_file_is_named(mtil, capsys, tmp_path, no_work):
     assert f"Cannot read the config file {tmp_path / 'none.yaml'}" in err and "No such file" in err
 
 
-# ----- examples/mtil.py: options the run does not use are refused, not ignored ---------------------------------------
+def mtil_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtil_example", os.path.join(os.path.dirname(SRC), "examples",
+                                                                                "mtil.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_step", "1"], "unrecognized arguments: --max_step 1"),
+    (["--per_device_train_batch", "4"], "unrecognized arguments: --per_device_train_batch 4"),
+    (["--learning_rat", "1e-3"], "unrecognized arguments"),
+    (["--method", "condu", "--ddas", "true"], "--ddas true applies to --method moe-adapters; condu does not use"),
+    (["--method", "lora", "--ddas", "true"], "--ddas true applies to --method moe-adapters"),
+])
+def test_example_refuses_abbreviated_flags_and_ddas_without_a_selector(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        mtil_example().parse_args(["--output_dir", str(tmp_path), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+# ----- options the run does not use are refused, not ignored ---------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "cifar100-cil-10", "--tasks", "step00"],
      "--tasks, preset cifar100-cil-10 runs its fixed class-incremental steps of cifar100"),

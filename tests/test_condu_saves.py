@@ -1,92 +1,19 @@
-"""A task's whole training split, a task folder's splits and every field of a ConDU save are checked before any work:
-a bad one is refused with a message naming the problem (and the file it was read from), and nothing is loaded or
-trained. Rows of docs/reliability.md."""
+"""A ConDU save read by `ConDU.from_pretrained` and at resume by `ConDU.load`: every field of condu_config.json and of
+its tensor files is checked, a bad one is refused naming the file, and nothing is loaded; the rank given in code gets
+the same check."""
 
 import json
 import shutil
 
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from hf_moe_cl import ContinualTask, ContinualTrainer
 from hf_moe_cl.continual.methods import ConDU, ConDUArguments
 
-from conftest import colour_task, continual_args, tiny_clip
+from conftest import tiny_clip
 
 
-# ----- ContinualTask.full_train_dataset ------------------------------------------------------------------------------
-@pytest.mark.parametrize("whole, message", [
-    (lambda: colour_task("x", num_classes=6).train_dataset,
-     r"full train labels range from 0 to 5 but there are 3 class names"),
-    (lambda: Dataset.from_dict({"img": [1, 2], "label": [0, 1]}),
-     r"the full train dataset lacks column\(s\) \['image'\]"),
-    (lambda: colour_task("x").train_dataset.select([]), "has an empty full train dataset"),
-    (lambda: Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0.5]}),
-     "the full train labels are of type float"),
-    (lambda: [{"image": Image.new("RGB", (8, 8)), "label": 0}],
-     "the full train dataset is a list, not a datasets.Dataset"),
-])
-def test_a_bad_full_train_dataset_is_refused_before_training(tmp_path, clip_processor, whole, message):
-    task = colour_task("first")
-    task.full_train_dataset = whole()
-    with pytest.raises(ValueError, match=f"Task 'first'.*{message}"):
-        task.validate()
-    task.validate(needs_training=False)  # only training reads it
-    trainer = ContinualTrainer(method=ConDU(tiny_clip(), ConDUArguments(), rank=2),
-                               args=continual_args(tmp_path / "run", max_steps=1), processing_class=clip_processor)
-    with pytest.raises(ValueError, match=message):
-        trainer.train_tasks([task, colour_task("second", seed=1, offset=3)])
-    assert not list((tmp_path / "run").glob("task-*"))  # nothing trained or saved
-
-
-def test_official_learning_rates_that_are_not_a_dict_are_refused():
-    task = colour_task("first")
-    task.official_learning_rates = [("moe-adapters", 1e-3)]
-    with pytest.raises(ValueError, match=r"Task 'first': `official_learning_rates` must map recipe names to learning "
-                                         r"rates \(a dict such as \{'moe-adapters': 1e-3\}\), got \[\('moe-adapters'"):
-        task.validate()
-
-
-# ----- ContinualTask.from_disk splits --------------------------------------------------------------------------------
-def task_folder(path, splits=("train", "test")):
-    data = Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2, "label": [0, 1]})
-    DatasetDict({split: data for split in splits}).save_to_disk(str(path))
-    (path / "task.json").write_text(json.dumps({"name": "t", "classnames": ["a", "b"]}))
-    return path
-
-
-@pytest.mark.parametrize("splits, message", [
-    (dict(eval_split="validation"), r"has no split 'validation' \(`eval_split`\); it has \['test', 'train'\]"),
-    (dict(train_split="trian"), r"has no split 'trian' \(`train_split`\); it has \['test', 'train'\]"),
-])
-def test_a_split_the_task_folder_lacks_is_named_with_the_splits_it_has(tmp_path, splits, message):
-    folder = task_folder(tmp_path / "task")
-    with pytest.raises(ValueError, match=message) as error:
-        ContinualTask.from_disk(folder, **splits)
-    assert str(folder) in str(error.value)
-
-
-def test_an_evaluation_only_task_folder_loads_with_train_split_none(tmp_path):
-    folder = task_folder(tmp_path / "task", splits=("test",))
-    with pytest.raises(ValueError, match=r"has no split 'train' \(`train_split`\); it has \['test'\]: pass one of "
-                                         r"them \(train_split=None loads an evaluation-only task\)"):
-        ContinualTask.from_disk(folder)
-    task = ContinualTask.from_disk(folder, train_split=None)
-    assert task.train_dataset is None and len(task.eval_dataset) == 2
-    task.validate(needs_training=False)
-
-
-def test_a_task_folder_of_one_dataset_is_named(tmp_path):
-    Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0]}).save_to_disk(str(tmp_path))
-    (tmp_path / "task.json").write_text(json.dumps({"classnames": ["a"]}))
-    with pytest.raises(ValueError, match=f"{tmp_path} holds one dataset, not a DatasetDict of splits"):
-        ContinualTask.from_disk(tmp_path)
-
-
-# ----- every field of condu_config.json and of the tensors -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def condu_save(tmp_path_factory):
     """A LoRA ConDU save of two tasks (rank 2) on `tiny_clip()`, made without training."""
@@ -133,6 +60,8 @@ def without_text_means(folder):
 
 
 CONFIG = "condu_config.json is damaged or was edited: "
+
+
 DAMAGES = {
     "no options": (edit_config(lambda h: h.pop("options")), CONFIG + r"it lacks \['options'\]"),
     "no rank": (edit_config(lambda h: h.pop("rank")), CONFIG + r"it lacks \['rank'\]"),
@@ -219,4 +148,3 @@ def test_a_rank_given_in_code_is_checked_as_a_saved_one():
     for rank in ("2", 0, True, 2.0):
         with pytest.raises(ValueError, match=f"`rank` must be an integer >= 1, got {rank!r}"):
             ConDU(tiny_clip(), ConDUArguments(), rank=rank)
-

@@ -1,0 +1,295 @@
+"""A saved MoE-LoRA adapter read back: what loading needs (`import hf_moe_cl`, the weights file, a readable config),
+the base model it fits (depth, widths, the pretrained weights it was created on: `base_weights`), every value of its
+tensors and config checked with the file named, and the layouts of earlier versions (the 0.2 peft type name, the 0.1
+selector files)."""
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+
+from hf_moe_cl import MoELoraConfig
+
+from conftest import moe_model, tiny_clip
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----- what loading needs --------------------------------------------------------------------------------------------
+def test_loading_without_importing_the_library_says_what_to_do(tmp_path):
+    moe_model().save_pretrained(tmp_path)
+    script = (f"import sys; sys.path.insert(0, {TESTS!r})\nfrom peft import PeftModel\nfrom conftest import tiny_clip\n"
+              f"PeftModel.from_pretrained(tiny_clip(), {str(tmp_path)!r})")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "KeyError: 'MOE_LORA'" in result.stderr
+    # the file stores the plain type; the card beside it says what the KeyError means
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MOE_LORA"
+    assert "`import hf_moe_cl` before loading it with peft (without it peft raises `KeyError: 'MOE_LORA'`)" in (
+        tmp_path / "README.md").read_text()
+
+
+def test_a_folder_written_with_the_old_peft_type_name_loads(tmp_path, clip_inputs):
+    model = moe_model(init_weights=False).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["peft_type"] = "MOE_LORA (needs `import hf_moe_cl` before loading)"  # what 0.2 stored
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path).eval()
+    model.set_task(1), loaded.set_task(1)
+    assert torch.equal(loaded(**clip_inputs).logits_per_image, model(**clip_inputs).logits_per_image)
+
+
+def test_a_missing_weights_file_is_named(tmp_path):
+    moe_model().save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors: the adapter's weights are missing"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+
+
+def test_a_malformed_adapter_config_is_named(tmp_path):
+    """The library's loaders name the file; a direct PeftModel.from_pretrained parses it in peft first."""
+    moe_model().save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": ')
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        MoELoraConfig.from_pretrained(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text('["a list"]')
+    with pytest.raises(ValueError, match="adapter_config.json should hold a JSON object"):
+        MoELoraConfig.from_pretrained(str(tmp_path))
+
+
+def test_a_missing_path_or_damaged_adapter_config_is_named_before_any_hub_call(tmp_path, monkeypatch):
+    """`TaskAgnosticClassifier.from_pretrained` (and the pipeline's loader) on a path that does not exist, or on a
+    folder whose adapter_config.json is truncated, name the path or the file, not a Hub or JSON error."""
+    from huggingface_hub import HfApi
+
+    from hf_moe_cl import TaskAgnosticClassifier
+    from hf_moe_cl.pipeline import MoELoraCLIP
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(HfApi, "model_info", refuse)
+    missing = tmp_path / "no-such-run" / "adapter"
+    with pytest.raises(FileNotFoundError, match="neither a folder here nor a Hub repo id"):
+        TaskAgnosticClassifier.from_pretrained(str(missing))
+    with pytest.raises(FileNotFoundError, match="neither a folder here nor a Hub repo id"):
+        MoELoraCLIP.from_pretrained(str(missing))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "adapter_config.json").write_text('{"peft_type": "MOE_LO')
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        TaskAgnosticClassifier.from_pretrained(str(damaged))
+
+
+# ----- the base model it fits ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layers", [3, 1])
+def test_an_adapter_for_another_depth_is_refused(tmp_path, layers):
+    moe_model().save_pretrained(tmp_path)
+    other = tiny_clip()
+    deeper = type(other)(other.config.__class__(**{**other.config.to_dict(), "vision_config": {
+        **other.config.vision_config.to_dict(), "num_hidden_layers": layers}}))
+    with pytest.raises(ValueError, match="as when the base model has more or fewer layers"):
+        PeftModel.from_pretrained(deeper, tmp_path)
+
+
+def test_a_shape_mismatch_message_names_no_missing_base(tmp_path):
+    moe_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match this model") as error:
+        PeftModel.from_pretrained(tiny_clip(vision_width=64), tmp_path)
+    assert "(None)" not in str(error.value) and "Load it on the base model it was trained on" in str(error.value)
+
+
+def test_the_base_fingerprint_ignores_the_adapters_initialisation():
+    from hf_moe_cl.tuners.moe_lora.base_weights import base_weights_fingerprint
+
+    torch.manual_seed(0)
+    first = moe_model()
+    second = moe_model(init_weights=False)  # other adapter values, same base
+    assert base_weights_fingerprint(first) == base_weights_fingerprint(second) == base_weights_fingerprint(
+        tiny_clip())
+    assert base_weights_fingerprint(tiny_clip(seed=1)) != base_weights_fingerprint(tiny_clip())
+
+
+def test_an_adapter_is_refused_on_other_pretrained_weights_of_the_same_shape(tmp_path, clip_inputs, caplog):
+    from peft import PeftConfig, PeftModel
+
+    from hf_moe_cl.tuners.moe_lora.base_weights import base_weights_record
+
+    model = moe_model()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["base_weights"]
+    assert saved == base_weights_record(tiny_clip())
+
+    other = tiny_clip(seed=1)
+    untouched = {name: p.clone() for name, p in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"created on other pretrained weights.*base_weights=None"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not any("moe_lora" in name for name, _ in other.named_modules())  # refused before any injection
+    assert all(torch.equal(untouched[n], p) for n, p in other.state_dict().items())
+
+    same = PeftModel.from_pretrained(tiny_clip(), tmp_path)  # the base it was created on
+    with torch.no_grad():
+        model.set_task(1), same.set_task(1)
+        assert torch.equal(model(**clip_inputs).logits_per_image, same(**clip_inputs).logits_per_image)
+
+    host = moe_model()  # load_adapter into a model of other weights is refused the same way
+    host_other = PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path, config=_without_record(tmp_path))
+    with pytest.raises(ValueError, match="created on other pretrained weights"):
+        host_other.load_adapter(tmp_path, adapter_name="second")
+    host.load_adapter(tmp_path, adapter_name="second")
+
+    config = PeftConfig.from_pretrained(tmp_path)  # on purpose: the documented way round
+    config.base_weights = None
+    PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path, config=config)
+
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):  # another dtype cannot be compared: said, not silent
+        PeftModel.from_pretrained(tiny_clip(seed=1).to(torch.bfloat16), tmp_path)
+    assert "created on float32 base weights and is loaded on bfloat16 ones" in caplog.text
+
+
+def _without_record(folder):
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(folder)
+    config.base_weights = None
+    return config
+
+
+@pytest.mark.parametrize("record", ["abc", {"sha256": "0" * 16}, {"sha256": "z" * 16, "dtype": "float32",
+                                                                   "layout": "0" * 16}])
+def test_a_damaged_base_weights_record_is_named(tmp_path, record):
+    from peft import PeftModel
+
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), base_weights=record)))
+    with pytest.raises(ValueError, match="`base_weights` must be None or.*damaged or edited"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+
+
+def test_an_adapter_saved_before_the_record_loads_and_gains_it(tmp_path):
+    from peft import PeftModel
+
+    from hf_moe_cl.tuners.moe_lora.base_weights import base_weights_record
+
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "base_weights"}))
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    assert loaded.peft_config["default"].base_weights == base_weights_record(tiny_clip())
+
+
+# ----- values read back from the saved files -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter") / "good"
+    moe_model(init_weights=False).save_pretrained(folder)
+    return folder
+
+
+def damaged_copy(saved_adapter, tmp_path, tensor=None, change=None, config=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(saved_adapter, folder)
+    if tensor is not None:
+        weights = load_file(folder / "adapter_model.safetensors")
+        key = next(k for k in sorted(weights) if k.endswith("." + tensor))
+        weights[key] = change(weights[key].clone())
+        save_file(weights, folder / "adapter_model.safetensors")
+    if config is not None:
+        values = json.loads((folder / "adapter_config.json").read_text())
+        values.update(config)
+        (folder / "adapter_config.json").write_text(json.dumps(values))
+    return folder
+
+
+def set_first(value):
+    def change(tensor):
+        tensor.view(-1)[0] = value
+        return tensor
+    return change
+
+
+@pytest.mark.parametrize("tensor, change, message", [
+    ("moe_lora_A", set_first(math.nan), "moe_lora_A.default' holds 1 NaN or infinite value"),
+    ("moe_lora_B", lambda t: t.fill_(math.inf), "moe_lora_B.default' holds 512 NaN or infinite value"),
+    ("moe_lora_router_gate", set_first(-math.inf), "moe_lora_router_gate.default' holds 1 NaN or infinite"),
+    ("moe_lora_bias_A", lambda t: t.long(), "moe_lora_bias_A.default' has dtype torch.int64; weights are floating"),
+    ("moe_lora_frozen_by", set_first(99), r"frozen_by.default' holds values from -1 to 99; it holds integers in "
+                                          r"\[-1, 1\] \(2 task routers\)"),
+    ("moe_lora_frozen_by", set_first(-5), r"frozen_by.default' holds values from -5 to -1"),
+    ("moe_lora_frozen_by", lambda t: t.float(), "frozen_by.default' has dtype torch.float32"),
+    ("moe_lora_counts", set_first(-3), "counts.default' holds values from -3 to 0; it holds integers >= 0"),
+    ("moe_lora_router_frozen", lambda t: t.long() + 7, "router_frozen.default' has dtype torch.int64; it holds "
+                                                       "booleans"),
+])
+def test_invalid_values_in_a_saved_adapters_tensors_are_named(saved_adapter, tmp_path, tensor, change, message):
+    from peft import PeftModel
+
+    folder = damaged_copy(saved_adapter, tmp_path, tensor, change)
+    with pytest.raises(ValueError, match=r"checkpoint \(adapter_model.safetensors\) holds invalid values: .*" + message):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_invalid_values_met_when_resuming_name_the_file(saved_adapter, tmp_path):
+    from hf_moe_cl.continual.methods import MoEAdapters
+
+    folder = damaged_copy(saved_adapter, tmp_path, "moe_lora_A", set_first(math.nan))
+    with pytest.raises(ValueError, match=f"{folder / 'adapter_model.safetensors'}: .* holds 1 NaN"):
+        MoEAdapters(moe_model()).load(folder)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"expert_bias": "false"}, "`expert_bias` must be a boolean"),
+    ({"noisy_gating": "false"}, "`noisy_gating` must be a boolean"),
+    ({"num_tasks": "2"}, "`num_tasks` must be an integer >= 1, got '2'"),
+    ({"experts_per_module": [1]}, "`experts_per_module` must be a dict"),
+    ({"target_modules": 5}, "`target_modules` must be None, a string or a list of strings"),
+    ({"selector": {"feature_dim": 8, "standardize": "false"}}, "`selector.standardize` must be None or a boolean"),
+])
+def test_wrongly_typed_values_in_a_saved_adapter_config_name_the_file(saved_adapter, tmp_path, config, message):
+    from peft import PeftModel
+
+    folder = damaged_copy(saved_adapter, tmp_path, config=config)
+    with pytest.raises(ValueError, match=f"{folder / 'adapter_config.json'} holds an invalid value: {message}"):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_experts_per_module_naming_no_adapted_module_is_refused(saved_adapter, tmp_path):
+    from peft import PeftModel
+
+    folder = damaged_copy(saved_adapter, tmp_path, config={"experts_per_module": {"vision_model.layers.0": 6}})
+    with pytest.raises(ValueError, match=r"`experts_per_module` of adapter 'default' names modules the adapter does "
+                                         r"not adapt in this model: \['vision_model.layers.0'\]"):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+# ----- layouts of earlier versions -----------------------------------------------------------------------------------
+def test_a_partial_legacy_selector_is_refused_not_dropped(tmp_path):
+    moe_model().save_pretrained(tmp_path)
+    save_file({"thresholds": torch.zeros(2)}, tmp_path / "ddas.safetensors")  # ddas_config.json is missing
+    with pytest.raises(ValueError, match=r"holds a DDAS selector in \['ddas.safetensors'\]"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    from hf_moe_cl import upgrade_adapter_folder
+
+    with pytest.raises(FileNotFoundError, match="has no ddas_config.json"):
+        upgrade_adapter_folder(str(tmp_path))
+
+
+def test_an_adapter_saved_over_a_legacy_folder_does_not_pick_up_its_selector(tmp_path, clip_inputs):
+    (tmp_path / "ddas_config.json").write_text(json.dumps({"feature_dim": 16, "num_tasks": 2}))
+    save_file({"thresholds": torch.zeros(2)}, tmp_path / "ddas.safetensors")
+    moe_model().save_pretrained(tmp_path)  # no selector: the stale files must not come back as one
+    with pytest.raises(ValueError, match="layout of hf-moe-cl 0.1"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
