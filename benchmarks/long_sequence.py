@@ -250,6 +250,7 @@ def main():
     parser.add_argument("--ddas_task_steps", type=int, default=300)
     parser.add_argument("--ddas_reference_steps", type=int, default=1000)
     parser.add_argument("--probe_batch", type=int, default=64, help="images of the inference-time batch")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (data order, noise, initialisation)")
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: build results.md from the <variant>.json files already in output_dir")
     args = parser.parse_args()
@@ -277,6 +278,9 @@ def main():
             records[variant] = record
             print(f"{variant}: measured before, read from {saved}", flush=True)
     todo = [] if args.report_only else [v for v in chosen if v not in records]
+    if args.report_only and not records:
+        parser.error(f"--report_only: {output} holds no <variant>.json of {', '.join(chosen)}: nothing to report. Run "
+                     "the variants first (without --report_only), or name the folder that holds them.")
     if todo:
         base = CLIPModel.from_pretrained(root / PROXY_CLIP, dtype=torch.float32)
         processor = CLIPProcessor.from_pretrained(root / PROXY_CLIP)
@@ -290,7 +294,7 @@ def main():
             output_dir=str(output / variant), max_steps=args.steps_per_task,
             warmup_steps=max(1, args.steps_per_task // 10), use_cpu=True, per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=128, disable_tqdm=True, logging_strategy="no", save_task_checkpoints=False,
-            report_to="none", seed=0,
+            report_to="none", seed=args.seed,
             learning_rate=args.individual_learning_rate if variant == "individual" else args.learning_rate)
         options = ()
         if known[variant]:
@@ -301,7 +305,7 @@ def main():
                                      ddas_reference_steps=args.ddas_reference_steps))
         method_args = MethodArguments(method="individual-finetune" if variant == "individual" else "moe-adapters",
                                       use_task_learning_rates=False)
-        set_seed(0)
+        set_seed(args.seed)
         method, training = prepare_method(method_args, base, tasks, training, options=options,
                                           reference_images=reference if known[variant] else None)
         timer = StepTimer(training.device)

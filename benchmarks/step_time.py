@@ -7,7 +7,10 @@ Everything is measured in one run on the same batch, so the printed ratios compa
 --model vit-b16-random times a randomly initialised CLIP of the paper's size (use a small --batch_size on CPU).
 "ops" counts the top-level aten ops one train step dispatches (forward, backward and AdamW; torch.profiler on the
 CPU side), the launch overhead a GPU pays per step in eager mode. --tasks N also times the step of the last of N
-tasks, after the earlier ones froze experts (top_k, or coverage 1.0 with a growing bank), against the first task's.
+tasks, after the earlier ones froze experts as each policy does (top_k, the paper's; coverage 1.0; coverage 1.0 with
+a bank that grows below a trainable share of 0.3), against the first task's step of the same adapter (models
+interleaved in one run), with the optimizer state and the ops of that step; its last line reads
+`ratio to task 1 at N tasks: top_k R, coverage R, growth R`.
 On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
 included, the other models' not); on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
 """
@@ -101,6 +104,12 @@ def timed_step(model, optimizer, batch, device):
     return time.perf_counter() - start
 
 
+def optimizer_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state (AdamW: two moments per trainable element, and its step counters)."""
+    return sum(t.numel() * t.element_size() for entry in optimizer.state.values() for t in entry.values()
+               if torch.is_tensor(t))
+
+
 def measure_all(models, batch, steps, device):
     """Median step time per model, models interleaved step by step so machine noise hits all of them alike."""
     optimizers = {}
@@ -121,6 +130,7 @@ def measure_all(models, batch, steps, device):
             "step_s": statistics.median(times[name]),
             "memory": training_memory(model, optimizers[name], batch, device),
             "ops": aten_ops(lambda m=model, o=optimizers[name]: train_step(m, o, *batch)),
+            "optimizer": optimizer_bytes(optimizers[name]),
         }
         for name, model in models.items()
     }
@@ -207,16 +217,19 @@ def main():
     }
     if args.tasks:
         def sequence(policy=None, growth=None, task=args.tasks):
-            model = get_peft_model(copy.deepcopy(base), MoELoraConfig(r=args.rank, num_tasks=task))
+            config = MoELoraConfig(r=args.rank, num_tasks=task, expert_growth_threshold=growth)
+            model = get_peft_model(copy.deepcopy(base), config)
             if policy is None:
                 model.base_model.set_task(0)
                 return model
             return after_earlier_tasks(model, task, policy, growth)
 
-        candidates[f"MoE-Adapters, task 1 of {args.tasks}"] = sequence
-        candidates["MoE-Adapters, task 2, top_k frozen"] = lambda: sequence("top_k", task=2)
-        candidates[f"MoE-Adapters, task {args.tasks}, top_k frozen"] = lambda: sequence("top_k")
-        candidates[f"MoE-Adapters, task {args.tasks}, coverage + growth"] = lambda: sequence("coverage", 0.3)
+        n = args.tasks
+        candidates[f"MoE-Adapters, task 1 of {n}"] = sequence
+        candidates[f"MoE-Adapters, task 1 of {n}, growing bank"] = lambda: sequence(growth=0.3)
+        candidates[f"MoE-Adapters, task {n}, top_k"] = lambda: sequence("top_k")
+        candidates[f"MoE-Adapters, task {n}, coverage"] = lambda: sequence("coverage")
+        candidates[f"MoE-Adapters, task {n}, growth"] = lambda: sequence("coverage", 0.3)
     models = {name: build() for name, build in candidates.items()}
     if args.compile:
         for name, build in candidates.items():
@@ -226,9 +239,9 @@ def main():
     results = measure_all(models, batch, args.steps, device)
     print(f"model={args.model} device={device} batch={args.batch_size} rank={args.rank} steps={args.steps} "
           f"precision={'bf16 autocast' if args.bf16 else 'fp32'} (median step time, models interleaved)")
-    print(f"{'method':43s} {'trainable':>10s} {'step ms':>9s} {'memory MiB':>11s} {'ops':>6s}")
+    print(f"{'method':46s} {'trainable':>10s} {'step ms':>9s} {'memory MiB':>11s} {'ops':>6s}")
     for r in results.values():
-        print(f"{r['name']:43s} {r['trainable']:10,d} {1000 * r['step_s']:9.1f} {r['memory'] / 2**20:11.1f} "
+        print(f"{r['name']:46s} {r['trainable']:10,d} {1000 * r['step_s']:9.1f} {r['memory'] / 2**20:11.1f} "
               f"{r['ops']:6d}")
 
     def ratio(a, b, key):
@@ -247,16 +260,22 @@ def main():
         print(f"step time  compiled MoE-Adapters(22) / full FT    : "
               f"{ratio(moe22 + ' compiled', full + ' compiled', 'step_s'):.2f}  (both compiled)")
     if args.tasks:
-        first = f"MoE-Adapters, task 1 of {args.tasks}"
-        for last in ("MoE-Adapters, task 2, top_k frozen", f"MoE-Adapters, task {args.tasks}, top_k frozen",
-                     f"MoE-Adapters, task {args.tasks}, coverage + growth"):
+        n, ratios = args.tasks, {}
+        for policy in ("top_k", "coverage", "growth"):
+            first = f"MoE-Adapters, task 1 of {n}" + (", growing bank" if policy == "growth" else "")
+            last = f"MoE-Adapters, task {n}, {policy}"
             experts = sum(layer.expert_count("default") for layer in models[last].base_model.moe_layers().values())
-            print(f"step time  {last.removeprefix('MoE-Adapters, ')} / task 1: {ratio(last, first, 'step_s'):.2f}  "
-                  f"(target <= 1.1; {experts:,} experts in all)")
+            ratios[policy] = ratio(last, first, "step_s")
+            print(f"task {n} / task 1, {policy:8s}: step {ratios[policy]:.2f}, ops {ratio(last, first, 'ops'):.2f}, "
+                  f"optimizer state {results[last]['optimizer'] / 2**20:.1f} MiB against "
+                  f"{results[first]['optimizer'] / 2**20:.1f} MiB ({experts:,} experts in all)")
     print(f"memory     MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'memory'):.2f}")
     print(f"memory     MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'memory'):.2f}")
     print(f"paper setting (ViT-B/16 config, 11 tasks): {paper_parameter_count():,d} trainable MoE parameters "
           "(paper: 51.1M)")
+    if args.tasks:
+        print(f"ratio to task 1 at {args.tasks} tasks: "
+              + ", ".join(f"{policy} {value:.2f}" for policy, value in ratios.items()))
 
 
 if __name__ == "__main__":

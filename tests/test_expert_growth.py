@@ -69,7 +69,7 @@ def test_new_experts_change_no_learned_task_and_train_for_the_next(clip_inputs):
     train_steps(model, clip_inputs, task=1, steps=6)
     assert all(torch.equal(before[0], after) for after in outputs(model, clip_inputs, [0]).values())
     assert not torch.equal(layer.moe_lora_B["default"][4:], start[4:])  # the new experts learned task 1
-    assert torch.equal(layer.effective("default", "moe_lora_B")[:4], start[:4])
+    assert torch.equal(layer.bank("default", "moe_lora_B")[:4], start[:4])
     assert moe.selection_counts(1)[VISION0].shape == (8,)
 
 

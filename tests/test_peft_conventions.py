@@ -43,14 +43,24 @@ def test_trainable_parameter_counts_leave_out_frozen_experts_and_routers(capsys)
     for layer in moe.moe_layers().values():
         layer.freeze_experts("default", [0], 0)
         layer.freeze_router("default", 0)
-    # per block: one expert (A, B, both biases) and task 0's gate and noise rows
+    # per block: one expert (A, B, both biases) and task 0's gate and noise rows are no parameters any more
     frozen = 2 * (4 * 48 * 2 + 4 + 48 + 48 * 4 * 2) + 2 * (4 * 32 * 2 + 4 + 32 + 32 * 4 * 2)
-    assert moe.frozen_parameter_count() == frozen == 2736
+    assert frozen == 2736
     trainable, total = model.get_nb_trainable_parameters()
-    assert (trainable, total) == (8384 - 2736, 71489)
+    assert (trainable, total) == (8384 - 2736, 71489 - 2736)
     assert model.get_model_status().trainable_params == 5648
     model.print_trainable_parameters()
-    assert "trainable params: 5,648 || all params: 71,489" in capsys.readouterr().out
+    assert "trainable params: 5,648 || all params: 68,753" in capsys.readouterr().out
+
+
+def test_peft_loras_option_names_name_the_moe_lora_option():
+    from hf_moe_cl import MoELoraConfig
+
+    for given, named in ((dict(lora_alpha=16), "`lora_alpha` \\(peft LoRA's\\): use `expert_scale`"),
+                         (dict(lora_dropout=0.1), "use `expert_dropout`"), (dict(bias="none"), "use `expert_bias`"),
+                         (dict(layers_to_transform=[0]), "use `target_modules`"), (dict(use_dora=True), "has none")):
+        with pytest.raises(ValueError, match=named):
+            MoELoraConfig(**given)
 
 
 def test_load_adapter_under_another_name_brings_its_ddas_selector(tmp_path):

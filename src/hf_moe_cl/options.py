@@ -154,3 +154,24 @@ def moved_options(**destinations: str):
         return cls
 
     return decorate
+
+
+def refused_names(owner: str, **hints: str):
+    """Class decorator of an options dataclass: keyword arguments that are another library's names for its options
+    (`name="what to use instead"`) are refused with that hint, not with Python's bare TypeError."""
+
+    def decorate(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            given = sorted(name for name in kwargs if name in hints)
+            if given:
+                raise ValueError(f"{cls.__name__} has no option " + "; no option ".join(
+                    f"`{name}` ({owner}'s): {hints[name]}" for name in given) + ".")
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate

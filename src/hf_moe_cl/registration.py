@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
-from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-from .tuners.moe_lora import MoELoraConfig, MoELoraModel, find_moe
+from .tuners.moe_lora import MoELoraConfig, MoELoraModel
 from .tuners.moe_lora.peft_type import LEGACY_PEFT_TYPES, MOE_LORA, MOE_LORA_PREFIX
 
 
@@ -40,24 +37,3 @@ def register_moe_lora() -> None:
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = MoELoraConfig
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MoELoraModel
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = MOE_LORA_PREFIX
-    count_only_changeable_parameters()
-
-
-def _count_what_can_change(count):
-    """`PeftModel.get_nb_trainable_parameters` (used by `print_trainable_parameters` and `get_model_status`) without
-    the frozen experts and routers of a MoE-LoRA model: they are slices of trainable tensors that never change."""
-
-    @functools.wraps(count)
-    def counted(self) -> tuple[int, int]:
-        trainable, total = count(self)
-        moe = find_moe(self)
-        return (trainable - moe.frozen_parameter_count(), total) if moe is not None else (trainable, total)
-
-    counted.counts_moe_lora_frozen_slices = True
-    return counted
-
-
-def count_only_changeable_parameters() -> None:
-    """Make peft's parameter counts of MoE-LoRA models exclude frozen slices (idempotent; other methods unchanged)."""
-    if not getattr(PeftModel.get_nb_trainable_parameters, "counts_moe_lora_frozen_slices", False):
-        PeftModel.get_nb_trainable_parameters = _count_what_can_change(PeftModel.get_nb_trainable_parameters)

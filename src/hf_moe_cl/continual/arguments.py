@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import TrainingArguments
 
 from ..options import check_flags, check_option, short_repr
+
+logger = logging.getLogger("hf_moe_cl")
 
 # TrainingArguments with which the HF Trainer would save or evaluate on its own inside a task: the value that leaves
 # both to the task loop, and why another value is refused.
@@ -129,3 +132,7 @@ class ContinualTrainingArguments(TrainingArguments):
         check_option("task_agnostic_eval", self.task_agnostic_eval, bool, optional=True)
         check_option("train_augmentation", self.train_augmentation, str, choices=("random_resized_crop", "none"),
                      optional=True)
+        if self.max_steps > 0 and self.warmup_steps >= max(1, self.max_steps):
+            logger.warning("warmup_steps=%g is not shorter than max_steps=%d: every task trains while its learning rate "
+                           "still rises and never reaches %g (the presets' warmup is 100 steps). Give fewer "
+                           "warmup_steps, or more max_steps.", self.warmup_steps, self.max_steps, self.learning_rate)

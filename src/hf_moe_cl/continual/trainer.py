@@ -204,20 +204,19 @@ class ContinualTrainer(Trainer):
         engine = self.engine
         rows = engine.stage(index, tasks, self.classifier(), matrices, histograms, pretrained)
         matrices["oracle"].append(rows["oracle"])
-        self._report("oracle", tasks, rows["oracle"])
         for kind in histograms:
             matrices[kind].append([cell.accuracy for cell in rows[kind]])
             histograms[kind].append([cell.histogram for cell in rows[kind]])
-            self._report(kind, tasks, matrices[kind][-1])
+        metrics = {}
+        for kind in matrices:
+            row = matrices[kind][-1]
+            metrics.update({f"{kind}_accuracy/{task.name}": value for task, value in zip(tasks, row) if value is not None})
+            logger.info("%s, %s matrix, %s: %s", self.task_label, kind, MATRIX_TITLES.get(kind, kind),
+                        ", ".join(f"{task.name} {value:.2f}" for task, value in zip(tasks, row) if value is not None))
+        self.log(metrics)  # log_history, on_log and the integrations of `report_to`
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         counted, self._encodings_mark = self._encodings_mark, dict(engine.encodings)
         return {name: engine.encodings[name] - counted[name] for name in counted}
-
-    def _report(self, kind: str, tasks: list[ContinualTask], row: list[Optional[float]]) -> None:
-        """One row of the `kind` matrix, logged as `<kind>_accuracy/<task>` and as one line naming the matrix."""
-        values = {f"{kind}_accuracy/{task.name}": value for task, value in zip(tasks, row) if value is not None}
-        self.log(values)
-        logger.info("%s, %s matrix, %s: %s", self.task_label, kind, MATRIX_TITLES.get(kind, kind),
-                    ", ".join(f"{task.name} {value:.2f}" for task, value in zip(tasks, row) if value is not None))
 
     # ----- the task loop -------------------------------------------------------------------------------------------
     def run_identity(self, tasks: list[ContinualTask]) -> dict:
@@ -264,6 +263,11 @@ class ContinualTrainer(Trainer):
         if resume and not (self._output_dir_had_files or finished_folders(self.args.output_dir)):
             raise ValueError(f"resume=True, but output_dir {self.args.output_dir} was empty or did not exist: there is "
                              "nothing to resume. Check the path, or start the run without resume=True.")
+        args, processes = self.args, self.accelerator.num_processes
+        logger.info("%d task(s) with %s on %d process(es), global batch %d (%d per device); checkpoints and results "
+                    "in %s", len(tasks), self.method.name or type(self.method).__name__, processes,
+                    args.per_device_train_batch_size * processes * args.gradient_accumulation_steps,
+                    args.per_device_train_batch_size, Path(args.output_dir).resolve())
         # the folder checks and the lock hold without task checkpoints too: such a run still writes there (save_model)
         with run_lock(self.args.output_dir) if self.is_world_process_zero() else nullcontext():
             return self._train_tasks(tasks, resume, train)
@@ -341,8 +345,10 @@ class ContinualTrainer(Trainer):
         self.train_dataset = task.train_dataset
         self.optimizer, self.lr_scheduler = None, None
         self._in_task_loop = True
+        history = self.state.log_history  # train() starts a new TrainerState: the run's log keeps every task's
         try:
             self.train()
+            self.state.log_history[:0] = history
         finally:
             self._in_task_loop = False
             self.args, self.model, self.model_wrapped = run_args, run_model, run_wrapped

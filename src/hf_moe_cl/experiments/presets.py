@@ -13,7 +13,6 @@ from typing import Mapping, Optional, Union
 
 import torch
 from datasets import ClassLabel, Dataset
-from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from ..assets import MINI_MTIL, assets_dir as resolve_assets
 from ..continual.tasks import ContinualTask
@@ -56,21 +55,16 @@ def class_subset_task(task: ContinualTask, classes: range, name: str, eval_image
     names = [task.classnames[c] for c in classes]
 
     def subset(dataset: Dataset, limit: Optional[int] = None) -> Dataset:
-        keep = [i for i, label in enumerate(dataset["label"]) if label in classes]
+        labels = dataset["label"]
+        keep = [i for i, label in enumerate(labels) if label in classes]
         if limit is not None and len(keep) > limit:
             draw = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:limit]
             keep = [keep[i] for i in sorted(draw.tolist())]
-        part = dataset.select(keep)
-        relabelled = [label - classes.start for label in part["label"]]
-        quiet = not are_progress_bars_disabled()
-        if quiet:  # 60 small copies: no bar for each
-            disable_progress_bars()
-        try:
-            part = part.remove_columns("label").add_column("label", relabelled)
-            return part.cast_column("label", ClassLabel(names=names))
-        finally:
-            if quiet:
-                enable_progress_bars()
+        # The whole split relabelled first (other classes -1), then the rows picked: an add_column after select, or a
+        # cast_column, would write a copy of the images (cache-*.arrow) into the folder the dataset was loaded from.
+        relabelled = [label - classes.start if label in classes else -1 for label in labels]
+        whole = dataset.remove_columns("label").add_column("label", relabelled, feature=ClassLabel(names=names))
+        return whole.select(keep)
 
     return ContinualTask(name=name, train_dataset=subset(task.train_dataset), eval_dataset=subset(
         task.eval_dataset, eval_images), classnames=names, templates=list(task.templates))

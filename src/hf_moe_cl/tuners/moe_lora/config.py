@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 from ...ddas.settings import SelectorConfig
 from ...files import check_json_file, check_safetensors_file
 from ...legacy import LEGACY_SELECTOR_FILES
-from ...options import check_flags, check_option, check_task_record, short_repr
+from ...options import check_flags, check_option, check_task_record, refused_names, short_repr
 from .card import tidy_peft_card
 from .peft_type import MOE_LORA
 
@@ -32,6 +32,22 @@ def check_task_info_entry(task: int, name, classnames, templates) -> None:
                      f"Task {task}'s name in `task_info`")
 
 
+NO_EQUIVALENT = "MoE-LoRA has none"
+# peft LoRA's options a peft user reaches for, and what MoE-LoRA has instead
+PEFT_LORA_NAMES = {
+    "lora_alpha": "use `expert_scale`, the multiplier of every expert's output (LoRA's lora_alpha / r)",
+    "lora_dropout": "use `expert_dropout`, the dropout after each expert's activation",
+    "bias": "use `expert_bias` (True / False: biases of every expert's two projections)",
+    "init_lora_weights": "use `init_weights`",
+    "layers_to_transform": "use `target_modules` (a regex of the module names to adapt) or `exclude_modules`",
+    "layers_pattern": "use `target_modules` (a regex of the module names to adapt) or `exclude_modules`",
+    "rank_pattern": f"{NO_EQUIVALENT}: every expert has rank `r`",
+    "alpha_pattern": f"{NO_EQUIVALENT}: every expert is scaled by `expert_scale`",
+    **{name: NO_EQUIVALENT for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "target_parameters")},
+}
+
+
+@refused_names("peft LoRA", **PEFT_LORA_NAMES)
 @dataclass
 class MoELoraConfig(PeftConfig):
     """Configuration of a [`MoELoraModel`].

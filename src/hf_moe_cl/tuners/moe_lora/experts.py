@@ -13,7 +13,7 @@ import torch
 
 from ...options import check_option
 from .config import check_growth_threshold
-from .layer import EXPERT_PARAMS, ROUTER_PARAMS
+from .bank import EXPERT_PARAMS
 
 COVERAGE = dict(low=0.0, high=1.0, low_open=True)  # a share of a task's selections in (0, 1]
 
@@ -97,20 +97,6 @@ class ExpertBookkeeping:
             result[name] = {e: t for e, t in enumerate(frozen_by) if t >= 0}
         return result
 
-    def frozen_parameter_count(self) -> int:
-        """How many elements of trainable (requires_grad) parameters are frozen slices: frozen experts and routers of
-        every adapter, which no optimizer step can change."""
-        frozen = 0
-        for layer in self.moe_layers().values():
-            for adapter in layer.moe_lora_frozen_by:
-                rows = {name: layer.moe_lora_frozen_by[adapter] >= 0 for name in EXPERT_PARAMS}
-                rows.update({name: layer.moe_lora_router_frozen[adapter] for name in ROUTER_PARAMS})
-                for name, frozen_rows in rows.items():
-                    param = getattr(layer, name).get(adapter) if adapter in getattr(layer, name) else None
-                    if param is not None and param.requires_grad:
-                        frozen += int(frozen_rows.sum()) * (param.numel() // param.shape[0])
-        return frozen
-
     def frozen_routers(self) -> list[int]:
         layers = list(self.moe_layers().values())
         if not layers:
@@ -189,8 +175,8 @@ class ExpertBookkeeping:
                 self.moe_config.experts_per_module[name] = count
 
     def expert_parameters(self, layer_name: str) -> dict[str, torch.Tensor]:
-        """The effective (frozen slices from their snapshot) stacked expert tensors of one layer."""
+        """Every expert of one layer, stacked, as the forward pass reads them."""
         adapter = self._adapter()
         layer = self.moe_layers()[layer_name]
-        return {n: layer.effective(adapter, n).detach() for n in EXPERT_PARAMS if adapter in getattr(layer, n)}
+        return {n: layer.bank(adapter, n).detach() for n in EXPERT_PARAMS if adapter in getattr(layer, n)}
 

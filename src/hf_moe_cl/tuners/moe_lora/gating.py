@@ -49,14 +49,32 @@ def _cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, groups: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    """x (batch, dim) through one shared (dim, experts) matrix or one matrix per sample (batch, dim, experts);
-    with `groups`, each run of that many experts separately (a matmul's rounding depends on its width)."""
-    if groups is not None:
-        return torch.cat([_project(x, part) for part in weight.split(groups, dim=-1)], dim=-1)
-    if weight.dim() == 2:
-        return x @ weight
-    return torch.bmm(x.unsqueeze(1), weight).squeeze(1)
+EXPERT_CHUNK = 32  # the experts a bank grew by are projected this many at a time
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, first: Optional[int] = None) -> torch.Tensor:
+    """x (batch, dim) through one shared (dim, experts) matrix or one matrix per sample (batch, dim, experts).
+
+    A bank that grew beyond its `first` experts is projected in two products of fixed shapes: the first experts as
+    before it grew, then every added expert in one batched product over pieces of `EXPERT_CHUNK` (at least two, the
+    last padded with zero columns). A product's rounding depends on its shape, so each expert's logit stays bit for
+    bit what it was before later experts were added, in two products whatever the bank's size.
+    """
+    experts = weight.shape[-1]
+    shared = weight.dim() == 2
+    if first is None or experts <= first:
+        return x @ weight if shared else torch.bmm(x.unsqueeze(1), weight).squeeze(1)
+    chunks = max(2, -(-(experts - first) // EXPERT_CHUNK))
+    added = F.pad(weight[..., first:], (0, chunks * EXPERT_CHUNK - (experts - first)))
+    if shared:  # (chunks, batch, dim) @ (chunks, dim, EXPERT_CHUNK)
+        grown = torch.bmm(x.expand(chunks, *x.shape), added.view(-1, chunks, EXPERT_CHUNK).transpose(0, 1))
+        grown = grown.transpose(0, 1).reshape(x.shape[0], -1)
+        return torch.cat([x @ weight[:, :first], grown[:, :experts - first]], dim=-1)
+    # per sample: (batch * chunks, 1, dim) @ (batch * chunks, dim, EXPERT_CHUNK)
+    batch, dim = x.shape
+    pieces = added.view(batch, dim, chunks, EXPERT_CHUNK).transpose(1, 2).reshape(batch * chunks, dim, EXPERT_CHUNK)
+    grown = torch.bmm(x.repeat_interleave(chunks, 0).unsqueeze(1), pieces).view(batch, -1)
+    return torch.cat([torch.bmm(x.unsqueeze(1), weight[..., :first]).squeeze(1), grown[:, :experts - first]], dim=-1)
 
 
 def noisy_top_k(
@@ -69,22 +87,22 @@ def noisy_top_k(
     with_balance_loss: bool = False,
     keep: Optional[torch.Tensor] = None,
     hidden: Optional[torch.Tensor] = None,
-    expert_groups: Optional[tuple[int, ...]] = None,
+    first_experts: Optional[int] = None,
 ) -> ExpertChoice:
     """Route each row of `router_input` (batch, dim) with gate/noise matrices shared (dim, experts) or per sample.
 
     Noise (learned, softplus standard deviation) is added only when `noisy`; the balance loss is the importance
     term plus the smooth load estimate of the sparsely-gated MoE paper, differentiable in both, over the rows of
     `keep` (a bool mask; None: every row). `hidden` (bool, (experts,) or (batch, experts)) marks experts a row may
-    not select: their logits are -inf. `expert_groups` (a grown bank: the experts of each growth) projects each
-    group on its own, so that adding experts leaves the earlier experts' logits bit for bit as they were.
+    not select: their logits are -inf. `first_experts` (the size of a bank before it grew) projects so that adding
+    experts leaves the earlier experts' logits bit for bit as they were (see `_project`).
     """
-    clean = _project(router_input, gate, expert_groups)
+    clean = _project(router_input, gate, first_experts)
     if hidden is not None:
         clean = clean.masked_fill(hidden, float("-inf"))
     num_experts = clean.shape[-1]
     if noisy:
-        noise_std = F.softplus(_project(router_input, noise, expert_groups)) + noise_epsilon
+        noise_std = F.softplus(_project(router_input, noise, first_experts)) + noise_epsilon
         logits = clean + torch.randn_like(clean) * noise_std
     else:
         logits = clean

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -12,53 +12,40 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .bank import (EXPERT_PARAMS, INDEX_BUFFERS, ROUTER_PARAMS, TRAINABLE, ExpertBank, banks_only, rebuild_after_load,
+                   sync_before_save)
 from .config import MoELoraConfig
 from .gating import TaskRoute, noisy_top_k
 
-EXPERT_PARAMS = ("moe_lora_A", "moe_lora_B", "moe_lora_bias_A", "moe_lora_bias_B")
-ROUTER_PARAMS = ("moe_lora_router_gate", "moe_lora_router_noise")
 
-
-class MoELoraLayer(BaseTunerLayer):
-    """Stacked experts (expert dimension first) and stacked task routers (task dimension first).
-
-    Activate-freeze is enforced per slice: a frozen expert or router is read from a snapshot taken when it was
-    frozen, so no optimizer (momentum, weight decay) can move it, and the parameter slice itself is rewritten from
-    the snapshot before every `state_dict()`.
+class MoELoraLayer(ExpertBank, BaseTunerLayer):
+    """Stacked experts (expert dimension first) and stacked task routers (task dimension first), stored as
+    `bank.ExpertBank` says: what no task froze is trainable, the rest is read in place.
 
     Routing is an argument of every call (`task_route`), given by the tuner; a layer keeps no routing state.
     """
 
-    adapter_layer_names = EXPERT_PARAMS + ROUTER_PARAMS
-    other_param_names = (
-        "moe_lora_counts",
-        "moe_lora_expert_task",
-        "moe_lora_frozen_by",
-        "moe_lora_router_frozen",
-        "moe_lora_snapshot",
-        "moe_lora_dropout",
-        "moe_lora_options",
-    )
+    adapter_layer_names = tuple(TRAINABLE.values())
+    other_param_names = EXPERT_PARAMS + ROUTER_PARAMS + INDEX_BUFFERS + (
+        "moe_lora_counts", "moe_lora_expert_task", "moe_lora_frozen_by", "moe_lora_router_frozen",
+        "moe_lora_router_list", "moe_lora_dropout", "moe_lora_options")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, **kwargs) -> None:
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
-        for name in EXPERT_PARAMS + ROUTER_PARAMS:
-            setattr(self, name, nn.ParameterDict())
+        self._init_banks()
         self.moe_lora_counts = BufferDict(persistent=True)
         self.moe_lora_frozen_by = BufferDict(persistent=True)
         self.moe_lora_router_frozen = BufferDict(persistent=True)
         self.moe_lora_expert_task = BufferDict(persistent=True)  # grown banks only: see add_experts
-        self.moe_lora_expert_groups: dict[str, tuple[int, ...]] = {}  # grown banks: experts added together
-        self.moe_lora_snapshot = nn.ModuleDict()
         self.moe_lora_dropout = nn.ModuleDict()
         self.moe_lora_options: dict[str, MoELoraConfig] = {}
         self.balance_loss: Optional[torch.Tensor] = None
         self.kwargs = kwargs
-        self.register_state_dict_pre_hook(_write_frozen_slices_before_save)
-        self.register_load_state_dict_post_hook(_snapshot_frozen_slices_after_load)
-        self.register_load_state_dict_post_hook(_expert_groups_after_load)
+        self.register_state_dict_pre_hook(sync_before_save)
+        self.register_state_dict_post_hook(banks_only)
+        self.register_load_state_dict_post_hook(rebuild_after_load)
 
     def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False,
                      num_experts: Optional[int] = None, **kwargs) -> None:
@@ -67,26 +54,23 @@ class MoELoraLayer(BaseTunerLayer):
         num_experts = num_experts or config.num_experts
         rank, num_tasks = config.r, config.num_tasks
         bound_a = 1.0 / math.sqrt(self.in_features)
-        self.moe_lora_A[adapter_name] = nn.Parameter(
-            torch.empty(num_experts, rank, self.in_features).uniform_(-bound_a, bound_a)
-        )
+        down = torch.empty(num_experts, rank, self.in_features).uniform_(-bound_a, bound_a)
         up = torch.zeros(num_experts, rank, self.out_features)
         gate = torch.zeros(num_tasks, self.in_features, num_experts)
         if not config.init_weights:
             up.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
             gate.normal_(0.0, 1.0)
-        self.moe_lora_B[adapter_name] = nn.Parameter(up)
-        if config.expert_bias:
-            self.moe_lora_bias_A[adapter_name] = nn.Parameter(torch.zeros(num_experts, rank))
-            self.moe_lora_bias_B[adapter_name] = nn.Parameter(torch.zeros(num_experts, self.out_features))
-        self.moe_lora_router_gate[adapter_name] = nn.Parameter(gate)
-        self.moe_lora_router_noise[adapter_name] = nn.Parameter(torch.zeros(num_tasks, self.in_features, num_experts))
         self.moe_lora_counts[adapter_name] = torch.zeros(num_tasks, num_experts, dtype=torch.long)
         self.moe_lora_frozen_by[adapter_name] = torch.full((num_experts,), -1, dtype=torch.long)
         self.moe_lora_router_frozen[adapter_name] = torch.zeros(num_tasks, dtype=torch.bool)
         if num_experts > config.num_experts:  # a grown bank being loaded: the saved values replace these
             self.moe_lora_expert_task[adapter_name] = torch.zeros(num_experts, dtype=torch.long)
-        self.moe_lora_snapshot[adapter_name] = BufferDict(persistent=False)
+        banks = {"moe_lora_A": down, "moe_lora_B": up, "moe_lora_router_gate": gate,
+                 "moe_lora_router_noise": torch.zeros(num_tasks, self.in_features, num_experts)}
+        if config.expert_bias:
+            banks.update(moe_lora_bias_A=torch.zeros(num_experts, rank),
+                         moe_lora_bias_B=torch.zeros(num_experts, self.out_features))
+        self._new_bank(adapter_name, banks)
         self.moe_lora_dropout[adapter_name] = (
             nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
         )
@@ -101,160 +85,6 @@ class MoELoraLayer(BaseTunerLayer):
             if param is not None:
                 device, dtype = param.device, param.dtype
         return device, dtype
-
-    # ----- frozen slices -------------------------------------------------------------------------------------------
-    def _frozen_rows(self, adapter: str, name: str) -> torch.Tensor:
-        if name in ROUTER_PARAMS:
-            return self.moe_lora_router_frozen[adapter]
-        return self.moe_lora_frozen_by[adapter] >= 0
-
-    def effective(self, adapter: str, name: str) -> torch.Tensor:
-        """The parameter as the forward pass sees it: frozen slices come from their snapshot."""
-        param = getattr(self, name)[adapter]
-        snapshots = self.moe_lora_snapshot[adapter]
-        if name not in snapshots:
-            return param
-        rows = self._frozen_rows(adapter, name).view(-1, *([1] * (param.dim() - 1)))
-        return torch.where(rows, snapshots[name], param)
-
-    def _snapshot_rows(self, adapter: str, name: str, rows: torch.Tensor) -> None:
-        param = getattr(self, name)[adapter].detach()
-        snapshots = self.moe_lora_snapshot[adapter]
-        if name not in snapshots:
-            snapshots[name] = param.clone()
-        else:
-            snapshots[name][rows] = param[rows]
-
-    def write_frozen_slices(self) -> None:
-        """Copy every snapshot back into its parameter, undoing what an optimizer did to frozen slices."""
-        with torch.no_grad():
-            for adapter in self.moe_lora_snapshot:
-                for name in self.moe_lora_snapshot[adapter].keys():
-                    getattr(self, name)[adapter].data.copy_(self.effective(adapter, name))
-
-    def freeze_experts(self, adapter: str, experts: list[int], task: int) -> list[int]:
-        frozen_by = self.moe_lora_frozen_by[adapter]
-        new = [e for e in experts if int(frozen_by[e]) < 0]
-        if not new:
-            return []
-        rows = torch.tensor(new, device=frozen_by.device)
-        with torch.no_grad():
-            frozen_by[rows] = task
-            for name in EXPERT_PARAMS:
-                if adapter in getattr(self, name):
-                    self._snapshot_rows(adapter, name, rows)
-        return new
-
-    def freeze_router(self, adapter: str, task: int) -> None:
-        with torch.no_grad():
-            self.moe_lora_router_frozen[adapter][task] = True
-            rows = torch.tensor([task], device=self.moe_lora_router_frozen[adapter].device)
-            for name in ROUTER_PARAMS:
-                self._snapshot_rows(adapter, name, rows)
-
-    def add_task(self, adapter: str) -> None:
-        """Append a zero-initialised router (and its bookkeeping rows) for one more task."""
-        with torch.no_grad():
-            for name in ROUTER_PARAMS:
-                old = getattr(self, name)[adapter]
-                grown = torch.cat([old.detach(), old.new_zeros(1, *old.shape[1:])])
-                getattr(self, name)[adapter] = nn.Parameter(grown, requires_grad=old.requires_grad)
-                snapshots = self.moe_lora_snapshot[adapter]
-                if name in snapshots:
-                    snapshots[name] = torch.cat([snapshots[name], grown[-1:].clone()])
-            counts = self.moe_lora_counts[adapter]
-            self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(1, counts.shape[1])])
-            frozen = self.moe_lora_router_frozen[adapter]
-            self.moe_lora_router_frozen[adapter] = torch.cat([frozen, frozen.new_zeros(1)])
-
-    def expert_count(self, adapter: str) -> int:
-        return self.moe_lora_A[adapter].shape[0]
-
-    def add_experts(self, adapter: str, count: int, first_task: int) -> None:
-        """Append `count` experts that change no output: up-projections and biases zero, down-projections drawn as
-        at creation, router columns zero for every task. Routers of tasks before `first_task` never select them
-        (`moe_lora_expert_task`: per expert, the first task router that may), so a learned task routes exactly
-        as before; the new experts are trainable (frozen by no task)."""
-        if count < 1:
-            raise ValueError(f"count must be a positive number of experts, got {count}.")
-        old_count = self.expert_count(adapter)
-        with torch.no_grad():
-            for name in EXPERT_PARAMS:
-                if adapter not in getattr(self, name):
-                    continue
-                old = getattr(self, name)[adapter]
-                new = old.new_zeros(count, *old.shape[1:])
-                if name == "moe_lora_A":
-                    bound = 1.0 / math.sqrt(self.in_features)
-                    new.uniform_(-bound, bound)
-                getattr(self, name)[adapter] = nn.Parameter(torch.cat([old.detach(), new]),
-                                                            requires_grad=old.requires_grad)
-                snapshots = self.moe_lora_snapshot[adapter]
-                if name in snapshots:
-                    snapshots[name] = torch.cat([snapshots[name], new.clone()])
-            for name in ROUTER_PARAMS:
-                old = getattr(self, name)[adapter]
-                columns = old.new_zeros(*old.shape[:-1], count)
-                getattr(self, name)[adapter] = nn.Parameter(torch.cat([old.detach(), columns], dim=-1),
-                                                            requires_grad=old.requires_grad)
-                snapshots = self.moe_lora_snapshot[adapter]
-                if name in snapshots:
-                    snapshots[name] = torch.cat([snapshots[name], columns.clone()], dim=-1)
-            counts = self.moe_lora_counts[adapter]
-            self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(counts.shape[0], count)], dim=1)
-            frozen_by = self.moe_lora_frozen_by[adapter]
-            self.moe_lora_frozen_by[adapter] = torch.cat([frozen_by, frozen_by.new_full((count,), -1)])
-            tasks = self.moe_lora_expert_task
-            first = tasks[adapter] if adapter in tasks else frozen_by.new_zeros(old_count)
-            self.moe_lora_expert_task[adapter] = torch.cat([first, first.new_full((count,), first_task)])
-        self.moe_lora_expert_groups[adapter] = self.moe_lora_expert_groups.get(adapter, (old_count,)) + (count,)
-
-    def _expert_groups_from_tasks(self) -> None:
-        """The groups of experts added together, from `moe_lora_expert_task` (runs of one first task)."""
-        for adapter in self.moe_lora_expert_task:
-            groups = torch.unique_consecutive(self.moe_lora_expert_task[adapter], return_counts=True)[1]
-            self.moe_lora_expert_groups[adapter] = tuple(groups.tolist())
-
-    def hidden_experts(self, adapter: str, index: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
-        """Experts the routers `index` (a task, or one per sample) may not select: those added after they were
-        trained (None for a bank that never grew). (experts,) for a task, (batch, experts) per sample."""
-        if adapter not in self.moe_lora_expert_task:
-            return None
-        first = self.moe_lora_expert_task[adapter]
-        if isinstance(index, int):
-            return first > index
-        return first.unsqueeze(0) > index.to(first.device).unsqueeze(1)
-
-    def merge_top_experts(self, adapter: str, counts: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]):
-        """Average the two most-selected experts (by a task's `counts`) into its least-selected trainable one.
-
-        Returns `(sources, target)` or None when the task has no selections yet or no trainable expert is left
-        outside the two sources. The target's optimizer state (e.g. Adam moments) is zeroed so stale statistics
-        of the overwritten expert do not steer the merged weights.
-        """
-        counts = counts.to(self.moe_lora_frozen_by[adapter].device)
-        if int(counts.sum()) == 0 or counts.numel() < 3:
-            return None
-        order = torch.sort(counts, descending=True, stable=True).indices
-        sources = order[:2].tolist()
-        trainable = (self.moe_lora_frozen_by[adapter] < 0).clone()
-        trainable[sources] = False
-        if not bool(trainable.any()):
-            return None
-        candidates = torch.nonzero(trainable).flatten()
-        target = int(candidates[torch.argmin(counts[candidates])])
-        with torch.no_grad():
-            for name in EXPERT_PARAMS:
-                if adapter not in getattr(self, name):
-                    continue
-                param = getattr(self, name)[adapter]
-                value = self.effective(adapter, name)
-                param.data[target] = (value[sources[0]] + value[sources[1]]) / 2
-                state = optimizer.state.get(param, {}) if optimizer is not None else {}
-                for tensor in state.values():
-                    if torch.is_tensor(tensor) and tensor.shape == param.shape:
-                        tensor[target] = 0
-        return sources, target
 
     # ----- forward -------------------------------------------------------------------------------------------------
     def _route(self, route: Optional[TaskRoute], batch: int) -> Optional[TaskRoute]:
@@ -293,21 +123,6 @@ class MoELoraLayer(BaseTunerLayer):
             return total
         return torch.where(keep.view(-1, *([1] * (total.dim() - 1))), total, total.new_zeros(()))
 
-    def _rows(self, adapter: str, name: str, index: Union[int, torch.Tensor],
-              frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Rows `index` (an int, or a 1-d index tensor) of a parameter as the forward pass sees it: frozen rows from
-        their snapshot. Only the rows used are read, never the whole bank; `frozen` is the rows' frozen mask when
-        the caller has it already."""
-        param = getattr(self, name)[adapter]
-        snapshots = self.moe_lora_snapshot[adapter]
-        pick = (lambda t: t[index]) if isinstance(index, int) else (lambda t: t.index_select(0, index))
-        if name not in snapshots:
-            return pick(param)
-        if frozen is None:
-            frozen = pick(self._frozen_rows(adapter, name))
-        return torch.where(frozen.view(*frozen.shape, *([1] * (param.dim() - 1))), pick(snapshots[name]),
-                           pick(param))
-
     def _experts_forward(
         self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor],
         keep: Optional[torch.Tensor], selections: Optional[dict] = None,
@@ -322,15 +137,15 @@ class MoELoraLayer(BaseTunerLayer):
         noisy = options.noisy_gating and (self.training or options.noisy_gating_eval)
         choice = noisy_top_k(
             tokens[:, 0],
-            self._rows(adapter, "moe_lora_router_gate", index),
-            self._rows(adapter, "moe_lora_router_noise", index) if noisy else None,
+            self.router_rows(adapter, "moe_lora_router_gate", index),
+            self.router_rows(adapter, "moe_lora_router_noise", index) if noisy else None,
             top_k=options.top_k,
             noisy=noisy,
             noise_epsilon=options.noise_epsilon,
             with_balance_loss=self.training and options.load_balancing_coef > 0,
             keep=keep,
             hidden=self.hidden_experts(adapter, index),
-            expert_groups=self.moe_lora_expert_groups.get(adapter),
+            first_experts=options.num_experts,
         )
         if choice.balance_loss is not None:
             loss = options.load_balancing_coef * choice.balance_loss
@@ -347,12 +162,9 @@ class MoELoraLayer(BaseTunerLayer):
         # biases folded in. index_select (not advanced indexing) keeps the backward an index_add, the cheap scatter.
         top_k, rank = experts.shape[1], weight_a.shape[1]
         chosen = experts.flatten()
-        frozen = None
-        if "moe_lora_A" in self.moe_lora_snapshot[adapter]:
-            frozen = self._frozen_rows(adapter, "moe_lora_A").index_select(0, chosen)
-        down = self._rows(adapter, "moe_lora_A", chosen, frozen).view(batch, top_k * rank, dim).transpose(1, 2)
+        down = self.expert_rows(adapter, "moe_lora_A", chosen).view(batch, top_k * rank, dim).transpose(1, 2)
         if adapter in self.moe_lora_bias_A:
-            bias_a = self._rows(adapter, "moe_lora_bias_A", chosen, frozen).view(batch, 1, top_k * rank)
+            bias_a = self.expert_rows(adapter, "moe_lora_bias_A", chosen).view(batch, 1, top_k * rank)
             hidden = torch.baddbmm(bias_a, tokens, down)
         else:
             hidden = torch.bmm(tokens, down)
@@ -362,9 +174,9 @@ class MoELoraLayer(BaseTunerLayer):
         if options.expert_scale != 1:
             mix = mix * options.expert_scale
         hidden = (hidden.view(batch, length, top_k, rank) * mix.view(batch, 1, top_k, 1)).view(batch, length, -1)
-        up = self._rows(adapter, "moe_lora_B", chosen, frozen).view(batch, top_k * rank, self.out_features)
+        up = self.expert_rows(adapter, "moe_lora_B", chosen).view(batch, top_k * rank, self.out_features)
         if adapter in self.moe_lora_bias_B:
-            bias_b = self._rows(adapter, "moe_lora_bias_B", chosen, frozen).view(batch, top_k, self.out_features)
+            bias_b = self.expert_rows(adapter, "moe_lora_bias_B", chosen).view(batch, top_k, self.out_features)
             out = torch.baddbmm(torch.bmm(mix.unsqueeze(1), bias_b), hidden, up)
         else:
             out = torch.bmm(hidden, up)
@@ -393,27 +205,6 @@ def _recomputing() -> bool:
     """True inside autograd's backward, where gradient checkpointing recomputes a forward (a compiled graph never
     reruns Python there)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
-def _write_frozen_slices_before_save(module: MoELoraLayer, prefix: str, keep_vars: bool) -> None:
-    module.write_frozen_slices()
-
-
-def _snapshot_frozen_slices_after_load(module: MoELoraLayer, incompatible_keys) -> None:
-    """Loaded parameters hold the frozen values: rebuild the snapshots from them."""
-    with torch.no_grad():
-        for adapter in module.moe_lora_snapshot:
-            snapshots = module.moe_lora_snapshot[adapter]
-            for name in EXPERT_PARAMS + ROUTER_PARAMS:
-                params = getattr(module, name)
-                if adapter in params and bool(module._frozen_rows(adapter, name).any()):
-                    snapshots[name] = params[adapter].detach().clone()
-                elif name in snapshots:
-                    del snapshots[name]
-
-
-def _expert_groups_after_load(module: MoELoraLayer, incompatible_keys) -> None:
-    module._expert_groups_from_tasks()
 
 
 BLOCK_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
@@ -469,6 +260,8 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
             return output
         return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
+    train = ExpertBank.train
+
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()
 
@@ -490,6 +283,8 @@ class MoELoraLinear(nn.Module, MoELoraLayer):
         if delta is None:
             return result
         return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+
+    train = ExpertBank.train
 
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ...ddas.settings import SELECTOR_KEY
+from .bank import EXPERT_PARAMS, ROUTER_PARAMS
 from .base_weights import base_weights_record
 from .config import MoELoraConfig
-from .layer import EXPERT_PARAMS, ROUTER_PARAMS
 from .peft_type import MOE_LORA_PREFIX
 
 logger = logging.getLogger("hf_moe_cl")

@@ -2,7 +2,8 @@
 (`task_route`), handed over by a pre-hook; no layer stores one.
 
 Where a call's route comes from, most specific first:
-1. a per-call route: `routing(task_ids)`, or `model(..., task_ids=...)` as peft passes `adapter_names`;
+1. a per-call route: `routing(task_ids)`, or `model(..., task_ids=...)` (the wrapped model's `forward` takes
+   `task_ids`: `RoutedForward`);
 2. the session's route: `set_task(t)` (`set_task(None)`: the untouched base model, chosen explicitly);
 3. the adapter's trained DDAS selector, for a model with no task chosen: each image goes where the selector sends it
    (`DistributionSelector.choose`, the same choice `TaskAgnosticClassifier` makes), and the text of a CLIP call
@@ -14,8 +15,9 @@ The hooks are registered once, at injection, never per call, so a compiled model
 
 from __future__ import annotations
 
+import inspect
 import operator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Optional, Union
 
@@ -30,6 +32,28 @@ MIXED = "mixed"  # the selector sent a CLIP call's images to different tasks
 TOWERS = ("vision_model", "text_model")
 
 
+class RoutedForward:
+    """The wrapped model's `forward`, with a `task_ids` argument that routes the call: its signature names
+    `task_ids`, so the plain `Trainer` keeps a `task_ids` column instead of dropping it (and training every row on
+    one task)."""
+
+    def __init__(self, tuner: "TaskRouting"):
+        self.tuner = tuner
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        original = inspect.signature(type(self.tuner.model).forward)
+        parameters = list(original.parameters.values())[1:]  # without self
+        at = next((i for i, p in enumerate(parameters) if p.kind == p.VAR_KEYWORD), len(parameters))
+        task_ids = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        return original.replace(parameters=parameters[:at] + [task_ids] + parameters[at:])
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        model = self.tuner.model
+        with self.tuner.routing(task_ids) if task_ids is not None else nullcontext():
+            return type(model).forward(model, *args, **kwargs)
+
+
 class TaskRouting:
     """The routing part of `MoELoraModel`: the session's route, a stack of per-call routes and the selector's."""
 
@@ -42,6 +66,7 @@ class TaskRouting:
             if getattr(layer, "_route_hook", None) is None:
                 layer._route_hook = layer.register_forward_pre_hook(self._inject_route, with_kwargs=True)
         if getattr(self, "_model_hooks", None) is None:
+            self.model.forward = RoutedForward(self)
             self._model_hooks = [self.model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
                                  self.model.register_forward_hook(self._end_call)]
             for tower, begin in zip(TOWERS, (self._route_images, self._route_text)):
@@ -54,6 +79,8 @@ class TaskRouting:
         for handle in getattr(self, "_model_hooks", None) or []:
             handle.remove()
         self._model_hooks = None
+        if isinstance(self.model.__dict__.get("forward"), RoutedForward):
+            del self.model.forward
 
     # ----- choosing a route ----------------------------------------------------------------------------------------
     def set_task(self, task: Optional[int]) -> None:
@@ -79,15 +106,6 @@ class TaskRouting:
         finally:
             self._call_routes.pop()
 
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """`peft_model(..., task_ids=...)` routes one call, as peft does with `adapter_names`."""
-        if kwargs.get("task_ids") is None:
-            yield
-            return
-        with self.routing(kwargs["task_ids"]):
-            yield
-
     # ----- hooks ---------------------------------------------------------------------------------------------------
     def _inject_route(self, module, args, kwargs):
         """Forward pre-hook of every MoE layer: the call's route is an argument of the layer's forward."""
@@ -110,11 +128,9 @@ class TaskRouting:
         )
 
     def _begin_call(self, module, args, kwargs):
-        """Pre-hook of the whole CLIP: `task_ids` is routing, consumed by the tuner (the wrapped CLIP never sees
-        it)."""
-        kwargs.pop("task_ids", None)
+        """Pre-hook of the whole CLIP: a call of both towers begins (the selector's choice for its images may route
+        its text)."""
         self._clip_call, self._images_route = True, None
-        return args, kwargs
 
     def _end_call(self, module, args, output):
         self._clip_call, self._images_route = False, None

@@ -1,0 +1,266 @@
+"""Where a layer's experts and routers live, so that what learned tasks froze costs nothing in training.
+
+Every expert tensor and every router tensor has a *bank*: a buffer with all of them in their order (experts first
+dimension; routers: one per task), saved as the adapter's tensors (`moe_lora_A`, ..., `moe_lora_router_gate`, the
+layout every release saved). Only what can still change is a parameter: the experts no task froze and the routers of
+tasks not learned yet, in compact `moe_lora_trainable_*` parameters (not saved: the banks hold their values). Frozen
+experts and learned routers are outside autograd, the optimizer and gradient buffers, and are read in place:
+
+- an expert gather reads the bank (one `index_select` of the chosen rows), and its backward scatters into the
+  trainable parameter only (`_GatherRows`); in training mode the trainable rows are copied into the bank before
+  every forward (rows that can change: not more than the experts still trainable, whatever the tasks learned);
+- a router is read from the parameter when its task can still train, else from the bank.
+
+Freezing, adding a task and growing the bank rebuild the parameters between tasks, never during one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+EXPERT_PARAMS = ("moe_lora_A", "moe_lora_B", "moe_lora_bias_A", "moe_lora_bias_B")
+ROUTER_PARAMS = ("moe_lora_router_gate", "moe_lora_router_noise")
+TRAINABLE = {name: name.replace("moe_lora_", "moe_lora_trainable_", 1) for name in EXPERT_PARAMS + ROUTER_PARAMS}
+INDEX_BUFFERS = ("moe_lora_expert_rows", "moe_lora_expert_slot", "moe_lora_router_rows", "moe_lora_router_slot")
+
+
+def is_trainable_key(key: str) -> bool:
+    """A state-dict key of a trainable part (not saved: its bank holds its values)."""
+    return any(f".{name}." in key or key.endswith(f".{name}") for name in TRAINABLE.values())
+
+
+class _GatherRows(torch.autograd.Function):
+    """`bank[index]` whose gradient goes to the trainable parameter's rows (`slot[index]`, -1 for a frozen row)."""
+
+    @staticmethod
+    def forward(ctx, trainable: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, slot: torch.Tensor):
+        rows = slot.index_select(0, index)
+        ctx.save_for_backward(rows)
+        ctx.trainable_shape = trainable.shape
+        return bank.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        keep = (rows >= 0).to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+        return grad.new_zeros(ctx.trainable_shape).index_add_(0, rows.clamp_min(0), grad * keep), None, None, None
+
+
+class ExpertBank:
+    """The storage part of `MoELoraLayer`: banks, trainable parameters and the maps between them, per adapter."""
+
+    def _init_banks(self) -> None:
+        for name in EXPERT_PARAMS + ROUTER_PARAMS:
+            setattr(self, name, BufferDict(persistent=True))
+            setattr(self, TRAINABLE[name], nn.ParameterDict())
+        for name in INDEX_BUFFERS:  # rows that can train, and each row's place among them (-1: none)
+            setattr(self, name, BufferDict(persistent=False))
+        self.moe_lora_router_list: dict[str, list[int]] = {}  # moe_lora_router_slot as Python ints
+
+    def _frozen(self, adapter: str, name: str) -> torch.Tensor:
+        return self.moe_lora_router_frozen[adapter] if name in ROUTER_PARAMS else self.moe_lora_frozen_by[adapter] >= 0
+
+    @torch.no_grad()
+    def sync_banks(self, adapter: Optional[str] = None, names=EXPERT_PARAMS + ROUTER_PARAMS) -> None:
+        """Copy the trainable parameters' values into their banks' rows."""
+        for adapter in [adapter] if adapter is not None else list(self.moe_lora_router_list):
+            for name in names:
+                if adapter in getattr(self, name):
+                    rows = self._rows_of(name)[adapter]
+                    getattr(self, name)[adapter].index_copy_(0, rows, getattr(self, TRAINABLE[name])[adapter])
+
+    def _rows_of(self, name: str) -> BufferDict:
+        return self.moe_lora_router_rows if name in ROUTER_PARAMS else self.moe_lora_expert_rows
+
+    @torch.no_grad()
+    def _rebuild(self, adapter: str) -> None:
+        """The trainable parameters from the banks and the frozen flags (after a freeze, a new task, a growth or a
+        load): one row per expert no task froze, per router of a task not learned."""
+        for kind, frozen in (("expert", self.moe_lora_frozen_by[adapter] >= 0),
+                             ("router", self.moe_lora_router_frozen[adapter])):
+            meta = frozen.device.type == "meta"  # a model being sized, not run: nothing is frozen
+            rows = torch.arange(len(frozen), device=frozen.device) if meta else torch.nonzero(~frozen).flatten()
+            getattr(self, f"moe_lora_{kind}_rows")[adapter] = rows
+            getattr(self, f"moe_lora_{kind}_slot")[adapter] = torch.full_like(frozen, -1, dtype=torch.long).index_put_(
+                (rows,), torch.arange(len(rows), device=rows.device))
+        # read by Python when a whole batch takes one task: no device sync
+        slots = self.moe_lora_router_slot[adapter]
+        self.moe_lora_router_list[adapter] = list(range(len(slots))) if slots.is_meta else slots.tolist()
+        for name in EXPERT_PARAMS + ROUTER_PARAMS:
+            if adapter not in getattr(self, name):
+                continue
+            trainable = getattr(self, TRAINABLE[name])
+            grad = trainable[adapter].requires_grad if adapter in trainable else True
+            rows = self._rows_of(name)[adapter]
+            trainable[adapter] = nn.Parameter(getattr(self, name)[adapter].index_select(0, rows).clone(),
+                                              requires_grad=grad)
+
+    def _new_bank(self, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Register the adapter's banks (`tensors`: name -> all its rows) and build their trainable parameters."""
+        for name, tensor in tensors.items():
+            getattr(self, name)[adapter] = tensor
+        self._rebuild(adapter)
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`; switching to evaluation brings the banks up to date once (evaluation reads them
+        without copying)."""
+        if not mode:
+            self.sync_banks()
+        return nn.Module.train(self, mode)
+
+    # ----- reading -------------------------------------------------------------------------------------------------
+    def expert_rows(self, adapter: str, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of an expert tensor as the forward pass sees them; in training mode the bank's trainable
+        rows are refreshed first."""
+        if self.training:
+            self.sync_banks(adapter, (name,))
+        return _GatherRows.apply(getattr(self, TRAINABLE[name])[adapter], getattr(self, name)[adapter], index,
+                                 self.moe_lora_expert_slot[adapter])
+
+    def router_rows(self, adapter: str, name: str, index: Union[int, torch.Tensor]) -> torch.Tensor:
+        """Router `index` (a task) or routers per sample (a 1-d tensor of tasks): a task that can still train from
+        the parameter, a learned one from the bank."""
+        slots, bank = self.moe_lora_router_slot[adapter], getattr(self, name)[adapter]
+        trainable = getattr(self, TRAINABLE[name])[adapter]
+        if isinstance(index, int):
+            slot = self.moe_lora_router_list[adapter][index]
+            return trainable[slot] if slot >= 0 else bank[index]
+        rows = slots.index_select(0, index)
+        learned = bank.index_select(0, index)
+        if trainable.shape[0] == 0:
+            return learned
+        current = trainable.index_select(0, rows.clamp_min(0))
+        return torch.where((rows >= 0).view(-1, 1, 1), current, learned)
+
+    def bank(self, adapter: str, name: str) -> torch.Tensor:
+        """Every row of a tensor, up to date (frozen rows, and the trainable rows' current values)."""
+        self.sync_banks(adapter, (name,))
+        return getattr(self, name)[adapter]
+
+    # ----- freezing, tasks, growth ---------------------------------------------------------------------------------
+    def freeze_experts(self, adapter: str, experts: list[int], task: int) -> list[int]:
+        frozen_by = self.moe_lora_frozen_by[adapter]
+        new = [e for e in experts if int(frozen_by[e]) < 0]
+        if new:
+            self.sync_banks(adapter)
+            frozen_by[torch.tensor(new, device=frozen_by.device)] = task
+            self._rebuild(adapter)
+        return new
+
+    def freeze_router(self, adapter: str, task: int) -> None:
+        self.sync_banks(adapter)
+        self.moe_lora_router_frozen[adapter][task] = True
+        self._rebuild(adapter)
+
+    @torch.no_grad()
+    def add_task(self, adapter: str) -> None:
+        """Append a zero-initialised router (and its bookkeeping rows) for one more task."""
+        self.sync_banks(adapter)
+        for name in ROUTER_PARAMS:
+            old = getattr(self, name)[adapter]
+            getattr(self, name)[adapter] = torch.cat([old, old.new_zeros(1, *old.shape[1:])])
+        counts = self.moe_lora_counts[adapter]
+        self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(1, counts.shape[1])])
+        frozen = self.moe_lora_router_frozen[adapter]
+        self.moe_lora_router_frozen[adapter] = torch.cat([frozen, frozen.new_zeros(1)])
+        self._rebuild(adapter)
+
+    def expert_count(self, adapter: str) -> int:
+        return self.moe_lora_A[adapter].shape[0]
+
+    @torch.no_grad()
+    def add_experts(self, adapter: str, count: int, first_task: int) -> None:
+        """Append `count` experts that change no output: up-projections and biases zero, down-projections drawn as
+        at creation, router columns zero for every task. Routers of tasks before `first_task` never select them
+        (`moe_lora_expert_task`: per expert, the first task router that may), so a learned task routes exactly
+        as before; the new experts are trainable (frozen by no task)."""
+        if count < 1:
+            raise ValueError(f"count must be a positive number of experts, got {count}.")
+        self.sync_banks(adapter)
+        old_count = self.expert_count(adapter)
+        for name in EXPERT_PARAMS:
+            if adapter in getattr(self, name):
+                old = getattr(self, name)[adapter]
+                new = old.new_zeros(count, *old.shape[1:])
+                if name == "moe_lora_A":
+                    bound = 1.0 / math.sqrt(self.in_features)
+                    new.uniform_(-bound, bound)
+                getattr(self, name)[adapter] = torch.cat([old, new])
+        for name in ROUTER_PARAMS:
+            old = getattr(self, name)[adapter]
+            getattr(self, name)[adapter] = torch.cat([old, old.new_zeros(*old.shape[:-1], count)], dim=-1)
+        counts = self.moe_lora_counts[adapter]
+        self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(counts.shape[0], count)], dim=1)
+        frozen_by = self.moe_lora_frozen_by[adapter]
+        self.moe_lora_frozen_by[adapter] = torch.cat([frozen_by, frozen_by.new_full((count,), -1)])
+        tasks = self.moe_lora_expert_task
+        first = tasks[adapter] if adapter in tasks else frozen_by.new_zeros(old_count)
+        self.moe_lora_expert_task[adapter] = torch.cat([first, first.new_full((count,), first_task)])
+        self._rebuild(adapter)
+
+    def hidden_experts(self, adapter: str, index: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Experts the routers `index` (a task, or one per sample) may not select: those added after they were
+        trained (None for a bank that never grew). (experts,) for a task, (batch, experts) per sample."""
+        if adapter not in self.moe_lora_expert_task:
+            return None
+        first = self.moe_lora_expert_task[adapter]
+        if isinstance(index, int):
+            return first > index
+        return first.unsqueeze(0) > index.to(first.device).unsqueeze(1)
+
+    def merge_top_experts(self, adapter: str, counts: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]):
+        """Average the two most-selected experts (by a task's `counts`) into its least-selected trainable one.
+
+        Returns `(sources, target)` or None when the task has no selections yet or no trainable expert is left
+        outside the two sources. The target's optimizer state (e.g. Adam moments) is zeroed so stale statistics
+        of the overwritten expert do not steer the merged weights.
+        """
+        counts = counts.to(self.moe_lora_frozen_by[adapter].device)
+        if int(counts.sum()) == 0 or counts.numel() < 3:
+            return None
+        order = torch.sort(counts, descending=True, stable=True).indices
+        sources = order[:2].tolist()
+        trainable = (self.moe_lora_frozen_by[adapter] < 0).clone()
+        trainable[sources] = False
+        if not bool(trainable.any()):
+            return None
+        candidates = torch.nonzero(trainable).flatten()
+        target = int(candidates[torch.argmin(counts[candidates])])
+        row = int(self.moe_lora_expert_slot[adapter][target])
+        with torch.no_grad():
+            for name in EXPERT_PARAMS:
+                if adapter not in getattr(self, name):
+                    continue
+                value = self.bank(adapter, name)
+                param = getattr(self, TRAINABLE[name])[adapter]
+                param.data[row] = (value[sources[0]] + value[sources[1]]) / 2
+                state = optimizer.state.get(param, {}) if optimizer is not None else {}
+                for tensor in state.values():
+                    if torch.is_tensor(tensor) and tensor.shape == param.shape:
+                        tensor[row] = 0
+        return sources, target
+
+
+def sync_before_save(module: ExpertBank, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: the banks hold the trainable rows' current values when saved."""
+    module.sync_banks()
+
+
+def banks_only(module: ExpertBank, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: a state dict holds the banks, never the trainable parts (whose shapes depend on what is
+    frozen), so that it loads into a model frozen otherwise."""
+    for key in [key for key in state_dict if key.startswith(prefix) and is_trainable_key(key)]:
+        del state_dict[key]
+
+
+def rebuild_after_load(module: ExpertBank, incompatible_keys) -> None:
+    """Load post-hook: the loaded banks and frozen flags give the trainable parameters (which a state dict does not
+    hold: not missing)."""
+    for adapter in list(module.moe_lora_router_list):
+        module._rebuild(adapter)
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not is_trainable_key(key)]
