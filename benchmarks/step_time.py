@@ -8,7 +8,7 @@ Everything is measured in one run on the same batch, so the printed ratios compa
 "ops" counts the top-level aten ops one train step dispatches (forward, backward and AdamW; torch.profiler on the
 CPU side), the launch overhead a GPU pays per step in eager mode. --tasks N also times the step of the last of N
 tasks, after the earlier ones froze experts as each policy does (top_k, the paper's; coverage 1.0; coverage 1.0 with
-a bank that grows below a trainable share of 0.3), against the first task's step of the same adapter (models
+a bank that keeps 0.3 x num_experts trainable), against the first task's step of the same adapter (models
 interleaved in one run), with the optimizer state and the ops of that step; its last line reads
 `ratio to task 1 at N tasks: top_k R, coverage R, growth R`.
 On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
@@ -139,7 +139,7 @@ def measure_all(models, batch, steps, device):
 def after_earlier_tasks(model, tasks: int, policy: str, growth: Optional[float] = None, seed: int = 0):
     """`model` (num_tasks=tasks) as its last task starts training: each earlier task selected `top_k + 2` random
     trainable experts per layer and froze them as `policy` says ('top_k': its two most-selected, the paper;
-    'coverage': all it used), the bank growing below the trainable share `growth`."""
+    'coverage': all it used), the bank growing to keep `growth` x num_experts trainable."""
     moe = model.base_model
     generator = torch.Generator().manual_seed(seed)
     k = moe.moe_config.top_k

@@ -144,3 +144,21 @@ def test_a_growing_bank_keeps_every_earlier_experts_logit_bit_for_bit():
             for known, earlier in seen.get(name, {}).items():
                 assert torch.equal(logits[:, :known], earlier), (name, known, width)
             seen.setdefault(name, {})[width] = logits
+
+
+def test_a_parameter_written_in_evaluation_is_the_value_the_forward_uses(clip_inputs):
+    """The banks are refreshed before every forward, not only in training: an edit made after `eval()` counts."""
+    peft_model = model().eval()
+    peft_model.base_model.set_task(0)
+    with torch.no_grad():
+        before = peft_model(**clip_inputs).logits_per_image
+        for name, param in peft_model.named_parameters():
+            if TRAINABLE["moe_lora_B"] in name:
+                param.add_(1.0)
+        after = peft_model(**clip_inputs).logits_per_image
+        reference = model().eval()  # the same edit made in training mode, then evaluated
+        reference.load_state_dict(peft_model.state_dict())
+        reference.base_model.set_task(0)
+        expected = reference(**clip_inputs).logits_per_image
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, expected)

@@ -55,14 +55,14 @@ def test_new_experts_change_no_learned_task_and_train_for_the_next(clip_inputs):
     freeze_all(model, 0)  # full coverage: every expert belongs to task 0
     before = outputs(model, clip_inputs, [0])
     added = moe.grow_experts(1, threshold=0.5)
-    assert added == {name: 4 for name in moe.moe_layers()}  # 0 of 4 trainable -> 4 new: 4 of 8
-    assert moe.moe_config.experts_per_module == {name: 8 for name in moe.moe_layers()}
+    assert added == {name: 2 for name in moe.moe_layers()}  # 0 of 4 trainable -> 0.5 x 4 = 2 new: 2 of 6
+    assert moe.moe_config.experts_per_module == {name: 6 for name in moe.moe_layers()}
     layer = moe.moe_layers()[VISION0]
-    assert layer.moe_lora_A["default"].shape == (8, 4, 48) and layer.moe_lora_router_gate["default"].shape[-1] == 8
+    assert layer.moe_lora_A["default"].shape == (6, 4, 48) and layer.moe_lora_router_gate["default"].shape[-1] == 6
     assert torch.all(layer.moe_lora_B["default"][4:] == 0) and torch.all(layer.moe_lora_bias_B["default"][4:] == 0)
-    assert layer.moe_lora_frozen_by["default"].tolist() == [0] * 4 + [-1] * 4
-    assert layer.moe_lora_expert_task["default"].tolist() == [0] * 4 + [1] * 4
-    assert layer.hidden_experts("default", 0).tolist() == [False] * 4 + [True] * 4
+    assert layer.moe_lora_frozen_by["default"].tolist() == [0] * 4 + [-1] * 2
+    assert layer.moe_lora_expert_task["default"].tolist() == [0] * 4 + [1] * 2
+    assert layer.hidden_experts("default", 0).tolist() == [False] * 4 + [True] * 2
     assert not layer.hidden_experts("default", torch.tensor([1, 2])).any()
     assert all(torch.equal(before[0], after) for after in outputs(model, clip_inputs, [0]).values())
     start = layer.moe_lora_B["default"].detach().clone()
@@ -70,7 +70,7 @@ def test_new_experts_change_no_learned_task_and_train_for_the_next(clip_inputs):
     assert all(torch.equal(before[0], after) for after in outputs(model, clip_inputs, [0]).values())
     assert not torch.equal(layer.moe_lora_B["default"][4:], start[4:])  # the new experts learned task 1
     assert torch.equal(layer.bank("default", "moe_lora_B")[:4], start[:4])
-    assert moe.selection_counts(1)[VISION0].shape == (8,)
+    assert moe.selection_counts(1)[VISION0].shape == (6,)
 
 
 def test_growth_brings_each_layer_back_to_the_threshold_and_spares_the_others():
@@ -82,10 +82,23 @@ def test_growth_brings_each_layer_back_to_the_threshold_and_spares_the_others():
     assert moe.grow_experts(1, threshold=0.05) == {}
     moe.moe_config.expert_growth_threshold = 0.4
     added = moe.grow_experts(1)
-    assert added == {VISION0: 5}  # (1 + 5) / 15 = 0.4; the closed form, not more
-    assert moe.expert_slots()[VISION0] == {"total": 15, "trainable": 6}
+    assert added == {VISION0: 3}  # 1 + 3 = 0.4 x 10 trainable; no more
+    assert moe.expert_slots()[VISION0] == {"total": 13, "trainable": 4}
     layers["vision_model.encoder.layers.1"].freeze_experts("default", list(range(10)), task=1)
     assert moe.grow_experts(2, threshold=0.1) == {"vision_model.encoder.layers.1": 2}  # at least top_k
+
+
+def test_the_trainable_set_stays_bounded_however_many_tasks_froze_theirs():
+    """Each task freezing every expert it had: the bank grows by the same count per task, and the trainable set
+    (and with it the optimizer's state and a step's cost) stays at threshold x num_experts."""
+    model = get_peft_model(tiny_clip(), config(num_tasks=12, num_experts=10, expert_growth_threshold=0.3))
+    moe = model.base_model
+    for task in range(11):
+        layer = moe.moe_layers()[VISION0]
+        trainable = [e for e in range(layer.expert_count("default")) if layer.moe_lora_frozen_by["default"][e] < 0]
+        layer.freeze_experts("default", trainable, task)
+        assert moe.grow_experts(task + 1)[VISION0] == 3
+        assert moe.expert_slots()[VISION0] == {"total": 10 + 3 * (task + 1), "trainable": 3}
 
 
 def test_config_and_arguments_refuse_bad_growth_settings():
@@ -110,15 +123,15 @@ def test_a_grown_adapter_loads_with_its_shapes_and_keeps_growing(tmp_path, clip_
     train_steps(model, clip_inputs, task=1)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["experts_per_module"][VISION0] == 8 and saved["expert_growth_threshold"] == 0.5
+    assert saved["experts_per_module"][VISION0] == 6 and saved["expert_growth_threshold"] == 0.5
     loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path, is_trainable=True)
     expected, got = outputs(model, clip_inputs, [0, 1]), outputs(loaded, clip_inputs, [0, 1])
     assert all(torch.equal(expected[t], got[t]) for t in (0, 1))
     layer = loaded.base_model.moe_layers()[VISION0]
-    assert layer.moe_lora_expert_task["default"].tolist() == [0] * 4 + [1] * 4
+    assert layer.moe_lora_expert_task["default"].tolist() == [0] * 4 + [1] * 2
     assert loaded.base_model.frozen_experts() == model.base_model.frozen_experts()
     freeze_all(loaded, 1)
-    assert loaded.base_model.grow_experts(2)[VISION0] == 8  # config's threshold: 0 of 8 -> 8 new
+    assert loaded.base_model.grow_experts(2)[VISION0] == 2  # config's threshold: 0 of 6 -> 0.5 x 4 new
     assert all(torch.equal(expected[t], got) for t, got in outputs(loaded, clip_inputs, [0, 1]).items())
 
 

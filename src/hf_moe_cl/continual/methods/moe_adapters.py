@@ -275,8 +275,9 @@ class MoEAdapters(ContinualMethod):
         if not self.arguments.shared_router:
             added = self.moe.grow_experts(self.current_route) if context.trains else {}
             if added:
-                logger.info("Task %s: %d layer(s) grew by %d expert(s) in all (trainable share below %.2f).",
-                            task.name, len(added), sum(added.values()), self.moe.moe_config.expert_growth_threshold)
+                logger.info("Task %s: %d layer(s) grew by %d expert(s) in all (fewer than %.2f x num_experts "
+                            "trainable).", task.name, len(added), sum(added.values()),
+                            self.moe.moe_config.expert_growth_threshold)
             self.expert_growth.append(added)  # nothing unless the adapter grows
         self.moe.set_task(self.current_route)
 

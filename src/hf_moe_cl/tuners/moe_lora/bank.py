@@ -7,8 +7,9 @@ tasks not learned yet, in compact `moe_lora_trainable_*` parameters (not saved: 
 experts and learned routers are outside autograd, the optimizer and gradient buffers, and are read in place:
 
 - an expert gather reads the bank (one `index_select` of the chosen rows), and its backward scatters into the
-  trainable parameter only (`_GatherRows`); in training mode the trainable rows are copied into the bank before
-  every forward (rows that can change: not more than the experts still trainable, whatever the tasks learned);
+  trainable parameter only (`_GatherRows`); the trainable rows are copied into the bank before every forward, in
+  training and in evaluation alike, so that a value written into a parameter is always the one used (rows that
+  can change: not more than the experts still trainable, whatever the tasks learned);
 - a router is read from the parameter when its task can still train, else from the bank.
 
 Freezing, adding a task and growing the bank rebuild the parameters between tasks, never during one.
@@ -106,19 +107,11 @@ class ExpertBank:
             getattr(self, name)[adapter] = tensor
         self._rebuild(adapter)
 
-    def train(self, mode: bool = True):
-        """`nn.Module.train`; switching to evaluation brings the banks up to date once (evaluation reads them
-        without copying)."""
-        if not mode:
-            self.sync_banks()
-        return nn.Module.train(self, mode)
-
     # ----- reading -------------------------------------------------------------------------------------------------
     def expert_rows(self, adapter: str, name: str, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` of an expert tensor as the forward pass sees them; in training mode the bank's trainable
-        rows are refreshed first."""
-        if self.training:
-            self.sync_banks(adapter, (name,))
+        """Rows `index` of an expert tensor as the forward pass sees them; the bank's trainable rows are refreshed
+        first."""
+        self.sync_banks(adapter, (name,))
         return _GatherRows.apply(getattr(self, TRAINABLE[name])[adapter], getattr(self, name)[adapter], index,
                                  self.moe_lora_expert_slot[adapter])
 

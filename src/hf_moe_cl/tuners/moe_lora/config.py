@@ -22,7 +22,7 @@ CLIP_BLOCK_TARGETS = r".*(vision_model|text_model)\.encoder\.layers\.\d+"
 
 
 def check_growth_threshold(name: str, value) -> None:
-    """A bank grows when its share of trainable experts falls below this share in (0, 1) (None: it never grows)."""
+    """A bank grows when fewer than this share in (0, 1) of `num_experts` are trainable (None: it never grows)."""
     check_option(name, value, float, low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
 
 
@@ -61,9 +61,9 @@ class MoELoraConfig(PeftConfig):
     num_experts: int = field(default=22, metadata={"help": "Experts per adapted module."})
     expert_growth_threshold: Optional[float] = field(
         default=None,
-        metadata={"help": "Grow the bank: before a new task, every adapted module whose share of trainable experts "
-                  "(frozen by no task) is below this gets the fewest new experts (at least top_k) that bring it "
-                  "back to it (`grow_experts`). None: the paper's fixed bank."},
+        metadata={"help": "Grow the bank: before a new task, every adapted module with fewer than this share of "
+                  "`num_experts` trainable (frozen by no task) gets the fewest new experts (at least top_k) that "
+                  "bring it back to that many (`grow_experts`). None: the paper's fixed bank."},
     )
     experts_per_module: dict[str, int] = field(
         default_factory=dict,

@@ -131,11 +131,12 @@ class ExpertBookkeeping:
                 for name, layer in self.moe_layers().items()}
 
     def grow_experts(self, first_task: int, threshold: Optional[float] = None) -> dict[str, int]:
-        """Before task `first_task` trains: every layer whose share of trainable experts is below `threshold`
-        (default: the config's `expert_growth_threshold`) gets the fewest new experts, at least top_k, that bring
-        the share back to it. New experts change no output, and routers of earlier tasks never select them
-        (`MoELoraLayer.add_experts`). Returns the experts added per layer; the counts are recorded in the config
-        (`experts_per_module`) so that a saved adapter loads with its grown shapes."""
+        """Before task `first_task` trains: every layer with fewer than `threshold` x `num_experts` trainable
+        experts (`threshold` defaults to the config's `expert_growth_threshold`) gets the fewest new experts, at
+        least top_k, that bring it back to that many; the trainable set, and with it a training step's cost, stays
+        bounded however many tasks were learned. New experts change no output, and routers of earlier tasks never
+        select them (`MoELoraLayer.add_experts`). Returns the experts added per layer; the counts are recorded in
+        the config (`experts_per_module`) so that a saved adapter loads with its grown shapes."""
         config = self.moe_config
         check_growth_threshold("threshold", threshold)
         threshold = config.expert_growth_threshold if threshold is None else threshold
@@ -143,17 +144,14 @@ class ExpertBookkeeping:
             return {}
         self._check_task(first_task)
         adapter = self._adapter()
+        wanted = math.ceil(round(threshold * config.num_experts, 9))
         added = {}
         for name, slots in self.expert_slots().items():
-            total, trainable = slots["total"], slots["trainable"]
-            if trainable >= threshold * total:
-                continue
-            count = max(config.top_k, math.ceil((threshold * total - trainable) / (1.0 - threshold)))
-            while trainable + count < threshold * (total + count):  # rounding of the closed form
-                count += 1
-            self.moe_layers()[name].add_experts(adapter, count, first_task)
-            config.experts_per_module[name] = total + count
-            added[name] = count
+            if slots["trainable"] < wanted:
+                count = max(config.top_k, wanted - slots["trainable"])
+                self.moe_layers()[name].add_experts(adapter, count, first_task)
+                config.experts_per_module[name] = slots["total"] + count
+                added[name] = count
         return added
 
     def grow_to(self, experts_per_module: dict[str, int]) -> None:

@@ -260,8 +260,6 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
             return output
         return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
-    train = ExpertBank.train
-
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()
 
@@ -283,8 +281,6 @@ class MoELoraLinear(nn.Module, MoELoraLayer):
         if delta is None:
             return result
         return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
-
-    train = ExpertBank.train
 
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()
