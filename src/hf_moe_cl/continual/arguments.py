@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from transformers import TrainingArguments
 
 from ..options import check_flags, check_option, short_repr
@@ -102,6 +104,7 @@ class ContinualTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}={short_repr(value)}` cannot be used with ContinualTrainer: {why}. Leave "
                                  f"`{name}` at {off!r}.")
         super().__post_init__()
+        self._check_launch()
         check_option("max_steps", self.max_steps, int)
         if self.max_steps < -1:
             raise ValueError(f"`max_steps` must be the steps per task, -1 (train `num_train_epochs` epochs per task) "
@@ -136,3 +139,17 @@ class ContinualTrainingArguments(TrainingArguments):
             logger.warning("warmup_steps=%g is not shorter than max_steps=%d: every task trains while its learning rate "
                            "still rises and never reaches %g (the presets' warmup is 100 steps). Give fewer "
                            "warmup_steps, or more max_steps.", self.warmup_steps, self.max_steps, self.learning_rate)
+
+    def _check_launch(self) -> None:
+        """Refuse a launch whose processes would each train alone."""
+        fix = "docs/trainer.md, Launching, gives the commands"
+        if (announced := int(os.environ.get("WORLD_SIZE", 1))) != self.world_size:
+            if not self.use_cpu and not torch.cuda.is_available():
+                fix = f"This machine has no GPU: add --use_cpu true (use_cpu=True) to join them in one gloo group; {fix}"
+            raise ValueError(f"The launcher announces WORLD_SIZE={announced} processes, but this run has "
+                             f"{self.world_size}: each process would train alone. {fix}.")
+        if "WORLD_SIZE" not in os.environ and {"MASTER_ADDR", "ACCELERATE_USE_CPU"} <= set(os.environ):
+            raise ValueError("accelerate launch was given several processes (it set MASTER_ADDR) but started this one "
+                             "alone (it does so with --cpu, or without --multi_gpu). Several CPU processes: torchrun "
+                             "--standalone --nproc_per_node N SCRIPT ... --use_cpu true; several GPUs: accelerate launch "
+                             f"--multi_gpu --num_processes N; one process: --num_processes 1. {fix}.")
