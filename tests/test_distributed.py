@@ -72,5 +72,5 @@ def test_accelerate_cpu_launch_of_several_processes_is_refused(tmp_path, monkeyp
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    with pytest.raises(ValueError, match="started this one alone.*torchrun --standalone.*docs/trainer.md"):
+    with pytest.raises(ValueError, match="started this one alone.*torchrun with --use_cpu true.*docs/trainer.md"):
         ContinualTrainingArguments(output_dir=str(tmp_path), report_to="none")

@@ -91,6 +91,14 @@ class ContinualTrainingArguments(TrainingArguments):
                   "preprocessed once per run (and for the untouched model's embeddings of them); test sets beyond it "
                   "are read again each time (0: no cache)."},
     )
+    official_cil_eval: bool = field(
+        default=False,
+        metadata={"help": "Evaluate as MoE-Adapters' class-incremental code (the CIL presets set it): test images "
+                  "through the training augmentation, drawn anew at every evaluation, and the class prompts encoded "
+                  "again (their router noise drawn again) for every 64 test images (cil/main.py line 55; "
+                  "cil/continual_clip/models.py lines 29, 36-40). False: the evaluation transform, and the prompts "
+                  "encoded once per evaluation."},
+    )
     protocol_unit: int = field(
         default=128,
         metadata={"help": "Images of one test set per decision of the `protocol` matrix (the official test batch, "
@@ -131,7 +139,8 @@ class ContinualTrainingArguments(TrainingArguments):
         check_option("max_grad_norm", self.max_grad_norm, float, low=0, optional=True)
         for name in ("label_smoothing_factor", "adam_beta1", "adam_beta2"):
             check_option(name, getattr(self, name), float, low=0, high=1, high_open=True)
-        check_flags(self, ("evaluate_all_tasks", "save_task_checkpoints", "overwrite_output_dir", "check_images"))
+        check_flags(self, ("evaluate_all_tasks", "save_task_checkpoints", "overwrite_output_dir", "check_images",
+                           "official_cil_eval"))
         check_option("task_agnostic_eval", self.task_agnostic_eval, bool, optional=True)
         check_option("train_augmentation", self.train_augmentation, str, choices=("random_resized_crop", "none"),
                      optional=True)
@@ -149,7 +158,6 @@ class ContinualTrainingArguments(TrainingArguments):
             raise ValueError(f"The launcher announces WORLD_SIZE={announced} processes, but this run has "
                              f"{self.world_size}: each process would train alone. {fix}.")
         if "WORLD_SIZE" not in os.environ and {"MASTER_ADDR", "ACCELERATE_USE_CPU"} <= set(os.environ):
-            raise ValueError("accelerate launch was given several processes (it set MASTER_ADDR) but started this one "
-                             "alone (it does so with --cpu, or without --multi_gpu). Several CPU processes: torchrun "
-                             "--standalone --nproc_per_node N SCRIPT ... --use_cpu true; several GPUs: accelerate launch "
-                             f"--multi_gpu --num_processes N; one process: --num_processes 1. {fix}.")
+            raise ValueError("accelerate launch was given several processes but started this one alone (it does so "
+                             "with --cpu, or without --multi_gpu): several CPU processes need torchrun with --use_cpu "
+                             f"true, several GPUs --multi_gpu, one process --num_processes 1. {fix}.")

@@ -167,6 +167,13 @@ class DDASArguments:
         metadata={"help": "'official' training: augment each image once and train on those fixed images (the "
                   "official few-shot chooser, few_shot_AutoEncoder.py lines 170-189)."},
     )
+    ddas_task_draw: str = field(
+        default="own",
+        metadata={"help": "A few-shot task's autoencoder trains on its 'own' draw of as many images per class from "
+                  "the task's whole training set (official: few_shot_AutoEncoder.py lines 167-177 draw 5 per class "
+                  "in a process of their own, independent of the MoE's draw), or on the 'shared' draw the model "
+                  "trained on."},
+    )
 
     def __post_init__(self):
         check_flags(self, ("ddas", "ddas_augment_once"))
@@ -180,6 +187,7 @@ class DDASArguments:
         # 0 would send every image to zero-shot (an autoencoder's error is never below it)
         check_option("ddas_threshold", self.ddas_threshold, float, low=0.0, low_open=True, optional=True)
         check_option("ddas_training", self.ddas_training, str, choices=TRAINING_SCHEDULES)
+        check_option("ddas_task_draw", self.ddas_task_draw, str, choices=("own", "shared"))
         SelectorConfig(**{SELECTOR_OPTION_NAMES[name]: value for name, value in self.moved.items()})  # checked now
         if self.ddas_augment_once and self.ddas_training != "official":
             raise ValueError("ddas_augment_once is part of the official training: set ddas_training='official'.")
