@@ -4,8 +4,8 @@ per task after it trained, with the schedule `DDASArguments.ddas_training` names
 - 'sampled': the features of at most `ddas_max_images` images of each set (a seeded draw, evaluation transform)
   are computed once; the selector fits them in memory (`DistributionSelector.fit_reference` / `fit_task`).
 - 'official': every autoencoder trains on the whole set through the training augmentation, in the official order
-  (few-shot: a draw of its own, each image augmented once, then fixed); with a calibrated threshold, a seeded tenth of the task's
-  images is held out of its training to calibrate it.
+  (few-shot: a draw of its own, each image augmented once, then fixed); with a calibrated threshold, a seeded
+  tenth of the task's images is held out of its training to calibrate it.
 
 What the run provides (`context`): `seed`, `device`, `num_workers`, `progress(iterable, description)`,
 `loader(dataset)` (evaluation batches, this process's share), `collator(augmented)` and `gather(tensor)`.
