@@ -37,13 +37,14 @@ def main(out: str, global_batch: int) -> None:
     tasks = [colour_task("first", n_train=32, seed=0), colour_task("second", n_train=32, seed=1, offset=3)]
     method = MoEAdapters(model, MoEAdaptersArguments(merge_experts_every=3))
     trainer = ContinualTrainer(method=method, args=args, processing_class=processor)
-    trainer.train_tasks(tasks)
+    result = trainer.train_tasks(tasks)
     if rank == 0:
         moe = model.base_model
         summary = {
             "world": world,
             "frozen": {k: {str(e): t for e, t in v.items()} for k, v in moe.frozen_experts().items()},
             "counts": {k: v.tolist() for k, v in moe.selection_counts().items()},
+            "matrices": result.matrices,
         }
         with open(os.path.join(out, "summary.json"), "w") as handle:
             json.dump(summary, handle)

@@ -232,11 +232,13 @@ def test_official_training_trains_every_autoencoder_on_the_augmented_set_and_bou
     assert selector.thresholds.tolist() == pytest.approx([0.0655, 0.0655])  # the untrained task: the same bound
 
 
+@pytest.mark.parametrize("draw", ["own", "shared"])
 def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_over_the_whole_sets(
-        tmp_path, module_processor, monkeypatch):
+        tmp_path, module_processor, monkeypatch, draw):
     """few_shot_AutoEncoder.py: the reference is `shots` images per class, every image is augmented once and its
     features then fixed, and the epochs of the rate decay count batches of the whole training set (and the whole
-    reference), not of the few-shot draw."""
+    reference), not of the few-shot draw. A task's autoencoder trains on its own draw of as many shots per class
+    (lines 167-177, a process apart from the MoE's draw), or on the model's ('shared')."""
     import dataclasses
 
     from hf_moe_cl.data.splits import few_shot_subset
@@ -248,7 +250,7 @@ def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_o
     counting_augmentation(monkeypatch, augmented)
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
     ddas, selector = official_alexnet(tmp_path, ddas_threshold=0.06, ddas_learning_rate=0.003,
-                                      ddas_reference_shots=2, ddas_augment_once=True)
+                                      ddas_reference_shots=2, ddas_augment_once=True, ddas_task_draw=draw)
     reference = noise_images(13, 0).add_column("label", [i % 3 for i in range(13)])
     method = MoEAdapters(model, ddas=ddas, ddas_reference=reference, selector=selector)
     trainer = one_step_trainer(method, tmp_path, module_processor)
@@ -259,8 +261,10 @@ def test_few_shot_official_training_augments_each_image_once_and_counts_epochs_o
     shots = few_shot_subset(reference, 2, trainer.args.seed)
     # reference: 2 x 3 classes fixed features, 13 images -> 4 batches an epoch; task: 2 x 3, 30 images -> 8 batches
     assert calls == [((6, ALEXNET_FEATURES), 4, 0.003, 4), ((6, ALEXNET_FEATURES), 3, 0.003, 8)]
-    assert sorted(augmented) == sorted(image.convert("RGB").tobytes()
-                                       for image in [*shots["image"], *few.train_dataset["image"]])
+    own = few_shot_subset(whole.train_dataset, 2, trainer.args.seed + 1)  # task 0's own draw
+    assert own["image"] != few.train_dataset["image"]
+    task_images = few.train_dataset["image"] if draw == "shared" else own["image"]
+    assert sorted(augmented) == sorted(image.convert("RGB").tobytes() for image in [*shots["image"], *task_images])
 
 
 def test_official_training_on_clip_features_standardises_with_the_reference_and_calibrates_on_held_out_images(

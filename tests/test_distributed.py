@@ -1,5 +1,6 @@
-"""Two gloo processes on CPU must freeze the same experts and reach the weights of one process with the same
-global batch: expert-selection counts are all-reduced before freezing and merging."""
+"""Two gloo processes on CPU, launched as docs/trainer.md says, must freeze the same experts and reach the weights and
+matrices of one process with the same global batch: expert-selection counts are all-reduced before freezing and
+merging. A launch whose processes would not join is refused."""
 
 import json
 import os
@@ -9,7 +10,23 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+import pytest
+
+from hf_moe_cl.continual import ContinualTrainingArguments
+
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+TRAINER_DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "trainer.md")
+
+
+def docs_cpu_launch(processes: int) -> list[str]:
+    """docs/trainer.md's CPU launch with `processes` processes, running the worker instead of examples/mtil.py."""
+    with open(TRAINER_DOC) as handle:
+        line = next(line for line in handle if line.startswith("torchrun "))
+    launcher, options = line.split(" examples/mtil.py ")
+    assert "--use_cpu true" in options  # what joins CPU processes; the worker sets use_cpu=True
+    launcher = launcher.split()
+    launcher[launcher.index("--nproc_per_node") + 1] = str(processes)
+    return [sys.executable, "-m", "torch.distributed.run", *launcher[1:], WORKER]
 
 
 def run(command, cwd):
@@ -21,14 +38,39 @@ def run(command, cwd):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     run([sys.executable, WORKER, str(single), "8"], cwd=tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-         str(double), "8"], cwd=tmp_path)
+    run([*docs_cpu_launch(2), str(double), "8"], cwd=tmp_path)
     one = json.loads((single / "summary.json").read_text())
     two = json.loads((double / "summary.json").read_text())
     assert one["world"] == 1 and two["world"] == 2
     assert two["frozen"] == one["frozen"]
     assert two["counts"] == one["counts"]
+    assert two["matrices"].keys() == one["matrices"].keys() and "oracle" in one["matrices"]
+    for kind, matrix in one["matrices"].items():  # docs/trainer.md: every cell within 0.5 points
+        cells = [(a, b) for row, other in zip(matrix, two["matrices"][kind]) for a, b in zip(row, other)]
+        assert all(abs(a - b) <= 0.5 for a, b in cells if a is not None and b is not None), kind
     a, b = load_file(single / "weights.safetensors"), load_file(double / "weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+
+def test_torchrun_on_cpu_without_use_cpu_is_refused_with_the_fix(tmp_path):
+    """Without a GPU and without use_cpu=True, each process of a 2-process torchrun would train alone."""
+    script = tmp_path / "arguments.py"
+    script.write_text("from hf_moe_cl.continual import ContinualTrainingArguments\n"
+                      f"ContinualTrainingArguments(output_dir={str(tmp_path / 'run')!r}, report_to='none')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(docs_cpu_launch(2)[:-1] + [str(script)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0
+    assert "WORLD_SIZE=2 processes, but this run has 1" in result.stderr and "--use_cpu true" in result.stderr
+
+
+def test_accelerate_cpu_launch_of_several_processes_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` starts one process (it sets MASTER_ADDR, not WORLD_SIZE)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with pytest.raises(ValueError, match="started this one alone.*torchrun with --use_cpu true.*docs/trainer.md"):
+        ContinualTrainingArguments(output_dir=str(tmp_path), report_to="none")

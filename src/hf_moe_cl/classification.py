@@ -129,6 +129,10 @@ class RoutedClassifier:
                                              self.device)
         return cache[key]
 
+    def forget_text(self) -> None:
+        """Encode the prompts again at their next use (a noisy router draws new noise)."""
+        self._text.clear()
+
     def image(self, pixels: torch.Tensor, routes: torch.Tensor, untouched: Untouched = None) -> torch.Tensor:
         """Embeddings of `pixels[i]` through route `routes[i]`. Rows routed to -1 take the untouched model's
         embeddings from `untouched` when given: a tensor for every row, or a function of the row indices that

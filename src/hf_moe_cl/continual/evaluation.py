@@ -8,7 +8,8 @@ DDAS decision per test batch). `EvaluationEngine` serves them together:
   (`ContinualMethod.untouched_is_fixed`): its embeddings are the zero-shot predictions, DDAS's features and what
   images sent to zero-shot are classified with;
 - the routed model encodes an image once per distinct route its cells ask for, the three matrices sharing a pass
-  wherever their routes agree; text features are encoded once per route and label space.
+  wherever their routes agree; text features are encoded once per route and label space (`official_cil_eval`:
+  once per 64 test images, as the official class-incremental code).
 `diagnostics["image_encodings"]` of a run counts both kinds of encodings per stage.
 """
 
@@ -26,6 +27,7 @@ from .result import MATRIX_KINDS
 
 KINDS = ("oracle", "per_image", "protocol")
 PAIR = 1 << 20  # (image, route) pairs are keyed image * PAIR + route
+OFFICIAL_CIL_EVAL_BATCH = 64  # MoE-Adapters4CL cil/main.py line 55; every batch encodes the prompts (models.py 36-40)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class EvaluationEngine:
 
     def __init__(self, trainer, method):
         self.trainer, self.method = trainer, method
-        self.budget = int(trainer.args.eval_cache_gb * 2**30)
+        # official_cil_eval crops test images anew at every evaluation: nothing to keep
+        self.budget = 0 if trainer.args.official_cil_eval else int(trainer.args.eval_cache_gb * 2**30)
         self.used = 0
         self._images: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._untouched: dict[tuple, torch.Tensor] = {}
@@ -182,7 +185,8 @@ class EvaluationEngine:
         space = LabelSpace.of(task.classnames, task.templates)
         selecting = request.per_image or request.protocol
         unit = args.protocol_unit if request.protocol else None
-        block = max(args.per_device_eval_batch_size, unit or 1)
+        official = args.official_cil_eval
+        block = OFFICIAL_CIL_EVAL_BATCH if official else max(args.per_device_eval_batch_size, unit or 1)
         if unit:
             block = -(-block // unit) * unit
         method.model.eval()
@@ -193,6 +197,8 @@ class EvaluationEngine:
         needs_untouched = selecting or request.oracle == ZERO_SHOT
         untouched_parts = []
         for start, pixels, labels in self._blocks(task, block):
+            if official:
+                classifier.forget_text()
             pixels, labels = pixels.to(device), labels.to(device)
             batch = pixels.shape[0]
             untouched = self._untouched_of(task, start, pixels) if needs_untouched else None

@@ -81,17 +81,21 @@ def training_augmentation(image_processor, name: Optional[str]) -> Optional[Rand
 
 
 class ImageClassificationCollator:
-    """Collates examples with `image` and `label` into `pixel_values` and `labels` for `ContinualTrainer`;
-    `augment` (e.g. `RandomResizedCrop`) is applied to every RGB image before the image processor."""
+    """Collates examples with `image` (or already preprocessed `pixel_values`) and `label` into `pixel_values` and
+    `labels` for `ContinualTrainer`; `augment` (e.g. `RandomResizedCrop`) is applied to every RGB image before the
+    image processor."""
 
     def __init__(self, image_processor, augment: Optional[Any] = None):
         self.image_processor = image_processor
         self.augment = augment
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [to_rgb(example["image"]) for example in examples]
-        if self.augment is not None:
-            images = [self.augment(image) for image in images]
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if "pixel_values" in examples[0]:  # preprocessed once and fixed (ConDU few-shot: augmented once)
+            pixel_values = torch.stack([example["pixel_values"] for example in examples])
+        else:
+            images = [to_rgb(example["image"]) for example in examples]
+            if self.augment is not None:
+                images = [self.augment(image) for image in images]
+            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         labels = torch.tensor([int(example["label"]) for example in examples], dtype=torch.long)
         return {"pixel_values": pixel_values, "labels": labels}

@@ -19,19 +19,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
 from ..files import atomic_files
-from .run_folder import (
-    check_output_dir,
-    finished_folders,
-    prune,
-    remove_temporary,
-    resume_point,
-    run_identity,
-    run_lock,
-    save_results,
-    save_task,
-    task_folder,
-    update_progress,
-)
+from .run_folder import (check_output_dir, finished_folders, prune, remove_temporary, resume_point, run_identity,
+                         run_lock, save_results, save_task, task_folder, update_progress)
 from .arguments import ContinualTrainingArguments
 from .context import TaskContext
 from .preprocessing import ImageClassificationCollator, training_augmentation
@@ -98,7 +87,8 @@ class ContinualTrainer(Trainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TaskProgressCallback(self))
         self.method = method
-        self.evaluation_collator = ImageClassificationCollator(image_processor)  # test images as evaluated
+        self.evaluation_collator = ImageClassificationCollator(image_processor, training_augmentation(
+            image_processor, args.train_augmentation) if args.official_cil_eval else None)  # test images as evaluated
         self.current_task: Optional[ContinualTask] = None
         self.task_label = ""
         self.num_routes = 0
@@ -111,10 +101,8 @@ class ContinualTrainer(Trainer):
     def train(self, *args, **kwargs):
         """Trains the current task; a task sequence is trained with `train_tasks`."""
         if not self._in_task_loop:
-            raise ValueError(
-                "ContinualTrainer trains a sequence of tasks: call trainer.train_tasks([ContinualTask(...), ...]) "
-                "instead of train()."
-            )
+            raise ValueError("ContinualTrainer trains a sequence of tasks: call "
+                             "trainer.train_tasks([ContinualTask(...), ...]) instead of train().")
         return super().train(*args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -123,16 +111,14 @@ class ContinualTrainer(Trainer):
         no eval_dataset of its own)."""
         task = self.current_task
         if task is None:
-            raise ValueError(
-                "ContinualTrainer.evaluate() measures the task being trained inside train_tasks(); to measure a task "
-                "at other times use trainer.evaluate_task(task, route)."
-            )
+            raise ValueError("ContinualTrainer.evaluate() measures the task being trained inside train_tasks(); to "
+                             "measure a task at other times use trainer.evaluate_task(task, route).")
         if eval_dataset is not None:
             task = ContinualTask(task.name, None, eval_dataset, task.classnames, task.templates)
         current = ContinualMethod(self.model)  # the training model as it is: no routing
         classifier = RoutedClassifier(current, self.processing_class.tokenizer, self.args.device)
-        accuracy = EvaluationEngine(self, current).evaluate(task, CellRequest(oracle=ZERO_SHOT), classifier)[
-            "oracle"].accuracy
+        accuracy = EvaluationEngine(self, current).evaluate(task, CellRequest(oracle=ZERO_SHOT), classifier)["oracle"]
+        accuracy = accuracy.accuracy
         self.model.train()
         metrics = {f"{metric_key_prefix}_accuracy": accuracy}
         self.log(metrics)
@@ -164,9 +150,8 @@ class ContinualTrainer(Trainer):
         tokens = {k: v.to(inputs["pixel_values"].device) for k, v in prompt_tokens.items()}
         outputs = model(pixel_values=inputs["pixel_values"], **tokens)
         labels = label_map.to(inputs["labels"].device)[inputs["labels"]]
-        loss = F.cross_entropy(
-            outputs.logits_per_image.float(), labels, label_smoothing=self.args.label_smoothing_factor
-        )
+        smoothing = self.args.label_smoothing_factor
+        loss = F.cross_entropy(outputs.logits_per_image.float(), labels, label_smoothing=smoothing)
         extra = self.method.extra_loss()
         if extra is not None:
             loss = loss + extra
@@ -342,7 +327,7 @@ class ContinualTrainer(Trainer):
         self._task_inputs = (tokenize_prompts(self.processing_class.tokenizer, task.prompts(template)), label_map)
         self.args = copy.copy(run_args)  # this task's arguments: the run's with the task's learning rate
         self.args.learning_rate = self.task_learning_rate(index, task)
-        self.train_dataset = task.train_dataset
+        self.train_dataset = self.method.training_dataset(task)
         self.optimizer, self.lr_scheduler = None, None
         self._in_task_loop = True
         history = self.state.log_history  # train() starts a new TrainerState: the run's log keeps every task's

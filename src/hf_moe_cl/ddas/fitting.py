@@ -4,8 +4,8 @@ per task after it trained, with the schedule `DDASArguments.ddas_training` names
 - 'sampled': the features of at most `ddas_max_images` images of each set (a seeded draw, evaluation transform)
   are computed once; the selector fits them in memory (`DistributionSelector.fit_reference` / `fit_task`).
 - 'official': every autoencoder trains on the whole set through the training augmentation, in the official order
-  (few-shot: each image augmented once, then fixed); with a calibrated threshold, a seeded tenth of the task's
-  images is held out of its training to calibrate it.
+  (few-shot: a draw of its own, each image augmented once, then fixed); with a calibrated threshold, a seeded
+  tenth of the task's images is held out of its training to calibrate it.
 
 What the run provides (`context`): `seed`, `device`, `num_workers`, `progress(iterable, description)`,
 `loader(dataset)` (evaluation batches, this process's share), `collator(augmented)` and `gather(tensor)`.
@@ -14,6 +14,7 @@ What the run provides (`context`): `seed`, `device`, `num_workers`, `progress(it
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Callable, Optional
 
 import torch
@@ -100,11 +101,13 @@ class SelectorFitting:
                                        batch_size=options.ddas_batch_size, weight_decay=options.ddas_weight_decay,
                                        seed=seed, progress=label)
         label = self.progress_label(f"DDAS autoencoder: {task.name}")
+        images, whole = task.train_dataset, task.full_train_dataset
+        if whole is not None and options.ddas_task_draw == "own":  # as many per class, drawn apart from the model's
+            images = few_shot_subset(whole, max(Counter(images["label"]).values()), seed + route + 1)
         if official:
-            whole = task.full_train_dataset if task.full_train_dataset is not None else task.train_dataset
-            self._fit_official(route, task.train_dataset, len(whole), options.ddas_task_steps, label)
+            self._fit_official(route, images, len(images if whole is None else whole), options.ddas_task_steps, label)
         else:
-            selector.fit_task(route, self.features_of(task.train_dataset, task.name), steps=options.ddas_task_steps,
+            selector.fit_task(route, self.features_of(images, task.name), steps=options.ddas_task_steps,
                               lr=options.ddas_learning_rate, threshold=options.ddas_threshold,
                               batch_size=options.ddas_batch_size, weight_decay=options.ddas_weight_decay,
                               quantile=options.ddas_quantile, seed=seed, progress=label)

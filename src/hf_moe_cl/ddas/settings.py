@@ -41,21 +41,15 @@ class SelectorConfig:
     hidden_dim: int = field(default=100, metadata={"help": "Hidden width of every DDAS autoencoder."})
     sigmoid_output: Optional[bool] = None
     standardize: Optional[bool] = None
-    feature_extractor: str = field(
-        default="clip",
-        metadata={"help": "DDAS features: 'clip' (the untouched CLIP; no download) or 'alexnet' (the official "
-                  "extractor: ImageNet AlexNet conv5, sigmoid, used with a fixed threshold such as 0.0655)."},
-    )
-    feature_layer: Optional[int] = field(
-        default=None,
-        metadata={"help": "CLIP features for DDAS: None = the untouched image embedding; k = tokens after k blocks."},
-    )
-    include_untrained: bool = field(
-        default=False,
-        metadata={"help": "Let the autoencoders of tasks not learned yet (randomly initialised) take part in the "
-                  "argmin, with the fixed threshold, as the official code (evaluation.py lines 59-71); False "
-                  "leaves them out."},
-    )
+    feature_extractor: str = field(default="clip", metadata={
+        "help": "DDAS features: 'clip' (the untouched CLIP; no download) or 'alexnet' (the official "
+                "extractor: ImageNet AlexNet conv5, sigmoid, used with a fixed threshold such as 0.0655)."})
+    feature_layer: Optional[int] = field(default=None, metadata={
+        "help": "CLIP features for DDAS: None = the untouched image embedding; k = tokens after k blocks."})
+    include_untrained: bool = field(default=False, metadata={
+        "help": "Let the autoencoders of tasks not learned yet (randomly initialised) take part in the "
+                "argmin, with the fixed threshold, as the official code (evaluation.py lines 59-71); False "
+                "leaves them out."})
 
     def __post_init__(self):
         check_option("selector.feature_extractor", self.feature_extractor, str, choices=FEATURE_EXTRACTORS)
@@ -124,22 +118,16 @@ class DDASArguments:
     """How MoE-Adapters trains its DDAS selector: a reference autoencoder once, one per task after it. What the
     selector is (extractor, layer, width) is the adapter's `SelectorConfig`."""
 
-    ddas: bool = field(
-        default=False,
-        metadata={"help": "Train a DDAS selector: a reference autoencoder once, one per task after it."},
-    )
-    ddas_alexnet_weights: Optional[str] = field(
-        default=ALEXNET_URL,
-        metadata={"help": "AlexNet weights for the 'alexnet' extractor: URL or path (None: random weights, for "
-                  "timings and tests only)."},
-    )
-    ddas_training: str = field(
-        default="sampled",
-        metadata={"help": "'official': the official loop (ddas/fitting.py): the whole training set through the "
-                  "training augmentation, steps + 1 iterations, Adam with the official step decay (with a calibrated "
-                  "threshold, a tenth of each task's images is held out to calibrate it). 'sampled': features of at "
-                  "most ddas_max_images un-augmented images, computed once, batches drawn with replacement (fast)."},
-    )
+    ddas: bool = field(default=False, metadata={
+        "help": "Train a DDAS selector: a reference autoencoder once, one per task after it."})
+    ddas_alexnet_weights: Optional[str] = field(default=ALEXNET_URL, metadata={
+        "help": "AlexNet weights for the 'alexnet' extractor: URL or path (None: random weights, for "
+                "timings and tests only)."})
+    ddas_training: str = field(default="sampled", metadata={
+        "help": "'official': the official loop (ddas/fitting.py): the whole training set through the "
+                "training augmentation, steps + 1 iterations, Adam with the official step decay (with a calibrated "
+                "threshold, a tenth of each task's images is held out to calibrate it). 'sampled': features of at "
+                "most ddas_max_images un-augmented images, computed once, batches drawn with replacement (fast)."})
     ddas_task_steps: int = field(default=300, metadata={"help": "Training steps of each task autoencoder (official: "
                                                                 "--iterations 300, run as 301)."})
     ddas_reference_steps: int = field(default=1000, metadata={"help": "Training steps of the reference one "
@@ -148,25 +136,23 @@ class DDASArguments:
                                                                       "(official: 0.01, few-shot 0.003)."})
     ddas_weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (official: 1e-4)."})
     ddas_batch_size: int = field(default=64, metadata={"help": "Autoencoder batch size (official: 64)."})
-    ddas_threshold: Optional[float] = field(
-        default=None,
-        metadata={"help": "Fixed zero-shot threshold (> 0); None calibrates one per task on held-out data."},
-    )
-    ddas_quantile: float = field(
-        default=0.95, metadata={"help": "Calibrated threshold: this quantile of held-out in-task errors."}
-    )
-    ddas_max_images: int = field(
-        default=2000, metadata={"help": "'sampled' training: images per task used to fit its autoencoder (a seeded "
-                                "random sample)."}
-    )
-    ddas_reference_shots: Optional[int] = field(
-        default=None, metadata={"help": "Train the reference on this many images per class (official few-shot: 5)."}
-    )
-    ddas_augment_once: bool = field(
-        default=False,
-        metadata={"help": "'official' training: augment each image once and train on those fixed images (the "
-                  "official few-shot chooser, few_shot_AutoEncoder.py lines 170-189)."},
-    )
+    ddas_threshold: Optional[float] = field(default=None, metadata={
+        "help": "Fixed zero-shot threshold (> 0); None calibrates one per task on held-out data."})
+    ddas_quantile: float = field(default=0.95, metadata={
+        "help": "Calibrated threshold: this quantile of held-out in-task errors."})
+    ddas_max_images: int = field(default=2000, metadata={
+        "help": "'sampled' training: images per task used to fit its autoencoder (a seeded "
+                "random sample)."})
+    ddas_reference_shots: Optional[int] = field(default=None, metadata={
+        "help": "Train the reference on this many images per class (official few-shot: 5)."})
+    ddas_augment_once: bool = field(default=False, metadata={
+        "help": "'official' training: augment each image once and train on those fixed images (the "
+                "official few-shot chooser, few_shot_AutoEncoder.py lines 170-189)."})
+    ddas_task_draw: str = field(default="own", metadata={
+        "help": "A few-shot task's autoencoder trains on its 'own' draw of as many images per class from "
+                "the task's whole training set (official: few_shot_AutoEncoder.py lines 167-177 draw 5 per class "
+                "in a process of their own, independent of the MoE's draw), or on the 'shared' draw the model "
+                "trained on."})
 
     def __post_init__(self):
         check_flags(self, ("ddas", "ddas_augment_once"))
@@ -180,6 +166,7 @@ class DDASArguments:
         # 0 would send every image to zero-shot (an autoencoder's error is never below it)
         check_option("ddas_threshold", self.ddas_threshold, float, low=0.0, low_open=True, optional=True)
         check_option("ddas_training", self.ddas_training, str, choices=TRAINING_SCHEDULES)
+        check_option("ddas_task_draw", self.ddas_task_draw, str, choices=("own", "shared"))
         SelectorConfig(**{SELECTOR_OPTION_NAMES[name]: value for name, value in self.moved.items()})  # checked now
         if self.ddas_augment_once and self.ddas_training != "official":
             raise ValueError("ddas_augment_once is part of the official training: set ddas_training='official'.")

@@ -36,7 +36,7 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
                 max_steps=-1, num_train_epochs=preset.epochs_per_step, per_device_train_batch_size=preset.batch_size,
                 learning_rate=preset.learning_rate, label_smoothing_factor=preset.label_smoothing,
                 warmup_steps=preset.warmup_steps, weight_decay=preset.weight_decay, evaluate_all_tasks=False,
-                task_agnostic_eval=False),
+                task_agnostic_eval=False, official_cil_eval=True),
             AdapterArguments: dict(num_experts=preset.num_experts, top_k=preset.top_k,
                                    noisy_gating_eval=preset.noisy_gating_eval),
             MoEAdaptersArguments: dict(shared_router=True, freeze_experts_per_task=0),
@@ -50,6 +50,8 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
                     ddas_batch_size=OFFICIAL_DDAS["batch_size"], ddas_reference_steps=OFFICIAL_DDAS["reference_steps"],
                     ddas_task_steps=OFFICIAL_DDAS["task_steps"], ddas_reference_shots=preset.shots,
                     ddas_augment_once=preset.shots is not None)
+    elif preset.from_assets:  # CLIP features: the library's loop, the task autoencoders given the reference's budget
+        ddas.update(ddas_training="sampled", ddas_task_steps=DDASArguments.ddas_reference_steps)
     return {
         AdapterArguments: selector,
         ContinualTrainingArguments: dict(

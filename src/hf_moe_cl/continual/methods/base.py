@@ -90,6 +90,10 @@ class ContinualMethod:
         """The module the trainer optimises for the current task."""
         return self.model
 
+    def training_dataset(self, task):
+        """What the current task trains on: its training images (or examples with fixed `pixel_values`)."""
+        return task.train_dataset
+
     def extra_loss(self) -> Optional[torch.Tensor]:
         """A loss added to the classification loss of the last training forward (None: nothing)."""
         return None

@@ -16,31 +16,10 @@ from typing import Optional
 import torch
 
 from ...classification import ZERO_SHOT, ImageRoutes, image_embeddings, text_embeddings
-from ...condu import (
-    CONFIG_FILE,
-    PROTOTYPE_KINDS,
-    UNIFY_RULES,
-    Delta,
-    DeltaStore,
-    applied_delta,
-    load_folder,
-    model_fingerprint,
-    prototype_vectors,
-    read_header,
-    resolve_folder,
-    save_folder,
-    vote,
-)
-from ...condu.lora import (
-    draw_factors,
-    factor_shapes,
-    lora_config,
-    lora_layers,
-    lora_model,
-    lora_scaling,
-    trained_factors,
-    weight_delta,
-)
+from ...condu import (CONFIG_FILE, PROTOTYPE_KINDS, UNIFY_RULES, Delta, DeltaStore, applied_delta, load_folder,
+                      model_fingerprint, prototype_vectors, read_header, resolve_folder, save_folder, vote)
+from ...condu.lora import (draw_factors, factor_shapes, lora_config, lora_layers, lora_model, lora_scaling,
+                           trained_factors, weight_delta)
 from ...files import FIX
 from ...options import check_option, short_repr
 from .base import ContinualMethod
@@ -49,7 +28,7 @@ from .registry import register_method
 _CHOICES = {"condu_fine_tune": ("lora", "full"), "condu_rescaler": UNIFY_RULES, "condu_prototypes": PROTOTYPE_KINDS,
             "condu_fusion": ("logits", "probabilities"), "condu_weighting": ("uniform", "similarity"),
             "condu_unseen_tasks": ("vote", "pretrained"), "condu_prototype_images": ("augmented", "plain"),
-            "condu_first_cell": ("task", "pretrained")}
+            "condu_first_cell": ("task", "pretrained"), "condu_few_shot_augment": ("once", "every_step")}
 # Options that shape the stored deltas: a save is loaded only with the same values.
 _TRAINING_OPTIONS = ("condu_fine_tune", "condu_rescaler")
 _LORA_OPTIONS = ("condu_lora_targets", "condu_lora_init_std", "rank")
@@ -88,6 +67,9 @@ class ConDUArguments:
         default="task", metadata={"help": "ConDU task-aware matrix, cell (0, 0): the first task's 'task' model, or the "
                                   "'pretrained' model as the official evaluation (evaluation.py lines 101 and 128 "
                                   "load task models only from session 1)."})
+    condu_few_shot_augment: str = field(
+        default="once", metadata={"help": "ConDU few-shot tasks: each training image augmented 'once', then fixed "
+                                  "(official: few_shot_finetune.py lines 39-58), or anew at 'every_step'."})
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -119,6 +101,7 @@ class ConDU(ContinualMethod):
         self.rank = rank
         self.store = DeltaStore(self.arguments.condu_rescaler)
         self._training: Optional[torch.nn.Module] = None
+        self._fixed: Optional[list[dict]] = None  # a few-shot task's training examples, augmented once
         self._deltas: dict[int, Delta] = {}
 
     @property
@@ -185,13 +168,20 @@ class ConDU(ContinualMethod):
         else:
             for name, param in model.named_parameters():
                 param.requires_grad_(name != "logit_scale")
-        self._training = model
+        self._training, self._fixed = model, None
+        if task.full_train_dataset is not None and self.arguments.condu_few_shot_augment == "once":
+            collate = context.collator(augmented=True)  # the task's seed: every process draws the same crops
+            self._fixed = [{"pixel_values": collate([example])["pixel_values"][0], "label": example["label"]}
+                           for example in task.train_dataset]
 
     def training_model(self):
         return self._training
 
+    def training_dataset(self, task):
+        return task.train_dataset if self._fixed is None else self._fixed
+
     def end_task(self, context, index, task) -> None:
-        model, self._training = self._training, None
+        model, self._training, self._fixed = self._training, None, None
         if self.lora:
             tuned, origin = trained_factors(model), self.store.origin
         else:
