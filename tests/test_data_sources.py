@@ -583,3 +583,23 @@ def test_check_data_passes_local_and_cached_items_without_network(no_network, tm
     assert [row["status"] for row in check.downloads] == ["in the Hugging Face cache"] * 2 + ["in torch's hub cache"]
     with pytest.raises(DataCheckError, match=r"AlexNet weights \(.*missing.pth\): no such file. Fix:"):
         check_data("mini", tasks=["mnist"], assets=assets, alexnet_weights=str(tmp_path / "missing.pth"))
+
+
+def test_tasks_write_no_cache_files_into_the_folder_their_data_is_read_from(tmp_path):
+    """A dataset saved by the user (or the assets) is only read: cutting it into class-incremental steps after a
+    selection keeps the rows in memory, where datasets would write a cache-*.arrow copy beside the files."""
+    from datasets import load_from_disk
+
+    from hf_moe_cl.experiments.presets import class_incremental_tasks
+
+    names = [f"class {i}" for i in range(4)]
+    Dataset.from_dict({"image": [picture(i) for i in range(8)], "label": [i % 4 for i in range(8)]},
+                      features=Features({"image": Image(), "label": ClassLabel(names=names)})).save_to_disk(
+        str(tmp_path / "data"))
+    before = sorted(path.name for path in (tmp_path / "data").iterdir())
+    whole = load_from_disk(str(tmp_path / "data"))
+    train, test = whole.select(range(6)), whole.select(range(6, 8))  # picked rows: an indices mapping
+    steps = class_incremental_tasks(train, test, names, class_order=[3, 2, 1, 0], initial_increment=2, increment=2,
+                                    templates=["a photo of a {}."])
+    assert [step.train_dataset["label"] for step in steps] == [[1, 0], [3, 2, 3, 2]]
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == before

@@ -211,8 +211,6 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
     position = {label: index for index, label in enumerate(order)}
     train_labels = [position[int(label)] for label in train["label"]]
     test_labels = [position[int(label)] for label in test["label"]]
-    train, test = (data.flatten_indices(keep_in_memory=True) if data._indices is not None else data  # no cache-*.arrow
-                   for data in (train, test))  # beside the files a picked dataset was read from (add_column flattens)
     train = train.remove_columns("label").add_column("label", train_labels)
     test = test.remove_columns("label").add_column("label", test_labels)
     names = [classnames[label] for label in order]
