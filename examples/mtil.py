@@ -32,7 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
-from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, assets_dir
+from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, AssetsNotFoundError, assets_dir
 from hf_moe_cl.experiments.experiment import AdapterArguments, MethodArguments, prepare_method
 from hf_moe_cl.experiments.metrics import class_incremental_metrics
 from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
@@ -43,7 +43,9 @@ from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import (ConDUArguments, DDASArguments, LoRAArguments, MoEAdapters,
                                          MoEAdaptersArguments, get_method)
 from hf_moe_cl.experiments.data_check import check_data
-from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, hub_source, preset_tasks
+from hf_moe_cl.experiments.datasets import CIL_DATASETS, MTIL_DATASETS, hub_source
+from hf_moe_cl.experiments.mini_hub import MINI_HUB_CLIP, MINI_HUB_DATASETS
+from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
 from hf_moe_cl.tuners.moe_lora.card import hub_id
 
@@ -66,7 +68,8 @@ class ExperimentArguments:
     preset: str = field(default="mini", metadata={"help": f"One of {', '.join(PRESETS)}."})
     model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": f"Base CLIP; default {HUB_CLIP}, or the assets' proxy-clip for `mini` and `mini-long`."},
+        metadata={"help": f"Base CLIP; default {HUB_CLIP}, the assets' proxy-clip for `mini` and `mini-long`, "
+                  f"{MINI_HUB_CLIP} for `mini-hub`."},
     )
     tasks: Optional[str] = field(default=None, metadata={"help": "Comma-separated subset/order of the preset's tasks."})
     data_dir: Optional[str] = field(
@@ -184,6 +187,8 @@ def unused_options(experiment: ExperimentArguments, method_args: MethodArguments
         unused.update(dict.fromkeys(("data_dir", "dataset_ids"), f"preset {preset.name} reads the shared assets"))
     else:
         unused["assets_dir"] = f"preset {preset.name} reads no shared assets"
+        if getattr(preset, "mini_hub", False):
+            unused["data_dir"] = f"preset {preset.name} reads the Hub copies of the mini datasets (--dataset_ids)"
         if experiment.data_dir is not None:
             unused["dataset_ids"] = "--data_dir reads every dataset from its folders, not from the Hub"
     other_method = f"an option of another method than --method {method.name}"
@@ -272,8 +277,10 @@ def setup_logging(training: ContinualTrainingArguments, explicit: set[str] = fro
 def base_model(experiment: ExperimentArguments) -> str:
     if experiment.model_name_or_path is not None:
         return experiment.model_name_or_path
-    offline = getattr(get_preset(experiment.preset), "from_assets", False)
-    return str(assets_dir(experiment.assets_dir) / PROXY_CLIP) if offline else HUB_CLIP
+    preset = get_preset(experiment.preset)
+    if getattr(preset, "from_assets", False):
+        return str(assets_dir(experiment.assets_dir) / PROXY_CLIP)
+    return getattr(preset, "model", None) or HUB_CLIP
 
 
 def reference_source(experiment: ExperimentArguments) -> str:
@@ -292,9 +299,10 @@ def hub_dataset_ids(preset, experiment: ExperimentArguments, tasks, hub_ids) -> 
     """Task name -> the Hub dataset it was read from (none for the assets' mini tasks or --data_dir folders)."""
     if experiment.data_dir or getattr(preset, "from_assets", False):
         return {}
-    if isinstance(preset, ClassIncrementalPreset):
-        return {task.name: hub_source(preset.dataset, (hub_ids or {}).get(preset.dataset)).repo_id for task in tasks}
-    return {task.name: hub_source(task.name, (hub_ids or {}).get(task.name)).repo_id for task in tasks}
+    specs = MINI_HUB_DATASETS if getattr(preset, "mini_hub", False) else {**MTIL_DATASETS, **CIL_DATASETS}
+    dataset = getattr(preset, "dataset", None)  # a class-incremental preset's one dataset
+    chosen = {task.name: specs[dataset or task.name] for task in tasks}
+    return {name: (hub_source(spec, (hub_ids or {}).get(spec.name)) or spec.hub).repo_id for name, spec in chosen.items()}
 
 
 def main(argv: Optional[list[str]] = None):
@@ -318,16 +326,18 @@ def main(argv: Optional[list[str]] = None):
     names = experiment.tasks.split(",") if experiment.tasks else None
     hub_ids = dataset_ids_map(experiment)
     ddas = ddas_args.ddas and method_args.method == "moe-adapters"
-    if experiment.check_data:  # everything the run downloads; exits 1 naming each missing item and its fix
-        alexnet = ddas and adapter_args.selector_config().feature_extractor == "alexnet"
-        check = check_data(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names,
-                           assets=experiment.assets_dir, raise_on_error=False, model=base_model(experiment),
-                           ddas_reference=reference_source(experiment) if ddas else None,
-                           alexnet_weights=ddas_args.ddas_alexnet_weights if alexnet else None)
+    alexnet = ddas and adapter_args.selector_config().feature_extractor == "alexnet"
+    # everything the run reads, checked before any of it is loaded: a missing item fails in seconds, not after hours
+    check = check_data(preset, data_dir=experiment.data_dir, hub_ids=hub_ids, tasks=names,
+                       assets=experiment.assets_dir, raise_on_error=False, model=base_model(experiment),
+                       ddas_reference=reference_source(experiment) if ddas else None,
+                       alexnet_weights=ddas_args.ddas_alexnet_weights if alexnet else None)
+    if experiment.check_data or not check.ok:  # the tables; exits 1 naming each missing item and its fix
         print(check.markdown())
         if not check.ok:
             sys.exit(1)
         return
+    logger.info("%s", check.markdown())
 
     model_path = base_model(experiment)
     base = CLIPModel.from_pretrained(model_path, dtype=torch.float32)
@@ -370,4 +380,7 @@ def main(argv: Optional[list[str]] = None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AssetsNotFoundError as error:  # what is missing and what to do, one line each
+        sys.exit(f"error: {error}")

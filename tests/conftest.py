@@ -15,6 +15,40 @@ from transformers import CLIPConfig, CLIPModel, TrainerCallback
 TEXT_VOCAB = 86  # matches tiny_tokenizer_dir: 84 symbols, then <|startoftext|>, <|endoftext|>
 
 
+# ----- the shared assets (../shared/assets): tests that need them skip, with the reason, on a clone without them ------
+def assets_present() -> bool:
+    from hf_moe_cl.assets import AssetsNotFoundError, assets_dir
+
+    try:
+        return bool(assets_dir())
+    except AssetsNotFoundError:
+        return False
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _skip_without_assets())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _skip_without_assets())
+
+
+def _skip_without_assets():
+    """A test (or fixture) that asks for the default assets folder where there is none, itself or in a process it
+    runs (whose output its failure shows), is skipped, naming it; with the assets there, the error is the test's own."""
+    from hf_moe_cl.assets import AssetsNotFoundError
+
+    try:
+        return (yield)
+    except Exception as error:
+        missing = "(proxy CLIP, mini-MTIL tasks, reference images) does not exist"
+        if assets_present() or not (isinstance(error, AssetsNotFoundError) or missing in str(error)):
+            raise
+        pytest.skip(next(line for line in str(error).splitlines() if missing in line).strip())
+
+
 def tiny_clip_config(vision_width: int = 48, text_width: int = 32) -> CLIPConfig:
     return CLIPConfig(
         text_config=dict(

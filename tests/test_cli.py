@@ -209,3 +209,39 @@ def test_no_option_is_reported_as_ignored(mtil, capsys, tmp_path, caplog):
     assert not caplog.records
     with pytest.raises(ValueError, match="eval_strategy='steps'` cannot be used"):
         mtil.parse_args(["--output_dir", str(tmp_path), "--eval_strategy", "steps"])
+
+
+# ----- what a run checks before it loads anything ----------------------------------------------------------------------
+def test_a_run_with_a_missing_dataset_stops_at_the_data_check_before_loading_a_model(mtil, capsys, tmp_path,
+                                                                                      monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data check")
+
+    monkeypatch.setattr(mtil.CLIPModel, "from_pretrained", refuse)
+    monkeypatch.setattr(mtil, "preset_tasks", refuse)
+    from conftest import tiny_clip
+
+    tiny_clip().save_pretrained(tmp_path / "clip")  # the model is there; dtd/ is not in the data folder
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        mtil.main(["--preset", "mtil-order-1", "--tasks", "dtd", "--method", "zero-shot", "--data_dir",
+                   str(tmp_path / "data"), "--model_name_or_path", str(tmp_path / "clip"),
+                   "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    assert "| dtd | FAILED |" in out and str(tmp_path / "data") in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_main_job_without_the_assets_says_what_is_missing_and_what_to_do(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "HF_MOE_CL_ASSETS": str(tmp_path / "no-assets"), "PYTHONPATH": SRC}
+    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(SRC), "examples", "mtil.py"), "--preset",
+                           "mini", "--output_dir", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-2:] == [
+        f"error: The assets folder {tmp_path / 'no-assets'} (proxy CLIP, mini-MTIL tasks, reference images) does not "
+        "exist.",
+        "Fix: pass its path (--assets_dir) or set $HF_MOE_CL_ASSETS; without the assets, run the same six tasks from "
+        "the Hub with --preset mini-hub (docs/quickstart.md)."]

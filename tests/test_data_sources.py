@@ -1,6 +1,7 @@
 """Data sources on offline fixtures with each source's schema: Hub parquet copies (as local parquet folders in the Hub
 layout) and torchvision folder trees with 4x4 images; label mapping by name, split rules, check_data, CIL steps."""
 
+import dataclasses
 import gzip
 import json
 import pickle
@@ -12,7 +13,7 @@ from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from hf_moe_cl.assets import assets_dir
-from hf_moe_cl.data import LabelMappingError, SourceError, load_splits, local_datasets, map_label_names
+from hf_moe_cl.data import LabelMappingError, SourceError, load_splits, local_datasets, map_label_names, summarize
 from hf_moe_cl.experiments.data_check import DataCheckError, check_data
 from hf_moe_cl.data.splits import random_split_indices
 from hf_moe_cl.experiments.datasets import MTIL_DATASETS, HubSource
@@ -30,15 +31,19 @@ def save_picture(path, value=0):
     picture(value).save(path, format="PNG")  # PIL reads the content, whatever the suffix
 
 
-def write_hub(root, splits, names, image_column="image", label_column="label", extra=None):
-    """A parquet dataset in the Hub layout (data/<split>-00000-of-00001.parquet): rows of (label, pixel value)."""
+def write_hub(root, splits, names, image_column="image", label_column="label", extra=None, config=None):
+    """A parquet dataset in the Hub layout (data/<split>-00000-of-00001.parquet, or <config>/<split>-... with a card
+    naming that config, as uoft-cs/cifar10 or ylecun/mnist): rows of (label, pixel value)."""
     features = {image_column: Image(), label_column: ClassLabel(names=names)}
     features.update({name: Value("string") for name in extra or {}})
     for split, rows in splits.items():
         columns = {image_column: [picture(value) for _, value in rows], label_column: [label for label, _ in rows]}
         columns.update({name: values[split] for name, values in (extra or {}).items()})
         Dataset.from_dict(columns, features=Features(features)).to_parquet(
-            str(root / "data" / f"{split}-00000-of-00001.parquet"))
+            str(root / (config or "data") / f"{split}-00000-of-00001.parquet"))
+    if config:
+        (root / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n" + "".join(
+            f"  - split: {split}\n    path: {config}/{split}-*\n" for split in splits) + "---\n")
     return str(root)
 
 
@@ -301,6 +306,93 @@ def test_check_data_on_torchvision_folders(tmp_path):
         check_data("mtil-order-1", tasks=["imagenet"])
 
 
+# ----- a dataset's copies, tried in order ----------------------------------------------------------------------------
+def test_a_dataset_is_read_from_its_next_copy_when_the_first_cannot_be(tmp_path, monkeypatch, caplog):
+    import logging
+
+    names = list(SPEC["aircraft"].torchvision_classes)
+    splits = {"train": ("train",), "test": ("test",)}
+    gone = write_hub(tmp_path / "gone", {"validation": [(0, 0)]}, names, label_column="variant")  # its data is gone
+    second = write_hub(tmp_path / "second", {"train": [(1, 1), (2, 2)], "test": [(3, 3)]}, names, label_column="variant")
+    copy = {path: HubSource(path, splits, "image", "variant", 100, "", "fixture") for path in (gone, second)}
+    assert [source.repo_id for source in SPEC["aircraft"].hub_fallbacks] == ["Donghyun99/FGVC-Aircraft"]
+    monkeypatch.setitem(SPEC, "aircraft", dataclasses.replace(SPEC["aircraft"], hub=copy[gone],
+                                                             hub_fallbacks=(copy[second],)))
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        train, test = load_splits(SPEC["aircraft"])
+    assert (red(train), train["label"], red(test)) == ([1, 2], [1, 2], [3])
+    assert f"aircraft: read from {second}, the next copy, because: aircraft: {gone} has no split(s) ['train', " \
+           "'test']; it has ['validation']" in caplog.text
+    row = check_data("mtil-order-1", tasks=["aircraft"]).rows[0]  # --check_data names the copy it reads
+    assert (row["source"], row["train"], row["classes"]) == (second, "2 (official 3,334)", "100/100")
+    monkeypatch.setitem(SPEC, "aircraft", dataclasses.replace(SPEC["aircraft"], hub_fallbacks=(copy[gone],)))
+    with pytest.raises(SourceError, match=r"aircraft: none of its 2 Hub copies can be read, tried in order:\n  "
+                                          r"aircraft: .*gone has no split"):
+        load_splits(SPEC["aircraft"])
+
+
+# ----- Hub copies offline: read from the caches an earlier load filled -----------------------------------------------
+@pytest.fixture
+def go_offline(monkeypatch, tmp_path):
+    """Switches datasets and huggingface_hub to offline mode (as HF_HUB_OFFLINE=1 at import does); the Hub cache is
+    tmp_path/hub."""
+    import datasets
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def go():
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return go
+
+
+def test_a_hub_copy_loaded_once_is_read_offline_from_the_datasets_cache(tmp_path, monkeypatch, go_offline):
+    """The first load is of a local parquet folder named like a Hub id without namespace: datasets prepares it where
+    its offline `cache` builder looks for that id (<cache_dir>/tiny_mnist/default/0.0.0/<hash>)."""
+    write_hub(tmp_path / "tiny_mnist", {"train": [(3, 1), (0, 2), (9, 3)], "test": [(5, 4), (1, 5)]},
+              [str(digit) for digit in range(10)])
+    cache = str(tmp_path / "cache")
+    hub = HubSource("tiny_mnist", {"train": ("train",), "test": ("test",)}, "image", "label", 10, "", "fixture")
+    monkeypatch.chdir(tmp_path)  # online: "tiny_mnist" is the local folder, prepared into the datasets cache
+    online = load_splits(SPEC["mnist"], hub=hub, cache_dir=cache)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no such folder here: "tiny_mnist" is a Hub id again
+    go_offline()
+    assert summarize(SPEC["mnist"], hub=hub, cache_dir=cache).sizes == {"train": 3, "test": 2}
+    train, test = load_splits(SPEC["mnist"], hub=hub, cache_dir=cache)
+    assert (red(train), train["label"], red(test), test["label"]) == ([1, 2, 3], [3, 0, 9], [4, 5], [5, 1])
+    assert (red(train), red(test)) == (red(online[0]), red(online[1]))
+    wrong = HubSource("tiny_mnist", {"train": ("train",), "test": ("validation",)}, "image", "label", 10, "", "")
+    with pytest.raises(SourceError, match=r"has no split\(s\) \['validation'\]; it has \['test', 'train'\]"):
+        summarize(SPEC["mnist"], hub=wrong, cache_dir=cache)
+    ref = tmp_path / "hub" / "datasets--tiny_mnist" / "refs" / "main"  # the Hub cache records another commit of main
+    ref.parent.mkdir(parents=True)
+    ref.write_text("0" * 40)
+    with pytest.raises(SourceError, match=f"its copy in the datasets cache is commit [0-9a-f]+, not {'0' * 40}"):
+        summarize(SPEC["mnist"], hub=hub, cache_dir=cache)
+
+
+def test_a_hub_copy_downloaded_with_hf_download_is_read_offline(tmp_path, monkeypatch, go_offline):
+    """`hf download org/tiny --repo-type dataset` leaves the repo's files in the Hub cache (snapshots/<commit>,
+    refs/main): offline, that folder is read as a local parquet copy, with its card's configs."""
+    repo = tmp_path / "hub" / "datasets--org--tiny"
+    write_hub(repo / "snapshots" / ("a" * 40), {"train": [(3, 1)], "test": [(5, 2), (1, 3)]},
+              [str(digit) for digit in range(10)], config="mnist")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.chdir(tmp_path)
+    go_offline()
+    hub = HubSource("org/tiny", {"train": ("train",), "test": ("test",)}, "image", "label", 10, "", "fixture")
+    train, test = load_splits(SPEC["mnist"], hub=hub, cache_dir=str(tmp_path / "cache"))
+    assert (red(train), train["label"], red(test), test["label"]) == ([1], [3], [2, 3], [5, 1])
+    missing = dataclasses.replace(hub, repo_id="org/not-cached", revision="refs/pr/1")
+    with pytest.raises(SourceError) as raised:
+        load_splits(SPEC["mnist"], hub=missing, cache_dir=str(tmp_path / "cache"))
+    assert "HF_HUB_OFFLINE is set" in str(raised.value) and "in neither the datasets cache" in str(raised.value)
+    assert "`hf download org/not-cached --repo-type dataset --revision refs/pr/1`" in str(raised.value)
+
+
 # ----- tasks of presets --------------------------------------------------------------------------------------------
 def test_preset_tasks_carry_the_official_learning_rates(tmp_path):
     build_dtd(tmp_path)
@@ -327,6 +419,60 @@ def test_cifar100_class_incremental_steps_follow_the_official_order(tmp_path):
     steps = preset_tasks("cifar100-cil-50", data_dir=tmp_path)
     assert len(steps) == 50 and [len(step.classnames) for step in steps[:3]] == [2, 4, 6]
     steps[-1].validate()
+
+
+CLOTHES = ["Blazer", "Blouse", "Dress", "Hat", "Hoodie", "Longsleeve", "Outwear", "Pants", "Polo", "Shirt", "Shoes",
+           "Shorts", "Skirt", "T-Shirt", "Top", "Undershirt"]  # samokosik/clothes' card
+
+
+def mini_hub_copies(root):
+    """The six Hub copies `mini-hub` reads, each with its repository's layout, columns and label names."""
+    digits = [str(digit) for digit in range(10)]
+    fashion = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot"]
+    cifar10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    caltech = [name.lower() for name in SPEC["caltech101"].torchvision_classes]  # flwrlabs/caltech101
+    return {
+        "caltech101": write_hub(root / "caltech101", {"train": [(label, label) for label in range(101)]}, caltech),
+        "cifar10": write_hub(root / "cifar10", {"train": [(9, 1), (0, 2)], "test": [(3, 3)]}, cifar10,
+                             image_column="img", config="plain_text"),
+        "clothing": write_hub(root / "clothes", {"train": [(0, 1), (2, 2), (13, 3), (15, 4)], "test": [(5, 5)]},
+                              CLOTHES),
+        "dtd": write_hub(root / "dtd", {"train": [(0, 1), (46, 2)], "validation": [(9, 3)], "test": [(1, 4), (10, 5)]},
+                         list(SPEC["dtd"].classnames)),
+        "fashion_mnist": write_hub(root / "fashion", {"train": [(0, 1), (9, 2)], "test": [(3, 3)]}, fashion,
+                                   config="fashion_mnist"),
+        "mnist": write_hub(root / "mnist", {"train": [(7, 1), (1, 2)], "test": [(0, 3)]}, digits, config="mnist"),
+    }
+
+
+def test_mini_hub_builds_the_six_mini_tasks_from_hub_copies(tmp_path, monkeypatch):
+    from hf_moe_cl.experiments import mini_hub
+
+    monkeypatch.setattr(mini_hub, "MINI_TRAIN_IMAGES", 5)  # the cap (2,000 in the preset), a seeded draw
+    copies = mini_hub_copies(tmp_path)
+    tasks = {task.name: task for task in preset_tasks("mini-hub", hub_ids=copies)}
+    assert list(tasks) == ["caltech101", "cifar10", "clothing", "dtd", "fashion_mnist", "mnist"]
+    for task in tasks.values():
+        task.validate()
+        assert task.classnames == list(mini_hub.MINI_HUB_DATASETS[task.name].classnames)
+    caltech = tasks["caltech101"]  # the assets' names; 80 / 21 of 101 images (seed 42), then 5 of the 80 kept
+    assert caltech.classnames[:2] == ["face", "face easy"] and caltech.classnames[19] == "side of a car"
+    assert len(caltech.train_dataset) == 5 and len(caltech.eval_dataset) == 21
+    assert red(caltech.train_dataset) == caltech.train_dataset["label"]  # pixel value = label: mapped by name
+    clothing = tasks["clothing"]  # Blazer and Undershirt are not in clothing-dataset-small: dropped
+    assert (clothing.train_dataset["label"], red(clothing.train_dataset)) == ([0, 9], [2, 3])
+    assert clothing.classnames[2] == "long sleeve shirt" and clothing.eval_dataset["label"] == [2]
+    assert clothing.templates == ["a photo of a {}, a type of clothing."]
+    dtd = tasks["dtd"]  # DTD's first 10 classes; train = train + validation
+    assert (dtd.train_dataset["label"], red(dtd.train_dataset), dtd.eval_dataset["label"]) == ([0, 9], [1, 3], [1])
+    assert (tasks["fashion_mnist"].train_dataset["label"], tasks["fashion_mnist"].classnames[0]) == ([0, 9], "t-shirt")
+    assert (tasks["cifar10"].train_dataset["label"], red(tasks["cifar10"].eval_dataset)) == ([9, 0], [3])
+    assert tasks["mnist"].templates == ['a photo of the number: "{}".'] and tasks["mnist"].eval_dataset["label"] == [0]
+    rows = {row["dataset"]: row for row in check_data("mini-hub", hub_ids=copies).rows}
+    assert (rows["caltech101"]["source"], rows["caltech101"]["train"]) == (copies["caltech101"], "80")
+    assert (rows["dtd"]["split"], rows["dtd"]["classes"], rows["dtd"]["labels"]) == \
+        ("train+validation / test", "10/10", "by name, 37 dropped")
 
 
 def test_mini_tasks_accept_a_string_path():
@@ -437,3 +583,23 @@ def test_check_data_passes_local_and_cached_items_without_network(no_network, tm
     assert [row["status"] for row in check.downloads] == ["in the Hugging Face cache"] * 2 + ["in torch's hub cache"]
     with pytest.raises(DataCheckError, match=r"AlexNet weights \(.*missing.pth\): no such file. Fix:"):
         check_data("mini", tasks=["mnist"], assets=assets, alexnet_weights=str(tmp_path / "missing.pth"))
+
+
+def test_tasks_write_no_cache_files_into_the_folder_their_data_is_read_from(tmp_path):
+    """A dataset saved by the user (or the assets) is only read: cutting it into class-incremental steps after a
+    selection keeps the rows in memory, where datasets would write a cache-*.arrow copy beside the files."""
+    from datasets import load_from_disk
+
+    from hf_moe_cl.experiments.presets import class_incremental_tasks
+
+    names = [f"class {i}" for i in range(4)]
+    Dataset.from_dict({"image": [picture(i) for i in range(8)], "label": [i % 4 for i in range(8)]},
+                      features=Features({"image": Image(), "label": ClassLabel(names=names)})).save_to_disk(
+        str(tmp_path / "data"))
+    before = sorted(path.name for path in (tmp_path / "data").iterdir())
+    whole = load_from_disk(str(tmp_path / "data"))
+    train, test = whole.select(range(6)), whole.select(range(6, 8))  # picked rows: an indices mapping
+    steps = class_incremental_tasks(train, test, names, class_order=[3, 2, 1, 0], initial_increment=2, increment=2,
+                                    templates=["a photo of a {}."])
+    assert [step.train_dataset["label"] for step in steps] == [[1, 0], [3, 2, 3, 2]]
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == before

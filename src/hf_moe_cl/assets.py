@@ -1,6 +1,8 @@
 """Where the offline stand-ins for the Hub live: a small pretrained CLIP and mini MTIL datasets.
 
-The default is `../shared/assets` beside the repository checkout; `HF_MOE_CL_ASSETS` or an explicit path overrides it.
+One rule resolves the folder: an explicit path, then `HF_MOE_CL_ASSETS`, then `../shared/assets` beside the repository
+checkout (never the working directory). Without the assets, the `mini-hub` preset builds the same six tasks from the
+Hub.
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ PROXY_CLIP = Path("proxy-clip")  # a small CLIPModel pretrained on real 32x32 im
 MINI_MTIL = Path("mini-mtil")  # one `datasets.load_from_disk` folder per task
 REFERENCE_IMAGES = Path("reference") / "tinyimagenet-ref"  # Tiny ImageNet images: DDAS's reference set
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_ASSETS = REPO_ROOT.parent / "shared" / "assets"
+
+
+class AssetsNotFoundError(FileNotFoundError):
+    """The assets folder is missing; the message names it and the fix, one line each."""
 
 
 def assets_dir(path: str | os.PathLike | None = None) -> Path:
     """Resolve the assets folder: explicit path, then $HF_MOE_CL_ASSETS, then ../shared/assets of the repo."""
-    chosen = Path(path or os.environ.get(ASSETS_ENV) or REPO_ROOT.parent / "shared" / "assets")
+    chosen = Path(path or os.environ.get(ASSETS_ENV) or DEFAULT_ASSETS)
     if not chosen.is_dir():
-        raise FileNotFoundError(
-            f"Assets folder {chosen} does not exist: pass its path (e.g. --assets_dir) or set ${ASSETS_ENV}."
-        )
+        raise AssetsNotFoundError(
+            f"The assets folder {chosen} (proxy CLIP, mini-MTIL tasks, reference images) does not exist.\n"
+            f"Fix: pass its path (--assets_dir) or set ${ASSETS_ENV}; without the assets, run the same six tasks "
+            "from the Hub with --preset mini-hub (docs/quickstart.md).")
     return chosen

@@ -196,10 +196,22 @@ def _sun397(read: _Reader, root: Path) -> LocalIndex:
     return LocalIndex(base, names, {"all": (paths, [position[label] for label in labels])})
 
 
+def _tinyimagenet(read: _Reader, root: Path) -> LocalIndex:
+    base = root / "tinyimagenet" / "tiny-imagenet-200"  # continuum's TinyImageNet200 under <dataset_root>/tinyimagenet
+    index = LocalIndex(base, [line.strip() for line in read.lines(base / "wnids.txt")])  # labels in this order
+    rows = [(base / "train" / wnid / "images" / line.split("\t")[0], label) for label, wnid in enumerate(index.names)
+            for line in read.lines(base / "train" / wnid / f"{wnid}_boxes.txt")]
+    index.roles["train"] = ([path for path, _ in rows], [label for _, label in rows])
+    position = {wnid: label for label, wnid in enumerate(index.names)}
+    rows = [line.split("\t")[:2] for line in read.lines(base / "val" / "val_annotations.txt")]
+    index.roles["test"] = ([base / "val" / "images" / file for file, _ in rows], [position[w] for _, w in rows])
+    return index
+
+
 READERS: dict[str, Callable[[_Reader, Path], LocalIndex]] = {
     "aircraft": _aircraft, "caltech101": _caltech101, "cifar100": _cifar100, "dtd": _dtd, "eurosat": _eurosat,
     "flowers": _flowers, "food": _food, "mnist": _mnist, "oxford_pet": _oxford_pet, "stanford_cars": _stanford_cars,
-    "sun397": _sun397,
+    "sun397": _sun397, "tinyimagenet": _tinyimagenet,
 }
 
 

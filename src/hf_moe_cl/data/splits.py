@@ -27,6 +27,13 @@ def split_whole(dataset: Dataset, train_fraction: float, seed: int,
     return dataset.select(train), dataset.select(test)
 
 
+def seeded_rows(count: int, limit: Optional[int], seed: int = 0) -> list[int]:
+    """At most `limit` of `count` row indices, a seeded draw kept in row order (all rows when there are no more)."""
+    if limit is None or count <= limit:
+        return list(range(count))
+    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
 def few_shot_subset(dataset: Dataset, shots: int, seed: int = 0) -> Dataset:
     """The first `shots` examples of every class met in one pass of a seeded shuffle, as the official code keeps the
     first `shots` per class of one pass of its shuffled training loader after `seed_all(42)` (finetune.py lines

@@ -26,7 +26,8 @@ from ..continual.tasks import ContinualTask
 from ..data.labels import LabelMappingError
 from ..data.sources import summarize
 from ..data.summary import SourceError
-from .datasets import MTIL_DATASETS, HubSource, hub_source
+from .datasets import CIL_DATASETS, MTIL_DATASETS, DatasetSpec, HubSource, hub_source
+from .mini_hub import MINI_HUB_DATASETS, MINI_TEST_IMAGES, MINI_TRAIN_IMAGES
 from .presets import ClassIncrementalPreset, get_preset, mini_long_tasks
 
 COLUMNS = ("dataset", "source", "split", "train", "test", "classes", "first classes", "labels")
@@ -166,20 +167,22 @@ def _alexnet_item(weights: str, network: _Network) -> tuple[str, Optional[str]]:
     return f"downloadable (into {cached} at the first DDAS step)", None
 
 
-def _size(count: int, official: int) -> str:
-    return f"{count:,}" if count == official else f"{count:,} (official {official:,})"
+def _size(count: int, official: Optional[int], cap: Optional[int]) -> str:
+    if cap is not None and count > cap:
+        return f"{cap:,} of {count:,}"
+    return f"{count:,}" if official in (None, count) else f"{count:,} (official {official:,})"
 
 
-def _dataset_row(name: str, data_dir, hub, cache_dir, network: _Network) -> dict[str, str]:
-    spec = MTIL_DATASETS[name]
-    source = None if data_dir is not None else hub_source(name, hub)
-    if source is not None and not Path(source.repo_id).is_dir() and not hf_constants.HF_HUB_OFFLINE:
+def _dataset_row(spec, data_dir, hub, cache_dir, network: _Network, caps=(None, None)) -> dict[str, str]:
+    source = None if data_dir is not None else hub_source(spec, hub)
+    repo = (source or spec.hub).repo_id
+    if data_dir is None and not Path(repo).is_dir() and not hf_constants.HF_HUB_OFFLINE:
         reason = network.hub()  # offline mode reads the cache; an unreachable Hub is not asked
         if reason is not None:
-            raise SourceError(f"{name}: the Hub copy {source.repo_id} cannot be read: {reason}. Fix: connect, set "
+            raise SourceError(f"{spec.name}: the Hub copy {repo} cannot be read: {reason}. Fix: connect, set "
                               "HF_HUB_OFFLINE=1 if it is in the Hugging Face cache, or use the torchvision folders "
                               "(--data_dir).")
-    summary = summarize(spec, data_dir=data_dir, hub=source, cache_dir=cache_dir)
+    summary = summarize(spec, data_dir=data_dir, hub=source, cache_dir=cache_dir)  # the copy read: summary.source
     if spec.split_rule is not None:
         fraction, seed = spec.split_rule
         whole = summary.sizes["all"]
@@ -187,25 +190,28 @@ def _dataset_row(name: str, data_dir, hub, cache_dir, network: _Network) -> dict
         split = f"{fraction:.0%} / {1 - fraction:.0%} of all {whole:,}, seed {seed}"
     else:
         train, test = summary.sizes["train"], summary.sizes["test"]
-        split = f"{spec.train_split} / {spec.test_split}"
-        if source is not None:
-            split += f" (Hub: {'+'.join(source.splits['train'])} / {'+'.join(source.splits['test'])})"
+        roles = (source or spec.hub).splits
+        hub_split = f"{'+'.join(roles['train'])} / {'+'.join(roles['test'])}"
+        official = f"{spec.train_split} / {spec.test_split}" if isinstance(spec, DatasetSpec) else None
+        split = official + (f" (Hub: {hub_split})" if data_dir is None else "") if official else hub_split
     mapped = [index for index in summary.label_map.indices if index is not None]
     dropped = len(summary.label_map.indices) - len(mapped)
     labels = "by name" + (f", {summary.label_map.moved} moved" if summary.label_map.moved else "") + \
         (f", {dropped} dropped" if dropped else "")
-    return {"dataset": name, "source": summary.source, "split": split, "train": _size(train, spec.official_sizes[0]),
-            "test": _size(test, spec.official_sizes[1]), "classes": f"{len(set(mapped))}/{spec.num_classes}",
-            "first classes": ", ".join(spec.classnames[:3]), "labels": labels}
+    official_sizes = spec.official_sizes if isinstance(spec, DatasetSpec) else (None, None)
+    return {"dataset": spec.name, "source": summary.source, "split": split,
+            "train": _size(train, official_sizes[0], caps[0]), "test": _size(test, official_sizes[1], caps[1]),
+            "classes": f"{len(set(mapped))}/{len(spec.classnames)}", "first classes": ", ".join(spec.classnames[:3]),
+            "labels": labels}
 
 
-def _assets_row(name: str, assets, preset) -> dict[str, str]:
+def _assets_row(name: str, assets: Path, preset) -> dict[str, str]:
     if preset.class_groups:  # mini-long: a class group of one of the assets' datasets
-        folder = resolve_assets(assets) / MINI_MTIL / name.rsplit("-", 1)[0]
-        task = mini_long_tasks(resolve_assets(assets), [name], preset.class_groups, preset.eval_images)[0]
+        folder = assets / MINI_MTIL / name.rsplit("-", 1)[0]
+        task = mini_long_tasks(assets, [name], preset.class_groups, preset.eval_images)[0]
         split, labels = f"train / test (at most {preset.eval_images} test images)", "renumbered from 0"
     else:
-        folder = resolve_assets(assets) / MINI_MTIL / name
+        folder = assets / MINI_MTIL / name
         task = ContinualTask.from_disk(folder)
         split, labels = "train / test", "as saved"
     return {"dataset": name, "source": str(folder), "split": split, "train": f"{len(task.train_dataset):,}",
@@ -228,6 +234,7 @@ def check_data(preset, data_dir: Union[None, str, os.PathLike] = None,
     hub_ids = dict(hub_ids or {})
     check = DataCheck(preset.name)
     network = _Network()
+    assets = resolve_assets(assets) if getattr(preset, "from_assets", False) else None  # no folder: nothing to check
     if isinstance(preset, ClassIncrementalPreset):
         names = [preset.dataset]
     else:
@@ -238,10 +245,15 @@ def check_data(preset, data_dir: Union[None, str, os.PathLike] = None,
                              f"{', '.join(preset.tasks)}.")
     for name in names:
         try:
-            if getattr(preset, "from_assets", False):
+            if assets is not None:
                 check.rows.append(_assets_row(name, assets, preset))
+            elif isinstance(preset, ClassIncrementalPreset):
+                check.rows.append(_dataset_row(CIL_DATASETS[name], data_dir, hub_ids.get(name), cache_dir, network))
+            elif preset.mini_hub:
+                check.rows.append(_dataset_row(MINI_HUB_DATASETS[name], None, hub_ids.get(name), cache_dir, network,
+                                               (MINI_TRAIN_IMAGES, MINI_TEST_IMAGES)))
             else:
-                check.rows.append(_dataset_row(name, data_dir, hub_ids.get(name), cache_dir, network))
+                check.rows.append(_dataset_row(MTIL_DATASETS[name], data_dir, hub_ids.get(name), cache_dir, network))
         except (SourceError, LabelMappingError, FileNotFoundError) as error:
             check.rows.append({"dataset": name, "source": "FAILED", "labels": "see below"})
             check.problems.append(str(error))

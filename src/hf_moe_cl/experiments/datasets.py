@@ -60,6 +60,7 @@ class DatasetSpec:
     hub: HubSource
     local_layout: str  # the torchvision folder under `data_dir`
     excluded_names: tuple[str, ...] = ()  # classes the official code drops (Caltech101's background)
+    hub_fallbacks: tuple[HubSource, ...] = ()  # copies read, in order, when `hub` cannot be
 
     @property
     def num_classes(self) -> int:
@@ -108,16 +109,17 @@ _RATES = {
 }
 
 
-def _spec(name, official_name, templates, hub, layout, sizes, splits=(None, None), number_from=None, excluded=()):
+def _spec(name, official_name, templates, hub, layout, sizes, splits=(None, None), number_from=None, excluded=(),
+          fallbacks=()):
     fixed = _NAMES["fixed"].get(name)
     torchvision = tuple(_NAMES["torchvision"].get(name, ()))
     classnames = tuple(fixed) if fixed else tuple(n.replace("_", " ") for n in torchvision)
     return DatasetSpec(name, official_name, tuple(templates), classnames, fixed is not None, torchvision, number_from,
                        splits[0], splits[1], None if splits[0] else RANDOM_SPLIT, sizes,
-                       dict(zip(RECIPES, _RATES[name])), hub, layout, tuple(excluded))
+                       dict(zip(RECIPES, _RATES.get(name, ()))), hub, layout, tuple(excluded), tuple(fallbacks))
 
 
-def _hub(repo_id, splits, label_names, evidence, image="image", label="label", num_labels=None, **kwargs):
+def hub_copy(repo_id, splits, label_names, evidence, image="image", label="label", num_labels=None, **kwargs):
     roles = {"all": splits} if isinstance(splits, tuple) else splits
     return HubSource(repo_id, roles, image, label, num_labels, label_names,
                      f"https://huggingface.co/datasets/{repo_id} (card and viewer): {evidence}", **kwargs)
@@ -127,85 +129,103 @@ _OFFICIAL_SPLITS = {"train": ("train",), "test": ("test",)}
 
 MTIL_DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     _spec("aircraft", "Aircraft", ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."),
-          _hub("HuggingFaceM4/FGVC-Aircraft", _OFFICIAL_SPLITS, "variants.txt names",
+          hub_copy("HuggingFaceM4/FGVC-Aircraft", _OFFICIAL_SPLITS, "variants.txt names",
                "main holds only a loading script (refused by datasets>=4); PR #1 (refs/pr/1: 'Convert dataset to "
                "Parquet', 'Delete loading script') holds data/{train,validation,test}-*.parquet; columns image, "
                "variant, family, manufacturer as in the script's features", label="variant", num_labels=100,
                revision="refs/pr/1"),
           "fgvc-aircraft-2013b/data/{variants.txt,images_variant_{train,test}.txt,images/}", (3334, 3333),
-          ("train", "test")),
+          ("train", "test"),
+          fallbacks=[hub_copy("Donghyun99/FGVC-Aircraft", _OFFICIAL_SPLITS, "variant names, mapped by name (unverified)",
+                          "parquet, config default, data/{train,val,test}-0000{0,1}-of-00002.parquet, 3.33k rows per "
+                          "split (viewer); its columns and label names are unverified, checked at load time",
+                          num_labels=100)]),
     _spec("caltech101", "Caltech101", CALTECH_TEMPLATES,
-          _hub("flwrlabs/caltech101", ("train",), "torchvision folder names lower-cased (faces, leopards, ...)",
+          hub_copy("flwrlabs/caltech101", ("train",), "torchvision folder names lower-cased (faces, leopards, ...)",
                "parquet, one 'train' split (the whole dataset), 'label' ClassLabel of 101 classes (0 accordion, "
                "1 airplanes, 36 faces, ..., 100 yin_yang), no background class", num_labels=101),
           "caltech101/101_ObjectCategories/<class>/image_NNNN.jpg", (6941, 1736),
           excluded=("BACKGROUND_Google",)),
     _spec("cifar100", "CIFAR100", CIFAR_TEMPLATES,
-          _hub("uoft-cs/cifar100", _OFFICIAL_SPLITS, "torchvision's fine label names (aquarium_fish, ...)",
+          hub_copy("uoft-cs/cifar100", _OFFICIAL_SPLITS, "torchvision's fine label names (aquarium_fish, ...)",
                "parquet since 'Convert dataset to Parquet (#4)', config cifar100: img, fine_label (100 classes), "
                "coarse_label; train 50,000 / test 10,000", image="img", label="fine_label", num_labels=100),
           "cifar-100-python/{train,test,meta}", (50000, 10000), ("train", "test")),
     _spec("dtd", "DTD", DTD_TEMPLATES,
-          _hub("mcimpoi/dtd_split_1", _OFFICIAL_SPLITS, "DTD folder names, sorted (banded ... zigzagged)",
+          hub_copy("mcimpoi/dtd_split_1", _OFFICIAL_SPLITS, "DTD folder names, sorted (banded ... zigzagged)",
                "uploaded by DTD's author; parquet, 'label' ClassLabel banded..zigzagged, train / validation / test "
                "of 1,880 each = partition 1 (tanganke/dtd is not used: its train split of 3,760 adds val1)",
                num_labels=47),
           "dtd/dtd/{images/<class>/,labels/train1.txt,labels/test1.txt}", (1880, 1880), ("train", "test")),
     _spec("eurosat", "EuroSAT", ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
                                  "a centered satellite photo of the {}."),
-          _hub("timm/eurosat-rgb", ("train", "validation", "test"), "torchvision folder names (AnnualCrop ...)",
+          hub_copy("timm/eurosat-rgb", ("train", "validation", "test"), "torchvision folder names (AnnualCrop ...)",
                "parquet, 'label' ClassLabel AnnualCrop..SeaLake, 'image_id'; train 16,200 + validation 5,400 + "
                "test 5,400 = all 27,000 images", num_labels=10, order_column="image_id"),
           "eurosat/2750/<class>/*.jpg", (21600, 5400)),
     _spec("flowers", "Flowers", ("a photo of a {}, a type of flower.",),
-          _hub("dpdl-benchmark/oxford_flowers102", _OFFICIAL_SPLITS, "the official class names in the official order",
+          hub_copy("dpdl-benchmark/oxford_flowers102", _OFFICIAL_SPLITS, "the official class names in the official order",
                "parquet, 'label' ClassLabel '0': pink primrose, '1': hard-leaved pocket orchid, ...; train 1,020 / "
                "validation 1,020 / test 6,149 (setid.mat's trnid / valid / tstid)", num_labels=102),
           "flowers-102/{jpg/,imagelabels.mat,setid.mat}", (1020, 6149), ("train", "test"), number_from=1),
     _spec("food", "Food", ("a photo of a {}, a type of food.",),
-          _hub("ethz/food101", {"train": ("train",), "test": ("validation",)},
+          hub_copy("ethz/food101", {"train": ("train",), "test": ("validation",)},
                "Food-101 folder names, cheesecake (16) before cheese_plate (17) unlike torchvision's sorted order",
                "parquet since 'Convert dataset to Parquet (#3)', 'label' ClassLabel apple_pie..waffles; train 75,750 "
                "/ validation 25,250 (the official test split)", num_labels=101),
           "food-101/{meta/train.json,meta/test.json,images/}", (75750, 25250), ("train", "test")),
     _spec("mnist", "MNIST", ('a photo of the number: "{}".',),
-          _hub("ylecun/mnist", _OFFICIAL_SPLITS, "digits '0'..'9'",
+          hub_copy("ylecun/mnist", _OFFICIAL_SPLITS, "digits '0'..'9'",
                "parquet since 'Convert dataset to Parquet (#7)', config mnist, 'label' ClassLabel '0'..'9'; train "
                "60,000 / test 10,000", num_labels=10),
           "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]", (60000, 10000), ("train", "test"),
           number_from=0),
     _spec("oxford_pet", "OxfordPet", ("a photo of a {}, a type of pet.",),
-          _hub("timm/oxford-iiit-pet", _OFFICIAL_SPLITS, "breed file prefixes, lower-cased (abyssinian, ...)",
+          hub_copy("timm/oxford-iiit-pet", _OFFICIAL_SPLITS, "breed file prefixes, lower-cased (abyssinian, ...)",
                "parquet, 'label' ClassLabel abyssinian..yorkshire_terrier (standard label ordering), image_id, "
                "label_cat_dog; train 3,680 (= trainval) / test 3,669", num_labels=37),
           "oxford-iiit-pet/{annotations/trainval.txt,annotations/test.txt,images/}", (3680, 3669),
           ("trainval", "test")),
     _spec("stanford_cars", "StanfordCars", CARS_TEMPLATES,
-          _hub("tanganke/stanford_cars", _OFFICIAL_SPLITS, "devkit class names in devkit order",
+          hub_copy("tanganke/stanford_cars", _OFFICIAL_SPLITS, "devkit class names in devkit order",
                "parquet, 'label' ClassLabel of 196 classes (0 AM General Hummer SUV 2000, 1 Acura RL Sedan 2012, "
                "...); read with splits train / test by tanganke/fusion_bench "
                "config/dataset/image_classification/{train,test}/stanford-cars.yaml", num_labels=196),
           "stanford_cars/{devkit/cars_meta.mat,devkit/cars_train_annos.mat,cars_test_annos_withlabels.mat,"
           "cars_train/,cars_test/}", (8144, 8041), ("train", "test")),
     _spec("sun397", "SUN397", ("a photo of a {}.", "a photo of the {}."),
-          _hub("1aurent/SUN397", ("train",), "ClassName.txt lines ('/a/abbey', '/a/apartment_building/outdoor', ...)",
+          hub_copy("1aurent/SUN397", ("train",), "ClassName.txt lines ('/a/abbey', '/a/apartment_building/outdoor', ...)",
                "parquet, one 'train' split of 109k rows (the whole dataset), 'label' ClassLabel '0': /a/abbey, ...; "
                "tanganke/sun397 is not used: it holds partition 1 only (19,850 + 19,850)", num_labels=397),
           "SUN397/{ClassName.txt,<letter>/<class>[/<sub>]/sun_*.jpg}", (87003, 21751)),
 )}
 
+# Class-incremental TinyImageNet (the paper's Table 4): continuum's TinyImageNet200 (MoE-Adapters4CL
+# cil/continual_clip/datasets.py lines 47-54), labels in wnids.txt order, named by cil/dataset_reqs/tinyimagenet_classes.txt;
+# train = train/ (500 per class), test = val/ (50 per class).
+TINY_IMAGENET = _spec(
+    "tinyimagenet", "TinyImageNet200", ("a bad photo of a {}.",),
+    hub_copy("zh-plus/tiny-imagenet", {"train": ("train",), "test": ("valid",)}, "wnids (n01443537, ...), mapped by name",
+         "parquet, 'label' ClassLabel of the 200 wnids; train 100,000 / valid 10,000 (the official val/)",
+         num_labels=200),
+    "tinyimagenet/tiny-imagenet-200/{wnids.txt,train/<wnid>/<wnid>_boxes.txt,train/<wnid>/images/,val/val_annotations.txt,"
+    "val/images/}", (100000, 10000), ("train", "val"))
+CIL_DATASETS: dict[str, DatasetSpec] = {"cifar100": MTIL_DATASETS["cifar100"], "tinyimagenet": TINY_IMAGENET}
+
 MTIL_ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxford_pet",
                 "stanford_cars", "sun397"]
 MTIL_ORDER_II = ["stanford_cars", "food", "mnist", "oxford_pet", "flowers", "sun397", "aircraft", "caltech101",
                  "dtd", "eurosat", "cifar100"]
-def hub_source(name: str, hub: Union[None, str, HubSource] = None) -> HubSource:
-    """The dataset's default Hub copy, another `HubSource`, or the default with its repo id replaced."""
+
+
+def hub_source(spec, hub: Union[None, str, HubSource] = None) -> Optional[HubSource]:
+    """The copy of `spec`'s dataset the user chose: a `HubSource` as given, or a repo id in place of the default's;
+    None (the spec's own copies, tried in order) when none is chosen."""
+    if hub is None or hub == spec.hub.repo_id:
+        return None
     if isinstance(hub, HubSource):
         return hub
-    default = MTIL_DATASETS[name].hub
-    if hub is None or hub == default.repo_id:
-        return default
-    return dataclasses.replace(default, repo_id=hub, revision=None, num_labels=None, evidence="given by the user")
+    return dataclasses.replace(spec.hub, repo_id=hub, revision=None, num_labels=None, evidence="given by the user")
 
 
 def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Union[None, str, HubSource] = None,
@@ -218,7 +238,7 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
     if name not in MTIL_DATASETS:
         raise ValueError(f"Unknown MTIL dataset {name!r}; choose one of {', '.join(MTIL_DATASETS)}.")
     spec = MTIL_DATASETS[name]
-    train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(name, hub),
+    train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(spec, hub),
                               cache_dir=cache_dir)
     whole = train
     if few_shot:

@@ -1,6 +1,6 @@
 """The paper's experiments as presets (task sequences and their official recipe facts), and the tasks they run on:
-MTIL orders and few-shot MTIL from `datasets.MTIL_DATASETS`, class-incremental CIFAR-100, and the offline stand-ins
-built from the shared assets (`mini`, `mini-long`).
+MTIL orders and few-shot MTIL from `datasets.MTIL_DATASETS`, class-incremental CIFAR-100 and TinyImageNet, the
+offline stand-ins built from the shared assets (`mini`, `mini-long`), and `mini-hub`, the mini tasks from the Hub.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-import torch
 from datasets import ClassLabel, Dataset
 
 from ..assets import MINI_MTIL, assets_dir as resolve_assets
 from ..continual.tasks import ContinualTask
 from ..data.sources import load_splits
-from .datasets import MTIL_DATASETS, MTIL_ORDER_I, MTIL_ORDER_II, HubSource, hub_source, mtil_task
+from ..data.splits import seeded_rows
+from .datasets import CIL_DATASETS, MTIL_ORDER_I, MTIL_ORDER_II, HubSource, hub_source, mtil_task
+from .mini_hub import MINI_HUB_CLIP, mini_hub_tasks
 
 MINI_TASKS = ["caltech101", "cifar10", "clothing", "dtd", "fashion_mnist", "mnist"]
 
@@ -57,9 +58,7 @@ def class_subset_task(task: ContinualTask, classes: range, name: str, eval_image
     def subset(dataset: Dataset, limit: Optional[int] = None) -> Dataset:
         labels = dataset["label"]
         keep = [i for i, label in enumerate(labels) if label in classes]
-        if limit is not None and len(keep) > limit:
-            draw = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:limit]
-            keep = [keep[i] for i in sorted(draw.tolist())]
+        keep = [keep[i] for i in seeded_rows(len(keep), limit, seed)]
         # The whole split relabelled first (other classes -1), then the rows picked: an add_column after select, or a
         # cast_column, would write a copy of the images (cache-*.arrow) into the folder the dataset was loaded from.
         relabelled = [label - classes.start if label in classes else -1 for label in labels]
@@ -105,13 +104,27 @@ class MTILPreset:
     ddas_learning_rate: float = 0.01  # AutoEncoder.py line 180; few-shot: few_shot_AutoEncoder.py line 211 (0.003)
     eval_batch_size: int = 128
     from_assets: bool = False  # the offline stand-in: mini tasks from the shared assets
+    mini_hub: bool = False  # the mini tasks rebuilt from their Hub copies (`mini_hub.MINI_HUB_DATASETS`)
+    model: Optional[str] = None  # the base CLIP when it is not the paper's ViT-B/16 (nor the assets' proxy CLIP)
     class_groups: Optional[int] = None  # mini-long: every assets dataset cut by classes into this many tasks
     eval_images: Optional[int] = None  # test images kept per task (a seeded draw), to bound evaluation
 
 
+# MoE-Adapters4CL cil/class_orders/tinyimagenet.yaml lines 1-17 (ZSCL's is byte-identical)
+TINYIMAGENET_ORDER = (
+    131, 181, 22, 172, 144, 92, 97, 187, 58, 93, 6, 70, 106, 68, 153, 168, 179, 199, 29, 46, 9, 142, 134, 88, 193, 110,
+    26, 32, 117, 112, 17, 39, 166, 13, 94, 138, 109, 147, 51, 101, 59, 188, 116, 5, 170, 99, 100, 167, 180, 146, 65, 1,
+    104, 43, 38, 184, 123, 171, 137, 162, 71, 44, 95, 174, 12, 7, 54, 152, 21, 47, 28, 176, 34, 2, 132, 118, 42, 189,
+    150, 14, 165, 41, 192, 45, 82, 128, 63, 57, 197, 160, 53, 75, 108, 135, 121, 159, 183, 67, 169, 50, 87, 69, 89, 196,
+    115, 19, 148, 96, 86, 11, 8, 60, 33, 173, 78, 4, 119, 105, 182, 127, 177, 30, 186, 40, 49, 178, 76, 157, 161, 73,
+    164, 151, 31, 74, 191, 27, 125, 198, 81, 20, 155, 114, 139, 36, 61, 56, 145, 48, 16, 83, 62, 85, 126, 0, 102, 23, 3,
+    140, 15, 195, 133, 113, 190, 141, 52, 163, 156, 80, 111, 90, 175, 143, 120, 84, 18, 25, 79, 37, 154, 136, 64, 158,
+    24, 185, 72, 35, 129, 55, 149, 91, 122, 77, 103, 124, 130, 66, 10, 107, 194, 98)
+
+
 @dataclass(frozen=True)
 class ClassIncrementalPreset:
-    """MoE-Adapters' CIFAR-100 class-incremental recipe (cil/configs/class, cil/class_orders/cifar100.yaml)."""
+    """MoE-Adapters' class-incremental recipe (cil/configs/class, cil/class_orders): CIFAR-100 or TinyImageNet."""
 
     name: str
     initial_increment: int
@@ -123,7 +136,7 @@ class ClassIncrementalPreset:
         53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85,
         2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39))
     epochs_per_step: int = 1
-    batch_size: int = 128  # cifar100_{10-10,5-5}-MoE-Adapters.yaml line 20; the 2-2 config: 64
+    batch_size: int = 128  # cifar100_{10-10,5-5}-MoE-Adapters.yaml line 20; the 2-2 and TinyImageNet configs: 64
     learning_rate: float = 1e-3
     label_smoothing: float = 0.0
     warmup_steps: int = 30
@@ -149,7 +162,12 @@ PRESETS: dict[str, Union[MTILPreset, ClassIncrementalPreset]] = {preset.name: pr
     ClassIncrementalPreset("cifar100-cil-10", 10, 10),
     ClassIncrementalPreset("cifar100-cil-20", 5, 5),
     ClassIncrementalPreset("cifar100-cil-50", 2, 2, batch_size=64),  # cifar100_2-2-MoE-Adapters.yaml line 20
+    # 100 base classes, then N steps: run_experiment_tiny{5,10,20}step.sh line 6 runs tinyimagenet_100-{20,10,5}.yaml
+    # (increment 20 / 10 / 5, line 22), each with batch_size 64 (line 20)
+    *(ClassIncrementalPreset(f"tinyimagenet-cil-{steps}", 100, 100 // steps, dataset="tinyimagenet",
+                             class_order=TINYIMAGENET_ORDER, batch_size=64) for steps in (5, 10, 20)),
     MTILPreset("mini", tuple(MINI_TASKS), 200, ddas=False, ddas_threshold=None, from_assets=True),
+    MTILPreset("mini-hub", tuple(MINI_TASKS), 200, ddas=False, ddas_threshold=None, mini_hub=True, model=MINI_HUB_CLIP),
     MTILPreset("mini-long", tuple(mini_long_names()), MINI_LONG_STEPS, warmup_steps=10, ddas=False,
                ddas_threshold=None, from_assets=True, class_groups=MINI_LONG_ROUNDS, eval_images=MINI_LONG_EVAL_IMAGES),
 )}
@@ -216,10 +234,12 @@ def preset_tasks(preset: Union[str, MTILPreset, ClassIncrementalPreset], data_di
     preset = get_preset(preset)
     hub_ids = dict(hub_ids or {})
     if isinstance(preset, ClassIncrementalPreset):
-        spec = MTIL_DATASETS[preset.dataset]
+        spec = CIL_DATASETS[preset.dataset]
         train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(
-            spec.name, hub_ids.get(spec.name)), cache_dir=cache_dir)
-        return class_incremental_tasks(train, test, list(spec.torchvision_classes), class_order=preset.class_order,
+            spec, hub_ids.get(spec.name)), cache_dir=cache_dir)
+        # the official names: torchvision's CIFAR-100 classes (underscores kept), TinyImageNet's class list
+        names = spec.classnames if spec.fixed_classnames else spec.torchvision_classes
+        return class_incremental_tasks(train, test, list(names), class_order=preset.class_order,
                                        initial_increment=preset.initial_increment, increment=preset.increment,
                                        templates=[preset.template])
     names = list(tasks or preset.tasks)
@@ -230,5 +250,7 @@ def preset_tasks(preset: Union[str, MTILPreset, ClassIncrementalPreset], data_di
         return mini_long_tasks(resolve_assets(assets), names, preset.class_groups, preset.eval_images)
     if preset.from_assets:
         return mini_mtil_tasks(resolve_assets(assets), names)
+    if preset.mini_hub:
+        return mini_hub_tasks(names, hub_ids, cache_dir)
     return [mtil_task(name, data_dir=data_dir, hub=hub_ids.get(name), few_shot=preset.shots, seed=seed,
                       cache_dir=cache_dir) for name in names]
