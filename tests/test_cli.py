@@ -61,7 +61,7 @@ def test_a_repo_id_the_hub_refuses_is_named_before_any_work(mtil, capsys, tmp_pa
     argv = ["--method", "zero-shot", "--tasks", "dtd", "--output_dir", str(tmp_path / output_dir),
             "--push_to_hub", "true", *(["--hub_model_id", hub_model_id] if hub_model_id else [])]
     err = refused(mtil, capsys, argv)
-    assert f"Cannot publish to {repo_id!r} (--hub_model_id, else output_dir's name): Repo id must" in err
+    assert f"--hub_model_id (else output_dir's name) {repo_id!r} is not a Hub repo id (Repo id must" in err
     assert not (tmp_path / output_dir).exists()
 
 

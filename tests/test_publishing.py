@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import re
 import shutil
 import types
 
@@ -68,7 +69,7 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert "0. **first** [`me/first-colours`](https://huggingface.co/datasets/me/first-colours) (3 classes): red, " \
            "green, blue" in card.text
     assert "1. **second** (3 classes): yellow, cyan, magenta" in card.text
-    assert 'TaskAgnosticClassifier.from_pretrained("me/continual-clip")' in card.text and "REPO_ID" not in card.text
+    assert "TaskAgnosticClassifier.from_pretrained('me/continual-clip')" in card.text and "REPO_ID" not in card.text
     # model-index: per matrix, the accuracy after the last task of each task read from the Hub ("second" is not)
     found = {(r.metric_config, r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert found == {(kind, "me/first-colours", "accuracy"): pytest.approx(matrix[-1][0], abs=0.005)
@@ -144,7 +145,7 @@ def test_a_full_fine_tune_is_published_for_transformers_with_its_base_model(tmp_
     assert {"config.json", "model.safetensors", "README.md"} == {p.name for p in (tmp_path / "out").iterdir()}
     assert folder == str(tmp_path / "out")
     assert card.data.library_name == "transformers" and card.data.base_model == "openai/clip-vit-base-patch16"
-    assert 'CLIPModel.from_pretrained("me/finetuned")' in card.text
+    assert "CLIPModel.from_pretrained('me/finetuned')" in card.text
     assert card.data.eval_results is None  # the tasks have no Hub dataset id
     assert "| oracle: task-aware (true task ids) | 10.0 | 45.0 | 55.0 | -20.0 |" in card.text
     assert "0. **a**" in card.text  # no class names recorded: the task names from the result
@@ -155,9 +156,9 @@ def test_a_full_fine_tune_is_published_for_transformers_with_its_base_model(tmp_
 def run_card_usage(card: ModelCard, repo_id: str, folder, image_path) -> list:
     """Execute the card's usage code with the repo id replaced by a local folder; returns its `predictions`."""
     code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
-    assert f'"{repo_id}"' in code and '"photo.jpg"' in code
+    assert repr(repo_id) in code and '"photo.jpg"' in code
     namespace = {}
-    exec(code.replace(f'"{repo_id}"', repr(str(folder))).replace('"photo.jpg"', repr(str(image_path))), namespace)
+    exec(code.replace(repr(repo_id), repr(str(folder))).replace('"photo.jpg"', repr(str(image_path))), namespace)
     return namespace["predictions"]
 
 
@@ -188,11 +189,48 @@ def test_the_peft_usage_code_of_a_task_aware_card_loads_the_published_adapter(tm
     publishing.push_to_hub(model, "me/moe-clip", dry_run_dir=tmp_path / "out")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
-    assert '"me/moe-clip"' in code and "model.set_task(0)" in code
+    assert "'me/moe-clip'" in code and "model.set_task(0)" in code
     namespace = {}
-    exec(code.replace('"me/moe-clip"', repr(str(tmp_path / "out"))).replace("<base CLIP>",
+    exec(code.replace("'me/moe-clip'", repr(str(tmp_path / "out"))).replace("<base CLIP>",
                                                                             repr(str(tmp_path / "base"))), namespace)
     model.set_task(0)
     with torch.no_grad():
         assert torch.equal(namespace["model"].eval()(**clip_inputs).logits_per_image,
                            model(**clip_inputs).logits_per_image)
+
+
+INJECTION = '")\nimport os; os.system("echo PWNED")  #'
+
+
+@pytest.mark.parametrize("repo_id", ["a/b/c", "me/tâche", INJECTION])
+def test_a_repo_id_the_hub_refuses_is_refused_in_a_dry_run_too(repo_id, tmp_path):
+    method = method_for_model(tiny_clip())
+    with pytest.raises(ValueError, match="(?s)is not a Hub repo id .*give 'name' or 'namespace/name'"):
+        publishing.push_to_hub(method, repo_id, dry_run_dir=tmp_path / "dry")
+    with pytest.raises(ValueError, match="(?s)The dataset id of .a. .* is not a Hub repo id"):
+        publishing.push_to_hub(method, "me/x", dataset_ids={"a": repo_id}, dry_run_dir=tmp_path / "dry")
+    assert not (tmp_path / "dry").exists()
+
+
+def test_names_stay_text_in_the_card_and_code_takes_them_as_literals(tmp_path):
+    import ast
+
+    from hf_moe_cl.continual import ContinualTask
+
+    names = ["a\n## heading", "b|c", "**bold**"]
+    tasks = [ContinualTask(name=name, train_dataset=None, eval_dataset=None, classnames=["x|y", "z\n# h"],
+                           templates=["{}"]) for name in names]
+    result = ContinualResult(names, {"oracle": [[60.0, 10.0, 5.0], [40.0, 70.0, 5.0], [30.0, 50.0, 80.0]]})
+    method = method_for_model(tiny_clip())
+    card = publishing.model_card(method, "me/x.y", result, tasks=tasks)
+    lines = card.text.splitlines()
+    assert not [line for line in lines if line.startswith("## heading") or line.startswith("# h")]
+    assert [line for line in lines if line[:3] in ("0. ", "1. ", "2. ")] == [
+        r"0. **a \#\# heading** (2 classes): x\|y, z \# h", r"1. **b\|c** (2 classes): x\|y, z \# h",
+        r"2. **\*\*bold\*\*** (2 classes): x\|y, z \# h"]
+    tables = "\n".join(line if line.startswith("|") else "" for line in lines).split("\n\n")
+    cells = [{len(re.findall(r"(?<!\\)\|", row)) for row in table.strip().splitlines()} for table in tables]
+    assert [len(counts) for counts in cells if counts] == [1, 1, 1]  # results, drop per task, hyperparameters
+    code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    loads = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call) and node.args]
+    assert [node.args[0].value for node in loads if isinstance(node.args[0], ast.Constant)] == ["me/x.y"]
