@@ -70,10 +70,11 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
            "green, blue" in card.text
     assert "1. **second** (3 classes): yellow, cyan, magenta" in card.text
     assert "TaskAgnosticClassifier.from_pretrained('me/continual-clip')" in card.text and "REPO_ID" not in card.text
-    # model-index: per matrix, the accuracy after the last task of each task read from the Hub ("second" is not)
+    # model-index: per matrix, the accuracy after the last task of each task (its Hub id, else its name)
     found = {(r.metric_config, r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert found == {(kind, "me/first-colours", "accuracy"): pytest.approx(matrix[-1][0], abs=0.005)
-                     for kind, matrix in result.matrices.items()}
+    assert found == {(kind, dataset, "accuracy"): pytest.approx(matrix[-1][j], abs=0.005)
+                     for kind, matrix in result.matrices.items()
+                     for j, dataset in enumerate(["me/first-colours", "second"])}
     assert {r.metric_name for r in card.data.eval_results} >= {
         "Accuracy after the last task (protocol matrix: task-agnostic, one route per test batch)"}
     assert "| protocol: task-agnostic, one route per test batch |" in card.text
@@ -146,7 +147,7 @@ def test_a_full_fine_tune_is_published_for_transformers_with_its_base_model(tmp_
     assert folder == str(tmp_path / "out")
     assert card.data.library_name == "transformers" and card.data.base_model == "openai/clip-vit-base-patch16"
     assert "CLIPModel.from_pretrained('me/finetuned')" in card.text
-    assert card.data.eval_results is None  # the tasks have no Hub dataset id
+    assert [(r.dataset_type, r.metric_value) for r in card.data.eval_results] == [("a", 40.0), ("b", 70.0)]
     assert "| oracle: task-aware (true task ids) | 10.0 | 45.0 | 55.0 | -20.0 |" in card.text
     assert "0. **a**" in card.text  # no class names recorded: the task names from the result
     local = publishing.model_card(method, "me/finetuned", result, base_model=str(tmp_path))
@@ -234,3 +235,24 @@ def test_names_stay_text_in_the_card_and_code_takes_them_as_literals(tmp_path):
     code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
     loads = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call) and node.args]
     assert [node.args[0].value for node in loads if isinstance(node.args[0], ast.Constant)] == ["me/x.y"]
+
+
+def test_the_cards_model_index_reads_back_with_huggingface_hub_tools(tmp_path):
+    from huggingface_hub.repocard import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    result = ContinualResult(["a", "b"], {"oracle": [[60.0, 10.0], [40.0, 70.0]], "protocol": [[50.0, 5.0],
+                                                                                                 [30.0, 65.0]]})
+    publishing.push_to_hub(method_for_model(tiny_clip()), "me/x", result, dataset_ids={"a": "me/a"},
+                           dry_run_dir=tmp_path / "out")
+    name, results = model_index_to_eval_results(metadata_load(tmp_path / "out" / "README.md")["model-index"])
+    assert name == "x" and sorted((r.metric_config, r.dataset_type, r.metric_value) for r in results) == [
+        ("oracle", "b", 70.0), ("oracle", "me/a", 40.0), ("protocol", "b", 65.0), ("protocol", "me/a", 30.0)]
+    assert len(ModelCard.load(tmp_path / "out" / "README.md").data.eval_results) == 4
+
+
+def test_a_card_without_known_options_has_no_empty_hyperparameter_table():
+    from conftest import moe_model
+
+    card = publishing.model_card(moe_model(), "me/x")  # a bare model, no training arguments
+    assert "## Training hyperparameters" not in card.text and "| hyperparameter | value |" not in card.text

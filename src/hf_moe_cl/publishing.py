@@ -60,16 +60,16 @@ def task_records(method: ContinualMethod, result: Optional[ContinualResult] = No
 
 
 def eval_results(result: ContinualResult, dataset_ids: dict[str, str]) -> list[EvalResult]:
-    """model-index entries: per matrix kind (the metric config) and per task with a Hub dataset id (the dataset
-    type), the accuracy on that task after the last task; tasks without a Hub id are left out."""
+    """model-index entries: per matrix kind (the metric config) and per task (the dataset type: its Hub dataset id,
+    else the task's name), the accuracy on that task after the last task."""
     entries = []
     for kind in [k for k in MATRIX_KINDS if k in result.matrices]:
         for name, value in zip(result.task_names, result.matrices[kind][-1]):
-            if value is None or name not in dataset_ids:
+            if value is None:
                 continue
             entries.append(EvalResult(
                 task_type="image-classification", task_name="Continual image classification",
-                dataset_type=dataset_ids[name], dataset_name=name, metric_type="accuracy",
+                dataset_type=dataset_ids.get(name, name), dataset_name=name, metric_type="accuracy",
                 metric_value=round(value, 2), metric_config=kind,
                 metric_name=f"Accuracy after the last task ({kind} matrix: {MATRIX_TITLES[kind]})",
             ))
@@ -252,8 +252,9 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
                   f"is the {matrix_label(result.headline)}.", "",
                   metrics_markdown(rows, names, "matrix")]
     options = method if isinstance(method_or_model, ContinualMethod) else None  # a bare model: its options unknown
-    lines += ["", "## Training hyperparameters", ""] + _table(training_hyperparameters(options, training_args),
-                                                               "hyperparameter", "value")
+    hyperparameters = training_hyperparameters(options, training_args)
+    if hyperparameters:
+        lines += ["", "## Training hyperparameters", ""] + _table(hyperparameters, "hyperparameter", "value")
     lines += ["", "## Framework versions", ""] + [f"- {k} {v}" for k, v in library_versions().items()]
     lines += ["", "## Citation", ""]
     for paper, bibtex in CITATIONS.items():
