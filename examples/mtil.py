@@ -300,6 +300,9 @@ def main(argv: Optional[list[str]] = None):
     preset = get_preset(experiment.preset)
     adapter_args, moe_args, ddas_args, condu_args, training = apply_recipe(
         preset, (adapter_args, moe_args, ddas_args, condu_args, training), explicit)
+    if "output_dir" not in explicit:  # not transformers' ./trainer_output: a folder per preset and method
+        training.output_dir = f"runs/{preset.name}-{method_args.method}"
+        logger.info("No --output_dir given: the run writes to %s", training.output_dir)
     try:
         check_run(experiment, method_args, ddas_args, training, explicit)
     except ValueError as error:
@@ -365,5 +368,13 @@ def main(argv: Optional[list[str]] = None):
     print(json.dumps({"method": method_args.method, "headline_matrix": result.headline, "metrics": metrics}))
 
 
+def cli(argv: Optional[list[str]] = None):
+    """`main`, with a refused run's message printed once, without a traceback (accelerate launch adds its own)."""
+    try:
+        main(argv)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

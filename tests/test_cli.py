@@ -209,3 +209,15 @@ def test_no_option_is_reported_as_ignored(mtil, capsys, tmp_path, caplog):
     assert not caplog.records
     with pytest.raises(ValueError, match="eval_strategy='steps'` cannot be used"):
         mtil.parse_args(["--output_dir", str(tmp_path), "--eval_strategy", "steps"])
+
+
+def test_the_default_output_folder_is_under_runs_and_a_refused_run_is_one_line(mtil, capsys, tmp_path, monkeypatch):
+    """Without --output_dir the run writes to runs/<preset>-<method>, not transformers' ./trainer_output; an error
+    found after parsing is printed once, as one line, with exit status 1 (no traceback for accelerate to repeat)."""
+    monkeypatch.chdir(tmp_path)
+    assert recipe(mtil, capsys, ["--preset", "mini", "--method", "lora"])["output_dir"] == "runs/mini-lora"
+    with pytest.raises(SystemExit) as exit_:
+        mtil.cli(["--preset", "mini", "--method", "zero-shot", "--tasks", "nosuch"])
+    assert exit_.value.code == ("error: Preset 'mini' has no task(s) ['nosuch']; its tasks are caltech101, cifar10, "
+                                "clothing, dtd, fashion_mnist, mnist.")
+    assert "Traceback" not in capsys.readouterr().err
