@@ -182,11 +182,6 @@ def _usage(method: ContinualMethod, library: str, repo_id: str, base: Optional[s
             f"method.load(snapshot_download({repo_id!r}))")
 
 
-def _table(values: dict[str, Any], first: str, second: str) -> list[str]:
-    return [f"| {first} | {second} |", "| --- | --- |"] + [f"| {markdown_text(k)} | {markdown_text(v)} |"
-                                                          for k, v in values.items()]
-
-
 def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] = None,
                tasks: Optional[Sequence] = None, base_model: Optional[str] = None,
                training_args: Optional[TrainingArguments] = None,
@@ -254,7 +249,8 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
     options = method if isinstance(method_or_model, ContinualMethod) else None  # a bare model: its options unknown
     hyperparameters = training_hyperparameters(options, training_args)
     if hyperparameters:
-        lines += ["", "## Training hyperparameters", ""] + _table(hyperparameters, "hyperparameter", "value")
+        lines += ["", "## Training hyperparameters", "", "| hyperparameter | value |", "| --- | --- |"]
+        lines += [f"| {markdown_text(k)} | {markdown_text(v)} |" for k, v in hyperparameters.items()]
     lines += ["", "## Framework versions", ""] + [f"- {k} {v}" for k, v in library_versions().items()]
     lines += ["", "## Citation", ""]
     for paper, bibtex in CITATIONS.items():

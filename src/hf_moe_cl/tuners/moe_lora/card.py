@@ -21,13 +21,10 @@ PEFT_TEMPLATE_MARK = "<!-- Provide a quick summary of what the model is/does. --
 
 def hub_id(name: Optional[str]) -> Optional[str]:
     """`name` if it can be a Hub repo id (a card's `base_model` must be one), None for a local path."""
-    if not name or Path(name).exists() or os.path.isabs(name):
-        return None
     try:
-        validate_repo_id(name)
-    except HFValidationError:
+        return None if not name or Path(name).exists() or os.path.isabs(name) else checked_hub_id(name)
+    except ValueError:
         return None
-    return name
 
 
 def checked_hub_id(repo_id, what: str = "repo_id") -> str:
