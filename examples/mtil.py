@@ -28,7 +28,6 @@ import torch
 import transformers
 import yaml
 from datasets import load_dataset, load_from_disk
-from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
@@ -39,6 +38,7 @@ from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
 from hf_moe_cl.experiments.reporting import write_result_report
 from hf_moe_cl.files import write_json_atomic
 from hf_moe_cl.options import short_repr
+from hf_moe_cl.tuners.moe_lora.card import checked_hub_id
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import (ConDUArguments, DDASArguments, LoRAArguments, MoEAdapters,
                                          MoEAdaptersArguments, get_method)
@@ -235,7 +235,7 @@ def dataset_ids_map(experiment: ExperimentArguments) -> Optional[dict[str, str]]
         if name not in datasets_read:
             raise ValueError(f"--dataset_ids names {name!r}, which this run does not read; its datasets are "
                              f"{', '.join(datasets_read)}.")
-        hub_ids[name] = repo_id
+        hub_ids[name] = checked_hub_id(repo_id, f"--dataset_ids entry {name!r}:")
     return hub_ids
 
 
@@ -251,11 +251,7 @@ def check_run(experiment: ExperimentArguments, method_args: MethodArguments, dda
                          + f". Drop {'it' if len(given) == 1 else 'them'}; nothing is ignored silently.")
     dataset_ids_map(experiment)
     if training.push_to_hub or experiment.hub_dry_run_dir:
-        try:
-            validate_repo_id(hub_repo_id(training))
-        except ValueError as error:
-            raise ValueError(f"Cannot publish to {hub_repo_id(training)!r} (--hub_model_id, else output_dir's "
-                             f"name): {error}") from None
+        checked_hub_id(hub_repo_id(training), "--hub_model_id (else output_dir's name)")
     dry_run = Path(experiment.hub_dry_run_dir) if experiment.hub_dry_run_dir else None
     if dry_run is not None and dry_run.exists() and (not dry_run.is_dir() or any(dry_run.iterdir())):
         raise ValueError(f"--hub_dry_run_dir {dry_run} exists and is not an empty folder; choose a new folder or "
@@ -312,6 +308,9 @@ def main(argv: Optional[list[str]] = None):
     preset = get_preset(experiment.preset)
     adapter_args, moe_args, ddas_args, condu_args, training = apply_recipe(
         preset, (adapter_args, moe_args, ddas_args, condu_args, training), explicit)
+    if "output_dir" not in explicit:  # not transformers' ./trainer_output: a folder per preset and method
+        training.output_dir = f"runs/{preset.name}-{method_args.method}"
+        logger.info("No --output_dir given: the run writes to %s", training.output_dir)
     try:
         check_run(experiment, method_args, ddas_args, training, explicit)
     except ValueError as error:
@@ -379,8 +378,13 @@ def main(argv: Optional[list[str]] = None):
     print(json.dumps({"method": method_args.method, "headline_matrix": result.headline, "metrics": metrics}))
 
 
-if __name__ == "__main__":
+def cli(argv: Optional[list[str]] = None):
+    """`main`, with a refused run's message printed once, without a traceback (accelerate launch adds its own)."""
     try:
-        main()
-    except AssetsNotFoundError as error:  # what is missing and what to do, one line each
+        main(argv)
+    except (ValueError, AssetsNotFoundError) as error:  # what is wrong and what to do, without a traceback
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    cli()

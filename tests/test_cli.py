@@ -61,7 +61,7 @@ def test_a_repo_id_the_hub_refuses_is_named_before_any_work(mtil, capsys, tmp_pa
     argv = ["--method", "zero-shot", "--tasks", "dtd", "--output_dir", str(tmp_path / output_dir),
             "--push_to_hub", "true", *(["--hub_model_id", hub_model_id] if hub_model_id else [])]
     err = refused(mtil, capsys, argv)
-    assert f"Cannot publish to {repo_id!r} (--hub_model_id, else output_dir's name): Repo id must" in err
+    assert f"--hub_model_id (else output_dir's name) {repo_id!r} is not a Hub repo id (Repo id must" in err
     assert not (tmp_path / output_dir).exists()
 
 
@@ -245,3 +245,15 @@ def test_the_main_job_without_the_assets_says_what_is_missing_and_what_to_do(tmp
         "exist.",
         "Fix: pass its path (--assets_dir) or set $HF_MOE_CL_ASSETS; without the assets, run the same six tasks from "
         "the Hub with --preset mini-hub (docs/quickstart.md)."]
+
+
+def test_the_default_output_folder_is_under_runs_and_a_refused_run_is_one_line(mtil, capsys, tmp_path, monkeypatch):
+    """Without --output_dir the run writes to runs/<preset>-<method>, not transformers' ./trainer_output; an error
+    found after parsing is printed once, as one line, with exit status 1 (no traceback for accelerate to repeat)."""
+    monkeypatch.chdir(tmp_path)
+    assert recipe(mtil, capsys, ["--preset", "mini", "--method", "lora"])["output_dir"] == "runs/mini-lora"
+    with pytest.raises(SystemExit) as exit_:
+        mtil.cli(["--preset", "mini", "--method", "zero-shot", "--tasks", "nosuch"])
+    assert exit_.value.code == ("error: Preset 'mini' has no task(s) ['nosuch']; its tasks are caltech101, cifar10, "
+                                "clothing, dtd, fashion_mnist, mnist.")
+    assert "Traceback" not in capsys.readouterr().err

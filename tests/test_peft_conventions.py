@@ -129,3 +129,9 @@ def test_the_version_has_one_source():
     assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hf_moe_cl.__version__"}
     assert hf_moe_cl.__version__ == "0.3.0"
+
+
+def test_peft_mixed_model_refuses_moe_lora_as_the_docs_say():
+    """docs/peft_conventions.md: `get_peft_model(..., mixed=True)` is refused by peft (side by side: add_adapter)."""
+    with pytest.raises(ValueError, match="'MOE_LORA' is not compatible with the `PeftMixedModel`"):
+        get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2), mixed=True)

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import re
 import shutil
 import types
 
@@ -68,11 +69,12 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert "0. **first** [`me/first-colours`](https://huggingface.co/datasets/me/first-colours) (3 classes): red, " \
            "green, blue" in card.text
     assert "1. **second** (3 classes): yellow, cyan, magenta" in card.text
-    assert 'TaskAgnosticClassifier.from_pretrained("me/continual-clip")' in card.text and "REPO_ID" not in card.text
-    # model-index: per matrix, the accuracy after the last task of each task read from the Hub ("second" is not)
+    assert "TaskAgnosticClassifier.from_pretrained('me/continual-clip')" in card.text and "REPO_ID" not in card.text
+    # model-index: per matrix, the accuracy after the last task of each task (its Hub id, else its name)
     found = {(r.metric_config, r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert found == {(kind, "me/first-colours", "accuracy"): pytest.approx(matrix[-1][0], abs=0.005)
-                     for kind, matrix in result.matrices.items()}
+    assert found == {(kind, dataset, "accuracy"): pytest.approx(matrix[-1][j], abs=0.005)
+                     for kind, matrix in result.matrices.items()
+                     for j, dataset in enumerate(["me/first-colours", "second"])}
     assert {r.metric_name for r in card.data.eval_results} >= {
         "Accuracy after the last task (protocol matrix: task-agnostic, one route per test batch)"}
     assert "| protocol: task-agnostic, one route per test batch |" in card.text
@@ -144,8 +146,8 @@ def test_a_full_fine_tune_is_published_for_transformers_with_its_base_model(tmp_
     assert {"config.json", "model.safetensors", "README.md"} == {p.name for p in (tmp_path / "out").iterdir()}
     assert folder == str(tmp_path / "out")
     assert card.data.library_name == "transformers" and card.data.base_model == "openai/clip-vit-base-patch16"
-    assert 'CLIPModel.from_pretrained("me/finetuned")' in card.text
-    assert card.data.eval_results is None  # the tasks have no Hub dataset id
+    assert "CLIPModel.from_pretrained('me/finetuned')" in card.text
+    assert [(r.dataset_type, r.metric_value) for r in card.data.eval_results] == [("a", 40.0), ("b", 70.0)]
     assert "| oracle: task-aware (true task ids) | 10.0 | 45.0 | 55.0 | -20.0 |" in card.text
     assert "0. **a**" in card.text  # no class names recorded: the task names from the result
     local = publishing.model_card(method, "me/finetuned", result, base_model=str(tmp_path))
@@ -155,9 +157,9 @@ def test_a_full_fine_tune_is_published_for_transformers_with_its_base_model(tmp_
 def run_card_usage(card: ModelCard, repo_id: str, folder, image_path) -> list:
     """Execute the card's usage code with the repo id replaced by a local folder; returns its `predictions`."""
     code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
-    assert f'"{repo_id}"' in code and '"photo.jpg"' in code
+    assert repr(repo_id) in code and '"photo.jpg"' in code
     namespace = {}
-    exec(code.replace(f'"{repo_id}"', repr(str(folder))).replace('"photo.jpg"', repr(str(image_path))), namespace)
+    exec(code.replace(repr(repo_id), repr(str(folder))).replace('"photo.jpg"', repr(str(image_path))), namespace)
     return namespace["predictions"]
 
 
@@ -188,11 +190,69 @@ def test_the_peft_usage_code_of_a_task_aware_card_loads_the_published_adapter(tm
     publishing.push_to_hub(model, "me/moe-clip", dry_run_dir=tmp_path / "out")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
-    assert '"me/moe-clip"' in code and "model.set_task(0)" in code
+    assert "'me/moe-clip'" in code and "model.set_task(0)" in code
     namespace = {}
-    exec(code.replace('"me/moe-clip"', repr(str(tmp_path / "out"))).replace("<base CLIP>",
+    exec(code.replace("'me/moe-clip'", repr(str(tmp_path / "out"))).replace("<base CLIP>",
                                                                             repr(str(tmp_path / "base"))), namespace)
     model.set_task(0)
     with torch.no_grad():
         assert torch.equal(namespace["model"].eval()(**clip_inputs).logits_per_image,
                            model(**clip_inputs).logits_per_image)
+
+
+INJECTION = '")\nimport os; os.system("echo PWNED")  #'
+
+
+@pytest.mark.parametrize("repo_id", ["a/b/c", "me/tâche", INJECTION])
+def test_a_repo_id_the_hub_refuses_is_refused_in_a_dry_run_too(repo_id, tmp_path):
+    method = method_for_model(tiny_clip())
+    with pytest.raises(ValueError, match="(?s)is not a Hub repo id .*give 'name' or 'namespace/name'"):
+        publishing.push_to_hub(method, repo_id, dry_run_dir=tmp_path / "dry")
+    with pytest.raises(ValueError, match="(?s)The dataset id of .a. .* is not a Hub repo id"):
+        publishing.push_to_hub(method, "me/x", dataset_ids={"a": repo_id}, dry_run_dir=tmp_path / "dry")
+    assert not (tmp_path / "dry").exists()
+
+
+def test_names_stay_text_in_the_card_and_code_takes_them_as_literals(tmp_path):
+    import ast
+
+    from hf_moe_cl.continual import ContinualTask
+
+    names = ["a\n## heading", "b|c", "**bold**"]
+    tasks = [ContinualTask(name=name, train_dataset=None, eval_dataset=None, classnames=["x|y", "z\n# h"],
+                           templates=["{}"]) for name in names]
+    result = ContinualResult(names, {"oracle": [[60.0, 10.0, 5.0], [40.0, 70.0, 5.0], [30.0, 50.0, 80.0]]})
+    method = method_for_model(tiny_clip())
+    card = publishing.model_card(method, "me/x.y", result, tasks=tasks)
+    lines = card.text.splitlines()
+    assert not [line for line in lines if line.startswith("## heading") or line.startswith("# h")]
+    assert [line for line in lines if line[:3] in ("0. ", "1. ", "2. ")] == [
+        r"0. **a \#\# heading** (2 classes): x\|y, z \# h", r"1. **b\|c** (2 classes): x\|y, z \# h",
+        r"2. **\*\*bold\*\*** (2 classes): x\|y, z \# h"]
+    tables = "\n".join(line if line.startswith("|") else "" for line in lines).split("\n\n")
+    cells = [{len(re.findall(r"(?<!\\)\|", row)) for row in table.strip().splitlines()} for table in tables]
+    assert [len(counts) for counts in cells if counts] == [1, 1, 1]  # results, drop per task, hyperparameters
+    code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    loads = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call) and node.args]
+    assert [node.args[0].value for node in loads if isinstance(node.args[0], ast.Constant)] == ["me/x.y"]
+
+
+def test_the_cards_model_index_reads_back_with_huggingface_hub_tools(tmp_path):
+    from huggingface_hub.repocard import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    result = ContinualResult(["a", "b"], {"oracle": [[60.0, 10.0], [40.0, 70.0]], "protocol": [[50.0, 5.0],
+                                                                                                 [30.0, 65.0]]})
+    publishing.push_to_hub(method_for_model(tiny_clip()), "me/x", result, dataset_ids={"a": "me/a"},
+                           dry_run_dir=tmp_path / "out")
+    name, results = model_index_to_eval_results(metadata_load(tmp_path / "out" / "README.md")["model-index"])
+    assert name == "x" and sorted((r.metric_config, r.dataset_type, r.metric_value) for r in results) == [
+        ("oracle", "b", 70.0), ("oracle", "me/a", 40.0), ("protocol", "b", 65.0), ("protocol", "me/a", 30.0)]
+    assert len(ModelCard.load(tmp_path / "out" / "README.md").data.eval_results) == 4
+
+
+def test_a_card_without_known_options_has_no_empty_hyperparameter_table():
+    from conftest import moe_model
+
+    card = publishing.model_card(moe_model(), "me/x")  # a bare model, no training arguments
+    assert "## Training hyperparameters" not in card.text and "| hyperparameter | value |" not in card.text

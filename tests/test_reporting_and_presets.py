@@ -168,3 +168,22 @@ def test_few_shot_subset_is_the_first_shots_of_each_class_in_one_seeded_shuffle(
     assert few_shot_subset(data, shots=5, seed=42)["label"] == [data[i]["label"] for i in expected]
     with pytest.raises(ValueError, match="positive"):
         few_shot_subset(data, shots=0)
+
+
+def test_task_names_stay_text_in_metrics_md(tmp_path):
+    """Names with a newline and a heading, a `|` or `**` neither add headings nor break the tables."""
+    import re
+
+    names = ["a\n## heading", "b|c", "**bold**"]
+    write_result_report(tmp_path, ContinualResult(names, {"oracle": ORACLE}, {"route_histogram": {
+        "oracle": HISTOGRAM}}), "moe|adapters")
+    for path in (tmp_path / "metrics.md", tmp_path / "oracle" / "metrics.md"):
+        lines = path.read_text().splitlines()
+        assert [line for line in lines if line.startswith("#")] in (
+            [r"# moe\|adapters on 3 tasks: a \#\# heading, b\|c, \*\*bold\*\*",
+             "## Figures and route selection", "### Route selection after the last task, oracle"],
+            ["# moe\\|adapters: oracle matrix, task-aware (true task ids)", "## Route selection after the last task"])
+        tables = "\n".join(line if line.startswith("|") else "" for line in lines).split("\n\n")
+        cells = [{len(re.findall(r"(?<!\\)\|", row)) for row in table.strip().splitlines()} for table in tables]
+        assert [len(counts) for counts in cells if counts] == [1, 1, 1]  # metrics, drop per task, route selection
+    assert r"| \*\*bold\*\* | 0.0 | 0.0 | 0.0 | 100.0 | 100.0 |" in (tmp_path / "metrics.md").read_text()

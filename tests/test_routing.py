@@ -1,7 +1,7 @@
 """Routing: which task router each image goes through. A task id is one integer (`set_task`, `routing()`), per-sample
 task ids a 1-D integer tensor of one id per sample; anything else is refused, integer-like ids route like an int.
 No silent fallback to the untouched CLIP: an adapter with a trained selector routes each image through it when no
-task is given, training without a route is an error that says what to pass, inference without one warns once; the
+task is given, training or inference without a route is an error that says what to pass (every entry point); the
 plain `Trainer` trains MoE-LoRA with a per-sample `task_ids` column."""
 
 from __future__ import annotations
@@ -40,6 +40,33 @@ def test_a_call_without_a_route_is_refused_and_the_untouched_model_is_an_explici
     model.set_task(None)
     with torch.no_grad():
         torch.testing.assert_close(model(**clip_inputs).logits_per_image, base(**clip_inputs).logits_per_image)
+
+
+def test_every_entry_point_refuses_a_call_without_a_route_and_zero_shot_is_explicit(tmp_path, clip_processor):
+    """A saved 2-task adapter without a selector, loaded with peft or through transformers' zero-shot pipeline, refuses
+    to answer as the untouched CLIP; set_task(None) gives the untouched CLIP's answers on purpose (through a pipeline:
+    the base model's folder)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    tiny_clip().save_pretrained(tmp_path / "base")
+    clip_processor.save_pretrained(tmp_path / "base")
+    model = moe_model(init_weights=False)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    clip_processor.save_pretrained(tmp_path / "adapter")
+    refused = r"2 task routers and no route was chosen.*task_ids.*set_task\(t\).*DDAS selector"
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path / "adapter").eval()
+    inputs = clip_processor(text=["red", "blue"], images=[Image.new("RGB", (20, 20), "red")], return_tensors="pt",
+                            padding=True)
+    with pytest.raises(ValueError, match=refused):
+        loaded(**inputs)
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=refused):
+        classifier(Image.new("RGB", (20, 20), "red"), candidate_labels=["red", "blue"])
+    loaded.set_task(None)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits_per_image, tiny_clip()(**inputs).logits_per_image)
 
 
 def selector_model(tmp_path):

@@ -18,13 +18,13 @@ from peft import PeftModel
 from transformers import PreTrainedModel, TrainingArguments
 
 from .experiments.figures import METRIC_LABELS
-from .experiments.reporting import matrix_label, matrix_summary, metrics_markdown
+from .experiments.reporting import markdown_text, matrix_label, matrix_summary, metrics_markdown
 from .continual.run_folder import jsonable
 from .continual.methods import ContinualMethod, method_for_model
 from .continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
 from .files import atomic_folder
 from .tuners.moe_lora import find_moe
-from .tuners.moe_lora.card import hub_id, peft_loading_code
+from .tuners.moe_lora.card import checked_hub_id, hub_id, peft_loading_code
 
 def _as_method(method_or_model) -> ContinualMethod:
     return method_or_model if isinstance(method_or_model, ContinualMethod) else method_for_model(method_or_model)
@@ -60,16 +60,16 @@ def task_records(method: ContinualMethod, result: Optional[ContinualResult] = No
 
 
 def eval_results(result: ContinualResult, dataset_ids: dict[str, str]) -> list[EvalResult]:
-    """model-index entries: per matrix kind (the metric config) and per task with a Hub dataset id (the dataset
-    type), the accuracy on that task after the last task; tasks without a Hub id are left out."""
+    """model-index entries: per matrix kind (the metric config) and per task (the dataset type: its Hub dataset id,
+    else the task's name), the accuracy on that task after the last task."""
     entries = []
     for kind in [k for k in MATRIX_KINDS if k in result.matrices]:
         for name, value in zip(result.task_names, result.matrices[kind][-1]):
-            if value is None or name not in dataset_ids:
+            if value is None:
                 continue
             entries.append(EvalResult(
                 task_type="image-classification", task_name="Continual image classification",
-                dataset_type=dataset_ids[name], dataset_name=name, metric_type="accuracy",
+                dataset_type=dataset_ids.get(name, name), dataset_name=name, metric_type="accuracy",
                 metric_value=round(value, 2), metric_config=kind,
                 metric_name=f"Accuracy after the last task ({kind} matrix: {MATRIX_TITLES[kind]})",
             ))
@@ -168,22 +168,18 @@ def _usage(method: ContinualMethod, library: str, repo_id: str, base: Optional[s
     base = base or "<the base CLIP>"
     if method.selects_routes:
         return (f'from PIL import Image\nfrom hf_moe_cl import TaskAgnosticClassifier\n\n'
-                f'classifier = TaskAgnosticClassifier.from_pretrained("{repo_id}")  # on the base CLIP it names\n'
+                f"classifier = TaskAgnosticClassifier.from_pretrained({repo_id!r})  # on the base CLIP it names\n"
                 'predictions = classifier([Image.open("photo.jpg")], candidate_labels=["cat", "dog"])\n'
                 "# one {'label', 'score', 'task'} per image: 'task' is the learned task the image was routed to, or "
                 "None (zero-shot CLIP among candidate_labels)")
     if library == "peft":
         return peft_loading_code(base, repo_id)
     if library == "transformers":
-        return f'from transformers import CLIPModel\n\nmodel = CLIPModel.from_pretrained("{repo_id}")'
+        return f"from transformers import CLIPModel\n\nmodel = CLIPModel.from_pretrained({repo_id!r})"
     return (f"from huggingface_hub import snapshot_download\nfrom transformers import CLIPModel\n"
             f"from hf_moe_cl.continual.methods import get_method\n\n"
-            f'method = get_method("{method.name}").from_base(CLIPModel.from_pretrained("{base}"))\n'
-            f'method.load(snapshot_download("{repo_id}"))')
-
-
-def _table(values: dict[str, Any], first: str, second: str) -> list[str]:
-    return [f"| {first} | {second} |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in values.items()]
+            f"method = get_method({method.name!r}).from_base(CLIPModel.from_pretrained({base!r}))\n"
+            f"method.load(snapshot_download({repo_id!r}))")
 
 
 def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] = None,
@@ -198,7 +194,9 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
     method = _as_method(method_or_model)
     library, base = library_of(method), base_model or base_model_of(method)
     records = task_records(method, result, tasks)
-    dataset_ids = dict(dataset_ids or {})
+    checked_hub_id(repo_id)
+    dataset_ids = {task: checked_hub_id(dataset, f"The dataset id of {task!r}")
+                   for task, dataset in (dataset_ids or {}).items()}
     name = repo_id.split("/")[-1]
     license_ = base_license(base)
     # no pipeline_tag: the Hub's zero-shot-image-classification widget and pipeline would load the base CLIP alone
@@ -211,7 +209,7 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
     )
     lines = [f"# {name}", "",
              f"CLIP continually trained on {len(records)} tasks in order with hf-moe-cl, method "
-             f"`{method.name}`, from `{base or 'an unrecorded base model'}`."]
+             f"`{method.name}`, from {markdown_text(base or 'an unrecorded base model')}."]
     moe = find_moe(method.model)
     if moe is not None:
         config = moe.moe_config
@@ -232,13 +230,13 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
     lines += ["", "## Usage", "", "```python", _usage(method, library, repo_id, base), "```"]
     if method.selects_routes:
         lines += ["", '`import hf_moe_cl` also registers `pipeline("task-agnostic-image-classification", '
-                  f'model="{repo_id}")`, which answers the same way.']
+                  f"model={repo_id!r})`, which answers the same way."]
     lines += ["", "## Tasks", ""]
     for index, (task, classnames) in enumerate(records):
         source = f" [`{dataset_ids[task]}`](https://huggingface.co/datasets/{dataset_ids[task]})" \
             if task in dataset_ids else ""
-        lines.append(f"{index}. **{task}**{source}" + ("" if classnames is None else
-                                                       f" ({len(classnames)} classes): " + ", ".join(classnames)))
+        lines.append(f"{index}. **{markdown_text(task)}**{source}" + ("" if classnames is None else (
+            f" ({len(classnames)} classes): " + ", ".join(map(markdown_text, classnames)))))
     if result is not None:
         names = list(result.task_names)
         rows = {f"{kind}: {MATRIX_TITLES[kind]}": matrix_summary(names, result.matrices[kind])
@@ -249,8 +247,10 @@ def model_card(method_or_model, repo_id: str, result: Optional[ContinualResult] 
                   f"is the {matrix_label(result.headline)}.", "",
                   metrics_markdown(rows, names, "matrix")]
     options = method if isinstance(method_or_model, ContinualMethod) else None  # a bare model: its options unknown
-    lines += ["", "## Training hyperparameters", ""] + _table(training_hyperparameters(options, training_args),
-                                                               "hyperparameter", "value")
+    hyperparameters = training_hyperparameters(options, training_args)
+    if hyperparameters:
+        lines += ["", "## Training hyperparameters", "", "| hyperparameter | value |", "| --- | --- |"]
+        lines += [f"| {markdown_text(k)} | {markdown_text(v)} |" for k, v in hyperparameters.items()]
     lines += ["", "## Framework versions", ""] + [f"- {k} {v}" for k, v in library_versions().items()]
     lines += ["", "## Citation", ""]
     for paper, bibtex in CITATIONS.items():
@@ -296,14 +296,15 @@ def push_to_hub(method_or_model, repo_id: str, result: Optional[ContinualResult]
     method = _as_method(method_or_model)
     card_inputs = dict(result=result, tasks=tasks, base_model=base_model, training_args=training_args,
                        dataset_ids=dataset_ids)
+    card = model_card(method_or_model, repo_id, **card_inputs)  # checks the ids before anything is written
     if dry_run_dir is not None:
-        card = model_card(method_or_model, repo_id, **card_inputs)
         with atomic_folder(dry_run_dir, replace=False) as folder:
             _write_folder(method, card, folder, base_model)
         return str(dry_run_dir)
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    card = model_card(method_or_model, repo_id, **card_inputs)
+    created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if created != repo_id:  # the Hub added the namespace
+        repo_id, card = created, model_card(method_or_model, created, **card_inputs)
     with tempfile.TemporaryDirectory() as folder:
         _write_folder(method, card, Path(folder), base_model)
         return str(api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,6 +21,11 @@ DROP_NOTE = ("Drop per task: accuracy right after training the task minus accura
              "(positive: forgotten; BWT is minus their mean over all tasks but the last).")
 
 
+def markdown_text(value) -> str:
+    """A name as literal Markdown on one line: control characters (newlines) become spaces, markup is escaped."""
+    return re.sub(r"([\\`*\[\]<>#|~])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(value)))
+
+
 def matrix_label(kind: str) -> str:
     """How every report names a matrix: `protocol matrix, task-agnostic, one route per test batch`."""
     return f"{kind} matrix, {MATRIX_TITLES[kind]}" if kind in MATRIX_TITLES else f"{kind} matrix"
@@ -28,11 +34,11 @@ def matrix_label(kind: str) -> str:
 def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = ("transfer", "average", "last"),
                    first: str = "method") -> str:
     """One row per entry of `rows`: `| method | Transfer | Average | Last |` ("-" where a value is missing)."""
-    header = f"| {first} | " + " | ".join(METRIC_LABELS.get(c, c) for c in columns) + " |"
+    header = f"| {first} | " + " | ".join(markdown_text(METRIC_LABELS.get(c, c)) for c in columns) + " |"
     lines = [header, "| --- |" + " ---: |" * len(columns)]
     for name, values in rows.items():
         cells = [f"{values[c]:.1f}" if values.get(c) is not None else "-" for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -60,11 +66,12 @@ def selection_summary(stages: Sequence[Sequence[Sequence[int]]], names: Sequence
 
 def selection_table(summary: dict, names: Sequence[str]) -> str:
     """Rows: images of a task; columns: where they were sent (% of the task's test images), then the correct share."""
-    lines = ["| images of | " + " | ".join(summary["routes"]) + " | correct |",
+    lines = ["| images of | " + " | ".join(map(markdown_text, summary["routes"])) + " | correct |",
              "| --- |" + " ---: |" * (len(summary["routes"]) + 1)]
     for name, counts in zip(names, summary["counts_after_last_task"]):
         shares = [100.0 * c / max(1, sum(counts)) for c in counts]
-        lines.append(f"| {name} | " + " | ".join(f"{s:.1f}" for s in shares) + f" | {summary['correct'][name]:.1f} |")
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(f"{s:.1f}" for s in shares)
+                     + f" | {summary['correct'][name]:.1f} |")
     if summary["unseen_sent_to_zero_shot"] is not None:
         lines += ["", f"Images of tasks not yet learned sent to zero-shot CLIP (all stages): "
                       f"{summary['unseen_sent_to_zero_shot']:.1f} %"]
@@ -102,7 +109,7 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
               "forgetting": lost}
     write_json_atomic(output_dir / "accuracy_matrix.json", record)
     write_text_atomic(output_dir / "accuracy_matrix.csv", _csv(names, matrix))
-    text = (f"# {method}: {matrix_label(kind)}\n\n"
+    text = (f"# {markdown_text(method)}: {matrix_label(kind)}\n\n"
             + metrics_markdown({method: (metrics, lost)}, names, "method"))
     figure_metrics = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
     save_png(accuracy_heatmap(matrix, names, method, kind, figure_metrics), output_dir / "accuracy_matrix.png")
@@ -139,7 +146,8 @@ def write_result_report(output_dir: str | Path, result: ContinualResult, method:
                             + f"\n\n![{kind} route selection]({kind}/route_selection.png)")
     headline = f"Headline numbers: the {matrix_label(result.headline)}" + (
         " (the paper's protocol)." if result.headline == "protocol" else "; this run has no protocol matrix.")
-    text = (f"# {method} on {len(names)} tasks: {', '.join(names)}\n\n{headline}\n\n"
+    text = (f"# {markdown_text(method)} on {len(names)} tasks: {markdown_text(', '.join(names))}\n\n"
+            f"{headline}\n\n"
             + metrics_markdown(rows, names, "matrix")
             + "\n\n## Figures and route selection\n\n" + "\n\n".join(sections) + "\n")
     write_text_atomic(output_dir / "metrics.md", text)

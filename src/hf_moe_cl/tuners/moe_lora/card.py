@@ -21,20 +21,27 @@ PEFT_TEMPLATE_MARK = "<!-- Provide a quick summary of what the model is/does. --
 
 def hub_id(name: Optional[str]) -> Optional[str]:
     """`name` if it can be a Hub repo id (a card's `base_model` must be one), None for a local path."""
-    if not name or Path(name).exists() or os.path.isabs(name):
-        return None
     try:
-        validate_repo_id(name)
-    except HFValidationError:
+        return None if not name or Path(name).exists() or os.path.isabs(name) else checked_hub_id(name)
+    except ValueError:
         return None
-    return name
+
+
+def checked_hub_id(repo_id, what: str = "repo_id") -> str:
+    """`repo_id` if the Hub accepts it (huggingface_hub's own validator), else a ValueError naming it and the fix."""
+    try:
+        validate_repo_id(repo_id)
+    except (HFValidationError, TypeError) as error:
+        raise ValueError(f"{what} {repo_id!r} is not a Hub repo id ({error}); give 'name' or 'namespace/name' of "
+                         "letters, digits, '-', '_' and '.'.") from None
+    return repo_id
 
 
 def peft_loading_code(base: Optional[str], location: str) -> str:
     """Python that loads a MoE-LoRA adapter from `location` with peft, on the base CLIP `base` when it is a Hub id."""
-    base_model = f'CLIPModel.from_pretrained("{base}")' if hub_id(base) else "CLIPModel.from_pretrained(<base CLIP>)"
+    base_model = f"CLIPModel.from_pretrained({base!r})" if hub_id(base) else "CLIPModel.from_pretrained(<base CLIP>)"
     return ("import hf_moe_cl  # registers MoE-LoRA with peft\nfrom peft import PeftModel\n"
-            f'from transformers import CLIPModel\n\nmodel = PeftModel.from_pretrained({base_model}, "{location}")\n'
+            f"from transformers import CLIPModel\n\nmodel = PeftModel.from_pretrained({base_model}, {location!r})\n"
             "model.set_task(0)  # the task of the images; or task_ids=..., or hf_moe_cl.TaskAgnosticClassifier")
 
 
