@@ -184,6 +184,15 @@ def test_an_adapter_is_refused_on_a_base_of_another_layout(tmp_path, changes, ca
     PeftModel.from_pretrained(_clip_with(**changes), tmp_path, config=_without_record(tmp_path))  # on purpose
 
 
+def test_the_classifier_refuses_an_adapter_on_a_base_of_another_layout(tmp_path):
+    from hf_moe_cl import TaskAgnosticClassifier
+
+    moe_model().save_pretrained(tmp_path / "adapter")
+    _clip_with(projection_dim=24).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="created on a base model of another layout"):
+        TaskAgnosticClassifier.from_pretrained(str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "other"))
+
+
 @pytest.mark.parametrize("edit", ["layout", "dtype", "drop"])
 def test_editing_one_field_of_the_base_record_is_refused_or_warned(tmp_path, edit, caplog):
     moe_model().save_pretrained(tmp_path)
