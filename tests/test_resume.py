@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 
 from hf_moe_cl.continual.checkpoints import LOCK_FILE
@@ -50,6 +51,8 @@ def test_resume_refuses_a_folder_of_another_run(tmp_path, clip_processor, change
     (dict(data_seed=7), "another run.*data_seed: None -> 7"),
     (dict(dataloader_drop_last=True), "another run.*dataloader_drop_last: None -> True"),
     (dict(lr_scheduler_kwargs={"num_cycles": 2}), r"another run.*lr_scheduler_kwargs: None -> .*num_cycles"),
+    (dict(bf16_base=True), r"another run.*base_model.weights: '[0-9a-f]+' -> '[0-9a-f]+'; base_model.dtype: None -> "
+                           r"'bfloat16'"),
     (dict(base_seed=1), r"another run.*base_model.weights: '[0-9a-f]+' -> '[0-9a-f]+'"),
     (dict(tasks=["first", "third"]), r"task-01-second is not a task of this sequence \['first', 'third'\]"),
 ])
@@ -64,6 +67,8 @@ def test_resume_refuses_other_training_settings_and_another_base(tmp_path, clip_
 
         model = get_peft_model(tiny_clip(seed=change.pop("base_seed")),
                                MoELoraConfig(num_tasks=2, num_experts=4, top_k=2, r=4))
+    if change.pop("bf16_base", False):
+        model = moe_model().to(torch.bfloat16)
     tasks = tasks_named(*change.pop("tasks")) if "tasks" in change else None
     with pytest.raises(ValueError, match=named):
         run(tmp_path, clip_processor, tasks=tasks, model=model, resume=True, **change)

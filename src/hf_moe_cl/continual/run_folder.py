@@ -151,14 +151,15 @@ def _progress_problem(progress: dict, index: int) -> Optional[str]:
 def run_identity(method, args, tasks, learning_rates: list[float]) -> dict:
     """What makes a checkpoint folder a run's (the method and its options, the base model and its weights, every
     training argument that changes numbers, the tasks): compared before resuming."""
-    base = method.model.config
+    base, dtype = method.model.config, str(method.model.dtype).removeprefix("torch.")
     return jsonable({
         "method": method.fingerprint(),
         "base_model": {"name_or_path": getattr(base, "_name_or_path", None), "model_type": base.model_type,
                        "vision": [base.vision_config.hidden_size, base.vision_config.num_hidden_layers],
                        "text": [base.text_config.hidden_size, base.text_config.num_hidden_layers],
                        "projection_dim": base.projection_dim,
-                       "weights": base_weights_fingerprint(method.model)},
+                       "weights": base_weights_fingerprint(method.model),
+                       **({"dtype": dtype} if dtype != "float32" else {})},  # as recorded before 0.3 for float32
         "seed": args.seed, "max_steps": args.max_steps,
         "num_train_epochs": args.num_train_epochs if args.max_steps == -1 else None,
         "batch_size": args.per_device_train_batch_size,
