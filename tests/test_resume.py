@@ -96,6 +96,15 @@ def test_a_diverging_task_stops_before_saving_and_earlier_checkpoints_survive(tm
     assert not (tmp_path / "run" / "task-01-second").exists()
 
 
+def test_a_diverging_first_task_advises_a_new_run_not_a_resume(tmp_path, clip_processor):
+    tasks = two_tasks()
+    tasks[0].learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match=r"task 1/2: first: .*then run again \(no task checkpoint exists yet: "
+                                                 r"nothing to resume\)") as error:
+        run(tmp_path, clip_processor, tasks=tasks, max_steps=4)
+    assert "resume=True" not in str(error.value)
+
+
 def test_after_divergence_the_unfinished_tasks_rate_may_change_on_resume(tmp_path, clip_processor, caplog):
     tasks = tasks_named("first", "second")
     tasks[1].learning_rate = 1e30
