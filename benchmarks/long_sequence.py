@@ -46,7 +46,7 @@ from hf_moe_cl.classification import image_embeddings, text_embeddings
 from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters, MoEAdaptersArguments
 from hf_moe_cl.experiments.figures import save_png
-from hf_moe_cl.files import write_json_atomic, write_text_atomic
+from hf_moe_cl.files import read_json_file, write_json_atomic, write_text_atomic
 from hf_moe_cl.experiments.presets import MINI_LONG_EVAL_IMAGES, MINI_LONG_STEPS, mini_long_names, mini_long_tasks
 
 matplotlib.use("Agg")
@@ -258,7 +258,10 @@ def main():
     root = assets_dir(args.assets_dir)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    report_at = sorted({int(n) for n in args.report_at.split(",")} | {args.num_tasks})
+    counts = args.report_at.split(",")
+    if not all(n.strip().isdigit() and int(n) >= 1 for n in counts):
+        parser.error(f"--report_at must be task counts separated by commas (e.g. 6,12,18), got {args.report_at!r}")
+    report_at = sorted({int(n) for n in counts} | {args.num_tasks})
     known = variants(args.growth_threshold)
     chosen = args.variants.split(",")
     unknown = sorted(set(chosen) - set(known))
@@ -271,8 +274,11 @@ def main():
     for variant in chosen:
         saved = output / f"{variant}.json"
         if saved.is_file():
-            record = json.loads(saved.read_text())
-            if record.get("settings") != settings:
+            try:
+                record = read_json_file(saved)
+            except ValueError as error:
+                parser.error(f"{error} Once it is deleted, {variant} is measured again.")
+            if not isinstance(record, dict) or record.get("settings") != settings:
                 parser.error(f"{saved} was measured with other settings ({record.get('settings')}); "
                              f"delete it or use another --output_dir")
             records[variant] = record

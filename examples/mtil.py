@@ -118,7 +118,7 @@ def explicit_fields(argv: list[str]) -> set[str]:
     return names | {name[3:] for name in names if name.startswith("no_")}
 
 
-def config_as_argv(path: str) -> list[str]:
+def config_as_argv(path: str, parser: HfArgumentParser) -> list[str]:
     """A YAML or JSON file of arguments as command-line arguments, so options after it override it."""
     try:
         text = Path(path).read_text()
@@ -131,8 +131,13 @@ def config_as_argv(path: str) -> list[str]:
                          f"'max_steps: 100'), got {short_repr(values)}.")
     argv = []
     for name, value in values.items():
-        if value is None:
+        if value is None or value == []:  # unset (as --print_recipe writes an option left unset)
             continue
+        action = parser._option_string_actions.get(f"--{name}")  # argparse's table of options
+        if isinstance(value, list) and action is not None and action.nargs is None:
+            raise ValueError(f"The config file {path} gives `{name}` the list {short_repr(value)}, but --{name} takes "
+                             "one value" + (": write the tasks as one comma-separated string, e.g. 'tasks: "
+                                            "cifar10,mnist'." if name == "tasks" else "."))
         values_out = value if isinstance(value, list) else [json.dumps(value) if isinstance(value, dict) else value]
         argv += [f"--{name}", *[str(v).lower() if isinstance(v, bool) else str(v) for v in values_out]]
     return argv
@@ -159,7 +164,7 @@ def parse_args(argv: list[str]):
         sys.exit(0)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         try:
-            argv = config_as_argv(argv[0]) + argv[1:]
+            argv = config_as_argv(argv[0], parser) + argv[1:]
         except ValueError as error:
             parser.error(str(error))
     *groups, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -167,8 +172,10 @@ def parse_args(argv: list[str]):
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (options are spelled out in full, never "
                      "abbreviated; --help lists them).")
     explicit = explicit_fields(argv)
+    defaults = {f.name: f.default for f in dataclasses.fields(ContinualTrainingArguments)}
     for name in sorted(explicit & set(REFUSED)):
-        parser.error(f"--{name} is not used by this script: {REFUSED[name]}.")
+        if getattr(training, name) != defaults[name]:  # the default (as --print_recipe writes it) changes nothing
+            parser.error(f"--{name} is not used by this script: {REFUSED[name]}.")
     method, ddas = groups[1].method, groups[4]
     if "ddas" in explicit and ddas.ddas and not issubclass(get_method(method), MoEAdapters):
         parser.error(f"--ddas true applies to --method moe-adapters; {method} does not use a DDAS selector (ConDU "
@@ -320,8 +327,11 @@ def main(argv: Optional[list[str]] = None):
                     **adapter_args.resolved()}  # the adapter's settings as it will have them
         for group in (moe_args, ddas_args, lora_args, condu_args):
             resolved.update(dataclasses.asdict(group))
-        print(json.dumps({**resolved, **training.to_dict()}, indent=1, default=str))
-        return
+        unused = unused_options(experiment, method_args, ddas_args, training)  # left out: it can be fed back
+        print(json.dumps({k: v for k, v in {**resolved, **training.to_dict()}.items() if k not in unused}, indent=1,
+                         default=str))
+        if not experiment.check_data:
+            return
     names = experiment.tasks.split(",") if experiment.tasks else None
     hub_ids = dataset_ids_map(experiment)
     ddas = ddas_args.ddas and method_args.method == "moe-adapters"

@@ -270,7 +270,28 @@ def edited(source, folder, config=None, tensors=None):
         for suffix, value in tensors.items():
             weights[next(k for k in weights if k.endswith(suffix))] = value
         save_file(weights, folder / "adapter_model.safetensors")
+        rerecord(folder)
     return folder
+
+
+def rerecord(folder, file="adapter_config.json"):
+    """Write the sha256 of `folder`'s edited files into its record (`file_sha256` in `file`), as a save does: the edit
+    then meets the checks of values, not the integrity check."""
+    from hf_moe_cl.files import file_hashes
+
+    path = folder / file
+    values = json.loads(path.read_text())
+    values["file_sha256"] = file_hashes(folder, values["file_sha256"])
+    path.write_text(json.dumps(values))
+
+
+def flip_lowest_bits(path, every=4):
+    """Flip the lowest bit of every `every`-th byte of a safetensors file's data (float32: the lowest bit of each
+    value): the size and the header stay, the values are a hair off."""
+    data = bytearray(path.read_bytes())
+    for i in range(8 + int.from_bytes(data[:8], "little"), len(data), every):
+        data[i] ^= 1
+    path.write_bytes(bytes(data))
 
 
 def load_peft(folder):

@@ -14,10 +14,11 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import save_file
+from transformers import CLIPModel
 
 from hf_moe_cl import MoELoraConfig
 
-from conftest import moe_model, tiny_clip
+from conftest import flip_lowest_bits, moe_model, rerecord, tiny_clip
 
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -89,6 +90,60 @@ def test_a_missing_path_or_damaged_adapter_config_is_named_before_any_hub_call(t
         TaskAgnosticClassifier.from_pretrained(str(damaged))
 
 
+# ----- integrity: the bytes read are the bytes saved -----------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["bit flips", "another adapter's weights"])
+def test_a_damaged_or_swapped_weights_file_is_refused_naming_it(tmp_path, damage, caplog):
+    moe_model(init_weights=False).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    if damage == "bit flips":  # the lowest bit of every float: same size, same header, values a hair off
+        flip_lowest_bits(weights)
+    else:
+        other = moe_model(init_weights=False)
+        with torch.no_grad():
+            next(p for p in other.parameters() if p.requires_grad).add_(1.0)
+        other.save_pretrained(tmp_path / "b")
+        weights.write_bytes((tmp_path / "b" / "adapter_model.safetensors").read_bytes())
+    for load in (lambda: PeftModel.from_pretrained(tiny_clip(), tmp_path / "a"),
+                 lambda: moe_model().load_adapter(tmp_path / "a", adapter_name="second")):
+        with pytest.raises(ValueError, match=r"a/adapter_model.safetensors is not the file that was saved: its sha256 "
+                                             r"differs from the one .*adapter_config.json records.*Save or download"):
+            load()
+
+
+def test_an_adapter_saved_without_hashes_loads_with_one_warning(tmp_path, caplog):
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), file_sha256=None)))
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    assert caplog.text.count("records no sha256 of its files") == 1
+
+
+def test_a_saved_record_names_the_weights_file_and_is_kept_apart_from_documented_edits(tmp_path):
+    from hf_moe_cl.files import file_hashes
+
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    values = json.loads(path.read_text())
+    assert values["file_sha256"] == file_hashes(tmp_path, ["adapter_model.safetensors"])
+    path.write_text(json.dumps(dict(values, top_k=1)))  # an edit the docs allow: the weights are untouched
+    assert PeftModel.from_pretrained(tiny_clip(), tmp_path).peft_config["default"].top_k == 1
+
+
+@pytest.mark.parametrize("content", ["pickle", "not torch"])
+def test_a_weights_bin_that_torch_cannot_load_safely_is_named(tmp_path, content):
+    import pickle
+
+    moe_model().save_pretrained(tmp_path, safe_serialization=False)
+    path = tmp_path / "adapter_model.bin"
+    path.write_bytes(pickle.dumps({"weights": [1, 2]}) if content == "pickle" else b"not a torch file")
+    rerecord(tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_model.bin is not a state dict torch can load safely .*Save the "
+                                         r"adapter again with save_pretrained"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+
+
 # ----- the base model it fits ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layers", [3, 1])
 def test_an_adapter_for_another_depth_is_refused(tmp_path, layers):
@@ -96,15 +151,82 @@ def test_an_adapter_for_another_depth_is_refused(tmp_path, layers):
     other = tiny_clip()
     deeper = type(other)(other.config.__class__(**{**other.config.to_dict(), "vision_config": {
         **other.config.vision_config.to_dict(), "num_hidden_layers": layers}}))
-    with pytest.raises(ValueError, match="as when the base model has more or fewer layers"):
+    with pytest.raises(ValueError, match="created on a base model of another layout"):
         PeftModel.from_pretrained(deeper, tmp_path)
+    with pytest.raises(ValueError, match="as when the base model has more or fewer layers"):  # loaded on purpose
+        PeftModel.from_pretrained(deeper, tmp_path, config=_without_record(tmp_path))
 
 
 def test_a_shape_mismatch_message_names_no_missing_base(tmp_path):
     moe_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not match this model") as error:
-        PeftModel.from_pretrained(tiny_clip(vision_width=64), tmp_path)
+        PeftModel.from_pretrained(tiny_clip(vision_width=64), tmp_path, config=_without_record(tmp_path))
     assert "(None)" not in str(error.value) and "Load it on the base model it was trained on" in str(error.value)
+
+
+def _clip_with(**changes):
+    """tiny_clip() with `changes` to its config (`vision_config` / `text_config` entries: dicts of changes)."""
+    config = tiny_clip().config.to_dict()
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    torch.manual_seed(0)
+    return CLIPModel(type(tiny_clip().config)(**config)).eval()
+
+
+@pytest.mark.parametrize("changes", [{"projection_dim": 24}, {"vision_config": {"image_size": 32}},
+                                     {"text_config": {"vocab_size": 90}}])
+def test_an_adapter_is_refused_on_a_base_of_another_layout(tmp_path, changes, caplog):
+    """Adapter tensors fit any CLIP of the same widths and depth: the layout record tells the others apart."""
+    moe_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="created on a base model of another layout.*projection_dim, image size, "
+                                         "vocabulary"):
+        PeftModel.from_pretrained(_clip_with(**changes), tmp_path)
+    PeftModel.from_pretrained(_clip_with(**changes), tmp_path, config=_without_record(tmp_path))  # on purpose
+
+
+def test_the_classifier_refuses_an_adapter_on_a_base_of_another_layout(tmp_path):
+    from hf_moe_cl import TaskAgnosticClassifier
+
+    moe_model().save_pretrained(tmp_path / "adapter")
+    _clip_with(projection_dim=24).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="created on a base model of another layout"):
+        TaskAgnosticClassifier.from_pretrained(str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("edit", ["layout", "dtype", "drop"])
+def test_editing_one_field_of_the_base_record_is_refused_or_warned(tmp_path, edit, caplog):
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    values = json.loads(path.read_text())
+    record = values["base_weights"]
+    if edit == "drop":
+        del record["layout"]
+    else:
+        record[edit] = "0" * 16 if edit == "layout" else "bfloat16"
+    path.write_text(json.dumps(values))
+    if edit == "drop":
+        with pytest.raises(ValueError, match="`base_weights` must be None or.*damaged or edited"):
+            PeftModel.from_pretrained(tiny_clip(), tmp_path)
+        return
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):  # the same weights: loaded, and the edit is said
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    assert "its `layout` or `dtype` was edited" in caplog.text
+    if edit == "layout":
+        with pytest.raises(ValueError, match="another layout"):
+            PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path)  # another base is still refused
+    else:
+        with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):  # another dtype: never compared silently
+            PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path)
+        assert "created on bfloat16 base weights and is loaded on float32 ones: whether they are the same" in caplog.text
+
+
+def test_an_adapter_config_without_a_base_record_loads_with_a_warning(tmp_path, caplog):
+    moe_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), base_weights=None)))
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        PeftModel.from_pretrained(tiny_clip(seed=1), tmp_path)
+    assert "records no `base_weights`" in caplog.text and "cannot be checked" in caplog.text
 
 
 def test_the_base_fingerprint_ignores_the_adapters_initialisation():
@@ -207,6 +329,7 @@ def damaged_copy(saved_adapter, tmp_path, tensor=None, change=None, config=None)
         key = next(k for k in sorted(weights) if k.endswith("." + tensor))
         weights[key] = change(weights[key].clone())
         save_file(weights, folder / "adapter_model.safetensors")
+        rerecord(folder)  # recorded as a save would: the values checks meet it, not the integrity check
     if config is not None:
         values = json.loads((folder / "adapter_config.json").read_text())
         values.update(config)

@@ -107,6 +107,34 @@ def test_a_missing_config_file_is_named(mtil, capsys, tmp_path, no_work):
     assert f"Cannot read the config file {tmp_path / 'none.yaml'}" in err and "No such file" in err
 
 
+def test_a_list_for_a_one_value_option_in_a_config_is_named_with_the_fix(mtil, capsys, tmp_path, no_work):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"preset": "mtil-order-1", "tasks": ["aircraft", "dtd"]}))
+    err = refused(mtil, capsys, [str(config)])
+    assert (f"The config file {config} gives `tasks` the list ['aircraft', 'dtd'], but --tasks takes one value: write "
+            "the tasks as one comma-separated string, e.g. 'tasks: cifar10,mnist'.") in err
+
+
+def test_the_printed_recipe_fed_back_as_a_config_gives_the_same_recipe(mtil, capsys, tmp_path, no_work):
+    printed = recipe(mtil, capsys, ["--preset", "mini", "--output_dir", str(tmp_path / "run")])
+    assert "condu_top_k" not in printed and "lora_targets" not in printed  # what this run does not use is left out
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(printed))
+    again = recipe(mtil, capsys, [str(config)])
+    assert again == {k: float(v) if isinstance(again[k], float) else v for k, v in printed.items()}
+
+
+def test_check_data_with_print_recipe_prints_it_and_still_checks(mtil, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(mtil.CLIPModel, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        mtil.main(["--preset", "mini", "--output_dir", str(tmp_path), "--print_recipe", "--check_data",
+                   "--model_name_or_path", str(tmp_path / "no-clip")])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 1 and '"preset": "mini"' in out
+    assert (f"CLIP weights ({tmp_path / 'no-clip'}): no such folder, and not a Hub id. Fix: give --model_name_or_path "
+            "an existing folder written by `save_pretrained`, or a Hub id (namespace/name).") in out
+
+
 def mtil_example():
     import importlib.util
 

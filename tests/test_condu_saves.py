@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from hf_moe_cl.continual.methods import ConDU, ConDUArguments
 
-from conftest import tiny_clip
+from conftest import flip_lowest_bits, rerecord, tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def edit_tensors(file, edit):
         tensors = load_file(str(folder / file))
         edit(tensors)
         save_file(tensors, str(folder / file))
+        rerecord(folder, "condu_config.json")  # recorded as a save would: the values checks meet it
     return damage
 
 
@@ -57,6 +58,13 @@ def first_mask(tensors):
 def without_text_means(folder):
     edit_config(lambda h: h["tasks"][0].update(prototypes=["image_mean"]))(folder)
     edit_tensors(TRIGGERS, lambda t: t.pop("prototype.0.text_mean"))(folder)
+
+
+def _other_unified(folder):
+    """The unified adapter weights of `folder` with one value changed, as another save's file."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    next(iter(tensors.values())).add_(1.0)
+    return save(tensors)
 
 
 CONFIG = "condu_config.json is damaged or was edited: "
@@ -115,6 +123,14 @@ DAMAGES = {
                                 r"list"),
     "short mask": (edit_tensors(TRIGGERS, lambda t: t.update({first_mask(t): t[first_mask(t)][:-1]})),
                    r"has shape \(\d+,\) in condu_triggers.safetensors, condu_config.json says"),
+    "flipped bits in the triggers": (lambda f: flip_lowest_bits(f / TRIGGERS),
+                                     r"condu_triggers.safetensors is not the file that was saved: its sha256 differs "
+                                     r"from the one .*condu_config.json records .*save or download it again"),
+    "the unified adapter of another save": (
+        lambda f: (f / "adapter_model.safetensors").write_bytes(_other_unified(f)),
+        r"adapter_model.safetensors is not the file that was saved: its sha256 differs"),
+    "an edited base record": (edit_config(lambda h: h.update(base_weights={"sha256": "0" * 16})),
+                              CONFIG + r"`base_weights` must be None or \{'sha256'"),
     "no text prototypes for fused voting": (without_text_means, r"holds no text prototypes \(text_mean\) for task\(s\) "
                                                                 r"\[0\], which condu_prototypes='fused' votes with"),
 }
@@ -148,3 +164,24 @@ def test_a_rank_given_in_code_is_checked_as_a_saved_one():
     for rank in ("2", 0, True, 2.0):
         with pytest.raises(ValueError, match=f"`rank` must be an integer >= 1, got {rank!r}"):
             ConDU(tiny_clip(), ConDUArguments(), rank=rank)
+
+
+def test_a_condu_save_is_refused_on_other_base_weights(condu_save, caplog):
+    with pytest.raises(ValueError, match=r"The ConDU save in .*save was created on other pretrained weights than this "
+                                         r"model's .*set `base_weights` to null in its condu_config.json"):
+        ConDU.from_pretrained(condu_save, base_model=tiny_clip(seed=1))
+    resumed = ConDU(tiny_clip(seed=1), ConDUArguments(), rank=2)
+    with pytest.raises(ValueError, match="created on other pretrained weights"):
+        resumed.load(condu_save)
+
+
+def test_a_store_its_loader_would_refuse_is_not_saved(tmp_path):
+    from hf_moe_cl.condu import DeltaStore
+    from hf_moe_cl.condu.folder import model_fingerprint, save_folder
+
+    store = DeltaStore("official")
+    store.add_task({"w": torch.ones(4)})  # no class names, templates or prototypes
+    with pytest.raises(ValueError, match=r"Cannot save this ConDU store to .*: tasks\[0\] has the keys \['name', "
+                                         r"'prototypes', 'rescaler'\].*so load_folder would refuse the save"):
+        save_folder(tmp_path / "save", store, model_fingerprint(tiny_clip()), {})
+    assert not (tmp_path / "save").exists()

@@ -13,7 +13,7 @@ from hf_moe_cl.continual import ContinualTrainer, ContinualTrainingArguments
 from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
 from hf_moe_cl.ddas import DistributionSelector
 
-from conftest import (colour_task, continual_args, edited, load_peft, moe_model, noise_images, saved,
+from conftest import (colour_task, continual_args, edited, load_peft, moe_model, noise_images, rerecord, saved,
                       tasks_named, tiny_clip)
 
 
@@ -337,6 +337,7 @@ def test_a_loaded_selector_with_impossible_values_is_refused_and_the_legacy_layo
             owner = "reference" if slot == 0 else f"tasks.{slot - 1}"
             legacy[f"{prefix}{owner}.{part}.{kind}"] = value.clone()
     save_file(legacy, str(weights))
+    rerecord(tmp_path / "good")  # the weights as a save of the legacy layout would record them
     loaded = PeftModel.from_pretrained(tiny_clip(), str(tmp_path / "good"))
     batch = wide(cluster(CENTRES["a"], 20, 3))
     assert torch.equal(loaded.base_model.selector.select(batch), selector.select(batch))
@@ -345,6 +346,7 @@ def test_a_loaded_selector_with_impossible_values_is_refused_and_the_legacy_layo
         damaged = dict(legacy)
         damaged[key] = torch.full_like(damaged[key], bad)
         save_file(damaged, str(weights))
+        rerecord(tmp_path / "good")
         with pytest.raises(ValueError, match="damaged or edited"):
             PeftModel.from_pretrained(tiny_clip(), str(tmp_path / "good"))
 

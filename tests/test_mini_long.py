@@ -92,3 +92,20 @@ def test_data_check_and_example_script_know_the_preset():
                              "--output_dir", "unused", "--print_recipe"], capture_output=True, text=True, timeout=300)
     assert recipe.returncode == 0, recipe.stderr[-3000:]
     assert '"preset": "mini-long"' in recipe.stdout and '"max_steps": 100' in recipe.stdout
+
+
+# ----- benchmarks/long_sequence.py's command line ---------------------------------------------------------------------
+def long_sequence(*argv):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "src"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "long_sequence.py"), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_long_sequence_names_a_bad_report_at_and_a_truncated_variant_record(tmp_path):
+    bad = long_sequence("--report_at", "1,abc", "--output_dir", str(tmp_path))
+    assert bad.returncode == 2 and ("--report_at must be task counts separated by commas (e.g. 6,12,18), got "
+                                    "'1,abc'") in bad.stderr
+    (tmp_path / "top_k.json").write_text('{"settings": ')
+    bad = long_sequence("--report_only", "--variants", "top_k", "--output_dir", str(tmp_path))
+    assert bad.returncode == 2 and f"{tmp_path / 'top_k.json'} is not valid JSON (13 bytes" in bad.stderr
+    assert "Once it is deleted, top_k is measured again." in bad.stderr

@@ -4,9 +4,11 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from datasets import load_from_disk
+from PIL import Image
 from peft import get_peft_model
 from transformers import CLIPImageProcessor, CLIPModel, pipeline
 
@@ -144,3 +146,41 @@ def test_classify_checks_its_labels_and_pixels_first(agnostic_classifier, labels
 def test_classify_of_an_empty_batch_is_an_empty_list(agnostic_classifier):
     assert agnostic_classifier.classify(torch.zeros(0, 3, 16, 16), candidate_labels=["cat"]) == []
     assert len(agnostic_classifier.classify(torch.randn(2, 3, 16, 16), candidate_labels=["cat", "dog"])) == 2
+
+
+# ----- one image path: the pipeline reads images as the classifier does ---------------------------------------------
+@pytest.fixture(scope="module")
+def both_paths(module_processor):
+    """(classifier, pipeline) over one MoE-LoRA model whose selector routes images."""
+    model = moe_model()
+    model.base_model.enable_selector(SelectorConfig(feature_dim=model.config.projection_dim)).trained[0] = True
+    return TaskAgnosticClassifier(model, module_processor), pipeline(TASK, model=model, processor=module_processor)
+
+
+def test_the_pipeline_reads_16_bit_float_and_transparent_images_as_the_classifier(both_paths):
+    classifier, classify = both_paths
+    images = [Image.new("RGBA", (20, 20), (200, 30, 30, 0)),  # transparent: white, as in training
+              Image.fromarray(np.arange(400, dtype=np.uint16).reshape(20, 20) * 160),  # 16-bit ("I;16")
+              Image.fromarray(np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20))]  # float ("F"), 0..1
+    expected = classifier(images, candidate_labels=["cat", "dog"])
+    out = classify(images, candidate_labels=["cat", "dog"])
+    assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-6)
+
+
+@pytest.mark.parametrize("image, error, message", [
+    (Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)), ValueError, "A F image has 64 NaN"),
+    (Image.new("RGB", (0, 0)), ValueError, "An image of 0x0 pixels has nothing to classify"),
+    ("http://127.0.0.1:9/cat.png", ConnectionError,
+     r"Cannot download the image http://127.0.0.1:9/cat.png \(URLError.*offline.*Pass a local path"),
+])
+def test_an_image_without_content_is_refused_the_same_by_both_paths(both_paths, image, error, message):
+    classifier, classify = both_paths
+    with pytest.raises(error, match=message):
+        classifier([image], candidate_labels=["cat"])
+    with pytest.raises(error, match=message):
+        classify(image, candidate_labels=["cat"])
+
+
+def test_a_string_as_candidate_labels_is_refused_by_the_pipeline(both_paths):
+    with pytest.raises(ValueError, match="`candidate_labels` must be a list of class names .* one class per character"):
+        both_paths[1](Image.new("RGB", (8, 8)), candidate_labels="cat")

@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 
 from hf_moe_cl.continual.checkpoints import LOCK_FILE
 
-from conftest import colour_task, moe_model, run, tasks_named, tiny_clip
+from conftest import colour_task, continual_args, flip_lowest_bits, moe_model, run, tasks_named, tiny_clip
 
 
 def two_tasks():
@@ -46,6 +47,12 @@ def test_resume_refuses_a_folder_of_another_run(tmp_path, clip_processor, change
     (dict(optim="sgd"), "another run.*optimizer.optim: 'adamw_torch.*' -> 'sgd'"),
     (dict(max_grad_norm=1.0), "another run.*max_grad_norm: 0.0 -> 1.0"),
     (dict(adam_beta2=0.98), "another run.*optimizer.adam_beta2: 0.999 -> 0.98"),
+    (dict(protocol_unit=1), "another run.*protocol_unit: 128 -> 1"),
+    (dict(data_seed=7), "another run.*data_seed: None -> 7"),
+    (dict(dataloader_drop_last=True), "another run.*dataloader_drop_last: None -> True"),
+    (dict(lr_scheduler_kwargs={"num_cycles": 2}), r"another run.*lr_scheduler_kwargs: None -> .*num_cycles"),
+    (dict(bf16_base=True), r"another run.*base_model.weights: '[0-9a-f]+' -> '[0-9a-f]+'; base_model.dtype: None -> "
+                           r"'bfloat16'"),
     (dict(base_seed=1), r"another run.*base_model.weights: '[0-9a-f]+' -> '[0-9a-f]+'"),
     (dict(tasks=["first", "third"]), r"task-01-second is not a task of this sequence \['first', 'third'\]"),
 ])
@@ -60,6 +67,8 @@ def test_resume_refuses_other_training_settings_and_another_base(tmp_path, clip_
 
         model = get_peft_model(tiny_clip(seed=change.pop("base_seed")),
                                MoELoraConfig(num_tasks=2, num_experts=4, top_k=2, r=4))
+    if change.pop("bf16_base", False):
+        model = moe_model().to(torch.bfloat16)
     tasks = tasks_named(*change.pop("tasks")) if "tasks" in change else None
     with pytest.raises(ValueError, match=named):
         run(tmp_path, clip_processor, tasks=tasks, model=model, resume=True, **change)
@@ -85,6 +94,15 @@ def test_a_diverging_task_stops_before_saving_and_earlier_checkpoints_survive(tm
     assert (tmp_path / "run" / "task-00-first" / weights).read_bytes() == \
         (tmp_path / "healthy" / "task-00-first" / weights).read_bytes()
     assert not (tmp_path / "run" / "task-01-second").exists()
+
+
+def test_a_diverging_first_task_advises_a_new_run_not_a_resume(tmp_path, clip_processor):
+    tasks = two_tasks()
+    tasks[0].learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match=r"task 1/2: first: .*then run again \(no task checkpoint exists yet: "
+                                                 r"nothing to resume\)") as error:
+        run(tmp_path, clip_processor, tasks=tasks, max_steps=4)
+    assert "resume=True" not in str(error.value)
 
 
 def test_after_divergence_the_unfinished_tasks_rate_may_change_on_resume(tmp_path, clip_processor, caplog):
@@ -127,6 +145,36 @@ def test_an_impossible_progress_file_is_named(tmp_path, clip_processor, edit, me
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     with pytest.raises(ValueError, match=f"continual_progress.json: .*{message}.*was it edited"):
         run(tmp_path, clip_processor, tasks=tasks, resume=True)
+
+
+# ----- the checkpoint's files are the ones saved --------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["bit flips", "another task's weights copied over after a kill"])
+def test_a_damaged_or_swapped_checkpoint_file_is_refused_at_resume(tmp_path, clip_processor, damage):
+    run(tmp_path, clip_processor)
+    weights = tmp_path / "task-01-second" / "adapter_model.safetensors"
+    if damage == "bit flips":  # the lowest bit of every float: size and header unchanged
+        flip_lowest_bits(weights)
+    else:
+        weights.write_bytes((tmp_path / "task-00-first" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"task-01-second/adapter_model.safetensors is not the file that was saved: "
+                                         r"its sha256 differs from the one .*task-01-second/continual_progress.json "
+                                         r"records .*Delete .*task-01-second to train task 2 again"):
+        run(tmp_path, clip_processor, resume=True)
+
+
+def test_a_condu_checkpoint_with_damaged_triggers_is_refused_at_resume(tmp_path, clip_processor):
+    from hf_moe_cl import ContinualTrainer
+    from hf_moe_cl.continual.methods import ConDU, ConDUArguments
+
+    def condu_run(resume=False):
+        trainer = ContinualTrainer(method=ConDU(tiny_clip(), ConDUArguments(condu_top_k=1), rank=2),
+                                   args=continual_args(tmp_path, max_steps=1), processing_class=clip_processor)
+        return trainer.train_tasks(tasks_named("first"), resume=resume)
+
+    condu_run()
+    flip_lowest_bits(tmp_path / "task-00-first" / "condu_triggers.safetensors")
+    with pytest.raises(ValueError, match=r"condu_triggers.safetensors is not the file that was saved"):
+        condu_run(resume=True)
 
 
 # ----- nothing to resume ---------------------------------------------------------------------------------------------

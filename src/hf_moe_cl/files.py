@@ -7,7 +7,9 @@ names it instead of a parser error.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,7 +22,9 @@ from typing import Any, Iterator
 
 from .options import is_shape
 
+logger = logging.getLogger("hf_moe_cl")
 FIX = "Delete it and save or download it again."
+HEX = frozenset("0123456789abcdef")
 # Bytes per element of the safetensors dtypes.
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
                            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8, "F8_E8M0": 1}
@@ -188,3 +192,45 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
         _fsync_directory(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----- integrity: the sha256 of every file a save wrote, checked where it is read back ------------------------------
+def file_hashes(folder: str | os.PathLike, names=None) -> dict[str, str]:
+    """{path relative to `folder`: sha256} of `names` (default: every file under `folder`)."""
+    folder = Path(folder)
+    paths = [folder / name for name in names] if names is not None else sorted(p for p in folder.rglob("*")
+                                                                                 if p.is_file())
+    hashes = {}
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        hashes[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+_UNRECORDED: set = set()
+
+
+def check_file_hashes(folder: str | os.PathLike, record: Any, where: str, fix: str) -> None:
+    """Refuse a file of `folder` whose bytes are not those the save recorded in `record` ({name: sha256}, kept in
+    `where`), naming it and `fix`; a save without a record (older releases) is read with one warning per folder."""
+    folder = Path(folder)
+    if record is None:
+        if folder.resolve() not in _UNRECORDED:
+            _UNRECORDED.add(folder.resolve())
+            logger.warning("%s records no sha256 of its files (saved by hf-moe-cl <= 0.3): damaged files cannot be "
+                           "told apart; save it again to add the record.", where)
+        return
+    if not isinstance(record, dict) or not all(isinstance(h, str) and len(h) == 64 and set(h) <= HEX
+                                               and isinstance(n, str) for n, h in record.items()):
+        raise ValueError(f"The sha256 record in {where} is damaged or was edited (not a map of file names to 64 hex "
+                         f"digits). {fix}")
+    for name, recorded in record.items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+            raise ValueError(f"{folder / name} is missing: {where} records it. {fix}")
+        if file_hashes(folder, [name])[name] != recorded:
+            raise ValueError(f"{path} is not the file that was saved: its sha256 differs from the one {where} "
+                             f"records (damaged, or replaced by another file). {fix}")

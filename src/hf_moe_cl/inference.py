@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import urllib.request
+from io import BytesIO
 from typing import Any, Optional, Sequence
 
 import torch
+from PIL import Image, ImageOps
+from transformers.image_utils import load_image
 
 from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, ImageRoutes, Untouched
 from .condu import holds_condu
@@ -58,6 +62,22 @@ def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optio
     return model
 
 
+def read_image(image: Any, timeout: Optional[float] = None) -> Image.Image:
+    """One image as the classifier and the pipeline take it (a PIL image, an array, a local path, an http(s) URL,
+    base64), as 8-bit RGB with the conversion training uses (`to_rgb`: 16-bit, float, transparent images)."""
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(image, timeout=timeout) as response:
+                content = response.read()
+        except OSError as error:  # URLError, HTTPError, timeouts
+            raise ConnectionError(f"Cannot download the image {image} ({type(error).__name__}: {error}): the machine "
+                                  "may be offline, or the URL is wrong. Pass a local path or a PIL image.") from None
+        image = Image.open(BytesIO(content))
+    elif isinstance(image, str):  # transformers' reader names what a source must be; it converts to RGB itself
+        image = Image.open(image) if os.path.isfile(image) else load_image(image)
+    return to_rgb(ImageOps.exif_transpose(image) if isinstance(image, Image.Image) else image)
+
+
 def subset_of(untouched: Untouched, rows: torch.Tensor) -> Untouched:
     """The untouched embeddings of `rows` of a batch, as a tensor or as the finishing function of those rows."""
     if untouched is None or not callable(untouched):
@@ -107,10 +127,11 @@ class TaskAgnosticClassifier:
 
     def __call__(self, images: Sequence[Any], candidate_labels: Optional[Sequence[str]] = None,
                  templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
-        """One dict per image: `label`, `score` (softmax over the label set used) and `task` (None: zero-shot)."""
+        """One dict per image (see `read_image`): `label`, `score` (softmax over the label set used) and `task` (None:
+        zero-shot)."""
         if len(images) == 0:
             return []
-        pixels = self.processor.image_processor(images=[to_rgb(image) for image in images],
+        pixels = self.processor.image_processor(images=[read_image(image) for image in images],
                                                 return_tensors="pt")["pixel_values"]
         return self.classify(pixels, candidate_labels, templates)
 

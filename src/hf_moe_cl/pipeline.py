@@ -1,7 +1,7 @@
 """`pipeline("task-agnostic-image-classification", ...)`: task-agnostic inference as a transformers pipeline.
 
-`import hf_moe_cl` registers the task with transformers' `PIPELINE_REGISTRY`. The pipeline batches, loads images
-(paths, URLs, PIL) and moves them to the model's device the transformers way; the classification itself is
+`import hf_moe_cl` registers the task with transformers' `PIPELINE_REGISTRY`. The pipeline batches and moves
+inputs to the model's device the transformers way; reading images (`read_image`) and the classification itself are
 `TaskAgnosticClassifier`'s, so both give the same answers.
 """
 
@@ -11,12 +11,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 from transformers import CLIPProcessor, Pipeline
-from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .condu import holds_condu
 from .continual.methods import ConDU
-from .inference import TaskAgnosticClassifier, check_adapter_source, load_adapter_model
+from .inference import TaskAgnosticClassifier, check_adapter_source, load_adapter_model, read_image
 
 TASK = "task-agnostic-image-classification"
 
@@ -77,14 +76,14 @@ class TaskAgnosticImageClassificationPipeline(Pipeline):
         if timeout is not None:
             preprocess["timeout"] = timeout
         if candidate_labels is not None:
-            forward["candidate_labels"] = list(candidate_labels)
+            forward["candidate_labels"] = candidate_labels  # checked by the classifier: a string is refused
         if hypothesis_template is not None:
             templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
             forward["templates"] = templates
         return preprocess, forward, {}
 
     def preprocess(self, image, timeout=None):
-        pixels = self.image_processor(images=[load_image(image, timeout=timeout)], return_tensors="pt")
+        pixels = self.image_processor(images=[read_image(image, timeout)], return_tensors="pt")
         return {"pixel_values": pixels["pixel_values"]}
 
     def _forward(self, model_inputs, **labels):

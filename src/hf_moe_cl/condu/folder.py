@@ -24,7 +24,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
-from ..files import FIX, atomic_files, check_safetensors_file, read_json_file
+from ..files import FIX, atomic_files, check_file_hashes, check_safetensors_file, file_hashes, read_json_file
 from ..options import check_task_record, is_finite_number, is_shape, short_repr
 from .store import DeltaStore
 from .unify import UNIFY_RULES
@@ -60,6 +60,11 @@ def save_folder(folder, store: DeltaStore, fingerprint: dict, header: dict, lora
              for info, rescaler, means in zip(store.tasks, store.rescalers, store.prototypes)]
     config = dict(header, format=FORMAT, version=VERSION, fine_tune="full" if lora is None else "lora",
                   model=fingerprint, rule=store.rule, tasks=tasks, shapes={n: list(s) for n, s in store.shapes.items()})
+    problem = _header_problem(config)  # what load_folder would refuse is not written
+    if problem:
+        raise ValueError(f"Cannot save this ConDU store to {folder}: {problem}, so load_folder would refuse the save. "
+                         "Save after ConDU finished a task (its end records the task's class names, templates and "
+                         "prototypes), not a store filled by hand.")
     with atomic_files(folder) as staging:
         save_file(triggers, str(staging / TRIGGERS_FILE), metadata={"format": "pt"})
         if lora is not None:
@@ -67,6 +72,7 @@ def save_folder(folder, store: DeltaStore, fingerprint: dict, header: dict, lora
             lora.save_pretrained(str(staging))
         else:
             save_file(unified, str(staging / DELTA_FILE), metadata={"format": "pt"})
+        config["file_sha256"] = file_hashes(staging, [TRIGGERS_FILE, _unified_file(config)])
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
 
@@ -166,6 +172,7 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
                          f"({fingerprint}); load it on the base model it was trained from.")
     triggers = _tensors(folder / TRIGGERS_FILE)
     unified = _tensors(folder / _unified_file(header))
+    check_file_hashes(folder, header.get("file_sha256"), str(folder / CONFIG_FILE), FIX)
     shapes = {n: torch.Size(s) for n, s in header["shapes"].items()}
     tasks = header["tasks"]
 

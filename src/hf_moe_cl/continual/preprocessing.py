@@ -15,7 +15,7 @@ WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
 
 
 def to_rgb(image: Any) -> Image.Image:
-    """Grayscale (MNIST), palette, RGBA, CMYK, 16-bit or array images as 8-bit RGB PIL images.
+    """Grayscale (MNIST), palette, RGBA, CMYK, 16-bit or array images as 8-bit RGB PIL images; empty ones refused.
 
     Wide integer images are scaled by their bit depth (0..65535 -> 0..255), float images ("F") are read as 0..1;
     values are never stretched per image, so a uniform grey stays that grey.
@@ -32,6 +32,9 @@ def to_rgb(image: Any) -> Image.Image:
                              "drop such images (check_images=True names the first one before training).")
         full_scale = WIDE_MODES.get(image.mode, 1.0)
         image = Image.fromarray(np.round(np.clip(array / full_scale, 0.0, 1.0) * 255).astype(np.uint8))
+    if 0 in image.size:
+        raise ValueError(f"An image of {image.width}x{image.height} pixels has nothing to classify: drop it, or check "
+                         "how it was made (a crop outside the picture?).")
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

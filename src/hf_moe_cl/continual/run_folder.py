@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from ..tuners.moe_lora.base_weights import base_weights_fingerprint
-from ..files import atomic_folder, is_temporary, read_json_file, temporary_sibling, write_json_atomic
+from ..files import (atomic_folder, check_file_hashes, file_hashes, is_temporary, read_json_file, temporary_sibling,
+                     write_json_atomic)
 from ..options import is_finite_number, short_repr
 
 logger = logging.getLogger("hf_moe_cl")
@@ -148,16 +149,17 @@ def _progress_problem(progress: dict, index: int) -> Optional[str]:
 
 
 def run_identity(method, args, tasks, learning_rates: list[float]) -> dict:
-    """What makes a checkpoint folder a run's (the method and its options, the base model and its weights, the
-    training arguments that change numbers, the tasks): compared before resuming."""
-    base = method.model.config
+    """What makes a checkpoint folder a run's (the method and its options, the base model and its weights, every
+    training argument that changes numbers, the tasks): compared before resuming."""
+    base, dtype = method.model.config, str(method.model.dtype).removeprefix("torch.")
     return jsonable({
         "method": method.fingerprint(),
         "base_model": {"name_or_path": getattr(base, "_name_or_path", None), "model_type": base.model_type,
                        "vision": [base.vision_config.hidden_size, base.vision_config.num_hidden_layers],
                        "text": [base.text_config.hidden_size, base.text_config.num_hidden_layers],
                        "projection_dim": base.projection_dim,
-                       "weights": base_weights_fingerprint(method.model)},
+                       "weights": base_weights_fingerprint(method.model),
+                       **({"dtype": dtype} if dtype != "float32" else {})},  # as recorded before 0.3 for float32
         "seed": args.seed, "max_steps": args.max_steps,
         "num_train_epochs": args.num_train_epochs if args.max_steps == -1 else None,
         "batch_size": args.per_device_train_batch_size,
@@ -171,6 +173,9 @@ def run_identity(method, args, tasks, learning_rates: list[float]) -> dict:
         "task_agnostic_eval": args.task_agnostic_eval, "protocol_unit": args.protocol_unit,
         "eval_precision": "bf16" if args.bf16_full_eval else "fp16" if args.fp16_full_eval else "fp32",
         "learning_rates": learning_rates,
+        # Trainer settings recorded when set (checkpoints of runs that leave them alone resume as before)
+        **{name: getattr(args, name) for name in ("data_seed", "dataloader_drop_last", "lr_scheduler_kwargs", "tf32",
+                                                  "full_determinism") if getattr(args, name) not in (None, False, {})},
         "tasks": [{"name": t.name, "classnames": t.classnames, "templates": t.templates} for t in tasks],
     })
 
@@ -230,6 +235,9 @@ def resume_point(output_dir, names: list[str], run: dict, resume: bool, overwrit
         return None, None
     last = folders[max(folders)]
     progress = read_progress(last)
+    check_file_hashes(last, progress.get("file_sha256"), str(last / PROGRESS_FILE),
+                      f"Delete {last} to train task {max(folders) + 1} again from the checkpoint before it (or from "
+                      f"the start), then resume, {START_OVER}.")
     if progress["task_names"] != names:
         raise ValueError(f"Cannot resume from {last}: it belongs to the task sequence {progress['task_names']}, not "
                          f"{names}. Use the same tasks or another output_dir.")
@@ -253,9 +261,11 @@ def save_results(output_dir, split: str, metrics: dict, combined: bool = True) -
 
 
 def save_task(folder: Path, write_model: Callable[[Path], None], progress: dict) -> None:
-    """Write a task checkpoint atomically: the model files and the progress file appear together or not at all."""
+    """Write a task checkpoint atomically: the model files and the progress file (with their sha256, checked at resume)
+    appear together or not at all."""
     with atomic_folder(folder) as temporary:
         write_model(temporary)
+        progress["file_sha256"] = file_hashes(temporary)
         write_json_atomic(temporary / PROGRESS_FILE, progress)
 
 

@@ -156,11 +156,13 @@ class ContinualTrainer(Trainer):
         if extra is not None:
             loss = loss + extra
         if not torch.isfinite(loss):
+            resumable = self.args.save_task_checkpoints and finished_folders(self.args.output_dir)
             raise FloatingPointError(
                 f"{self.task_label}: the training loss became {loss.item()} at step {self.state.global_step + 1}. "
                 f"The task stopped before anything of it was saved (earlier task checkpoints are intact). Lower the "
                 f"learning rate ({self.args.learning_rate:g}; the task's `learning_rate` or `task_learning_rates`) "
-                f"or check the task's data, then continue with resume=True."
+                "or check the task's data, then " + ("continue with resume=True." if resumable else
+                                                     "run again (no task checkpoint exists yet: nothing to resume).")
             )
         return (loss, outputs) if return_outputs else loss
 

@@ -26,6 +26,7 @@ from ..continual.tasks import ContinualTask
 from ..data.labels import LabelMappingError
 from ..data.sources import summarize
 from ..data.summary import SourceError
+from ..tuners.moe_lora.card import hub_id
 from .datasets import CIL_DATASETS, MTIL_DATASETS, DatasetSpec, HubSource, hub_source
 from .mini_hub import MINI_HUB_DATASETS, MINI_TEST_IMAGES, MINI_TRAIN_IMAGES
 from .presets import ClassIncrementalPreset, get_preset, mini_long_tasks
@@ -131,6 +132,9 @@ def _hub_item(item: str, repo_id: str, repo_type: str, local_fix: str, network: 
 
 def _model_item(model: str, network: _Network) -> tuple[str, Optional[str]]:
     folder = Path(model)
+    if not folder.is_dir() and hub_id(model) is None:
+        return "MISSING", (f"CLIP weights ({model}): no such folder, and not a Hub id. Fix: give --model_name_or_path "
+                           "an existing folder written by `save_pretrained`, or a Hub id (namespace/name).")
     if not folder.is_dir():
         return _hub_item("CLIP weights", model, "model", "give --model_name_or_path a local folder", network)
     if (folder / "config.json").is_file() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))):

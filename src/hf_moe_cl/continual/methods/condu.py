@@ -22,6 +22,7 @@ from ...condu.lora import (draw_factors, factor_shapes, lora_config, lora_layers
                            trained_factors, weight_delta)
 from ...files import FIX
 from ...options import check_option, short_repr
+from ...tuners.moe_lora.base_weights import base_weights_record, check_base, record_problem
 from .base import ContinualMethod
 from .registry import register_method
 
@@ -284,7 +285,7 @@ class ConDU(ContinualMethod):
         """The complete publishable folder: the unified model (a peft LoRA adapter, or the unified weight delta)
         and the task triggers (see `hf_moe_cl.condu.checkpoint`)."""
         header = {"options": dataclasses.asdict(self.arguments), "rank": self.rank,
-                  "base_model_name_or_path": self._base_name()}
+                  "base_model_name_or_path": self._base_name(), "base_weights": base_weights_record(self.model)}
         save_folder(folder, self.store, model_fingerprint(self.model), header,
                     self.lora_config() if self.lora else None)
 
@@ -293,6 +294,11 @@ class ConDU(ContinualMethod):
         with other options, is a clear error)."""
         store, header = load_folder(folder, model_fingerprint(self.model))
         arguments, rank = _saved_settings(Path(folder), header)
+        if header.get("base_weights") is not None:  # saves of <= 0.3 have no record
+            check_base(header["base_weights"], self.model, f"the ConDU save in {folder}",
+                       "Load it on the base model it was trained from"
+                       + (f" ({header['base_model_name_or_path']!r})" if header.get("base_model_name_or_path") else "")
+                       + "; to use it on this one on purpose, set `base_weights` to null in its condu_config.json.")
         saved = dict(dataclasses.asdict(arguments), rank=rank)
         ours = dict(dataclasses.asdict(self.arguments), rank=self.rank)
         differ = [k for k in _TRAINING_OPTIONS + (_LORA_OPTIONS if self.lora else ()) if saved[k] != ours[k]]
@@ -335,6 +341,8 @@ def _saved_settings(folder: Path, header: dict) -> tuple[ConDUArguments, int]:
             raise ValueError(f"`options` lacks {sorted(fields - set(options))}")
         if base is not None and not isinstance(base, str):
             raise ValueError(f"base_model_name_or_path is {short_repr(base)}, not a model name or folder")
+        if header.get("base_weights") is not None and record_problem(header["base_weights"]):
+            raise ValueError(f"`base_weights` {record_problem(header['base_weights'])}")
         check_option("rank", header["rank"], int, low=1)
         arguments = ConDUArguments(**options)
         if (arguments.condu_fine_tune, arguments.condu_rescaler) != (header["fine_tune"], header["rule"]):

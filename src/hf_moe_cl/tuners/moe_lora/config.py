@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+import torch
 from transformers.activations import ACT2FN
 
 from ...ddas.settings import SelectorConfig
-from ...files import check_json_file, check_safetensors_file
+from ...files import check_file_hashes, check_json_file, check_safetensors_file, file_hashes
 from ...legacy import LEGACY_SELECTOR_FILES
 from ...options import check_flags, check_option, check_task_record, refused_names, short_repr
+from .base_weights import record_problem
 from .card import tidy_peft_card
 from .peft_type import MOE_LORA
 
+logger = logging.getLogger("hf_moe_cl")
 # The paper's placement: one expert bank per transformer block of both CLIP towers, in parallel to the MLP.
 CLIP_BLOCK_TARGETS = r".*(vision_model|text_model)\.encoder\.layers\.\d+"
 
@@ -137,6 +141,11 @@ class MoELoraConfig(PeftConfig):
             "loaded config to load on another base on purpose."
         },
     )
+    file_sha256: Optional[dict] = field(
+        default=None,
+        metadata={"help": "sha256 of the weights file as saved (written by `save_pretrained`), checked when a local "
+                  "folder is loaded: a damaged or swapped file is refused."},
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -214,7 +223,10 @@ class MoELoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """peft's config file; the README.md peft wrote beside it becomes a short card that says how to load."""
+        """peft's config file, with the sha256 of the weights peft wrote just before it; the README.md peft wrote
+        beside it becomes a short card that says how to load."""
+        weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(save_directory, n))]
+        self.file_sha256 = file_hashes(save_directory, weights) or None
         super().save_pretrained(save_directory, **kwargs)
         tidy_peft_card(save_directory, self.base_model_name_or_path)
 
@@ -234,16 +246,10 @@ class MoELoraConfig(PeftConfig):
                 check_task_info_entry(task, entry["name"], entry["classnames"], entry["templates"])
 
     def _check_base_weights(self) -> None:
-        record = self.base_weights
-        valid = (isinstance(record, dict) and set(record) == {"sha256", "dtype", "layout"}
-                 and isinstance(record["dtype"], str) and all(
-                     isinstance(record[key], str) and len(record[key]) == 16
-                     and all(c in "0123456789abcdef" for c in record[key]) for key in ("sha256", "layout")))
-        if not valid:
-            raise ValueError(f"`base_weights` must be None or {{'sha256': 16 hex digits, 'dtype': str, 'layout': 16 "
-                             f"hex digits}}; got "
-                             f"{str(record)[:120]}. In a saved adapter_config.json this means the file was damaged "
-                             "or edited: save the adapter again.")
+        problem = record_problem(self.base_weights)
+        if problem:
+            raise ValueError(f"`base_weights` {problem}. In a saved adapter_config.json this means the file was "
+                             "damaged or edited: save the adapter again.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -266,7 +272,9 @@ class MoELoraConfig(PeftConfig):
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):
                 check_safetensors_file(weights)
-            elif not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+            elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+                _check_torch_weights(os.path.join(folder, WEIGHTS_NAME))
+            else:
                 raise FileNotFoundError(
                     f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: the adapter's weights are missing. "
                     "Save the adapter again (save_pretrained writes both) or copy the weights file beside the config."
@@ -278,4 +286,23 @@ class MoELoraConfig(PeftConfig):
                     f"once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves the selector into the "
                     "adapter's config and weights."
                 )
+            where = os.path.join(folder, CONFIG_NAME)
+            check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
+            if config.base_weights is None:
+                logger.warning("%s records no `base_weights` (saved before the record existed, or it was removed): "
+                               "the base model it is loaded on cannot be checked.", where)
         return config
+
+
+def _check_torch_weights(path: str) -> None:
+    """An adapter_model.bin (peft's `safe_serialization=False`) must be a state dict of tensors that torch loads
+    without running code (`weights_only`), as peft reads it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for what it cannot read
+        raise ValueError(f"{path} is not a state dict torch can load safely ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:120]}): a pickle of other objects, damaged, or not a torch "
+                         "file. Save the adapter again with save_pretrained (safetensors by default).") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors. Save the adapter again "
+                         "with save_pretrained (safetensors by default).")

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...ddas.settings import SELECTOR_KEY
 from .bank import EXPERT_PARAMS, ROUTER_PARAMS
-from .base_weights import base_weights_record
+from .base_weights import base_weights_record, check_base
 from .config import MoELoraConfig
 from .peft_type import MOE_LORA_PREFIX
 
@@ -28,30 +28,16 @@ def check_injection(model: nn.Module, config: MoELoraConfig, adapter_name: str, 
         raise ValueError(f"`task_type` of adapter {adapter_name!r} is {str(config.task_type)!r}, but peft's task "
                          f"types wrap language models, not a {model_type!r} model (its forward would fail): leave "
                          f"task_type None. {EDITED}.")
-    current = base_weights_record(model)
     if config.base_weights is None:  # a new adapter (or one saved before the record existed)
-        config.base_weights = current
-        return
-    if current is None or config.base_weights == current:  # a meta-device base has no weights to compare
-        return
-    recorded = config.base_weights
-    if recorded["layout"] != current["layout"]:
-        return  # another architecture: loading the weights names the tensors that do not fit
-    if recorded["dtype"] != current["dtype"]:
-        logger.warning("Adapter %r was created on %s base weights and is loaded on %s ones: whether they are the "
-                       "same pretrained weights cannot be checked (load the base in %s to check it).",
-                       adapter_name, recorded["dtype"], current["dtype"], recorded["dtype"])
+        config.base_weights = base_weights_record(model)
         return
     base = config.base_model_name_or_path
-    raise ValueError(
-        f"Adapter {adapter_name!r} was created on other pretrained weights than this model's (weights hash "
-        f"{recorded['sha256']}, this model's {current['sha256']}): a base of the same shape with other weights "
-        "gives wrong answers. Load the base model it was trained on"
-        + (f" ({base!r}, at the revision it was trained with)" if base else "")
-        + "; to load it on this one on purpose, set `base_weights=None` in its config "
-        "(config = PeftConfig.from_pretrained(path); config.base_weights = None; "
-        "PeftModel.from_pretrained(model, path, config=config))."
-    )
+    check_base(config.base_weights, model, f"adapter {adapter_name!r}",
+               "Load the base model it was trained on" + (f" ({base!r}, at the revision it was trained with)"
+                                                          if base else "")
+               + "; to load it on this one on purpose, set `base_weights=None` in its config "
+               "(config = PeftConfig.from_pretrained(path); config.base_weights = None; "
+               "PeftModel.from_pretrained(model, path, config=config)).")
 
 
 def check_grown_modules(config: MoELoraConfig, adapter_name: str, adapted: set) -> None:
