@@ -108,8 +108,12 @@ def test_print_recipe_prints_every_resolved_argument_as_json(capsys):
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["ddas_threshold"] == 0.0585  # yours wins
     assert (resolved["ddas_learning_rate"], resolved["ddas_reference_shots"], resolved["max_steps"]) == (0.003, 5, 500)
-    assert (resolved["per_device_train_batch_size"], resolved["condu_first_cell"]) == (64, "pretrained")
-    assert {"learning_rate", "num_experts", "condu_fine_tune", "method", "preset"} <= set(resolved)
+    assert resolved["per_device_train_batch_size"] == 64
+    assert {"learning_rate", "num_experts", "method", "preset"} <= set(resolved)
+    assert "condu_first_cell" not in resolved  # a ConDU option: a MoE-Adapters run does not use it
+    mtil.main(["--preset", "fewshot-mtil-order-1", "--method", "condu", "--print_recipe"])
+    resolved = json.loads(capsys.readouterr().out)
+    assert (resolved["condu_first_cell"], resolved["method"]) == ("pretrained", "condu")
 
 
 def test_result_metrics_come_from_the_protocol_matrix_when_the_run_has_one():
