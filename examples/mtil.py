@@ -346,7 +346,8 @@ def main(argv: Optional[list[str]] = None):
         if not check.ok:
             sys.exit(1)
         return
-    logger.info("%s", check.markdown())
+    logger.info("Data check of preset %r passed: %d dataset(s), %d other item(s) (--check_data prints the tables)",
+                preset.name, len(check.rows), len(check.downloads))
 
     model_path = base_model(experiment)
     base = CLIPModel.from_pretrained(model_path, dtype=torch.float32)
