@@ -255,7 +255,6 @@ def main():
                         help="train nothing: build results.md from the <variant>.json files already in output_dir")
     args = parser.parse_args()
 
-    root = assets_dir(args.assets_dir)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     counts = args.report_at.split(",")
@@ -287,7 +286,8 @@ def main():
     if args.report_only and not records:
         parser.error(f"--report_only: {output} holds no <variant>.json of {', '.join(chosen)}: nothing to report. Run "
                      "the variants first (without --report_only), or name the folder that holds them.")
-    if todo:
+    if todo:  # the assets only now: the options and the saved records are checked without them
+        root = assets_dir(args.assets_dir)
         base = CLIPModel.from_pretrained(root / PROXY_CLIP, dtype=torch.float32)
         processor = CLIPProcessor.from_pretrained(root / PROXY_CLIP)
         tasks = mini_long_tasks(root, mini_long_names()[:args.num_tasks], eval_images=args.eval_images)
