@@ -58,7 +58,10 @@ def test_the_final_condu_save_sits_at_the_root_with_all_results(condu_output):
         sum(result.matrices["per_image"][-1]) / 2)
     assert set(saved) == {"headline_matrix"} | {f"{kind}_{metric}" for kind in ("per_image", "oracle")
                                                 for metric in ("transfer", "average", "last", "bwt")}
-    assert not list(output.rglob("README.md"))  # ConDU's peft LoRA config writes no peft template
+    # ConDU's peft LoRA config writes no peft template; save_model writes the run's card at the root only
+    assert [str(p.relative_to(output)) for p in output.rglob("README.md")] == ["README.md"]
+    card = (output / "README.md").read_text()
+    assert "Provide a quick summary" not in card and "0. **first** (3 classes)" in card and "## Results" in card
 
 
 def test_all_results_say_which_matrix_and_skip_what_cannot_be_computed():

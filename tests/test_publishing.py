@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 
 import hf_moe_cl
 import hf_moe_cl.publishing as publishing
+from hf_moe_cl.continual import card as run_card
 from hf_moe_cl.experiments.metrics import mtil_metrics
 from hf_moe_cl.continual.methods import method_for_model
 from hf_moe_cl.continual.result import ContinualResult
@@ -85,7 +86,7 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
     assert "| learning_rate | 0.0125 |" in card.text and "| seed | 41 |" in card.text
     assert "| lr_scheduler_type | cosine |" in card.text and "| num_processes | 1 |" in card.text
     assert "| ddas |" not in card.text  # a bare model: the options of the run that trained it are unknown
-    options = publishing.training_hyperparameters(method_for_model(model))
+    options = run_card.training_hyperparameters(method_for_model(model))
     moe = model.base_model
     assert options["method"] == "moe-adapters" and options["ddas"] is False
     # the model's own adapter settings, not MoEAdaptersArguments' defaults
@@ -99,10 +100,10 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
 
 def test_the_license_is_the_base_models_when_its_card_names_one(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a CLIP\n")
-    assert publishing.base_license(str(tmp_path)) == "mit"
+    assert run_card.base_license(str(tmp_path)) == "mit"
     method = method_for_model(tiny_clip())
     assert publishing.model_card(method, "me/x", base_model=str(tmp_path)).data.license == "mit"
-    assert publishing.base_license(str(tmp_path / "missing")) is None
+    assert run_card.base_license(str(tmp_path / "missing")) is None
 
 
 def test_dry_run_writes_exactly_what_would_be_uploaded(ddas_run, fake_hub, tmp_path, monkeypatch):

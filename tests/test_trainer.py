@@ -325,6 +325,40 @@ def test_a_published_model_learns_one_more_task_in_a_fresh_process(tmp_path, cli
     assert [info["name"] for info in saved["task_info"]] == ["first", "second", "third"]
 
 
+def test_save_model_and_save_pretrained_write_the_cards_of_the_trained_run(tmp_path, clip_processor, monkeypatch):
+    """`save_model` after `train_tasks`: the full card (tasks, results with a model-index, base model,
+    hyperparameters, versions, loading code for the folder); the adapter's `save_pretrained`: its tasks and base."""
+    import importlib.metadata
+
+    import huggingface_hub.constants
+    from huggingface_hub import ModelCard
+
+    from hf_moe_cl.experiments.metrics import mtil_metrics
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no lookup of the base model's card
+    model = moe_model()
+    model.base_model.model.name_or_path = "openai/clip-vit-base-patch16"  # the card names a Hub base model
+    trainer = ContinualTrainer(model=model, args=make_args(tmp_path / "run", learning_rate=0.0125),
+                               processing_class=clip_processor)
+    result = trainer.train_tasks(two_tasks())
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert "0. **first** (3 classes): red, green, blue" in card.text and "1. **second** (3 classes)" in card.text
+    found = {(r.metric_config, r.dataset_name): r.metric_value for r in card.data.eval_results}
+    assert found == {("oracle", name): round(value, 2) for name, value in zip(("first", "second"),
+                                                                            result.matrices["oracle"][-1])}
+    headline = mtil_metrics(result.matrices["oracle"])
+    assert f"Last {headline['last']:.1f}." in card.text and "| oracle: task-aware (true task ids) |" in card.text
+    assert card.data.base_model == "openai/clip-vit-base-patch16" and "| learning_rate | 0.0125 |" in card.text
+    assert f"- peft {importlib.metadata.version('peft')}" in card.text and "<base CLIP>" not in card.text
+    assert f"PeftModel.from_pretrained(CLIPModel.from_pretrained('openai/clip-vit-base-patch16'), " \
+           f"{str(tmp_path / 'run')!r})" in card.text
+    model.save_pretrained(tmp_path / "adapter")
+    adapter_card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "0. **first** (3 classes): red, green, blue" in adapter_card and "Base model: openai/clip-vit-base-patch16" \
+        in adapter_card
+
+
 # ----- refused before any training -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda task: [], lambda task: (), lambda task: None, lambda task: "first", lambda task: task,

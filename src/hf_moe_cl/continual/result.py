@@ -1,11 +1,13 @@
-"""`ContinualResult`: the accuracy matrices of a continual run and what the method reported beside them."""
+"""`ContinualResult`: the accuracy matrices of a continual run and what the method reported beside them; their
+metrics as the reports and the model card print them (Markdown tables of Transfer / Average / Last / BWT)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from ..metrics.mtil.mtil import mtil_metrics, summary
+from ..metrics.mtil.mtil import forgetting, mtil_metrics, summary
+from ..tuners.moe_lora.card import markdown_text
 
 Matrix = list[list[Optional[float]]]
 
@@ -58,3 +60,45 @@ class ContinualResult:
             metrics = summary(self.matrices[kind], self.task_names)
             results.update({f"{kind}_{name}": value for name, value in metrics.items() if name != "drop"})
         return results
+
+
+METRIC_LABELS = {"transfer": "Transfer", "average": "Average", "last": "Last", "bwt": "BWT"}
+METRIC_COLUMNS = ("transfer", "average", "last", "bwt")
+DROP_NOTE = ("Drop per task: accuracy right after training the task minus accuracy after the last task "
+             "(positive: forgotten; BWT is minus their mean over all tasks but the last).")
+
+
+def matrix_label(kind: str) -> str:
+    """How every report names a matrix: `protocol matrix, task-agnostic, one route per test batch`."""
+    return f"{kind} matrix, {MATRIX_TITLES[kind]}" if kind in MATRIX_TITLES else f"{kind} matrix"
+
+
+def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = ("transfer", "average", "last"),
+                   first: str = "method") -> str:
+    """One row per entry of `rows`: `| method | Transfer | Average | Last |` ("-" where a value is missing)."""
+    header = f"| {first} | " + " | ".join(markdown_text(METRIC_LABELS.get(c, c)) for c in columns) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(columns)]
+    for name, values in rows.items():
+        cells = [f"{values[c]:.1f}" if values.get(c) is not None else "-" for c in columns]
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def matrix_summary(names: Sequence[str], matrix) -> tuple[dict[str, float], Optional[dict]]:
+    """Transfer / Average / Last if every cell was evaluated (two tasks or more), and the forgetting (`{"bwt",
+    "drop"}`) if the diagonal and the last row were; empty / None otherwise (e.g. class-incremental runs)."""
+    if len(names) < 2:
+        return {}, None
+    complete = all(value is not None for row in matrix for value in row)
+    diagonal_and_last = all(matrix[j][j] is not None and matrix[-1][j] is not None for j in range(len(names)))
+    return (mtil_metrics(matrix) if complete else {}), (forgetting(matrix, names) if diagonal_and_last else None)
+
+
+def metrics_markdown(rows: dict[str, tuple[dict, Optional[dict]]], names: Sequence[str], first: str) -> str:
+    """Transfer / Average / Last / BWT per row of `rows` (`matrix_summary` pairs), then the drop per task."""
+    metrics = {row: {**values, "bwt": lost["bwt"] if lost else None} for row, (values, lost) in rows.items()}
+    text = markdown_table(metrics, METRIC_COLUMNS, first)
+    drops = {row: lost["drop"] for row, (_, lost) in rows.items() if lost}
+    if drops:
+        text += "\n\n" + DROP_NOTE + "\n\n" + markdown_table(drops, names, first)
+    return text

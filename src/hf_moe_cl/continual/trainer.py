@@ -22,6 +22,7 @@ from ..files import atomic_files
 from .run_folder import (check_output_dir, finished_folders, prune, remove_temporary, resume_point, run_identity,
                          run_lock, save_results, save_task, task_folder, update_progress)
 from .arguments import ContinualTrainingArguments
+from .card import model_card
 from .context import TaskContext
 from .preprocessing import ImageClassificationCollator, training_augmentation
 from .evaluation import CellRequest, EvaluationEngine
@@ -96,6 +97,8 @@ class ContinualTrainer(Trainer):
         self._in_task_loop = False
         self._steps_done = 0  # optimizer steps of the finished tasks
         self._step_offset = 0  # added to the Trainer's per-task step in logs
+        self.result: Optional[ContinualResult] = None  # of the last `train_tasks`: the card `save_model` writes
+        self._result_tasks: Optional[list[ContinualTask]] = None  # its tasks (their class names, for the card)
 
     # ----- Trainer entry points ------------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
@@ -256,8 +259,11 @@ class ContinualTrainer(Trainer):
                     args.per_device_train_batch_size * processes * args.gradient_accumulation_steps,
                     args.per_device_train_batch_size, Path(args.output_dir).resolve())
         # the folder checks and the lock hold without task checkpoints too: such a run still writes there (save_model)
+        self.result = self._result_tasks = None
         with run_lock(self.args.output_dir) if self.is_world_process_zero() else nullcontext():
-            return self._train_tasks(tasks, resume, train)
+            self.result = self._train_tasks(tasks, resume, train)
+        self._result_tasks = list(tasks)
+        return self.result
 
     def _train_tasks(self, tasks: list[ContinualTask], resume: bool, train: bool) -> ContinualResult:
         histograms = {kind: [] for kind in self.engine.agnostic_kinds()}
@@ -354,13 +360,17 @@ class ContinualTrainer(Trainer):
     # ----- the run's outputs ---------------------------------------------------------------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The method's folder (`method.save`: for MoE-Adapters the peft adapter with its DDAS selector, for ConDU its
-        publishable save) at `output_dir` (default: the run's), beside the task folders; each file replaced
+        publishable save) and its model card (README.md: tasks, the last `train_tasks` results, base model, training
+        hyperparameters, versions) at `output_dir` (default: the run's), beside the task folders; each file replaced
         atomically. Nothing is pushed: publish with `hf_moe_cl.publishing.push_to_hub`."""
         if _internal_call:  # the Trainer's own saves (Trainer.push_to_hub, hyperparameter search)
             return super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():
-            with atomic_files(output_dir or self.args.output_dir) as staging:
+            folder = output_dir or self.args.output_dir
+            with atomic_files(folder) as staging:
                 self.method.save(staging)
+                model_card(self.method, result=self.result, tasks=self._result_tasks, training_args=self.args,
+                           local_dir=folder).save(staging / "README.md")
         self.accelerator.wait_for_everyone()
 
     def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:

@@ -15,11 +15,10 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from ..continual.result import MATRIX_TITLES
+from ..continual.result import METRIC_LABELS, MATRIX_TITLES
 from ..files import atomic_path
 
 COLOUR_MAP = matplotlib.colormaps["viridis"].with_extremes(bad="whitesmoke")
-METRIC_LABELS = {"transfer": "Transfer", "average": "Average", "last": "Last", "bwt": "BWT"}
 
 
 def _figure(columns: int, rows: int) -> Figure:

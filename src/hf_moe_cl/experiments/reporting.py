@@ -7,49 +7,13 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult
+from ..continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult, markdown_text, matrix_label, matrix_summary
+from ..continual.result import METRIC_COLUMNS, METRIC_LABELS, markdown_table, metrics_markdown  # noqa: F401 (reports' names)
 from ..files import write_json_atomic, write_text_atomic
-from .figures import METRIC_LABELS, accuracy_heatmap, save_png, selection_heatmap
-from .metrics import forgetting, mtil_metrics
-
-METRIC_COLUMNS = ("transfer", "average", "last", "bwt")
-DROP_NOTE = ("Drop per task: accuracy right after training the task minus accuracy after the last task "
-             "(positive: forgotten; BWT is minus their mean over all tasks but the last).")
-
-
-def markdown_text(value) -> str:
-    """A name as literal Markdown on one line: control characters (newlines) become spaces, markup is escaped."""
-    return re.sub(r"([\\`*\[\]<>#|~])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(value)))
-
-
-def matrix_label(kind: str) -> str:
-    """How every report names a matrix: `protocol matrix, task-agnostic, one route per test batch`."""
-    return f"{kind} matrix, {MATRIX_TITLES[kind]}" if kind in MATRIX_TITLES else f"{kind} matrix"
-
-
-def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = ("transfer", "average", "last"),
-                   first: str = "method") -> str:
-    """One row per entry of `rows`: `| method | Transfer | Average | Last |` ("-" where a value is missing)."""
-    header = f"| {first} | " + " | ".join(markdown_text(METRIC_LABELS.get(c, c)) for c in columns) + " |"
-    lines = [header, "| --- |" + " ---: |" * len(columns)]
-    for name, values in rows.items():
-        cells = [f"{values[c]:.1f}" if values.get(c) is not None else "-" for c in columns]
-        lines.append(f"| {markdown_text(name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def matrix_summary(names: Sequence[str], matrix) -> tuple[dict[str, float], Optional[dict]]:
-    """Transfer / Average / Last if every cell was evaluated (two tasks or more), and the forgetting (`{"bwt",
-    "drop"}`) if the diagonal and the last row were; empty / None otherwise (e.g. class-incremental runs)."""
-    if len(names) < 2:
-        return {}, None
-    complete = all(value is not None for row in matrix for value in row)
-    diagonal_and_last = all(matrix[j][j] is not None and matrix[-1][j] is not None for j in range(len(names)))
-    return (mtil_metrics(matrix) if complete else {}), (forgetting(matrix, names) if diagonal_and_last else None)
+from .figures import accuracy_heatmap, save_png, selection_heatmap
 
 
 def selection_summary(stages: Sequence[Sequence[Sequence[int]]], names: Sequence[str]) -> dict:
@@ -76,16 +40,6 @@ def selection_table(summary: dict, names: Sequence[str]) -> str:
         lines += ["", f"Images of tasks not yet learned sent to zero-shot CLIP (all stages): "
                       f"{summary['unseen_sent_to_zero_shot']:.1f} %"]
     return "\n".join(lines)
-
-
-def metrics_markdown(rows: dict[str, tuple[dict, Optional[dict]]], names: Sequence[str], first: str) -> str:
-    """Transfer / Average / Last / BWT per row of `rows` (`matrix_summary` pairs), then the drop per task."""
-    metrics = {row: {**values, "bwt": lost["bwt"] if lost else None} for row, (values, lost) in rows.items()}
-    text = markdown_table(metrics, METRIC_COLUMNS, first)
-    drops = {row: lost["drop"] for row, (_, lost) in rows.items() if lost}
-    if drops:
-        text += "\n\n" + DROP_NOTE + "\n\n" + markdown_table(drops, names, first)
-    return text
 
 
 def _csv(names: Sequence[str], matrix) -> str:

@@ -8,6 +8,7 @@ user wrote (`publishing.model_card`) is replaced by the publishing code afterwar
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -45,14 +46,28 @@ def peft_loading_code(base: Optional[str], location: str) -> str:
             "model.set_task(0)  # the task of the images; or task_ids=..., or hf_moe_cl.TaskAgnosticClassifier")
 
 
-def adapter_card_text(base: Optional[str]) -> str:
-    return (f"# MoE-LoRA adapter (hf-moe-cl)\n\n{IMPORT_HINT}\n\n```python\n"
-            f"{peft_loading_code(base, '<this folder or repo>')}\n```\n")
+def adapter_card_text(base: Optional[str], task_info: Optional[list] = None) -> str:
+    """The adapter card's text: how to load it, its base model and the tasks its routers learned (`task_info`)."""
+    tasks = [info for info in task_info or [] if info]
+    lines = ["# MoE-LoRA adapter (hf-moe-cl)", "", f"Base model: {markdown_text(hub_id(base) or 'a local copy or none recorded (not a Hub id)')}.", "",
+             IMPORT_HINT, "", "```python", peft_loading_code(base, "<this folder or repo>"), "```", ""]
+    if tasks:
+        lines += ["## Tasks", "", "The task routers in order (task id: name, classes):", ""]
+        lines += [f"{index}. **{markdown_text(info['name'])}** ({len(info.get('classnames') or [])} classes): "
+                  + ", ".join(map(markdown_text, info.get("classnames") or [])) for index, info in enumerate(tasks)]
+        lines += ["", "Results are in the card `ContinualTrainer.save_model` and `hf_moe_cl.publishing.push_to_hub` "
+                  "write, from the run's accuracy matrices.", ""]
+    return "\n".join(lines)
 
 
-def tidy_peft_card(folder: str, base: Optional[str]) -> None:
-    """Replace peft's template in `folder`/README.md by the adapter card; drop a `base_model` (and its tag) that is a
-    local path."""
+def markdown_text(value) -> str:
+    """A name as literal Markdown on one line: control characters (newlines) become spaces, markup is escaped."""
+    return re.sub(r"([\\`*\[\]<>#|~])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(value)))
+
+
+def tidy_peft_card(folder: str, base: Optional[str], task_info: Optional[list] = None) -> None:
+    """Replace peft's template in `folder`/README.md by the adapter card (base model, how to load it, the tasks of
+    `task_info`); drop a `base_model` (and its tag) that is a local path."""
     path = os.path.join(folder, "README.md")
     if not os.path.isfile(path):
         return
@@ -65,7 +80,7 @@ def tidy_peft_card(folder: str, base: Optional[str]) -> None:
     tags = [tag for tag in card.data.get("tags") or []
             if not tag.startswith("base_model:") or hub_id(tag.rsplit(":", 1)[-1])]
     card.data.tags = sorted(set(tags) | {"hf-moe-cl", "moe-lora"})
-    card.text = adapter_card_text(base) + ("\n" + versions if versions else "")
+    card.text = adapter_card_text(base, task_info) + ("\n" + versions if versions else "")
     card.save(path)
 
 

@@ -228,7 +228,7 @@ class MoELoraConfig(PeftConfig):
         weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(save_directory, n))]
         self.file_sha256 = file_hashes(save_directory, weights) or None
         super().save_pretrained(save_directory, **kwargs)
-        tidy_peft_card(save_directory, self.base_model_name_or_path)
+        tidy_peft_card(save_directory, self.base_model_name_or_path, self.task_info)
 
     def _check_task_info(self) -> None:
         info = self.task_info
