@@ -108,7 +108,14 @@ def test_print_recipe_output_in_the_docs_is_what_the_command_prints(capsys, monk
     monkeypatch.setitem(sys.modules, spec.name, mtil)  # dataclasses look their module up
     spec.loader.exec_module(mtil)
     monkeypatch.chdir(REPO)
-    mtil.main(["--preset", "mtil-order-1", "--print_recipe"])
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()  # `disable_tqdm` follows it; a fresh process has the default
+    transformers_logging.set_verbosity_warning()
+    try:
+        mtil.main(["--preset", "mtil-order-1", "--print_recipe"])
+    finally:
+        transformers_logging.set_verbosity(level)
     printed = capsys.readouterr().out
     assert list(json.loads(shown.group(1)).items()) == list(json.loads(printed).items())
 
