@@ -26,6 +26,14 @@ def test_a_moved_name_is_found_at_its_old_place_with_a_future_warning(name, new)
         assert getattr(old, name) is getattr(importlib.import_module(new), name)
 
 
+@pytest.mark.parametrize("name", ["training_hyperparameters", "base_license", "library_versions", "CITATIONS"])
+def test_the_cards_parts_are_found_in_publishing_with_a_future_warning(name):
+    import hf_moe_cl.publishing as old
+
+    with pytest.warns(FutureWarning, match=f"hf_moe_cl.publishing.{name} moved to hf_moe_cl.continual.card.{name}"):
+        assert getattr(old, name) is getattr(importlib.import_module("hf_moe_cl.continual.card"), name)
+
+
 def test_moved_options_and_the_renamed_method_warn():
     from conftest import moe_model
 

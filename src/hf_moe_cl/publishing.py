@@ -17,9 +17,15 @@ from .continual.card import as_method, model_card
 from .continual.methods import ContinualMethod
 from .continual.result import ContinualResult
 from .files import atomic_folder
+from .legacy import moved_names
 from .tuners.moe_lora.card import hub_id
 
 __all__ = ["model_card", "push_to_hub"]
+# the card's parts moved to hf_moe_cl.continual.card in 0.3 (ContinualTrainer.save_model writes the card too)
+__getattr__ = moved_names(__name__, dict.fromkeys((
+    "library_of", "base_model_of", "task_records", "eval_results", "base_license", "training_hyperparameters",
+    "library_versions", "CITATIONS", "CARD_TRAINING_ARGUMENTS", "CARD_ADAPTER_SETTINGS", "LIBRARIES"),
+    "hf_moe_cl.continual.card"))
 
 
 def _write_folder(method: ContinualMethod, card: ModelCard, folder: Path, base_model: Optional[str]) -> None:
