@@ -303,10 +303,10 @@ def main():
             report_to="none", seed=args.seed,
             learning_rate=args.individual_learning_rate if variant == "individual" else args.learning_rate)
         options = ()
-        if known[variant]:
-            settings = dict(known[variant])
-            options = (MoEAdaptersArguments(**{k: v for k, v in settings.items() if k != "adapter"}),
-                       settings.get("adapter", MoELoraConfig()),
+        if known[variant]:  # the variant's options; `settings` stays the run's (saved in each record)
+            chosen_options = dict(known[variant])
+            options = (MoEAdaptersArguments(**{k: v for k, v in chosen_options.items() if k != "adapter"}),
+                       chosen_options.get("adapter", MoELoraConfig()),
                        DDASArguments(ddas=True, ddas_task_steps=args.ddas_task_steps,
                                      ddas_reference_steps=args.ddas_reference_steps))
         method_args = MethodArguments(method="individual-finetune" if variant == "individual" else "moe-adapters",

@@ -109,3 +109,19 @@ def test_long_sequence_names_a_bad_report_at_and_a_truncated_variant_record(tmp_
     bad = long_sequence("--report_only", "--variants", "top_k", "--output_dir", str(tmp_path))
     assert bad.returncode == 2 and f"{tmp_path / 'top_k.json'} is not valid JSON (13 bytes" in bad.stderr
     assert "Once it is deleted, top_k is measured again." in bad.stderr
+
+
+def test_a_growth_variant_is_saved_with_the_runs_settings_and_read_back(tmp_path):
+    """A variant's record holds the run's settings (JSON), not the variant's options (a MoELoraConfig for growth:
+    the record could not be written after the whole run); a second call reads it back instead of measuring again."""
+    import json
+
+    argv = ("--num_tasks", "2", "--steps_per_task", "2", "--report_at", "1,2", "--eval_images", "10",
+            "--ddas_task_steps", "3", "--ddas_reference_steps", "3", "--probe_batch", "8",
+            "--variants", "coverage-1.0+growth", "--output_dir", str(tmp_path))
+    run = long_sequence(*argv)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "coverage-1.0+growth.json").read_text())
+    assert record["settings"]["growth_threshold"] == 0.3 and record["settings"]["num_tasks"] == 2
+    again = long_sequence(*argv)
+    assert again.returncode == 0 and "coverage-1.0+growth: measured before, read from" in again.stdout, again.stderr
