@@ -55,15 +55,29 @@ def test_a_missing_weights_file_is_named(tmp_path):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
 
 
-def test_a_malformed_adapter_config_is_named(tmp_path):
-    """The library's loaders name the file; a direct PeftModel.from_pretrained parses it in peft first."""
+@pytest.mark.parametrize("content, message", [
+    ('{"peft_type": ', r"adapter_config.json is not valid JSON \(14 bytes; Expecting value.*\)\. Delete it and save "
+                      r"or download it again\."),
+    ("\xff\xfe", r"adapter_config.json is not valid JSON .*Delete it and save or download it again\."),
+    ('["a list"]', r"adapter_config.json should hold a JSON object\. Delete it and save or download it again\."),
+], ids=["truncated", "not text", "a list"])
+def test_a_malformed_adapter_config_is_named_by_every_loader(tmp_path, content, message):
+    """peft parses adapter_config.json before it knows the method: every loader names the file, the cause and the
+    fix, never a bare JSONDecodeError."""
+    from peft import AutoPeftModel
+
+    from hf_moe_cl import TaskAgnosticClassifier
+
     moe_model().save_pretrained(tmp_path)
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": ')
-    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
-        MoELoraConfig.from_pretrained(str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text('["a list"]')
-    with pytest.raises(ValueError, match="adapter_config.json should hold a JSON object"):
-        MoELoraConfig.from_pretrained(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_bytes(content.encode("latin-1"))
+    for load in (lambda: MoELoraConfig.from_pretrained(str(tmp_path)),
+                 lambda: PeftModel.from_pretrained(tiny_clip(), tmp_path),
+                 lambda: AutoPeftModel.from_pretrained(str(tmp_path)),
+                 lambda: moe_model().load_adapter(str(tmp_path), adapter_name="second"),
+                 lambda: TaskAgnosticClassifier.from_pretrained(str(tmp_path))):
+        with pytest.raises(ValueError, match=message) as error:
+            load()
+        assert str(tmp_path / "adapter_config.json") in str(error.value)
 
 
 def test_a_missing_path_or_damaged_adapter_config_is_named_before_any_hub_call(tmp_path, monkeypatch):

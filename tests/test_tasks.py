@@ -265,6 +265,35 @@ def test_nan_or_infinite_pixels_are_refused(value):
         task.validate(check_images=True)
 
 
+@pytest.mark.parametrize("feature", ["Array3D", "Array2D", "List"])
+def test_an_image_column_of_pixel_arrays_is_refused_before_training_naming_the_fix(tmp_path, clip_processor, feature):
+    from datasets import Array2D, Array3D, Value
+
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    features = {"Array3D": Features({"image": Array3D((8, 8, 3), "uint8"), "label": Value("int64")}),
+                "Array2D": Features({"image": Array2D((8, 8), "uint8"), "label": Value("int64")}), "List": None}
+    arrays = pixels[..., 0] if feature == "Array2D" else pixels
+    task = colour_task("arrays")
+    task.train_dataset = Dataset.from_dict({"image": list(arrays), "label": [0, 1, 2, 0]}, features=features[feature])
+    message = (rf"task 'arrays', train split: the `image` column is a datasets {feature}\(.*not datasets.Image.*"
+               r"Convert them once: dataset.map\(lambda row: \{'image': PIL.Image.fromarray")
+    for check_images in (True, False):  # the column's type is checked whether images are decoded or not
+        with pytest.raises(ValueError, match=message):
+            task.validate(check_images=check_images)
+    trainer = ContinualTrainer(model=moe_model(), args=continual_args(tmp_path), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=message):
+        trainer.train_tasks([task])
+    assert not any(tmp_path.glob("task-*"))
+    # the conversion the message gives makes the same images as PIL ones
+    dataset = task.train_dataset
+    fixed = dataset.map(lambda row: {"image": Image.fromarray(np.asarray(row["image"], dtype=np.uint8))},
+                        features=Features({**dataset.features, "image": ImageFeature()}))
+    assert [np.asarray(to_rgb(image)).tolist() for image in fixed["image"]] == \
+        [np.asarray(to_rgb(Image.fromarray(a))).tolist() for a in arrays]
+    task.train_dataset = fixed
+    task.validate(check_images=True)
+
+
 # ----- the whole training split a few-shot train set was drawn from (full_train_dataset) -----------------------------
 @pytest.mark.parametrize("whole, message", [
     (lambda: colour_task("x", num_classes=6).train_dataset,

@@ -24,19 +24,27 @@ logger = logging.getLogger("hf_moe_cl")
 INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
-def check_images_decode(dataset: Dataset, where: str, progress: bool = False, batch_size: int = 256) -> None:
-    """Decode every image of `dataset`; a ValueError names the first undecodable one and how many there are."""
-    if isinstance(dataset.features.get("image"), ImageFeature):
-        dataset = dataset.cast_column("image", ImageFeature(decode=False))
+def check_image_column(dataset: Dataset, where: str, decode: bool, progress: bool = False,
+                       batch_size: int = 256) -> None:
+    """`dataset`'s `image` column is a `datasets.Image` feature and, with `decode`, every image decodes and converts
+    to RGB (no NaN pixels, no 0x0 image); a ValueError names the first bad one and how many there are."""
+    feature = dataset.features.get("image")
+    if not isinstance(feature, ImageFeature):
+        raise ValueError(
+            f"{where}: the `image` column is a datasets {feature!r} feature, not datasets.Image; arrays of pixel "
+            "values are not read as images (datasets' cast_column('image', datasets.Image()) reads 2-D uint8 arrays as "
+            "32-bit). Convert them once: dataset.map(lambda row: {'image': PIL.Image.fromarray(np.asarray("
+            "row['image'], dtype=np.uint8))}, features=datasets.Features({**dataset.features, 'image': "
+            "datasets.Image()})) (0..255 values; scale 0..1 floats by 255 first).")
+    if not decode:
+        return
+    dataset = dataset.cast_column("image", ImageFeature(decode=False))
     bad: list[tuple[int, str]] = []
     bar = tqdm(total=len(dataset), desc=f"checking images ({where})", disable=not progress, leave=False)
     for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
         for offset, image in enumerate(batch["image"]):
             try:
-                opened = _open_image(image)
-                opened.load()
-                if opened.mode == "F":
-                    to_rgb(opened)  # refuses NaN or infinite pixels
+                to_rgb(_open_image(image))  # decodes; refuses NaN or infinite pixels and 0x0 images
             except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
                 bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
         bar.update(len(batch["image"]))
@@ -124,8 +132,7 @@ class ContinualTask:
                     f"{dataset.column_names}. Rename the columns to `image` and `label`."
                 )
             self._check_labels(split, dataset)
-            if check_images:
-                check_images_decode(dataset, f"task {self.name!r}, {split} split", progress)
+            check_image_column(dataset, f"task {self.name!r}, {split} split", check_images, progress)
 
     def _check_train_classes(self) -> None:
         classes = self.train_classes

@@ -13,7 +13,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from ...ddas.settings import SelectorConfig
-from ...files import check_file_hashes, check_json_file, check_safetensors_file, file_hashes
+from ...files import check_file_hashes, check_safetensors_file, file_hashes
 from ...legacy import LEGACY_SELECTOR_FILES
 from ...options import check_flags, check_option, check_task_record, refused_names, short_repr
 from .base_weights import record_problem
@@ -256,8 +256,6 @@ class MoELoraConfig(PeftConfig):
         """peft's loader, plus checks of a local adapter folder before peft parses its files."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         local = os.path.isdir(folder)
-        if local:
-            check_json_file(os.path.join(folder, CONFIG_NAME))
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (ValueError, TypeError) as error:  # TypeError: a value of a type no check foresaw
