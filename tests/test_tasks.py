@@ -200,7 +200,7 @@ def test_class_names_cut_to_the_same_prompt_are_refused_before_training(tmp_path
     model = moe_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="the classes 'redredredredredred' and 'redredredredredreg' give the same "
-                                         r"tokens with every template \(the tokenizer cuts prompts at 16 tokens\)"):
+                                         r"tokens with every template \(the tokenizer cuts prompts at 16 tokens and drops"):
         run(tmp_path, clip_processor, tasks=[task], model=model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(tmp_path.glob("task-*"))
@@ -367,3 +367,31 @@ def test_a_damaged_task_json_is_named(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as error:
         ContinualTask.from_disk(tmp_path)
     assert str(tmp_path / "task.json") in str(error.value)
+
+
+def test_a_task_that_trains_over_one_class_is_refused_before_training(tmp_path, clip_processor):
+    one = colour_task("one", num_classes=1)  # every label 0: the loss over one class is always 0
+    incremental = colour_task("step")
+    incremental.train_dataset = incremental.train_dataset.filter(lambda row: row["label"] == 1)
+    incremental.train_classes = [1]
+    for task, name in ((one, "'red'"), (incremental, "'green'")):
+        with pytest.raises(ValueError, match=rf"Task '{task.name}' trains over one class \({name}\): the loss over one "
+                                             r"class is always 0.*at least two classes, or only evaluate it"):
+            run(tmp_path / task.name, clip_processor, tasks=[task])
+        assert not any((tmp_path / task.name).glob("task-*"))
+        task.validate(needs_training=False)  # evaluating it is fine
+    run(tmp_path / "eval", clip_processor, tasks=[one], max_steps=0)
+
+
+def test_a_dataset_in_torch_or_numpy_format_trains_as_the_plain_one(tmp_path, clip_processor):
+    results = []
+    for form in (None, "torch", "numpy"):
+        task = colour_task("first")
+        if form is not None:
+            task.train_dataset = task.train_dataset.with_format(form)
+            task.eval_dataset = task.eval_dataset.with_format(form)
+        model = moe_model()
+        run(tmp_path / str(form), clip_processor, model=model, tasks=[task])
+        results.append({k: v.clone() for k, v in model.state_dict().items() if "moe_lora" in k})
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in results[0])

@@ -115,6 +115,10 @@ class ContinualTask:
         for name, rate in rates:
             if not is_finite_number(rate) or rate <= 0:
                 raise ValueError(f"Task {self.name!r}: {name} must be a finite positive number, got {rate!r}.")
+        if needs_training and len(self.trained_classes) < 2:
+            raise ValueError(f"Task {self.name!r} trains over one class ({self.classnames[self.trained_classes[0]]!r}): "
+                             "the loss over one class is always 0, so training would change nothing. Give it at least "
+                             "two classes, or only evaluate it (max_steps=0).")
         splits = [("eval", self.eval_dataset)]
         if needs_training:  # the whole split feeds ConDU's prototypes and DDAS's epochs: checked as the train split
             splits[:0] = [("train", self.train_dataset)] + (
@@ -185,27 +189,6 @@ class ContinualTask:
                 "(dataset.align_labels_with_mapping)."
             )
 
-    def check_prompts(self, tokenizer) -> None:
-        """Class names whose prompts are the same tokens (cut at the tokenizer's length) under every template cannot
-        be told apart: refused. The same under some templates only: a warning (those templates do not separate them,
-        the average over all templates still does)."""
-        same: dict[tuple[int, int], list[str]] = {}
-        for template in self.templates:
-            ids = tokenize_prompts(tokenizer, [template.format(c) for c in self.classnames])["input_ids"].tolist()
-            first: dict[tuple, int] = {}
-            for i, row in enumerate(ids):
-                other = first.setdefault(tuple(row), i)
-                if other != i:
-                    same.setdefault((other, i), []).append(template)
-        for (a, b), templates in same.items():
-            names = f"the classes {self.classnames[a]!r} and {self.classnames[b]!r}"
-            cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens"
-            if len(templates) == len(self.templates):
-                raise ValueError(f"Task {self.name!r}: {names} give the same tokens with every template ({cut}), so "
-                                 "they cannot be told apart. Shorten the class names or the templates.")
-            logger.warning("Task %r: %s give the same tokens with %d of %d templates (%s), e.g. %r.", self.name, names,
-                           len(templates), len(self.templates), cut, templates[0])
-
     @classmethod
     def from_disk(cls, path: str | os.PathLike, train_split: Optional[str] = "train", eval_split: str = "test",
                   learning_rate: Optional[float] = None) -> "ContinualTask":
@@ -240,6 +223,28 @@ class ContinualTask:
         )
 
 
+def check_prompt_tokens(tokenizer, classnames, templates, owner: str) -> None:
+    """Class names whose prompts are the same tokens (cut at the tokenizer's length, unknown characters dropped)
+    under every template cannot be told apart: refused. The same under some templates only: a warning (those templates
+    do not separate them, the average over all templates still does). `owner` starts the message."""
+    same: dict[tuple[int, int], list[str]] = {}
+    for template in templates:
+        ids = tokenize_prompts(tokenizer, [template.format(c) for c in classnames])["input_ids"].tolist()
+        first: dict[tuple, int] = {}
+        for i, row in enumerate(ids):
+            other = first.setdefault(tuple(row), i)
+            if other != i:
+                same.setdefault((other, i), []).append(template)
+    for (a, b), alike in same.items():
+        names = f"the classes {classnames[a]!r} and {classnames[b]!r}"
+        cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens and drops characters it does not know"
+        if len(alike) == len(templates):
+            raise ValueError(f"{owner}: {names} give the same tokens with every template ({cut}), so they cannot be "
+                             "told apart. Shorten or rename the class names, or change the templates.")
+        logger.warning("%s: %s give the same tokens with %d of %d templates (%s), e.g. %r.", owner, names,
+                       len(alike), len(templates), cut, alike[0])
+
+
 def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False) -> None:
     """A task sequence `ContinualTrainer` can run with `args`: a non-empty list of uniquely named tasks, each valid
     (`ContinualTask.validate`, its prompts told apart by `tokenizer`), with the training template and one learning
@@ -257,4 +262,4 @@ def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False) -> 
             raise ValueError(f"train_template={args.train_template} but task {task.name!r} has "
                              f"{len(task.templates)} prompt template(s): give every task that many templates or "
                              "choose a lower train_template.")
-        task.check_prompts(tokenizer)
+        check_prompt_tokens(tokenizer, task.classnames, task.templates, f"Task {task.name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -146,6 +148,12 @@ class MoELoraConfig(PeftConfig):
         metadata={"help": "sha256 of the weights file as saved (written by `save_pretrained`), checked when a local "
                   "folder is loaded: a damaged or swapped file is refused."},
     )
+    settings_sha256: Optional[str] = field(
+        default=None,
+        metadata={"help": "sha256 of the settings the weights were trained with that no tensor records (`task_info`, "
+                  "`selector`, `expert_activation`), written by `save_pretrained` and checked when a local folder is "
+                  "loaded; set it to None to load such an edit on purpose."},
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -161,11 +169,11 @@ class MoELoraConfig(PeftConfig):
             check_option(name, getattr(self, name), int, low=1)
         check_growth_threshold("expert_growth_threshold", self.expert_growth_threshold)
         check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights", "inference_mode"))
-        for name in ("base_model_name_or_path", "revision"):
+        for name in ("base_model_name_or_path", "revision", "settings_sha256"):
             check_option(name, getattr(self, name), str, optional=True)
         if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
             raise ValueError(f"`auto_mapping` must be None or a dict, got {short_repr(self.auto_mapping)}.")
-        check_option("expert_scale", self.expert_scale, float)
+        check_option("expert_scale", self.expert_scale, float, low=0, low_open=True)  # 0: the experts never learn
         check_option("expert_dropout", self.expert_dropout, float, low=0.0, high=1.0, high_open=True)
         check_option("noise_epsilon", self.noise_epsilon, float, low=0.0)
         check_option("load_balancing_coef", self.load_balancing_coef, float, low=0.0)
@@ -227,8 +235,13 @@ class MoELoraConfig(PeftConfig):
         beside it becomes a short card that says how to load."""
         weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(save_directory, n))]
         self.file_sha256 = file_hashes(save_directory, weights) or None
+        self.settings_sha256 = self.settings_hash()
         super().save_pretrained(save_directory, **kwargs)
         tidy_peft_card(save_directory, self.base_model_name_or_path, self.task_info)
+
+    def settings_hash(self) -> str:
+        values = {name: getattr(self, name) for name in ("task_info", "selector", "expert_activation")}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def _check_task_info(self) -> None:
         info = self.task_info
@@ -286,6 +299,11 @@ class MoELoraConfig(PeftConfig):
                 )
             where = os.path.join(folder, CONFIG_NAME)
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
+            if config.settings_sha256 not in (None, config.settings_hash()):
+                raise ValueError(f"{where} was edited in `task_info`, `selector` or `expert_activation`: the weights "
+                                 "were trained with the saved values (settings_sha256 records them; only top_k, "
+                                 "expert_scale and the noise settings may be edited). Save or download the adapter "
+                                 "again, or set settings_sha256 to null to load the edit on purpose.")
             if config.base_weights is None:
                 logger.warning("%s records no `base_weights` (saved before the record existed, or it was removed): "
                                "the base model it is loaded on cannot be checked.", where)
