@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from ...ddas.settings import SelectorConfig
-from ...files import check_file_hashes, check_safetensors_file, file_hashes
+from ...files import check_file_hashes, check_safetensors_file, file_hashes, json_sha256
 from ...legacy import LEGACY_SELECTOR_FILES
 from ...options import check_flags, check_option, check_task_record, refused_names, short_repr
 from .base_weights import record_problem
@@ -240,8 +238,7 @@ class MoELoraConfig(PeftConfig):
         tidy_peft_card(save_directory, self.base_model_name_or_path, self.task_info)
 
     def settings_hash(self) -> str:
-        values = {name: getattr(self, name) for name in ("task_info", "selector", "expert_activation")}
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+        return json_sha256({name: getattr(self, name) for name in ("task_info", "selector", "expert_activation")})
 
     def _check_task_info(self) -> None:
         info = self.task_info
