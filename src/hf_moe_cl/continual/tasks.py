@@ -55,12 +55,10 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
                          "Remove or replace them before training (e.g. dataset.select of the good indices).")
 
 
-def _open_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
+def _open_image(image):
     if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
         return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-    return Image.fromarray(image)
+    return image
 
 
 @dataclass

@@ -24,7 +24,6 @@ from ...classification import ImageRoutes
 from ...ddas.features import load_alexnet, selector_features
 from ...ddas.fitting import SelectorFitting, check_calibration
 from ...ddas.settings import SELECTOR_OPTION_NAMES, DDASArguments, SelectorConfig
-from ...files import check_safetensors_file
 from ...options import check_flags, check_option, moved_options, short_repr
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.config import check_growth_threshold
@@ -306,7 +305,7 @@ class MoEAdapters(ContinualMethod):
         if arguments.shared_router:
             return
         moe.set_task_info(route, task.name, task.classnames, task.templates)
-        if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
+        if self.selects_routes:
             self._fit_selector(context, route, task)  # a continued model's selector learns the new tasks too
         self.expert_slots.append(slots_by_tower(moe))
         if arguments.routing_report:
@@ -389,7 +388,6 @@ class MoEAdapters(ContinualMethod):
         moe.grow_to(saved.experts_per_module)  # a grown bank: its shapes before its weights
         moe.moe_config.task_info = saved.task_info
         path = Path(folder) / "adapter_model.safetensors"
-        check_safetensors_file(path)
         try:
             set_peft_model_state_dict(self.model, load_file(path))
         except ValueError as error:  # the checks of MoELoraModel's loader, which does not know the file

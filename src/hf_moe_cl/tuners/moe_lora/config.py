@@ -265,18 +265,18 @@ class MoELoraConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """peft's loader, plus checks of a local adapter folder before peft parses its files."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        local = os.path.isdir(folder)
+        local, where = os.path.isdir(folder), os.path.join(folder, CONFIG_NAME)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (ValueError, TypeError) as error:  # TypeError: a value of a type no check foresaw
             if not local:
                 raise
-            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: {error}") from None
-        if local and config.selector is not None and config.selector["feature_dim"] is None:
-            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: the DDAS selector settings "
-                             "lack `feature_dim` (the width of its features), which a saved selector always records: "
-                             "the file was damaged or edited. Save the adapter again.")
+            raise ValueError(f"{where} holds an invalid value: {error}") from None
         if local:
+            if config.selector is not None and config.selector["feature_dim"] is None:
+                raise ValueError(f"{where} holds an invalid value: the DDAS selector settings lack `feature_dim` (the "
+                                 "width of its features), which a saved selector always records: the file was damaged "
+                                 "or edited. Save the adapter again.")
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):
                 check_safetensors_file(weights)
@@ -294,7 +294,6 @@ class MoELoraConfig(PeftConfig):
                     f"once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves the selector into the "
                     "adapter's config and weights."
                 )
-            where = os.path.join(folder, CONFIG_NAME)
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
             if config.settings_sha256 not in (None, config.settings_hash()):
                 raise ValueError(f"{where} was edited in `task_info`, `selector` or `expert_activation`: the weights "
