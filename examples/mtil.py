@@ -45,7 +45,7 @@ from hf_moe_cl.continual.methods import (ConDUArguments, DDASArguments, LoRAArgu
 from hf_moe_cl.experiments.data_check import check_data
 from hf_moe_cl.experiments.datasets import CIL_DATASETS, MTIL_DATASETS, hub_source
 from hf_moe_cl.experiments.mini_hub import MINI_HUB_CLIP, MINI_HUB_DATASETS
-from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, get_preset, preset_tasks
+from hf_moe_cl.experiments.presets import PRESETS, ClassIncrementalPreset, check_task_names, get_preset, preset_tasks
 from hf_moe_cl.publishing import push_to_hub
 from hf_moe_cl.tuners.moe_lora.card import hub_id
 
@@ -322,6 +322,9 @@ def main(argv: Optional[list[str]] = None):
         check_run(experiment, method_args, ddas_args, training, explicit)
     except ValueError as error:
         full_parser().error(str(error))
+    names = experiment.tasks.split(",") if experiment.tasks is not None else None
+    if names is not None and not isinstance(preset, ClassIncrementalPreset):
+        check_task_names(preset, names)  # before the recipe is printed: it must run as printed
     if experiment.print_recipe:
         resolved = {**dataclasses.asdict(experiment), **dataclasses.asdict(method_args),
                     **adapter_args.resolved()}  # the adapter's settings as it will have them
@@ -332,7 +335,6 @@ def main(argv: Optional[list[str]] = None):
                          default=str))
         if not experiment.check_data:
             return
-    names = experiment.tasks.split(",") if experiment.tasks else None
     hub_ids = dataset_ids_map(experiment)
     ddas = ddas_args.ddas and method_args.method == "moe-adapters"
     alexnet = ddas and adapter_args.selector_config().feature_extractor == "alexnet"

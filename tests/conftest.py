@@ -255,7 +255,8 @@ def saved(folder, model):
 
 
 def edited(source, folder, config=None, tensors=None):
-    """A copy of the adapter folder `source` with `config` values and `tensors` (name suffix -> new value) replaced."""
+    """A copy of the adapter folder `source` with `config` values and `tensors` (name suffix -> new value) replaced; a
+    config edit is one made on purpose (`settings_sha256` None), so it meets the checks of values."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -263,7 +264,7 @@ def edited(source, folder, config=None, tensors=None):
     shutil.copytree(source, folder)
     if config is not None:
         values = json.loads((folder / "adapter_config.json").read_text())
-        values.update(config)
+        values.update(settings_sha256=None, **config)
         (folder / "adapter_config.json").write_text(json.dumps(values))
     if tensors is not None:
         weights = load_file(folder / "adapter_model.safetensors")

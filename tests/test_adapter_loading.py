@@ -55,15 +55,29 @@ def test_a_missing_weights_file_is_named(tmp_path):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
 
 
-def test_a_malformed_adapter_config_is_named(tmp_path):
-    """The library's loaders name the file; a direct PeftModel.from_pretrained parses it in peft first."""
+@pytest.mark.parametrize("content, message", [
+    ('{"peft_type": ', r"adapter_config.json is not valid JSON \(14 bytes; Expecting value.*\)\. Delete it and save "
+                      r"or download it again\."),
+    ("\xff\xfe", r"adapter_config.json is not valid JSON .*Delete it and save or download it again\."),
+    ('["a list"]', r"adapter_config.json should hold a JSON object\. Delete it and save or download it again\."),
+], ids=["truncated", "not text", "a list"])
+def test_a_malformed_adapter_config_is_named_by_every_loader(tmp_path, content, message):
+    """peft parses adapter_config.json before it knows the method: every loader names the file, the cause and the
+    fix, never a bare JSONDecodeError."""
+    from peft import AutoPeftModel
+
+    from hf_moe_cl import TaskAgnosticClassifier
+
     moe_model().save_pretrained(tmp_path)
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": ')
-    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
-        MoELoraConfig.from_pretrained(str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text('["a list"]')
-    with pytest.raises(ValueError, match="adapter_config.json should hold a JSON object"):
-        MoELoraConfig.from_pretrained(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_bytes(content.encode("latin-1"))
+    for load in (lambda: MoELoraConfig.from_pretrained(str(tmp_path)),
+                 lambda: PeftModel.from_pretrained(tiny_clip(), tmp_path),
+                 lambda: AutoPeftModel.from_pretrained(str(tmp_path)),
+                 lambda: moe_model().load_adapter(str(tmp_path), adapter_name="second"),
+                 lambda: TaskAgnosticClassifier.from_pretrained(str(tmp_path))):
+        with pytest.raises(ValueError, match=message) as error:
+            load()
+        assert str(tmp_path / "adapter_config.json") in str(error.value)
 
 
 def test_a_missing_path_or_damaged_adapter_config_is_named_before_any_hub_call(tmp_path, monkeypatch):
@@ -416,3 +430,36 @@ def test_an_adapter_saved_over_a_legacy_folder_does_not_pick_up_its_selector(tmp
     moe_model().save_pretrained(tmp_path)  # no selector: the stale files must not come back as one
     with pytest.raises(ValueError, match="layout of hf-moe-cl 0.1"):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda values: dict(task_info=list(reversed(values["task_info"]))),  # class names of the other router
+    lambda values: dict(task_info=[dict(values["task_info"][0], classnames=["x", "y", "z"]), values["task_info"][1]]),
+    lambda values: dict(expert_activation="gelu"),
+], ids=["task records swapped", "class names edited", "activation edited"])
+def test_an_edit_of_settings_the_weights_were_trained_with_is_refused(tmp_path, edit):
+    model = moe_model(init_weights=False)
+    model.base_model.set_task_info(0, "first", ["red", "green", "blue"], ["a photo of {}."])
+    model.base_model.set_task_info(1, "second", ["cat", "dog", "cow"], ["a photo of {}."])
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    values = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(values, **edit(values))))
+    with pytest.raises(ValueError, match=r"adapter_config.json was edited in `task_info`, `selector` or "
+                                         r"`expert_activation`.*set settings_sha256 to null to load the edit on "
+                                         "purpose"):
+        PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    path.write_text(json.dumps(dict(values, **edit(values), settings_sha256=None)))
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    assert loaded.peft_config["default"].task_info == edit(values).get("task_info", values["task_info"])
+
+
+def test_a_missing_base_model_path_is_named_before_any_hub_call(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from hf_moe_cl import TaskAgnosticClassifier
+
+    monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the Hub was asked")))
+    moe_model().save_pretrained(tmp_path / "adapter")
+    with pytest.raises(FileNotFoundError, match=r"nobase is neither a folder here nor a Hub repo id"):
+        TaskAgnosticClassifier.from_pretrained(str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "nobase"))

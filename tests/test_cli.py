@@ -5,6 +5,7 @@ script never uses are refused with a usage error that names them; `--print_recip
 import json
 import logging
 import os
+import re
 import sys
 
 import pytest
@@ -285,3 +286,18 @@ def test_the_default_output_folder_is_under_runs_and_a_refused_run_is_one_line(m
     assert exit_.value.code == ("error: Preset 'mini' has no task(s) ['nosuch']; its tasks are caltech101, cifar10, "
                                 "clothing, dtd, fashion_mnist, mnist.")
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ("mnist,nosuch", r"has no task\(s\) \['nosuch'\]"),
+    ("mnist,mnist", r"got the task\(s\) \['mnist'\] twice \(give each once\)"),
+    ("", r"has no task\(s\) \[''\]"),  # an empty list is not the whole preset
+])
+def test_a_task_list_the_preset_cannot_run_is_refused_before_the_recipe_is_printed(mtil, no_work, capsys, tasks,
+                                                                                  message):
+    with pytest.raises(SystemExit) as exit_:
+        mtil.cli(["--preset", "mini", "--tasks", tasks, "--print_recipe", "--output_dir", "runs/x"])
+    assert exit_.value.code.startswith("error: Preset 'mini' ") and "its tasks are caltech101, cifar10" in \
+        exit_.value.code
+    assert re.search(message, exit_.value.code)
+    assert "{" not in capsys.readouterr().out  # no recipe printed

@@ -33,11 +33,17 @@ def condu_save(tmp_path_factory):
 TRIGGERS = "condu_triggers.safetensors"
 
 
-def edit_config(edit):
+def edit_config(edit, rerecord=True):
+    """An edit of condu_config.json; with `rerecord`, its record of the tasks is rewritten as a save does (the edit
+    then meets the checks of values, not the integrity check)."""
     def damage(folder):
+        from hf_moe_cl.files import json_sha256
+
         path = folder / "condu_config.json"
         header = json.loads(path.read_text())
         edit(header)
+        if rerecord:
+            header["tasks_sha256"] = json_sha256(header["tasks"])
         path.write_text(json.dumps(header))
     return damage
 
@@ -106,6 +112,12 @@ DAMAGES = {
                         CONFIG + r"tasks\[0\].name must be a non-empty string"),
     "negative rescaler": (edit_config(lambda h: h["tasks"][0].update(rescaler=-5.0)),
                           CONFIG + r"tasks\[0\].rescaler is -5.0"),
+    "tasks swapped": (edit_config(lambda h: h.update(tasks=h["tasks"][::-1]), rerecord=False),
+                      r"condu_config.json was edited in `tasks`: their class names, templates and rescalers belong to "
+                      r"the saved triggers \(tasks_sha256 records them\)"),
+    "class names edited": (edit_config(lambda h: h["tasks"][0].update(classnames=["x" + c for c in
+                                                                                 h["tasks"][0]["classnames"]]),
+                                       rerecord=False), r"condu_config.json was edited in `tasks`"),
     "no prototypes": (edit_config(lambda h: h["tasks"][0].update(prototypes=[])),
                       CONFIG + r"tasks\[0\].prototypes must list 'image_mean'"),
     "unknown prototype": (edit_config(lambda h: h["tasks"][0].update(prototypes=["image_mean", "evil"])),

@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -182,6 +183,37 @@ def test_ddas_without_reference_images_fails_before_training(tmp_path, clip_proc
     with pytest.raises(ValueError, match="ddas_reference"):
         ContinualTrainer(method=method, args=args, processing_class=clip_processor).train_tasks([colour_task("t")])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _reference_without_image_column():
+    return noise_images(4, 0).rename_column("image", "img")
+
+
+def _reference_with_a_nan_image():
+    from datasets import Dataset
+    from PIL import Image
+
+    nan = Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), mode="F")
+    return Dataset.from_dict({"image": list(noise_images(3, 0)["image"]) + [nan]})
+
+
+@pytest.mark.parametrize("reference, message", [
+    (_reference_without_image_column, r"DDAS needs reference images: pass `ddas_reference=` \(a non-empty "
+                                      r"datasets.Dataset with an `image` column.*got 4 rows with columns \['img'\]"),
+    (lambda: [1, 2], r"DDAS needs reference images.*got \[1, 2\]"),
+    (_reference_with_a_nan_image, r"DDAS reference images \(ddas_reference\): 1 image\(s\) cannot be decoded, the "
+                                  r"first at index 3 \(ValueError: A F image has 64 NaN"),
+], ids=["no image column", "a list", "NaN image"])
+def test_a_bad_ddas_reference_is_refused_before_task_1_trains(tmp_path, clip_processor, reference, message):
+    model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=4, r=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = MoEAdapters(model, ddas=DDASArguments(ddas=True, ddas_task_steps=2, ddas_reference_steps=2),
+                         ddas_reference=reference())
+    with pytest.raises(ValueError, match=message):
+        ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=2),
+                         processing_class=clip_processor).train_tasks([colour_task("t")])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob("task-*"))
 
 
 HUB_LOADER = """

@@ -18,6 +18,11 @@ from conftest import continual_args
     (lambda: MoELoraConfig(noise_epsilon=math.nan), "`noise_epsilon` must be a finite number"),
     (lambda: MoELoraConfig(load_balancing_coef=math.nan), "`load_balancing_coef` must be a finite number"),
     (lambda: MoELoraConfig(expert_scale=math.inf), "`expert_scale` must be a finite number"),
+    (lambda: MoELoraConfig(expert_scale=0.0), "`expert_scale` must be a finite number > 0, got 0.0"),
+    (lambda: MoELoraConfig(expert_scale=-0.1), "`expert_scale` must be a finite number > 0, got -0.1"),
+    (lambda: continual_args("/tmp/x", remove_unused_columns=True),
+     "`remove_unused_columns=True` cannot be used with ContinualTrainer: the collator reads the `image` and `label` "
+     "columns"),
     (lambda: MoELoraConfig(expert_dropout=math.nan), "`expert_dropout` must be a finite number"),
     (lambda: MoELoraConfig(noise_epsilon=-1.0), "`noise_epsilon` must be a finite number >= 0, got -1.0"),
     (lambda: continual_args("/tmp/x", learning_rate=math.inf), "`learning_rate` must be a finite number > 0"),

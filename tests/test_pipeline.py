@@ -184,3 +184,42 @@ def test_an_image_without_content_is_refused_the_same_by_both_paths(both_paths, 
 def test_a_string_as_candidate_labels_is_refused_by_the_pipeline(both_paths):
     with pytest.raises(ValueError, match="`candidate_labels` must be a list of class names .* one class per character"):
         both_paths[1](Image.new("RGB", (8, 8)), candidate_labels="cat")
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.random.default_rng(0).random((16, 16, 3), dtype=np.float32),
+     r"An array image of shape \(16, 16, 3\) and dtype float32 is not one PIL reads.*floats in 0..1: \(a \* 255\)"),
+    (np.zeros((3, 16, 16), np.uint8), r"shape \(3, 16, 16\) and dtype uint8 .*channels last: a.transpose\(1, 2, 0\)"),
+    (torch.zeros(3, 16, 16), r"shape \(16, 16, 3\) and dtype float32 is not one PIL reads"),  # channels first
+])
+def test_an_array_image_pil_cannot_read_is_named_with_the_fix(both_paths, image, message):
+    classifier, classify = both_paths
+    with pytest.raises(ValueError, match=message):
+        classifier([image], candidate_labels=["cat"])
+    with pytest.raises(ValueError, match=message):
+        classify(image, candidate_labels=["cat"])
+
+
+def test_a_channels_first_tensor_image_reads_as_the_same_array(both_paths):
+    classifier, _ = both_paths
+    array = np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    assert classifier([torch.from_numpy(array).permute(2, 0, 1)], candidate_labels=["cat", "dog"]) == \
+        classifier([Image.fromarray(array)], candidate_labels=["cat", "dog"])
+
+
+def test_one_image_not_in_a_list_or_a_missing_image_is_named(both_paths):
+    classifier, _ = both_paths
+    with pytest.raises(ValueError, match=r"`images` must be a list of images, got one Image: pass \[image\]"):
+        classifier(Image.new("RGB", (8, 8)), candidate_labels=["cat"])
+    with pytest.raises(TypeError, match=r"got NoneType: drop or replace missing images \(None\)"):
+        classifier([None], candidate_labels=["cat"])
+
+
+def test_candidate_labels_the_tokenizer_cannot_tell_apart_are_refused(both_paths):
+    """The tiny tokenizer drops emoji: both labels would be the same prompt, each scored 0.5 without a word."""
+    classifier, classify = both_paths
+    for call in (lambda: classifier([Image.new("RGB", (8, 8))], candidate_labels=["\U0001F431", "\U0001F436"]),
+                 lambda: classify(Image.new("RGB", (8, 8)), candidate_labels=["\U0001F431", "\U0001F436"])):
+        with pytest.raises(ValueError, match=r"The zero-shot label set: the classes '.' and '.' give the same tokens "
+                                             r"with every template .*drops characters it does not know"):
+            call()

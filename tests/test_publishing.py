@@ -1,5 +1,6 @@
 """Publishing without the Hub: `HfApi` is replaced by a fake that copies the uploaded folder."""
 
+import dataclasses
 import importlib.metadata
 import json
 import re
@@ -257,3 +258,23 @@ def test_a_card_without_known_options_has_no_empty_hyperparameter_table():
 
     card = publishing.model_card(moe_model(), "me/x")  # a bare model, no training arguments
     assert "## Training hyperparameters" not in card.text and "| hyperparameter | value |" not in card.text
+
+
+def test_a_card_of_another_runs_tasks_is_refused(ddas_run, tmp_path):
+    """`result`, `tasks` and `dataset_ids` must be this model's tasks: the card would describe another run."""
+    from hf_moe_cl.continual.result import ContinualResult
+
+    model, tasks, result, _ = ddas_run
+    other = ContinualResult(task_names=["a", "b"], matrices={"oracle": [[50.0, 10.0], [40.0, 60.0]]})
+    renamed = [dataclasses.replace(task, name=f"x{i}") for i, task in enumerate(tasks)]
+    for kwargs, argument, names in ((dict(result=other), "result", "'a', 'b'"),
+                                    (dict(result=result, tasks=renamed), "tasks", "'x0', 'x1'"),
+                                    (dict(result=result, dataset_ids={"nosuch": "me/data"}), "dataset_ids",
+                                     "'nosuch'")):
+        dry = tmp_path / argument
+        with pytest.raises(ValueError, match=rf"`{argument}` names task\(s\) \[{names}\] that are not this model's "
+                                             r"\(it learned \['first', 'second'\]\)"):
+            publishing.push_to_hub(model, "me/run", dry_run_dir=dry, **kwargs)
+        assert not dry.exists()
+    publishing.push_to_hub(model, "me/run", result, tasks=tasks, dataset_ids={"first": "me/data"},
+                           dry_run_dir=tmp_path / "ok")

@@ -200,7 +200,7 @@ def test_class_names_cut_to_the_same_prompt_are_refused_before_training(tmp_path
     model = moe_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="the classes 'redredredredredred' and 'redredredredredreg' give the same "
-                                         r"tokens with every template \(the tokenizer cuts prompts at 16 tokens\)"):
+                                         r"tokens with every template \(the tokenizer cuts prompts at 16 tokens and drops"):
         run(tmp_path, clip_processor, tasks=[task], model=model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(tmp_path.glob("task-*"))
@@ -263,6 +263,35 @@ def test_nan_or_infinite_pixels_are_refused(value):
     with pytest.raises(ValueError, match=r"eval split: 1 image\(s\) cannot be decoded, the first at index 3 "
                                          r"\(ValueError: A F image has"):
         task.validate(check_images=True)
+
+
+@pytest.mark.parametrize("feature", ["Array3D", "Array2D", "List"])
+def test_an_image_column_of_pixel_arrays_is_refused_before_training_naming_the_fix(tmp_path, clip_processor, feature):
+    from datasets import Array2D, Array3D, Value
+
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    features = {"Array3D": Features({"image": Array3D((8, 8, 3), "uint8"), "label": Value("int64")}),
+                "Array2D": Features({"image": Array2D((8, 8), "uint8"), "label": Value("int64")}), "List": None}
+    arrays = pixels[..., 0] if feature == "Array2D" else pixels
+    task = colour_task("arrays")
+    task.train_dataset = Dataset.from_dict({"image": list(arrays), "label": [0, 1, 2, 0]}, features=features[feature])
+    message = (rf"task 'arrays', train split: the `image` column is a datasets {feature}\(.*not datasets.Image.*"
+               r"Convert them once: dataset.map\(lambda row: \{'image': PIL.Image.fromarray")
+    for check_images in (True, False):  # the column's type is checked whether images are decoded or not
+        with pytest.raises(ValueError, match=message):
+            task.validate(check_images=check_images)
+    trainer = ContinualTrainer(model=moe_model(), args=continual_args(tmp_path), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=message):
+        trainer.train_tasks([task])
+    assert not any(tmp_path.glob("task-*"))
+    # the conversion the message gives makes the same images as PIL ones
+    dataset = task.train_dataset
+    fixed = dataset.map(lambda row: {"image": Image.fromarray(np.asarray(row["image"], dtype=np.uint8))},
+                        features=Features({**dataset.features, "image": ImageFeature()}))
+    assert [np.asarray(to_rgb(image)).tolist() for image in fixed["image"]] == \
+        [np.asarray(to_rgb(Image.fromarray(a))).tolist() for a in arrays]
+    task.train_dataset = fixed
+    task.validate(check_images=True)
 
 
 # ----- the whole training split a few-shot train set was drawn from (full_train_dataset) -----------------------------
@@ -338,3 +367,31 @@ def test_a_damaged_task_json_is_named(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as error:
         ContinualTask.from_disk(tmp_path)
     assert str(tmp_path / "task.json") in str(error.value)
+
+
+def test_a_task_that_trains_over_one_class_is_refused_before_training(tmp_path, clip_processor):
+    one = colour_task("one", num_classes=1)  # every label 0: the loss over one class is always 0
+    incremental = colour_task("step")
+    incremental.train_dataset = incremental.train_dataset.filter(lambda row: row["label"] == 1)
+    incremental.train_classes = [1]
+    for task, name in ((one, "'red'"), (incremental, "'green'")):
+        with pytest.raises(ValueError, match=rf"Task '{task.name}' trains over one class \({name}\): the loss over one "
+                                             r"class is always 0.*at least two classes, or only evaluate it"):
+            run(tmp_path / task.name, clip_processor, tasks=[task])
+        assert not any((tmp_path / task.name).glob("task-*"))
+        task.validate(needs_training=False)  # evaluating it is fine
+    run(tmp_path / "eval", clip_processor, tasks=[one], max_steps=0)
+
+
+def test_a_dataset_in_torch_or_numpy_format_trains_as_the_plain_one(tmp_path, clip_processor):
+    results = []
+    for form in (None, "torch", "numpy"):
+        task = colour_task("first")
+        if form is not None:
+            task.train_dataset = task.train_dataset.with_format(form)
+            task.eval_dataset = task.eval_dataset.with_format(form)
+        model = moe_model()
+        run(tmp_path / str(form), clip_processor, model=model, tasks=[task])
+        results.append({k: v.clone() for k, v in model.state_dict().items() if "moe_lora" in k})
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in results[0])

@@ -210,6 +210,11 @@ def file_hashes(folder: str | os.PathLike, names=None) -> dict[str, str]:
     return hashes
 
 
+def json_sha256(value: Any) -> str:
+    """sha256 of `value` as JSON with sorted keys: a record of saved values that no file hash covers."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 _UNRECORDED: set = set()
 
 

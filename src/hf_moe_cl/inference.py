@@ -14,17 +14,14 @@ from transformers.image_utils import load_image
 from .classification import ZERO_SHOT, LabelSpace, RoutedClassifier, ImageRoutes, Untouched
 from .condu import holds_condu
 from .continual.preprocessing import to_rgb
+from .continual.tasks import check_prompt_tokens
 from .continual.methods import ConDU, ContinualMethod, method_for_model
-from .files import check_json_file
 from .options import check_label_space
 
 
 def check_adapter_source(adapter_name_or_path: str, subfolder: Optional[str] = None) -> None:
-    """Refuse, before any Hub call, a local-looking path that does not exist, and check a local folder's
-    adapter_config.json parses (peft's own loader gives a bare JSON error for a damaged one)."""
-    path = os.path.join(os.fspath(adapter_name_or_path), subfolder or "")
-    if os.path.isdir(path):
-        check_json_file(os.path.join(path, "adapter_config.json"))
+    """Refuse, before any Hub call, a local-looking path (of an adapter or a base model) that does not exist."""
+    if os.path.isdir(os.path.join(os.fspath(adapter_name_or_path), subfolder or "")):
         return
     name = os.fspath(adapter_name_or_path)
     if os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.replace("/", ""):
@@ -56,6 +53,7 @@ def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optio
         raise ValueError(f"The adapter config of {adapter_name_or_path} names no base model "
                          "(base_model_name_or_path is empty); pass base_model_name_or_path= (the CLIP it was "
                          "trained from).")
+    check_adapter_source(base)
     model = PeftModel.from_pretrained(CLIPModel.from_pretrained(base, dtype=dtype), adapter_name_or_path,
                                       **adapter_kwargs)
     model.peft_config["default"].base_model_name_or_path = base  # the base it runs on, if given explicitly
@@ -119,6 +117,7 @@ class TaskAgnosticClassifier:
         if holds_condu(adapter_name_or_path, **hub):
             base = None
             if base_model_name_or_path is not None:
+                check_adapter_source(base_model_name_or_path)
                 base = CLIPModel.from_pretrained(base_model_name_or_path, dtype=dtype)
             method = ConDU.from_pretrained(adapter_name_or_path, base, dtype=dtype, **hub)
             return cls(method, CLIPProcessor.from_pretrained(method.model.name_or_path))
@@ -129,6 +128,8 @@ class TaskAgnosticClassifier:
                  templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
         """One dict per image (see `read_image`): `label`, `score` (softmax over the label set used) and `task` (None:
         zero-shot)."""
+        if isinstance(images, (str, Image.Image)):
+            raise ValueError(f"`images` must be a list of images, got one {type(images).__name__}: pass [image].")
         if len(images) == 0:
             return []
         pixels = self.processor.image_processor(images=[read_image(image) for image in images],
@@ -141,6 +142,8 @@ class TaskAgnosticClassifier:
         """As `__call__`, for a batch of CLIP pixel values."""
         if candidate_labels is not None:
             check_label_space(candidate_labels, templates, "The zero-shot label set", "candidate_labels")
+            check_prompt_tokens(self.processor.tokenizer, list(candidate_labels), list(templates),
+                                "The zero-shot label set")
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.dtype.is_floating_point:
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"`pixels` must be a floating-point tensor (batch, channels, height, width) of CLIP pixel "

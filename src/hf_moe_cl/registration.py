@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from peft.config import PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from .files import check_json_file
 from .tuners.moe_lora import MoELoraConfig, MoELoraModel
 from .tuners.moe_lora.peft_type import LEGACY_PEFT_TYPES, MOE_LORA, MOE_LORA_PREFIX
 
@@ -11,6 +13,8 @@ from .tuners.moe_lora.peft_type import LEGACY_PEFT_TYPES, MOE_LORA, MOE_LORA_PRE
 def register_moe_lora() -> None:
     """Make `get_peft_model`, `PeftModel.from_pretrained` and `PeftConfig.from_pretrained` know MoE-LoRA.
 
+    peft reads `adapter_config.json` (`PeftConfigMixin.from_json_file`, before it knows the method) through
+    `check_json_file`, so a damaged file is named with its cause and the fix, not a bare JSONDecodeError.
     Idempotent: calling it again (re-import, reload) leaves the tables as they are. A different method already
     registered under the same name or prefix is an error rather than being overwritten.
     """
@@ -37,3 +41,11 @@ def register_moe_lora() -> None:
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = MoELoraConfig
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MoELoraModel
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = MOE_LORA_PREFIX
+    reader = PeftConfigMixin.from_json_file.__func__
+    if not getattr(reader, "checks_json", False):
+        def from_json_file(cls, path_json_file, **kwargs):
+            check_json_file(path_json_file)
+            return reader(cls, path_json_file, **kwargs)
+
+        from_json_file.checks_json = True
+        PeftConfigMixin.from_json_file = classmethod(from_json_file)

@@ -24,7 +24,8 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
-from ..files import FIX, atomic_files, check_file_hashes, check_safetensors_file, file_hashes, read_json_file
+from ..files import (FIX, atomic_files, check_file_hashes, check_safetensors_file, file_hashes, json_sha256,
+                     read_json_file)
 from ..options import check_task_record, is_finite_number, is_shape, short_repr
 from .store import DeltaStore
 from .unify import UNIFY_RULES
@@ -73,6 +74,7 @@ def save_folder(folder, store: DeltaStore, fingerprint: dict, header: dict, lora
         else:
             save_file(unified, str(staging / DELTA_FILE), metadata={"format": "pt"})
         config["file_sha256"] = file_hashes(staging, [TRIGGERS_FILE, _unified_file(config)])
+        config["tasks_sha256"] = json_sha256(tasks)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
 
@@ -173,6 +175,9 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
     triggers = _tensors(folder / TRIGGERS_FILE)
     unified = _tensors(folder / _unified_file(header))
     check_file_hashes(folder, header.get("file_sha256"), str(folder / CONFIG_FILE), FIX)
+    if header.get("tasks_sha256") not in (None, json_sha256(header["tasks"])):
+        raise ValueError(f"{folder / CONFIG_FILE} was edited in `tasks`: their class names, templates and rescalers "
+                         f"belong to the saved triggers (tasks_sha256 records them). {FIX}")
     shapes = {n: torch.Size(s) for n, s in header["shapes"].items()}
     tasks = header["tasks"]
 

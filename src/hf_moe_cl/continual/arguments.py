@@ -23,6 +23,8 @@ LEFT_TO_THE_TASK_LOOP = {
     "eval_strategy": ("no", "the Trainer has no eval_dataset; the task loop evaluates the tasks after each task itself "
                       "(evaluate_all_tasks); to measure during a task, call trainer.evaluate() from a callback"),
     "load_best_model_at_end": (False, "every task keeps its own checkpoint; there is no best one to reload"),
+    "remove_unused_columns": (False, "the collator reads the `image` and `label` columns, which the model's forward "
+                              "does not name"),
 }
 
 

@@ -200,6 +200,16 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
     location = checked_hub_id(repo_id) if repo_id is not None else str(local_dir)
     dataset_ids = {task: checked_hub_id(dataset, f"The dataset id of {task!r}")
                    for task, dataset in (dataset_ids or {}).items()}
+    moe = find_moe(method.model)
+    learned = [info["name"] for info in (moe.task_info if moe is not None else method.learned_tasks().values()) if info]
+    known = learned or [task for task, _ in records]
+    for argument, names in (("result", result.task_names if result is not None and learned else []),
+                            ("tasks", [task.name for task in tasks or []] if learned else []),
+                            ("dataset_ids", dataset_ids)):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"`{argument}` names task(s) {unknown} that are not this model's (it learned {known}): "
+                             "the card would describe another run. Pass those of this model's run.")
     name = repo_id.split("/")[-1] if repo_id is not None else Path(local_dir).resolve().name
     license_ = base_license(base)
     # no pipeline_tag: the Hub's zero-shot-image-classification widget and pipeline would load the base CLIP alone
@@ -213,7 +223,6 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
     lines = [f"# {markdown_text(name)}", "",
              f"CLIP continually trained on {len(records)} tasks in order with hf-moe-cl, method "
              f"`{method.name}`, from {markdown_text(base or 'an unrecorded base model')}."]
-    moe = find_moe(method.model)
     if moe is not None:
         config = moe.moe_config
         lines[-1] += (f" {config.num_experts} experts of rank {config.r}, top-{config.top_k} routing, "

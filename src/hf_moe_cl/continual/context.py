@@ -31,6 +31,7 @@ class TaskContext:
     eval_batch_size: int
     num_workers: int
     show_progress: bool
+    check_images: bool  # ContinualTrainingArguments.check_images: decode every image before training
     prepare: Callable[[DataLoader], DataLoader]  # shards a loader over the processes (accelerate)
     gather: Callable[[Any], Any]  # gathers a tensor (or a tuple of them) of every process's share
 

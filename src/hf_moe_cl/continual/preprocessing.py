@@ -20,10 +20,19 @@ def to_rgb(image: Any) -> Image.Image:
     Wide integer images are scaled by their bit depth (0..65535 -> 0..255), float images ("F") are read as 0..1;
     values are never stretched per image, so a uniform grey stays that grey.
     """
+    if isinstance(image, torch.Tensor):  # channels first, as datasets' torch format and torchvision give images
+        image = (image.permute(1, 2, 0) if image.dim() == 3 else image).numpy(force=True)
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
+        try:
+            image = Image.fromarray(image)
+        except TypeError:  # PIL: "Cannot handle this data type"
+            raise ValueError(f"An array image of shape {image.shape} and dtype {image.dtype} is not one PIL reads: give "
+                             "(height, width) or (height, width, 3 or 4) uint8 values 0..255 (channels last: "
+                             "a.transpose(1, 2, 0); floats in 0..1: (a * 255).round().astype(np.uint8)), or a PIL "
+                             "image.") from None
     if not isinstance(image, Image.Image):
-        raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")
+        raise TypeError(f"Expected a PIL image, a numpy array or a tensor, got {type(image).__name__}: drop or "
+                        "replace missing images (None).")
     if image.mode in WIDE_MODES or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():

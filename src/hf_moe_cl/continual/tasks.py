@@ -24,19 +24,27 @@ logger = logging.getLogger("hf_moe_cl")
 INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
-def check_images_decode(dataset: Dataset, where: str, progress: bool = False, batch_size: int = 256) -> None:
-    """Decode every image of `dataset`; a ValueError names the first undecodable one and how many there are."""
-    if isinstance(dataset.features.get("image"), ImageFeature):
-        dataset = dataset.cast_column("image", ImageFeature(decode=False))
+def check_image_column(dataset: Dataset, where: str, decode: bool, progress: bool = False,
+                       batch_size: int = 256) -> None:
+    """`dataset`'s `image` column is a `datasets.Image` feature and, with `decode`, every image decodes and converts
+    to RGB (no NaN pixels, no 0x0 image); a ValueError names the first bad one and how many there are."""
+    feature = dataset.features.get("image")
+    if not isinstance(feature, ImageFeature):
+        raise ValueError(
+            f"{where}: the `image` column is a datasets {feature!r} feature, not datasets.Image; arrays of pixel "
+            "values are not read as images (datasets' cast_column('image', datasets.Image()) reads 2-D uint8 arrays as "
+            "32-bit). Convert them once: dataset.map(lambda row: {'image': PIL.Image.fromarray(np.asarray("
+            "row['image'], dtype=np.uint8))}, features=datasets.Features({**dataset.features, 'image': "
+            "datasets.Image()})) (0..255 values; scale 0..1 floats by 255 first).")
+    if not decode:
+        return
+    dataset = dataset.cast_column("image", ImageFeature(decode=False))
     bad: list[tuple[int, str]] = []
     bar = tqdm(total=len(dataset), desc=f"checking images ({where})", disable=not progress, leave=False)
     for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
         for offset, image in enumerate(batch["image"]):
             try:
-                opened = _open_image(image)
-                opened.load()
-                if opened.mode == "F":
-                    to_rgb(opened)  # refuses NaN or infinite pixels
+                to_rgb(_open_image(image))  # decodes; refuses NaN or infinite pixels and 0x0 images
             except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
                 bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
         bar.update(len(batch["image"]))
@@ -47,12 +55,10 @@ def check_images_decode(dataset: Dataset, where: str, progress: bool = False, ba
                          "Remove or replace them before training (e.g. dataset.select of the good indices).")
 
 
-def _open_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
+def _open_image(image):
     if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
         return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-    return Image.fromarray(image)
+    return image
 
 
 @dataclass
@@ -107,6 +113,10 @@ class ContinualTask:
         for name, rate in rates:
             if not is_finite_number(rate) or rate <= 0:
                 raise ValueError(f"Task {self.name!r}: {name} must be a finite positive number, got {rate!r}.")
+        if needs_training and len(self.trained_classes) < 2:
+            raise ValueError(f"Task {self.name!r} trains over one class ({self.classnames[self.trained_classes[0]]!r}): "
+                             "the loss over one class is always 0, so training would change nothing. Give it at least "
+                             "two classes, or only evaluate it (max_steps=0).")
         splits = [("eval", self.eval_dataset)]
         if needs_training:  # the whole split feeds ConDU's prototypes and DDAS's epochs: checked as the train split
             splits[:0] = [("train", self.train_dataset)] + (
@@ -124,8 +134,7 @@ class ContinualTask:
                     f"{dataset.column_names}. Rename the columns to `image` and `label`."
                 )
             self._check_labels(split, dataset)
-            if check_images:
-                check_images_decode(dataset, f"task {self.name!r}, {split} split", progress)
+            check_image_column(dataset, f"task {self.name!r}, {split} split", check_images, progress)
 
     def _check_train_classes(self) -> None:
         classes = self.train_classes
@@ -178,27 +187,6 @@ class ContinualTask:
                 "(dataset.align_labels_with_mapping)."
             )
 
-    def check_prompts(self, tokenizer) -> None:
-        """Class names whose prompts are the same tokens (cut at the tokenizer's length) under every template cannot
-        be told apart: refused. The same under some templates only: a warning (those templates do not separate them,
-        the average over all templates still does)."""
-        same: dict[tuple[int, int], list[str]] = {}
-        for template in self.templates:
-            ids = tokenize_prompts(tokenizer, [template.format(c) for c in self.classnames])["input_ids"].tolist()
-            first: dict[tuple, int] = {}
-            for i, row in enumerate(ids):
-                other = first.setdefault(tuple(row), i)
-                if other != i:
-                    same.setdefault((other, i), []).append(template)
-        for (a, b), templates in same.items():
-            names = f"the classes {self.classnames[a]!r} and {self.classnames[b]!r}"
-            cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens"
-            if len(templates) == len(self.templates):
-                raise ValueError(f"Task {self.name!r}: {names} give the same tokens with every template ({cut}), so "
-                                 "they cannot be told apart. Shorten the class names or the templates.")
-            logger.warning("Task %r: %s give the same tokens with %d of %d templates (%s), e.g. %r.", self.name, names,
-                           len(templates), len(self.templates), cut, templates[0])
-
     @classmethod
     def from_disk(cls, path: str | os.PathLike, train_split: Optional[str] = "train", eval_split: str = "test",
                   learning_rate: Optional[float] = None) -> "ContinualTask":
@@ -233,6 +221,28 @@ class ContinualTask:
         )
 
 
+def check_prompt_tokens(tokenizer, classnames, templates, owner: str) -> None:
+    """Class names whose prompts are the same tokens (cut at the tokenizer's length, unknown characters dropped)
+    under every template cannot be told apart: refused. The same under some templates only: a warning (those templates
+    do not separate them, the average over all templates still does). `owner` starts the message."""
+    same: dict[tuple[int, int], list[str]] = {}
+    for template in templates:
+        ids = tokenize_prompts(tokenizer, [template.format(c) for c in classnames])["input_ids"].tolist()
+        first: dict[tuple, int] = {}
+        for i, row in enumerate(ids):
+            other = first.setdefault(tuple(row), i)
+            if other != i:
+                same.setdefault((other, i), []).append(template)
+    for (a, b), alike in same.items():
+        names = f"the classes {classnames[a]!r} and {classnames[b]!r}"
+        cut = f"the tokenizer cuts prompts at {tokenizer.model_max_length} tokens and drops characters it does not know"
+        if len(alike) == len(templates):
+            raise ValueError(f"{owner}: {names} give the same tokens with every template ({cut}), so they cannot be "
+                             "told apart. Shorten or rename the class names, or change the templates.")
+        logger.warning("%s: %s give the same tokens with %d of %d templates (%s), e.g. %r.", owner, names,
+                       len(alike), len(templates), cut, alike[0])
+
+
 def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False) -> None:
     """A task sequence `ContinualTrainer` can run with `args`: a non-empty list of uniquely named tasks, each valid
     (`ContinualTask.validate`, its prompts told apart by `tokenizer`), with the training template and one learning
@@ -250,4 +260,4 @@ def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False) -> 
             raise ValueError(f"train_template={args.train_template} but task {task.name!r} has "
                              f"{len(task.templates)} prompt template(s): give every task that many templates or "
                              "choose a lower train_template.")
-        task.check_prompts(tokenizer)
+        check_prompt_tokens(tokenizer, task.classnames, task.templates, f"Task {task.name!r}")

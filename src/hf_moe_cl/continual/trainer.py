@@ -145,6 +145,7 @@ class ContinualTrainer(Trainer):
                            augmentation=args.train_augmentation, eval_batch_size=args.eval_batch_size,
                            num_workers=args.dataloader_num_workers,
                            show_progress=self.is_world_process_zero() and not args.disable_tqdm,
+                           check_images=args.check_images,
                            prepare=self.accelerator.prepare, gather=self.accelerator.gather_for_metrics)
 
     # ----- loss ----------------------------------------------------------------------------------------------------

@@ -225,6 +225,16 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
     return tasks
 
 
+def check_task_names(preset: MTILPreset, names: list[str]) -> None:
+    """`names`, a subset/order of the preset's tasks: each known and given once."""
+    unknown = sorted(set(names) - set(preset.tasks)) or ([] if names else ["(none)"])
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if unknown or twice:
+        raise ValueError(f"Preset {preset.name!r} " + (f"has no task(s) {unknown}" if unknown else
+                                                         f"got the task(s) {twice} twice (give each once)") +
+                         f"; its tasks are {', '.join(preset.tasks)}.")
+
+
 def preset_tasks(preset: Union[str, MTILPreset, ClassIncrementalPreset], data_dir: Union[None, str, os.PathLike] = None,
                  hub_ids: Optional[Mapping[str, Union[str, HubSource]]] = None, tasks: Optional[list[str]] = None,
                  seed: int = 0, cache_dir: Optional[str] = None,
@@ -242,10 +252,8 @@ def preset_tasks(preset: Union[str, MTILPreset, ClassIncrementalPreset], data_di
         return class_incremental_tasks(train, test, list(names), class_order=preset.class_order,
                                        initial_increment=preset.initial_increment, increment=preset.increment,
                                        templates=[preset.template])
-    names = list(tasks or preset.tasks)
-    unknown = sorted(set(names) - set(preset.tasks))
-    if unknown:
-        raise ValueError(f"Preset {preset.name!r} has no task(s) {unknown}; its tasks are {', '.join(preset.tasks)}.")
+    names = list(preset.tasks if tasks is None else tasks)
+    check_task_names(preset, names)
     if preset.from_assets and preset.class_groups:
         return mini_long_tasks(resolve_assets(assets), names, preset.class_groups, preset.eval_images)
     if preset.from_assets:

@@ -24,13 +24,13 @@ from ...classification import ImageRoutes
 from ...ddas.features import load_alexnet, selector_features
 from ...ddas.fitting import SelectorFitting, check_calibration
 from ...ddas.settings import SELECTOR_OPTION_NAMES, DDASArguments, SelectorConfig
-from ...files import check_safetensors_file
-from ...options import check_flags, check_option, moved_options
+from ...options import check_flags, check_option, moved_options, short_repr
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.config import check_growth_threshold
 from ...tuners.moe_lora.experts import COVERAGE
 from ...tuners.moe_lora.model import find_moe, tower_of
 from ..run_folder import jsonable
+from ..tasks import check_image_column
 from .base import ContinualMethod
 from .expert_usage import evaluation_selections, routing_report, slots_by_tower, trainable_share
 from .registry import register_method
@@ -223,11 +223,16 @@ class MoEAdapters(ContinualMethod):
     def begin_sequence(self, context, tasks) -> None:
         if self.ddas.ddas and self.arguments.shared_router:
             raise ValueError("DDAS needs one router per task: it cannot be used with shared_router=True.")
-        if self.ddas.ddas and (self.ddas_reference is None or len(self.ddas_reference) == 0):
-            raise ValueError(
-                "DDAS needs reference images: pass `ddas_reference=` (a dataset with an `image` column, e.g. Tiny "
-                "ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters."
-            )
+        reference = self.ddas_reference
+        if self.ddas.ddas:
+            if not isinstance(reference, Dataset) or len(reference) == 0 or "image" not in reference.column_names:
+                raise ValueError(
+                    "DDAS needs reference images: pass `ddas_reference=` (a non-empty datasets.Dataset with an `image` "
+                    "column, e.g. Tiny ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters, "
+                    "got " + (f"{len(reference)} rows with columns {reference.column_names}" if isinstance(
+                        reference, Dataset) else short_repr(reference)) + ".")
+            check_image_column(reference, "DDAS reference images (ddas_reference)", context.check_images,
+                               context.show_progress)
         if self.ddas.ddas and self.selector_settings.feature_extractor == "alexnet" and self._alexnet is None:
             # loaded (downloaded) now, so a missing file or network fails before the first task trains
             self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, context.device)
@@ -300,7 +305,7 @@ class MoEAdapters(ContinualMethod):
         if arguments.shared_router:
             return
         moe.set_task_info(route, task.name, task.classnames, task.templates)
-        if self.ddas.ddas or (moe.selector is not None and moe.selector.has_reference):
+        if self.selects_routes:
             self._fit_selector(context, route, task)  # a continued model's selector learns the new tasks too
         self.expert_slots.append(slots_by_tower(moe))
         if arguments.routing_report:
@@ -383,7 +388,6 @@ class MoEAdapters(ContinualMethod):
         moe.grow_to(saved.experts_per_module)  # a grown bank: its shapes before its weights
         moe.moe_config.task_info = saved.task_info
         path = Path(folder) / "adapter_model.safetensors"
-        check_safetensors_file(path)
         try:
             set_peft_model_state_dict(self.model, load_file(path))
         except ValueError as error:  # the checks of MoELoraModel's loader, which does not know the file

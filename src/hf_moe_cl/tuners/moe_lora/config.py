@@ -13,7 +13,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from ...ddas.settings import SelectorConfig
-from ...files import check_file_hashes, check_json_file, check_safetensors_file, file_hashes
+from ...files import check_file_hashes, check_safetensors_file, file_hashes, json_sha256
 from ...legacy import LEGACY_SELECTOR_FILES
 from ...options import check_flags, check_option, check_task_record, refused_names, short_repr
 from .base_weights import record_problem
@@ -146,6 +146,12 @@ class MoELoraConfig(PeftConfig):
         metadata={"help": "sha256 of the weights file as saved (written by `save_pretrained`), checked when a local "
                   "folder is loaded: a damaged or swapped file is refused."},
     )
+    settings_sha256: Optional[str] = field(
+        default=None,
+        metadata={"help": "sha256 of the settings the weights were trained with that no tensor records (`task_info`, "
+                  "`selector`, `expert_activation`), written by `save_pretrained` and checked when a local folder is "
+                  "loaded; set it to None to load such an edit on purpose."},
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -161,11 +167,11 @@ class MoELoraConfig(PeftConfig):
             check_option(name, getattr(self, name), int, low=1)
         check_growth_threshold("expert_growth_threshold", self.expert_growth_threshold)
         check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights", "inference_mode"))
-        for name in ("base_model_name_or_path", "revision"):
+        for name in ("base_model_name_or_path", "revision", "settings_sha256"):
             check_option(name, getattr(self, name), str, optional=True)
         if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
             raise ValueError(f"`auto_mapping` must be None or a dict, got {short_repr(self.auto_mapping)}.")
-        check_option("expert_scale", self.expert_scale, float)
+        check_option("expert_scale", self.expert_scale, float, low=0, low_open=True)  # 0: the experts never learn
         check_option("expert_dropout", self.expert_dropout, float, low=0.0, high=1.0, high_open=True)
         check_option("noise_epsilon", self.noise_epsilon, float, low=0.0)
         check_option("load_balancing_coef", self.load_balancing_coef, float, low=0.0)
@@ -227,8 +233,12 @@ class MoELoraConfig(PeftConfig):
         beside it becomes a short card that says how to load."""
         weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(save_directory, n))]
         self.file_sha256 = file_hashes(save_directory, weights) or None
+        self.settings_sha256 = self.settings_hash()
         super().save_pretrained(save_directory, **kwargs)
         tidy_peft_card(save_directory, self.base_model_name_or_path, self.task_info)
+
+    def settings_hash(self) -> str:
+        return json_sha256({name: getattr(self, name) for name in ("task_info", "selector", "expert_activation")})
 
     def _check_task_info(self) -> None:
         info = self.task_info
@@ -255,20 +265,18 @@ class MoELoraConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """peft's loader, plus checks of a local adapter folder before peft parses its files."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        local = os.path.isdir(folder)
-        if local:
-            check_json_file(os.path.join(folder, CONFIG_NAME))
+        local, where = os.path.isdir(folder), os.path.join(folder, CONFIG_NAME)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (ValueError, TypeError) as error:  # TypeError: a value of a type no check foresaw
             if not local:
                 raise
-            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: {error}") from None
-        if local and config.selector is not None and config.selector["feature_dim"] is None:
-            raise ValueError(f"{os.path.join(folder, CONFIG_NAME)} holds an invalid value: the DDAS selector settings "
-                             "lack `feature_dim` (the width of its features), which a saved selector always records: "
-                             "the file was damaged or edited. Save the adapter again.")
+            raise ValueError(f"{where} holds an invalid value: {error}") from None
         if local:
+            if config.selector is not None and config.selector["feature_dim"] is None:
+                raise ValueError(f"{where} holds an invalid value: the DDAS selector settings lack `feature_dim` (the "
+                                 "width of its features), which a saved selector always records: the file was damaged "
+                                 "or edited. Save the adapter again.")
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):
                 check_safetensors_file(weights)
@@ -286,8 +294,12 @@ class MoELoraConfig(PeftConfig):
                     f"once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves the selector into the "
                     "adapter's config and weights."
                 )
-            where = os.path.join(folder, CONFIG_NAME)
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
+            if config.settings_sha256 not in (None, config.settings_hash()):
+                raise ValueError(f"{where} was edited in `task_info`, `selector` or `expert_activation`: the weights "
+                                 "were trained with the saved values (settings_sha256 records them; only top_k, "
+                                 "expert_scale and the noise settings may be edited). Save or download the adapter "
+                                 "again, or set settings_sha256 to null to load the edit on purpose.")
             if config.base_weights is None:
                 logger.warning("%s records no `base_weights` (saved before the record existed, or it was removed): "
                                "the base model it is loaded on cannot be checked.", where)
