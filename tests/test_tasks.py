@@ -194,6 +194,23 @@ def test_official_learning_rates_that_are_not_a_dict_are_refused():
         task.validate()
 
 
+def test_a_misspelt_official_learning_rate_key_is_refused_before_training(tmp_path, module_processor):
+    """The rate for 'moe-adapter' is not MoE-Adapters' ('moe-adapters'): the task would silently train at
+    learning_rate; the presets' other recipes ('moe-adapters-few-shot', 'condu-lora', ...) are no misspelling."""
+    from conftest import trainer_for, tree_bytes
+
+    first, second = colour_task("first"), colour_task("second", seed=1, offset=3)
+    first.official_learning_rates = {"moe-adapters-few-shot": 1e-3, "condu-lora": 1e-4}
+    second.official_learning_rates = {"moe-adapter": 5e-3}
+    folder = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^Task 'second': official_learning_rates has 'moe-adapter' but no rate for "
+                                         r"this method's recipe 'moe-adapters', so the task would train at "
+                                         r"learning_rate\. Name the key 'moe-adapters' \(or give the task a "
+                                         r"learning_rate\)\.$"):
+        trainer_for(folder, module_processor).train_tasks([first, second])
+    assert not any(name.startswith("task-") for name in tree_bytes(folder))
+
+
 def test_class_names_cut_to_the_same_prompt_are_refused_before_training(tmp_path, clip_processor):
     task = colour_task("long")
     task.classnames = ["redredredredredred", "redredredredredreg", "blue"]  # equal in the first 16 tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import os
@@ -243,10 +244,11 @@ def check_prompt_tokens(tokenizer, classnames, templates, owner: str) -> None:
                        len(alike), len(templates), cut, alike[0])
 
 
-def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False) -> None:
+def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False, recipe: Optional[str] = None) -> None:
     """A task sequence `ContinualTrainer` can run with `args`: a non-empty list of uniquely named tasks, each valid
     (`ContinualTask.validate`, its prompts told apart by `tokenizer`), with the training template and one learning
-    rate per task where `args` asks for them."""
+    rate per task where `args` asks for them; an official rate whose key is a misspelling of the method's `recipe`
+    is refused (the task would train at `learning_rate`)."""
     if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, ContinualTask) for t in tasks):
         raise ValueError(f"train_tasks needs a non-empty list of ContinualTask (one per task, in training order), "
                          f"got {short_repr(tasks)}.")
@@ -261,3 +263,9 @@ def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False) -> 
                              f"{len(task.templates)} prompt template(s): give every task that many templates or "
                              "choose a lower train_template.")
         check_prompt_tokens(tokenizer, task.classnames, task.templates, f"Task {task.name!r}")
+        rates = task.official_learning_rates
+        close = difflib.get_close_matches(recipe, list(rates), n=1, cutoff=0.8) if recipe and recipe not in rates else []
+        if train and close and task.learning_rate is None and args.task_learning_rates is None:
+            raise ValueError(f"Task {task.name!r}: official_learning_rates has {close[0]!r} but no rate for this "
+                             f"method's recipe {recipe!r}, so the task would train at learning_rate. Name the key "
+                             f"{recipe!r} (or give the task a learning_rate).")

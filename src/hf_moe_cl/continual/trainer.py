@@ -217,7 +217,7 @@ class ContinualTrainer(Trainer):
 
     def _validate(self, tasks: list[ContinualTask], train: bool) -> None:
         check_tasks(tasks, train, self.args, self.processing_class.tokenizer,
-                    progress=self.is_world_process_zero() and not self.args.disable_tqdm)
+                    progress=self.is_world_process_zero() and not self.args.disable_tqdm, recipe=self.method.recipe)
         for name, parameter in self.method.model.named_parameters():
             if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
                 raise ValueError(f"The model's {name} holds NaN or infinite values before any training: the base model "
