@@ -167,6 +167,15 @@ def test_the_pipeline_reads_16_bit_float_and_transparent_images_as_the_classifie
     assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-6)
 
 
+def assert_both_paths_refuse(both_paths, image, error, message):
+    """The classifier (a list of images) and the pipeline (one image) refuse `image` with the same error."""
+    classifier, classify = both_paths
+    with pytest.raises(error, match=message):
+        classifier([image], candidate_labels=["cat"])
+    with pytest.raises(error, match=message):
+        classify(image, candidate_labels=["cat"])
+
+
 @pytest.mark.parametrize("image, error, message", [
     (Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)), ValueError, "A F image has 64 NaN"),
     (Image.new("RGB", (0, 0)), ValueError, "An image of 0x0 pixels has nothing to classify"),
@@ -174,11 +183,7 @@ def test_the_pipeline_reads_16_bit_float_and_transparent_images_as_the_classifie
      r"Cannot download the image http://127.0.0.1:9/cat.png \(URLError.*offline.*Pass a local path"),
 ])
 def test_an_image_without_content_is_refused_the_same_by_both_paths(both_paths, image, error, message):
-    classifier, classify = both_paths
-    with pytest.raises(error, match=message):
-        classifier([image], candidate_labels=["cat"])
-    with pytest.raises(error, match=message):
-        classify(image, candidate_labels=["cat"])
+    assert_both_paths_refuse(both_paths, image, error, message)
 
 
 def test_a_string_as_candidate_labels_is_refused_by_the_pipeline(both_paths):
@@ -193,11 +198,7 @@ def test_a_string_as_candidate_labels_is_refused_by_the_pipeline(both_paths):
     (torch.zeros(3, 16, 16), r"shape \(16, 16, 3\) and dtype float32 is not one PIL reads"),  # channels first
 ])
 def test_an_array_image_pil_cannot_read_is_named_with_the_fix(both_paths, image, message):
-    classifier, classify = both_paths
-    with pytest.raises(ValueError, match=message):
-        classifier([image], candidate_labels=["cat"])
-    with pytest.raises(ValueError, match=message):
-        classify(image, candidate_labels=["cat"])
+    assert_both_paths_refuse(both_paths, image, ValueError, message)
 
 
 def test_a_channels_first_tensor_image_reads_as_the_same_array(both_paths):

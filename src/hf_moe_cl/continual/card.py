@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, TrainingArguments
 
 from ..tuners.moe_lora import find_moe
-from ..tuners.moe_lora.card import checked_hub_id, hub_id, peft_loading_code
+from ..tuners.moe_lora.card import checked_hub_id, hub_id, peft_loading_code, task_line
 from .methods import ContinualMethod, method_for_model
 from .result import MATRIX_KINDS, MATRIX_TITLES, METRIC_LABELS, ContinualResult, markdown_text, matrix_label
 from .result import matrix_summary, metrics_markdown
@@ -247,8 +247,7 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
     for index, (task, classnames) in enumerate(records):
         source = f" [`{dataset_ids[task]}`](https://huggingface.co/datasets/{dataset_ids[task]})" \
             if task in dataset_ids else ""
-        lines.append(f"{index}. **{markdown_text(task)}**{source}" + ("" if classnames is None else (
-            f" ({len(classnames)} classes): " + ", ".join(map(markdown_text, classnames)))))
+        lines.append(task_line(index, task, classnames, source))
     if result is not None:
         names = list(result.task_names)
         rows = {f"{kind}: {MATRIX_TITLES[kind]}": matrix_summary(names, result.matrices[kind])

@@ -264,8 +264,11 @@ def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False, rec
                              "choose a lower train_template.")
         check_prompt_tokens(tokenizer, task.classnames, task.templates, f"Task {task.name!r}")
         rates = task.official_learning_rates
-        close = difflib.get_close_matches(recipe, list(rates), n=1, cutoff=0.8) if recipe and recipe not in rates else []
-        if train and close and task.learning_rate is None and args.task_learning_rates is None:
+        if not train or not recipe or recipe in rates or task.learning_rate is not None \
+                or args.task_learning_rates is not None:
+            continue
+        close = difflib.get_close_matches(recipe, list(rates), n=1, cutoff=0.8)
+        if close:
             raise ValueError(f"Task {task.name!r}: official_learning_rates has {close[0]!r} but no rate for this "
                              f"method's recipe {recipe!r}, so the task would train at learning_rate. Name the key "
                              f"{recipe!r} (or give the task a learning_rate).")

@@ -10,8 +10,9 @@ import io
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..continual.result import MATRIX_KINDS, MATRIX_TITLES, ContinualResult, markdown_text, matrix_label, matrix_summary
-from ..continual.result import METRIC_COLUMNS, METRIC_LABELS, markdown_table, metrics_markdown  # noqa: F401 (reports' names)
+from ..continual.result import (METRIC_COLUMNS, METRIC_LABELS, MATRIX_KINDS, MATRIX_TITLES,  # noqa: F401 (names
+                                ContinualResult, markdown_table, markdown_text, matrix_label,  # the reports had)
+                                matrix_summary, metrics_markdown)
 from ..files import write_json_atomic, write_text_atomic
 from .figures import accuracy_heatmap, save_png, selection_heatmap
 

@@ -49,12 +49,12 @@ def peft_loading_code(base: Optional[str], location: str) -> str:
 def adapter_card_text(base: Optional[str], task_info: Optional[list] = None) -> str:
     """The adapter card's text: how to load it, its base model and the tasks its routers learned (`task_info`)."""
     tasks = [info for info in task_info or [] if info]
-    lines = ["# MoE-LoRA adapter (hf-moe-cl)", "", f"Base model: {markdown_text(hub_id(base) or 'a local copy or none recorded (not a Hub id)')}.", "",
+    base_line = markdown_text(hub_id(base) or "a local copy or none recorded (not a Hub id)")
+    lines = ["# MoE-LoRA adapter (hf-moe-cl)", "", f"Base model: {base_line}.", "",
              IMPORT_HINT, "", "```python", peft_loading_code(base, "<this folder or repo>"), "```", ""]
     if tasks:
         lines += ["## Tasks", "", "The task routers in order (task id: name, classes):", ""]
-        lines += [f"{index}. **{markdown_text(info['name'])}** ({len(info.get('classnames') or [])} classes): "
-                  + ", ".join(map(markdown_text, info.get("classnames") or [])) for index, info in enumerate(tasks)]
+        lines += [task_line(index, info["name"], info.get("classnames") or []) for index, info in enumerate(tasks)]
         lines += ["", "Results are in the card `ContinualTrainer.save_model` and `hf_moe_cl.publishing.push_to_hub` "
                   "write, from the run's accuracy matrices.", ""]
     return "\n".join(lines)
@@ -63,6 +63,14 @@ def adapter_card_text(base: Optional[str], task_info: Optional[list] = None) -> 
 def markdown_text(value) -> str:
     """A name as literal Markdown on one line: control characters (newlines) become spaces, markup is escaped."""
     return re.sub(r"([\\`*\[\]<>#|~])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(value)))
+
+
+def task_line(index: int, name: str, classnames: Optional[list], source: str = "") -> str:
+    """A card's line for a learned task: `0. **name**<source> (3 classes): a, b, c` (no classes when unknown)."""
+    line = f"{index}. **{markdown_text(name)}**{source}"
+    if classnames is None:
+        return line
+    return f"{line} ({len(classnames)} classes): " + ", ".join(map(markdown_text, classnames))
 
 
 def tidy_peft_card(folder: str, base: Optional[str], task_info: Optional[list] = None) -> None:
