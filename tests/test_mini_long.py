@@ -125,3 +125,39 @@ def test_a_growth_variant_is_saved_with_the_runs_settings_and_read_back(tmp_path
     assert record["settings"]["growth_threshold"] == 0.3 and record["settings"]["num_tasks"] == 2
     again = long_sequence(*argv)
     assert again.returncode == 0 and "coverage-1.0+growth: measured before, read from" in again.stdout, again.stderr
+
+
+# ----- benchmarks/long_sequence_seeds.py: mean and range over seeds ---------------------------------------------------
+def write_long_run(folder, seed, rows, num_tasks=30):
+    import json
+
+    folder.mkdir(parents=True)
+    arguments = {"seed": seed, "num_tasks": num_tasks, "output_dir": str(folder), "variants": "x"}
+    (folder / "results.json").write_text(json.dumps({"arguments": arguments, "table": rows}))
+    return str(folder)
+
+
+def seeds_summary(*argv):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "src"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "long_sequence_seeds.py"), *argv],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_seeds_give_mean_and_range_and_count_only_the_seeds_with_their_own_individual_run(tmp_path):
+    growth0 = {"last": 70.0, "bwt": 0.0, "last_over_individual": 94.0, "newest_over_individual": 80.0,
+               "recent_over_individual": 92.0}
+    growth1 = {"last": 74.0, "bwt": -0.5}  # this seed has no individual run: no ratios
+    first = write_long_run(tmp_path / "s0", 0, {"growth": {"30": growth0, "6": {"last": 1.0}}})
+    second = write_long_run(tmp_path / "s1", 1, {"growth": {"30": growth1}})
+    run = seeds_summary(first, second)
+    assert run.returncode == 0, run.stderr
+    assert "| growth | 72.0 (70.0 to 74.0) [2] | 94.0 [1] | -0.25 (-0.50 to 0.00) [2] | 80.0 [1] | 92.0 [1] |" \
+        in run.stdout
+    assert "seeds 0, 1" in run.stdout
+    other = write_long_run(tmp_path / "s2", 2, {"growth": {"30": growth1}}, num_tasks=12)
+    bad = seeds_summary(first, other)
+    assert bad.returncode == 1 and "measured with different settings (other than the seed)" in bad.stderr
+    again = seeds_summary(first, first)
+    assert again.returncode == 1 and "Two folders hold the same seed ([0, 0])" in again.stderr
+    missing = seeds_summary(str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "results.json does not exist" in missing.stderr
