@@ -161,15 +161,12 @@ class MoELoraConfig(PeftConfig):
                              f"({self.num_experts}) experts (a bank only grows), got {smaller}.")
         self.experts_per_module = dict(self.experts_per_module)
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or add experts."
-            )
+            raise ValueError(f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or "
+                             "add experts.")
         check_option("expert_activation", self.expert_activation, str, optional=True)
         if self.expert_activation is not None and self.expert_activation not in ACT2FN:
-            raise ValueError(
-                f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
-                f"{sorted(ACT2FN)}."
-            )
+            raise ValueError(f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
+                             f"{sorted(ACT2FN)}.")
         if self.task_info is not None:
             self._check_task_info()
         if isinstance(self.selector, SelectorConfig):
@@ -190,7 +187,8 @@ class MoELoraConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """peft's config file, with the sha256 of the weights peft wrote just before it; the README.md peft wrote
         beside it becomes a short card that says how to load."""
-        weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(save_directory, n))]
+        weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
+                   if os.path.isfile(os.path.join(save_directory, n))]
         self.file_sha256 = file_hashes(save_directory, weights) or None
         self.settings_sha256 = self.settings_hash()
         super().save_pretrained(save_directory, **kwargs)
@@ -235,17 +233,14 @@ class MoELoraConfig(PeftConfig):
             elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
                 _check_torch_weights(os.path.join(folder, WEIGHTS_NAME))
             else:
-                raise FileNotFoundError(
-                    f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: the adapter's weights are missing. "
-                    "Save the adapter again (save_pretrained writes both) or copy the weights file beside the config."
-                )
+                raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: the adapter's "
+                                        "weights are missing. Save the adapter again (save_pretrained writes both) or "
+                                        "copy the weights file beside the config.")
             legacy = [name for name in LEGACY_SELECTOR_FILES if os.path.isfile(os.path.join(folder, name))]
             if legacy and config.selector is None:
-                raise ValueError(
-                    f"{folder} holds a DDAS selector in {legacy}, the layout of hf-moe-cl 0.1. Convert the folder "
-                    f"once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves the selector into the "
-                    "adapter's config and weights."
-                )
+                raise ValueError(f"{folder} holds a DDAS selector in {legacy}, the layout of hf-moe-cl 0.1. Convert "
+                                 f"the folder once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves "
+                                 "the selector into the adapter's config and weights.")
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
             if config.settings_sha256 not in (None, config.settings_hash()):
                 raise ValueError(f"{where} was edited in `task_info`, `selector` or `expert_activation`: the weights "

@@ -99,10 +99,8 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         if route is None or route.routes_nothing or self.disable_adapters:
             return None
         if route.task_ids is not None and route.task_ids.shape[0] != batch:
-            raise ValueError(
-                f"{route.task_ids.shape[0]} task ids were given for a batch of {batch} samples; pass one task id "
-                "per sample of the tower being run (or use set_task() for a whole batch)."
-            )
+            raise ValueError(f"{route.task_ids.shape[0]} task ids were given for a batch of {batch} samples; pass one "
+                             "task id per sample of the tower being run (or use set_task() for a whole batch).")
         return route
 
     def moe_delta(self, x: torch.Tensor, route: Optional[TaskRoute]) -> Optional[torch.Tensor]:
@@ -217,11 +215,10 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
         super().__init__()
         missing = [part for part in BLOCK_PARTS if not isinstance(getattr(base_layer, part, None), nn.Module)]
         if missing or isinstance(base_layer, BaseTunerLayer):
-            raise ValueError(
-                f"MoE-LoRA's block placement needs a pre-LN transformer block with {BLOCK_PARTS} (as CLIP's "
-                f"encoder layers); {type(base_layer).__name__} " + (f"lacks {missing}" if missing else
-                "is already wrapped by another adapter") + ". Target nn.Linear modules instead (target_modules)."
-            )
+            raise ValueError(f"MoE-LoRA's block placement needs a pre-LN transformer block with {BLOCK_PARTS} (as "
+                             f"CLIP's encoder layers); {type(base_layer).__name__} "
+                             + (f"lacks {missing}" if missing else "is already wrapped by another adapter")
+                             + ". Target nn.Linear modules instead (target_modules).")
         width = base_layer.layer_norm2.normalized_shape[0]
         MoELoraLayer.__init__(self, base_layer, width, width, adapter_name, config, **kwargs)
 
