@@ -137,8 +137,7 @@ class MoELoraConfig(PeftConfig):
             value = getattr(self, name)
             names = value if isinstance(value, (list, set, tuple)) else [value]
             if value is not None and not all(isinstance(v, str) for v in names):
-                raise ValueError(f"`{name}` must be None, a string or a list of strings (module names), got "
-                                 f"{value!r}.")
+                raise ValueError(f"`{name}` must be None, a string or a list of strings (module names), got {value!r}.")
         # no string: peft would match module names against each of its characters
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, set, tuple)) or not all(
                 isinstance(v, str) for v in self.modules_to_save)):

@@ -222,8 +222,7 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
         width = base_layer.layer_norm2.normalized_shape[0]
         MoELoraLayer.__init__(self, base_layer, width, width, adapter_name, config, **kwargs)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None,
-                **kwargs: Any):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None, **kwargs: Any):
         route = self._route(task_route, hidden_states.shape[0])
         if route is None:
             return self.base_layer(hidden_states, *args, **kwargs)
@@ -256,8 +255,7 @@ class MoELoraLinear(nn.Module, MoELoraLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: MoELoraConfig, **kwargs) -> None:
         super().__init__()
         linear = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
-        MoELoraLayer.__init__(self, base_layer, linear.in_features, linear.out_features, adapter_name, config,
-                              **kwargs)
+        MoELoraLayer.__init__(self, base_layer, linear.in_features, linear.out_features, adapter_name, config, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None, **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
