@@ -143,13 +143,10 @@ class ExpertBank:
     def add_task(self, adapter: str) -> None:
         """Append a zero-initialised router (and its bookkeeping rows) for one more task."""
         self.sync_banks(adapter)
-        for name in ROUTER_PARAMS:
-            old = getattr(self, name)[adapter]
-            getattr(self, name)[adapter] = torch.cat([old, old.new_zeros(1, *old.shape[1:])])
-        counts = self.moe_lora_counts[adapter]
-        self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(1, counts.shape[1])])
-        frozen = self.moe_lora_router_frozen[adapter]
-        self.moe_lora_router_frozen[adapter] = torch.cat([frozen, frozen.new_zeros(1)])
+        for rows in [getattr(self, name) for name in ROUTER_PARAMS] + [self.moe_lora_counts,
+                                                                       self.moe_lora_router_frozen]:
+            old = rows[adapter]
+            rows[adapter] = torch.cat([old, old.new_zeros(1, *old.shape[1:])])
         self._rebuild(adapter)
 
     def expert_count(self, adapter: str) -> int:
@@ -173,11 +170,9 @@ class ExpertBank:
                     bound = 1.0 / math.sqrt(self.in_features)
                     new.uniform_(-bound, bound)
                 getattr(self, name)[adapter] = torch.cat([old, new])
-        for name in ROUTER_PARAMS:
-            old = getattr(self, name)[adapter]
-            getattr(self, name)[adapter] = torch.cat([old, old.new_zeros(*old.shape[:-1], count)], dim=-1)
-        counts = self.moe_lora_counts[adapter]
-        self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(counts.shape[0], count)], dim=1)
+        for columns in [getattr(self, name) for name in ROUTER_PARAMS] + [self.moe_lora_counts]:
+            old = columns[adapter]
+            columns[adapter] = torch.cat([old, old.new_zeros(*old.shape[:-1], count)], dim=-1)
         frozen_by = self.moe_lora_frozen_by[adapter]
         self.moe_lora_frozen_by[adapter] = torch.cat([frozen_by, frozen_by.new_full((count,), -1)])
         tasks = self.moe_lora_expert_task

@@ -1,8 +1,5 @@
-"""Which experts each task uses and which are frozen: activate-freeze, expert merging and their bookkeeping.
-
-`ExpertBookkeeping` is a part of `MoELoraModel`: it works on the tuner's layers (`moe_layers()`) and its active
-adapter.
-"""
+"""Which experts each task uses and which are frozen (activate-freeze, merging, growth): `ExpertBookkeeping`, a part
+of `MoELoraModel` that works on the tuner's layers (`moe_layers()`) and its active adapter."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""`MoELoraModel`: injects task-routed expert banks into a CLIP model, as a peft tuner.
-
-Routing lives in `routing.py`, the checks of what is injected or loaded in `loading.py`, the experts' bookkeeping
-(freezing, merging, growth) in `experts.py`; this module holds the injection and the rest of peft's contract.
-"""
+"""`MoELoraModel`: injects task-routed expert banks into a CLIP model, as a peft tuner (routing, loading checks and
+the experts' bookkeeping live in `routing.py`, `loading.py`, `experts.py`)."""
 
 from __future__ import annotations
 
@@ -29,6 +26,10 @@ TARGETS_BY_MODEL_TYPE = {
     "clip_vision_model": r"(.*vision_model\.)?encoder\.layers\.\d+",
     "clip_text_model": r"(.*text_model\.)?encoder\.layers\.\d+",
 }
+
+
+def _bound(settings: SelectorConfig, model, adapter: str) -> SelectorConfig:
+    return settings.bound_to(getattr(model, "config", None), f"The DDAS selector of adapter {adapter!r}")
 
 
 def find_moe(model) -> Optional["MoELoraModel"]:
@@ -92,20 +93,20 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
         adapter created on other pretrained weights than `model`'s, or with settings that do not fit it, is refused
         before anything is injected."""
         config = self.peft_config[adapter_name]
-        settings = None
-        if config.selector is not None:
-            settings = SelectorConfig.from_dict(config.selector).bound_to(
-                getattr(model, "config", None), f"The DDAS selector of adapter {adapter_name!r}")
+        settings = None if config.selector is None else _bound(SelectorConfig.from_dict(config.selector), model,
+                                                                 adapter_name)
         check_injection(model, config, adapter_name, TARGETS_BY_MODEL_TYPE)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         check_grown_modules(config, adapter_name, set(self.moe_layers()))
         if settings is not None:
-            config.selector = settings.to_dict()
-            self._build_selector(adapter_name, settings, config.num_tasks)
+            self._build_selector(adapter_name, settings)
 
     # ----- the DDAS selector (part of the adapter) -----------------------------------------------------------------
-    def _build_selector(self, adapter: str, settings: SelectorConfig, num_tasks: int) -> DistributionSelector:
-        selector = DistributionSelector(settings, num_tasks)
+    def _build_selector(self, adapter: str, settings: SelectorConfig) -> DistributionSelector:
+        """The adapter's selector with `settings` (bound to the model), recorded in its config."""
+        config = self.peft_config[adapter]
+        config.selector = settings.to_dict()
+        selector = DistributionSelector(settings, config.num_tasks)
         device = next(self.model.parameters()).device
         if SELECTOR_KEY not in self._modules:
             self.add_module(SELECTOR_KEY, nn.ModuleDict())
@@ -117,9 +118,7 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
         embeddings); it is saved, pushed and loaded with the adapter's weights."""
         settings = settings if isinstance(settings, SelectorConfig) else SelectorConfig.from_dict(settings or {})
         adapter = self._adapter()
-        settings = settings.bound_to(getattr(self.model, "config", None), f"The DDAS selector of adapter {adapter!r}")
-        self.peft_config[adapter].selector = settings.to_dict()
-        return self._build_selector(adapter, settings, self.num_tasks)
+        return self._build_selector(adapter, _bound(settings, self.model, adapter))
 
     @property
     def selector(self) -> Optional[DistributionSelector]:

@@ -180,9 +180,7 @@ class TaskRouting:
             if int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks:
                 raise ValueError(f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); "
                                  f"got values from {int(ids.min())} to {int(ids.max())}.")
-            if not bool((ids >= 0).any()):
-                return NO_ROUTE
-            return TaskRoute.per_sample(ids, selections)
+            return TaskRoute.per_sample(ids, selections) if bool((ids >= 0).any()) else NO_ROUTE
         task = self._as_task_id(task_ids)
         return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task), selections=selections)
 
