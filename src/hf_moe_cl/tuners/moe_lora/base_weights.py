@@ -25,9 +25,8 @@ def _base_parameters(model):
                      for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
     for name, parameter in model.named_parameters():
         parts = name.split(".")
-        if any(parts[i] in adapter_parts.get(".".join(parts[:i]), ()) for i in range(len(parts))):
-            continue
-        if parameter.device.type == "meta":
+        if parameter.device.type == "meta" or any(parts[i] in adapter_parts.get(".".join(parts[:i]), ())
+                                                  for i in range(len(parts))):
             continue
         yield name.removeprefix("base_model.model.").replace(".base_layer", ""), parameter
 

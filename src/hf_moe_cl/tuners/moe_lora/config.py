@@ -178,10 +178,9 @@ class MoELoraConfig(PeftConfig):
         problem = None if self.base_weights is None else record_problem(self.base_weights)
         if problem:
             raise ValueError(f"`base_weights` {problem}. {SAVE_AGAIN}")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, set(getattr(self, name)))
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """peft's config file, with the sha256 of the weights peft wrote just before it; the README.md peft wrote

@@ -1,16 +1,11 @@
 """Which task router each call of a MoE-LoRA model uses. The route is an argument of every layer's forward
-(`task_route`), handed over by a pre-hook; no layer stores one.
-
-Where a call's route comes from, most specific first:
-1. a per-call route: `routing(task_ids)`, or `model(..., task_ids=...)` (the wrapped model's `forward` takes
-   `task_ids`: `RoutedForward`);
+(`task_route`), handed over by a pre-hook; no layer stores one. Where it comes from, most specific first:
+1. a per-call route: `routing(task_ids)`, or `model(..., task_ids=...)` (`RoutedForward`);
 2. the session's route: `set_task(t)` (`set_task(None)`: the untouched base model, chosen explicitly);
-3. the adapter's trained DDAS selector, for a model with no task chosen: each image goes where the selector sends it
-   (`DistributionSelector.choose`, the same choice `TaskAgnosticClassifier` makes), and the text of a CLIP call
-   follows its images.
-A model with several task routers and none of these refuses to run: it would answer as the untouched CLIP.
-
-The hooks are registered once, at injection, never per call, so a compiled model traces them with its graph.
+3. the adapter's trained DDAS selector: each image goes where `DistributionSelector.choose` sends it (as in
+   `TaskAgnosticClassifier`), and the text of a CLIP call follows its images.
+A model with several task routers and none of these refuses to run. The hooks are registered once, at injection,
+never per call, so a compiled model traces them with its graph.
 """
 
 from __future__ import annotations
