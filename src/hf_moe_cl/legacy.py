@@ -23,12 +23,12 @@ import warnings
 import torch
 from safetensors.torch import load_file, save_file
 
+from .ddas.selector import AUTOENCODER_TENSORS
 from .ddas.settings import SELECTOR_KEY, SelectorConfig
-from .files import atomic_path, check_safetensors_file
+from .files import atomic_path, check_safetensors_file, read_json_file
 
 LEGACY_PEFT_TYPE_NAMES = ("MOE_LORA (needs `import hf_moe_cl` before loading)",)
 LEGACY_SELECTOR_FILES = ("ddas_config.json", "ddas.safetensors")
-_AUTOENCODER_PARTS = [(part, kind) for part in ("encoder", "decoder") for kind in ("weight", "bias")]
 
 
 def upgrade_adapter_folder(folder: str) -> None:
@@ -43,10 +43,7 @@ def upgrade_adapter_folder(folder: str) -> None:
         raise FileNotFoundError(f"{folder} has no {' + '.join(LEGACY_SELECTOR_FILES)} to convert.")
     for path in (weights_path, legacy_weights):
         check_safetensors_file(path)
-    with open(config_path) as handle:
-        adapter_config = json.load(handle)
-    with open(legacy_config) as handle:
-        selector = json.load(handle)
+    adapter_config, selector = read_json_file(config_path), read_json_file(legacy_config)
     if selector.pop("num_tasks") != adapter_config["num_tasks"]:
         raise ValueError(f"The selector in {folder} was saved for another number of tasks than the adapter; it "
                          "cannot be converted.")
@@ -81,13 +78,14 @@ def stack_legacy_autoencoders(state_dict: dict, prefix: str) -> dict:
     if tasks != list(range(len(tasks))):
         raise ValueError(f"The saved DDAS selector has task autoencoders {tasks}: they must be numbered from 0 "
                          "without gaps. The adapter file is damaged; save it again.")
-    for part, kind in _AUTOENCODER_PARTS:
-        slots = [f"{prefix}reference.{part}.{kind}"] + [f"{prefix}tasks.{t}.{part}.{kind}" for t in tasks]
+    for name in AUTOENCODER_TENSORS:
+        part_kind = name.replace("_", ".")
+        slots = [f"{prefix}reference.{part_kind}"] + [f"{prefix}tasks.{t}.{part_kind}" for t in tasks]
         missing = [key for key in slots if key not in state]
         if missing:
             raise ValueError(f"The saved DDAS selector lacks {missing[:2]}: the adapter file is damaged; save it "
                              "again.")
-        state[f"{prefix}{part}_{kind}"] = torch.stack([state.pop(key) for key in slots])
+        state[prefix + name] = torch.stack([state.pop(key) for key in slots])
     return state
 
 

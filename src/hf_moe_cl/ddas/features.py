@@ -124,4 +124,5 @@ def load_alexnet(weights: Optional[str], device) -> AlexNetFeatures:
         return AlexNetFeatures(weights).to(device)
     except (OSError, RuntimeError) as error:  # RuntimeError: a download whose bytes do not match its hash
         raise OSError(f"The DDAS AlexNet weights (ddas_alexnet_weights={weights!r}) cannot be loaded: {error}. "
-                      "Download the file where there is a network and pass its path as ddas_alexnet_weights.") from error
+                      "Download the file where there is a network and pass its path as "
+                      "ddas_alexnet_weights.") from error

@@ -139,7 +139,7 @@ class SelectorFitting:
             return selector.normalise(self.features(batch["pixel_values"].to(context.device)))
 
         batches = _Mapped(loader, features)
-        if options.ddas_augment_once:  # few-shot: each image augmented once, then fixed (few_shot_AutoEncoder.py 170-189)
+        if options.ddas_augment_once:  # each image augmented once, then fixed (few_shot_AutoEncoder.py 170-189)
             fixed = torch.cat([features(batch) for batch in context.progress(loader, "DDAS features: augmented once")])
             batches = DataLoader(fixed, batch_size=options.ddas_batch_size, shuffle=True,
                                  generator=torch.Generator().manual_seed(seed))

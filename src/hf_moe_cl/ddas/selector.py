@@ -2,10 +2,8 @@
 
 One small autoencoder per task and one for a reference distribution learn to reconstruct frozen image features
 of their data. An image goes to the task whose autoencoder reconstructs it best; if that is the reference
-autoencoder, or the error is above the task's threshold, it goes to the untouched CLIP (task -1).
-
-The selector is part of the adapter: its settings are `MoELoraConfig.selector` and its weights are saved in
-`adapter_model.safetensors` with the experts, so peft's own save, load and push carry it.
+autoencoder, or the error is above the task's threshold, it goes to the untouched CLIP (task -1). The selector is
+part of the adapter (`MoELoraConfig.selector`, weights in `adapter_model.safetensors`).
 """
 
 from __future__ import annotations
@@ -71,11 +69,6 @@ class DistributionSelector(nn.Module):
             for name in AUTOENCODER_TENSORS:
                 _tensor_of(autoencoder, name).copy_(getattr(self, name)[slot])
         return autoencoder.requires_grad_(False).eval()
-
-    def _store(self, slot: int, autoencoder: FeatureAutoencoder) -> None:
-        with torch.no_grad():
-            for name in AUTOENCODER_TENSORS:
-                getattr(self, name)[slot].copy_(_tensor_of(autoencoder, name))
 
     def add_task(self) -> int:
         new = self._autoencoder().to(self.encoder_weight.device)
@@ -191,12 +184,13 @@ class DistributionSelector(nn.Module):
         if given != expected:
             raise ValueError(f"The autoencoder has shapes {given}; this selector's are {expected} (feature_dim "
                              f"{self.config.feature_dim}, hidden_dim {self.config.hidden_dim}).")
-        self._store(0 if task is None else task + 1, autoencoder)
-        if task is None:
-            self.trained[0] = True
-        else:
+        slot = 0 if task is None else task + 1
+        with torch.no_grad():
+            for name in AUTOENCODER_TENSORS:
+                getattr(self, name)[slot].copy_(_tensor_of(autoencoder, name))
+        self.trained[slot] = True
+        if task is not None:
             self.thresholds[task] = threshold
-            self.trained[task + 1] = True
 
     # ----- decisions -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,7 +229,6 @@ class DistributionSelector(nn.Module):
         errors = self.reconstruction_errors(features)
         return self.decide(errors), None if unit is None else self.select_units(errors, unit), untouched
 
-    @torch.no_grad()
     def select(self, features: torch.Tensor) -> torch.Tensor:
         """Per image: the task whose autoencoder fits best, or -1 (zero-shot) for the reference or a poor fit."""
         return self.decide(self.reconstruction_errors(features))

@@ -1,9 +1,5 @@
-"""DDAS's settings: what a selector is (`SelectorConfig`, saved in the adapter) and how it is trained
-(`DDASArguments`, the options of a continual run).
-
-A `SelectorConfig` is bound to a model (`bound_to`) when the adapter is injected: the width of its features follows
-from the extractor, the model and the layer, and a saved selector that does not fit the model is refused there.
-"""
+"""DDAS's settings: what a selector is (`SelectorConfig`, saved in the adapter, bound to the model when the adapter is
+injected: `bound_to`) and how it is trained (`DDASArguments`, the options of a continual run)."""
 
 from __future__ import annotations
 

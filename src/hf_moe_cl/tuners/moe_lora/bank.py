@@ -63,9 +63,6 @@ class ExpertBank:
             setattr(self, name, BufferDict(persistent=False))
         self.moe_lora_router_list: dict[str, list[int]] = {}  # moe_lora_router_slot as Python ints
 
-    def _frozen(self, adapter: str, name: str) -> torch.Tensor:
-        return self.moe_lora_router_frozen[adapter] if name in ROUTER_PARAMS else self.moe_lora_frozen_by[adapter] >= 0
-
     @torch.no_grad()
     def sync_banks(self, adapter: Optional[str] = None, names=EXPERT_PARAMS + ROUTER_PARAMS) -> None:
         """Copy the trainable parameters' values into their banks' rows."""
@@ -92,20 +89,12 @@ class ExpertBank:
         # read by Python when a whole batch takes one task: no device sync
         slots = self.moe_lora_router_slot[adapter]
         self.moe_lora_router_list[adapter] = list(range(len(slots))) if slots.is_meta else slots.tolist()
-        for name in EXPERT_PARAMS + ROUTER_PARAMS:
-            if adapter not in getattr(self, name):
-                continue
+        for name in [name for name in EXPERT_PARAMS + ROUTER_PARAMS if adapter in getattr(self, name)]:
             trainable = getattr(self, TRAINABLE[name])
             grad = trainable[adapter].requires_grad if adapter in trainable else True
             rows = self._rows_of(name)[adapter]
             trainable[adapter] = nn.Parameter(getattr(self, name)[adapter].index_select(0, rows).clone(),
                                               requires_grad=grad)
-
-    def _new_bank(self, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Register the adapter's banks (`tensors`: name -> all its rows) and build their trainable parameters."""
-        for name, tensor in tensors.items():
-            getattr(self, name)[adapter] = tensor
-        self._rebuild(adapter)
 
     # ----- reading -------------------------------------------------------------------------------------------------
     def expert_rows(self, adapter: str, name: str, index: torch.Tensor) -> torch.Tensor:
@@ -123,10 +112,10 @@ class ExpertBank:
         if isinstance(index, int):
             slot = self.moe_lora_router_list[adapter][index]
             return trainable[slot] if slot >= 0 else bank[index]
-        rows = slots.index_select(0, index)
         learned = bank.index_select(0, index)
         if trainable.shape[0] == 0:
             return learned
+        rows = slots.index_select(0, index)
         current = trainable.index_select(0, rows.clamp_min(0))
         return torch.where((rows >= 0).view(-1, 1, 1), current, learned)
 
@@ -154,13 +143,10 @@ class ExpertBank:
     def add_task(self, adapter: str) -> None:
         """Append a zero-initialised router (and its bookkeeping rows) for one more task."""
         self.sync_banks(adapter)
-        for name in ROUTER_PARAMS:
-            old = getattr(self, name)[adapter]
-            getattr(self, name)[adapter] = torch.cat([old, old.new_zeros(1, *old.shape[1:])])
-        counts = self.moe_lora_counts[adapter]
-        self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(1, counts.shape[1])])
-        frozen = self.moe_lora_router_frozen[adapter]
-        self.moe_lora_router_frozen[adapter] = torch.cat([frozen, frozen.new_zeros(1)])
+        for rows in [getattr(self, name) for name in ROUTER_PARAMS] + [self.moe_lora_counts,
+                                                                       self.moe_lora_router_frozen]:
+            old = rows[adapter]
+            rows[adapter] = torch.cat([old, old.new_zeros(1, *old.shape[1:])])
         self._rebuild(adapter)
 
     def expert_count(self, adapter: str) -> int:
@@ -184,11 +170,9 @@ class ExpertBank:
                     bound = 1.0 / math.sqrt(self.in_features)
                     new.uniform_(-bound, bound)
                 getattr(self, name)[adapter] = torch.cat([old, new])
-        for name in ROUTER_PARAMS:
-            old = getattr(self, name)[adapter]
-            getattr(self, name)[adapter] = torch.cat([old, old.new_zeros(*old.shape[:-1], count)], dim=-1)
-        counts = self.moe_lora_counts[adapter]
-        self.moe_lora_counts[adapter] = torch.cat([counts, counts.new_zeros(counts.shape[0], count)], dim=1)
+        for columns in [getattr(self, name) for name in ROUTER_PARAMS] + [self.moe_lora_counts]:
+            old = columns[adapter]
+            columns[adapter] = torch.cat([old, old.new_zeros(*old.shape[:-1], count)], dim=-1)
         frozen_by = self.moe_lora_frozen_by[adapter]
         self.moe_lora_frozen_by[adapter] = torch.cat([frozen_by, frozen_by.new_full((count,), -1)])
         tasks = self.moe_lora_expert_task
@@ -202,9 +186,7 @@ class ExpertBank:
         if adapter not in self.moe_lora_expert_task:
             return None
         first = self.moe_lora_expert_task[adapter]
-        if isinstance(index, int):
-            return first > index
-        return first.unsqueeze(0) > index.to(first.device).unsqueeze(1)
+        return first > index if isinstance(index, int) else first.unsqueeze(0) > index.to(first.device).unsqueeze(1)
 
     def merge_top_experts(self, adapter: str, counts: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]):
         """Average the two most-selected experts (by a task's `counts`) into its least-selected trainable one.
@@ -226,14 +208,11 @@ class ExpertBank:
         target = int(candidates[torch.argmin(counts[candidates])])
         row = int(self.moe_lora_expert_slot[adapter][target])
         with torch.no_grad():
-            for name in EXPERT_PARAMS:
-                if adapter not in getattr(self, name):
-                    continue
+            for name in [name for name in EXPERT_PARAMS if adapter in getattr(self, name)]:
                 value = self.bank(adapter, name)
                 param = getattr(self, TRAINABLE[name])[adapter]
                 param.data[row] = (value[sources[0]] + value[sources[1]]) / 2
-                state = optimizer.state.get(param, {}) if optimizer is not None else {}
-                for tensor in state.values():
+                for tensor in (optimizer.state.get(param, {}) if optimizer is not None else {}).values():
                     if torch.is_tensor(tensor) and tensor.shape == param.shape:
                         tensor[row] = 0
         return sources, target

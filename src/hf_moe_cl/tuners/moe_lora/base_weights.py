@@ -25,9 +25,8 @@ def _base_parameters(model):
                      for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
     for name, parameter in model.named_parameters():
         parts = name.split(".")
-        if any(parts[i] in adapter_parts.get(".".join(parts[:i]), ()) for i in range(len(parts))):
-            continue
-        if parameter.device.type == "meta":
+        if parameter.device.type == "meta" or any(parts[i] in adapter_parts.get(".".join(parts[:i]), ())
+                                                  for i in range(len(parts))):
             continue
         yield name.removeprefix("base_model.model.").replace(".base_layer", ""), parameter
 
@@ -84,9 +83,9 @@ def check_base(recorded: dict, model, what: str, fix: str) -> None:
         problem = (f"a base model of another layout (tensor names and shapes hash {recorded['layout']}, this model's "
                    f"{current['layout']}: e.g. another projection_dim, image size, vocabulary or depth)")
     elif recorded["dtype"] != current["dtype"]:
-        logger.warning("%s was created on %s base weights and is loaded on %s ones: whether they are the same pretrained "
-                       "weights cannot be checked (load the base in %s to check it).", what, recorded["dtype"],
-                       current["dtype"], recorded["dtype"])
+        logger.warning("%s was created on %s base weights and is loaded on %s ones: whether they are the same "
+                       "pretrained weights cannot be checked (load the base in %s to check it).", what,
+                       recorded["dtype"], current["dtype"], recorded["dtype"])
         return
     else:
         problem = (f"other pretrained weights than this model's (weights hash {recorded['sha256']}, this model's "

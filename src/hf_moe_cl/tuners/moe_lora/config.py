@@ -37,6 +37,7 @@ def check_task_info_entry(task: int, name, classnames, templates) -> None:
 
 
 NO_EQUIVALENT = "MoE-LoRA has none"
+SAVE_AGAIN = "In a saved adapter_config.json this means the file was damaged or edited: save the adapter again."
 # peft LoRA's options a peft user reaches for, and what MoE-LoRA has instead
 PEFT_LORA_NAMES = {
     "lora_alpha": "use `expert_scale`, the multiplier of every expert's output (LoRA's lora_alpha / r)",
@@ -63,102 +64,59 @@ class MoELoraConfig(PeftConfig):
 
     num_tasks: int = field(default=1, metadata={"help": "Number of task routers; grow later with `add_task()`."})
     num_experts: int = field(default=22, metadata={"help": "Experts per adapted module."})
-    expert_growth_threshold: Optional[float] = field(
-        default=None,
-        metadata={"help": "Grow the bank: before a new task, every adapted module with fewer than this share of "
-                  "`num_experts` trainable (frozen by no task) gets the fewest new experts (at least top_k) that "
-                  "bring it back to that many (`grow_experts`). None: the paper's fixed bank."},
-    )
-    experts_per_module: dict[str, int] = field(
-        default_factory=dict,
-        metadata={"help": "Modules whose bank grew: module name -> its number of experts (written by "
-                  "`grow_experts`, read when the adapter is loaded)."},
-    )
+    expert_growth_threshold: Optional[float] = field(default=None, metadata={
+        "help": "Grow the bank: before a new task, every adapted module with fewer than this share of `num_experts` "
+                "trainable (frozen by no task) gets the fewest new experts (at least top_k) that bring it back to that "
+                "many (`grow_experts`). None: the paper's fixed bank."})
+    experts_per_module: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "Modules whose bank grew: module name -> its number of experts (written by `grow_experts`, read when "
+                "the adapter is loaded)."})
     top_k: int = field(default=2, metadata={"help": "Experts each sample is routed to."})
     r: int = field(default=64, metadata={"help": "Rank (bottleneck width) of every expert."})
-    expert_activation: Optional[str] = field(
-        default="relu",
-        metadata={
-            "help": "Activation between down- and up-projection (a `transformers.activations` name). "
-            "None gives plain LoRA experts."
-        },
-    )
+    expert_activation: Optional[str] = field(default="relu", metadata={
+        "help": "Activation between down- and up-projection (a `transformers.activations` name). None gives plain "
+                "LoRA experts."})
     expert_scale: float = field(default=0.1, metadata={"help": "Multiplier of every expert's output."})
     expert_dropout: float = field(default=0.1, metadata={"help": "Dropout after the activation, in training."})
-    expert_bias: bool = field(
-        default=True, metadata={"help": "Give the down- and up-projection a bias, as the paper's adapter does."}
-    )
-    noisy_gating: bool = field(
-        default=True, metadata={"help": "Add learned Gaussian noise to the router logits in training."}
-    )
-    noisy_gating_eval: bool = field(
-        default=False,
-        metadata={"help": "Keep the router noise on in evaluation too, as the official class-incremental code does "
-                  "(cil/clip/model.py lines 15, 288 and 422: `is_train` is fixed True when the model is built)."},
-    )
+    expert_bias: bool = field(default=True, metadata={
+        "help": "Give the down- and up-projection a bias, as the paper's adapter does."})
+    noisy_gating: bool = field(default=True, metadata={"help": "Add learned Gaussian noise to the router logits in "
+                                                               "training."})
+    noisy_gating_eval: bool = field(default=False, metadata={
+        "help": "Keep the router noise on in evaluation too, as the official class-incremental code does "
+                "(cil/clip/model.py lines 15, 288 and 422: `is_train` is fixed True when the model is built)."})
     noise_epsilon: float = field(default=1e-2, metadata={"help": "Floor of the router noise's standard deviation."})
-    load_balancing_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of the importance+load balancing loss returned by `aux_loss()`; the official code "
-            "uses none."
-        },
-    )
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={
-            "help": "Modules to adapt: transformer blocks (expert bank beside the MLP) or nn.Linear modules "
-            "(LoRA-style). A regex string is matched in full; a list matches module-name suffixes. None adapts "
-            "every encoder block of both CLIP towers."
-        },
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules not to adapt, same syntax as `target_modules`."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Other modules to train and save in full, e.g. a classification head."}
-    )
-    task_info: Optional[list[dict]] = field(
-        default=None,
-        metadata={
-            "help": "Per trained task: name, class names and prompt templates (filled by ContinualTrainer); used by "
-            "TaskAgnosticClassifier and the model card."
-        },
-    )
-    selector: Optional[dict] = field(
-        default=None,
-        metadata={
-            "help": "Settings of the DDAS selector that picks a task router per image (see SelectorConfig); None: "
-            "no selector. Its weights are saved in adapter_model.safetensors with the experts."
-        },
-    )
-    base_weights: Optional[dict] = field(
-        default=None,
-        metadata={
-            "help": "The pretrained weights the adapter belongs to: hashes of their values and of their names and "
-            "shapes, and their dtype (see `base_weights_record`). Filled when the adapter is created and compared "
-            "when it is loaded, so a base of the same shape with other weights is refused; set it to None in a "
-            "loaded config to load on another base on purpose."
-        },
-    )
-    file_sha256: Optional[dict] = field(
-        default=None,
-        metadata={"help": "sha256 of the weights file as saved (written by `save_pretrained`), checked when a local "
-                  "folder is loaded: a damaged or swapped file is refused."},
-    )
-    settings_sha256: Optional[str] = field(
-        default=None,
-        metadata={"help": "sha256 of the settings the weights were trained with that no tensor records (`task_info`, "
-                  "`selector`, `expert_activation`), written by `save_pretrained` and checked when a local folder is "
-                  "loaded; set it to None to load such an edit on purpose."},
-    )
-    init_weights: bool = field(
-        default=True,
-        metadata={
-            "help": "Zero-initialise up-projections and routers so the adapted model starts equal to the base "
-            "model. Only for tests of the routing mechanics should this be False."
-        },
-    )
+    load_balancing_coef: float = field(default=0.0, metadata={
+        "help": "Weight of the importance+load balancing loss returned by `aux_loss()`; the official code uses none."})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
+        "help": "Modules to adapt: transformer blocks (expert bank beside the MLP) or nn.Linear modules (LoRA-style). "
+                "A regex string is matched in full; a list matches module-name suffixes. None adapts every encoder "
+                "block of both CLIP towers."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
+        "help": "Modules not to adapt, same syntax as `target_modules`."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={
+        "help": "Other modules to train and save in full, e.g. a classification head."})
+    task_info: Optional[list[dict]] = field(default=None, metadata={
+        "help": "Per trained task: name, class names and prompt templates (filled by ContinualTrainer); used by "
+                "TaskAgnosticClassifier and the model card."})
+    selector: Optional[dict] = field(default=None, metadata={
+        "help": "Settings of the DDAS selector that picks a task router per image (see SelectorConfig); None: no "
+                "selector. Its weights are saved in adapter_model.safetensors with the experts."})
+    base_weights: Optional[dict] = field(default=None, metadata={
+        "help": "The pretrained weights the adapter belongs to: hashes of their values and of their names and "
+                "shapes, and their dtype (see `base_weights_record`). Filled when the adapter is created and compared "
+                "when it is loaded, so a base of the same shape with other weights is refused; set it to None in a "
+                "loaded config to load on another base on purpose."})
+    file_sha256: Optional[dict] = field(default=None, metadata={
+        "help": "sha256 of the weights file as saved (written by `save_pretrained`), checked when a local folder is "
+                "loaded: a damaged or swapped file is refused."})
+    settings_sha256: Optional[str] = field(default=None, metadata={
+        "help": "sha256 of the settings the weights were trained with that no tensor records (`task_info`, "
+                "`selector`, `expert_activation`), written by `save_pretrained` and checked when a local folder is "
+                "loaded; set it to None to load such an edit on purpose."})
+    init_weights: bool = field(default=True, metadata={
+        "help": "Zero-initialise up-projections and routers so the adapted model starts equal to the base model. Only "
+                "for tests of the routing mechanics should this be False."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -179,8 +137,7 @@ class MoELoraConfig(PeftConfig):
             value = getattr(self, name)
             names = value if isinstance(value, (list, set, tuple)) else [value]
             if value is not None and not all(isinstance(v, str) for v in names):
-                raise ValueError(f"`{name}` must be None, a string or a list of strings (module names), got "
-                                 f"{value!r}.")
+                raise ValueError(f"`{name}` must be None, a string or a list of strings (module names), got {value!r}.")
         # no string: peft would match module names against each of its characters
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, set, tuple)) or not all(
                 isinstance(v, str) for v in self.modules_to_save)):
@@ -203,15 +160,12 @@ class MoELoraConfig(PeftConfig):
                              f"({self.num_experts}) experts (a bank only grows), got {smaller}.")
         self.experts_per_module = dict(self.experts_per_module)
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or add experts."
-            )
+            raise ValueError(f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or "
+                             "add experts.")
         check_option("expert_activation", self.expert_activation, str, optional=True)
         if self.expert_activation is not None and self.expert_activation not in ACT2FN:
-            raise ValueError(
-                f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
-                f"{sorted(ACT2FN)}."
-            )
+            raise ValueError(f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
+                             f"{sorted(ACT2FN)}.")
         if self.task_info is not None:
             self._check_task_info()
         if isinstance(self.selector, SelectorConfig):
@@ -221,17 +175,18 @@ class MoELoraConfig(PeftConfig):
                 raise ValueError(f"`selector` must be None or a dict of DDAS selector settings (the fields of "
                                  f"SelectorConfig), got {short_repr(self.selector)}.")
             self.selector = SelectorConfig.from_dict(dict(self.selector)).to_dict()
-        if self.base_weights is not None:
-            self._check_base_weights()
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        problem = None if self.base_weights is None else record_problem(self.base_weights)
+        if problem:
+            raise ValueError(f"`base_weights` {problem}. {SAVE_AGAIN}")
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, set(getattr(self, name)))
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """peft's config file, with the sha256 of the weights peft wrote just before it; the README.md peft wrote
         beside it becomes a short card that says how to load."""
-        weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if os.path.isfile(os.path.join(save_directory, n))]
+        weights = [n for n in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
+                   if os.path.isfile(os.path.join(save_directory, n))]
         self.file_sha256 = file_hashes(save_directory, weights) or None
         self.settings_sha256 = self.settings_hash()
         super().save_pretrained(save_directory, **kwargs)
@@ -248,18 +203,11 @@ class MoELoraConfig(PeftConfig):
                 for key in ("classnames", "templates"))) for entry in info)
         if not valid:
             raise ValueError(f"`task_info` must be a list of at most num_tasks={self.num_tasks} entries, each None or "
-                             f"{{'name': str, 'classnames': [str], 'templates': [str]}}; got {str(info)[:120]}. In a "
-                             "saved adapter_config.json this means the file was damaged or edited: save the adapter "
-                             "again.")
+                             f"{{'name': str, 'classnames': [str], 'templates': [str]}}; got {str(info)[:120]}. "
+                             f"{SAVE_AGAIN}")
         for task, entry in enumerate(info):
             if entry is not None:
                 check_task_info_entry(task, entry["name"], entry["classnames"], entry["templates"])
-
-    def _check_base_weights(self) -> None:
-        problem = record_problem(self.base_weights)
-        if problem:
-            raise ValueError(f"`base_weights` {problem}. In a saved adapter_config.json this means the file was "
-                             "damaged or edited: save the adapter again.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -283,17 +231,14 @@ class MoELoraConfig(PeftConfig):
             elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
                 _check_torch_weights(os.path.join(folder, WEIGHTS_NAME))
             else:
-                raise FileNotFoundError(
-                    f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: the adapter's weights are missing. "
-                    "Save the adapter again (save_pretrained writes both) or copy the weights file beside the config."
-                )
+                raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: the adapter's "
+                                        "weights are missing. Save the adapter again (save_pretrained writes both) or "
+                                        "copy the weights file beside the config.")
             legacy = [name for name in LEGACY_SELECTOR_FILES if os.path.isfile(os.path.join(folder, name))]
             if legacy and config.selector is None:
-                raise ValueError(
-                    f"{folder} holds a DDAS selector in {legacy}, the layout of hf-moe-cl 0.1. Convert the folder "
-                    f"once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves the selector into the "
-                    "adapter's config and weights."
-                )
+                raise ValueError(f"{folder} holds a DDAS selector in {legacy}, the layout of hf-moe-cl 0.1. Convert "
+                                 f"the folder once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves "
+                                 "the selector into the adapter's config and weights.")
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
             if config.settings_sha256 not in (None, config.settings_hash()):
                 raise ValueError(f"{where} was edited in `task_info`, `selector` or `expert_activation`: the weights "

@@ -1,8 +1,5 @@
-"""Which experts each task uses and which are frozen: activate-freeze, expert merging and their bookkeeping.
-
-`ExpertBookkeeping` is a part of `MoELoraModel`: it works on the tuner's layers (`moe_layers()`) and its active
-adapter.
-"""
+"""Which experts each task uses and which are frozen (activate-freeze, merging, growth): `ExpertBookkeeping`, a part
+of `MoELoraModel` that works on the tuner's layers (`moe_layers()`) and its active adapter."""
 
 from __future__ import annotations
 
@@ -50,12 +47,10 @@ class ExpertBookkeeping:
         """Per layer, freeze the most-used experts of `histogram` (e.g. a task's evaluation-time selections) until
         they carry `coverage` of its selections (1.0: every expert it uses), and the task's router."""
         check_option("coverage", coverage, float, **COVERAGE)
-        adapter = self._adapter()
         task = self._check_task(task)
-        newly = {}
-        for name, layer in self.moe_layers().items():
-            counts = histogram.get(name)
-            chosen = []
+
+        def covering(name: str, layer) -> list[int]:
+            counts, chosen = histogram.get(name), []
             if counts is not None and int(counts.sum()) > 0:
                 order = torch.sort(counts, descending=True, stable=True).indices.tolist()
                 shares = (counts[order].cumsum(0).double() / counts.sum()).tolist()
@@ -65,9 +60,9 @@ class ExpertBookkeeping:
                     chosen.append(expert)
                     if share >= coverage:
                         break
-            newly[name] = layer.freeze_experts(adapter, chosen, task)
-            layer.freeze_router(adapter, task)
-        return newly
+            return chosen
+
+        return self._freeze(task, covering)
 
     def freeze_most_selected(self, task: int, k: Optional[int] = None) -> dict[str, list[int]]:
         """Activate-freeze: per layer, freeze the k experts `task` selected most (default k = top_k) and its router.
@@ -79,39 +74,38 @@ class ExpertBookkeeping:
         k = self.peft_config[adapter].top_k if k is None else k
         if k < 0:
             raise ValueError(f"k must be non-negative, got {k}.")
-        newly = {}
+
+        def most_selected(name: str, layer) -> list[int]:
+            counts = layer.moe_lora_counts[adapter][task]
+            return [e for e in torch.sort(counts, descending=True, stable=True).indices[:k].tolist() if counts[e] > 0]
+
+        return self._freeze(task, most_selected)
+
+    def _freeze(self, task: int, choose) -> dict[str, list[int]]:
+        """Per layer, freeze the experts `choose(name, layer)` gives for `task`, and its router; returns the experts
+        newly frozen per layer."""
+        adapter, newly = self._adapter(), {}
         for name, layer in self.moe_layers().items():
-            task_counts = layer.moe_lora_counts[adapter][task]
-            order = torch.sort(task_counts, descending=True, stable=True).indices[:k].tolist()
-            chosen = [e for e in order if task_counts[e] > 0]
-            newly[name] = layer.freeze_experts(adapter, chosen, task)
+            newly[name] = layer.freeze_experts(adapter, choose(name, layer), task)
             layer.freeze_router(adapter, task)
         return newly
 
     def frozen_experts(self) -> dict[str, dict[int, int]]:
         """Per layer, frozen expert -> the task that froze it."""
         adapter = self._adapter()
-        result = {}
-        for name, layer in self.moe_layers().items():
-            frozen_by = layer.moe_lora_frozen_by[adapter].tolist()
-            result[name] = {e: t for e, t in enumerate(frozen_by) if t >= 0}
-        return result
+        return {name: {e: t for e, t in enumerate(layer.moe_lora_frozen_by[adapter].tolist()) if t >= 0}
+                for name, layer in self.moe_layers().items()}
 
     def frozen_routers(self) -> list[int]:
-        layers = list(self.moe_layers().values())
-        if not layers:
-            return []
-        return torch.nonzero(layers[0].moe_lora_router_frozen[self._adapter()]).flatten().tolist()
+        layer = next(iter(self.moe_layers().values()), None)
+        return [] if layer is None else torch.nonzero(layer.moe_lora_router_frozen[self._adapter()]).flatten().tolist()
 
-    def merge_experts(
-        self,
-        task: int,
-        optimizer: Optional[torch.optim.Optimizer] = None,
-        counts: Optional[dict[str, torch.Tensor]] = None,
-    ) -> dict[str, tuple]:
+    def merge_experts(self, task: int, optimizer: Optional[torch.optim.Optimizer] = None,
+                      counts: Optional[dict[str, torch.Tensor]] = None) -> dict[str, tuple]:
         """Expert merging (Park, 2024): per layer, average `task`'s two most-selected experts into its
         least-selected trainable expert and reset that expert's optimizer state. `counts` ({layer: (experts,)})
-        replaces the layer's own counts, e.g. with counts summed over processes. Returns {layer: (sources, target)} for the layers where a merge happened."""
+        replaces the layer's own counts, e.g. with counts summed over processes. Returns {layer: (sources, target)}
+        for the layers where a merge happened."""
         adapter = self._adapter()
         self._check_task(task)
         merged = {}

@@ -77,18 +77,9 @@ def _project(x: torch.Tensor, weight: torch.Tensor, first: Optional[int] = None)
     return torch.cat([torch.bmm(x.unsqueeze(1), weight[..., :first]).squeeze(1), grown[:, :experts - first]], dim=-1)
 
 
-def noisy_top_k(
-    router_input: torch.Tensor,
-    gate: torch.Tensor,
-    noise: torch.Tensor,
-    top_k: int,
-    noisy: bool,
-    noise_epsilon: float,
-    with_balance_loss: bool = False,
-    keep: Optional[torch.Tensor] = None,
-    hidden: Optional[torch.Tensor] = None,
-    first_experts: Optional[int] = None,
-) -> ExpertChoice:
+def noisy_top_k(router_input: torch.Tensor, gate: torch.Tensor, noise: torch.Tensor, top_k: int, noisy: bool,
+                noise_epsilon: float, with_balance_loss: bool = False, keep: Optional[torch.Tensor] = None,
+                hidden: Optional[torch.Tensor] = None, first_experts: Optional[int] = None) -> ExpertChoice:
     """Route each row of `router_input` (batch, dim) with gate/noise matrices shared (dim, experts) or per sample.
 
     Noise (learned, softplus standard deviation) is added only when `noisy`; the balance loss is the importance
@@ -101,11 +92,10 @@ def noisy_top_k(
     if hidden is not None:
         clean = clean.masked_fill(hidden, float("-inf"))
     num_experts = clean.shape[-1]
+    logits = clean
     if noisy:
         noise_std = F.softplus(_project(router_input, noise, first_experts)) + noise_epsilon
         logits = clean + torch.randn_like(clean) * noise_std
-    else:
-        logits = clean
     top_values, top_indices = logits.topk(min(top_k + 1, num_experts), dim=-1)
     weights = torch.softmax(top_values[:, :top_k], dim=-1)
     experts = top_indices[:, :top_k]

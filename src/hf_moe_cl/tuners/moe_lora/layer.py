@@ -18,6 +18,10 @@ from .config import MoELoraConfig
 from .gating import TaskRoute, noisy_top_k
 
 
+NO_MERGE = ("MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; keep the "
+            "adapter, or call unload() to get the base model back.")
+
+
 class MoELoraLayer(ExpertBank, BaseTunerLayer):
     """Stacked experts (expert dimension first) and stacked task routers (task dimension first), stored as
     `bank.ExpertBank` says: what no task froze is trainable, the rest is read in place.
@@ -30,15 +34,15 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         "moe_lora_counts", "moe_lora_expert_task", "moe_lora_frozen_by", "moe_lora_router_frozen",
         "moe_lora_router_list", "moe_lora_dropout", "moe_lora_options")
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, adapter_name: str,
+                 config: MoELoraConfig, num_experts: Optional[int] = None, **kwargs) -> None:
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
         self._init_banks()
-        self.moe_lora_counts = BufferDict(persistent=True)
-        self.moe_lora_frozen_by = BufferDict(persistent=True)
-        self.moe_lora_router_frozen = BufferDict(persistent=True)
-        self.moe_lora_expert_task = BufferDict(persistent=True)  # grown banks only: see add_experts
+        # moe_lora_expert_task: grown banks only (see add_experts)
+        for name in ("moe_lora_counts", "moe_lora_frozen_by", "moe_lora_router_frozen", "moe_lora_expert_task"):
+            setattr(self, name, BufferDict(persistent=True))
         self.moe_lora_dropout = nn.ModuleDict()
         self.moe_lora_options: dict[str, MoELoraConfig] = {}
         self.balance_loss: Optional[torch.Tensor] = None
@@ -46,6 +50,8 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         self.register_state_dict_pre_hook(sync_before_save)
         self.register_state_dict_post_hook(banks_only)
         self.register_load_state_dict_post_hook(rebuild_after_load)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, num_experts=num_experts)
 
     def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False,
                      num_experts: Optional[int] = None, **kwargs) -> None:
@@ -70,10 +76,11 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         if config.expert_bias:
             banks.update(moe_lora_bias_A=torch.zeros(num_experts, rank),
                          moe_lora_bias_B=torch.zeros(num_experts, self.out_features))
-        self._new_bank(adapter_name, banks)
-        self.moe_lora_dropout[adapter_name] = (
-            nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
-        )
+        for name, tensor in banks.items():
+            getattr(self, name)[adapter_name] = tensor
+        self._rebuild(adapter_name)
+        self.moe_lora_dropout[adapter_name] = (nn.Dropout(config.expert_dropout) if config.expert_dropout > 0
+                                               else nn.Identity())
         self.moe_lora_options[adapter_name] = config
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -91,10 +98,8 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         if route is None or route.routes_nothing or self.disable_adapters:
             return None
         if route.task_ids is not None and route.task_ids.shape[0] != batch:
-            raise ValueError(
-                f"{route.task_ids.shape[0]} task ids were given for a batch of {batch} samples; pass one task id "
-                "per sample of the tower being run (or use set_task() for a whole batch)."
-            )
+            raise ValueError(f"{route.task_ids.shape[0]} task ids were given for a batch of {batch} samples; pass one "
+                             "task id per sample of the tower being run (or use set_task() for a whole batch).")
         return route
 
     def moe_delta(self, x: torch.Tensor, route: Optional[TaskRoute]) -> Optional[torch.Tensor]:
@@ -123,36 +128,25 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
             return total
         return torch.where(keep.view(-1, *([1] * (total.dim() - 1))), total, total.new_zeros(()))
 
-    def _experts_forward(
-        self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor],
-        keep: Optional[torch.Tensor], selections: Optional[dict] = None,
-    ) -> torch.Tensor:
+    def _experts_forward(self, adapter: str, x: torch.Tensor, task: Optional[int], task_ids: Optional[torch.Tensor],
+                         keep: Optional[torch.Tensor], selections: Optional[dict] = None) -> torch.Tensor:
         options = self.moe_lora_options[adapter]
         weight_a = self.moe_lora_A[adapter]
-        if x.dtype != weight_a.dtype:
-            x = x.to(weight_a.dtype)
+        x = x.to(weight_a.dtype)
         tokens = x if x.dim() == 3 else x.unsqueeze(1)
         batch, length, dim = tokens.shape
         index = task if task_ids is None else task_ids
         noisy = options.noisy_gating and (self.training or options.noisy_gating_eval)
         choice = noisy_top_k(
-            tokens[:, 0],
-            self.router_rows(adapter, "moe_lora_router_gate", index),
-            self.router_rows(adapter, "moe_lora_router_noise", index) if noisy else None,
-            top_k=options.top_k,
-            noisy=noisy,
-            noise_epsilon=options.noise_epsilon,
+            tokens[:, 0], self.router_rows(adapter, "moe_lora_router_gate", index),
+            self.router_rows(adapter, "moe_lora_router_noise", index) if noisy else None, top_k=options.top_k,
+            noisy=noisy, noise_epsilon=options.noise_epsilon, keep=keep, first_experts=options.num_experts,
             with_balance_loss=self.training and options.load_balancing_coef > 0,
-            keep=keep,
-            hidden=self.hidden_experts(adapter, index),
-            first_experts=options.num_experts,
-        )
+            hidden=self.hidden_experts(adapter, index))
         if choice.balance_loss is not None:
             loss = options.load_balancing_coef * choice.balance_loss
             self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss
-        experts, mix = choice.experts, choice.weights
-        if mix.dtype != weight_a.dtype:
-            mix = mix.to(weight_a.dtype)
+        experts, mix = choice.experts, choice.weights.to(weight_a.dtype)
         if self.training and not _recomputing():
             self._count(adapter, experts, task, task_ids, keep)
         if selections is not None:
@@ -195,10 +189,7 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
                 counts.index_put_((rows, flat), ones, accumulate=True)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(
-            "MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; "
-            "keep the adapter, or call unload() to get the base model back."
-        )
+        raise ValueError(NO_MERGE)
 
 
 def _recomputing() -> bool:
@@ -223,19 +214,14 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
         super().__init__()
         missing = [part for part in BLOCK_PARTS if not isinstance(getattr(base_layer, part, None), nn.Module)]
         if missing or isinstance(base_layer, BaseTunerLayer):
-            raise ValueError(
-                f"MoE-LoRA's block placement needs a pre-LN transformer block with {BLOCK_PARTS} (as CLIP's "
-                f"encoder layers); {type(base_layer).__name__} " + (f"lacks {missing}" if missing else
-                "is already wrapped by another adapter") + ". Target nn.Linear modules instead (target_modules)."
-            )
+            raise ValueError(f"MoE-LoRA's block placement needs a pre-LN transformer block with {BLOCK_PARTS} (as "
+                             f"CLIP's encoder layers); {type(base_layer).__name__} "
+                             + (f"lacks {missing}" if missing else "is already wrapped by another adapter")
+                             + ". Target nn.Linear modules instead (target_modules).")
         width = base_layer.layer_norm2.normalized_shape[0]
-        num_experts = kwargs.pop("num_experts", None)
-        MoELoraLayer.__init__(self, base_layer, width, width, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, num_experts=num_experts)
+        MoELoraLayer.__init__(self, base_layer, width, width, adapter_name, config, **kwargs)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None,
-                **kwargs: Any):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None, **kwargs: Any):
         route = self._route(task_route, hidden_states.shape[0])
         if route is None:
             return self.base_layer(hidden_states, *args, **kwargs)
@@ -256,9 +242,7 @@ class MoELoraBlock(nn.Module, MoELoraLayer):
         middle = hidden_states + attended
         output = middle + block.mlp(block.layer_norm2(middle))
         delta = self.moe_delta(middle, route)
-        if delta is None:
-            return output
-        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
+        return output if delta is None else output + delta.to(output.dtype)
 
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()
@@ -270,17 +254,12 @@ class MoELoraLinear(nn.Module, MoELoraLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: MoELoraConfig, **kwargs) -> None:
         super().__init__()
         linear = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
-        num_experts = kwargs.pop("num_experts", None)
-        MoELoraLayer.__init__(self, base_layer, linear.in_features, linear.out_features, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, num_experts=num_experts)
+        MoELoraLayer.__init__(self, base_layer, linear.in_features, linear.out_features, adapter_name, config, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, task_route: Optional[TaskRoute] = None, **kwargs: Any):
         result = self.base_layer(x, *args, **kwargs)
         delta = self.moe_delta(x, task_route)
-        if delta is None:
-            return result
-        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+        return result if delta is None else result + delta.to(result.dtype)
 
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()

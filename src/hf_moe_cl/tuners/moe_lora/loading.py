@@ -56,26 +56,21 @@ def check_loaded_state(expected: dict, config: MoELoraConfig, adapter_name: str,
            "Load it on the base model it was trained on") + " with the adapter_config.json saved beside it."
     for key, value in remapped.items():
         if key in expected and expected[key].shape != value.shape:
-            raise ValueError(
-                f"The MoE-LoRA checkpoint does not match this model: {key!r} has shape {tuple(value.shape)} in "
-                f"the checkpoint but {tuple(expected[key].shape)} here. {fix}"
-            )
+            raise ValueError(f"The MoE-LoRA checkpoint does not match this model: {key!r} has shape "
+                             f"{tuple(value.shape)} in the checkpoint but {tuple(expected[key].shape)} here. {fix}")
     own = {key for key in expected if f".{adapter_name}" in key and MOE_LORA_PREFIX in key}
     missing, unexpected = sorted(own - set(remapped)), sorted(set(remapped) - set(expected))
     if missing or unexpected:
-        raise ValueError(
-            f"The MoE-LoRA checkpoint does not match this model: {len(missing)} adapter tensors of the model are "
-            f"not in it (e.g. {missing[:2]}) and {len(unexpected)} of its tensors have no place in the model "
-            f"(e.g. {unexpected[:2]}), as when the base model has more or fewer layers. {fix}"
-        )
+        raise ValueError(f"The MoE-LoRA checkpoint does not match this model: {len(missing)} adapter tensors of the "
+                         f"model are not in it (e.g. {missing[:2]}) and {len(unexpected)} of its tensors have no place "
+                         f"in the model (e.g. {unexpected[:2]}), as when the base model has more or fewer layers. "
+                         f"{fix}")
     for key, value in remapped.items():
         problem = value_problem(key, value, config.num_tasks)
         if problem:
-            raise ValueError(
-                f"The MoE-LoRA checkpoint (adapter_model.safetensors) holds invalid values: {key!r} {problem}. "
-                "The file was damaged or edited, or the training that wrote it diverged: save or download the "
-                "adapter again."
-            )
+            raise ValueError(f"The MoE-LoRA checkpoint (adapter_model.safetensors) holds invalid values: {key!r} "
+                             f"{problem}. The file was damaged or edited, or the training that wrote it diverged: save "
+                             "or download the adapter again.")
 
 
 def value_problem(key: str, value: torch.Tensor, num_tasks: int) -> Optional[str]:

@@ -1,8 +1,5 @@
-"""`MoELoraModel`: injects task-routed expert banks into a CLIP model, as a peft tuner.
-
-Routing lives in `routing.py`, the checks of what is injected or loaded in `loading.py`, the experts' bookkeeping
-(freezing, merging, growth) in `experts.py`; this module holds the injection and the rest of peft's contract.
-"""
+"""`MoELoraModel`: injects task-routed expert banks into a CLIP model, as a peft tuner (routing, loading checks and
+the experts' bookkeeping live in `routing.py`, `loading.py`, `experts.py`)."""
 
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ from ...ddas.settings import SELECTOR_KEY, SelectorConfig
 from ...legacy import legacy_selector_prefixes, stack_legacy_autoencoders
 from .config import CLIP_BLOCK_TARGETS, MoELoraConfig, check_task_info_entry
 from .experts import ExpertBookkeeping
-from .layer import MoELoraBlock, MoELoraLayer, MoELoraLinear
+from .layer import NO_MERGE, MoELoraBlock, MoELoraLayer, MoELoraLinear
 from .loading import check_grown_modules, check_injection, check_loaded_state
 from .peft_type import MOE_LORA_PREFIX
 from .routing import TaskRouting
@@ -31,6 +28,10 @@ TARGETS_BY_MODEL_TYPE = {
 }
 
 
+def _bound(settings: SelectorConfig, model, adapter: str) -> SelectorConfig:
+    return settings.bound_to(getattr(model, "config", None), f"The DDAS selector of adapter {adapter!r}")
+
+
 def find_moe(model) -> Optional["MoELoraModel"]:
     """The MoE-LoRA tuner inside a PeftModel (None for other models)."""
     tuner = getattr(model, "base_model", None)
@@ -39,11 +40,7 @@ def find_moe(model) -> Optional["MoELoraModel"]:
 
 def tower_of(layer_name: str) -> str:
     """'vision' or 'text' for a module name of a CLIP model ('other' outside both towers)."""
-    if "vision_model" in layer_name:
-        return "vision"
-    if "text_model" in layer_name:
-        return "text"
-    return "other"
+    return next((tower for tower in ("vision", "text") if f"{tower}_model" in layer_name), "other")
 
 
 class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
@@ -58,16 +55,8 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
     tuner_layer_cls = MoELoraLayer
     target_module_mapping = TARGETS_BY_MODEL_TYPE
 
-    def _create_and_replace(
-        self,
-        peft_config: MoELoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs,
-    ) -> None:
+    def _create_and_replace(self, peft_config: MoELoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs) -> None:
         num_experts = peft_config.experts_per_module.get(current_key, peft_config.num_experts)
         if isinstance(target, MoELoraLayer):
             target.update_layer(adapter_name, peft_config, num_experts=num_experts)
@@ -85,11 +74,9 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
             return MoELoraLinear(target, adapter_name, config, num_experts=num_experts)
         if isinstance(getattr(base, "layer_norm2", None), nn.LayerNorm) and hasattr(base, "mlp"):
             return MoELoraBlock(target, adapter_name, config, num_experts=num_experts)
-        raise ValueError(
-            f"Target module {key!r} ({type(base).__name__}) is not supported by MoE-LoRA: it adapts transformer "
-            "blocks that have `layer_norm2` and `mlp` (the default placement) or `nn.Linear` modules. Change "
-            "`target_modules` in MoELoraConfig."
-        )
+        raise ValueError(f"Target module {key!r} ({type(base).__name__}) is not supported by MoE-LoRA: it adapts "
+                         "transformer blocks that have `layer_norm2` and `mlp` (the default placement) or `nn.Linear` "
+                         "modules. Change `target_modules` in MoELoraConfig.")
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         if new_module is getattr(child, "base_layer", None):
@@ -106,20 +93,20 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
         adapter created on other pretrained weights than `model`'s, or with settings that do not fit it, is refused
         before anything is injected."""
         config = self.peft_config[adapter_name]
-        settings = None
-        if config.selector is not None:
-            settings = SelectorConfig.from_dict(config.selector).bound_to(
-                getattr(model, "config", None), f"The DDAS selector of adapter {adapter_name!r}")
+        settings = None if config.selector is None else _bound(SelectorConfig.from_dict(config.selector), model,
+                                                                 adapter_name)
         check_injection(model, config, adapter_name, TARGETS_BY_MODEL_TYPE)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         check_grown_modules(config, adapter_name, set(self.moe_layers()))
         if settings is not None:
-            config.selector = settings.to_dict()
-            self._build_selector(adapter_name, settings, config.num_tasks)
+            self._build_selector(adapter_name, settings)
 
     # ----- the DDAS selector (part of the adapter) -----------------------------------------------------------------
-    def _build_selector(self, adapter: str, settings: SelectorConfig, num_tasks: int) -> DistributionSelector:
-        selector = DistributionSelector(settings, num_tasks)
+    def _build_selector(self, adapter: str, settings: SelectorConfig) -> DistributionSelector:
+        """The adapter's selector with `settings` (bound to the model), recorded in its config."""
+        config = self.peft_config[adapter]
+        config.selector = settings.to_dict()
+        selector = DistributionSelector(settings, config.num_tasks)
         device = next(self.model.parameters()).device
         if SELECTOR_KEY not in self._modules:
             self.add_module(SELECTOR_KEY, nn.ModuleDict())
@@ -131,9 +118,7 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
         embeddings); it is saved, pushed and loaded with the adapter's weights."""
         settings = settings if isinstance(settings, SelectorConfig) else SelectorConfig.from_dict(settings or {})
         adapter = self._adapter()
-        settings = settings.bound_to(getattr(self.model, "config", None), f"The DDAS selector of adapter {adapter!r}")
-        self.peft_config[adapter].selector = settings.to_dict()
-        return self._build_selector(adapter, settings, self.num_tasks)
+        return self._build_selector(adapter, _bound(settings, self.model, adapter))
 
     @property
     def selector(self) -> Optional[DistributionSelector]:
@@ -173,17 +158,13 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
         return super().unload()
 
     def _check_merge_allowed(self):
-        raise ValueError(
-            "MoE-LoRA routes every sample to its own experts, so it cannot be merged into the base weights; "
-            "keep the adapter, or call unload() to get the base model back."
-        )
+        raise ValueError(NO_MERGE)
 
     def add_weighted_adapter(self, *args, **kwargs):
-        raise ValueError(
-            "add_weighted_adapter is not supported by MoE-LoRA, because its experts are chosen per sample by task "
-            "routers: a weighted sum of two adapters' experts has no router that was trained to use it. Keep the "
-            "adapters separate and switch with set_adapter(), or route tasks with set_task() / task_ids."
-        )
+        raise ValueError("add_weighted_adapter is not supported by MoE-LoRA, because its experts are chosen per sample "
+                         "by task routers: a weighted sum of two adapters' experts has no router that was trained to "
+                         "use it. Keep the adapters separate and switch with set_adapter(), or route tasks with "
+                         "set_task() / task_ids.")
 
     # ----- introspection -------------------------------------------------------------------------------------------
     def moe_layers(self) -> dict[str, MoELoraLayer]:
@@ -193,10 +174,8 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
     def _adapter(self) -> str:
         adapters = [a for a in self.active_adapters if isinstance(self.peft_config.get(a), MoELoraConfig)]
         if len(adapters) != 1:
-            raise ValueError(
-                f"Task management needs exactly one active MoE-LoRA adapter, found {adapters}; "
-                "call set_adapter(name) first."
-            )
+            raise ValueError(f"Task management needs exactly one active MoE-LoRA adapter, found {adapters}; call "
+                             "set_adapter(name) first.")
         return adapters[0]
 
     @property

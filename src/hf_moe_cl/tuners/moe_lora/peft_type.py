@@ -14,13 +14,7 @@ from ...legacy import LEGACY_PEFT_TYPE_NAMES
 class ExternalPeftType(str):
     """A peft type defined outside peft's enum; behaves like a `PeftType` member wherever peft uses one."""
 
-    @property
-    def value(self) -> str:
-        return str.__str__(self)
-
-    @property
-    def name(self) -> str:
-        return str.__str__(self)
+    value = name = property(str.__str__)  # the plain string
 
     def __str__(self) -> str:
         # as str() of a PeftType member ("PeftType.LORA"), which peft splits at the dot

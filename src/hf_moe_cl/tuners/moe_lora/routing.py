@@ -1,16 +1,11 @@
 """Which task router each call of a MoE-LoRA model uses. The route is an argument of every layer's forward
-(`task_route`), handed over by a pre-hook; no layer stores one.
-
-Where a call's route comes from, most specific first:
-1. a per-call route: `routing(task_ids)`, or `model(..., task_ids=...)` (the wrapped model's `forward` takes
-   `task_ids`: `RoutedForward`);
+(`task_route`), handed over by a pre-hook; no layer stores one. Where it comes from, most specific first:
+1. a per-call route: `routing(task_ids)`, or `model(..., task_ids=...)` (`RoutedForward`);
 2. the session's route: `set_task(t)` (`set_task(None)`: the untouched base model, chosen explicitly);
-3. the adapter's trained DDAS selector, for a model with no task chosen: each image goes where the selector sends it
-   (`DistributionSelector.choose`, the same choice `TaskAgnosticClassifier` makes), and the text of a CLIP call
-   follows its images.
-A model with several task routers and none of these refuses to run: it would answer as the untouched CLIP.
-
-The hooks are registered once, at injection, never per call, so a compiled model traces them with its graph.
+3. the adapter's trained DDAS selector: each image goes where `DistributionSelector.choose` sends it (as in
+   `TaskAgnosticClassifier`), and the text of a CLIP call follows its images.
+A model with several task routers and none of these refuses to run. The hooks are registered once, at injection,
+never per call, so a compiled model traces them with its graph.
 """
 
 from __future__ import annotations
@@ -117,15 +112,13 @@ class TaskRouting:
         if self._session_route is not None:
             return self._session_route
         selector = self.selector
-        raise ValueError(
-            f"This MoE-LoRA adapter has {self.num_tasks} task routers and no route was chosen for this call, so it "
-            "would run as the untouched base model: pass task_ids=<one task id per sample> to the model, call "
-            "set_task(t), or classify images with TaskAgnosticClassifier"
-            + (" (its DDAS selector picks the task)" if selector is not None and selector.has_reference else
-               " (with a DDAS selector: ContinualTrainer with DDASArguments(ddas=True))")
-            + ". set_task(None) runs the untouched base model on purpose. With the plain Trainer, keep the "
-            "`task_ids` column (remove_unused_columns=False)."
-        )
+        raise ValueError(f"This MoE-LoRA adapter has {self.num_tasks} task routers and no route was chosen for this "
+                         "call, so it would run as the untouched base model: pass task_ids=<one task id per sample> to "
+                         "the model, call set_task(t), or classify images with TaskAgnosticClassifier"
+                         + (" (its DDAS selector picks the task)" if selector is not None and selector.has_reference
+                            else " (with a DDAS selector: ContinualTrainer with DDASArguments(ddas=True))")
+                         + ". set_task(None) runs the untouched base model on purpose. With the plain Trainer, keep "
+                         "the `task_ids` column (remove_unused_columns=False).")
 
     def _begin_call(self, module, args, kwargs):
         """Pre-hook of the whole CLIP: a call of both towers begins (the selector's choice for its images may route
@@ -154,10 +147,9 @@ class TaskRouting:
         if self._images_route is None or self._call_routes:
             return None
         if self._images_route == MIXED:
-            raise ValueError(
-                "The DDAS selector sent this batch's images to different tasks, and one CLIP call has one set of "
-                "text features: classify them with TaskAgnosticClassifier (text per task), or pass task_ids."
-            )
+            raise ValueError("The DDAS selector sent this batch's images to different tasks, and one CLIP call has one "
+                             "set of text features: classify them with TaskAgnosticClassifier (text per task), or pass "
+                             "task_ids.")
         self._call_routes.append(("text_model", self._make_route(self._images_route)))
         return None
 
@@ -181,13 +173,9 @@ class TaskRouting:
             if torch.compiler.is_compiling():  # checking the values would read them back from the device
                 return TaskRoute.per_sample(ids, selections)
             if int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks:
-                raise ValueError(
-                    f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); got values "
-                    f"from {int(ids.min())} to {int(ids.max())}."
-                )
-            if not bool((ids >= 0).any()):
-                return NO_ROUTE
-            return TaskRoute.per_sample(ids, selections)
+                raise ValueError(f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); "
+                                 f"got values from {int(ids.min())} to {int(ids.max())}.")
+            return TaskRoute.per_sample(ids, selections) if bool((ids >= 0).any()) else NO_ROUTE
         task = self._as_task_id(task_ids)
         return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task), selections=selections)
 
@@ -202,19 +190,16 @@ class TaskRouting:
         try:
             return operator.index(value)
         except TypeError:
-            raise ValueError(
-                f"A task id must be an integer (or -1 / None for the zero-shot base model), got {value!r} of type "
-                f"{type(value).__name__}; pass int(task) if you mean a whole number."
-            ) from None
+            raise ValueError(f"A task id must be an integer (or -1 / None for the zero-shot base model), got {value!r} "
+                             f"of type {type(value).__name__}; pass int(task) if you mean a whole number.") from None
 
     def _check_task(self, task: int) -> int:
         """`task` as a task id of this adapter (0 to num_tasks - 1)."""
         task = self._as_task_id(task)
         if not 0 <= task < self.num_tasks:
-            raise ValueError(
-                f"Task id {task!r} is out of range: this adapter has {self.num_tasks} task routers (ids 0 to "
-                f"{self.num_tasks - 1}; -1 or None is the zero-shot base model). Use add_task() to add one."
-            )
+            raise ValueError(f"Task id {task!r} is out of range: this adapter has {self.num_tasks} task routers (ids 0 "
+                             f"to {self.num_tasks - 1}; -1 or None is the zero-shot base model). Use add_task() to add "
+                             "one.")
         return task
 
     def _check_checkpointed_linear_routing(self) -> None:
@@ -225,8 +210,6 @@ class TaskRouting:
             if getattr(module, "gradient_checkpointing", False) and any(
                 isinstance(m, MoELoraLinear) for m in module.modules()
             ):
-                raise ValueError(
-                    "Per-call routing (task_ids / routing()) in training with gradient checkpointing needs the block "
-                    "placement of MoE-LoRA (the default target_modules); with Linear targets use set_task(), or "
-                    "disable gradient checkpointing."
-                )
+                raise ValueError("Per-call routing (task_ids / routing()) in training with gradient checkpointing "
+                                 "needs the block placement of MoE-LoRA (the default target_modules); with Linear "
+                                 "targets use set_task(), or disable gradient checkpointing.")
