@@ -4,17 +4,8 @@
 `voting` (task selection by class prototypes), `folder` (the saved folder, local or on the Hub).
 """
 
-from .folder import (
-    CONFIG_FILE,
-    DELTA_FILE,
-    TRIGGERS_FILE,
-    holds_condu,
-    load_folder,
-    model_fingerprint,
-    read_header,
-    resolve_folder,
-    save_folder,
-)
+from .folder import (CONFIG_FILE, DELTA_FILE, TRIGGERS_FILE, holds_condu, load_folder, model_fingerprint, read_header,
+                     resolve_folder, save_folder)
 from .store import DeltaStore, pack_mask, unpack_mask
 from .unify import UNIFY_RULES, Delta, applied_delta, decouple, unify
 from .voting import PROTOTYPE_KINDS, prototype_vectors, vote

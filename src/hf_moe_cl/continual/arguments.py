@@ -74,11 +74,10 @@ class ContinualTrainingArguments(TrainingArguments):
                 "preprocessed once per run (and for the untouched model's embeddings of them); test sets beyond it "
                 "are read again each time (0: no cache)."})
     official_cil_eval: bool = field(default=False, metadata={
-        "help": "Evaluate as MoE-Adapters' class-incremental code (the CIL presets set it): test images "
-                "through the training augmentation, drawn anew at every evaluation, and the class prompts encoded "
-                "again (their router noise drawn again) for every 64 test images (cil/main.py line 55; "
-                "cil/continual_clip/models.py lines 29, 36-40). False: the evaluation transform, and the prompts "
-                "encoded once per evaluation."})
+        "help": "Evaluate as MoE-Adapters' class-incremental code (the CIL presets set it): test images through the "
+                "training augmentation, drawn anew at every evaluation, and the class prompts encoded again (their "
+                "router noise drawn again) for every 64 test images (cil/main.py line 55; cil/continual_clip/models.py "
+                "lines 29, 36-40). False: the evaluation transform, and the prompts encoded once per evaluation."})
     protocol_unit: int = field(default=128, metadata={
         "help": "Images of one test set per decision of the `protocol` matrix (the official test batch, "
                 "128), whatever `per_device_eval_batch_size` is."})

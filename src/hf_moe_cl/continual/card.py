@@ -1,13 +1,9 @@
-"""The model card of a continual run (`huggingface_hub.ModelCard`): base model and its license, library, tags,
-datasets, the tasks with their classes, every matrix's metrics and forgetting, the training hyperparameters, library
-versions, citations and a model-index of the results. `ContinualTrainer.save_model` writes it beside the saved model;
-`hf_moe_cl.publishing.push_to_hub` uploads it.
-"""
+"""The model card of a continual run (`model_card`, what it holds): `ContinualTrainer.save_model` writes it beside the
+saved model; `hf_moe_cl.publishing.push_to_hub` uploads it."""
 
 from __future__ import annotations
 
 import importlib.metadata
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -60,18 +56,12 @@ def task_records(method: ContinualMethod, result: Optional[ContinualResult] = No
 def eval_results(result: ContinualResult, dataset_ids: dict[str, str]) -> list[EvalResult]:
     """model-index entries: per matrix kind (the metric config) and per task (the dataset type: its Hub dataset id,
     else the task's name), the accuracy on that task after the last task."""
-    entries = []
-    for kind in [k for k in MATRIX_KINDS if k in result.matrices]:
-        for name, value in zip(result.task_names, result.matrices[kind][-1]):
-            if value is None:
-                continue
-            entries.append(EvalResult(
-                task_type="image-classification", task_name="Continual image classification",
-                dataset_type=dataset_ids.get(name, name), dataset_name=name, metric_type="accuracy",
-                metric_value=round(value, 2), metric_config=kind,
-                metric_name=f"Accuracy after the last task ({kind} matrix: {MATRIX_TITLES[kind]})",
-            ))
-    return entries
+    return [EvalResult(task_type="image-classification", task_name="Continual image classification",
+                       dataset_type=dataset_ids.get(name, name), dataset_name=name, metric_type="accuracy",
+                       metric_value=round(value, 2), metric_config=kind,
+                       metric_name=f"Accuracy after the last task ({kind} matrix: {MATRIX_TITLES[kind]})")
+            for kind in MATRIX_KINDS if kind in result.matrices
+            for name, value in zip(result.task_names, result.matrices[kind][-1]) if value is not None]
 
 
 def base_license(base: Optional[str]) -> Optional[str]:
@@ -112,7 +102,7 @@ def training_hyperparameters(method: Optional[ContinualMethod] = None,
                                if name in CARD_ADAPTER_SETTINGS})
             else:
                 values.update(jsonable(value) if isinstance(value, dict) else {key: value})
-    return {name: value.value if isinstance(value, Enum) else jsonable(value) for name, value in values.items()}
+    return {name: jsonable(value) for name, value in values.items()}  # options' enums as their values
 
 
 CARD_ADAPTER_SETTINGS = ("num_experts", "top_k", "r", "expert_growth_threshold", "noisy_gating", "noisy_gating_eval")

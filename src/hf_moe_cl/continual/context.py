@@ -1,8 +1,5 @@
 """`TaskContext`: what a continual method gets from the task loop at `begin_sequence`, `begin_task` and `end_task`
-(as mammoth's methods get what a task needs, not the trainer).
-
-The trainer makes one for the run; a method never changes the trainer through it.
-"""
+(the trainer makes one for the run; a method never changes the trainer through it)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Subset
 from ..classification import ZERO_SHOT, ImageRoutes, LabelSpace, RoutedClassifier, image_embeddings
 from .result import MATRIX_KINDS
 
-KINDS = ("oracle", "per_image", "protocol")
 PAIR = 1 << 20  # (image, route) pairs are keyed image * PAIR + route
 OFFICIAL_CIL_EVAL_BATCH = 64  # MoE-Adapters4CL cil/main.py line 55; every batch encodes the prompts (models.py 36-40)
 
@@ -41,8 +40,8 @@ class CellRequest:
 
     @property
     def kinds(self) -> list[str]:
-        return [kind for kind, wanted in zip(KINDS, (self.oracle is not None, self.per_image, self.protocol))
-                if wanted]
+        flags = {"oracle": self.oracle is not None, "per_image": self.per_image, "protocol": self.protocol}
+        return [kind for kind, wanted in flags.items() if wanted]
 
 
 @dataclass
@@ -262,8 +261,7 @@ class EvaluationEngine:
         if not self.method.selects_routes:
             raise ValueError(
                 f"task_agnostic_eval needs a method that picks a model per image without a task id; "
-                f"{type(self.method).__name__} cannot (MoE-Adapters needs a DDAS selector: DDASArguments(ddas=True))."
-            )
+                f"{type(self.method).__name__} cannot (MoE-Adapters needs a DDAS selector: DDASArguments(ddas=True)).")
         return [kind for kind in MATRIX_KINDS[:2] if kind == "per_image" or self.method.batch_selection]
 
     def pretrained_accuracies(self, tasks: list, classifier: RoutedClassifier) -> dict[int, float]:

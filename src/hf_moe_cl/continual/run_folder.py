@@ -91,13 +91,8 @@ def differences(stored: Any, current: Any, path: str = "") -> list[str]:
 def finished_folders(output_dir: str | Path) -> dict[int, Path]:
     """Task index -> folder for every task folder with a progress file under `output_dir`."""
     root = Path(output_dir)
-    found = {}
-    if root.is_dir():
-        for path in root.iterdir():
-            match = TASK_FOLDER.fullmatch(path.name)
-            if match and (path / PROGRESS_FILE).is_file():
-                found[int(match.group(1))] = path
-    return found
+    matches = [(TASK_FOLDER.fullmatch(path.name), path) for path in root.iterdir()] if root.is_dir() else []
+    return {int(match.group(1)): path for match, path in matches if match and (path / PROGRESS_FILE).is_file()}
 
 
 def remove_temporary(output_dir: str | Path) -> None:
@@ -200,8 +195,7 @@ def check_same_run(folder: Path, progress: dict, run: dict) -> list[str]:
         raise ValueError(
             f"Cannot resume from {folder}: it was written by another run. What differs (checkpoint -> now): {listed}. "
             "Resume with the same settings (only the learning rates of tasks not trained yet may change), use another "
-            f"output_dir, {START_OVER}."
-        )
+            f"output_dir, {START_OVER}.")
     return later
 
 
@@ -217,8 +211,7 @@ def resume_point(output_dir, names: list[str], run: dict, resume: bool, overwrit
             raise ValueError(
                 f"{output_dir} already holds task checkpoints ({', '.join(p.name for p in folders.values())}). "
                 "Resume them with resume=True (--resume), write to another output_dir, or set "
-                "overwrite_output_dir=True to replace them."
-            )
+                "overwrite_output_dir=True to replace them.")
         if main:
             for folder in folders.values():
                 shutil.rmtree(folder)
@@ -269,13 +262,9 @@ def save_task(folder: Path, write_model: Callable[[Path], None], progress: dict)
         write_json_atomic(temporary / PROGRESS_FILE, progress)
 
 
-def update_progress(folder: Path, progress: dict) -> None:
-    write_json_atomic(folder / PROGRESS_FILE, progress)
-
-
 def prune(output_dir: str | Path, keep: Optional[int]) -> None:
-    """Keep only the `keep` latest task checkpoints (`save_total_limit`); resume needs just the last one."""
-    if keep is None or keep < 1:
+    """Keep only the `keep` latest task checkpoints (`save_total_limit`, None: all); resume needs just the last one."""
+    if keep is None:
         return
     folders = finished_folders(output_dir)
     for index in sorted(folders)[:-keep]:
@@ -288,7 +277,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -353,8 +342,7 @@ def run_lock(output_dir: str | Path) -> Iterator[Path]:
         raise RuntimeError(
             f"{root} is in use by another run: {_describe(holder)} holds {path}. Two runs in one output_dir would "
             f"replace each other's checkpoints. Wait for it to finish or use another output_dir; if that run is gone "
-            f"(e.g. killed on another machine), delete {path}."
-        )
+            f"(e.g. killed on another machine), delete {path}.")
     try:
         yield path
     finally:

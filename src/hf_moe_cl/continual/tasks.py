@@ -132,8 +132,7 @@ class ContinualTask:
             if missing:
                 raise ValueError(
                     f"Task {self.name!r}: the {split} dataset lacks column(s) {sorted(missing)}; it has "
-                    f"{dataset.column_names}. Rename the columns to `image` and `label`."
-                )
+                    f"{dataset.column_names}. Rename the columns to `image` and `label`.")
             self._check_labels(split, dataset)
             check_image_column(dataset, f"task {self.name!r}, {split} split", check_images, progress)
 
@@ -156,8 +155,7 @@ class ContinualTask:
             raise ValueError(
                 f"Task {self.name!r}: the {split} labels are of type {dtype or type(feature).__name__}; labels must be "
                 "integers indexing `classnames` (map strings or floats to class indices first, e.g. with "
-                "`dataset.class_encode_column('label')`)."
-            )
+                "`dataset.class_encode_column('label')`).")
         labels = dataset["label"]
         missing = [i for i, label in enumerate(labels) if label is None]
         if missing:
@@ -167,8 +165,7 @@ class ContinualTask:
         if low < 0 or high >= len(self.classnames):
             raise ValueError(
                 f"Task {self.name!r}: {split} labels range from {low} to {high} but there are "
-                f"{len(self.classnames)} class names; every label must index `classnames`."
-            )
+                f"{len(self.classnames)} class names; every label must index `classnames`.")
         if split == "train" and self.train_classes is not None:
             outside = sorted(set(labels) - set(self.train_classes))
             if outside:
@@ -185,8 +182,7 @@ class ContinualTask:
                 f"order (label {moved} is {names[moved]!r} there but classnames[{moved}] is "
                 f"{self.classnames[moved]!r}), so images would be trained and scored with another class's prompt. "
                 "Pass classnames=dataset.features['label'].names, or map the labels to your order first "
-                "(dataset.align_labels_with_mapping)."
-            )
+                "(dataset.align_labels_with_mapping).")
 
     @classmethod
     def from_disk(cls, path: str | os.PathLike, train_split: Optional[str] = "train", eval_split: str = "test",
@@ -212,14 +208,9 @@ class ContinualTask:
             if split not in splits:
                 raise ValueError(f"{path} has no split {split!r} (`{argument}`); it has {sorted(splits)}: pass one of "
                                  "them (train_split=None loads an evaluation-only task).")
-        return cls(
-            name=name,
-            train_dataset=None if train_split is None else splits[train_split],
-            eval_dataset=splits[eval_split],
-            classnames=list(meta["classnames"]),
-            templates=list(meta.get("templates", ["a photo of a {}."])),
-            learning_rate=learning_rate,
-        )
+        return cls(name=name, train_dataset=None if train_split is None else splits[train_split],
+                   eval_dataset=splits[eval_split], classnames=list(meta["classnames"]),
+                   templates=list(meta.get("templates", ["a photo of a {}."])), learning_rate=learning_rate)
 
 
 def check_prompt_tokens(tokenizer, classnames, templates, owner: str) -> None:

@@ -18,9 +18,9 @@ from transformers import Trainer, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from ..classification import ZERO_SHOT, RoutedClassifier, tokenize_prompts
-from ..files import atomic_files
-from .run_folder import (check_output_dir, finished_folders, prune, remove_temporary, resume_point, run_identity,
-                         run_lock, save_results, save_task, task_folder, update_progress)
+from ..files import atomic_files, write_json_atomic
+from .run_folder import (PROGRESS_FILE, check_output_dir, finished_folders, prune, remove_temporary, resume_point,
+                         run_identity, run_lock, save_results, save_task, task_folder)
 from .arguments import ContinualTrainingArguments
 from .card import model_card
 from .context import TaskContext
@@ -74,9 +74,9 @@ class ContinualTrainer(Trainer):
         check_output_dir(output_dir)  # before the Trainer creates the folder there
         self._output_dir_had_files = output_dir.is_dir() and any(output_dir.iterdir())  # Trainer creates it
         image_processor = processing_class.image_processor
+        augment = training_augmentation(image_processor, args.train_augmentation)
         if kwargs.get("data_collator") is None:  # training batches go through the official augmentation
-            kwargs["data_collator"] = ImageClassificationCollator(image_processor, training_augmentation(
-                image_processor, args.train_augmentation))
+            kwargs["data_collator"] = ImageClassificationCollator(image_processor, augment)
         elif args.train_augmentation not in (None, "none"):
             raise ValueError("`train_augmentation` applies to the collator ContinualTrainer makes; with a "
                              "data_collator of your own (it collates the training batches) set "
@@ -88,8 +88,8 @@ class ContinualTrainer(Trainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TaskProgressCallback(self))
         self.method = method
-        self.evaluation_collator = ImageClassificationCollator(image_processor, training_augmentation(
-            image_processor, args.train_augmentation) if args.official_cil_eval else None)  # test images as evaluated
+        self.evaluation_collator = ImageClassificationCollator(  # test images as evaluated
+            image_processor, augment if args.official_cil_eval else None)
         self.current_task: Optional[ContinualTask] = None
         self.task_label = ""
         self.num_routes = 0
@@ -120,10 +120,9 @@ class ContinualTrainer(Trainer):
             task = ContinualTask(task.name, None, eval_dataset, task.classnames, task.templates)
         current = ContinualMethod(self.model)  # the training model as it is: no routing
         classifier = RoutedClassifier(current, self.processing_class.tokenizer, self.args.device)
-        accuracy = EvaluationEngine(self, current).evaluate(task, CellRequest(oracle=ZERO_SHOT), classifier)["oracle"]
-        accuracy = accuracy.accuracy
+        cells = EvaluationEngine(self, current).evaluate(task, CellRequest(oracle=ZERO_SHOT), classifier)
         self.model.train()
-        metrics = {f"{metric_key_prefix}_accuracy": accuracy}
+        metrics = {f"{metric_key_prefix}_accuracy": cells["oracle"].accuracy}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -166,8 +165,7 @@ class ContinualTrainer(Trainer):
                 f"The task stopped before anything of it was saved (earlier task checkpoints are intact). Lower the "
                 f"learning rate ({self.args.learning_rate:g}; the task's `learning_rate` or `task_learning_rates`) "
                 "or check the task's data, then " + ("continue with resume=True." if resumable else
-                                                     "run again (no task checkpoint exists yet: nothing to resume).")
-            )
+                                                     "run again (no task checkpoint exists yet: nothing to resume)."))
         return (loss, outputs) if return_outputs else loss
 
     # ----- evaluation ----------------------------------------------------------------------------------------------
@@ -215,28 +213,6 @@ class ContinualTrainer(Trainer):
         return run_identity(self.method, self.args, tasks,
                             [self.task_learning_rate(i, task) for i, task in enumerate(tasks)])
 
-    def _validate(self, tasks: list[ContinualTask], train: bool) -> None:
-        check_tasks(tasks, train, self.args, self.processing_class.tokenizer,
-                    progress=self.is_world_process_zero() and not self.args.disable_tqdm, recipe=self.method.recipe)
-        for name, parameter in self.method.model.named_parameters():
-            if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
-                raise ValueError(f"The model's {name} holds NaN or infinite values before any training: the base model "
-                                 "(or the adapter it continues) is damaged. Load it again from its source.")
-
-    def _prepare_output_dir(self, tasks: list[ContinualTask], run: dict, resume: bool) -> tuple[int, Optional[dict]]:
-        """(first task to run, progress of the checkpoint resumed from, whose state the method loads); refuses to mix
-        runs in one folder."""
-        main = self.is_world_process_zero()
-        if main:
-            remove_temporary(self.args.output_dir)
-        folder, progress = resume_point(self.args.output_dir, [task.name for task in tasks], run, resume,
-                                        self.args.overwrite_output_dir, main)
-        self.accelerator.wait_for_everyone()
-        if folder is None:
-            return 0, None
-        self.method.load(folder)
-        return progress["finished_task"] + (1 if progress["evaluated"] else 0), progress
-
     def train_tasks(self, tasks: list[ContinualTask], resume: bool = False) -> ContinualResult:
         """Train the tasks in order; after each: the method's end of task, a checkpoint, one row of each matrix.
 
@@ -250,7 +226,12 @@ class ContinualTrainer(Trainer):
                              "save_task_checkpoints=False neither writes nor reads them. Set "
                              "save_task_checkpoints=True to resume, or start the run without resume=True.")
         train = self.method.trains and self.args.max_steps != 0
-        self._validate(tasks, train)
+        check_tasks(tasks, train, self.args, self.processing_class.tokenizer,
+                    progress=self.is_world_process_zero() and not self.args.disable_tqdm, recipe=self.method.recipe)
+        for name, parameter in self.method.model.named_parameters():
+            if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
+                raise ValueError(f"The model's {name} holds NaN or infinite values before any training: the base model "
+                                 "(or the adapter it continues) is damaged. Load it again from its source.")
         if resume and not (self._output_dir_had_files or finished_folders(self.args.output_dir)):
             raise ValueError(f"resume=True, but output_dir {self.args.output_dir} was empty or did not exist: there is "
                              "nothing to resume. Check the path, or start the run without resume=True.")
@@ -273,10 +254,18 @@ class ContinualTrainer(Trainer):
         self.num_routes = self.method.route_count(tasks)
         names = [task.name for task in tasks]
         run = self.run_identity(tasks)
-        start, progress = self._prepare_output_dir(tasks, run, resume)
+        main = self.is_world_process_zero()
+        if main:
+            remove_temporary(self.args.output_dir)
+        # the checkpoint resumed from (None: start at the first task); a folder of another run is refused
+        folder, progress = resume_point(self.args.output_dir, names, run, resume, self.args.overwrite_output_dir, main)
+        self.accelerator.wait_for_everyone()
         matrices = {"oracle": [], **{kind: [] for kind in histograms}}
         encodings: list[dict[str, int]] = []
+        start = 0
         if progress is not None:
+            self.method.load(folder)
+            start = progress["finished_task"] + (1 if progress["evaluated"] else 0)
             encodings.extend(progress.get("image_encodings", []))
             for kind in matrices:
                 matrices[kind].extend(progress["matrices"].get(kind, []))
@@ -295,8 +284,14 @@ class ContinualTrainer(Trainer):
             if not trained_before:
                 logger.info("%s", self.task_label)
                 self._step_offset = self._steps_done
-                self._run_task(index, task, train, context)
-                self._steps_done += self.state.global_step if train else 0
+                set_seed(self.method.task_seed(self.args.seed, index))
+                self.current_task = task
+                self.method.begin_task(context, index, task)
+                if train:
+                    self._train_one_task(index, task)
+                    self._steps_done += self.state.global_step
+                self.method.end_task(context, index, task)
+                self.current_task = None
                 if self.args.save_task_checkpoints:
                     progress = self._save_task(index, names, matrices, histograms, run)
             encodings.append(self._evaluate_stage(index, tasks, matrices, histograms, pretrained))
@@ -304,7 +299,7 @@ class ContinualTrainer(Trainer):
                 progress.update(evaluated=True, matrices=matrices, route_histogram=histograms,
                                 image_encodings=encodings)
                 if self.is_world_process_zero():
-                    update_progress(task_folder(self.args.output_dir, index, task.name), progress)
+                    write_json_atomic(task_folder(self.args.output_dir, index, task.name) / PROGRESS_FILE, progress)
                     prune(self.args.output_dir, self.args.save_total_limit)
                 self.accelerator.wait_for_everyone()
         diagnostics = dict(self.method.diagnostics(), image_encodings=encodings)
@@ -312,15 +307,6 @@ class ContinualTrainer(Trainer):
             diagnostics["route_histogram"] = histograms
         ordered = {kind: matrices[kind] for kind in MATRIX_KINDS if kind in matrices}
         return ContinualResult(task_names=names, matrices=ordered, diagnostics=diagnostics)
-
-    def _run_task(self, index: int, task: ContinualTask, train: bool, context: TaskContext) -> None:
-        set_seed(self.method.task_seed(self.args.seed, index))
-        self.current_task = task
-        self.method.begin_task(context, index, task)
-        if train:
-            self._train_one_task(index, task)
-        self.method.end_task(context, index, task)
-        self.current_task = None
 
     def _train_one_task(self, index: int, task: ContinualTask) -> None:
         """`Trainer.train()` on the task, with what the task trains (the method's training model, the task's

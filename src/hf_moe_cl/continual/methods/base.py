@@ -190,5 +190,4 @@ def check_loaded(folder: Path, missing: list[str], unexpected: list[str]) -> Non
         raise ValueError(
             f"The checkpoint in {folder} does not fit this model: {len(missing)} of the model's tensors are missing "
             f"from it (e.g. {sorted(missing)[:2]}) and {len(unexpected)} of its tensors have no place in the model "
-            f"(e.g. {sorted(unexpected)[:2]}). It was saved by another method or for another model."
-        )
+            f"(e.g. {sorted(unexpected)[:2]}). It was saved by another method or for another model.")

@@ -47,27 +47,22 @@ class ConDUArguments:
     condu_rescaler: str = field(
         default="official", metadata={"help": "ConDU unify rule: 'official' (sign of the mean, ties negative; "
                                       "rescalers from per-tensor means) or 'paper' (sign of the sum; element sums)."})
-    condu_prototypes: str = field(
-        default="fused", metadata={"help": "ConDU voting prototypes: 'fused' image + text means (official) or "
-                                   "'image' means only."})
+    condu_prototypes: str = field(default="fused", metadata={"help": "ConDU voting prototypes: 'fused' image + text "
+                                                                     "means (official) or 'image' means only."})
     condu_top_k: int = field(default=4, metadata={"help": "ConDU: tasks voted for per image (official logits_num 4)."})
-    condu_fusion: str = field(
-        default="logits", metadata={"help": "ConDU: fuse the voted models' 'logits' (official) or softmax "
-                                    "'probabilities'."})
-    condu_weighting: str = field(
-        default="uniform", metadata={"help": "ConDU: 'uniform' average with the pretrained model (official) or "
-                                     "'similarity'-weighted task models."})
-    condu_unseen_tasks: str = field(
-        default="vote", metadata={"help": "ConDU task-aware matrix, tasks not learned yet: 'vote' (official "
-                                  "evaluation) or 'pretrained' model."})
+    condu_fusion: str = field(default="logits", metadata={"help": "ConDU: fuse the voted models' 'logits' (official) "
+                                                                  "or softmax 'probabilities'."})
+    condu_weighting: str = field(default="uniform", metadata={
+        "help": "ConDU: 'uniform' average with the pretrained model (official) or 'similarity'-weighted task models."})
+    condu_unseen_tasks: str = field(default="vote", metadata={
+        "help": "ConDU task-aware matrix, tasks not learned yet: 'vote' (official evaluation) or 'pretrained' model."})
     condu_prototype_images: str = field(
         default="augmented", metadata={"help": "ConDU prototypes: the whole training set through the training "
                                        "augmentation, also in few-shot (official: few_shot_finetune.py lines 181-197) "
                                        "or 'plain' (the task's training images, evaluation transform)."})
-    condu_first_cell: str = field(
-        default="task", metadata={"help": "ConDU task-aware matrix, cell (0, 0): the first task's 'task' model, or the "
-                                  "'pretrained' model as the official evaluation (evaluation.py lines 101 and 128 "
-                                  "load task models only from session 1)."})
+    condu_first_cell: str = field(default="task", metadata={
+        "help": "ConDU task-aware matrix, cell (0, 0): the first task's 'task' model, or the 'pretrained' model as the "
+                "official evaluation (evaluation.py lines 101 and 128 load task models only from session 1)."})
     condu_few_shot_augment: str = field(
         default="once", metadata={"help": "ConDU few-shot tasks: each training image augmented 'once', then fixed "
                                   "(official: few_shot_finetune.py lines 39-58), or anew at 'every_step'."})

@@ -47,43 +47,28 @@ ADAPTER_SETTINGS = ("it is a setting of the adapter: MoELoraConfig({name}=...) (
 class MoEAdaptersArguments:
     """MoE-Adapters' options around each task; the adapter's own settings are its `MoELoraConfig`'s."""
 
-    freeze_experts_per_task: Optional[int] = field(
-        default=None,
-        metadata={"help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."},
-    )
-    freeze_policy: str = field(
-        default="top_k",
-        metadata={"help": "Activate-freeze rule: 'top_k' (the paper: the k experts selected most in training) or "
-                  "'coverage' (the experts that carry the task's evaluation-time routing of its training images and "
-                  "prompts, up to `freeze_coverage` of it; 1.0 makes the task's predictions on them final)."},
-    )
-    freeze_coverage: float = field(
-        default=1.0, metadata={"help": "freeze_policy='coverage': share of the task's selections to freeze."}
-    )
-    freeze_images: Optional[int] = field(
-        default=None,
-        metadata={"help": "freeze_policy='coverage': training images whose routing is covered (None: all of them)."},
-    )
-    routing_report: bool = field(
-        default=True,
-        metadata={"help": "After each task, measure for every learned task the share of its evaluation-time expert "
-                  "selections that fall on experts it did not freeze (diagnostics['routing_report'])."},
-    )
-    routing_report_images: int = field(
-        default=256, metadata={"help": "Training images per learned task used by the routing report."}
-    )
-    merge_experts_every: int = field(
-        default=0, metadata={"help": "Expert merging every N steps of a task (Park, 2024: 100); 0 disables."}
-    )
-    shared_router: bool = field(
-        default=False,
-        metadata={"help": "Route every task through router 0 and never freeze (the paper's class-incremental setup)."},
-    )
-    relearn_tasks: bool = field(
-        default=False,
-        metadata={"help": "Continuing a trained model: a task named like one it learned gets a new router of its own "
-                  "(the learned one stays frozen); by default such a task is refused."},
-    )
+    freeze_experts_per_task: Optional[int] = field(default=None, metadata={
+        "help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."})
+    freeze_policy: str = field(default="top_k", metadata={
+        "help": "Activate-freeze rule: 'top_k' (the paper: the k experts selected most in training) or 'coverage' "
+                "(the experts that carry the task's evaluation-time routing of its training images and prompts, up to "
+                "`freeze_coverage` of it; 1.0 makes the task's predictions on them final)."})
+    freeze_coverage: float = field(default=1.0, metadata={
+        "help": "freeze_policy='coverage': share of the task's selections to freeze."})
+    freeze_images: Optional[int] = field(default=None, metadata={
+        "help": "freeze_policy='coverage': training images whose routing is covered (None: all of them)."})
+    routing_report: bool = field(default=True, metadata={
+        "help": "After each task, measure for every learned task the share of its evaluation-time expert selections "
+                "that fall on experts it did not freeze (diagnostics['routing_report'])."})
+    routing_report_images: int = field(default=256, metadata={
+        "help": "Training images per learned task used by the routing report."})
+    merge_experts_every: int = field(default=0, metadata={
+        "help": "Expert merging every N steps of a task (Park, 2024: 100); 0 disables."})
+    shared_router: bool = field(default=False, metadata={
+        "help": "Route every task through router 0 and never freeze (the paper's class-incremental setup)."})
+    relearn_tasks: bool = field(default=False, metadata={
+        "help": "Continuing a trained model: a task named like one it learned gets a new router of its own (the "
+                "learned one stays frozen); by default such a task is refused."})
 
     def __post_init__(self):
         check_option("freeze_experts_per_task", self.freeze_experts_per_task, int, low=0, optional=True)
@@ -179,8 +164,7 @@ class MoEAdapters(ContinualMethod):
             raise ValueError(
                 f"MoEAdaptersArguments has {', '.join(f'{n}={moved[n]!r}' for n in differ)} but the model's adapter "
                 f"has {', '.join(f'{n}={getattr(config, n)!r}' for n in differ)}: a model given to MoEAdapters keeps "
-                "its own settings. Build the model with MoELoraConfig(...) set as wanted."
-            )
+                "its own settings. Build the model with MoELoraConfig(...) set as wanted.")
         smallest = min(slots["total"] for slots in moe.expert_slots().values())
         freeze = arguments.freeze_experts_per_task
         if freeze is not None and freeze > smallest:
@@ -191,10 +175,7 @@ class MoEAdapters(ContinualMethod):
         if moved and selector is not None:
             raise ValueError(f"DDASArguments has {sorted(moved)} and MoEAdapters got selector=...: give the "
                              "selector's settings once, in SelectorConfig.")
-        if moe.selector is not None:
-            settings = moe.selector.config
-        else:
-            settings = selector if selector is not None else SelectorConfig(**moved)
+        settings = moe.selector.config if moe.selector is not None else selector or SelectorConfig(**moved)
         self.selector_settings = settings.bound_to(self.model.config)
         self.ddas.check_selector(self.selector_settings)
 
@@ -221,10 +202,10 @@ class MoEAdapters(ContinualMethod):
 
     # ----- the task loop -------------------------------------------------------------------------------------------
     def begin_sequence(self, context, tasks) -> None:
-        if self.ddas.ddas and self.arguments.shared_router:
-            raise ValueError("DDAS needs one router per task: it cannot be used with shared_router=True.")
         reference = self.ddas_reference
         if self.ddas.ddas:
+            if self.arguments.shared_router:
+                raise ValueError("DDAS needs one router per task: it cannot be used with shared_router=True.")
             if not isinstance(reference, Dataset) or len(reference) == 0 or "image" not in reference.column_names:
                 raise ValueError(
                     "DDAS needs reference images: pass `ddas_reference=` (a non-empty datasets.Dataset with an `image` "
@@ -233,10 +214,9 @@ class MoEAdapters(ContinualMethod):
                         reference, Dataset) else short_repr(reference)) + ".")
             check_image_column(reference, "DDAS reference images (ddas_reference)", context.check_images,
                                context.show_progress)
-        if self.ddas.ddas and self.selector_settings.feature_extractor == "alexnet" and self._alexnet is None:
-            # loaded (downloaded) now, so a missing file or network fails before the first task trains
-            self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, context.device)
-        if self.ddas.ddas:
+            if self.selector_settings.feature_extractor == "alexnet" and self._alexnet is None:
+                # loaded (downloaded) now, so a missing file or network fails before the first task trains
+                self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, context.device)
             check_calibration(self.ddas, tasks)
         self._sequence = list(tasks)
         moe = self.moe
@@ -256,8 +236,7 @@ class MoEAdapters(ContinualMethod):
             raise ValueError(
                 f"This model already learned {again} (routers {[learned.index(n) for n in again]}, frozen with their "
                 "experts). Give new tasks new names, or set MoEAdaptersArguments(relearn_tasks=True) to learn them "
-                "again with new routers of their own; the learned routers stay as they are."
-            )
+                "again with new routers of their own; the learned routers stay as they are.")
         if learned:
             logger.info("Continuing a model that learned %d task(s) %s: the new tasks get routers %d to %d.",
                         len(learned), learned, len(learned), len(learned) + len(tasks) - 1)
@@ -330,10 +309,9 @@ class MoEAdapters(ContinualMethod):
         return result
 
     def restore_diagnostics(self, diagnostics: dict) -> None:
-        self.routing_reports = list(diagnostics.get("routing_report", []))
-        self.trainable_experts = list(diagnostics.get("trainable_experts", []))
-        self.expert_slots = list(diagnostics.get("expert_slots", []))
-        self.expert_growth = list(diagnostics.get("expert_growth", []))
+        for key, attribute in (("routing_report", "routing_reports"), ("trainable_experts", "trainable_experts"),
+                               ("expert_slots", "expert_slots"), ("expert_growth", "expert_growth")):
+            setattr(self, attribute, list(diagnostics.get(key, [])))
 
     # ----- classification ------------------------------------------------------------------------------------------
     def acting_as(self, route: Union[int, torch.Tensor]):
@@ -381,8 +359,7 @@ class MoEAdapters(ContinualMethod):
         if saved.num_tasks != moe.num_tasks:
             raise ValueError(
                 f"Cannot resume from {folder}: its adapter has {saved.num_tasks} task routers, this model "
-                f"{moe.num_tasks}."
-            )
+                f"{moe.num_tasks}.")
         if saved.selector is not None and moe.selector is None:
             moe.enable_selector(saved.selector)
         moe.grow_to(saved.experts_per_module)  # a grown bank: its shapes before its weights
