@@ -144,20 +144,15 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
                              f"size. {FIX}")
         (header_size,) = struct.unpack("<Q", head)
         if header_size > size - 8:
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file: its header claims {header_size} bytes but the file "
-                f"has {size}. {FIX}"
-            )
+            raise ValueError(f"{path} is truncated or not a safetensors file: its header claims {header_size} bytes "
+                             f"but the file has {size}. {FIX}")
         try:
             header = json.loads(handle.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} has a corrupt safetensors header ({error}). {FIX}") from None
     entries = header.items() if isinstance(header, dict) else None
-    malformed = entries is None or any(
-        not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list)
-        or len(entry["data_offsets"]) != 2 for key, entry in entries if key != "__metadata__"
-    )
-    if malformed:
+    if entries is None or any(not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list)
+                              or len(entry["data_offsets"]) != 2 for key, entry in entries if key != "__metadata__"):
         raise ValueError(f"{path} has a malformed safetensors header (not a table of tensors with data offsets). "
                          f"{FIX}")
     for key, entry in header.items():
@@ -171,9 +166,8 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
                              f"shape {shape!r}) does not fit its data offsets {entry['data_offsets']!r}. {FIX}")
     data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_size + data_end > size:
-        raise ValueError(
-            f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has {size}. {FIX}"
-        )
+        raise ValueError(f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has "
+                         f"{size}. {FIX}")
 
 
 @contextmanager

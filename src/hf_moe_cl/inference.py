@@ -21,10 +21,9 @@ from .options import check_label_space
 
 def check_adapter_source(adapter_name_or_path: str, subfolder: Optional[str] = None) -> None:
     """Refuse, before any Hub call, a local-looking path (of an adapter or a base model) that does not exist."""
-    if os.path.isdir(os.path.join(os.fspath(adapter_name_or_path), subfolder or "")):
-        return
     name = os.fspath(adapter_name_or_path)
-    if os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.replace("/", ""):
+    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.replace("/", "")
+    if looks_local and not os.path.isdir(os.path.join(name, subfolder or "")):
         raise FileNotFoundError(f"{name} is neither a folder here nor a Hub repo id (namespace/name): give the folder "
                                 "a model was saved to with save_pretrained, or a repo id.")
 
@@ -166,11 +165,9 @@ class TaskAgnosticClassifier:
         results: list[Optional[dict]] = [None] * pixels.shape[0]
         for route in routes.selected.unique().tolist():
             rows = torch.nonzero(routes.selected == route).flatten()
-            if route != ZERO_SHOT:
-                info = self.tasks[route]
-                space, task = LabelSpace.of(info["classnames"], info["templates"]), info["name"]
-            else:
-                space, task = LabelSpace.of(candidate_labels, templates), None
+            info = self.tasks[route] if route != ZERO_SHOT else dict(classnames=candidate_labels, templates=templates,
+                                                                    name=None)
+            space, task = LabelSpace.of(info["classnames"], info["templates"]), info["name"]
             if embeddings is not None:
                 scores = embeddings[rows] @ self.core.text(space, route).T
             else:

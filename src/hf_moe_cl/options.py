@@ -38,15 +38,9 @@ def short_repr(value: Any, limit: int = 80) -> str:
 
 
 def _is_kind(value: Any, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    if kind is int:
-        return isinstance(value, int)
-    if kind is float:
-        return is_finite_number(value)
-    return isinstance(value, kind)
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return is_finite_number(value) if kind is float else isinstance(value, kind)
 
 
 def check_option(name: str, value: Any, kind: type, low: Optional[float] = None, high: Optional[float] = None,

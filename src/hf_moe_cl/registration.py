@@ -18,29 +18,19 @@ def register_moe_lora() -> None:
     Idempotent: calling it again (re-import, reload) leaves the tables as they are. A different method already
     registered under the same name or prefix is an error rather than being overwritten.
     """
-    wanted = {
-        id(PEFT_TYPE_TO_CONFIG_MAPPING): MoELoraConfig,
-        id(PEFT_TYPE_TO_TUNER_MAPPING): MoELoraModel,
-        id(PEFT_TYPE_TO_PREFIX_MAPPING): MOE_LORA_PREFIX,
-    }
-    for table in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
-        present = table.get(MOE_LORA)
-        expected = wanted[id(table)]
-        if present is not None and getattr(present, "__qualname__", present) != getattr(
-            expected, "__qualname__", expected
-        ):
-            raise KeyError(
-                f"peft already has a method registered as {MOE_LORA!r} ({present!r}); "
-                "uninstall the other package that registers it."
-            )
+    tables = ((PEFT_TYPE_TO_CONFIG_MAPPING, MoELoraConfig), (PEFT_TYPE_TO_TUNER_MAPPING, MoELoraModel),
+              (PEFT_TYPE_TO_PREFIX_MAPPING, MOE_LORA_PREFIX))
+    for table, expected in tables:
+        present = table.get(MOE_LORA, expected)
+        if getattr(present, "__qualname__", present) != getattr(expected, "__qualname__", expected):
+            raise KeyError(f"peft already has a method registered as {MOE_LORA!r} ({present!r}); uninstall the other "
+                           "package that registers it.")
     ours = (MOE_LORA, *LEGACY_PEFT_TYPES)
     other = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == MOE_LORA_PREFIX and t not in ours]
     if other:
         raise KeyError(f"peft method {other[0]!r} already uses the prefix {MOE_LORA_PREFIX!r}.")
-    for peft_type in ours:
-        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = MoELoraConfig
-        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MoELoraModel
-        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = MOE_LORA_PREFIX
+    for table, value in tables:
+        table.update(dict.fromkeys(ours, value))
     reader = PeftConfigMixin.from_json_file.__func__
     if not getattr(reader, "checks_json", False):
         def from_json_file(cls, path_json_file, **kwargs):

@@ -146,8 +146,7 @@ def hub_datasets(spec, source, cache_dir: Optional[str] = None) -> tuple[dict[st
     summary = _summary(spec, source, builder)
     builder.download_and_prepare()  # as load_dataset does; nothing to do for a copy already prepared
     in_memory = is_small_dataset(builder.info.dataset_size)  # load_dataset's default
-    order = None
-    prepared = {}
+    order, prepared = None, {}
     for role, splits in source.splits.items():
         parts = [builder.as_dataset(split=split, in_memory=in_memory) for split in splits]
         data = parts[0] if len(parts) == 1 else concatenate_datasets(parts)

@@ -44,17 +44,8 @@ def map_label_names(dataset: str, source: str, names: Sequence[str], aliases: Se
         for alias in names_of_class:
             table.setdefault(label_key(alias), index)
     dropped = {label_key(name) for name in excluded}
-    indices: list[Optional[int]] = []
-    unknown = []
-    for name in names:
-        key = label_key(name)
-        if key in dropped:
-            indices.append(None)
-        elif key in table:
-            indices.append(table[key])
-        else:
-            indices.append(None)
-            unknown.append(name)
+    indices = [None if label_key(name) in dropped else table.get(label_key(name)) for name in names]
+    unknown = [name for name, index in zip(names, indices) if index is None and label_key(name) not in dropped]
     fix = ("Use a copy whose class names are the official or torchvision ones (see MTIL_DATASETS[name].classnames and "
            ".torchvision_classes), or the torchvision folders (data_dir).")
     if unknown:

@@ -85,8 +85,8 @@ def _cifar100(read: _Reader, root: Path) -> LocalIndex:
             return pickle.load(handle, encoding="latin1")
 
     index = LocalIndex(base, list(unpickle("meta")["fine_label_names"]))
-    for role, name in (("train", "train"), ("test", "test")):
-        labels = list(unpickle(name)["fine_labels"])
+    for role in ("train", "test"):
+        labels = list(unpickle(role)["fine_labels"])
         index.roles[role] = (list(range(len(labels))), labels)
     index.arrays = lambda role: unpickle(role)["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return index
@@ -211,8 +211,7 @@ def _tinyimagenet(read: _Reader, root: Path) -> LocalIndex:
 READERS: dict[str, Callable[[_Reader, Path], LocalIndex]] = {
     "aircraft": _aircraft, "caltech101": _caltech101, "cifar100": _cifar100, "dtd": _dtd, "eurosat": _eurosat,
     "flowers": _flowers, "food": _food, "mnist": _mnist, "oxford_pet": _oxford_pet, "stanford_cars": _stanford_cars,
-    "sun397": _sun397, "tinyimagenet": _tinyimagenet,
-}
+    "sun397": _sun397, "tinyimagenet": _tinyimagenet}
 
 
 def local_index(spec, data_dir: Union[str, os.PathLike]) -> LocalIndex:

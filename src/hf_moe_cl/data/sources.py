@@ -48,11 +48,9 @@ def load_splits(spec, data_dir: Union[None, str, os.PathLike] = None, hub=None,
     """Train and test sets with `image` and official `label`: from the torchvision folders under `data_dir` if
     given, else from the Hub copy `hub` (default: the first of the spec's copies that can be read); the whole
     dataset is split by `spec.split_rule`."""
-    order = None
-    if data_dir is not None:
-        roles = local_datasets(spec, data_dir)  # already in torchvision's order
-    else:
-        roles, order = _first_readable(spec, hub, lambda source: hub_datasets(spec, source, cache_dir))
+    # the torchvision folders are in torchvision's order already; a Hub copy gives the order of the whole set
+    roles, order = (local_datasets(spec, data_dir), None) if data_dir is not None else \
+        _first_readable(spec, hub, lambda source: hub_datasets(spec, source, cache_dir))
     if spec.split_rule is None:
         return roles["train"], roles["test"]
     train_fraction, seed = spec.split_rule

@@ -29,7 +29,7 @@ from ..data.summary import SourceError
 from ..tuners.moe_lora.card import hub_id
 from .datasets import CIL_DATASETS, MTIL_DATASETS, DatasetSpec, HubSource, hub_source
 from .mini_hub import MINI_HUB_DATASETS, MINI_TEST_IMAGES, MINI_TRAIN_IMAGES
-from .presets import ClassIncrementalPreset, get_preset, mini_long_tasks
+from .presets import ClassIncrementalPreset, check_task_names, get_preset, mini_long_tasks
 
 COLUMNS = ("dataset", "source", "split", "train", "test", "classes", "first classes", "labels")
 DOWNLOAD_COLUMNS = ("item", "source", "status")
@@ -50,12 +50,10 @@ class DataCheck:
         return not self.problems
 
     def markdown(self) -> str:
-        lines = [f"Data check of preset {self.preset!r}", "", "| " + " | ".join(COLUMNS) + " |",
-                 "|" + " --- |" * len(COLUMNS)]
-        lines += ["| " + " | ".join(row.get(column, "") for column in COLUMNS) + " |" for row in self.rows]
-        if self.downloads:
-            lines += ["", "| " + " | ".join(DOWNLOAD_COLUMNS) + " |", "|" + " --- |" * len(DOWNLOAD_COLUMNS)]
-            lines += ["| " + " | ".join(row[column] for column in DOWNLOAD_COLUMNS) + " |" for row in self.downloads]
+        lines = [f"Data check of preset {self.preset!r}"]
+        for columns, rows in [(COLUMNS, self.rows)] + ([(DOWNLOAD_COLUMNS, self.downloads)] if self.downloads else []):
+            lines += ["", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(row.get(column, "") for column in columns) + " |" for row in rows]
         lines += [""] + [f"- {problem}" for problem in self.problems]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -239,29 +237,21 @@ def check_data(preset, data_dir: Union[None, str, os.PathLike] = None,
     check = DataCheck(preset.name)
     network = _Network()
     assets = resolve_assets(assets) if getattr(preset, "from_assets", False) else None  # no folder: nothing to check
-    if isinstance(preset, ClassIncrementalPreset):
-        names = [preset.dataset]
-    else:
-        names = list(tasks or preset.tasks)
-        unknown = sorted(set(names) - set(preset.tasks))
-        if unknown:
-            raise ValueError(f"Preset {preset.name!r} has no task(s) {unknown}; its tasks are "
-                             f"{', '.join(preset.tasks)}.")
+    cil = isinstance(preset, ClassIncrementalPreset)
+    names = [preset.dataset] if cil else list(tasks or preset.tasks)
+    if not cil:
+        check_task_names(preset, names)
+    specs, caps = CIL_DATASETS if cil else MTIL_DATASETS, (None, None)
+    if not cil and preset.mini_hub:  # the mini tasks from their Hub copies, capped as the run caps them
+        specs, caps, data_dir = MINI_HUB_DATASETS, (MINI_TRAIN_IMAGES, MINI_TEST_IMAGES), None
     for name in names:
         try:
-            if assets is not None:
-                check.rows.append(_assets_row(name, assets, preset))
-            elif isinstance(preset, ClassIncrementalPreset):
-                check.rows.append(_dataset_row(CIL_DATASETS[name], data_dir, hub_ids.get(name), cache_dir, network))
-            elif preset.mini_hub:
-                check.rows.append(_dataset_row(MINI_HUB_DATASETS[name], None, hub_ids.get(name), cache_dir, network,
-                                               (MINI_TRAIN_IMAGES, MINI_TEST_IMAGES)))
-            else:
-                check.rows.append(_dataset_row(MTIL_DATASETS[name], data_dir, hub_ids.get(name), cache_dir, network))
+            check.rows.append(_assets_row(name, assets, preset) if assets is not None else
+                              _dataset_row(specs[name], data_dir, hub_ids.get(name), cache_dir, network, caps))
         except (SourceError, LabelMappingError, FileNotFoundError) as error:
             check.rows.append({"dataset": name, "source": "FAILED", "labels": "see below"})
             check.problems.append(str(error))
-    if isinstance(preset, ClassIncrementalPreset):
+    if cil:
         steps = (f"; {preset.num_steps} steps: {preset.initial_increment} classes, then {preset.increment} per step, "
                  "official class order")
         check.rows[0]["split"] = check.rows[0].get("split", "") + steps

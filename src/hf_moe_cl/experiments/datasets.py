@@ -68,13 +68,10 @@ class DatasetSpec:
 
     def aliases(self) -> list[tuple[str, ...]]:
         """Every name a source may give each official class: official, torchvision's, its number."""
-        names = [[official] for official in self.classnames]
-        for index, torchvision_name in enumerate(self.torchvision_classes):
-            names[index].append(torchvision_name)
-        if self.number_names_from is not None:
-            for index in range(len(names)):
-                names[index].append(str(index + self.number_names_from))
-        return [tuple(n) for n in names]
+        first = self.number_names_from
+        numbers = [] if first is None else [str(first + index) for index in range(len(self.classnames))]
+        return [(official, *self.torchvision_classes[index:index + 1], *numbers[index:index + 1])
+                for index, official in enumerate(self.classnames)]
 
 
 _NAMES = json.loads(resources.files(__package__).joinpath("official_classnames.json").read_text(encoding="utf-8"))
@@ -105,8 +102,7 @@ _RATES = {
     "eurosat": (1e-4, 1e-3, 1.5e-4, 1e-5, 3e-4, 1e-5), "flowers": (1e-3, 1e-3, 1e-5, 1e-5, 1e-5, 1e-5),
     "food": (1e-3, 1e-2, 2e-3, 1e-5, 2e-3, 1e-5), "mnist": (1e-4, 1e-4, 1e-3, 5e-5, 2.5e-3, 1e-5),
     "oxford_pet": (1e-3, 1e-2, 1.5e-4, 1e-5, 3e-4, 5e-5), "stanford_cars": (1e-3, 1e-2, 2e-3, 1e-5, 2e-3, 1e-5),
-    "sun397": (1e-3, 1e-2, 1.5e-3, 1e-5, 2e-3, 1e-5),
-}
+    "sun397": (1e-3, 1e-2, 1.5e-3, 1e-5, 2e-3, 1e-5)}
 
 
 def _spec(name, official_name, templates, hub, layout, sizes, splits=(None, None), number_from=None, excluded=(),
@@ -240,13 +236,9 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
     spec = MTIL_DATASETS[name]
     train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(spec, hub),
                               cache_dir=cache_dir)
-    whole = train
-    if few_shot:
-        train = few_shot_subset(whole, few_shot, seed)
     rates = dict(spec.learning_rates)
     if few_shot:  # each method's few-shot rates under its own recipe name
-        for recipe in ("moe-adapters", "condu-lora", "condu-full"):
-            rates[recipe] = rates[f"{recipe}-few-shot"]
-    return ContinualTask(name=name, train_dataset=train, eval_dataset=test, classnames=list(spec.classnames),
-                         templates=list(spec.templates), official_learning_rates=rates,
-                         full_train_dataset=whole if few_shot else None)
+        rates.update({recipe: rates[f"{recipe}-few-shot"] for recipe in ("moe-adapters", "condu-lora", "condu-full")})
+    return ContinualTask(name=name, train_dataset=few_shot_subset(train, few_shot, seed) if few_shot else train,
+                         eval_dataset=test, classnames=list(spec.classnames), templates=list(spec.templates),
+                         official_learning_rates=rates, full_train_dataset=train if few_shot else None)

@@ -25,11 +25,9 @@ class MethodArguments:
 
     method: str = field(default="moe-adapters", metadata={"help": f"One of {', '.join(METHODS)}."})
     rank: int = field(default=64, metadata={"help": "Rank of MoE experts, of the LoRA baseline and of ConDU's LoRA."})
-    use_task_learning_rates: bool = field(
-        default=True,
-        metadata={"help": "Use each task's official learning rate for the method (MoE-Adapters', ConDU's) where the "
-                  "preset has one; false: `learning_rate` for every task."},
-    )
+    use_task_learning_rates: bool = field(default=True, metadata={"help": (
+        "Use each task's official learning rate for the method (MoE-Adapters', ConDU's) where the preset has one; "
+        "false: `learning_rate` for every task.")})
 
     def __post_init__(self):
         check_option("method", self.method, str)
@@ -38,16 +36,12 @@ class MethodArguments:
         check_option("use_task_learning_rates", self.use_task_learning_rates, bool)
 
 
-def _owner_help(owner: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(owner) if f.name == name)
-
-
 ADAPTER_OPTIONS = ("num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold")
 
 
 def _option(owner: type, name: str):
-    return field(default=None, metadata={"help": f"{owner.__name__}.{name} (None: its default). "
-                                                 + _owner_help(owner, name)})
+    owner_help = next(f.metadata.get("help", "") for f in dataclasses.fields(owner) if f.name == name)
+    return field(default=None, metadata={"help": f"{owner.__name__}.{name} (None: its default). {owner_help}"})
 
 
 @dataclass
@@ -66,7 +60,7 @@ class AdapterArguments:
     ddas_include_untrained: Optional[bool] = _option(SelectorConfig, "include_untrained")
 
     def __post_init__(self):
-        self.adapter_config(), self.selector_config()  # their owners check the values given
+        self.configs()  # their owners check the values given
 
     def _given(self, names) -> dict[str, Any]:
         return {names[name] if isinstance(names, dict) else name: getattr(self, name) for name in names
@@ -81,7 +75,7 @@ class AdapterArguments:
 
     def resolved(self) -> dict[str, Any]:
         """Every option as the adapter will have it (the owners' defaults where None)."""
-        adapter, selector = self.adapter_config(), self.selector_config()
+        adapter, selector = self.configs()
         return {**{name: getattr(adapter, name) for name in ADAPTER_OPTIONS},
                 **{option: getattr(selector, name) for option, name in SELECTOR_OPTION_NAMES.items()}}
 

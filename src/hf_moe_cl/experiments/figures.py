@@ -6,7 +6,7 @@ caller's backend, so drawing a report inside a notebook or a training job change
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -19,13 +19,6 @@ from ..continual.result import METRIC_LABELS, MATRIX_TITLES
 from ..files import atomic_path
 
 COLOUR_MAP = matplotlib.colormaps["viridis"].with_extremes(bad="whitesmoke")
-
-
-def _figure(columns: int, rows: int) -> Figure:
-    width, height = max(5.5, 0.8 * columns + 3.2), max(4.5, 0.62 * rows + 2.9)
-    figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
 
 
 def _cells(axes, values: np.ndarray, norm: Normalize, fontsize: float, boxed: Optional[np.ndarray] = None) -> None:
@@ -44,7 +37,16 @@ def _cells(axes, values: np.ndarray, norm: Normalize, fontsize: float, boxed: Op
         axes.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=fontsize, color=ink, bbox=box)
 
 
-def _axes_labels(axes, rows: Sequence[str], columns: Sequence[str], ylabel: str, xlabel: str) -> None:
+def _heatmap(values: np.ndarray, rows: Sequence[str], columns: Sequence[str], ylabel: str, xlabel: str,
+             colour_label: str, fontsize: float, boxed: Optional[np.ndarray] = None) -> tuple[Figure, Any]:
+    """A figure of `values` (%) on a fixed 0-100 scale, each cell labelled (see `_cells`), and its axes."""
+    width, height = max(5.5, 0.8 * len(columns) + 3.2), max(4.5, 0.62 * len(rows) + 2.9)
+    figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    norm = Normalize(0.0, 100.0)
+    image = axes.imshow(np.ma.masked_invalid(values), cmap=COLOUR_MAP, norm=norm)
+    _cells(axes, values, norm, fontsize, boxed)
     axes.set_xticks(range(len(columns)), labels=columns, rotation=40, ha="right", rotation_mode="anchor")
     axes.set_yticks(range(len(rows)), labels=rows)
     axes.set_xlabel(xlabel)
@@ -52,10 +54,8 @@ def _axes_labels(axes, rows: Sequence[str], columns: Sequence[str], ylabel: str,
     axes.tick_params(length=0)
     for spine in axes.spines.values():
         spine.set_visible(False)
-
-
-def _metrics_line(metrics: dict[str, float]) -> str:
-    return " · ".join(f"{METRIC_LABELS[name]} {value:.1f}" for name, value in metrics.items())
+    figure.colorbar(image, ax=axes, label=colour_label, shrink=0.85)
+    return figure, axes
 
 
 def accuracy_heatmap(matrix: Sequence[Sequence[Optional[float]]], names: Sequence[str], method: str,
@@ -67,20 +67,15 @@ def accuracy_heatmap(matrix: Sequence[Sequence[Optional[float]]], names: Sequenc
     Last / BWT).
     """
     values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix])
-    figure = _figure(len(names), len(names))
-    axes = figure.add_subplot()
-    norm = Normalize(0.0, 100.0)
-    image = axes.imshow(np.ma.masked_invalid(values), cmap=COLOUR_MAP, norm=norm)
     unseen = np.triu(np.ones(values.shape, dtype=bool), k=1)
-    _cells(axes, values, norm, 9 if len(names) <= 6 else 7, boxed=unseen)
+    figure, axes = _heatmap(values, names, names, "after training", "evaluated on", "accuracy (%)",
+                            9 if len(names) <= 6 else 7, boxed=unseen)
     for i, j in zip(*np.nonzero(unseen)):
         axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor=(1, 1, 1, 0.45),
                                  linewidth=0.0))
-    _axes_labels(axes, names, names, "after training", "evaluated on")
-    figure.colorbar(image, ax=axes, label="accuracy (%)", shrink=0.85)
     title = f"{method}: accuracy, {kind} matrix\n{MATRIX_TITLES.get(kind, kind)}"
     if metrics:
-        title += "\n" + _metrics_line(metrics)
+        title += "\n" + " · ".join(f"{METRIC_LABELS[name]} {value:.1f}" for name, value in metrics.items())
     figure.suptitle(title, fontsize=10)
     legend = [Patch(facecolor="white", edgecolor="grey", label="trained (j ≤ i)"),
               Patch(facecolor="white", edgecolor="grey", hatch="//", label="not trained yet (j > i)")]
@@ -95,16 +90,11 @@ def selection_heatmap(counts: Sequence[Sequence[int]], names: Sequence[str], met
     totals = counts.sum(axis=1, keepdims=True)
     shares = 100.0 * counts / np.where(totals > 0, totals, 1.0)
     routes = ["zero-shot", *names]
-    figure = _figure(len(routes), len(names))
-    axes = figure.add_subplot()
-    norm = Normalize(0.0, 100.0)
-    image = axes.imshow(shares, cmap=COLOUR_MAP, norm=norm)
-    _cells(axes, shares, norm, 9 if len(routes) <= 7 else 7)
+    figure, axes = _heatmap(shares, names, routes, "images of", "sent to", "% of the task's test images",
+                            9 if len(routes) <= 7 else 7)
     axes.axvline(0.5, color="white", linewidth=2.0)
     for j in range(len(names)):
         axes.add_patch(Rectangle((j + 0.5, j - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6, clip_on=False))
-    _axes_labels(axes, names, routes, "images of", "sent to")
-    figure.colorbar(image, ax=axes, label="% of the task's test images", shrink=0.85)
     correct = [shares[j, j + 1] for j in range(len(names))]
     figure.suptitle(f"{method}: route selection after the last task, {kind} matrix\n"
                     f"{MATRIX_TITLES.get(kind, kind)}\nsent to their own task: {np.mean(correct):.1f} % on average "

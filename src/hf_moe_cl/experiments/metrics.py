@@ -8,16 +8,8 @@ from __future__ import annotations
 from typing import Sequence
 
 # the one implementation: the `evaluate` metric module shipped in the package
-from ..metrics.mtil.mtil import (  # noqa: F401
-    average,
-    backward_transfer,
-    forgetting,
-    last,
-    mtil_metrics,
-    summary,
-    task_drops,
-    transfer,
-)
+from ..metrics.mtil.mtil import (average, backward_transfer, forgetting, last, mtil_metrics,  # noqa: F401
+                                  summary, task_drops, transfer)
 
 
 def class_incremental_metrics(step_accuracies: Sequence[float]) -> dict[str, float]:

@@ -43,15 +43,6 @@ def selection_table(summary: dict, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _csv(names: Sequence[str], matrix) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["after \\ on"] + list(names))
-    for name, row in zip(names, matrix):
-        writer.writerow([name] + ["" if v is None else f"{v:.2f}" for v in row])
-    return buffer.getvalue()
-
-
 def write_report(output_dir: str | Path, method: str, names: Sequence[str], matrix, kind: str = "oracle",
                  route_histogram: Optional[Sequence] = None) -> dict[str, float]:
     """One matrix into `output_dir`: accuracy_matrix.{json,csv,png} and metrics.md (Transfer / Average / Last /
@@ -63,7 +54,11 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
     record = {"method": method, "kind": kind, "tasks": names, "accuracy_matrix": matrix, "metrics": metrics,
               "forgetting": lost}
     write_json_atomic(output_dir / "accuracy_matrix.json", record)
-    write_text_atomic(output_dir / "accuracy_matrix.csv", _csv(names, matrix))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["after \\ on"] + names)
+    writer.writerows([name] + ["" if v is None else f"{v:.2f}" for v in row] for name, row in zip(names, matrix))
+    write_text_atomic(output_dir / "accuracy_matrix.csv", table.getvalue())
     text = (f"# {markdown_text(method)}: {matrix_label(kind)}\n\n"
             + metrics_markdown({method: (metrics, lost)}, names, "method"))
     figure_metrics = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}

@@ -105,11 +105,10 @@ def _known(matrix, cells) -> bool:
 def summary(matrix: Sequence[Sequence[Optional[float]]], names: Optional[Sequence[str]] = None) -> dict:
     """Every metric the matrix's evaluated cells allow (see `_KWARGS_DESCRIPTION`)."""
     tasks = _check_matrix(matrix)
-    full = [(i, j) for i in range(tasks) for j in range(tasks)]
     result = {}
     if tasks >= 2 and _known(matrix, [(i, j) for j in range(1, tasks) for i in range(j)]):
         result["transfer"] = transfer(matrix)
-    if _known(matrix, full):
+    if _known(matrix, [(i, j) for i in range(tasks) for j in range(tasks)]):
         result["average"] = average(matrix)
     if _known(matrix, [(tasks - 1, j) for j in range(tasks)]):
         result["last"] = last(matrix)
@@ -124,8 +123,7 @@ class Mtil(evaluate.Metric):
         return evaluate.MetricInfo(
             description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"accuracies": datasets.Sequence(datasets.Value("float64"))}),
-            reference_urls=["https://github.com/Thunderbeee/ZSCL", "https://github.com/JiazuoYu/MoE-Adapters4CL"],
-        )
+            reference_urls=["https://github.com/Thunderbeee/ZSCL", "https://github.com/JiazuoYu/MoE-Adapters4CL"])
 
     def _compute(self, accuracies, task_names=None):
         return summary([list(row) for row in accuracies], task_names)
