@@ -40,9 +40,10 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         self.in_features = in_features
         self.out_features = out_features
         self._init_banks()
-        # moe_lora_expert_task: grown banks only (see add_experts)
-        for name in ("moe_lora_counts", "moe_lora_frozen_by", "moe_lora_router_frozen", "moe_lora_expert_task"):
-            setattr(self, name, BufferDict(persistent=True))
+        self.moe_lora_counts = BufferDict(persistent=True)
+        self.moe_lora_frozen_by = BufferDict(persistent=True)
+        self.moe_lora_router_frozen = BufferDict(persistent=True)
+        self.moe_lora_expert_task = BufferDict(persistent=True)  # grown banks only: see add_experts
         self.moe_lora_dropout = nn.ModuleDict()
         self.moe_lora_options: dict[str, MoELoraConfig] = {}
         self.balance_loss: Optional[torch.Tensor] = None
