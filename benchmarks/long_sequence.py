@@ -54,6 +54,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PER_TASK_TENSORS = ("moe_lora_router_gate", "moe_lora_router_noise", "moe_lora_counts", "moe_lora_router_frozen")
 ROUND = 6  # mini-long's rounds: one task of each dataset
+GROWTH = "coverage-1.0+growth"
 
 
 def variants(growth_threshold: float) -> dict[str, dict]:
@@ -61,10 +62,18 @@ def variants(growth_threshold: float) -> dict[str, dict]:
         "top_k": dict(freeze_policy="top_k"),
         "coverage-0.9": dict(freeze_policy="coverage", freeze_coverage=0.9),
         "coverage-1.0": dict(freeze_policy="coverage", freeze_coverage=1.0),
-        "coverage-1.0+growth": dict(freeze_policy="coverage", freeze_coverage=1.0,
+        GROWTH: dict(freeze_policy="coverage", freeze_coverage=1.0,
                                     adapter=MoELoraConfig(expert_growth_threshold=growth_threshold)),
         "individual": None,
     }
+
+
+def shaping(settings, variant: str):
+    """The settings that shape `variant`'s numbers: the growth threshold only the growth variant's, so individual
+    fine-tuning measured beside growth 0.3 serves a growth-0.5 folder too (copy its `individual.json` there)."""
+    if variant == GROWTH or not isinstance(settings, dict):
+        return settings
+    return {k: v for k, v in settings.items() if k != "growth_threshold"}
 
 
 def adapter_bytes(model, learned: int) -> int:
@@ -277,7 +286,7 @@ def main():
                 record = read_json_file(saved)
             except ValueError as error:
                 parser.error(f"{error} Once it is deleted, {variant} is measured again.")
-            if not isinstance(record, dict) or record.get("settings") != settings:
+            if not isinstance(record, dict) or shaping(record.get("settings"), variant) != shaping(settings, variant):
                 parser.error(f"{saved} was measured with other settings ({record.get('settings')}); "
                              f"delete it or use another --output_dir")
             records[variant] = record
@@ -325,7 +334,7 @@ def main():
 
     everything = {p.stem: json.loads(p.read_text()) for p in sorted(output.glob("*.json"))
                   if p.stem in known and p.stem not in records}
-    records.update({v: r for v, r in everything.items() if r.get("settings") == settings})
+    records.update({v: r for v, r in everything.items() if shaping(r.get("settings"), v) == shaping(settings, v)})
     individual = records.get("individual", {}).get("matrices", {}).get("oracle")
     table = {variant: rows_at(records[variant], individual, report_at) for variant in known if variant in records}
     header = (f"mini-long, first {args.num_tasks} tasks, {args.steps_per_task} steps per task, batch "

@@ -125,6 +125,17 @@ def test_a_growth_variant_is_saved_with_the_runs_settings_and_read_back(tmp_path
     assert record["settings"]["growth_threshold"] == 0.3 and record["settings"]["num_tasks"] == 2
     again = long_sequence(*argv)
     assert again.returncode == 0 and "coverage-1.0+growth: measured before, read from" in again.stdout, again.stderr
+    # another growth threshold: the growth record no longer matches, individual fine-tuning (which it does not
+    # shape) still does, so a growth-0.5 folder can take the individual run measured beside growth 0.3
+    other = long_sequence(*argv[:-1], str(tmp_path), "--growth_threshold", "0.5", "--report_only")
+    assert other.returncode == 2 and "coverage-1.0+growth.json was measured with other settings" in other.stderr
+    argv_individual = [*argv[:-3], "individual", "--output_dir", str(tmp_path / "individual_run")]
+    assert long_sequence(*argv_individual).returncode == 0
+    (tmp_path / "g05").mkdir()
+    (tmp_path / "g05" / "individual.json").write_bytes((tmp_path / "individual_run" / "individual.json").read_bytes())
+    reused = long_sequence(*argv_individual[:-1], str(tmp_path / "g05"), "--growth_threshold", "0.5", "--report_only")
+    assert reused.returncode == 0 and "individual: measured before" in reused.stdout, reused.stderr[-2000:]
+    assert json.loads((tmp_path / "g05" / "results.json").read_text())["table"]["individual"]
 
 
 # ----- benchmarks/long_sequence_seeds.py: mean and range over seeds ---------------------------------------------------
