@@ -85,8 +85,7 @@ class EvaluationEngine:
                           num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
 
     def _batches(self, task) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(pixels, labels) of this process's share of the test set in evaluation batches, on the CPU: from the
-        cache, or read and preprocessed now (and kept while the cache has room for the whole set)."""
+        """(pixels, labels) of this process's share of the test set on the CPU, from the cache or read now."""
         key = self._key(task)
         if key in self._images:
             yield from self._images[key]
@@ -125,10 +124,9 @@ class EvaluationEngine:
     # ----- encodings -----------------------------------------------------------------------------------------------
     def _precision(self):
         args = self.trainer.args
-        if args.bf16_full_eval or args.fp16_full_eval:
-            dtype = torch.bfloat16 if args.bf16_full_eval else torch.float16
-            return torch.autocast(args.device.type, dtype=dtype)
-        return nullcontext()
+        if not (args.bf16_full_eval or args.fp16_full_eval):
+            return nullcontext()
+        return torch.autocast(args.device.type, dtype=torch.bfloat16 if args.bf16_full_eval else torch.float16)
 
     def _untouched_of(self, task, start: int, pixels: torch.Tensor) -> torch.Tensor:
         """The untouched model's embeddings of rows `start...` of this process's share of the task's test set."""
@@ -143,7 +141,6 @@ class EvaluationEngine:
         return embeddings
 
     def _keep_untouched(self, task, parts: list[torch.Tensor]) -> None:
-        """Keep a whole test set's untouched embeddings for later stages, when that model never changes."""
         key = self._key(task)
         if not parts or key in self._untouched or not self.method.untouched_is_fixed:
             return
@@ -178,8 +175,7 @@ class EvaluationEngine:
         kinds = request.kinds
         if not kinds:
             return {}
-        trainer, method = self.trainer, self.method
-        args = trainer.args
+        trainer, method, args = self.trainer, self.method, self.trainer.args
         device = args.device
         space = LabelSpace.of(task.classnames, task.templates)
         selecting = request.per_image or request.protocol
@@ -254,9 +250,7 @@ class EvaluationEngine:
     def agnostic_kinds(self) -> list[str]:
         """The task-agnostic matrices the run fills (`task_agnostic_eval`; None: whichever the method can)."""
         wanted = self.trainer.args.task_agnostic_eval
-        if wanted is None:
-            wanted = self.method.selects_routes
-        if not wanted:
+        if not (self.method.selects_routes if wanted is None else wanted):
             return []
         if not self.method.selects_routes:
             raise ValueError(
@@ -290,12 +284,10 @@ class EvaluationEngine:
                 reuse = (None,)
             elif j < index and method.task_models_are_final:
                 reuse = (matrices["oracle"][j][j],)
+            elif (route := method.cell_route(index, j)) == ZERO_SHOT:
+                reuse = (pretrained[j],)
             else:
-                route = method.cell_route(index, j)
-                if route == ZERO_SHOT:
-                    reuse = (pretrained[j],)
-                else:
-                    oracle = route
+                oracle = route
             request = CellRequest(oracle=oracle, per_image="per_image" in histograms or oracle is None and
                                   reuse is None, protocol="protocol" in histograms)
             cells = self.evaluate(other, request, classifier)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..metrics.mtil.mtil import forgetting, mtil_metrics, summary
+from ..metrics.mtil.mtil import mtil_metrics, summary
 from ..tuners.moe_lora.card import markdown_text
 
 Matrix = list[list[Optional[float]]]
@@ -87,11 +87,9 @@ def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = (
 def matrix_summary(names: Sequence[str], matrix) -> tuple[dict[str, float], Optional[dict]]:
     """Transfer / Average / Last if every cell was evaluated (two tasks or more), and the forgetting (`{"bwt",
     "drop"}`) if the diagonal and the last row were; empty / None otherwise (e.g. class-incremental runs)."""
-    if len(names) < 2:
-        return {}, None
-    complete = all(value is not None for row in matrix for value in row)
-    diagonal_and_last = all(matrix[j][j] is not None and matrix[-1][j] is not None for j in range(len(names)))
-    return (mtil_metrics(matrix) if complete else {}), (forgetting(matrix, names) if diagonal_and_last else None)
+    found = summary(matrix, names) if len(names) >= 2 else {}  # every metric the evaluated cells allow
+    metrics = {name: found[name] for name in ("transfer", "average", "last")} if "average" in found else {}
+    return metrics, ({"bwt": found["bwt"], "drop": found["drop"]} if "bwt" in found else None)
 
 
 def metrics_markdown(rows: dict[str, tuple[dict, Optional[dict]]], names: Sequence[str], first: str) -> str:

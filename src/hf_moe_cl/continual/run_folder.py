@@ -97,11 +97,9 @@ def finished_folders(output_dir: str | Path) -> dict[int, Path]:
 
 def remove_temporary(output_dir: str | Path) -> None:
     """Delete what an interrupted atomic write left behind (hidden `.*.tmp-*` siblings)."""
-    root = Path(output_dir)
-    if root.is_dir():
-        for path in root.iterdir():
-            if is_temporary(path):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
+        if is_temporary(path):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def read_progress(folder: Path) -> dict:

@@ -41,25 +41,20 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
         return
     dataset = dataset.cast_column("image", ImageFeature(decode=False))
     bad: list[tuple[int, str]] = []
-    bar = tqdm(total=len(dataset), desc=f"checking images ({where})", disable=not progress, leave=False)
-    for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
-        for offset, image in enumerate(batch["image"]):
-            try:
-                to_rgb(_open_image(image))  # decodes; refuses NaN or infinite pixels and 0x0 images
-            except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-                bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
-        bar.update(len(batch["image"]))
-    bar.close()
+    with tqdm(total=len(dataset), desc=f"checking images ({where})", disable=not progress, leave=False) as bar:
+        for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
+            for offset, image in enumerate(batch["image"]):
+                try:
+                    if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
+                        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+                    to_rgb(image)  # decodes; refuses NaN or infinite pixels and 0x0 images
+                except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+                    bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
+            bar.update(len(batch["image"]))
     if bad:
         index, error = bad[0]
         raise ValueError(f"{where}: {len(bad)} image(s) cannot be decoded, the first at index {index} ({error}). "
                          "Remove or replace them before training (e.g. dataset.select of the good indices).")
-
-
-def _open_image(image):
-    if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
-        return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-    return image
 
 
 @dataclass
@@ -104,7 +99,12 @@ class ContinualTask:
             raise ValueError(f"A task needs a non-empty name (a string), got {self.name!r}: it names the task in the "
                              "matrices, the reports and its checkpoint folder.")
         check_label_space(self.classnames, self.templates, f"Task {self.name!r}")
-        self._check_train_classes()
+        classes = self.train_classes
+        if classes is not None and not (isinstance(classes, (list, tuple)) and classes and all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(self.classnames) for c in classes)
+                and len(set(classes)) == len(classes)):
+            raise ValueError(f"Task {self.name!r}: `train_classes` must be a non-empty list of distinct class indices "
+                             f"in 0..{len(self.classnames) - 1} (positions in `classnames`), got {short_repr(classes)}.")
         if not isinstance(self.official_learning_rates, dict):
             raise ValueError(f"Task {self.name!r}: `official_learning_rates` must map recipe names to learning rates "
                              "(a dict such as {'moe-adapters': 1e-3}), got "
@@ -135,16 +135,6 @@ class ContinualTask:
                     f"{dataset.column_names}. Rename the columns to `image` and `label`.")
             self._check_labels(split, dataset)
             check_image_column(dataset, f"task {self.name!r}, {split} split", check_images, progress)
-
-    def _check_train_classes(self) -> None:
-        classes = self.train_classes
-        if classes is None:
-            return
-        valid = isinstance(classes, (list, tuple)) and classes and all(
-            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(self.classnames) for c in classes)
-        if not valid or len(set(classes)) != len(classes):
-            raise ValueError(f"Task {self.name!r}: `train_classes` must be a non-empty list of distinct class indices "
-                             f"in 0..{len(self.classnames) - 1} (positions in `classnames`), got {short_repr(classes)}.")
 
     def _check_labels(self, split: str, dataset: Dataset) -> None:
         feature = dataset.features["label"]

@@ -188,8 +188,7 @@ class ContinualTrainer(Trainer):
 
     def _evaluate_stage(self, index: int, tasks: list[ContinualTask], matrices: dict, histograms: dict,
                         pretrained: dict[int, float]) -> dict[str, int]:
-        """One row of every matrix after task `index` (`EvaluationEngine.stage`), logged; returns the image
-        encodings run since the last stage (the first stage's include the pretrained model's cells)."""
+        """One row of every matrix after task `index`, logged; returns the image encodings run since the last stage."""
         engine = self.engine
         rows = engine.stage(index, tasks, self.classifier(), matrices, histograms, pretrained)
         matrices["oracle"].append(rows["oracle"])
@@ -309,9 +308,8 @@ class ContinualTrainer(Trainer):
         return ContinualResult(task_names=names, matrices=ordered, diagnostics=diagnostics)
 
     def _train_one_task(self, index: int, task: ContinualTask) -> None:
-        """`Trainer.train()` on the task, with what the task trains (the method's training model, the task's
-        learning rate, its dataset, prompts and labels) given to the trainer for that call only: nothing of one
-        task is left for the next, and the user's arguments are never changed."""
+        """`Trainer.train()` on the task, with its model, learning rate, dataset, prompts and labels given to the
+        trainer for that call only: nothing of one task is left for the next, the user's arguments never change."""
         run_args, run_model, run_wrapped = self.args, self.model, self.model_wrapped
         model = self.method.training_model()
         if model is not run_model:

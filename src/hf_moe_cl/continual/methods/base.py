@@ -130,8 +130,8 @@ class ContinualMethod:
 
     def select_routes(self, classifier, pixels: torch.Tensor) -> tuple[ImageRoutes, Optional[torch.Tensor]]:
         """Routes chosen without a task id, per image, and the untouched CLIP's embeddings of `pixels` when
-        computing the routes produced them (reused for zero-shot images)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot classify without a task id.")
+        computing the routes produced them (reused for zero-shot images). By default `choose_routes`'s."""
+        return self.choose_routes(classifier, pixels)
 
     def choose_routes(self, classifier, pixels: torch.Tensor, untouched: Optional[torch.Tensor] = None,
                       unit: Optional[int] = None) -> tuple[ImageRoutes, Optional[torch.Tensor]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import CLIPModel
 
 from ...classification import ZERO_SHOT, ImageRoutes, image_embeddings, text_embeddings
 from ...condu import (CONFIG_FILE, PROTOTYPE_KINDS, UNIFY_RULES, Delta, DeltaStore, applied_delta, load_folder,
@@ -126,8 +127,6 @@ class ConDU(ContinualMethod):
             if not name:
                 raise ValueError(f"The ConDU save in {folder_or_repo_id} names no base model; pass "
                                  "base_model=CLIPModel.from_pretrained(...).")
-            from transformers import CLIPModel
-
             base_model = CLIPModel.from_pretrained(name, **model_kwargs)
         method = cls(base_model, saved if arguments is None else arguments, rank=rank)
         method.load(folder)
@@ -200,13 +199,10 @@ class ConDU(ContinualMethod):
         """Per class, the mean unit image feature of the pretrained CLIP over the training images
         (`condu_prototype_images`) and the mean unit text feature over its templates."""
         device = context.device
-        features, labels = [], []
-        for batch in context.progress(self._prototype_loader(context, task), f"prototypes of {task.name}"):
-            pixels, batch_labels = batch["pixel_values"].to(device), batch["labels"].to(device)
-            gathered = context.gather((image_embeddings(self.model, pixels), batch_labels))
-            features.append(gathered[0])
-            labels.append(gathered[1])
-        features, labels = torch.cat(features), torch.cat(labels)
+        gathered = [context.gather((image_embeddings(self.model, batch["pixel_values"].to(device)),
+                                    batch["labels"].to(device)))
+                    for batch in context.progress(self._prototype_loader(context, task), f"prototypes of {task.name}")]
+        features, labels = torch.cat([f for f, _ in gathered]), torch.cat([lab for _, lab in gathered])
         classes = len(task.classnames)
         sums = torch.zeros(classes, features.shape[-1], device=device).index_add(0, labels, features)
         counts = torch.bincount(labels, minlength=classes).clamp(min=1).unsqueeze(-1)
@@ -244,14 +240,10 @@ class ConDU(ContinualMethod):
         prototypes = [prototype_vectors(means, self.arguments.condu_prototypes) for means in self.store.prototypes]
         return vote(image_features, prototypes, self.arguments.condu_top_k)
 
-    def select_routes(self, classifier, pixels):
+    def choose_routes(self, classifier, pixels, untouched=None, unit=None):
         """The pretrained model and the top-K voted task models, their outputs fused (`condu_fusion`) with equal
         weights 1/(K+1) (official) or, with `condu_weighting="similarity"`, the task models sharing K/(K+1) by the
-        softmax of their similarities."""
-        return self.choose_routes(classifier, pixels)
-
-    def choose_routes(self, classifier, pixels, untouched=None, unit=None):
-        """As `select_routes`, voting with the pretrained embeddings `untouched` when given."""
+        softmax of their similarities; voting with the pretrained embeddings `untouched` when given."""
         if unit is not None:
             raise NotImplementedError("ConDU votes per image; it has no per-batch decision.")
         pretrained = image_embeddings(self.model, pixels) if untouched is None else untouched

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ...classification import text_embeddings
+from ...data.splits import seeded_rows
 from ...tuners.moe_lora.model import find_moe, tower_of
 
 
@@ -19,8 +20,7 @@ def evaluation_selections(model, context, route: int, task, max_images: Optional
     sample of `max_images`, or all) and encodes its prompts, as at evaluation: no noise, no augmentation."""
     dataset = task.train_dataset
     if max_images is not None and len(dataset) > max_images:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(context.seed))
-        dataset = dataset.select(sorted(order[:max_images].tolist()))
+        dataset = dataset.select(seeded_rows(len(dataset), max_images, context.seed))
     selections: dict = {}
     model.eval()
     moe = find_moe(model)

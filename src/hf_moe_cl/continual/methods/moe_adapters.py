@@ -184,9 +184,8 @@ class MoEAdapters(ContinualMethod):
         """A new adapter from the `MoELoraConfig` among `options` (its sizes; the paper's by default), with
         `num_tasks` routers (one if `shared_router`) of rank `rank`."""
         arguments = cls.pick(options, MoEAdaptersArguments)
-        template = next((option for option in options if isinstance(option, MoELoraConfig)), MoELoraConfig())
-        config = dataclasses.replace(template, num_tasks=1 if arguments.shared_router else num_tasks, r=rank,
-                                     **getattr(arguments, "moved", {}))
+        config = dataclasses.replace(cls.pick(options, MoELoraConfig), r=rank, **getattr(arguments, "moved", {}),
+                                     num_tasks=1 if arguments.shared_router else num_tasks)
         model = get_peft_model(copy.deepcopy(base), config)
         selector = next((option for option in options if isinstance(option, SelectorConfig)), None)
         return cls(model, arguments, cls.pick(options, DDASArguments), reference_images, selector)
