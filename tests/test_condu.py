@@ -369,7 +369,7 @@ def drop_last_task(header):
      r"tasks\[0\] must be an object with a finite `rescaler`"),
     (lambda f: edit_condu_config(f, lambda h: {**h, "tasks": [{**h["tasks"][0], "classnames": "abc"},
                                                               h["tasks"][1]]}),
-     r"tasks\[0\].classnames must be a list of strings"),
+     r"tasks\[0\]: `classnames` must be a list of class names \(one per label\), got str 'abc'"),
     (lambda f: edit_condu_config(f, drop_last_task), r"lists 1 task\(s\) but condu_triggers.safetensors holds "
                                                      r"triggers of tasks \[0, 1\]"),
     (lambda f: rewrite_triggers(f, lambda t: t.update({"prototype.1.image_mean": torch.zeros(3, 8)})),

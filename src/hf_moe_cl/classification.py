@@ -78,11 +78,8 @@ class RouteModels(Protocol):
 
 @dataclass
 class ImageRoutes:
-    """Per image, the routes whose predictions are combined (batch, m), their weights and how they are fused.
-
-    `selected` is the route the method identified for each image (for selection statistics), `ids[:, 0]` when the
-    method picks a single route.
-    """
+    """Per image, the routes whose predictions are combined (batch, m), their weights and how they are fused;
+    `selected`: the route the method identified for each image (default `ids[:, 0]`), for selection statistics."""
 
     ids: torch.Tensor
     weights: Optional[torch.Tensor] = None
@@ -103,11 +100,8 @@ class ImageRoutes:
 
 
 class RoutedClassifier:
-    """Classifies pixel batches through the models of routes; text embeddings are cached per (route, label space).
-
-    The cache assumes those models do not change while this object is used: build a new one after
-    training.
-    """
+    """Classifies pixel batches through the models of routes; text embeddings are cached per (route, label space),
+    so the models must not change while this object is used: build a new one after training."""
 
     def __init__(self, models: RouteModels, tokenizer, device, untouched_text: Optional[dict] = None):
         self.models, self.tokenizer, self.device = models, tokenizer, device

@@ -42,7 +42,7 @@ def _fsync_directory(path: Path) -> None:
 
 
 def temporary_sibling(path: Path) -> Path:
-    """A hidden name next to `path` for writing before the rename (unique per writer)."""
+    """A hidden name next to `path`, unique per writer."""
     return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
@@ -88,12 +88,9 @@ def fsync_tree(folder: Path) -> None:
 
 @contextmanager
 def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success it replaces `path` whole (flushed, then renamed).
-
-    If the block fails, the temporary folder is removed and `path` is untouched. An existing `path` is moved
-    aside before the rename and deleted after it, so a crash leaves either the old folder, the new one, or (for an
-    instant) neither, never a mixture. With `replace=False` a `path` holding files is refused instead.
-    """
+    """Yield a temporary folder to fill; on success it replaces `path` whole (flushed, then renamed; an existing
+    `path` is moved aside first and deleted after, so a crash leaves the old folder, the new one or, for an instant,
+    neither, never a mixture); on failure `path` is untouched. `replace=False` refuses a `path` holding files."""
     path = Path(path)
     if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty folder; choose a new folder or remove it first.")
@@ -150,21 +147,19 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
             header = json.loads(handle.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} has a corrupt safetensors header ({error}). {FIX}") from None
-    entries = header.items() if isinstance(header, dict) else None
-    if entries is None or any(not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list)
-                              or len(entry["data_offsets"]) != 2 for key, entry in entries if key != "__metadata__"):
+    tensors = {k: e for k, e in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    if tensors is None or any(not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list)
+                              or len(entry["data_offsets"]) != 2 for entry in tensors.values()):
         raise ValueError(f"{path} has a malformed safetensors header (not a table of tensors with data offsets). "
                          f"{FIX}")
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
+    for key, entry in tensors.items():
         shape, (start, end) = entry.get("shape"), entry["data_offsets"]
         width = SAFETENSORS_DTYPE_BYTES.get(entry.get("dtype"))
         if width is None or not is_shape(shape) or not all(isinstance(o, int) and o >= 0 for o in (start, end)) \
                 or end - start != math.prod(shape) * width:
             raise ValueError(f"{path} has a malformed safetensors header: tensor {key!r} (dtype {entry.get('dtype')!r}, "
                              f"shape {shape!r}) does not fit its data offsets {entry['data_offsets']!r}. {FIX}")
-    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    data_end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
     if 8 + header_size + data_end > size:
         raise ValueError(f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has "
                          f"{size}. {FIX}")

@@ -148,9 +148,6 @@ def _header_problem(header: dict) -> Optional[str]:
                 or not set(kinds) <= set(PROTOTYPE_MEANS):
             return (f"tasks[{t}].prototypes must list 'image_mean' (votes use it) and may list 'text_mean', got "
                     f"{short_repr(kinds)}")
-        for key in ("classnames", "templates"):
-            if not (isinstance(task[key], list) and all(isinstance(v, str) for v in task[key])):
-                return f"tasks[{t}].{key} must be a list of strings"
         try:
             check_task_record(task["name"], task["classnames"], task["templates"], f"tasks[{t}]", f"tasks[{t}].name")
         except ValueError as error:
@@ -181,69 +178,55 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
     shapes = {n: torch.Size(s) for n, s in header["shapes"].items()}
     tasks = header["tasks"]
 
-    def tensor(source: dict, key: str, shape: Optional[torch.Size] = None) -> torch.Tensor:
+    def tensor(source: dict, key: str, shape: Optional[torch.Size] = None, dtype=None) -> torch.Tensor:
         file = TRIGGERS_FILE if source is triggers else _unified_file(header)
         if key not in source:
             raise ValueError(f"The ConDU save in {folder} is incomplete: it lacks tensor {key!r} ({file}); save it "
                              "again.")
-        if shape is not None and source[key].shape != shape:
+        value = source[key]
+        if shape is not None and value.shape != shape:
             raise ValueError(f"The ConDU save in {folder} is inconsistent: {key!r} has shape "
-                             f"{tuple(source[key].shape)} in {file}, {CONFIG_FILE} says {tuple(shape)}.")
-        return source[key]
+                             f"{tuple(value.shape)} in {file}, {CONFIG_FILE} says {tuple(shape)}.")
+        if dtype is not None and value.dtype != dtype:
+            raise ValueError(f"The ConDU save in {folder} holds {key} of dtype {value.dtype} in {file}; a sign mask "
+                             f"is stored as uint8 bytes, 8 elements each. {FIX}")
+        if dtype is None and (not value.dtype.is_floating_point or not torch.isfinite(value).all()):
+            raise ValueError(f"The ConDU save in {folder} holds {key} of dtype {value.dtype} with non-finite or "
+                             f"non-float values. {FIX}")
+        return value
 
-    lora = header["fine_tune"] == "lora"
-    has_origin = lora or any(key.startswith("origin.") for key in triggers)  # LoRA deltas always have one
-    store = DeltaStore(header["rule"], shapes,
-                       {n: tensor(triggers, f"origin.{n}", s) for n, s in shapes.items()} if has_origin else None)
-    store.unified_tensors = {n: tensor(unified, n, s) for n, s in shapes.items()}
-    store.packed_masks = [{n: tensor(triggers, f"mask.{t}.{n}", torch.Size([(s.numel() + 7) // 8]))
-                           for n, s in shapes.items()} for t in range(len(tasks))]
-    store.rescalers = [float(task["rescaler"]) for task in tasks]
-    store.tasks = [{k: task[k] for k in ("name", "classnames", "templates")} for task in tasks]
-    store.prototypes = [{kind: tensor(triggers, f"prototype.{t}.{kind}") for kind in task["prototypes"]}
-                        for t, task in enumerate(tasks)]
-    _check_tensors(folder, header, triggers, unified, store)
-    return store, header
-
-
-def _check_tensors(folder: Path, header: dict, triggers: dict, unified: dict, store: DeltaStore) -> None:
-    """The tensors agree with the header: one set of triggers per listed task and no tensor it does not list, masks
-    of bytes (bit-packed), float and finite values, prototypes of one row per class and the model's width."""
-    tasks = header["tasks"]
     saved = sorted({key.split(".")[1] for key in triggers if key.startswith(("mask.", "prototype."))},
                    key=lambda task: (len(task), task))  # ids as read, in numeric order
     if saved != [str(t) for t in range(len(tasks))]:
         raise ValueError(f"The ConDU save in {folder} is inconsistent: {CONFIG_FILE} lists {len(tasks)} task(s) but "
                          f"{TRIGGERS_FILE} holds triggers of tasks [{', '.join(saved)}]. {FIX}")
-    listed = {f"origin.{n}" for n in store.origin} | {f"mask.{t}.{n}" for t, masks in enumerate(store.packed_masks)
-                                                       for n in masks}
-    listed |= {f"prototype.{t}.{kind}" for t, means in enumerate(store.prototypes) for kind in means}
-    for file, extra in ((TRIGGERS_FILE, set(triggers) - listed),
-                        (_unified_file(header), set(unified) - set(store.shapes))):
+    lora = header["fine_tune"] == "lora"
+    has_origin = lora or any(key.startswith("origin.") for key in triggers)  # LoRA deltas always have one
+    store = DeltaStore(header["rule"], shapes,
+                       {n: tensor(triggers, f"origin.{n}", s) for n, s in shapes.items()} if has_origin else None)
+    store.unified_tensors = {n: tensor(unified, n, s) for n, s in shapes.items()}
+    store.packed_masks = [{n: tensor(triggers, f"mask.{t}.{n}", torch.Size([(s.numel() + 7) // 8]), torch.uint8)
+                           for n, s in shapes.items()} for t in range(len(tasks))]
+    store.rescalers = [float(task["rescaler"]) for task in tasks]
+    store.tasks = [{k: task[k] for k in ("name", "classnames", "templates")} for task in tasks]
+    store.prototypes = [{kind: tensor(triggers, f"prototype.{t}.{kind}") for kind in task["prototypes"]}
+                        for t, task in enumerate(tasks)]
+    listed = {f"origin.{n}" for n in store.origin} | {f"mask.{t}.{n}" for t in range(len(tasks)) for n in shapes}
+    listed |= {f"prototype.{t}.{kind}" for t, task in enumerate(tasks) for kind in task["prototypes"]}
+    for file, extra in ((TRIGGERS_FILE, set(triggers) - listed), (_unified_file(header), set(unified) - set(shapes))):
         if extra:
             raise ValueError(f"The ConDU save in {folder} is inconsistent: {file} holds tensors {sorted(extra)[:5]} "
                              f"that {CONFIG_FILE} does not list. {FIX}")
-    for t, masks in enumerate(store.packed_masks):
-        for n, packed in masks.items():
-            if packed.dtype != torch.uint8:
-                raise ValueError(f"The ConDU save in {folder} holds mask.{t}.{n} of dtype {packed.dtype} in "
-                                 f"{TRIGGERS_FILE}; a sign mask is stored as uint8 bytes, 8 elements each. {FIX}")
     width = header["model"].get("projection_dim")
-    named = [(f"{n}", v) for n, v in list(store.unified_tensors.items()) + list(store.origin.items())]
     for t, (task, means) in enumerate(zip(tasks, store.prototypes)):
         for kind, value in means.items():
-            name = f"prototype.{t}.{kind}"
             classes = len(task["classnames"])
             if value.dim() != 2 or value.shape[0] != classes or (width is not None and value.shape[1] != width):
-                raise ValueError(f"The ConDU save in {folder} is inconsistent: {name} has shape {tuple(value.shape)}, "
-                                 f"not ({classes}, {width}) (one row per class of task {t}, the model's width). {FIX}")
-            named.append((name, value))
-    for name, value in named:
-        if not value.dtype.is_floating_point or not torch.isfinite(value).all():
-            raise ValueError(f"The ConDU save in {folder} holds {name} of dtype {value.dtype} with non-finite or "
-                             f"non-float values. {FIX}")
+                raise ValueError(f"The ConDU save in {folder} is inconsistent: prototype.{t}.{kind} has shape "
+                                 f"{tuple(value.shape)}, not ({classes}, {width}) (one row per class of task {t}, the "
+                                 f"model's width). {FIX}")
+    return store, header
 
 
-def _unified_file(header: dict) -> str:
-    """The file of the unified tensors: the peft adapter's weights (LoRA) or the weight delta (full)."""
+def _unified_file(header: dict) -> str:  # the file of the unified tensors
     return ADAPTER_WEIGHTS if header["fine_tune"] == "lora" else DELTA_FILE

@@ -28,12 +28,6 @@ def check_rule(rule: str) -> None:
         raise ValueError(f"Unknown ConDU unify rule {rule!r}; use 'official' (the official code) or 'paper'.")
 
 
-def _elected_sign(stacked: torch.Tensor, rule: str) -> torch.Tensor:
-    if rule == "official":
-        return torch.where(stacked.mean(0) > 0, 1.0, -1.0)
-    return torch.sign(stacked.sum(0))
-
-
 def _magnitude(tensors, rule: str) -> float:
     """Sum over tensors of the mean |value| (official) or of every |value| (paper)."""
     return sum(float(t.abs().mean() if rule == "official" else t.abs().sum()) for t in tensors)
@@ -51,7 +45,7 @@ def unify(deltas: list[Delta], rule: str = "official") -> tuple[Delta, list[Delt
     unified, masks = {}, [dict() for _ in deltas]
     for name in names:
         stacked = torch.stack([d[name].float() for d in deltas])
-        sign = _elected_sign(stacked, rule)
+        sign = torch.where(stacked.mean(0) > 0, 1.0, -1.0) if rule == "official" else torch.sign(stacked.sum(0))
         agree = (stacked * sign) > 0
         unified[name] = sign * (stacked.abs() * agree).amax(0)
         for task, mask in enumerate(masks):

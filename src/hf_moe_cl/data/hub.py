@@ -75,17 +75,6 @@ def _builder(spec, source, cache_dir: Optional[str]) -> DatasetBuilder:
     return builder
 
 
-def _footer(spec, source, path: str):
-    try:
-        with fsspec.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            return parquet.metadata.num_rows, Features.from_arrow_schema(parquet.schema_arrow)
-    except Exception as error:
-        raise SourceError(f"{spec.name}: {path} of {_describe(source)} is not a readable parquet file ({error}). "
-                          "Fix: use a parquet copy of the dataset (no loading script) or the torchvision folders.") \
-            from None
-
-
 def _label_map(spec, source, features: Features) -> LabelMap:
     missing = [column for column in (source.image_column, source.label_column) if column not in features]
     if missing:
@@ -117,7 +106,14 @@ def _summary(spec, source, builder: DatasetBuilder) -> SourceSummary:
             continue
         sizes[role] = 0
         for path in (path for split in splits for path in files[split]):
-            rows, features = _footer(spec, source, path)
+            try:
+                with fsspec.open(path, "rb") as handle:
+                    parquet = pq.ParquetFile(handle)
+                    rows, features = parquet.metadata.num_rows, Features.from_arrow_schema(parquet.schema_arrow)
+            except Exception as error:
+                raise SourceError(f"{spec.name}: {path} of {_describe(source)} is not a readable parquet file "
+                                  f"({error}). Fix: use a parquet copy of the dataset (no loading script) or the "
+                                  "torchvision folders.") from None
             sizes[role] += rows
     return SourceSummary(_describe(source), sizes, _label_map(spec, source, features))
 

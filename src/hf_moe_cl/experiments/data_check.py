@@ -70,24 +70,24 @@ class DataCheckError(ValueError):
         self.check = check
 
 
+@dataclass
 class _Network:
     """Whether the hosts a run downloads from answer: one HEAD request per host per check, PROBE_TIMEOUT seconds and
     no retry, so that an offline machine fails in seconds."""
 
-    def __init__(self, timeout: float = PROBE_TIMEOUT):
-        self.timeout = timeout
-        self._reasons: dict[str, Optional[str]] = {}
+    timeout: float = PROBE_TIMEOUT
+    _reasons: dict[str, Optional[str]] = field(default_factory=dict)
 
     def unreachable(self, url: str) -> Optional[str]:
         """None when the host of `url` answers (with any HTTP status), else why not."""
         parts = urlsplit(url)
         host = f"{parts.scheme}://{parts.netloc}"
         if host not in self._reasons:
+            self._reasons[host] = None
             try:
                 urllib.request.urlopen(urllib.request.Request(host, method="HEAD"), timeout=self.timeout).close()
-                self._reasons[host] = None
             except urllib.error.HTTPError:
-                self._reasons[host] = None  # it answered
+                pass  # it answered
             except (OSError, ValueError) as error:
                 self._reasons[host] = f"{host} is unreachable ({getattr(error, 'reason', error)})"
         return self._reasons[host]
@@ -99,20 +99,18 @@ class _Network:
         return self.unreachable(hf_constants.ENDPOINT)
 
 
-def _in_hub_cache(repo_id: str, repo_type: str) -> bool:
-    """Whether a Hub model (config and weights) or dataset (its files, or datasets' prepared copy) is cached."""
-    if repo_type == "model":
-        config = try_to_load_from_cache(repo_id, "config.json")
-        weights = [try_to_load_from_cache(repo_id, name) for name in ("model.safetensors", "pytorch_model.bin")]
-        return isinstance(config, str) and any(isinstance(path, str) for path in weights)
-    snapshots = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "snapshots"
-    prepared = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")
-    return any(path.is_file() for path in snapshots.rglob("*")) or prepared.is_dir()
-
-
 def _hub_item(item: str, repo_id: str, repo_type: str, local_fix: str, network: _Network) -> tuple[str, Optional[str]]:
-    """Status of a Hub model or dataset a run downloads, and the problem with its fix (None when it can be had)."""
-    if _in_hub_cache(repo_id, repo_type):
+    """Status of a Hub model (config and weights) or dataset (its files, or datasets' prepared copy) a run downloads,
+    and the problem with its fix (None when it can be had)."""
+    if repo_type == "model":
+        weights = [try_to_load_from_cache(repo_id, name) for name in ("model.safetensors", "pytorch_model.bin")]
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str) and any(
+            isinstance(path, str) for path in weights)
+    else:
+        snapshots = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset")
+        cached = any(path.is_file() for path in (snapshots / "snapshots").rglob("*")) or (
+            Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).is_dir()
+    if cached:
         return "in the Hugging Face cache", None
     command = f"`hf download {repo_id}" + (" --repo-type dataset`" if repo_type == "dataset" else "`")
     fix = (f"Fix: run {command} where there is network (same HF_HOME) and set HF_HUB_OFFLINE=1 here, or "

@@ -76,12 +76,10 @@ class DatasetSpec:
 
 _NAMES = json.loads(resources.files(__package__).joinpath("official_classnames.json").read_text(encoding="utf-8"))
 
-CIFAR_TEMPLATES = (
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
-    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
-    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
-    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
-    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.")
+CIFAR_TEMPLATES = tuple(template.replace("@", article) for article in ("a", "the") for template in (
+    "a photo of @ {}.", "a blurry photo of @ {}.", "a black and white photo of @ {}.", "a low contrast photo of @ {}.",
+    "a high contrast photo of @ {}.", "a bad photo of @ {}.", "a good photo of @ {}.", "a photo of @ small {}.",
+    "a photo of @ big {}."))
 CALTECH_TEMPLATES = tuple(template.replace("@", article) for article in ("a", "the") for template in (
     "a photo of @ {}.", "a painting of @ {}.", "@ plastic {}.", "a sculpture of @ {}.", "a sketch of @ {}.",
     "a tattoo of @ {}.", "@ toy {}.", "a rendition of @ {}.", "@ embroidered {}.", "@ cartoon {}.",
@@ -231,9 +229,7 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
 
     Read from torchvision folders under `data_dir` if given, else from the Hub copy `hub` (default: the spec's).
     """
-    if name not in MTIL_DATASETS:
-        raise ValueError(f"Unknown MTIL dataset {name!r}; choose one of {', '.join(MTIL_DATASETS)}.")
-    spec = MTIL_DATASETS[name]
+    spec = MTIL_DATASETS[name]  # a task name of a preset (`presets.check_task_names`)
     train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(spec, hub),
                               cache_dir=cache_dir)
     rates = dict(spec.learning_rates)

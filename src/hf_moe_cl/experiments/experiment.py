@@ -84,25 +84,21 @@ class AdapterArguments:
         return self.adapter_config(), self.selector_config()
 
 
-def build_method(method_args: MethodArguments, base, num_tasks: int, options: Sequence = (), reference_images=None):
-    """The method named by `method_args` on a private copy of `base`; `options` are parsed argument dataclasses,
-    each method taking its own (defaults for the others)."""
-    return get_method(method_args.method).from_base(base, options, num_tasks=num_tasks, rank=method_args.rank,
-                                                    reference_images=reference_images)
-
-
 def prepare_method(method_args: MethodArguments, base, tasks, args: ContinualTrainingArguments,
                    options: Sequence = (), reference_images=None):
-    """(method, training arguments) for a run of `tasks`: the method built from a seeded start (its adapter's
-    initialisation does not depend on what ran before), every task at `learning_rate` unless the method's official
-    per-task rates are wanted."""
+    """(method, training arguments) for a run of `tasks`: the method named by `method_args`, built on a private copy
+    of `base` from a seeded start (its adapter's initialisation does not depend on what ran before), each method
+    taking its own `options` (parsed argument dataclasses; defaults for the others); every task at `learning_rate`
+    unless the method's official per-task rates are wanted."""
     if not method_args.use_task_learning_rates:
         if args.task_learning_rates is not None:
             raise ValueError("task_learning_rates and use_task_learning_rates=False disagree: the latter trains every "
                              "task at `learning_rate`. Drop one of them.")
         args = dataclasses.replace(args, task_learning_rates=[args.learning_rate] * len(tasks))
     set_seed(args.seed)
-    return build_method(method_args, base, len(tasks), options, reference_images), args
+    method = get_method(method_args.method).from_base(base, options, num_tasks=len(tasks), rank=method_args.rank,
+                                                      reference_images=reference_images)
+    return method, args
 
 
 def run_method(method_args: MethodArguments, base, processor, tasks, args: ContinualTrainingArguments,
@@ -112,4 +108,3 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
     method, args = prepare_method(method_args, base, tasks, args, options, reference_images)
     trainer = ContinualTrainer(method=method, args=args, processing_class=processor)
     return trainer.train_tasks(tasks, resume=resume)
-

@@ -31,9 +31,8 @@ def _cells(axes, values: np.ndarray, norm: Normalize, fontsize: float, boxed: Op
             continue
         red, green, blue, _ = colours[i, j]
         ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
-        box = None
-        if boxed is not None and boxed[i, j]:
-            box = dict(boxstyle="square,pad=0.2", facecolor=colours[i, j], edgecolor="none")
+        box = dict(boxstyle="square,pad=0.2", facecolor=colours[i, j], edgecolor="none") \
+            if boxed is not None and boxed[i, j] else None
         axes.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=fontsize, color=ink, bbox=box)
 
 
@@ -52,8 +51,7 @@ def _heatmap(values: np.ndarray, rows: Sequence[str], columns: Sequence[str], yl
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.tick_params(length=0)
-    for spine in axes.spines.values():
-        spine.set_visible(False)
+    axes.spines[:].set_visible(False)
     figure.colorbar(image, ax=axes, label=colour_label, shrink=0.85)
     return figure, axes
 
@@ -61,11 +59,8 @@ def _heatmap(values: np.ndarray, rows: Sequence[str], columns: Sequence[str], yl
 def accuracy_heatmap(matrix: Sequence[Sequence[Optional[float]]], names: Sequence[str], method: str,
                      kind: str = "oracle", metrics: Optional[dict[str, float]] = None) -> Figure:
     """`A[i][j]` (%) as a heatmap on a fixed 0-100 scale, so figures of different runs and kinds compare by colour.
-
-    Cells of tasks not trained yet (j > i, zero-shot transfer) are hatched; cells never evaluated read "n/a". The
-    title names the method, the matrix kind (task-aware or task-agnostic) and `metrics` (Transfer / Average /
-    Last / BWT).
-    """
+    Cells of tasks not trained yet (j > i) are hatched, cells never evaluated read "n/a"; the title names the method,
+    the matrix kind and `metrics` (Transfer / Average / Last / BWT)."""
     values = np.array([[np.nan if v is None else float(v) for v in row] for row in matrix])
     unseen = np.triu(np.ones(values.shape, dtype=bool), k=1)
     figure, axes = _heatmap(values, names, names, "after training", "evaluated on", "accuracy (%)",

@@ -153,12 +153,9 @@ class ClassIncrementalPreset:
 
 
 PRESETS: dict[str, Union[MTILPreset, ClassIncrementalPreset]] = {preset.name: preset for preset in (
-    MTILPreset("mtil-order-1", tuple(MTIL_ORDER_I), 1000),
-    MTILPreset("mtil-order-2", tuple(MTIL_ORDER_II), 1000),
-    MTILPreset("fewshot-mtil-order-1", tuple(MTIL_ORDER_I), 500, shots=5, ddas_threshold=0.06,
-               ddas_learning_rate=0.003),
-    MTILPreset("fewshot-mtil-order-2", tuple(MTIL_ORDER_II), 500, shots=5, ddas_threshold=0.06,
-               ddas_learning_rate=0.003),
+    *(MTILPreset(f"mtil-order-{n}", tuple(order), 1000) for n, order in ((1, MTIL_ORDER_I), (2, MTIL_ORDER_II))),
+    *(MTILPreset(f"fewshot-mtil-order-{n}", tuple(order), 500, shots=5, ddas_threshold=0.06, ddas_learning_rate=0.003)
+      for n, order in ((1, MTIL_ORDER_I), (2, MTIL_ORDER_II))),
     ClassIncrementalPreset("cifar100-cil-10", 10, 10),
     ClassIncrementalPreset("cifar100-cil-20", 5, 5),
     ClassIncrementalPreset("cifar100-cil-50", 2, 2, batch_size=64),  # cifar100_2-2-MoE-Adapters.yaml line 20
@@ -191,12 +188,9 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
                             initial_increment: Optional[int] = None, increment: Optional[int] = None,
                             templates: Optional[list[str]] = None) -> list[ContinualTask]:
     """Split a dataset's classes into steps: `class_order` (default: shuffled with `seed`), cut into
-    `initial_increment` then `increment` classes (default: `steps` equal groups).
-
-    Labels become positions in the class order, as the official CIL code does; step s trains on its own classes (its
-    loss covers only them: `train_classes`) and is evaluated on the test images of every class seen so far, among
-    all those class names.
-    """
+    `initial_increment` then `increment` classes (default: `steps` equal groups). Labels become positions in the
+    class order, as the official CIL code does; step s trains on its own classes (`train_classes`: its loss covers
+    only them) and is evaluated on the test images of every class seen so far, among all those class names."""
     order = list(class_order) if class_order is not None else list(range(len(classnames)))
     if class_order is None:
         random.Random(seed).shuffle(order)

@@ -80,10 +80,9 @@ def apply_recipe(preset, arguments: Iterable, explicit: set[str]) -> list:
     recipe = preset_recipe(preset)
     updated, applied, kept = [], {}, []
     for argument in arguments:
-        values = {name: value for kind, changes in recipe.items() if isinstance(argument, kind)
-                  for name, value in changes.items() if name not in explicit}
-        kept += sorted({name for kind, changes in recipe.items() if isinstance(argument, kind)
-                        for name in changes} & explicit)
+        ours = {n: v for kind, own in recipe.items() if isinstance(argument, kind) for n, v in own.items()}
+        values = {name: value for name, value in ours.items() if name not in explicit}
+        kept += sorted(set(ours) & explicit)
         if "per_device_train_batch_size" in values and isinstance(argument, ContinualTrainingArguments):
             values["per_device_train_batch_size"] = per_device_batch(values["per_device_train_batch_size"],
                                                                      argument.world_size)
