@@ -229,7 +229,9 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
 
     Read from torchvision folders under `data_dir` if given, else from the Hub copy `hub` (default: the spec's).
     """
-    spec = MTIL_DATASETS[name]  # a task name of a preset (`presets.check_task_names`)
+    if name not in MTIL_DATASETS:  # a public function: a caller outside the presets gets the names too
+        raise ValueError(f"Unknown MTIL dataset {name!r}; choose one of {', '.join(MTIL_DATASETS)}.")
+    spec = MTIL_DATASETS[name]
     train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(spec, hub),
                               cache_dir=cache_dir)
     rates = dict(spec.learning_rates)
