@@ -69,9 +69,6 @@ def stack_legacy_autoencoders(state_dict: dict, prefix: str) -> dict:
     """A selector state saved by hf-moe-cl <= 0.2 (one module per autoencoder: `reference.encoder.weight`,
     `tasks.0.encoder.weight`, ...) in the stacked layout (`encoder_weight` of (1 + tasks, ...)); other keys are
     returned unchanged."""
-    legacy = [key for key in state_dict if key.startswith(prefix + "reference.")]
-    if not legacy:
-        return state_dict
     state = dict(state_dict)
     tasks = sorted({int(key[len(prefix) + len("tasks."):].split(".")[0]) for key in state
                     if key.startswith(prefix + "tasks.")})

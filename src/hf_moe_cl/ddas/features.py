@@ -21,23 +21,8 @@ ALEXNET_INPUT = 224
 
 
 @torch.no_grad()
-def vision_prefix(vision_model, pixel_values: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Hidden states of a CLIP vision tower after its first `blocks` encoder blocks (pre-LN applied)."""
-    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
-    for block in vision_model.encoder.layers[:blocks]:
-        hidden = block(hidden, None)
-    return hidden
-
-
-def prefix_features(hidden: torch.Tensor) -> torch.Tensor:
-    """DDAS features of a vision prefix: token 0 and the mean patch token, concatenated."""
-    return torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=-1).float()
-
-
-@torch.no_grad()
 def _finish_untouched(model, untouched_model: Callable[[], ContextManager], prefix: torch.Tensor, blocks: int,
                       rows: torch.Tensor) -> torch.Tensor:
-    """The untouched CLIP's image embeddings of `rows`, from their hidden states after the first `blocks` blocks."""
     vision = model.vision_model
     hidden = prefix[rows]
     with untouched_model():
@@ -64,10 +49,14 @@ def selector_features(config: SelectorConfig, model, pixels: torch.Tensor,
             with untouched_model():
                 untouched = image_embeddings(model, pixels)
         return untouched, untouched
-    with untouched_model():
-        prefix = vision_prefix(model.vision_model, pixels, config.feature_layer)
+    vision = model.vision_model
+    with untouched_model(), torch.no_grad():  # the hidden states after the first `feature_layer` blocks (pre-LN)
+        prefix = vision.pre_layrnorm(vision.embeddings(pixels))
+        for block in vision.encoder.layers[:config.feature_layer]:
+            prefix = block(prefix, None)
     finish = partial(_finish_untouched, model, untouched_model, prefix, config.feature_layer)
-    return prefix_features(prefix), untouched if untouched is not None else finish
+    features = torch.cat([prefix[:, 0], prefix[:, 1:].mean(1)], dim=-1).float()  # token 0 and the mean patch token
+    return features, untouched if untouched is not None else finish
 
 
 class AlexNetFeatures(nn.Module):

@@ -61,9 +61,6 @@ class SelectorFitting:
                  features: Callable[[torch.Tensor], torch.Tensor]):
         self.selector, self.options, self.context, self.features = selector, options, context, features
 
-    def progress_label(self, label: str) -> Optional[str]:
-        return label if self.context.show_progress else None
-
     @torch.no_grad()
     def features_of(self, dataset: Dataset, label: str) -> torch.Tensor:
         """Selector features of a seeded random sample of `ddas_max_images` images, gathered from every process."""
@@ -90,7 +87,7 @@ class SelectorFitting:
                 images = few_shot_subset(images, options.ddas_reference_shots, seed)
             if "label" not in images.column_names:
                 images = images.add_column("label", [0] * len(images))
-            label = self.progress_label("DDAS reference autoencoder")
+            label = "DDAS reference autoencoder" if self.context.show_progress else None
             if official:
                 if selector.config.standardize:  # the scale every autoencoder's inputs are standardised with
                     selector.set_standardization(self.features_of(images, "reference images"))
@@ -100,7 +97,7 @@ class SelectorFitting:
                                        steps=options.ddas_reference_steps, lr=options.ddas_learning_rate,
                                        batch_size=options.ddas_batch_size, weight_decay=options.ddas_weight_decay,
                                        seed=seed, progress=label)
-        label = self.progress_label(f"DDAS autoencoder: {task.name}")
+        label = f"DDAS autoencoder: {task.name}" if self.context.show_progress else None
         images, whole = task.train_dataset, task.full_train_dataset
         if whole is not None and options.ddas_task_draw == "own":  # as many per class, drawn apart from the model's
             images = few_shot_subset(whole, max(Counter(images["label"]).values()), seed + route + 1)

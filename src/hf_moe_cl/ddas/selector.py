@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..classification import ZERO_SHOT, Untouched
+from ..options import check_option
 from .autoencoder import FeatureAutoencoder, fit_autoencoder
 from .features import selector_features
 from .settings import HELDOUT_FRACTION, SelectorConfig, heldout_count
@@ -36,8 +37,7 @@ class DistributionSelector(nn.Module):
 
     def __init__(self, config: SelectorConfig, num_tasks: int):
         super().__init__()
-        if num_tasks < 0:
-            raise ValueError(f"num_tasks must be non-negative, got {num_tasks}.")
+        check_option("num_tasks", num_tasks, int, low=0)
         self.config = config
         slots = [self._autoencoder() for _ in range(num_tasks + 1)]
         for name in AUTOENCODER_TENSORS:
@@ -160,8 +160,7 @@ class DistributionSelector(nn.Module):
                                weight_decay, seed, "sampled", batch_size, progress=progress)
 
     def _check_slot(self, task: Optional[int], threshold: Optional[float], calibrated: bool = False) -> None:
-        """A task autoencoder (`task` not None) needs a task id of the selector, a positive threshold (or one to
-        be `calibrated`) and the reference autoencoder first: the decision compares to it."""
+        """What a task autoencoder (`task` not None) needs before it is set."""
         if task is None:
             return
         if not 0 <= task < self.num_tasks:
@@ -257,9 +256,7 @@ class DistributionSelector(nn.Module):
 
 
 def _saved_selector_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """What no selector can hold: a `trained` that is not boolean, weights that are not finite floats, a threshold
-    that is NaN or not positive (every image would go to zero-shot; +inf is no limit), a non-positive feature scale
-    (every error NaN)."""
+    """What no selector can hold (a threshold of 0 or NaN would send every image to zero-shot)."""
     problems = []
     for name, value in tensors.items():
         if name == "trained":

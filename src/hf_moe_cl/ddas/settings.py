@@ -16,6 +16,7 @@ TRAINING_SCHEDULES = ("sampled", "official")
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"  # torchvision's IMAGENET1K_V1 weights
 ALEXNET_FEATURES = 256 * 13 * 13  # conv5 at 224 px
 HELDOUT_FRACTION = 0.1  # the share of a task's images its calibrated threshold is measured on
+EDITED = "In a saved adapter_config.json this means the file was damaged or edited"
 
 
 def heldout_count(images: int, fraction: float = HELDOUT_FRACTION) -> int:
@@ -87,8 +88,7 @@ class SelectorConfig:
         if self.feature_extractor != "clip" or vision is None:
             return self
         depth = vision.num_hidden_layers
-        fix = ("In a saved adapter_config.json this means the file was damaged or edited, or the adapter belongs to "
-               "another base model.")
+        fix = f"{EDITED}, or the adapter belongs to another base model."
         if self.feature_layer is not None and self.feature_layer > depth:
             raise ValueError(f"{owner} reads the tokens after `feature_layer`={self.feature_layer} vision blocks, but "
                              f"this model's vision tower has {depth}: give 1 to {depth}, or None for the image "
@@ -137,8 +137,7 @@ class DDASArguments:
     ddas_quantile: float = field(default=0.95, metadata={
         "help": "Calibrated threshold: this quantile of held-out in-task errors."})
     ddas_max_images: int = field(default=2000, metadata={
-        "help": "'sampled' training: images per task used to fit its autoencoder (a seeded "
-                "random sample)."})
+        "help": "'sampled' training: images per task used to fit its autoencoder (a seeded random sample)."})
     ddas_reference_shots: Optional[int] = field(default=None, metadata={
         "help": "Train the reference on this many images per class (official few-shot: 5)."})
     ddas_augment_once: bool = field(default=False, metadata={

@@ -46,20 +46,6 @@ def peft_loading_code(base: Optional[str], location: str) -> str:
             "model.set_task(0)  # the task of the images; or task_ids=..., or hf_moe_cl.TaskAgnosticClassifier")
 
 
-def adapter_card_text(base: Optional[str], task_info: Optional[list] = None) -> str:
-    """The adapter card's text: how to load it, its base model and the tasks its routers learned (`task_info`)."""
-    tasks = [info for info in task_info or [] if info]
-    base_line = markdown_text(hub_id(base) or "a local copy or none recorded (not a Hub id)")
-    lines = ["# MoE-LoRA adapter (hf-moe-cl)", "", f"Base model: {base_line}.", "",
-             IMPORT_HINT, "", "```python", peft_loading_code(base, "<this folder or repo>"), "```", ""]
-    if tasks:
-        lines += ["## Tasks", "", "The task routers in order (task id: name, classes):", ""]
-        lines += [task_line(index, info["name"], info.get("classnames") or []) for index, info in enumerate(tasks)]
-        lines += ["", "Results are in the card `ContinualTrainer.save_model` and `hf_moe_cl.publishing.push_to_hub` "
-                  "write, from the run's accuracy matrices.", ""]
-    return "\n".join(lines)
-
-
 def markdown_text(value) -> str:
     """A name as literal Markdown on one line: control characters (newlines) become spaces, markup is escaped."""
     return re.sub(r"([\\`*\[\]<>#|~])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(value)))
@@ -77,10 +63,8 @@ def tidy_peft_card(folder: str, base: Optional[str], task_info: Optional[list] =
     """Replace peft's template in `folder`/README.md by the adapter card (base model, how to load it, the tasks of
     `task_info`); drop a `base_model` (and its tag) that is a local path."""
     path = os.path.join(folder, "README.md")
-    if not os.path.isfile(path):
-        return
-    card = ModelCard.load(path)
-    if PEFT_TEMPLATE_MARK not in card.text:
+    card = ModelCard.load(path) if os.path.isfile(path) else None
+    if card is None or PEFT_TEMPLATE_MARK not in card.text:
         return
     versions = card.text[card.text.find("### Framework versions"):] if "### Framework versions" in card.text else ""
     if card.data.get("base_model") is not None and hub_id(card.data.get("base_model")) is None:
@@ -88,7 +72,16 @@ def tidy_peft_card(folder: str, base: Optional[str], task_info: Optional[list] =
     tags = [tag for tag in card.data.get("tags") or []
             if not tag.startswith("base_model:") or hub_id(tag.rsplit(":", 1)[-1])]
     card.data.tags = sorted(set(tags) | {"hf-moe-cl", "moe-lora"})
-    card.text = adapter_card_text(base, task_info) + ("\n" + versions if versions else "")
+    tasks = [info for info in task_info or [] if info]
+    base_line = markdown_text(hub_id(base) or "a local copy or none recorded (not a Hub id)")
+    lines = ["# MoE-LoRA adapter (hf-moe-cl)", "", f"Base model: {base_line}.", "",
+             IMPORT_HINT, "", "```python", peft_loading_code(base, "<this folder or repo>"), "```", ""]
+    if tasks:  # the tasks its routers learned
+        lines += ["## Tasks", "", "The task routers in order (task id: name, classes):", ""]
+        lines += [task_line(index, info["name"], info.get("classnames") or []) for index, info in enumerate(tasks)]
+        lines += ["", "Results are in the card `ContinualTrainer.save_model` and `hf_moe_cl.publishing.push_to_hub` "
+                  "write, from the run's accuracy matrices.", ""]
+    card.text = "\n".join(lines) + ("\n" + versions if versions else "")
     card.save(path)
 
 

@@ -12,7 +12,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 import torch
 from transformers.activations import ACT2FN
 
-from ...ddas.settings import SelectorConfig
+from ...ddas.settings import EDITED, SelectorConfig
 from ...files import check_file_hashes, check_safetensors_file, file_hashes, json_sha256
 from ...legacy import LEGACY_SELECTOR_FILES
 from ...options import check_flags, check_option, check_task_record, refused_names, short_repr
@@ -37,7 +37,7 @@ def check_task_info_entry(task: int, name, classnames, templates) -> None:
 
 
 NO_EQUIVALENT = "MoE-LoRA has none"
-SAVE_AGAIN = "In a saved adapter_config.json this means the file was damaged or edited: save the adapter again."
+SAVE_AGAIN = f"{EDITED}: save the adapter again."
 # peft LoRA's options a peft user reaches for, and what MoE-LoRA has instead
 PEFT_LORA_NAMES = {
     "lora_alpha": "use `expert_scale`, the multiplier of every expert's output (LoRA's lora_alpha / r)",
@@ -138,27 +138,26 @@ class MoELoraConfig(PeftConfig):
             names = value if isinstance(value, (list, set, tuple)) else [value]
             if value is not None and not all(isinstance(v, str) for v in names):
                 raise ValueError(f"`{name}` must be None, a string or a list of strings (module names), got {value!r}.")
+            if name == "target_modules" and value is not None and not value:
+                raise ValueError(f"`target_modules` is empty ({value!r}), which adapts nothing: give module names, or "
+                                 "None to adapt every encoder block of both CLIP towers.")
+            if isinstance(value, list):
+                setattr(self, name, set(value))
         # no string: peft would match module names against each of its characters
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, set, tuple)) or not all(
                 isinstance(v, str) for v in self.modules_to_save)):
             raise ValueError(f"`modules_to_save` must be None or a list of module names, got "
                              f"{short_repr(self.modules_to_save)}" + (f": write [{self.modules_to_save!r}]."
                                                                      if isinstance(self.modules_to_save, str) else "."))
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError(f"`target_modules` is empty ({self.target_modules!r}), which adapts nothing: give module "
-                             "names, or None to adapt every encoder block of both CLIP towers.")
-        if self.experts_per_module is None:
-            self.experts_per_module = {}
-        if not isinstance(self.experts_per_module, dict) or not all(isinstance(name, str)
-                                                                    for name in self.experts_per_module):
-            raise ValueError(f"`experts_per_module` must be a dict of module name -> number of experts, got "
-                             f"{self.experts_per_module!r}.")
-        smaller = {name: count for name, count in self.experts_per_module.items()
+        grown = {} if self.experts_per_module is None else self.experts_per_module
+        if not isinstance(grown, dict) or not all(isinstance(name, str) for name in grown):
+            raise ValueError(f"`experts_per_module` must be a dict of module name -> number of experts, got {grown!r}.")
+        smaller = {name: count for name, count in grown.items()
                    if isinstance(count, bool) or not isinstance(count, int) or count < self.num_experts}
         if smaller:
             raise ValueError(f"`experts_per_module` must give each module at least `num_experts` "
                              f"({self.num_experts}) experts (a bank only grows), got {smaller}.")
-        self.experts_per_module = dict(self.experts_per_module)
+        self.experts_per_module = dict(grown)
         if self.top_k > self.num_experts:
             raise ValueError(f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts}): lower top_k or "
                              "add experts.")
@@ -166,8 +165,19 @@ class MoELoraConfig(PeftConfig):
         if self.expert_activation is not None and self.expert_activation not in ACT2FN:
             raise ValueError(f"Unknown `expert_activation` {self.expert_activation!r}; use None (plain LoRA) or one of "
                              f"{sorted(ACT2FN)}.")
-        if self.task_info is not None:
-            self._check_task_info()
+        info = self.task_info
+        if info is not None:
+            valid = isinstance(info, list) and len(info) <= self.num_tasks and all(
+                entry is None or (isinstance(entry, dict) and isinstance(entry.get("name"), str) and all(
+                    isinstance(entry.get(key), list) and all(isinstance(v, str) for v in entry[key])
+                    for key in ("classnames", "templates"))) for entry in info)
+            if not valid:
+                raise ValueError(f"`task_info` must be a list of at most num_tasks={self.num_tasks} entries, each None "
+                                 f"or {{'name': str, 'classnames': [str], 'templates': [str]}}; got {str(info)[:120]}. "
+                                 f"{SAVE_AGAIN}")
+            for task, entry in enumerate(info):
+                if entry is not None:
+                    check_task_info_entry(task, entry["name"], entry["classnames"], entry["templates"])
         if isinstance(self.selector, SelectorConfig):
             self.selector = self.selector.to_dict()
         if self.selector is not None:
@@ -178,9 +188,6 @@ class MoELoraConfig(PeftConfig):
         problem = None if self.base_weights is None else record_problem(self.base_weights)
         if problem:
             raise ValueError(f"`base_weights` {problem}. {SAVE_AGAIN}")
-        for name in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, name), list):
-                setattr(self, name, set(getattr(self, name)))
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """peft's config file, with the sha256 of the weights peft wrote just before it; the README.md peft wrote
@@ -194,20 +201,6 @@ class MoELoraConfig(PeftConfig):
 
     def settings_hash(self) -> str:
         return json_sha256({name: getattr(self, name) for name in ("task_info", "selector", "expert_activation")})
-
-    def _check_task_info(self) -> None:
-        info = self.task_info
-        valid = isinstance(info, list) and len(info) <= self.num_tasks and all(
-            entry is None or (isinstance(entry, dict) and isinstance(entry.get("name"), str) and all(
-                isinstance(entry.get(key), list) and all(isinstance(v, str) for v in entry[key])
-                for key in ("classnames", "templates"))) for entry in info)
-        if not valid:
-            raise ValueError(f"`task_info` must be a list of at most num_tasks={self.num_tasks} entries, each None or "
-                             f"{{'name': str, 'classnames': [str], 'templates': [str]}}; got {str(info)[:120]}. "
-                             f"{SAVE_AGAIN}")
-        for task, entry in enumerate(info):
-            if entry is not None:
-                check_task_info_entry(task, entry["name"], entry["classnames"], entry["templates"])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

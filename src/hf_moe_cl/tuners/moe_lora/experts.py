@@ -50,17 +50,12 @@ class ExpertBookkeeping:
         task = self._check_task(task)
 
         def covering(name: str, layer) -> list[int]:
-            counts, chosen = histogram.get(name), []
-            if counts is not None and int(counts.sum()) > 0:
-                order = torch.sort(counts, descending=True, stable=True).indices.tolist()
-                shares = (counts[order].cumsum(0).double() / counts.sum()).tolist()
-                for expert, share in zip(order, shares):
-                    if counts[expert] == 0:
-                        break
-                    chosen.append(expert)
-                    if share >= coverage:
-                        break
-            return chosen
+            counts = histogram.get(name)
+            if counts is None or int(counts.sum()) == 0:
+                return []
+            order = torch.sort(counts, descending=True, stable=True).indices
+            shares = counts[order].cumsum(0).double() / counts.sum()  # the experts up to the first reaching coverage
+            return order[:min(int((counts > 0).sum()), int((shares < coverage).sum()) + 1)].tolist()
 
         return self._freeze(task, covering)
 
@@ -72,8 +67,7 @@ class ExpertBookkeeping:
         adapter = self._adapter()
         self._check_task(task)
         k = self.peft_config[adapter].top_k if k is None else k
-        if k < 0:
-            raise ValueError(f"k must be non-negative, got {k}.")
+        check_option("k", k, int, low=0)
 
         def most_selected(name: str, layer) -> list[int]:
             counts = layer.moe_lora_counts[adapter][task]
@@ -108,13 +102,10 @@ class ExpertBookkeeping:
         for the layers where a merge happened."""
         adapter = self._adapter()
         self._check_task(task)
-        merged = {}
-        for name, layer in self.moe_layers().items():
-            task_counts = layer.moe_lora_counts[adapter][task] if counts is None else counts[name]
-            result = layer.merge_top_experts(adapter, task_counts, optimizer)
-            if result is not None:
-                merged[name] = result
-        return merged
+        merged = {name: layer.merge_top_experts(adapter, layer.moe_lora_counts[adapter][task] if counts is None
+                                                else counts[name], optimizer)
+                  for name, layer in self.moe_layers().items()}
+        return {name: result for name, result in merged.items() if result is not None}
 
     # ----- a bank that grows ---------------------------------------------------------------------------------------
     def expert_slots(self) -> dict[str, dict[str, int]]:

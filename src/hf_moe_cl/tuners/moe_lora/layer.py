@@ -119,12 +119,9 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
             task_ids = task_ids.to(x.device)
             keep = task_ids >= 0
             task_ids = task_ids.clamp_min(0)
-        total = None
-        for adapter in self.active_adapters:
-            if adapter not in self.moe_lora_A:
-                continue
-            delta = self._experts_forward(adapter, x, route.task, task_ids, keep, route.selections)
-            total = delta if total is None else total + delta
+        deltas = [self._experts_forward(adapter, x, route.task, task_ids, keep, route.selections)
+                  for adapter in self.active_adapters if adapter in self.moe_lora_A]
+        total = sum(deltas[1:], deltas[0]) if deltas else None
         if total is None or keep is None:
             return total
         return torch.where(keep.view(-1, *([1] * (total.dim() - 1))), total, total.new_zeros(()))

@@ -10,14 +10,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...ddas.settings import SELECTOR_KEY
+from ...ddas.settings import EDITED, SELECTOR_KEY
 from .bank import EXPERT_PARAMS, ROUTER_PARAMS
 from .base_weights import base_weights_record, check_base
 from .config import MoELoraConfig
 from .peft_type import MOE_LORA_PREFIX
 
 logger = logging.getLogger("hf_moe_cl")
-EDITED = "In a saved adapter_config.json this means the file was damaged or edited"
 
 
 def check_injection(model: nn.Module, config: MoELoraConfig, adapter_name: str, model_types) -> None:
@@ -51,9 +50,8 @@ def check_grown_modules(config: MoELoraConfig, adapter_name: str, adapted: set) 
 def check_loaded_state(expected: dict, config: MoELoraConfig, adapter_name: str, remapped: dict) -> None:
     """A checkpoint (remapped to this model's keys) that does not fit `expected` (the model's state dict) is refused
     instead of loading part of it, and so is one holding values no adapter can have."""
-    base = config.base_model_name_or_path
-    fix = (f"Load it on the base model it was trained on ({base!r})" if base else
-           "Load it on the base model it was trained on") + " with the adapter_config.json saved beside it."
+    base = f" ({config.base_model_name_or_path!r})" if config.base_model_name_or_path else ""
+    fix = f"Load it on the base model it was trained on{base} with the adapter_config.json saved beside it."
     for key, value in remapped.items():
         if key in expected and expected[key].shape != value.shape:
             raise ValueError(f"The MoE-LoRA checkpoint does not match this model: {key!r} has shape "
@@ -74,13 +72,10 @@ def check_loaded_state(expected: dict, config: MoELoraConfig, adapter_name: str,
 
 
 def value_problem(key: str, value: torch.Tensor, num_tasks: int) -> Optional[str]:
-    """What is wrong with a loaded tensor of a MoE layer (None: nothing, or not a MoE layer's tensor): weights must be
-    finite floats; selection counts non-negative integers; the task that froze an expert -1 (none) or a task id;
-    the task an expert was added for a task id; router freeze flags booleans."""
+    """What is wrong with a loaded tensor of a MoE layer (None: nothing, or not a MoE layer's tensor)."""
     name = next((part for part in key.split(".") if part.startswith(MOE_LORA_PREFIX)), None)
     if name is None or name == SELECTOR_KEY:
         return None  # the selector checks its own tensors
-    integer = not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
     if name in EXPERT_PARAMS + ROUTER_PARAMS:
         if not value.dtype.is_floating_point:
             return f"has dtype {value.dtype}; weights are floating point"
@@ -92,7 +87,7 @@ def value_problem(key: str, value: torch.Tensor, num_tasks: int) -> Optional[str
     if name in ranges:
         low, high = ranges[name]
         wanted = f"integers >= {low}" if high is None else f"integers in [{low}, {high}] ({num_tasks} task routers)"
-        if not integer:
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             return f"has dtype {value.dtype}; it holds {wanted}"
         if value.numel() and (int(value.min()) < low or (high is not None and int(value.max()) > high)):
             return f"holds values from {int(value.min())} to {int(value.max())}; it holds {wanted}"

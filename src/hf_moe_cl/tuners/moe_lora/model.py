@@ -107,10 +107,9 @@ class MoELoraModel(TaskRouting, ExpertBookkeeping, BaseTuner):
         config = self.peft_config[adapter]
         config.selector = settings.to_dict()
         selector = DistributionSelector(settings, config.num_tasks)
-        device = next(self.model.parameters()).device
         if SELECTOR_KEY not in self._modules:
             self.add_module(SELECTOR_KEY, nn.ModuleDict())
-        self._modules[SELECTOR_KEY][adapter] = selector.to(device)
+        self._modules[SELECTOR_KEY][adapter] = selector.to(next(self.model.parameters()).device)
         return selector
 
     def enable_selector(self, settings: Union[SelectorConfig, dict, None] = None) -> DistributionSelector:

@@ -62,8 +62,8 @@ class TaskRouting:
                 layer._route_hook = layer.register_forward_pre_hook(self._inject_route, with_kwargs=True)
         if getattr(self, "_model_hooks", None) is None:
             self.model.forward = RoutedForward(self)
-            self._model_hooks = [self.model.register_forward_pre_hook(self._begin_call, with_kwargs=True),
-                                 self.model.register_forward_hook(self._end_call)]
+            self._model_hooks = [self.model.register_forward_pre_hook(partial(self._mark_call, True), with_kwargs=True),
+                                 self.model.register_forward_hook(partial(self._mark_call, False))]
             for tower, begin in zip(TOWERS, (self._route_images, self._route_text)):
                 module = getattr(self.model, tower, None)
                 if isinstance(module, nn.Module):
@@ -105,28 +105,22 @@ class TaskRouting:
     def _inject_route(self, module, args, kwargs):
         """Forward pre-hook of every MoE layer: the call's route is an argument of the layer's forward."""
         if "task_route" not in kwargs:
-            kwargs["task_route"] = self._call_routes[-1][1] if self._call_routes else self._session_or_refuse()
+            if not self._call_routes and self._session_route is None:
+                hint = (" (its DDAS selector picks the task)" if getattr(self.selector, "has_reference", False) else
+                        " (with a DDAS selector: ContinualTrainer with DDASArguments(ddas=True))")
+                raise ValueError(f"This MoE-LoRA adapter has {self.num_tasks} task routers and no route was chosen for "
+                                 "this call, so it would run as the untouched base model: pass task_ids=<one task id "
+                                 f"per sample> to the model, call set_task(t), or classify images with "
+                                 f"TaskAgnosticClassifier{hint}. set_task(None) runs the untouched base model on "
+                                 "purpose. With the plain Trainer, keep the `task_ids` column "
+                                 "(remove_unused_columns=False).")
+            kwargs["task_route"] = self._call_routes[-1][1] if self._call_routes else self._session_route
         return args, kwargs
 
-    def _session_or_refuse(self) -> TaskRoute:
-        if self._session_route is not None:
-            return self._session_route
-        selector = self.selector
-        raise ValueError(f"This MoE-LoRA adapter has {self.num_tasks} task routers and no route was chosen for this "
-                         "call, so it would run as the untouched base model: pass task_ids=<one task id per sample> to "
-                         "the model, call set_task(t), or classify images with TaskAgnosticClassifier"
-                         + (" (its DDAS selector picks the task)" if selector is not None and selector.has_reference
-                            else " (with a DDAS selector: ContinualTrainer with DDASArguments(ddas=True))")
-                         + ". set_task(None) runs the untouched base model on purpose. With the plain Trainer, keep "
-                         "the `task_ids` column (remove_unused_columns=False).")
-
-    def _begin_call(self, module, args, kwargs):
-        """Pre-hook of the whole CLIP: a call of both towers begins (the selector's choice for its images may route
-        its text)."""
-        self._clip_call, self._images_route = True, None
-
-    def _end_call(self, module, args, output):
-        self._clip_call, self._images_route = False, None
+    def _mark_call(self, inside: bool, *hook_arguments):
+        """Hooks of the whole CLIP: a call of both towers begins or ends (the selector's choice for its images may
+        route its text)."""
+        self._clip_call, self._images_route = inside, None
 
     def _route_images(self, module, args, kwargs):
         """Pre-hook of the vision tower: without a chosen route, the trained selector routes each image."""
@@ -204,12 +198,8 @@ class TaskRouting:
 
     def _check_checkpointed_linear_routing(self) -> None:
         """Linear experts inside a checkpointed block are recomputed in backward, after a per-call route ended."""
-        if not self.training:
-            return
-        for module in self.model.modules():
-            if getattr(module, "gradient_checkpointing", False) and any(
-                isinstance(m, MoELoraLinear) for m in module.modules()
-            ):
-                raise ValueError("Per-call routing (task_ids / routing()) in training with gradient checkpointing "
-                                 "needs the block placement of MoE-LoRA (the default target_modules); with Linear "
-                                 "targets use set_task(), or disable gradient checkpointing.")
+        if self.training and any(getattr(module, "gradient_checkpointing", False) and any(
+                isinstance(m, MoELoraLinear) for m in module.modules()) for module in self.model.modules()):
+            raise ValueError("Per-call routing (task_ids / routing()) in training with gradient checkpointing needs "
+                             "the block placement of MoE-LoRA (the default target_modules); with Linear targets use "
+                             "set_task(), or disable gradient checkpointing.")
