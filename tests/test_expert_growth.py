@@ -62,7 +62,8 @@ def test_new_experts_change_no_learned_task_and_train_for_the_next(clip_inputs):
     assert torch.all(layer.moe_lora_B["default"][4:] == 0) and torch.all(layer.moe_lora_bias_B["default"][4:] == 0)
     assert layer.moe_lora_frozen_by["default"].tolist() == [0] * 4 + [-1] * 2
     assert layer.moe_lora_expert_task["default"].tolist() == [0] * 4 + [1] * 2
-    assert layer.hidden_experts("default", 0).tolist() == [False] * 4 + [True] * 2
+    assert layer.visible_experts("default", 0) == 4 and layer.visible_experts("default", 1) == 6
+    assert layer.hidden_experts("default", torch.tensor([0])).tolist() == [[False] * 4 + [True] * 2]
     assert not layer.hidden_experts("default", torch.tensor([1, 2])).any()
     assert all(torch.equal(before[0], after) for after in outputs(model, clip_inputs, [0]).values())
     start = layer.moe_lora_B["default"].detach().clone()
@@ -196,3 +197,63 @@ def test_growth_is_refused_with_a_shared_router(tmp_path, clip_processor):
     with pytest.raises(ValueError, match="Expert growth needs one router per task"):
         ContinualTrainer(method=method, args=continual_args(tmp_path), processing_class=clip_processor
                          ).train_tasks([colour_task("only")])
+
+
+def dispatched_ops(model, inputs, task):
+    """The aten ops, by name, of one training forward and backward of a batch of `task`."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+    model.base_model.set_task(task)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs).logits_per_image.logsumexp(-1).mean().backward()
+    model.zero_grad()
+    return Counter(event.name for event in prof.events() if event.name.startswith("aten::"))
+
+
+def test_a_task_routes_in_one_product_over_its_experts_so_growth_adds_no_ops_and_changes_no_learned_task(
+        clip_inputs):
+    """A batch of one task projects its router once, over the experts it may select (those the bank had when it
+    trained): the newest task of a grown bank dispatches the ops of the first task's step, and a learned task's
+    logits stay bit for bit what they were before the bank grew (twice)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_clip(), config(init_weights=False, expert_growth_threshold=0.5))
+    moe = model.base_model
+
+    def logits(task):
+        model.eval()
+        moe.set_task(task)
+        with torch.no_grad():
+            return model(**clip_inputs).logits_per_image
+
+    first_step = dispatched_ops(model, clip_inputs, 0)
+    train_steps(model, clip_inputs, task=0)
+    learned = {0: logits(0)}
+    freeze_all(model, 0)
+    assert moe.grow_experts(1)[VISION0] == 2
+    assert dispatched_ops(model, clip_inputs, 1) == first_step
+    assert torch.equal(logits(0), learned[0])
+    train_steps(model, clip_inputs, task=1)
+    learned[1] = logits(1)
+    freeze_all(model, 1)
+    assert moe.grow_experts(2)[VISION0] == 2
+    layer = moe.moe_layers()[VISION0]
+    assert [layer.visible_experts("default", t) for t in range(3)] == [4, 6, 8]
+    assert dispatched_ops(model, clip_inputs, 2) == first_step
+    assert all(torch.equal(logits(t), learned[t]) for t in (0, 1))
+
+
+def test_a_bank_grows_in_task_order_and_a_saved_one_out_of_order_is_refused():
+    from hf_moe_cl.tuners.moe_lora.loading import value_problem
+
+    layer = get_peft_model(tiny_clip(), config()).base_model.moe_layers()[VISION0]
+    layer.add_experts("default", 2, first_task=2)
+    with pytest.raises(ValueError, match="Experts for task 1 cannot follow experts added for task 2: a bank grows in "
+                                         "task order"):
+        layer.add_experts("default", 1, first_task=1)
+    assert layer.expert_count("default") == 6
+    assert value_problem("x.moe_lora_expert_task.default", torch.tensor([0, 0, 2, 1]), 3) == (
+        "is not in task order; a bank grows in task order, so each expert's task is at least the one before")
+    assert value_problem("x.moe_lora_expert_task.default", torch.tensor([0, 0, 1, 1, 2]), 3) is None

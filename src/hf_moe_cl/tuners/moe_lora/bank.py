@@ -62,6 +62,7 @@ class ExpertBank:
         for name in INDEX_BUFFERS:  # rows that can train, and each row's place among them (-1: none)
             setattr(self, name, BufferDict(persistent=False))
         self.moe_lora_router_list: dict[str, list[int]] = {}  # moe_lora_router_slot as Python ints
+        self.moe_lora_visible_list: dict[str, list[int]] = {}  # grown banks: per task, the experts it may select
 
     @torch.no_grad()
     def sync_banks(self, adapter: Optional[str] = None, names=EXPERT_PARAMS + ROUTER_PARAMS) -> None:
@@ -89,6 +90,9 @@ class ExpertBank:
         # read by Python when a whole batch takes one task: no device sync
         slots = self.moe_lora_router_slot[adapter]
         self.moe_lora_router_list[adapter] = list(range(len(slots))) if slots.is_meta else slots.tolist()
+        if adapter in self.moe_lora_expert_task and not slots.is_meta:  # a prefix of the bank (see add_experts)
+            first_task = self.moe_lora_expert_task[adapter]
+            self.moe_lora_visible_list[adapter] = [int((first_task <= t).sum()) for t in range(len(slots))]
         for name in [name for name in EXPERT_PARAMS + ROUTER_PARAMS if adapter in getattr(self, name)]:
             trainable = getattr(self, TRAINABLE[name])
             grad = trainable[adapter].requires_grad if adapter in trainable else True
@@ -160,6 +164,11 @@ class ExpertBank:
         as before; the new experts are trainable (frozen by no task)."""
         if count < 1:
             raise ValueError(f"count must be a positive number of experts, got {count}.")
+        tasks = self.moe_lora_expert_task
+        if adapter in tasks and first_task < int(tasks[adapter].max()):
+            raise ValueError(f"Experts for task {first_task} cannot follow experts added for task "
+                             f"{int(tasks[adapter].max())}: a bank grows in task order (each task's router sees the "
+                             "experts before its own).")
         self.sync_banks(adapter)
         old_count = self.expert_count(adapter)
         for name in EXPERT_PARAMS:
@@ -175,18 +184,22 @@ class ExpertBank:
             columns[adapter] = torch.cat([old, old.new_zeros(*old.shape[:-1], count)], dim=-1)
         frozen_by = self.moe_lora_frozen_by[adapter]
         self.moe_lora_frozen_by[adapter] = torch.cat([frozen_by, frozen_by.new_full((count,), -1)])
-        tasks = self.moe_lora_expert_task
         first = tasks[adapter] if adapter in tasks else frozen_by.new_zeros(old_count)
         self.moe_lora_expert_task[adapter] = torch.cat([first, first.new_full((count,), first_task)])
         self._rebuild(adapter)
 
-    def hidden_experts(self, adapter: str, index: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
-        """Experts the routers `index` (a task, or one per sample) may not select: those added after they were
-        trained (None for a bank that never grew). (experts,) for a task, (batch, experts) per sample."""
+    def visible_experts(self, adapter: str, task: int) -> int:
+        """How many experts task `task`'s router may select: the first ones, those the bank had when it trained."""
+        visible = self.moe_lora_visible_list.get(adapter)
+        return self.expert_count(adapter) if visible is None else visible[task]
+
+    def hidden_experts(self, adapter: str, task_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """(batch, experts): the experts each sample's router may not select, those added after it was trained
+        (None for a bank that never grew)."""
         if adapter not in self.moe_lora_expert_task:
             return None
         first = self.moe_lora_expert_task[adapter]
-        return first > index if isinstance(index, int) else first.unsqueeze(0) > index.to(first.device).unsqueeze(1)
+        return first.unsqueeze(0) > task_ids.to(first.device).unsqueeze(1)
 
     def merge_top_experts(self, adapter: str, counts: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]):
         """Average the two most-selected experts (by a task's `counts`) into its least-selected trainable one.

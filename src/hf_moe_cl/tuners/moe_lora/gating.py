@@ -85,8 +85,9 @@ def noisy_top_k(router_input: torch.Tensor, gate: torch.Tensor, noise: torch.Ten
     Noise (learned, softplus standard deviation) is added only when `noisy`; the balance loss is the importance
     term plus the smooth load estimate of the sparsely-gated MoE paper, differentiable in both, over the rows of
     `keep` (a bool mask; None: every row). `hidden` (bool, (experts,) or (batch, experts)) marks experts a row may
-    not select: their logits are -inf. `first_experts` (the size of a bank before it grew) projects so that adding
-    experts leaves the earlier experts' logits bit for bit as they were (see `_project`).
+    not select: their logits are -inf. `first_experts` (the size of a bank before it grew) projects per-sample
+    routers so that adding experts leaves the earlier experts' logits bit for bit as they were (see `_project`); a
+    batch of one task is given only the experts its router may select, in one product (`MoELoraLayer`).
     """
     clean = _project(router_input, gate, first_experts)
     if hidden is not None:

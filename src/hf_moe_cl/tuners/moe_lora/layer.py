@@ -32,7 +32,7 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
     adapter_layer_names = tuple(TRAINABLE.values())
     other_param_names = EXPERT_PARAMS + ROUTER_PARAMS + INDEX_BUFFERS + (
         "moe_lora_counts", "moe_lora_expert_task", "moe_lora_frozen_by", "moe_lora_router_frozen",
-        "moe_lora_router_list", "moe_lora_dropout", "moe_lora_options")
+        "moe_lora_router_list", "moe_lora_visible_list", "moe_lora_dropout", "moe_lora_options")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, adapter_name: str,
                  config: MoELoraConfig, num_experts: Optional[int] = None, **kwargs) -> None:
@@ -135,12 +135,17 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         batch, length, dim = tokens.shape
         index = task if task_ids is None else task_ids
         noisy = options.noisy_gating and (self.training or options.noisy_gating_eval)
+        gate = self.router_rows(adapter, "moe_lora_router_gate", index)
+        noise = self.router_rows(adapter, "moe_lora_router_noise", index) if noisy else None
+        if task_ids is None:  # one task: one product over the experts it may select, as when it trained
+            visible = self.visible_experts(adapter, task)
+            if visible < gate.shape[-1]:
+                gate, noise = (None if w is None else w[:, :visible].contiguous() for w in (gate, noise))
         choice = noisy_top_k(
-            tokens[:, 0], self.router_rows(adapter, "moe_lora_router_gate", index),
-            self.router_rows(adapter, "moe_lora_router_noise", index) if noisy else None, top_k=options.top_k,
-            noisy=noisy, noise_epsilon=options.noise_epsilon, keep=keep, first_experts=options.num_experts,
-            with_balance_loss=self.training and options.load_balancing_coef > 0,
-            hidden=self.hidden_experts(adapter, index))
+            tokens[:, 0], gate, noise, top_k=options.top_k, noisy=noisy, noise_epsilon=options.noise_epsilon,
+            keep=keep, with_balance_loss=self.training and options.load_balancing_coef > 0,
+            hidden=None if task_ids is None else self.hidden_experts(adapter, task_ids),
+            first_experts=None if task_ids is None else options.num_experts)
         if choice.balance_loss is not None:
             loss = options.load_balancing_coef * choice.balance_loss
             self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss

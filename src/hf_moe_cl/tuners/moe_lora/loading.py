@@ -91,6 +91,8 @@ def value_problem(key: str, value: torch.Tensor, num_tasks: int) -> Optional[str
             return f"has dtype {value.dtype}; it holds {wanted}"
         if value.numel() and (int(value.min()) < low or (high is not None and int(value.max()) > high)):
             return f"holds values from {int(value.min())} to {int(value.max())}; it holds {wanted}"
+        if name == "moe_lora_expert_task" and value.numel() > 1 and bool((value[1:] < value[:-1]).any()):
+            return "is not in task order; a bank grows in task order, so each expert's task is at least the one before"
     if name == "moe_lora_router_frozen" and value.dtype != torch.bool:
         return f"has dtype {value.dtype}; it holds booleans (one per task router)"
     return None
