@@ -92,7 +92,8 @@ class ExpertBank:
         self.moe_lora_router_list[adapter] = list(range(len(slots))) if slots.is_meta else slots.tolist()
         if adapter in self.moe_lora_expert_task and not slots.is_meta:  # a prefix of the bank (see add_experts)
             first_task = self.moe_lora_expert_task[adapter]
-            self.moe_lora_visible_list[adapter] = [int((first_task <= t).sum()) for t in range(len(slots))]
+            tasks = torch.arange(len(slots), device=first_task.device)
+            self.moe_lora_visible_list[adapter] = torch.searchsorted(first_task, tasks, right=True).tolist()
         for name in [name for name in EXPERT_PARAMS + ROUTER_PARAMS if adapter in getattr(self, name)]:
             trainable = getattr(self, TRAINABLE[name])
             grad = trainable[adapter].requires_grad if adapter in trainable else True
