@@ -97,7 +97,10 @@ def finished_folders(output_dir: str | Path) -> dict[int, Path]:
 
 def remove_temporary(output_dir: str | Path) -> None:
     """Delete what an interrupted atomic write left behind (hidden `.*.tmp-*` siblings)."""
-    for path in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
         if is_temporary(path):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 

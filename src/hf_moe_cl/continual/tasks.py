@@ -45,9 +45,7 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
         for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
             for offset, image in enumerate(batch["image"]):
                 try:
-                    if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
-                        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-                    to_rgb(image)  # decodes; refuses NaN or infinite pixels and 0x0 images
+                    to_rgb(_open_image(image))  # decodes; refuses NaN or infinite pixels and 0x0 images
                 except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
                     bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
             bar.update(len(batch["image"]))
@@ -55,6 +53,12 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
         index, error = bad[0]
         raise ValueError(f"{where}: {len(bad)} image(s) cannot be decoded, the first at index {index} ({error}). "
                          "Remove or replace them before training (e.g. dataset.select of the good indices).")
+
+
+def _open_image(image):
+    if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
+        return Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+    return image
 
 
 @dataclass
@@ -103,8 +107,9 @@ class ContinualTask:
         if classes is not None and not (isinstance(classes, (list, tuple)) and classes and all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(self.classnames) for c in classes)
                 and len(set(classes)) == len(classes)):
-            raise ValueError(f"Task {self.name!r}: `train_classes` must be a non-empty list of distinct class indices "
-                             f"in 0..{len(self.classnames) - 1} (positions in `classnames`), got {short_repr(classes)}.")
+            raise ValueError(f"Task {self.name!r}: `train_classes` must be a non-empty list of distinct class "
+                             f"indices in 0..{len(self.classnames) - 1} (positions in `classnames`), got "
+                             f"{short_repr(classes)}.")
         if not isinstance(self.official_learning_rates, dict):
             raise ValueError(f"Task {self.name!r}: `official_learning_rates` must map recipe names to learning rates "
                              "(a dict such as {'moe-adapters': 1e-3}), got "
@@ -115,9 +120,10 @@ class ContinualTask:
             if not is_finite_number(rate) or rate <= 0:
                 raise ValueError(f"Task {self.name!r}: {name} must be a finite positive number, got {rate!r}.")
         if needs_training and len(self.trained_classes) < 2:
-            raise ValueError(f"Task {self.name!r} trains over one class ({self.classnames[self.trained_classes[0]]!r}): "
-                             "the loss over one class is always 0, so training would change nothing. Give it at least "
-                             "two classes, or only evaluate it (max_steps=0).")
+            only = self.classnames[self.trained_classes[0]]
+            raise ValueError(f"Task {self.name!r} trains over one class ({only!r}): the loss over one class is always "
+                             "0, so training would change nothing. Give it at least two classes, or only evaluate it "
+                             "(max_steps=0).")
         splits = [("eval", self.eval_dataset)]
         if needs_training:  # the whole split feeds ConDU's prototypes and DDAS's epochs: checked as the train split
             splits[:0] = [("train", self.train_dataset)] + (

@@ -105,17 +105,19 @@ class TaskRouting:
     def _inject_route(self, module, args, kwargs):
         """Forward pre-hook of every MoE layer: the call's route is an argument of the layer's forward."""
         if "task_route" not in kwargs:
-            if not self._call_routes and self._session_route is None:
-                hint = (" (its DDAS selector picks the task)" if getattr(self.selector, "has_reference", False) else
-                        " (with a DDAS selector: ContinualTrainer with DDASArguments(ddas=True))")
-                raise ValueError(f"This MoE-LoRA adapter has {self.num_tasks} task routers and no route was chosen for "
-                                 "this call, so it would run as the untouched base model: pass task_ids=<one task id "
-                                 f"per sample> to the model, call set_task(t), or classify images with "
-                                 f"TaskAgnosticClassifier{hint}. set_task(None) runs the untouched base model on "
-                                 "purpose. With the plain Trainer, keep the `task_ids` column "
-                                 "(remove_unused_columns=False).")
-            kwargs["task_route"] = self._call_routes[-1][1] if self._call_routes else self._session_route
+            kwargs["task_route"] = self._call_routes[-1][1] if self._call_routes else self._session_or_refuse()
         return args, kwargs
+
+    def _session_or_refuse(self) -> TaskRoute:
+        if self._session_route is not None:
+            return self._session_route
+        hint = (" (its DDAS selector picks the task)" if getattr(self.selector, "has_reference", False) else
+                " (with a DDAS selector: ContinualTrainer with DDASArguments(ddas=True))")
+        raise ValueError(f"This MoE-LoRA adapter has {self.num_tasks} task routers and no route was chosen for this "
+                         "call, so it would run as the untouched base model: pass task_ids=<one task id per sample> to "
+                         f"the model, call set_task(t), or classify images with TaskAgnosticClassifier{hint}. "
+                         "set_task(None) runs the untouched base model on purpose. With the plain Trainer, keep the "
+                         "`task_ids` column (remove_unused_columns=False).")
 
     def _mark_call(self, inside: bool, *hook_arguments):
         """Hooks of the whole CLIP: a call of both towers begins or ends (the selector's choice for its images may
