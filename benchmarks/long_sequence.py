@@ -5,8 +5,10 @@
         --ddas_task_steps 5 --ddas_reference_steps 5 --output_dir runs/long_tiny                   # a smoke run
 
 Variants (`--variants`): MoE-Adapters with `freeze_policy` top_k (the paper), coverage 0.9, coverage 1.0 and
-coverage 1.0 with a growing bank (`expert_growth_threshold`), and individual fine-tuning (one model per task from
-the base CLIP: the upper bound). Every MoE variant trains DDAS (CLIP features, the assets' Tiny ImageNet reference)
+coverage 1.0 with a growing bank (`expert_growth_threshold`), individual fine-tuning (one model per task from
+the base CLIP: the upper bound), and `moe-alone`: each task learned alone by a fresh MoE adapter on the base CLIP, at
+the MoE variants' steps and rate (what the adapter reaches on a task with nothing learned before it; no DDAS, so
+only the task-aware columns). Every other MoE variant trains DDAS (CLIP features, the assets' Tiny ImageNet reference)
 so that the task-agnostic matrices exist. Reported after each task count of `--report_at` (default 6, 12, 18, 24,
 30), in results.md / results.json and one PNG per quantity against the number of tasks:
 
@@ -55,6 +57,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 PER_TASK_TENSORS = ("moe_lora_router_gate", "moe_lora_router_noise", "moe_lora_counts", "moe_lora_router_frozen")
 ROUND = 6  # mini-long's rounds: one task of each dataset
 GROWTH = "coverage-1.0+growth"
+ALONE = "moe-alone"
 
 
 def variants(growth_threshold: float) -> dict[str, dict]:
@@ -65,6 +68,7 @@ def variants(growth_threshold: float) -> dict[str, dict]:
         GROWTH: dict(freeze_policy="coverage", freeze_coverage=1.0,
                                     adapter=MoELoraConfig(expert_growth_threshold=growth_threshold)),
         "individual": None,
+        ALONE: None,
     }
 
 
@@ -142,6 +146,34 @@ def identification(stages, learned: int) -> float:
     counts = stages[learned - 1][:learned]
     right = sum(task[j + 1] for j, task in enumerate(counts))
     return 100.0 * right / max(1, sum(sum(task) for task in counts))
+
+
+def training_arguments(args, output: Path, learning_rate: float) -> ContinualTrainingArguments:
+    return ContinualTrainingArguments(
+        output_dir=str(output), max_steps=args.steps_per_task, warmup_steps=max(1, args.steps_per_task // 10),
+        use_cpu=True, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, disable_tqdm=True,
+        logging_strategy="no", save_task_checkpoints=False, report_to="none", seed=args.seed,
+        learning_rate=learning_rate)
+
+
+def alone_record(args, base, processor, tasks, output: Path, seconds_from: float) -> dict:
+    """`moe-alone`: each task trained as a one-task MoE-Adapters run on the base CLIP (a fresh adapter, the run's
+    seed). Its oracle matrix holds in row i every task up to i at the accuracy its own adapter reached, so Last is
+    the mean of those and BWT is 0, as for individual fine-tuning."""
+    accuracy, step_ms = [], []
+    for index, task in enumerate(tasks):
+        training = training_arguments(args, output / f"task_{index + 1:02d}", args.learning_rate)
+        method, training = prepare_method(MethodArguments(method="moe-adapters", use_task_learning_rates=False),
+                                          base, [task], training, options=(DDASArguments(ddas=False),))
+        timer = StepTimer(training.device)
+        result = ContinualTrainer(method=method, args=training, processing_class=processor,
+                                  callbacks=[timer]).train_tasks([task])
+        accuracy.append(result.matrices["oracle"][0][0])
+        step_ms.append(timer.per_task_ms[0])
+        print(f"{ALONE}: task {index + 1} ({task.name}) {accuracy[-1]:.1f}", flush=True)
+    oracle = [accuracy[:i + 1] + [None] * (len(tasks) - i - 1) for i in range(len(tasks))]
+    return {"matrices": {"oracle": oracle}, "diagnostics": {}, "step_ms": step_ms, "measured": {},
+            "seconds": time.perf_counter() - seconds_from}
 
 
 def variant_record(result, timer, measured, seconds) -> dict:
@@ -305,12 +337,14 @@ def main():
         plain = copy.deepcopy(base).eval()
     for variant in todo:
         start = time.perf_counter()
-        training = ContinualTrainingArguments(
-            output_dir=str(output / variant), max_steps=args.steps_per_task,
-            warmup_steps=max(1, args.steps_per_task // 10), use_cpu=True, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=128, disable_tqdm=True, logging_strategy="no", save_task_checkpoints=False,
-            report_to="none", seed=args.seed,
-            learning_rate=args.individual_learning_rate if variant == "individual" else args.learning_rate)
+        if variant == ALONE:
+            records[variant] = {"settings": settings, "tasks": [t.name for t in tasks],
+                                **alone_record(args, base, processor, tasks, output / variant, start)}
+            write_json_atomic(output / f"{variant}.json", records[variant])
+            print(f"{variant}: {records[variant]['seconds']:.0f} s", flush=True)
+            continue
+        training = training_arguments(
+            args, output / variant, args.individual_learning_rate if variant == "individual" else args.learning_rate)
         options = ()
         if known[variant]:  # the variant's options; `settings` stays the run's (saved in each record)
             chosen_options = dict(known[variant])

@@ -172,3 +172,20 @@ def test_seeds_give_mean_and_range_and_count_only_the_seeds_with_their_own_indiv
     assert again.returncode == 1 and "Two folders hold the same seed ([0, 0])" in again.stderr
     missing = seeds_summary(str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "results.json does not exist" in missing.stderr
+
+
+def test_moe_alone_learns_each_task_from_the_base_clip(tmp_path):
+    """`moe-alone` trains each task as its own one-task run: its first task is the continual run's first task (same
+    seed, same fresh adapter) and every later row keeps the earlier tasks' accuracies (BWT 0)."""
+    import json
+
+    argv = ("--num_tasks", "2", "--steps_per_task", "2", "--report_at", "1,2", "--eval_images", "10",
+            "--ddas_task_steps", "3", "--ddas_reference_steps", "3", "--probe_batch", "8",
+            "--variants", "top_k,moe-alone", "--output_dir", str(tmp_path))
+    run = long_sequence(*argv)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone = json.loads((tmp_path / "moe-alone.json").read_text())["matrices"]["oracle"]
+    continual = json.loads((tmp_path / "top_k.json").read_text())["matrices"]["oracle"]
+    assert alone[0] == [continual[0][0], None] and alone[1][0] == alone[0][0]
+    row = json.loads((tmp_path / "results.json").read_text())["table"]["moe-alone"]["2"]
+    assert row["bwt"] == 0.0 and row["last"] == (alone[1][0] + alone[1][1]) / 2
