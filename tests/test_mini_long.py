@@ -11,8 +11,8 @@ from hf_moe_cl.assets import assets_dir
 from hf_moe_cl.experiments.recipes import preset_recipe
 from hf_moe_cl.continual import ContinualTrainingArguments
 from hf_moe_cl.experiments.data_check import check_data
-from hf_moe_cl.experiments.presets import (MINI_TASKS, MTILPreset, class_groups, get_preset, mini_long_names, mini_long_tasks,
-                               mini_mtil_tasks, preset_tasks)
+from hf_moe_cl.experiments.presets import (MINI_TASKS, MTILPreset, class_groups, get_preset, mini_long_names,
+                                           mini_long_tasks, mini_mtil_tasks, preset_tasks)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
