@@ -10,7 +10,8 @@ CPU side), the launch overhead a GPU pays per step in eager mode. --tasks N also
 tasks, after the earlier ones froze experts as each policy does (top_k, the paper's; coverage 1.0; coverage 1.0 with
 a bank that keeps 0.3 x num_experts trainable), against the first task's step of the same adapter (models
 interleaved in one run), with the optimizer state and the ops of that step; its last line reads
-`ratio to task 1 at N tasks: top_k R, coverage R, growth R`.
+`ratio to task 1 at N tasks: top_k R, coverage R, growth R`. --tasks_only times those adapters alone (the five
+comparisons left out: a ViT-B/16-sized CLIP at 100 tasks does not fit in 24 GiB beside them).
 On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
 included, the other models' not); on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
 """
@@ -187,6 +188,8 @@ def main():
     parser.add_argument("--tasks", type=int, default=0,
                         help="also time the step of the last of this many tasks (experts frozen by the earlier ones, "
                         "top_k or coverage with growth) against the first task's")
+    parser.add_argument("--tasks_only", action="store_true",
+                        help="with --tasks: time only the task-1 and task-N adapters, not the five comparisons")
     parser.add_argument(
         "--model",
         choices=MODELS,
@@ -194,6 +197,8 @@ def main():
         help="proxy-clip from the assets, or a randomly initialised ViT-B/16-sized CLIP (timings only)",
     )
     args = parser.parse_args()
+    if args.tasks_only and not args.tasks:
+        parser.error("--tasks_only times the adapters of --tasks N: give --tasks too")
     torch.manual_seed(0)
     AUTOCAST["enabled"] = args.bf16
     device = torch.device(args.device)
@@ -215,6 +220,8 @@ def main():
             copy.deepcopy(base), MoELoraConfig(r=args.rank, num_experts=2)
         ),
     }
+    if args.tasks_only:
+        candidates = {}
     if args.tasks:
         def sequence(policy=None, growth=None, task=args.tasks):
             config = MoELoraConfig(r=args.rank, num_tasks=task, expert_growth_threshold=growth)
@@ -247,18 +254,24 @@ def main():
     def ratio(a, b, key):
         return results[a][key] / results[b][key]
 
-    lora, moe_lin = "peft LoRA (q,v)", "MoE-LoRA 22e top-2 (q,v)"
-    moe22, moe2, full = "MoE-Adapters 22e top-2 (blocks)", "MoE-Adapters 2e top-2 (blocks)", "full fine-tune"
-    print(f"step time  MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'step_s'):.2f}  (target <= 1.3)")
-    print(f"step time  MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'step_s'):.2f}")
-    print(f"step time  MoE(22) / MoE(2), blocks             : {ratio(moe22, moe2, 'step_s'):.2f}  (target <= 1.1)")
-    print(f"step time  MoE-Adapters(22) / full fine-tune     : {ratio(moe22, full, 'step_s'):.2f}  (target <= 0.7)")
-    print(f"ops        MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'ops'):.2f}")
-    if args.compile:
-        print(f"step time  compiled MoE-Adapters(22) / peft LoRA  : "
-              f"{ratio(moe22 + ' compiled', lora + ' compiled', 'step_s'):.2f}  (both compiled)")
-        print(f"step time  compiled MoE-Adapters(22) / full FT    : "
-              f"{ratio(moe22 + ' compiled', full + ' compiled', 'step_s'):.2f}  (both compiled)")
+    if not args.tasks_only:
+        lora, moe_lin = "peft LoRA (q,v)", "MoE-LoRA 22e top-2 (q,v)"
+        moe22, moe2, full = "MoE-Adapters 22e top-2 (blocks)", "MoE-Adapters 2e top-2 (blocks)", "full fine-tune"
+        print(f"step time  MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'step_s'):.2f}  "
+              "(target <= 1.3)")
+        print(f"step time  MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'step_s'):.2f}")
+        print(f"step time  MoE(22) / MoE(2), blocks             : {ratio(moe22, moe2, 'step_s'):.2f}  (target <= 1.1)")
+        print(f"step time  MoE-Adapters(22) / full fine-tune     : {ratio(moe22, full, 'step_s'):.2f}  (target <= 0.7)")
+        print(f"ops        MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'ops'):.2f}")
+        if args.compile:
+            print(f"step time  compiled MoE-Adapters(22) / peft LoRA  : "
+                  f"{ratio(moe22 + ' compiled', lora + ' compiled', 'step_s'):.2f}  (both compiled)")
+            print(f"step time  compiled MoE-Adapters(22) / full FT    : "
+                  f"{ratio(moe22 + ' compiled', full + ' compiled', 'step_s'):.2f}  (both compiled)")
+        print(f"memory     MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'memory'):.2f}")
+        print(f"memory     MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'memory'):.2f}")
+        print(f"paper setting (ViT-B/16 config, 11 tasks): {paper_parameter_count():,d} trainable MoE parameters "
+              "(paper: 51.1M)")
     if args.tasks:
         n, ratios = args.tasks, {}
         for policy in ("top_k", "coverage", "growth"):
@@ -269,11 +282,6 @@ def main():
             print(f"task {n} / task 1, {policy:8s}: step {ratios[policy]:.2f}, ops {ratio(last, first, 'ops'):.2f}, "
                   f"optimizer state {results[last]['optimizer'] / 2**20:.1f} MiB against "
                   f"{results[first]['optimizer'] / 2**20:.1f} MiB ({experts:,} experts in all)")
-    print(f"memory     MoE-LoRA(22) / peft LoRA, same layers : {ratio(moe_lin, lora, 'memory'):.2f}")
-    print(f"memory     MoE-Adapters(22) / peft LoRA          : {ratio(moe22, lora, 'memory'):.2f}")
-    print(f"paper setting (ViT-B/16 config, 11 tasks): {paper_parameter_count():,d} trainable MoE parameters "
-          "(paper: 51.1M)")
-    if args.tasks:
         print(f"ratio to task 1 at {args.tasks} tasks: "
               + ", ".join(f"{policy} {value:.2f}" for policy, value in ratios.items()))
 
