@@ -16,6 +16,8 @@ so that the task-agnostic matrices exist. Reported after each task count of `--r
   by the same mean of individual fine-tuning;
 - BWT over the tasks learned so far; the newest task's accuracy right after training against its individual
   fine-tune, and the same for the last six tasks together (one per dataset, so less noisy);
+- the share of the last six tasks' expert selections (at evaluation, right after each trained) that fall on experts
+  earlier tasks froze: what a new task routes through but cannot train;
 - trainable expert slots (vision + text: experts frozen by no task) and all expert slots;
 - adapter bytes: the saved adapter of a model that learned that many tasks (experts, plus one router per task;
   the DDAS selector is not counted);
@@ -179,9 +181,20 @@ def alone_record(args, base, processor, tasks, output: Path, seconds_from: float
 def variant_record(result, timer, measured, seconds) -> dict:
     """What the table needs of one variant's run, in JSON form (saved as <variant>.json so that variants can run in
     separate processes and a finished one is not run again)."""
-    keep = ("expert_slots", "route_histogram")
+    keep = ("expert_slots", "route_histogram", "routing_report")
     return {"matrices": result.matrices, "diagnostics": {k: v for k, v in result.diagnostics.items() if k in keep},
             "step_ms": timer.per_task_ms, "measured": {str(n): m for n, m in measured.items()}, "seconds": seconds}
+
+
+def on_earlier_frozen(record, recent) -> float | None:
+    """Share (%) of the `recent` tasks' evaluation-time expert selections, measured right after each trained, that
+    fall on experts earlier tasks froze (neither trainable nor frozen by the task itself), the towers averaged."""
+    reports = record["diagnostics"].get("routing_report")
+    if not reports:
+        return None
+    shares = [report[tower]["not_own"] - report[tower]["trainable"] for j in recent
+              for report in [reports[j][record["tasks"][j]]] for tower in ("vision", "text") if tower in report]
+    return 100.0 * sum(shares) / len(shares)
 
 
 def rows_at(record, individual, report_at) -> dict[int, dict]:
@@ -199,6 +212,7 @@ def rows_at(record, individual, report_at) -> dict[int, dict]:
             row["newest_over_individual"] = 100.0 * oracle[n - 1][n - 1] / diagonal[n - 1]
             recent = range(max(0, n - ROUND), n)  # one task per dataset: less noisy than the newest alone
             row["recent_over_individual"] = 100.0 * sum(oracle[j][j] for j in recent) / sum(diagonal[j] for j in recent)
+        row["on_earlier_frozen"] = on_earlier_frozen(record, range(max(0, n - ROUND), n))
         slots = record["diagnostics"].get("expert_slots")
         if slots:
             row["trainable_slots"] = sum(t["trainable"] for t in slots[n - 1].values())
@@ -217,6 +231,7 @@ def rows_at(record, individual, report_at) -> dict[int, dict]:
 COLUMNS = [("last", "Last", "{:.1f}"), ("last_over_individual", "Last / indiv. %", "{:.1f}"),
            ("bwt", "BWT", "{:.2f}"), ("newest_over_individual", "newest / indiv. %", "{:.1f}"),
            ("recent_over_individual", "last 6 new / indiv. %", "{:.1f}"),
+           ("on_earlier_frozen", "last 6 on earlier-frozen %", "{:.1f}"),
            ("trainable_slots", "trainable slots", "{:,}"), ("expert_slots", "all slots", "{:,}"),
            ("adapter_bytes", "adapter bytes", "{:,}"), ("ddas_per_image", "DDAS per image %", "{:.1f}"),
            ("ddas_per_batch", "DDAS per batch %", "{:.1f}"), ("agnostic_over_plain", "agnostic / plain", "{:.2f}"),

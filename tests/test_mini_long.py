@@ -176,7 +176,8 @@ def test_seeds_give_mean_and_range_and_count_only_the_seeds_with_their_own_indiv
 
 def test_moe_alone_learns_each_task_from_the_base_clip(tmp_path):
     """`moe-alone` trains each task as its own one-task run: its first task is the continual run's first task (same
-    seed, same fresh adapter) and every later row keeps the earlier tasks' accuracies (BWT 0)."""
+    seed, same fresh adapter) and every later row keeps the earlier tasks' accuracies (BWT 0). The continual run's
+    table gives the share of a new task's selections on experts earlier tasks froze."""
     import json
 
     argv = ("--num_tasks", "2", "--steps_per_task", "2", "--report_at", "1,2", "--eval_images", "10",
@@ -187,5 +188,13 @@ def test_moe_alone_learns_each_task_from_the_base_clip(tmp_path):
     alone = json.loads((tmp_path / "moe-alone.json").read_text())["matrices"]["oracle"]
     continual = json.loads((tmp_path / "top_k.json").read_text())["matrices"]["oracle"]
     assert alone[0] == [continual[0][0], None] and alone[1][0] == alone[0][0]
-    row = json.loads((tmp_path / "results.json").read_text())["table"]["moe-alone"]["2"]
-    assert row["bwt"] == 0.0 and row["last"] == (alone[1][0] + alone[1][1]) / 2
+    table = json.loads((tmp_path / "results.json").read_text())["table"]
+    row = table["moe-alone"]["2"]
+    assert row["bwt"] == 0.0 and row["last"] == (alone[1][0] + alone[1][1]) / 2 and row["on_earlier_frozen"] is None
+    # the continual run's routing: task 1 finds nothing frozen; task 2's selections on what task 1 froze are its
+    # selections on experts it did not freeze less those still trainable, per tower
+    record = json.loads((tmp_path / "top_k.json").read_text())
+    second = record["diagnostics"]["routing_report"][1][record["tasks"][1]]
+    shares = [second[tower]["not_own"] - second[tower]["trainable"] for tower in ("vision", "text")]
+    assert table["top_k"]["1"]["on_earlier_frozen"] == 0.0 and min(shares) >= 0 and max(shares) > 0
+    assert abs(table["top_k"]["2"]["on_earlier_frozen"] - 100.0 * sum(shares) / 4) < 1e-9
