@@ -158,7 +158,7 @@ def training_arguments(args, output: Path, learning_rate: float) -> ContinualTra
         learning_rate=learning_rate)
 
 
-def alone_record(args, base, processor, tasks, output: Path, seconds_from: float) -> dict:
+def alone_record(args, base, processor, tasks, output: Path) -> dict:
     """`moe-alone`: each task trained as a one-task MoE-Adapters run on the base CLIP (a fresh adapter, the run's
     seed). Its oracle matrix holds in row i every task up to i at the accuracy its own adapter reached, so Last is
     the mean of those and BWT is 0, as for individual fine-tuning."""
@@ -174,16 +174,15 @@ def alone_record(args, base, processor, tasks, output: Path, seconds_from: float
         step_ms.append(timer.per_task_ms[0])
         print(f"{ALONE}: task {index + 1} ({task.name}) {accuracy[-1]:.1f}", flush=True)
     oracle = [accuracy[:i + 1] + [None] * (len(tasks) - i - 1) for i in range(len(tasks))]
-    return {"matrices": {"oracle": oracle}, "diagnostics": {}, "step_ms": step_ms, "measured": {},
-            "seconds": time.perf_counter() - seconds_from}
+    return {"matrices": {"oracle": oracle}, "diagnostics": {}, "step_ms": step_ms, "measured": {}}
 
 
-def variant_record(result, timer, measured, seconds) -> dict:
+def variant_record(result, timer, measured) -> dict:
     """What the table needs of one variant's run, in JSON form (saved as <variant>.json so that variants can run in
     separate processes and a finished one is not run again)."""
     keep = ("expert_slots", "route_histogram", "routing_report")
     return {"matrices": result.matrices, "diagnostics": {k: v for k, v in result.diagnostics.items() if k in keep},
-            "step_ms": timer.per_task_ms, "measured": {str(n): m for n, m in measured.items()}, "seconds": seconds}
+            "step_ms": timer.per_task_ms, "measured": {str(n): m for n, m in measured.items()}}
 
 
 def on_earlier_frozen(record, recent) -> float | None:
@@ -207,12 +206,12 @@ def rows_at(record, individual, report_at) -> dict[int, dict]:
         last = sum(oracle[n - 1][:n]) / n
         row = {"last": last, "newest": oracle[n - 1][n - 1], "step_ms": record["step_ms"][n - 1],
                "bwt": sum(oracle[n - 1][j] - oracle[j][j] for j in range(n - 1)) / (n - 1) if n > 1 else 0.0}
+        recent = range(max(0, n - ROUND), n)  # one task per dataset: less noisy than the newest alone
         if diagonal and len(diagonal) >= n:
             row["last_over_individual"] = 100.0 * last / (sum(diagonal[:n]) / n)
             row["newest_over_individual"] = 100.0 * oracle[n - 1][n - 1] / diagonal[n - 1]
-            recent = range(max(0, n - ROUND), n)  # one task per dataset: less noisy than the newest alone
             row["recent_over_individual"] = 100.0 * sum(oracle[j][j] for j in recent) / sum(diagonal[j] for j in recent)
-        row["on_earlier_frozen"] = on_earlier_frozen(record, range(max(0, n - ROUND), n))
+        row["on_earlier_frozen"] = on_earlier_frozen(record, recent)
         slots = record["diagnostics"].get("expert_slots")
         if slots:
             row["trainable_slots"] = sum(t["trainable"] for t in slots[n - 1].values())
@@ -353,31 +352,28 @@ def main():
     for variant in todo:
         start = time.perf_counter()
         if variant == ALONE:
-            records[variant] = {"settings": settings, "tasks": [t.name for t in tasks],
-                                **alone_record(args, base, processor, tasks, output / variant, start)}
-            write_json_atomic(output / f"{variant}.json", records[variant])
-            print(f"{variant}: {records[variant]['seconds']:.0f} s", flush=True)
-            continue
-        training = training_arguments(
-            args, output / variant, args.individual_learning_rate if variant == "individual" else args.learning_rate)
-        options = ()
-        if known[variant]:  # the variant's options; `settings` stays the run's (saved in each record)
-            chosen_options = dict(known[variant])
-            options = (MoEAdaptersArguments(**{k: v for k, v in chosen_options.items() if k != "adapter"}),
-                       chosen_options.get("adapter", MoELoraConfig()),
-                       DDASArguments(ddas=True, ddas_task_steps=args.ddas_task_steps,
-                                     ddas_reference_steps=args.ddas_reference_steps))
-        method_args = MethodArguments(method="individual-finetune" if variant == "individual" else "moe-adapters",
-                                      use_task_learning_rates=False)
-        set_seed(args.seed)
-        method, training = prepare_method(method_args, base, tasks, training, options=options,
-                                          reference_images=reference if known[variant] else None)
-        timer = StepTimer(training.device)
-        trainer = MeasuredTrainer(method=method, args=training, processing_class=processor, callbacks=[timer],
-                                  report_at=report_at, plain=plain, probe=probe)
-        result = trainer.train_tasks(tasks)
-        records[variant] = {"settings": settings, "tasks": [t.name for t in tasks],
-                            **variant_record(result, timer, trainer.measured, time.perf_counter() - start)}
+            measured = alone_record(args, base, processor, tasks, output / variant)
+        else:
+            rate = args.individual_learning_rate if variant == "individual" else args.learning_rate
+            training = training_arguments(args, output / variant, rate)
+            options = ()
+            if known[variant]:  # the variant's options; `settings` stays the run's (saved in each record)
+                chosen_options = dict(known[variant])
+                options = (MoEAdaptersArguments(**{k: v for k, v in chosen_options.items() if k != "adapter"}),
+                           chosen_options.get("adapter", MoELoraConfig()),
+                           DDASArguments(ddas=True, ddas_task_steps=args.ddas_task_steps,
+                                         ddas_reference_steps=args.ddas_reference_steps))
+            method_args = MethodArguments(method="individual-finetune" if variant == "individual" else "moe-adapters",
+                                          use_task_learning_rates=False)
+            set_seed(args.seed)
+            method, training = prepare_method(method_args, base, tasks, training, options=options,
+                                              reference_images=reference if known[variant] else None)
+            timer = StepTimer(training.device)
+            trainer = MeasuredTrainer(method=method, args=training, processing_class=processor, callbacks=[timer],
+                                      report_at=report_at, plain=plain, probe=probe)
+            measured = variant_record(trainer.train_tasks(tasks), timer, trainer.measured)
+        records[variant] = {"settings": settings, "tasks": [t.name for t in tasks], **measured,
+                            "seconds": time.perf_counter() - start}
         write_json_atomic(output / f"{variant}.json", records[variant])
         print(f"{variant}: {records[variant]['seconds']:.0f} s", flush=True)
 
