@@ -59,6 +59,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 PER_TASK_TENSORS = ("moe_lora_router_gate", "moe_lora_router_noise", "moe_lora_counts", "moe_lora_router_frozen")
 ROUND = 6  # mini-long's rounds: one task of each dataset
 GROWTH = "coverage-1.0+growth"
+HIDDEN = "coverage-1.0+growth+hidden"
 ALONE = "moe-alone"
 
 
@@ -69,6 +70,8 @@ def variants(growth_threshold: float) -> dict[str, dict]:
         "coverage-1.0": dict(freeze_policy="coverage", freeze_coverage=1.0),
         GROWTH: dict(freeze_policy="coverage", freeze_coverage=1.0,
                                     adapter=MoELoraConfig(expert_growth_threshold=growth_threshold)),
+        HIDDEN: dict(freeze_policy="coverage", freeze_coverage=1.0, adapter=MoELoraConfig(
+            expert_growth_threshold=growth_threshold, hide_frozen_experts=True)),
         "individual": None,
         ALONE: None,
     }
@@ -77,7 +80,7 @@ def variants(growth_threshold: float) -> dict[str, dict]:
 def shaping(settings, variant: str):
     """The settings that shape `variant`'s numbers: the growth threshold only the growth variant's, so individual
     fine-tuning measured beside growth 0.3 serves a growth-0.5 folder too (copy its `individual.json` there)."""
-    if variant == GROWTH or not isinstance(settings, dict):
+    if variant in (GROWTH, HIDDEN) or not isinstance(settings, dict):
         return settings
     return {k: v for k, v in settings.items() if k != "growth_threshold"}
 

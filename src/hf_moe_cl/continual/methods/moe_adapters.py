@@ -262,6 +262,8 @@ class MoEAdapters(ContinualMethod):
                             "trainable).", task.name, len(added), sum(added.values()),
                             self.moe.moe_config.expert_growth_threshold)
             self.expert_growth.append(added)  # nothing unless the adapter grows
+            if context.trains:
+                self.moe.check_selectable(self.current_route)
         self.moe.set_task(self.current_route)
 
     def extra_loss(self):

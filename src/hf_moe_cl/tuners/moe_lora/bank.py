@@ -61,6 +61,7 @@ class ExpertBank:
             setattr(self, TRAINABLE[name], nn.ParameterDict())
         for name in INDEX_BUFFERS:  # rows that can train, and each row's place among them (-1: none)
             setattr(self, name, BufferDict(persistent=False))
+        self.moe_lora_hidden = BufferDict(persistent=False)  # per task, the experts its router may not select
         self.moe_lora_router_list: dict[str, list[int]] = {}  # moe_lora_router_slot as Python ints
         self.moe_lora_visible_list: dict[str, list[int]] = {}  # grown banks: per task, the experts it may select
 
@@ -90,16 +91,34 @@ class ExpertBank:
         # read by Python when a whole batch takes one task: no device sync
         slots = self.moe_lora_router_slot[adapter]
         self.moe_lora_router_list[adapter] = list(range(len(slots))) if slots.is_meta else slots.tolist()
-        if adapter in self.moe_lora_expert_task and not slots.is_meta:  # a prefix of the bank (see add_experts)
-            first_task = self.moe_lora_expert_task[adapter]
-            tasks = torch.arange(len(slots), device=first_task.device)
-            self.moe_lora_visible_list[adapter] = torch.searchsorted(first_task, tasks, right=True).tolist()
+        self._rebuild_hidden(adapter, len(slots), slots.is_meta)
         for name in [name for name in EXPERT_PARAMS + ROUTER_PARAMS if adapter in getattr(self, name)]:
             trainable = getattr(self, TRAINABLE[name])
             grad = trainable[adapter].requires_grad if adapter in trainable else True
             rows = self._rows_of(name)[adapter]
             trainable[adapter] = nn.Parameter(getattr(self, name)[adapter].index_select(0, rows).clone(),
                                               requires_grad=grad)
+
+    def _rebuild_hidden(self, adapter: str, num_tasks: int, meta: bool) -> None:
+        """Per task, the experts its router may not select (`moe_lora_hidden`, (tasks, experts)): those added after
+        it trained (a grown bank, whose visible prefix `moe_lora_visible_list` also records) and, with
+        `hide_frozen_experts`, those frozen by an earlier task. A task's row never changes once it trained."""
+        if adapter in self.moe_lora_hidden:
+            del self.moe_lora_hidden[adapter]
+        if meta:
+            return
+        frozen_by = self.moe_lora_frozen_by[adapter]
+        tasks = torch.arange(num_tasks, device=frozen_by.device).unsqueeze(1)
+        hidden = None
+        if adapter in self.moe_lora_expert_task:
+            first_task = self.moe_lora_expert_task[adapter]
+            self.moe_lora_visible_list[adapter] = torch.searchsorted(first_task, tasks.flatten(), right=True).tolist()
+            hidden = first_task.unsqueeze(0) > tasks
+        if self.moe_lora_options[adapter].hide_frozen_experts:
+            earlier = (frozen_by.unsqueeze(0) >= 0) & (frozen_by.unsqueeze(0) < tasks)
+            hidden = earlier if hidden is None else hidden | earlier
+        if hidden is not None:
+            self.moe_lora_hidden[adapter] = hidden
 
     # ----- reading -------------------------------------------------------------------------------------------------
     def expert_rows(self, adapter: str, name: str, index: torch.Tensor) -> torch.Tensor:
@@ -194,13 +213,16 @@ class ExpertBank:
         visible = self.moe_lora_visible_list.get(adapter)
         return self.expert_count(adapter) if visible is None else visible[task]
 
-    def hidden_experts(self, adapter: str, task_ids: torch.Tensor) -> Optional[torch.Tensor]:
-        """(batch, experts): the experts each sample's router may not select, those added after it was trained
-        (None for a bank that never grew)."""
-        if adapter not in self.moe_lora_expert_task:
+    def hidden_experts(self, adapter: str, task: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The experts a router may not select (see `_rebuild_hidden`; None: none): (batch, experts) for per-sample
+        task ids; for one task, which is given only its visible prefix of the bank, (visible,) of the experts
+        earlier tasks froze (`hide_frozen_experts`)."""
+        hidden = self.moe_lora_hidden[adapter] if adapter in self.moe_lora_hidden else None
+        if hidden is None or not isinstance(task, int):
+            return None if hidden is None else hidden.index_select(0, task.to(hidden.device))
+        if not self.moe_lora_options[adapter].hide_frozen_experts:
             return None
-        first = self.moe_lora_expert_task[adapter]
-        return first.unsqueeze(0) > task_ids.to(first.device).unsqueeze(1)
+        return hidden[task, :self.visible_experts(adapter, task)]
 
     def merge_top_experts(self, adapter: str, counts: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]):
         """Average the two most-selected experts (by a task's `counts`) into its least-selected trainable one.

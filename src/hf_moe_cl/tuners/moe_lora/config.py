@@ -68,6 +68,10 @@ class MoELoraConfig(PeftConfig):
         "help": "Grow the bank: before a new task, every adapted module with fewer than this share of `num_experts` "
                 "trainable (frozen by no task) gets the fewest new experts (at least top_k) that bring it back to that "
                 "many (`grow_experts`). None: the paper's fixed bank."})
+    hide_frozen_experts: bool = field(default=False, metadata={
+        "help": "A task's router selects only experts no earlier task froze (those it can train, and those it freezes "
+                "itself), so every selection of a new task trains; needs top_k of them when a task begins (grow the "
+                "bank: `expert_growth_threshold`). False (the paper): a router selects any expert, frozen ones too."})
     experts_per_module: dict[str, int] = field(default_factory=dict, metadata={
         "help": "Modules whose bank grew: module name -> its number of experts (written by `grow_experts`, read when "
                 "the adapter is loaded)."})
@@ -112,7 +116,7 @@ class MoELoraConfig(PeftConfig):
                 "loaded: a damaged or swapped file is refused."})
     settings_sha256: Optional[str] = field(default=None, metadata={
         "help": "sha256 of the settings the weights were trained with that no tensor records (`task_info`, "
-                "`selector`, `expert_activation`), written by `save_pretrained` and checked when a local folder is "
+                "`selector`, `expert_activation`, `hide_frozen_experts`), written by `save_pretrained` and checked when a local folder is "
                 "loaded; set it to None to load such an edit on purpose."})
     init_weights: bool = field(default=True, metadata={
         "help": "Zero-initialise up-projections and routers so the adapted model starts equal to the base model. Only "
@@ -124,7 +128,8 @@ class MoELoraConfig(PeftConfig):
         for name in ("num_tasks", "num_experts", "top_k", "r"):
             check_option(name, getattr(self, name), int, low=1)
         check_growth_threshold("expert_growth_threshold", self.expert_growth_threshold)
-        check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights", "inference_mode"))
+        check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights", "inference_mode",
+                           "hide_frozen_experts"))
         for name in ("base_model_name_or_path", "revision", "settings_sha256"):
             check_option(name, getattr(self, name), str, optional=True)
         if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
@@ -200,7 +205,10 @@ class MoELoraConfig(PeftConfig):
         tidy_peft_card(save_directory, self.base_model_name_or_path, self.task_info)
 
     def settings_hash(self) -> str:
-        return json_sha256({name: getattr(self, name) for name in ("task_info", "selector", "expert_activation")})
+        settings = {name: getattr(self, name) for name in ("task_info", "selector", "expert_activation")}
+        if self.hide_frozen_experts:  # only when set, so that adapters saved before the option keep their hash
+            settings["hide_frozen_experts"] = True
+        return json_sha256(settings)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -234,7 +242,7 @@ class MoELoraConfig(PeftConfig):
                                  "the selector into the adapter's config and weights.")
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
             if config.settings_sha256 not in (None, config.settings_hash()):
-                raise ValueError(f"{where} was edited in `task_info`, `selector` or `expert_activation`: the weights "
+                raise ValueError(f"{where} was edited in `task_info`, `selector`, `expert_activation` or `hide_frozen_experts`: the weights "
                                  "were trained with the saved values (settings_sha256 records them; only top_k, "
                                  "expert_scale and the noise settings may be edited). Save or download the adapter "
                                  "again, or set settings_sha256 to null to load the edit on purpose.")

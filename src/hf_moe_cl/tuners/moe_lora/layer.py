@@ -32,7 +32,7 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
     adapter_layer_names = tuple(TRAINABLE.values())
     other_param_names = EXPERT_PARAMS + ROUTER_PARAMS + INDEX_BUFFERS + (
         "moe_lora_counts", "moe_lora_expert_task", "moe_lora_frozen_by", "moe_lora_router_frozen",
-        "moe_lora_router_list", "moe_lora_visible_list", "moe_lora_dropout", "moe_lora_options")
+        "moe_lora_router_list", "moe_lora_visible_list", "moe_lora_hidden", "moe_lora_dropout", "moe_lora_options")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, adapter_name: str,
                  config: MoELoraConfig, num_experts: Optional[int] = None, **kwargs) -> None:
@@ -79,10 +79,10 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
                          moe_lora_bias_B=torch.zeros(num_experts, self.out_features))
         for name, tensor in banks.items():
             getattr(self, name)[adapter_name] = tensor
+        self.moe_lora_options[adapter_name] = config
         self._rebuild(adapter_name)
         self.moe_lora_dropout[adapter_name] = (nn.Dropout(config.expert_dropout) if config.expert_dropout > 0
                                                else nn.Identity())
-        self.moe_lora_options[adapter_name] = config
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -144,7 +144,7 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         choice = noisy_top_k(
             tokens[:, 0], gate, noise, top_k=options.top_k, noisy=noisy, noise_epsilon=options.noise_epsilon,
             keep=keep, with_balance_loss=self.training and options.load_balancing_coef > 0,
-            hidden=None if task_ids is None else self.hidden_experts(adapter, task_ids),
+            hidden=self.hidden_experts(adapter, task if task_ids is None else task_ids),
             first_experts=None if task_ids is None else options.num_experts)
         if choice.balance_loss is not None:
             loss = options.load_balancing_coef * choice.balance_loss
