@@ -436,7 +436,8 @@ def test_an_adapter_saved_over_a_legacy_folder_does_not_pick_up_its_selector(tmp
     lambda values: dict(task_info=list(reversed(values["task_info"]))),  # class names of the other router
     lambda values: dict(task_info=[dict(values["task_info"][0], classnames=["x", "y", "z"]), values["task_info"][1]]),
     lambda values: dict(expert_activation="gelu"),
-], ids=["task records swapped", "class names edited", "activation edited"])
+    lambda values: dict(hide_frozen_experts=True),  # learned routers would select among other experts
+], ids=["task records swapped", "class names edited", "activation edited", "hidden experts edited"])
 def test_an_edit_of_settings_the_weights_were_trained_with_is_refused(tmp_path, edit):
     model = moe_model(init_weights=False)
     model.base_model.set_task_info(0, "first", ["red", "green", "blue"], ["a photo of {}."])
@@ -445,8 +446,8 @@ def test_an_edit_of_settings_the_weights_were_trained_with_is_refused(tmp_path, 
     path = tmp_path / "adapter_config.json"
     values = json.loads(path.read_text())
     path.write_text(json.dumps(dict(values, **edit(values))))
-    with pytest.raises(ValueError, match=r"adapter_config.json was edited in `task_info`, `selector` or "
-                                         r"`expert_activation`.*set settings_sha256 to null to load the edit on "
+    with pytest.raises(ValueError, match=r"adapter_config.json was edited in `task_info`, `selector`, "
+                                         r"`expert_activation` or `hide_frozen_experts`.*set settings_sha256 to null to load the edit on "
                                          "purpose"):
         PeftModel.from_pretrained(tiny_clip(), tmp_path)
     path.write_text(json.dumps(dict(values, **edit(values), settings_sha256=None)))
