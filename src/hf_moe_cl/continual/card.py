@@ -105,7 +105,8 @@ def training_hyperparameters(method: Optional[ContinualMethod] = None,
     return {name: jsonable(value) for name, value in values.items()}  # options' enums as their values
 
 
-CARD_ADAPTER_SETTINGS = ("num_experts", "top_k", "r", "expert_growth_threshold", "noisy_gating", "noisy_gating_eval")
+CARD_ADAPTER_SETTINGS = ("num_experts", "top_k", "r", "expert_growth_threshold", "hide_frozen_experts", "noisy_gating",
+                         "noisy_gating_eval")
 
 LIBRARIES = ("hf-moe-cl", "transformers", "peft", "torch", "datasets", "huggingface_hub", "accelerate")
 

@@ -36,7 +36,8 @@ class MethodArguments:
         check_option("use_task_learning_rates", self.use_task_learning_rates, bool)
 
 
-ADAPTER_OPTIONS = ("num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold")
+ADAPTER_OPTIONS = ("num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold",
+                   "hide_frozen_experts")
 
 
 def _option(owner: type, name: str):
@@ -54,6 +55,7 @@ class AdapterArguments:
     noisy_gating: Optional[bool] = _option(MoELoraConfig, "noisy_gating")
     noisy_gating_eval: Optional[bool] = _option(MoELoraConfig, "noisy_gating_eval")
     expert_growth_threshold: Optional[float] = _option(MoELoraConfig, "expert_growth_threshold")
+    hide_frozen_experts: Optional[bool] = _option(MoELoraConfig, "hide_frozen_experts")
     ddas_feature_extractor: Optional[str] = _option(SelectorConfig, "feature_extractor")
     ddas_feature_layer: Optional[int] = _option(SelectorConfig, "feature_layer")
     ddas_hidden_dim: Optional[int] = _option(SelectorConfig, "hidden_dim")

@@ -69,9 +69,8 @@ class MoELoraConfig(PeftConfig):
                 "trainable (frozen by no task) gets the fewest new experts (at least top_k) that bring it back to that "
                 "many (`grow_experts`). None: the paper's fixed bank."})
     hide_frozen_experts: bool = field(default=False, metadata={
-        "help": "A task's router selects only experts no earlier task froze (those it can train, and those it freezes "
-                "itself), so every selection of a new task trains; needs top_k of them when a task begins (grow the "
-                "bank: `expert_growth_threshold`). False (the paper): a router selects any expert, frozen ones too."})
+        "help": "Each task's router selects only experts no earlier task froze (top_k of them at least: grow the "
+                "bank). False (the paper): frozen experts too."})
     experts_per_module: dict[str, int] = field(default_factory=dict, metadata={
         "help": "Modules whose bank grew: module name -> its number of experts (written by `grow_experts`, read when "
                 "the adapter is loaded)."})
@@ -116,8 +115,8 @@ class MoELoraConfig(PeftConfig):
                 "loaded: a damaged or swapped file is refused."})
     settings_sha256: Optional[str] = field(default=None, metadata={
         "help": "sha256 of the settings the weights were trained with that no tensor records (`task_info`, "
-                "`selector`, `expert_activation`, `hide_frozen_experts`), written by `save_pretrained` and checked when a local folder is "
-                "loaded; set it to None to load such an edit on purpose."})
+                "`selector`, `expert_activation`, `hide_frozen_experts`), written by `save_pretrained` and checked "
+                "when a local folder is loaded; set it to None to load such an edit on purpose."})
     init_weights: bool = field(default=True, metadata={
         "help": "Zero-initialise up-projections and routers so the adapted model starts equal to the base model. Only "
                 "for tests of the routing mechanics should this be False."})
@@ -242,10 +241,11 @@ class MoELoraConfig(PeftConfig):
                                  "the selector into the adapter's config and weights.")
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
             if config.settings_sha256 not in (None, config.settings_hash()):
-                raise ValueError(f"{where} was edited in `task_info`, `selector`, `expert_activation` or `hide_frozen_experts`: the weights "
-                                 "were trained with the saved values (settings_sha256 records them; only top_k, "
-                                 "expert_scale and the noise settings may be edited). Save or download the adapter "
-                                 "again, or set settings_sha256 to null to load the edit on purpose.")
+                raise ValueError(f"{where} was edited in `task_info`, `selector`, `expert_activation` or "
+                                 "`hide_frozen_experts`: the weights were trained with the saved values "
+                                 "(settings_sha256 records them; only top_k, expert_scale and the noise settings may "
+                                 "be edited). Save or download the adapter again, or set settings_sha256 to null to "
+                                 "load the edit on purpose.")
             if config.base_weights is None:
                 logger.warning("%s records no `base_weights` (saved before the record existed, or it was removed): "
                                "the base model it is loaded on cannot be checked.", where)
