@@ -11,7 +11,8 @@ tasks, after the earlier ones froze experts as each policy does (top_k, the pape
 a bank that keeps 0.3 x num_experts trainable), against the first task's step of the same adapter (models
 interleaved in one run), with the optimizer state and the ops of that step; its last line reads
 `ratio to task 1 at N tasks: top_k R, coverage R, growth R`. --tasks_only times those adapters alone (the five
-comparisons left out: a ViT-B/16-sized CLIP at 100 tasks does not fit in 24 GiB beside them).
+comparisons left out: a ViT-B/16-sized CLIP at 100 tasks does not fit in 24 GiB beside them). --hide_frozen_experts
+builds the growth adapters (task 1 and task N) with `MoELoraConfig(hide_frozen_experts=True)`.
 On CUDA, memory is the peak allocated during one step of that model (its weights and optimizer state
 included, the other models' not); on CPU it is parameters + gradients + AdamW state + tensors saved for backward.
 """
@@ -190,6 +191,8 @@ def main():
                         "top_k or coverage with growth) against the first task's")
     parser.add_argument("--tasks_only", action="store_true",
                         help="with --tasks: time only the task-1 and task-N adapters, not the five comparisons")
+    parser.add_argument("--hide_frozen_experts", action="store_true",
+                        help="with --tasks: the growth adapters' routers select only experts no earlier task froze")
     parser.add_argument(
         "--model",
         choices=MODELS,
@@ -197,8 +200,9 @@ def main():
         help="proxy-clip from the assets, or a randomly initialised ViT-B/16-sized CLIP (timings only)",
     )
     args = parser.parse_args()
-    if args.tasks_only and not args.tasks:
-        parser.error("--tasks_only times the adapters of --tasks N: give --tasks too")
+    for flag in ("tasks_only", "hide_frozen_experts"):
+        if getattr(args, flag) and not args.tasks:
+            parser.error(f"--{flag} is about the adapters of --tasks N: give --tasks too")
     torch.manual_seed(0)
     AUTOCAST["enabled"] = args.bf16
     device = torch.device(args.device)
@@ -224,7 +228,8 @@ def main():
         candidates = {}
     if args.tasks:
         def sequence(policy=None, growth=None, task=args.tasks):
-            config = MoELoraConfig(r=args.rank, num_tasks=task, expert_growth_threshold=growth)
+            config = MoELoraConfig(r=args.rank, num_tasks=task, expert_growth_threshold=growth,
+                                   hide_frozen_experts=args.hide_frozen_experts and growth is not None)
             model = get_peft_model(copy.deepcopy(base), config)
             if policy is None:
                 model.base_model.set_task(0)

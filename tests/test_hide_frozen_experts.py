@@ -135,3 +135,49 @@ def test_the_option_is_a_checked_flag_and_adapters_saved_before_it_keep_their_se
     config = MoELoraConfig()
     assert config.settings_hash() == json_sha256({"task_info": None, "selector": None, "expert_activation": "relu"})
     assert MoELoraConfig(hide_frozen_experts=True).settings_hash() != config.settings_hash()
+
+
+def routers_over_trainable_experts(clip_inputs):
+    """Four tasks on a growing bank, each freezing up to three experts it used per layer: per task the AdamW state's
+    size, the vision block's trainable router shape as the task trained, and the logits of every task at the end."""
+    model = hiding_model(num_tasks=4, expert_growth_threshold=0.5)
+    moe = model.base_model
+    layer = moe.moe_layers()[VISION0]
+    states, shapes = [], []
+    for task in range(4):
+        moe.grow_experts(task)
+        model.train()
+        moe.set_task(task)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+        for _ in range(4):
+            model(**clip_inputs).logits_per_image.logsumexp(-1).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        states.append(sum(t.numel() for state in optimizer.state.values() for t in state.values() if t.dim()))
+        shapes.append(tuple(layer.moe_lora_trainable_router_gate["default"].shape))
+        for each in moe.moe_layers().values():
+            counts = each.moe_lora_counts["default"][task]
+            each.freeze_experts("default", torch.nonzero(counts).flatten()[:3].tolist(), task)
+            each.freeze_router("default", task)
+    batch = clip_inputs["pixel_values"].shape[0]
+    logits = {(task, i): evaluate(model, clip_inputs, ids)[0] for task in range(4)
+              for i, ids in enumerate(routes(batch, task))}
+    return states, shapes, logits
+
+
+def test_trainable_routers_hold_only_the_trainable_experts_columns_and_train_as_full_masked_rows(
+        monkeypatch, clip_inputs):
+    """With hide_frozen_experts the routers that can still train select only the trainable experts, so their
+    parameters hold those columns alone: the optimizer's state does not grow with the bank, and every output is bit
+    for bit that of full-width routers whose other columns are masked (weight decay included)."""
+    from hf_moe_cl.tuners.moe_lora.bank import ExpertBank
+
+    states, shapes, logits = routers_over_trainable_experts(clip_inputs)
+    monkeypatch.setattr(ExpertBank, "_router_columns", lambda self, adapter, name: None)
+    full_states, full_shapes, full_logits = routers_over_trainable_experts(clip_inputs)
+    assert all(torch.equal(logits[key], full_logits[key]) for key in logits)
+    width = tiny_clip().config.vision_config.hidden_size
+    assert shapes[0] == full_shapes[0] == (4, width, 4)  # every router and every expert can train at first
+    assert [shape[0] for shape in shapes] == [4, 3, 2, 1] and all(shape[1] == width for shape in shapes)
+    assert all(shape[2] < full[2] for shape, full in zip(shapes[1:], full_shapes[1:]))  # full: every expert
+    assert states[0] == full_states[0] and all(a < b for a, b in zip(states[1:], full_states[1:]))

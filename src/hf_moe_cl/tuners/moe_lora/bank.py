@@ -10,7 +10,9 @@ experts and learned routers are outside autograd, the optimizer and gradient buf
   trainable parameter only (`_GatherRows`); the trainable rows are copied into the bank before every forward, in
   training and in evaluation alike, so that a value written into a parameter is always the one used (rows that
   can change: not more than the experts still trainable, whatever the tasks learned);
-- a router is read from the parameter when its task can still train, else from the bank.
+- a router is read from the parameter when its task can still train, else from the bank; with
+  `hide_frozen_experts` such a router may select only the trainable experts, and its parameter holds their columns
+  alone (the rest of its row is read from the bank).
 
 Freezing, adding a task and growing the bank rebuild the parameters between tasks, never during one.
 """
@@ -71,11 +73,22 @@ class ExpertBank:
         for adapter in [adapter] if adapter is not None else list(self.moe_lora_router_list):
             for name in names:
                 if adapter in getattr(self, name):
-                    rows = self._rows_of(name)[adapter]
-                    getattr(self, name)[adapter].index_copy_(0, rows, getattr(self, TRAINABLE[name])[adapter])
+                    bank, rows = getattr(self, name)[adapter], self._rows_of(name)[adapter]
+                    value, columns = getattr(self, TRAINABLE[name])[adapter], self._router_columns(adapter, name)
+                    if columns is not None:
+                        value = bank.index_select(0, rows).index_copy_(2, columns, value)
+                    bank.index_copy_(0, rows, value)
 
     def _rows_of(self, name: str) -> BufferDict:
         return self.moe_lora_router_rows if name in ROUTER_PARAMS else self.moe_lora_expert_rows
+
+    def _router_columns(self, adapter: str, name: str) -> Optional[torch.Tensor]:
+        """With `hide_frozen_experts`, a router that can still train may select only the trainable experts (no
+        earlier task froze the others, and its own task has not frozen any yet): its parameter holds their columns
+        only, so the optimizer's state does not grow with the bank. None: the whole row."""
+        if name not in ROUTER_PARAMS or not self.moe_lora_options[adapter].hide_frozen_experts:
+            return None
+        return self.moe_lora_expert_rows[adapter]
 
     @torch.no_grad()
     def _rebuild(self, adapter: str) -> None:
@@ -95,8 +108,9 @@ class ExpertBank:
         for name in [name for name in EXPERT_PARAMS + ROUTER_PARAMS if adapter in getattr(self, name)]:
             trainable = getattr(self, TRAINABLE[name])
             grad = trainable[adapter].requires_grad if adapter in trainable else True
-            rows = self._rows_of(name)[adapter]
-            trainable[adapter] = nn.Parameter(getattr(self, name)[adapter].index_select(0, rows).clone(),
+            value = getattr(self, name)[adapter].index_select(0, self._rows_of(name)[adapter])
+            columns = self._router_columns(adapter, name)
+            trainable[adapter] = nn.Parameter(value if columns is None else value.index_select(2, columns),
                                               requires_grad=grad)
 
     def _rebuild_hidden(self, adapter: str, num_tasks: int, meta: bool) -> None:
@@ -132,15 +146,19 @@ class ExpertBank:
         """Router `index` (a task) or routers per sample (a 1-d tensor of tasks): a task that can still train from
         the parameter, a learned one from the bank."""
         slots, bank = self.moe_lora_router_slot[adapter], getattr(self, name)[adapter]
-        trainable = getattr(self, TRAINABLE[name])[adapter]
+        trainable, columns = getattr(self, TRAINABLE[name])[adapter], self._router_columns(adapter, name)
         if isinstance(index, int):
             slot = self.moe_lora_router_list[adapter][index]
-            return trainable[slot] if slot >= 0 else bank[index]
+            if slot < 0:
+                return bank[index]
+            return trainable[slot] if columns is None else bank[index].index_copy(1, columns, trainable[slot])
         learned = bank.index_select(0, index)
         if trainable.shape[0] == 0:
             return learned
         rows = slots.index_select(0, index)
         current = trainable.index_select(0, rows.clamp_min(0))
+        if columns is not None:
+            current = learned.index_copy(2, columns, current)
         return torch.where((rows >= 0).view(-1, 1, 1), current, learned)
 
     def bank(self, adapter: str, name: str) -> torch.Tensor:
