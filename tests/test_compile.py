@@ -1,5 +1,6 @@
 """MoE-LoRA traces into one graph: `torch.compile(fullgraph=True)` runs a train step and an eval forward with the
-same outputs, gradients, selection counts and frozen experts as eager, for both placements and both routings."""
+same outputs, gradients, selection counts and frozen experts as eager, for both placements and both routings, with
+the paper's routers and with `hide_frozen_experts`."""
 
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ def _step(model, call, inputs, task_ids):
     return logits.detach(), grads, counts
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement, hide", [("block", False), ("linear", False), ("block", True)],
+                         ids=["block", "linear", "block-hide_frozen_experts"])  # the routers are the same code
 @pytest.mark.parametrize("routing", ROUTINGS)
-def test_compiled_fullgraph_equals_eager(placement, routing):
+def test_compiled_fullgraph_equals_eager(placement, hide, routing):
     torch._dynamo.reset()
-    eager = moe_model(init_weights=False, **PLACEMENTS[placement])
+    eager = moe_model(init_weights=False, hide_frozen_experts=hide, **PLACEMENTS[placement])
     # one task learned and frozen first, so the forward reads frozen experts and routers from their banks
     eager.base_model.freeze_covering(0, {name: torch.tensor([5, 3, 0, 0]) for name in eager.base_model.moe_layers()})
     twin = copy.deepcopy(eager)
