@@ -4,8 +4,9 @@
     python benchmarks/long_sequence.py --num_tasks 3 --steps_per_task 2 --report_at 1,2,3 --eval_images 20 \\
         --ddas_task_steps 5 --ddas_reference_steps 5 --output_dir runs/long_tiny                   # a smoke run
 
-Variants (`--variants`): MoE-Adapters with `freeze_policy` top_k (the paper), coverage 0.9, coverage 1.0 and
-coverage 1.0 with a growing bank (`expert_growth_threshold`), individual fine-tuning (one model per task from
+Variants (`--variants`): MoE-Adapters with `freeze_policy` top_k (the paper), coverage 0.9, coverage 1.0,
+coverage 1.0 with a growing bank (`expert_growth_threshold`) and the same with `hide_frozen_experts` (each task's
+router kept off the experts earlier tasks froze), individual fine-tuning (one model per task from
 the base CLIP: the upper bound), and `moe-alone`: each task learned alone by a fresh MoE adapter on the base CLIP, at
 the MoE variants' steps and rate (what the adapter reaches on a task with nothing learned before it; no DDAS, so
 only the task-aware columns). Every other MoE variant trains DDAS (CLIP features, the assets' Tiny ImageNet reference)
@@ -304,7 +305,7 @@ def main():
     parser.add_argument("--learning_rate", type=float, default=5e-3, help="MoE-Adapters")
     parser.add_argument("--individual_learning_rate", type=float, default=5e-5, help="individual full fine-tuning")
     parser.add_argument("--eval_images", type=int, default=MINI_LONG_EVAL_IMAGES, help="test images per task")
-    parser.add_argument("--growth_threshold", type=float, default=0.3, help="coverage-1.0+growth")
+    parser.add_argument("--growth_threshold", type=float, default=0.3, help="the two growth variants")
     parser.add_argument("--ddas_task_steps", type=int, default=300)
     parser.add_argument("--ddas_reference_steps", type=int, default=1000)
     parser.add_argument("--probe_batch", type=int, default=64, help="images of the inference-time batch")
