@@ -108,18 +108,44 @@ def test_learned_tasks_stay_bit_identical_while_the_bank_grows_later_tasks_train
                        for a, ids in zip(logits, routes(batch, task)))
 
 
-def test_a_task_left_fewer_than_top_k_experts_is_refused_before_it_trains(tmp_path, clip_processor):
-    for hide in (True, False):
-        model = hiding_model(hide)
-        freeze(model, [0, 1, 2], task=0)
-        if hide:
-            with pytest.raises(ValueError, match=r"With hide_frozen_experts, task router 1 could select only 1 "
-                                                 r"expert\(s\) in .* fewer than top_k=2: earlier tasks froze the "
-                                                 r"others\. Grow the bank"):
-                model.base_model.check_selectable(1)
-        else:
-            model.base_model.check_selectable(1)  # the paper's router selects frozen experts too
-    # in a run: coverage freezing every expert the first task used leaves the second too few, and it stops there
+def route_by_every_way(model, clip_inputs, task):
+    """`task`'s router chosen by set_task, by routing() for one sample of a batch, and by the forward's task_ids."""
+    moe, batch = model.base_model, clip_inputs["pixel_values"].shape[0]
+    moe.set_task(task)
+    with moe.routing(torch.tensor([task] + [-1] * (batch - 1))):
+        pass
+    model(**clip_inputs, task_ids=torch.full((batch,), task))
+
+
+def test_a_task_left_fewer_than_top_k_experts_is_refused_by_every_way_of_routing_to_it(clip_inputs):
+    """set_task, routing() and task_ids check the routes they are given: a router left one expert would mix one
+    expert only, and one left none gives NaN (measured before the check), so both are refused before any forward."""
+    batch = clip_inputs["pixel_values"].shape[0]
+    ways = {"set_task": lambda moe: moe.set_task(1),
+            "routing": lambda moe: moe.routing(torch.tensor([1] + [-1] * (batch - 1))).__enter__(),
+            "task_ids": lambda moe: moe.model(**clip_inputs, task_ids=torch.full((batch,), 1)),
+            "check_selectable": lambda moe: moe.check_selectable(torch.tensor([0, -1, 1]))}
+    for frozen, left in (([0, 1, 2], 1), ([0, 1, 2, 3], 0)):
+        for hide in (True, False):
+            model = hiding_model(hide)
+            moe = model.base_model
+            freeze(model, frozen, task=0)
+            moe.set_task(0)
+            if not hide:
+                route_by_every_way(model, clip_inputs, 1)  # the paper's router selects frozen experts too
+                continue
+            for way, call in ways.items():
+                with pytest.raises(ValueError, match=rf"With hide_frozen_experts, task router 1 could select only "
+                                                     rf"{left} expert\(s\) in .* fewer than top_k=2: earlier tasks "
+                                                     r"froze the others\. Grow the bank"):
+                    call(moe)
+                assert moe.active_task == 0 and not moe._call_routes, way  # nothing of the refused route is kept
+            route_by_every_way(model, clip_inputs, 0)  # the task that froze them keeps them all
+            assert torch.isfinite(evaluate(model, clip_inputs, torch.tensor([0] + [-1] * (batch - 1)))[0]).all()
+
+
+def test_a_run_stops_before_the_task_its_earlier_tasks_left_too_few_experts(tmp_path, clip_processor):
+    """Coverage freezing every expert the first task used leaves the second too few: the run stops there."""
     model = hiding_model(num_tasks=2, num_experts=2)
     method = MoEAdapters(model, MoEAdaptersArguments(freeze_policy="coverage"))
     trainer = ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=2),

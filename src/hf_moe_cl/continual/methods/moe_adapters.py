@@ -262,9 +262,7 @@ class MoEAdapters(ContinualMethod):
                             "trainable).", task.name, len(added), sum(added.values()),
                             self.moe.moe_config.expert_growth_threshold)
             self.expert_growth.append(added)  # nothing unless the adapter grows
-            if context.trains:
-                self.moe.check_selectable(self.current_route)
-        self.moe.set_task(self.current_route)
+        self.moe.set_task(self.current_route)  # refused if hide_frozen_experts left the task too few experts
 
     def extra_loss(self):
         return self.moe.aux_loss()

@@ -66,6 +66,7 @@ class ExpertBank:
         self.moe_lora_hidden = BufferDict(persistent=False)  # per task, the experts its router may not select
         self.moe_lora_router_list: dict[str, list[int]] = {}  # moe_lora_router_slot as Python ints
         self.moe_lora_visible_list: dict[str, list[int]] = {}  # grown banks: per task, the experts it may select
+        self.moe_lora_selectable_list: dict[str, list[int]] = {}  # per task, how many experts `moe_lora_hidden` leaves
 
     @torch.no_grad()
     def sync_banks(self, adapter: Optional[str] = None, names=EXPERT_PARAMS + ROUTER_PARAMS) -> None:
@@ -119,6 +120,7 @@ class ExpertBank:
         `hide_frozen_experts`, those frozen by an earlier task. A task's row never changes once it trained."""
         if adapter in self.moe_lora_hidden:
             del self.moe_lora_hidden[adapter]
+        self.moe_lora_selectable_list.pop(adapter, None)
         if meta:
             return
         frozen_by = self.moe_lora_frozen_by[adapter]
@@ -133,6 +135,7 @@ class ExpertBank:
             hidden = earlier if hidden is None else hidden | earlier
         if hidden is not None:
             self.moe_lora_hidden[adapter] = hidden
+            self.moe_lora_selectable_list[adapter] = (~hidden).sum(1).tolist()
 
     # ----- reading -------------------------------------------------------------------------------------------------
     def expert_rows(self, adapter: str, name: str, index: torch.Tensor) -> torch.Tensor:
@@ -230,6 +233,11 @@ class ExpertBank:
         """How many experts task `task`'s router may select: the first ones, those the bank had when it trained."""
         visible = self.moe_lora_visible_list.get(adapter)
         return self.expert_count(adapter) if visible is None else visible[task]
+
+    def selectable_experts(self, adapter: str, task: int) -> int:
+        """How many experts task `task`'s router may select (neither added after it trained nor hidden)."""
+        selectable = self.moe_lora_selectable_list.get(adapter)
+        return self.expert_count(adapter) if selectable is None else selectable[task]
 
     def hidden_experts(self, adapter: str, task: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
         """The experts a router may not select (see `_rebuild_hidden`; None: none): (batch, experts) for per-sample

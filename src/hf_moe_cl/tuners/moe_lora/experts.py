@@ -139,22 +139,6 @@ class ExpertBookkeeping:
                 added[name] = count
         return added
 
-    def check_selectable(self, task: int) -> None:
-        """With `hide_frozen_experts`, before task `task` trains: every layer leaves its router top_k experts that no
-        earlier task froze."""
-        config, adapter = self.moe_config, self._adapter()
-        if not config.hide_frozen_experts:
-            return
-        task = self._check_task(task)
-        short = {name: count for name, layer in self.moe_layers().items()
-                 if (count := int((~layer.hidden_experts(adapter, task)).sum())) < config.top_k}
-        if short:
-            name, count = next(iter(short.items()))
-            raise ValueError(f"With hide_frozen_experts, task router {task} could select only {count} expert(s) in "
-                             f"{name} ({len(short)} layer(s) in all), fewer than top_k={config.top_k}: earlier tasks "
-                             "froze the others. Grow the bank (`expert_growth_threshold` of at least top_k / "
-                             "num_experts), or set hide_frozen_experts=False.")
-
     def grow_to(self, experts_per_module: dict[str, int]) -> None:
         """Give each layer the number of experts a saved adapter has (before loading its weights into this
         model, e.g. resuming from a checkpoint of a grown bank); the loaded state sets their values."""

@@ -32,7 +32,8 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
     adapter_layer_names = tuple(TRAINABLE.values())
     other_param_names = EXPERT_PARAMS + ROUTER_PARAMS + INDEX_BUFFERS + (
         "moe_lora_counts", "moe_lora_expert_task", "moe_lora_frozen_by", "moe_lora_router_frozen",
-        "moe_lora_router_list", "moe_lora_visible_list", "moe_lora_hidden", "moe_lora_dropout", "moe_lora_options")
+        "moe_lora_router_list", "moe_lora_visible_list", "moe_lora_selectable_list", "moe_lora_hidden",
+        "moe_lora_dropout", "moe_lora_options")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, adapter_name: str,
                  config: MoELoraConfig, num_experts: Optional[int] = None, **kwargs) -> None:

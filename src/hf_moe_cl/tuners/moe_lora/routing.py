@@ -171,9 +171,36 @@ class TaskRouting:
             if int(ids.min()) < -1 or int(ids.max()) >= self.num_tasks:
                 raise ValueError(f"task_ids must lie in [-1, {self.num_tasks - 1}] (-1 is the zero-shot base model); "
                                  f"got values from {int(ids.min())} to {int(ids.max())}.")
-            return TaskRoute.per_sample(ids, selections) if bool((ids >= 0).any()) else NO_ROUTE
+            if not bool((ids >= 0).any()):
+                return NO_ROUTE
+            self.check_selectable(ids)
+            return TaskRoute.per_sample(ids, selections)
         task = self._as_task_id(task_ids)
-        return NO_ROUTE if task == -1 else TaskRoute(task=self._check_task(task), selections=selections)
+        if task == -1:
+            return NO_ROUTE
+        task = self._check_task(task)
+        if not torch.compiler.is_compiling():
+            self.check_selectable(task)
+        return TaskRoute(task=task, selections=selections)
+
+    def check_selectable(self, tasks: Union[int, torch.Tensor]) -> None:
+        """With `hide_frozen_experts`, every layer leaves the router of each task in `tasks` (a task id, or per-sample
+        ids, -1 for zero-shot) top_k experts that no earlier task froze: checked for every route chosen, so a task
+        left fewer is refused before it trains or runs (it would mix fewer experts, or give NaN with none)."""
+        config, adapter = self.moe_config, self._adapter()
+        if not config.hide_frozen_experts:
+            return
+        wanted = [tasks] if isinstance(tasks, int) else sorted(set(tasks[tasks >= 0].tolist()))
+        layers = self.moe_layers()
+        for task in map(self._check_task, wanted):
+            short = {name: count for name, layer in layers.items()
+                     if (count := layer.selectable_experts(adapter, task)) < config.top_k}
+            if short:
+                name, count = next(iter(short.items()))
+                raise ValueError(f"With hide_frozen_experts, task router {task} could select only {count} expert(s) "
+                                 f"in {name} ({len(short)} layer(s) in all), fewer than top_k={config.top_k}: earlier "
+                                 "tasks froze the others. Grow the bank (`expert_growth_threshold` of at least top_k "
+                                 "/ num_experts) before it trains, or set hide_frozen_experts=False.")
 
     @staticmethod
     def _as_task_id(value) -> int:
