@@ -1,6 +1,7 @@
 """Where experts and routers live: what learned tasks froze is outside autograd and the optimizer, read in place,
 bit-identical through later tasks, and saved in the layout of every release."""
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
@@ -162,3 +163,40 @@ def test_a_parameter_written_in_evaluation_is_the_value_the_forward_uses(clip_in
         expected = reference(**clip_inputs).logits_per_image
     assert not torch.allclose(before, after)
     assert torch.equal(after, expected)
+
+
+def test_counts_histograms_and_indices_given_to_the_bookkeeping_are_checked_before_anything_changes():
+    """Counts that no training produces (negative, fractional, another length, a scalar broadcast to every expert, a
+    layer left out or unknown) and expert or task indices outside the layer are refused; nothing is stored, so a
+    save still loads. Shares of a histogram (floats) freeze the experts they cover."""
+    peft_model = model(num_experts=4)
+    moe = peft_model.base_model
+    names = list(moe.moe_layers())
+    before = {name: counts.clone() for name, counts in moe.selection_counts().items()}
+    bad_counts = {"negative": torch.tensor([-3, 1, 2, 0]), "fractional": torch.tensor([0.7, 1.9, 2.2, 0.0]),
+                  "longer": torch.tensor([5, 4, 0, 0, 0, 1]), "scalar": torch.tensor(3), "list": [1, 2, 3, 4]}
+    for kind, value in bad_counts.items():
+        for call in (lambda counts: moe.set_selection_counts(0, counts),
+                     lambda counts: moe.merge_experts(0, counts=counts)):
+            with pytest.raises(ValueError, match=r"counts\['.*'\] must be a 1-D tensor of 4 non-negative integer "
+                                                 r"counts \(one per expert of the layer\), got"):
+                call({name: value for name in names})
+    with pytest.raises(ValueError, match=r"keyed by this model's MoE layer names .* missing \['"):
+        moe.set_selection_counts(0, {names[0]: torch.zeros(4, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"unknown \['nope'\]"):
+        moe.freeze_covering(0, {"nope": torch.ones(4, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"histogram must be a dict"):
+        moe.freeze_covering(0, None)
+    with pytest.raises(ValueError, match=r"histogram\['.*'\] must be a 1-D tensor of 4 non-negative finite"):
+        moe.freeze_covering(0, {names[0]: torch.tensor([-5, 1, 1, 1])})
+    layer = moe.moe_layers()[names[0]]
+    for experts, task, message in (([-1], 0, "expert to freeze must be an int from 0 to 3 .* got -1"),
+                                   ([4], 0, "expert to freeze must be an int from 0 to 3 .* got 4"),
+                                   ([0], 3, "task to freeze must be an int from 0 to 2 .* got 3"),
+                                   ([True], 0, "expert to freeze .* got True")):
+        with pytest.raises(ValueError, match=message):
+            layer.freeze_experts("default", experts, task)
+    assert moe.frozen_experts() == {name: {} for name in names} and moe.frozen_routers() == []
+    assert all(torch.equal(before[name], counts) for name, counts in moe.selection_counts().items())
+    newly = moe.freeze_covering(0, {names[0]: torch.tensor([0.6, 0.3, 0.0, 0.0])})
+    assert newly[names[0]] == [0, 1] and moe.frozen_routers() == [0]

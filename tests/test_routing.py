@@ -133,6 +133,7 @@ def test_the_plain_trainer_trains_with_a_task_ids_column(tmp_path):
 @pytest.mark.parametrize("task, message", [
     (1.7, "must be an integer"), (1.0, "must be an integer"), (True, "boolean"), ("1", "must be an integer"),
     (torch.tensor(1.0), "must be an integer"), (5, "out of range"),
+    (torch.tensor(1, device="meta"), "A task id must have a value; got a tensor on the meta device"),
 ])
 def test_bad_task_ids_are_refused(task, message):
     with pytest.raises(ValueError, match=message):
@@ -181,3 +182,12 @@ def test_task_ids_of_another_shape_or_without_values_are_refused(task_ids, clip_
 def test_task_ids_for_another_batch_size_are_refused(clip_inputs):
     with pytest.raises(ValueError, match="3 task ids were given for a batch of 4 samples"):
         moe_model(num_tasks=3).eval()(**clip_inputs, task_ids=torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("selections", ["x", [], ()])
+def test_selections_that_are_not_a_dict_are_refused_before_the_forward(selections, clip_inputs):
+    model = moe_model(num_tasks=3).eval()
+    for task_ids in (1, torch.tensor([0, 1, 1, 0])):
+        with pytest.raises(ValueError, match=f"selections must be a dict .* got {type(selections).__name__}"):
+            model.base_model.routing(task_ids, selections=selections).__enter__()
+        assert not model.base_model._call_routes

@@ -172,6 +172,9 @@ class ExpertBank:
     # ----- freezing, tasks, growth ---------------------------------------------------------------------------------
     def freeze_experts(self, adapter: str, experts: list[int], task: int) -> list[int]:
         frozen_by = self.moe_lora_frozen_by[adapter]
+        self._check_index("task", task, len(self.moe_lora_router_frozen[adapter]))
+        for expert in experts:
+            self._check_index("expert", expert, len(frozen_by))
         new = [e for e in experts if int(frozen_by[e]) < 0]
         if new:
             self.sync_banks(adapter)
@@ -180,9 +183,16 @@ class ExpertBank:
         return new
 
     def freeze_router(self, adapter: str, task: int) -> None:
+        self._check_index("task", task, len(self.moe_lora_router_frozen[adapter]))
         self.sync_banks(adapter)
         self.moe_lora_router_frozen[adapter][task] = True
         self._rebuild(adapter)
+
+    @staticmethod
+    def _check_index(what: str, value, count: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
+            raise ValueError(f"The {what} to freeze must be an int from 0 to {count - 1} (this layer has {count}), got "
+                             f"{value!r}.")
 
     @torch.no_grad()
     def add_task(self, adapter: str) -> None:

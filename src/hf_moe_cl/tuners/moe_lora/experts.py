@@ -39,8 +39,34 @@ class ExpertBookkeeping:
         """Overwrite one task's counts, e.g. with the sum over data-parallel processes."""
         adapter = self._adapter()
         self._check_task(task)
+        self._check_counts("counts", counts, every_layer=True, integer=True)
         for name, layer in self.moe_layers().items():
             layer.moe_lora_counts[adapter][task] = counts[name].to(layer.moe_lora_counts[adapter].device)
+
+    def _check_counts(self, what: str, counts, every_layer: bool, integer: bool) -> None:
+        """`counts` ({layer name: (experts,)}) as a per-expert tally of this model's layers: names of `moe_layers()`
+        (every one of them when `every_layer`), one non-negative finite value per expert of the layer."""
+        adapter, layers = self._adapter(), self.moe_layers()
+        if not isinstance(counts, dict):
+            raise ValueError(f"{what} must be a dict of layer name -> tensor of per-expert counts (the names of "
+                             f"moe_layers()), got {type(counts).__name__}.")
+        unknown, missing = sorted(set(counts) - set(layers)), sorted(set(layers) - set(counts)) if every_layer else []
+        if unknown or missing:
+            raise ValueError(f"{what} must be keyed by this model's MoE layer names (moe_layers()): unknown "
+                             f"{unknown[:3]}, missing {missing[:3]}.")
+        for name, value in counts.items():
+            experts = layers[name].expert_count(adapter)
+            kinds = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8) + (
+                () if integer else (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+            if not (isinstance(value, torch.Tensor) and value.shape == (experts,) and value.dtype in kinds
+                    and bool(torch.isfinite(value).all()) and not bool((value < 0).any())):
+                shown = type(value).__name__
+                if isinstance(value, torch.Tensor):
+                    shown = f"shape {tuple(value.shape)}, {value.dtype}" + (
+                        f", values {value.min().item()} to {value.max().item()}" if value.numel() else "")
+                raise ValueError(f"{what}[{name!r}] must be a 1-D tensor of {experts} non-negative "
+                                 f"{'integer' if integer else 'finite'} counts (one per expert of the layer), got "
+                                 f"{shown}.")
 
     def freeze_covering(self, task: int, histogram: dict[str, torch.Tensor], coverage: float = 1.0
                         ) -> dict[str, list[int]]:
@@ -48,10 +74,11 @@ class ExpertBookkeeping:
         they carry `coverage` of its selections (1.0: every expert it uses), and the task's router."""
         check_option("coverage", coverage, float, **COVERAGE)
         task = self._check_task(task)
+        self._check_counts("histogram", histogram, every_layer=False, integer=False)
 
         def covering(name: str, layer) -> list[int]:
             counts = histogram.get(name)
-            if counts is None or int(counts.sum()) == 0:
+            if counts is None or not bool(counts.sum() > 0):
                 return []
             order = torch.sort(counts, descending=True, stable=True).indices
             shares = counts[order].cumsum(0).double() / counts.sum()  # the experts up to the first reaching coverage
@@ -102,6 +129,8 @@ class ExpertBookkeeping:
         for the layers where a merge happened."""
         adapter = self._adapter()
         self._check_task(task)
+        if counts is not None:
+            self._check_counts("counts", counts, every_layer=True, integer=True)
         merged = {name: layer.merge_top_experts(adapter, layer.moe_lora_counts[adapter][task] if counts is None
                                                 else counts[name], optimizer)
                   for name, layer in self.moe_layers().items()}

@@ -156,6 +156,9 @@ class TaskRouting:
 
     # ----- task ids ------------------------------------------------------------------------------------------------
     def _make_route(self, task_ids: TaskIds, selections: Optional[dict] = None) -> TaskRoute:
+        if selections is not None and not isinstance(selections, dict):
+            raise ValueError(f"selections must be a dict (each layer adds the experts it chose), or None; got "
+                             f"{type(selections).__name__}.")
         if task_ids is None:
             return NO_ROUTE
         if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 0:
@@ -207,6 +210,8 @@ class TaskRouting:
         """An int task id from an int, a numpy integer or a 0-d integer tensor; floats and bools are errors."""
         if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
             raise ValueError(f"A task id must be an integer, got the boolean {value!r}.")
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            raise ValueError("A task id must have a value; got a tensor on the meta device. Pass an int.")
         if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0:
             raise ValueError(f"A task id must be one integer, got {value!r}; per-sample task ids go to routing() or "
                              "`task_ids` as a 1-D integer tensor (torch.tensor(ids)), one id per sample.")
