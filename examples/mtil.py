@@ -263,6 +263,10 @@ def check_run(experiment: ExperimentArguments, method_args: MethodArguments, dda
     if dry_run is not None and dry_run.exists() and (not dry_run.is_dir() or any(dry_run.iterdir())):
         raise ValueError(f"--hub_dry_run_dir {dry_run} exists and is not an empty folder; choose a new folder or "
                          "remove it first.")
+    output = Path(training.output_dir).resolve()
+    if dry_run is not None and (dry_run.resolve() == output or output in dry_run.resolve().parents):
+        raise ValueError(f"--hub_dry_run_dir {dry_run} is output_dir or lies inside it, where the run writes its "
+                         "checkpoints and reports; choose a folder outside output_dir.")
 
 
 def setup_logging(training: ContinualTrainingArguments, explicit: set[str] = frozenset()) -> None:

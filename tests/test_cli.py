@@ -55,6 +55,17 @@ def test_a_dry_run_folder_that_holds_files_is_refused_before_any_work(mtil, caps
     assert not (tmp_path / "out").exists() and [p.name for p in full.iterdir()] == ["old.txt"]
 
 
+@pytest.mark.parametrize("inside", [".", "task-00-dtd", "oracle/upload"])
+def test_a_dry_run_folder_in_the_output_dir_is_refused_before_any_work(mtil, capsys, tmp_path, no_work, inside):
+    """The run writes its checkpoints and reports there: found after training, the upload would fail and be lost."""
+    out = tmp_path / "out"
+    err = refused(mtil, capsys, ["--method", "zero-shot", "--tasks", "dtd", "--output_dir", str(out),
+                                 "--hub_dry_run_dir", str(out / inside)])
+    assert "is output_dir or lies inside it, where the run writes its checkpoints and reports; choose a folder " \
+           "outside output_dir." in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("output_dir, hub_model_id, repo_id", [
     ("out", "a/b/c", "a/b/c"), ("bad name", None, "bad name"), ("out", "me/run.", "me/run.")])
 def test_a_repo_id_the_hub_refuses_is_named_before_any_work(mtil, capsys, tmp_path, no_work, output_dir,

@@ -480,6 +480,21 @@ def test_mini_tasks_accept_a_string_path():
     assert tasks[0].name == "mnist" and len(tasks[0].classnames) == 10
 
 
+def test_a_mini_task_folder_whose_task_json_names_another_task_is_refused(tmp_path):
+    """The run would train and report DTD's images as cifar10 (task.json's name), not the task asked for."""
+    from datasets import DatasetDict
+
+    folder = tmp_path / "mini-mtil" / "dtd"
+    data = Dataset.from_dict({"image": [picture(), picture(1)], "label": [0, 1]},
+                             features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}))
+    DatasetDict({"train": data, "test": data}).save_to_disk(str(folder))
+    (folder / "task.json").write_text(json.dumps({"name": "cifar10", "classnames": ["a", "b"]}))
+    for load in (lambda: mini_mtil_tasks(tmp_path, ["dtd"]), lambda: check_data("mini", assets=tmp_path, tasks=["dtd"])):
+        with pytest.raises(ValueError, match=r"task.json names the task 'cifar10', not 'dtd': the folder holds another "
+                                             r"task's data or its task.json was edited"):
+            load()
+
+
 # ----- what else a run downloads -----------------------------------------------------------------------------------
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):

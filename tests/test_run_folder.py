@@ -36,6 +36,32 @@ def test_a_new_run_refuses_a_folder_of_checkpoints_unless_asked(tmp_path, clip_p
     assert folder_bytes(tmp_path / "task-00-first") != saved
 
 
+def test_a_new_run_refuses_a_folder_holding_another_runs_adapter_card_or_results_unless_asked(
+        tmp_path, clip_processor):
+    """Without task checkpoints a finished run leaves its adapter, card and results at the root: a new run there
+    (or in a folder with a user's README.md) is refused before it trains, and every byte stays; asked, it replaces."""
+    done = tmp_path / "done"
+    trainer = trainer_for(done, clip_processor, save_task_checkpoints=False)
+    trainer.train_tasks(tasks_named("first", "second"))
+    trainer.save_model()
+    trainer.save_metrics("all", {"oracle_last": 1.0})
+    saved, inode = tree_bytes(done), (done / "adapter_model.safetensors").stat().st_ino
+    with pytest.raises(ValueError, match=r"already holds adapter_config.json, adapter_model.safetensors, README.md, "
+                                         r"all_results.json, as another run leaves them.*overwrite_output_dir=True"):
+        trainer_for(done, clip_processor).train_tasks(tasks_named("first", "second"))
+    assert tree_bytes(done) == saved
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my project")
+    with pytest.raises(ValueError, match="already holds README.md"):
+        run(mine, clip_processor)
+    assert files_under(mine) == ["README.md"] and (mine / "README.md").read_text() == "# my project"
+    replacing = trainer_for(done, clip_processor, overwrite_output_dir=True)
+    replacing.train_tasks(tasks_named("first", "second"))
+    replacing.save_model()
+    assert (done / "adapter_model.safetensors").stat().st_ino != inode  # written again, atomically
+
+
 def test_leftovers_of_an_interrupted_write_are_removed(tmp_path, clip_processor):
     leftover = tmp_path / ".task-01-second.tmp-abcdef12"
     leftover.mkdir(parents=True)

@@ -31,6 +31,9 @@ logger = logging.getLogger("hf_moe_cl")
 
 PROGRESS_FILE = "continual_progress.json"
 LOCK_FILE = ".run.lock"
+# what a run writes at the root of output_dir: saved model or adapter, model card, results and report
+RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "condu_config.json", "model.safetensors",
+               "config.json", "README.md", "all_results.json", "metrics.md")
 TASK_FOLDER = re.compile(r"task-(\d+)-(.+)")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -226,6 +229,8 @@ def resume_point(output_dir, names: list[str], run: dict, resume: bool, overwrit
         if resume:
             logger.warning("resume=True, but %s holds no finished task checkpoint: starting from the first task.",
                            output_dir)
+        elif not overwrite:
+            check_no_outputs(output_dir)
         return None, None
     last = folders[max(folders)]
     progress = read_progress(last)
@@ -286,6 +291,17 @@ def _describe(holder: Any) -> str:
     if not isinstance(holder, dict):
         return "an unknown process (the lock file is unreadable)"
     return f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+
+
+def check_no_outputs(output_dir: str | Path) -> None:
+    """Refuse to start a new run in a folder that holds what a run writes at its root (another run's adapter or
+    model, model card and results, or a user's files of those names): the new run would replace them."""
+    root = Path(output_dir)
+    found = [name for name in RUN_OUTPUTS if (root / name).exists()]
+    if found:
+        raise ValueError(f"{output_dir} already holds {', '.join(found)}, as another run leaves them, and a new run "
+                         "writes its own under these names. Write to a new output_dir, resume that run with "
+                         "resume=True (--resume), or set overwrite_output_dir=True to replace them.")
 
 
 def check_output_dir(output_dir: str | Path) -> None:

@@ -22,14 +22,13 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.file_download import repo_folder_name
 
 from ..assets import MINI_MTIL, assets_dir as resolve_assets
-from ..continual.tasks import ContinualTask
 from ..data.labels import LabelMappingError
 from ..data.sources import summarize
 from ..data.summary import SourceError
 from ..tuners.moe_lora.card import hub_id
 from .datasets import CIL_DATASETS, MTIL_DATASETS, DatasetSpec, HubSource, hub_source
 from .mini_hub import MINI_HUB_DATASETS, MINI_TEST_IMAGES, MINI_TRAIN_IMAGES
-from .presets import ClassIncrementalPreset, check_task_names, get_preset, mini_long_tasks
+from .presets import ClassIncrementalPreset, check_task_names, get_preset, mini_long_tasks, mini_mtil_tasks
 
 COLUMNS = ("dataset", "source", "split", "train", "test", "classes", "first classes", "labels")
 DOWNLOAD_COLUMNS = ("item", "source", "status")
@@ -212,7 +211,7 @@ def _assets_row(name: str, assets: Path, preset) -> dict[str, str]:
         split, labels = f"train / test (at most {preset.eval_images} test images)", "renumbered from 0"
     else:
         folder = assets / MINI_MTIL / name
-        task = ContinualTask.from_disk(folder)
+        task = mini_mtil_tasks(assets, [name])[0]
         split, labels = "train / test", "as saved"
     return {"dataset": name, "source": str(folder), "split": split, "train": f"{len(task.train_dataset):,}",
             "test": f"{len(task.eval_dataset):,}", "classes": str(len(task.classnames)),

@@ -179,8 +179,15 @@ def get_preset(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> Union[
 
 
 def mini_mtil_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] = None) -> list[ContinualTask]:
-    """The six real mini-MTIL datasets of the shared assets, alphabetical like Order I."""
-    return [ContinualTask.from_disk(Path(assets) / MINI_MTIL / name) for name in (names or MINI_TASKS)]
+    """The six real mini-MTIL datasets of the shared assets, alphabetical like Order I; a folder whose task.json
+    names another task is refused (it would be trained and reported under that name)."""
+    tasks = [ContinualTask.from_disk(Path(assets) / MINI_MTIL / name) for name in (names or MINI_TASKS)]
+    for name, task in zip(names or MINI_TASKS, tasks):
+        if task.name != name:
+            raise ValueError(f"{Path(assets) / MINI_MTIL / name / 'task.json'} names the task {task.name!r}, not "
+                             f"{name!r}: the folder holds another task's data or its task.json was edited. Restore "
+                             "the assets' folder.")
+    return tasks
 
 
 def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str], steps: Optional[int] = None,
