@@ -598,6 +598,13 @@ def test_check_data_passes_local_and_cached_items_without_network(no_network, tm
     assert [row["status"] for row in check.downloads] == ["in the Hugging Face cache"] * 2 + ["in torch's hub cache"]
     with pytest.raises(DataCheckError, match=r"AlexNet weights \(.*missing.pth\): no such file. Fix:"):
         check_data("mini", tasks=["mnist"], assets=assets, alexnet_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(DataCheckError, match=r"DDAS reference images \(/no/such/ref\): no such folder, and not a "
+                                             r"Hub id\. Fix: give --ddas_reference an existing folder"):
+        check_data("mini", tasks=["mnist"], assets=assets, ddas_reference="/no/such/ref")
+    splits = assets / "mini-mtil" / "dtd"
+    with pytest.raises(DataCheckError, match=r"the folder holds splits \(test, train\)\. Fix: give --ddas_reference "
+                                             r"the folder of one split, e\.g\. .*dtd/test"):
+        check_data("mini", tasks=["mnist"], assets=assets, ddas_reference=str(splits))
 
 
 def test_tasks_write_no_cache_files_into_the_folder_their_data_is_read_from(tmp_path):

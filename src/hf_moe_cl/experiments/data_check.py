@@ -140,10 +140,17 @@ def _model_item(model: str, network: _Network) -> tuple[str, Optional[str]]:
 
 def _reference_item(reference: str, network: _Network) -> tuple[str, Optional[str]]:
     folder = Path(reference)
+    if not folder.is_dir() and hub_id(reference) is None:
+        return "MISSING", (f"DDAS reference images ({reference}): no such folder, and not a Hub id. Fix: give "
+                           "--ddas_reference an existing folder written by `save_to_disk`, or a Hub dataset id.")
     if not folder.is_dir():
         return _hub_item("DDAS reference images", reference, "dataset",
                          "give --ddas_reference a folder written by `save_to_disk`", network)
-    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+    if (folder / "dataset_dict.json").is_file():
+        splits = sorted(path.name for path in folder.iterdir() if (path / "state.json").is_file()) or ["train"]
+        return "MISSING", (f"DDAS reference images ({reference}): the folder holds splits ({', '.join(splits)}). "
+                           f"Fix: give --ddas_reference the folder of one split, e.g. {folder / splits[0]}.")
+    if (folder / "state.json").is_file():
         return "local saved dataset", None
     return "MISSING", (f"DDAS reference images ({reference}): the folder was not written by `save_to_disk`. Fix: "
                        "save the reference dataset with `save_to_disk`, or give a Hub dataset id.")
