@@ -120,12 +120,31 @@ def test_a_task_info_of_the_wrong_type_or_length_is_named(tmp_path, task_info):
     ({"inference_mode": "no"}, r"`inference_mode` must be a boolean \(True or False\), got 'no'"),
     ({"base_model_name_or_path": 5}, r"`base_model_name_or_path` must be None or a string, got 5"),
     ({"task_type": "CLIP"}, r"Invalid task type: 'CLIP'"),
+    ({"file_sha256": {}}, r"`file_sha256` \(\{\}\) records no sha256 of adapter_model.safetensors, the weights file "
+                          r"loaded, so it checks nothing"),
+    ({"hide_frozen_experts": True, "expert_growth_threshold": 0.25}, r"`expert_growth_threshold` \(0.25\) keeps 0.25 "
+                                                                     r"x num_experts \(4\) experts trainable, fewer "
+                                                                     r"than top_k \(2\).* at least top_k / num_experts "
+                                                                     r"= 0.5, or hide_frozen_experts=False"),
 ])
 @pytest.mark.parametrize("load", LOADERS)
 def test_every_loader_names_the_adapter_config_holding_a_bad_value(adapter, tmp_path, config, message, load):
     folder = edited(adapter, tmp_path / "damaged", config=config)
     with pytest.raises(ValueError, match=in_file(folder, message)):
         load(folder)
+
+
+@pytest.mark.parametrize("hide, threshold, accepted", [
+    (True, 0.25, False), (True, 0.49, False), (True, 0.5, True), (True, None, True), (False, 0.25, True)])
+def test_hiding_frozen_experts_needs_growth_to_keep_top_k_experts(hide, threshold, accepted):
+    def make():
+        return MoELoraConfig(num_experts=4, top_k=2, hide_frozen_experts=hide, expert_growth_threshold=threshold)
+
+    if accepted:
+        assert make().expert_growth_threshold == threshold
+    else:
+        with pytest.raises(ValueError, match=r"fewer than top_k \(2\).* at least top_k / num_experts = 0.5"):
+            make()
 
 
 def test_an_adapter_config_without_a_peft_type_is_named_by_the_librarys_loader(adapter, tmp_path):

@@ -18,7 +18,7 @@ from transformers import CLIPModel
 
 from hf_moe_cl import MoELoraConfig
 
-from conftest import flip_lowest_bits, moe_model, rerecord, tiny_clip
+from conftest import edited, flip_lowest_bits, moe_model, rerecord, tiny_clip
 
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -410,6 +410,76 @@ def test_experts_per_module_naming_no_adapted_module_is_refused(saved_adapter, t
     with pytest.raises(ValueError, match=r"`experts_per_module` of adapter 'default' names modules the adapter does "
                                          r"not adapt in this model: \['vision_model.layers.0'\]"):
         PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_base_model_tensors_in_the_weights_file_are_refused_not_loaded_over_the_base(saved_adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = damaged_copy(saved_adapter, tmp_path)
+    weights = load_file(folder / "adapter_model.safetensors")
+    weights.update({"base_model.model.logit_scale": torch.tensor(5.0),
+                    "base_model.model.visual_projection.weight": torch.zeros(16, 48)})
+    save_file(weights, folder / "adapter_model.safetensors")
+    rerecord(folder)
+    with pytest.raises(ValueError, match=r"holds 2 tensor\(s\) of the base model \(e.g. \['base_model.model."
+                                         r"logit_scale', 'base_model.model.visual_projection.weight'\]\), which "
+                                         r"loading would write over the base model's own weights"):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_an_adapters_own_tensors_outside_its_layers_load(tmp_path):
+    model = moe_model(init_weights=False, modules_to_save=["visual_projection"])
+    model.base_model.enable_selector({})
+    with torch.no_grad():
+        model.base_model.model.visual_projection.modules_to_save["default"].weight.fill_(0.25)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    assert float(loaded.base_model.model.visual_projection.modules_to_save["default"].weight.mean()) == 0.25
+    assert loaded.base_model.selector is not None
+
+
+@pytest.fixture(scope="module")
+def grown_adapter(tmp_path_factory):
+    """4 experts, task 0 froze 3 (and its router) in every layer, then every bank grew by 2 for task 1."""
+    model = moe_model(init_weights=False, expert_growth_threshold=0.5)
+    moe = model.base_model
+    moe.set_selection_counts(0, {name: torch.tensor([5, 4, 3, 0]) for name in moe.moe_layers()})
+    moe.freeze_most_selected(0, k=3)
+    moe.grow_experts(1)
+    folder = tmp_path_factory.mktemp("grown") / "good"
+    model.save_pretrained(folder)
+    return folder
+
+
+LAYER0 = "vision_model.encoder.layers.0."
+
+
+@pytest.mark.parametrize("tensor, value, message", [
+    ("moe_lora_expert_task", [0, 0, 0, 1, 1, 1], r"expert_task.default' gives tasks \[0, 0, 0, 1\] to the bank's first "
+                                                 r"4 experts \(`num_experts`\), which it had before any growth"),
+    ("moe_lora_router_frozen", [False, False], r"frozen flags no training writes: moe_lora_router_frozen is "
+                                               r"\[True, False\] in .* but \[False, False\] in '.*vision_model."
+                                               r"encoder.layers.0'"),
+    ("moe_lora_frozen_by", [0, 0, 0, 1, -1, -1], r"expert 3 of '.*vision_model.encoder.layers.0' is frozen by task 1 "
+                                                 r"\(moe_lora_frozen_by\), whose router is not frozen"),
+    ("moe_lora_frozen_by", [0, 0, 0, -1, 0, -1], r"expert 4 of .* is frozen by task 0 \(moe_lora_frozen_by\) but was "
+                                                 r"added for task 1 \(moe_lora_expert_task\)"),
+])
+def test_frozen_state_and_growth_no_training_writes_are_refused(grown_adapter, tmp_path, tensor, value, message):
+    loaded = PeftModel.from_pretrained(tiny_clip(), grown_adapter).base_model  # as saved, it loads
+    assert loaded.frozen_experts()[LAYER0[:-1]] == {0: 0, 1: 0, 2: 0}
+    assert loaded.moe_layers()[LAYER0[:-1]].moe_lora_expert_task["default"].tolist() == [0, 0, 0, 0, 1, 1]
+    folder = edited(grown_adapter, tmp_path / "damaged", tensors={LAYER0 + tensor: torch.tensor(value)})
+    with pytest.raises(ValueError, match=message + r".*save or download the adapter again"):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_a_task_that_froze_no_expert_loads_with_its_router_frozen(tmp_path):
+    model = moe_model(init_weights=False)
+    model.base_model.freeze_most_selected(0)  # no selections counted: no expert frozen, the router is
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path).base_model
+    assert (loaded.frozen_routers(), sum(map(len, loaded.frozen_experts().values()))) == ([0], 0)
 
 
 # ----- layouts of earlier versions -----------------------------------------------------------------------------------

@@ -127,6 +127,13 @@ class MoELoraConfig(PeftConfig):
         for name in ("num_tasks", "num_experts", "top_k", "r"):
             check_option(name, getattr(self, name), int, low=1)
         check_growth_threshold("expert_growth_threshold", self.expert_growth_threshold)
+        growth = self.expert_growth_threshold
+        if self.hide_frozen_experts and growth is not None and round(growth * self.num_experts, 9) < self.top_k:
+            raise ValueError(f"`expert_growth_threshold` ({growth}) keeps {growth} x num_experts ({self.num_experts}) "
+                             f"experts trainable, fewer than top_k ({self.top_k}): with `hide_frozen_experts` a task "
+                             "routes only through experts no earlier task froze, so a later task would be refused. "
+                             f"Give a threshold of at least top_k / num_experts = {self.top_k / self.num_experts:.4g}, "
+                             "or hide_frozen_experts=False.")
         check_flags(self, ("expert_bias", "noisy_gating", "noisy_gating_eval", "init_weights", "inference_mode",
                            "hide_frozen_experts"))
         for name in ("base_model_name_or_path", "revision", "settings_sha256"):
@@ -240,6 +247,12 @@ class MoELoraConfig(PeftConfig):
                                  f"the folder once with `hf_moe_cl.upgrade_adapter_folder({folder!r})`, which moves "
                                  "the selector into the adapter's config and weights.")
             check_file_hashes(folder, config.file_sha256, where, "Save or download the adapter again.")
+            loaded = SAFETENSORS_WEIGHTS_NAME if os.path.isfile(weights) else WEIGHTS_NAME
+            if config.file_sha256 is not None and loaded not in config.file_sha256:
+                raise ValueError(f"{where} holds an invalid value: `file_sha256` ({short_repr(config.file_sha256)}) "
+                                 f"records no sha256 of {loaded}, the weights file loaded, so it checks nothing: the "
+                                 "file was damaged or edited. Save or download the adapter again, or set file_sha256 "
+                                 "to null to load it unchecked.")
             if config.settings_sha256 not in (None, config.settings_hash()):
                 raise ValueError(f"{where} was edited in `task_info`, `selector`, `expert_activation` or "
                                  "`hide_frozen_experts`: the weights were trained with the saved values "
