@@ -155,6 +155,24 @@ def test_a_run_stops_before_the_task_its_earlier_tasks_left_too_few_experts(tmp_
     assert model.base_model.task_info[0]["name"] == "first" and model.base_model.task_info[1] is None
 
 
+def test_a_sequence_the_top_k_policy_leaves_too_few_experts_is_refused_before_its_first_task(
+        tmp_path, clip_processor):
+    """4 experts, each task freezing its top 2 that no earlier task froze: a third task would have none left, which
+    the options alone tell, so the run stops before any task trains; two tasks, or growth, leave enough."""
+    tasks = [colour_task("first"), colour_task("second", seed=1), colour_task("third", seed=2)]
+    model = hiding_model()
+    trainer = ContinualTrainer(method=MoEAdapters(model, MoEAdaptersArguments()),
+                               args=continual_args(tmp_path / "three", max_steps=1), processing_class=clip_processor)
+    with pytest.raises(ValueError, match=r"With hide_frozen_experts, 3 tasks freezing 2 expert\(s\) per layer each "
+                                         r"leave the last one 0 expert\(s\) of 4, fewer than top_k=2\. Grow the bank"):
+        trainer.train_tasks(tasks)
+    assert model.base_model.task_info == [None] * 3 and not list((tmp_path / "three").glob("task-*"))
+    for name, overrides, sequence in (("two", {}, tasks[:2]), ("growth", {"expert_growth_threshold": 0.5}, tasks)):
+        ContinualTrainer(method=MoEAdapters(hiding_model(**overrides), MoEAdaptersArguments()),
+                         args=continual_args(tmp_path / name, max_steps=1),
+                         processing_class=clip_processor).train_tasks(sequence)
+
+
 def test_the_option_is_a_checked_flag_and_adapters_saved_before_it_keep_their_settings_hash():
     with pytest.raises(ValueError, match="hide_frozen_experts"):
         MoELoraConfig(hide_frozen_experts="yes")

@@ -242,6 +242,25 @@ class MoEAdapters(ContinualMethod):
         self.first_route = len(learned)
         while moe.num_tasks < self.first_route + len(tasks):
             moe.add_task()
+        if context.trains:
+            self._check_room(len(tasks))
+
+    def _check_room(self, count: int) -> None:
+        """With hide_frozen_experts, no growth and the top_k policy, each task freezes at least min(k, top_k) new
+        experts per layer (it selects only experts no earlier task froze): a sequence whose last task would be left
+        fewer than top_k is refused before its first task trains, not after the tasks before it."""
+        config, arguments, adapter = self.moe.moe_config, self.arguments, self.moe._adapter()
+        if not config.hide_frozen_experts or config.expert_growth_threshold is not None \
+                or arguments.freeze_policy != "top_k" or count < 2:
+            return
+        k = config.top_k if arguments.freeze_experts_per_task is None else arguments.freeze_experts_per_task
+        first = min(layer.selectable_experts(adapter, self.first_route) for layer in self.moe.moe_layers().values())
+        left = first - (count - 1) * min(k, config.top_k)
+        if left < config.top_k:
+            raise ValueError(f"With hide_frozen_experts, {count} tasks freezing {min(k, config.top_k)} expert(s) per "
+                             f"layer each leave the last one {max(left, 0)} expert(s) of {first}, fewer than "
+                             f"top_k={config.top_k}. Grow the bank (expert_growth_threshold of at least top_k / "
+                             "num_experts), give it more experts, or set hide_frozen_experts=False.")
 
     def task_route(self, index: int) -> int:
         return 0 if self.arguments.shared_router else self.first_route + index
