@@ -97,6 +97,40 @@ def test_the_evaluate_module_loads_offline_and_is_the_implementation_reports_use
         assert getattr(library, name) is getattr(module, name)  # no copy
 
 
+@pytest.mark.parametrize("matrices, expected", [
+    ({"oracle": [[42.0]]}, {"average": 42.0, "last": 42.0}),  # one task: no Transfer
+    ({"oracle": [[80.0, None], [70.0, 85.0]]}, {"last": 77.5}),  # zero-shot cell not evaluated
+    ({"oracle": [[80.0, None], [None, 85.0]]}, {}),  # evaluate_all_tasks=False
+    ({"oracle": [[80.0, 20.0], [70.0, 85.0]], "protocol": [[70.0, None], [60.0, 75.0]]}, {"last": 67.5}),
+])
+def test_result_metrics_are_those_the_evaluated_cells_allow_as_all_results_says(matrices, expected):
+    from hf_moe_cl.continual.result import ContinualResult
+
+    result = ContinualResult(list("ab")[:len(matrices["oracle"])], matrices)
+    assert result.metrics == expected
+    headline = result.all_results()
+    assert {name: headline[f"{result.headline}_{name}"] for name in expected} == expected
+    assert not {f"{result.headline}_{name}" for name in {"transfer", "average", "last"} - set(expected)} & set(headline)
+
+
+@pytest.mark.parametrize("accuracies, task_names, message", [
+    ([[80, 20], [70, 85]], ["a", "a"], r"Task names \['a'\] repeat"),
+    ([[80, 20], [70, 85]], ["a"], "1 task names for a matrix of 2 tasks"),
+    ([[180, -20], [70, 85]], None, r"A\[0\]\[0\] is 180.0: accuracies are percentages in \[0, 100\]"),
+    ([[80, -0.5], [70, 85]], None, r"A\[0\]\[1\] is -0.5"),
+    ([[0.8, 0.2], [0.7, 100.5]], None, r"A\[1\]\[1\] is 100.5"),
+    ([[float("nan"), 20], [70, 85]], None, r"A\[0\]\[0\] is nan: .* None, not NaN"),
+])
+def test_the_evaluate_metric_refuses_repeated_names_and_accuracies_outside_0_to_100(accuracies, task_names, message):
+    import evaluate
+
+    import hf_moe_cl.metrics
+
+    with pytest.raises(ValueError, match=message):
+        evaluate.load(hf_moe_cl.metrics.MTIL).compute(accuracies=accuracies, task_names=task_names)
+    assert evaluate.load(hf_moe_cl.metrics.MTIL).compute(accuracies=[[0, 100], [None, 50]]) == {"transfer": 100.0}
+
+
 @pytest.mark.parametrize("kind", ["protocol", "per_image", "oracle"])
 def test_every_report_figure_title_fits_inside_the_figure(kind):
     from hf_moe_cl.experiments.figures import accuracy_heatmap, selection_heatmap

@@ -5,6 +5,7 @@ or non-finite images), and a task folder loads with the splits it has (`Continua
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -161,17 +162,32 @@ def class_label_split(names):
 
 
 @pytest.mark.parametrize("names, message", [
-    (["blue", "red", "green"], r"label 0 is 'blue' there but classnames\[0\] is 'red'"),
-    (["Red", "Blue", "Green"], r"label 1 is 'Blue' there but classnames\[1\] is 'green'"),
+    (["blue", "red", "green"], r"label 0 is 'blue' there but classnames\[0\] is 'red'; 'blue' is classnames\[2\]"),
+    (["Red", "Blue", "Green"], r"label 1 is 'Blue' there but classnames\[1\] is 'green'; 'Blue' is classnames\[2\]"),
+    # the same reordering plus a class the task lacks: label 1 would still train with the prompt of 'green'
+    (["red", "blue", "green", "cyan"], r"label 1 is 'blue' there but classnames\[1\] is 'green'"),
+    (["cyan", "red", "green"], r"label 1 is 'red' there but classnames\[1\] is 'green'; 'red' is classnames\[0\]"),
     (["red", "green", "blue"], None),
+    (["red", "green", "blue", "cyan"], None),  # an extra class after the task's, at their indices
     (["n01", "n02", "n03"], None),  # other names (e.g. WordNet ids): nothing to compare
+    (["red", "n02", "n03"], None),  # partly renamed, every matching name at its own index
 ])
 def test_class_labels_in_another_order_than_the_class_names_are_refused(names, message):
     task = simple_task(train_dataset=class_label_split(names), eval_dataset=class_label_split(names))
     if message is None:
         task.validate()
         return
-    with pytest.raises(ValueError, match=f"ClassLabel names are the task's class names in another order .*{message}"):
+    with pytest.raises(ValueError, match=f"ClassLabel names the task's class names at other indices .*{message}"):
+        task.validate()
+
+
+@pytest.mark.parametrize("field", ["name", "classnames", "templates"])
+def test_text_that_cannot_be_written_as_utf8_is_refused_before_training(field):
+    bad = os.fsdecode(b"caf\xe9")  # 'caf\udce9': a lone surrogate, as os.fsdecode makes of a latin-1 file name
+    values = {"name": bad, "classnames": [bad, "green", "blue"], "templates": [bad + " {}"]}
+    task = simple_task(**{field: values[field]})
+    with pytest.raises(ValueError, match=r"'caf\\udce9( \{\})?' cannot be written as UTF-8 \(surrogates not allowed at "
+                                         r"position 3"):
         task.validate()
 
 

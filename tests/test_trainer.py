@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_moe_cl.continual import ContinualTrainer
+from hf_moe_cl.continual import ContinualTask, ContinualTrainer
 from hf_moe_cl.continual.methods import ExpertMergingCallback, MoEAdapters, MoEAdaptersArguments
 
 from conftest import StopAtTask, colour_task, continual_args, moe_model, run, tiny_clip, trainer_for, tree_bytes
@@ -187,6 +187,52 @@ def test_train_and_evaluate_outside_a_task_sequence_point_to_train_tasks(tmp_pat
         trainer.train()
     with pytest.raises(ValueError, match="measures the task being trained inside train_tasks"):
         trainer.evaluate()
+
+
+def test_evaluate_task_refuses_a_bad_task_or_route_before_any_image_is_encoded(tmp_path, clip_processor):
+    from datasets import Dataset
+
+    trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path), processing_class=clip_processor)
+    split = colour_task("a").eval_dataset
+    cases = [
+        (split.select([]), -1, "has an empty eval dataset"),
+        (Dataset.from_dict({"image": split["image"][:2], "label": [7, -1]}), -1, "eval labels range from -1 to 7"),
+        (split.remove_columns("label"), -1, r"lacks column\(s\) \['label'\]"),
+        (split, -2, "`route` must be an integer, -1 .* got -2"),
+        (split, 1.9, "`route` must be an integer, -1 .* got 1.9"),
+        (split, True, "`route` must be an integer, -1 .* got True"),
+    ]
+    for dataset, route, message in cases:
+        with pytest.raises(ValueError, match=message):
+            trainer.evaluate_task(ContinualTask("t", None, dataset, ["red", "green", "blue"]), route)
+    assert trainer.engine.encodings == {"untouched": 0, "routed": 0}
+    task = ContinualTask("t", None, split, ["red", "green", "blue"])
+    assert trainer.evaluate_task(task, torch.tensor(1)) == trainer.evaluate_task(task, 1)  # an integer of any type
+    assert trainer.engine.encodings["routed"] == 2 * 12
+
+
+class EvaluateOtherSplit(TrainerCallback):
+    def __init__(self, trainer, dataset):
+        self.trainer, self.dataset, self.errors = trainer, dataset, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        try:
+            self.trainer.evaluate(eval_dataset=self.dataset)
+        except ValueError as error:
+            self.errors.append(str(error))
+
+
+def test_evaluate_with_another_split_checks_it_as_a_task_split(tmp_path, clip_processor):
+    from datasets import Dataset
+
+    trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path, max_steps=1),
+                               processing_class=clip_processor)
+    split = colour_task("first").eval_dataset
+    callback = EvaluateOtherSplit(trainer, Dataset.from_dict({"image": split["image"][:2], "label": [0, 3]}))
+    trainer.add_callback(callback)
+    trainer.train_tasks([colour_task("first")])
+    assert len(callback.errors) == 1
+    assert "eval labels range from 0 to 3 but there are 3 class names" in callback.errors[0]
 
 
 class EvaluateDuringTask(TrainerCallback):

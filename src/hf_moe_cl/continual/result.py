@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..metrics.mtil.mtil import mtil_metrics, summary
+from ..metrics.mtil.mtil import summary
 from ..tuners.moe_lora.card import markdown_text
 
 Matrix = list[list[Optional[float]]]
@@ -47,8 +47,11 @@ class ContinualResult:
 
     @property
     def metrics(self) -> dict[str, float]:
-        """Transfer / Average / Last of the headline matrix (`headline`: the paper's protocol when there is one)."""
-        return mtil_metrics(self.matrices[self.headline])
+        """Transfer / Average / Last of the headline matrix (`headline`: the paper's protocol when there is one),
+        those its evaluated cells allow (as `all_results`: no Transfer for one task, none of a matrix with cells
+        not evaluated but Last's row)."""
+        found = summary(self.matrices[self.headline], self.task_names)
+        return {name: found[name] for name in ("transfer", "average", "last") if name in found}
 
     def all_results(self) -> dict[str, Any]:
         """The final numbers as transformers' `all_results.json` holds them: `headline_matrix` (the matrix the

@@ -103,6 +103,16 @@ class ContinualTask:
             raise ValueError(f"A task needs a non-empty name (a string), got {self.name!r}: it names the task in the "
                              "matrices, the reports and its checkpoint folder.")
         check_label_space(self.classnames, self.templates, f"Task {self.name!r}")
+        for what, text in [("name", self.name)] + [("class name", c) for c in self.classnames] + [
+                ("template", t) for t in self.templates]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"Task {self.name!r}: the {what} {text!r} cannot be written as UTF-8 ({error.reason} at position "
+                    f"{error.start}; e.g. a lone surrogate from os.fsdecode of a file name that is not UTF-8), so "
+                    "its checkpoint's files could not be saved. Decode the bytes with their real encoding (e.g. "
+                    "bytes.decode('latin-1')) or replace the character.") from None
         classes = self.train_classes
         if classes is not None and not (isinstance(classes, (list, tuple)) and classes and all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(self.classnames) for c in classes)
@@ -169,16 +179,20 @@ class ContinualTask:
                                  "training loss only covers those classes.")
 
     def _check_label_names(self, split: str, names: list[str]) -> None:
-        """A `ClassLabel` whose names are the task's class names in another order would train on swapped prompts."""
-        ours, theirs = [label_key(n) for n in self.classnames], [label_key(n) for n in names]
-        if ours != theirs and sorted(ours) == sorted(theirs):
-            moved = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            raise ValueError(
-                f"Task {self.name!r}: the {split} dataset's ClassLabel names are the task's class names in another "
-                f"order (label {moved} is {names[moved]!r} there but classnames[{moved}] is "
-                f"{self.classnames[moved]!r}), so images would be trained and scored with another class's prompt. "
-                "Pass classnames=dataset.features['label'].names, or map the labels to your order first "
-                "(dataset.align_labels_with_mapping).")
+        """A `ClassLabel` name that is one of the task's class names at another index would train and score its
+        images with another class's prompt; names that match no class name (e.g. WordNet ids) are a renaming."""
+        ours = [label_key(n) for n in self.classnames]
+        for label, name in enumerate(names):
+            key = label_key(name)
+            if key in ours and (label >= len(ours) or ours[label] != key):
+                here = (f"classnames[{label}] is {self.classnames[label]!r}" if label < len(ours) else
+                        f"there are {len(ours)} class names")
+                raise ValueError(
+                    f"Task {self.name!r}: the {split} dataset's ClassLabel names the task's class names at other "
+                    f"indices (label {label} is {name!r} there but {here}; {name!r} is "
+                    f"classnames[{ours.index(key)}]), so images would be trained and scored with another class's "
+                    "prompt. Pass classnames=dataset.features['label'].names, or map the labels to your order first "
+                    "(dataset.align_labels_with_mapping).")
 
     @classmethod
     def from_disk(cls, path: str | os.PathLike, train_split: Optional[str] = "train", eval_split: str = "test",

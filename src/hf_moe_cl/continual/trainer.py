@@ -118,6 +118,7 @@ class ContinualTrainer(Trainer):
                              "measure a task at other times use trainer.evaluate_task(task, route).")
         if eval_dataset is not None:
             task = ContinualTask(task.name, None, eval_dataset, task.classnames, task.templates)
+            task.validate(needs_training=False, check_images=self.args.check_images)
         current = ContinualMethod(self.model)  # the training model as it is: no routing
         classifier = RoutedClassifier(current, self.processing_class.tokenizer, self.args.device)
         cells = EvaluationEngine(self, current).evaluate(task, CellRequest(oracle=ZERO_SHOT), classifier)
@@ -176,8 +177,16 @@ class ContinualTrainer(Trainer):
         return RoutedClassifier(self.method, self.processing_class.tokenizer, self.args.device, untouched)
 
     def evaluate_task(self, task: ContinualTask, route: int = ZERO_SHOT) -> float:
-        """Top-1 accuracy (%) of the method's `route` model on the task (-1: the model for no learned task)."""
-        return self.engine.evaluate(task, CellRequest(oracle=route), self.classifier())["oracle"].accuracy
+        """Top-1 accuracy (%) of the method's `route` model on the task (-1: the model for no learned task); the
+        task is checked first as `train_tasks` checks an evaluation-only task."""
+        index = None if isinstance(route, bool) else getattr(route, "__index__", lambda: None)()  # 1.9 is refused
+        if index is None or index < ZERO_SHOT:
+            raise ValueError(f"evaluate_task: `route` must be an integer, {ZERO_SHOT} (the model for no learned task) "
+                             f"or a task's route (0, 1, ...), got {route!r}.")
+        if not isinstance(task, ContinualTask):
+            raise ValueError(f"evaluate_task needs a ContinualTask, got {type(task).__name__}.")
+        task.validate(needs_training=False, check_images=self.args.check_images)
+        return self.engine.evaluate(task, CellRequest(oracle=index), self.classifier())["oracle"].accuracy
 
     @property
     def engine(self) -> EvaluationEngine:

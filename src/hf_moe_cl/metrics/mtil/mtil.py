@@ -23,8 +23,9 @@ ZSCL (Zheng et al., ICCV 2023) and MoE-Adapters (Yu et al., CVPR 2024) compute t
 
 _KWARGS_DESCRIPTION = """
 Args:
-    accuracies: the rows of a square accuracy matrix, one per training stage (None for a cell not evaluated).
-    task_names: optional names of the tasks, in order; the drops are then keyed by name.
+    accuracies: the rows of a square accuracy matrix, one per training stage: percentages in [0, 100], None for a
+        cell not evaluated (NaN and values outside [0, 100] are refused).
+    task_names: optional distinct names of the tasks, in order; the drops are then keyed by name.
 Returns:
     transfer, average, last (present when the matrix has every cell they read; transfer needs two tasks), and,
     when the diagonal and the last row are known and there are two tasks or more, bwt and drop (one per task).
@@ -43,7 +44,20 @@ def _check_matrix(matrix: Sequence[Sequence[float]]) -> int:
     tasks = len(matrix)
     if tasks == 0 or any(len(row) != tasks for row in matrix):
         raise ValueError("The accuracy matrix must be square (one row per trained task, one column per task).")
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value is not None and not 0 <= value <= 100:  # NaN fails every comparison
+                raise ValueError(f"Accuracy A[{i}][{j}] is {value!r}: accuracies are percentages in [0, 100] (scale "
+                                 "fractions by 100) and a cell not evaluated is None, not NaN.")
     return tasks
+
+
+def _check_names(names: Sequence[str], tasks: int) -> None:
+    if len(names) != tasks:
+        raise ValueError(f"{len(names)} task names for a matrix of {tasks} tasks.")
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"Task names {repeated} repeat: each task needs its own name (the drops are keyed by it).")
 
 
 def transfer(matrix: Sequence[Sequence[float]]) -> float:
@@ -93,8 +107,7 @@ def backward_transfer(matrix: Sequence[Sequence[Optional[float]]]) -> float:
 
 def forgetting(matrix: Sequence[Sequence[Optional[float]]], names: Sequence[str]) -> dict:
     """`{"bwt": ..., "drop": {task name: drop}}` of a matrix, as reports and model cards write it."""
-    if len(names) != len(matrix):
-        raise ValueError(f"{len(names)} task names for a matrix of {len(matrix)} tasks.")
+    _check_names(names, len(matrix))
     return {"bwt": backward_transfer(matrix), "drop": dict(zip(names, task_drops(matrix)))}
 
 
@@ -105,6 +118,8 @@ def _known(matrix, cells) -> bool:
 def summary(matrix: Sequence[Sequence[Optional[float]]], names: Optional[Sequence[str]] = None) -> dict:
     """Every metric the matrix's evaluated cells allow (see `_KWARGS_DESCRIPTION`)."""
     tasks = _check_matrix(matrix)
+    if names is not None:
+        _check_names(names, tasks)
     result = {}
     if tasks >= 2 and _known(matrix, [(i, j) for j in range(1, tasks) for i in range(j)]):
         result["transfer"] = transfer(matrix)
