@@ -119,3 +119,27 @@ def test_route_counts_per_stage_without_selection(tmp_path, module_processor):
     result = ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=1),
                               processing_class=module_processor).train_tasks(tasks)
     assert result.diagnostics["image_encodings"] == [{"untouched": 8, "routed": 8}, {"untouched": 0, "routed": 16}]
+
+
+def test_evaluate_all_tasks_false_leaves_every_matrix_to_the_task_just_trained(tmp_path, module_processor):
+    """Only the task just trained is evaluated, in the task-agnostic matrices too: one pass over its 12 images per
+    stage (the untouched model once for DDAS's features), its cells alone filled, the others None with no histogram;
+    metrics need cells off the diagonal, so none is reported."""
+    from conftest import noise_images
+
+    tasks = [colour_task("first", n_train=24, n_eval=12, seed=0),
+             colour_task("second", n_train=24, n_eval=12, seed=1, offset=3)]
+    ddas = DDASArguments(ddas=True, ddas_task_steps=20, ddas_reference_steps=20, ddas_hidden_dim=8,
+                         ddas_quantile=1.0)
+    method = MoEAdapters(moe_model(), ddas=ddas, ddas_reference=noise_images(16, 0))
+    args = continual_args(tmp_path, max_steps=1, task_agnostic_eval=True, evaluate_all_tasks=False)
+    result = ContinualTrainer(method=method, args=args, processing_class=module_processor).train_tasks(tasks)
+    assert list(result.matrices) == ["protocol", "per_image", "oracle"]
+    for kind, matrix in result.matrices.items():
+        assert matrix[0][1] is None and matrix[1][0] is None, kind
+        assert all(0.0 <= matrix[i][i] <= 100.0 for i in range(2)), kind
+    for kind, stages in result.diagnostics["route_histogram"].items():
+        assert stages[0][1] is None and stages[1][0] is None, kind
+        assert sum(stages[0][0]) == sum(stages[1][1]) == 12, kind
+    assert [stage["untouched"] for stage in result.diagnostics["image_encodings"]] == [12, 12]
+    assert result.metrics == {} and result.all_results() == {"headline_matrix": "protocol"}

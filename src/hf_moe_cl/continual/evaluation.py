@@ -47,9 +47,9 @@ class CellRequest:
 @dataclass
 class CellResult:
     """Top-1 accuracy (%) of one cell and, for task-agnostic cells, how many images went to each route (over
-    [-1 (zero-shot), task 0, task 1, ...] of the route the method identified)."""
+    [-1 (zero-shot), task 0, task 1, ...] of the route the method identified); both None for a cell not evaluated."""
 
-    accuracy: float
+    accuracy: Optional[float]
     histogram: Optional[list[int]] = None
 
 
@@ -272,17 +272,20 @@ class EvaluationEngine:
     def stage(self, index: int, tasks: list, classifier: RoutedClassifier, matrices: dict, histograms: dict,
               pretrained: dict[int, float]) -> dict[str, list]:
         """The cells of every matrix after task `index`, each task's from one pass over its test set: the oracle
-        row's accuracies, and per task-agnostic kind its `CellResult`s. A cell that cannot change is reused (a task
-        not evaluated at this stage: None; a final task model's: its diagonal; the model for no learned task: the
-        `pretrained` accuracy); an unseen task whose route is None (the method's own selection) takes its
-        per-image cell."""
+        row's accuracies, and per task-agnostic kind its `CellResult`s. A task not evaluated at this stage
+        (`evaluate_all_tasks=False`) has None cells in every matrix. A cell that cannot change is reused (a final
+        task model's: its diagonal; the model for no learned task: the `pretrained` accuracy); an unseen task whose
+        route is None (the method's own selection) takes its per-image cell."""
         method = self.method
         rows = {kind: [] for kind in matrices}
         for j, other in enumerate(tasks):
             oracle, reuse = None, None
             if not (self.trainer.args.evaluate_all_tasks or j == index):
-                reuse = (None,)
-            elif j < index and method.task_models_are_final:
+                rows["oracle"].append(None)
+                for kind in histograms:
+                    rows[kind].append(CellResult(None))
+                continue
+            if j < index and method.task_models_are_final:
                 reuse = (matrices["oracle"][j][j],)
             elif (route := method.cell_route(index, j)) == ZERO_SHOT:
                 reuse = (pretrained[j],)
