@@ -143,3 +143,9 @@ def test_evaluate_all_tasks_false_leaves_every_matrix_to_the_task_just_trained(t
         assert sum(stages[0][0]) == sum(stages[1][1]) == 12, kind
     assert [stage["untouched"] for stage in result.diagnostics["image_encodings"]] == [12, 12]
     assert result.metrics == {} and result.all_results() == {"headline_matrix": "protocol"}
+    from hf_moe_cl.experiments.reporting import UNMEASURED_SELECTION, write_result_report
+
+    write_result_report(tmp_path / "report", result, "moe-adapters")  # the report says what was not measured
+    assert UNMEASURED_SELECTION in (tmp_path / "report" / "metrics.md").read_text()
+    assert UNMEASURED_SELECTION in (tmp_path / "report" / "protocol" / "metrics.md").read_text()
+    assert not (tmp_path / "report" / "protocol" / "route_selection.json").exists()

@@ -29,6 +29,16 @@ def selection_summary(stages: Sequence[Sequence[Sequence[int]]], names: Sequence
             "route_histogram": [[list(c) for c in stage] for stage in stages]}
 
 
+def selection_measured(stages: Optional[Sequence]) -> bool:
+    """Whether a route histogram has every cell (with `evaluate_all_tasks=False` a stage measures only the task just
+    trained, so the route selection after the last task is not known for the others)."""
+    return bool(stages) and all(counts is not None for stage in stages for counts in stage)
+
+
+UNMEASURED_SELECTION = ("Route selection: not reported, since evaluate_all_tasks=False measured each stage on the "
+                        "task just trained only.")
+
+
 def selection_table(summary: dict, names: Sequence[str]) -> str:
     """Rows: images of a task; columns: where they were sent (% of the task's test images), then the correct share."""
     lines = ["| images of | " + " | ".join(map(markdown_text, summary["routes"])) + " | correct |",
@@ -63,7 +73,9 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
             + metrics_markdown({method: (metrics, lost)}, names, "method"))
     figure_metrics = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
     save_png(accuracy_heatmap(matrix, names, method, kind, figure_metrics), output_dir / "accuracy_matrix.png")
-    if route_histogram:
+    if route_histogram and not selection_measured(route_histogram):
+        text += "\n\n" + UNMEASURED_SELECTION
+    elif route_histogram:
         summary = selection_summary(route_histogram, names)
         write_json_atomic(output_dir / "route_selection.json",
                           {"method": method, "kind": kind, "tasks": names, **summary})
@@ -90,7 +102,9 @@ def write_result_report(output_dir: str | Path, result: ContinualResult, method:
         rows[f"{kind}: {MATRIX_TITLES.get(kind, kind)}"] = (metrics, lost)
         returned[kind] = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
         sections.append(f"![{kind}]({kind}/accuracy_matrix.png)")
-        if histograms.get(kind):
+        if histograms.get(kind) and not selection_measured(histograms[kind]):
+            sections.append(f"### {kind}\n\n{UNMEASURED_SELECTION}")
+        elif histograms.get(kind):
             sections.append(f"### Route selection after the last task, {kind}\n\n"
                             + selection_table(selection_summary(histograms[kind], names), names)
                             + f"\n\n![{kind} route selection]({kind}/route_selection.png)")
