@@ -381,6 +381,21 @@ def test_an_evaluation_only_task_folder_loads_with_train_split_none(tmp_path):
     task.validate(needs_training=False)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty split"])
+def test_a_task_folder_whose_data_cannot_be_read_is_named_with_the_fix(tmp_path, damage):
+    folder = task_folder(tmp_path / "task")
+    arrow = next((folder / "test").glob("*.arrow"))
+    if damage == "truncated":
+        arrow.write_bytes(arrow.read_bytes()[:-40])
+    else:
+        for path in (folder / "test").glob("*.arrow"):
+            path.unlink()
+    with pytest.raises(ValueError, match=rf"{folder} cannot be read as datasets saved with `save_to_disk` \(.*\); a "
+                                         r"split's files are damaged, truncated or missing\. Save the task's splits "
+                                         r"again"):
+        ContinualTask.from_disk(folder)
+
+
 def test_a_task_folder_of_one_dataset_is_named(tmp_path):
     Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [0]}).save_to_disk(str(tmp_path))
     (tmp_path / "task.json").write_text(json.dumps({"classnames": ["a"]}))

@@ -209,7 +209,12 @@ class ContinualTask:
         name = meta.get("name", path.name)
         check_label_space(meta.get("classnames"), meta.get("templates", ["a photo of a {}."]),
                           f"{meta_file} (task {name!r})")
-        splits = load_from_disk(str(path))
+        try:
+            splits = load_from_disk(str(path))
+        except Exception as error:  # datasets raises what its reader meets (IndexError, ArrowInvalid, ...)
+            raise ValueError(f"{path} cannot be read as datasets saved with `save_to_disk` ({type(error).__name__}: "
+                             f"{error}); a split's files are damaged, truncated or missing. Save the task's splits "
+                             "again (DatasetDict(...).save_to_disk) or restore the folder.") from error
         if not isinstance(splits, DatasetDict):
             raise ValueError(f"{path} holds one dataset, not a DatasetDict of splits; save the splits together "
                              "(DatasetDict({'train': ..., 'test': ...}).save_to_disk).")
