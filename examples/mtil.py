@@ -32,7 +32,7 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
 from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, AssetsNotFoundError, assets_dir
-from hf_moe_cl.experiments.experiment import AdapterArguments, MethodArguments, prepare_method
+from hf_moe_cl.experiments.experiment import AdapterArguments, MethodArguments, idle_options, prepare_method
 from hf_moe_cl.experiments.metrics import class_incremental_metrics
 from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
 from hf_moe_cl.experiments.reporting import write_result_report
@@ -184,10 +184,12 @@ def parse_args(argv: list[str]):
 
 
 def unused_options(experiment: ExperimentArguments, method_args: MethodArguments, ddas_args: DDASArguments,
-                   training: ContinualTrainingArguments) -> dict[str, str]:
-    """The options this run does not use (by its preset, method, DDAS and publishing, the recipe applied) -> why."""
+                   training: ContinualTrainingArguments, adapter_args: AdapterArguments,
+                   moe_args: MoEAdaptersArguments, condu_args: ConDUArguments) -> dict[str, str]:
+    """The options this run does not use (by its preset, method, DDAS and publishing, the recipe applied, and the
+    options others make idle) -> why."""
     preset, method = get_preset(experiment.preset), get_method(method_args.method)
-    unused = {}
+    unused = idle_options(method, ddas_args, adapter_args, moe_args, condu_args)
     if isinstance(preset, ClassIncrementalPreset):
         unused["tasks"] = f"preset {preset.name} runs its fixed class-incremental steps of {preset.dataset}"
     if getattr(preset, "from_assets", False):
@@ -247,11 +249,12 @@ def dataset_ids_map(experiment: ExperimentArguments) -> Optional[dict[str, str]]
 
 
 def check_run(experiment: ExperimentArguments, method_args: MethodArguments, ddas_args: DDASArguments,
-              training: ContinualTrainingArguments, explicit: set[str]) -> None:
+              training: ContinualTrainingArguments, explicit: set[str], adapter_args: AdapterArguments,
+              moe_args: MoEAdaptersArguments, condu_args: ConDUArguments) -> None:
     """Refuse, before anything is loaded or trained, options given that this run does not use, a malformed
     --dataset_ids, and a publication that would fail at the end (a repo id the Hub refuses, a dry-run folder that
     holds files)."""
-    unused = unused_options(experiment, method_args, ddas_args, training)
+    unused = unused_options(experiment, method_args, ddas_args, training, adapter_args, moe_args, condu_args)
     given = sorted(explicit & set(unused))
     if given:
         raise ValueError("Options this run does not use: " + "; ".join(f"--{name}, {unused[name]}" for name in given)
@@ -323,7 +326,7 @@ def main(argv: Optional[list[str]] = None):
         training.output_dir = f"runs/{preset.name}-{method_args.method}"
         logger.info("No --output_dir given: the run writes to %s", training.output_dir)
     try:
-        check_run(experiment, method_args, ddas_args, training, explicit)
+        check_run(experiment, method_args, ddas_args, training, explicit, adapter_args, moe_args, condu_args)
     except ValueError as error:
         full_parser().error(str(error))
     names = experiment.tasks.split(",") if experiment.tasks is not None else None
@@ -334,7 +337,8 @@ def main(argv: Optional[list[str]] = None):
                     **adapter_args.resolved()}  # the adapter's settings as it will have them
         for group in (moe_args, ddas_args, lora_args, condu_args):
             resolved.update(dataclasses.asdict(group))
-        unused = unused_options(experiment, method_args, ddas_args, training)  # left out: it can be fed back
+        unused = unused_options(experiment, method_args, ddas_args, training, adapter_args, moe_args,
+                                condu_args)  # left out: it can be fed back
         print(json.dumps({k: v for k, v in {**resolved, **training.to_dict()}.items() if k not in unused}, indent=1,
                          default=str))
         if not experiment.check_data:

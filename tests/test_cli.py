@@ -193,6 +193,24 @@ def test_example_refuses_abbreviated_flags_and_ddas_without_a_selector(tmp_path,
     (["--hub_model_id", "me/run"], "--hub_model_id, nothing is published: that needs --push_to_hub true or "
                                    "--hub_dry_run_dir"),
     (["--hub_base_model", "openai/clip-vit-base-patch16"], "--hub_base_model, nothing is published"),
+    # options that the method's other options leave idle
+    (["--method", "zero-shot", "--learning_rate", "0.1"], "--learning_rate, --method zero-shot trains nothing"),
+    (["--method", "zero-shot", "--rank", "4"], "--rank, --method zero-shot trains nothing"),
+    (["--method", "full-finetune", "--rank", "4"], "--rank, --method full-finetune has no low-rank part"),
+    (["--method", "condu", "--condu_fine_tune", "full", "--condu_lora_targets", "fc1"],
+     "--condu_lora_targets, a ConDU LoRA option, and --condu_fine_tune full trains no LoRA"),
+    (["--freeze_coverage", "0.5"], "--freeze_coverage, an option of the other --freeze_policy than top_k"),
+    (["--freeze_policy", "coverage", "--freeze_experts_per_task", "2"],
+     "--freeze_experts_per_task, an option of the other --freeze_policy than coverage"),
+    (["--shared_router", "true", "--freeze_images", "8"], "--freeze_images, --shared_router true freezes no expert"),
+    (["--routing_report", "false", "--routing_report_images", "10"],
+     "--routing_report_images, --routing_report false writes no routing report"),
+    (["--noisy_gating", "false", "--noisy_gating_eval", "true"],
+     "--noisy_gating_eval, --noisy_gating false adds no noise"),
+    (["--preset", "mini", "--ddas", "true", "--ddas_threshold", "0.1", "--ddas_quantile", "0.9"],
+     "--ddas_quantile, --ddas_threshold gives the threshold the quantile would calibrate"),
+    (["--preset", "mini", "--ddas", "true", "--ddas_alexnet_weights", "/nope.pth"],
+     "--ddas_alexnet_weights, the DDAS features are CLIP's"),
 ])
 def test_options_the_run_does_not_use_are_refused_before_any_work(mtil, capsys, tmp_path, no_work, argv, message):
     for print_recipe in ([], ["--print_recipe"]):  # the recipe refuses what the run would
@@ -215,6 +233,9 @@ def test_several_unused_options_are_named_together(mtil, capsys, tmp_path):
     ["--method", "lora", "--lora_targets", "q_proj"],
     ["--push_to_hub", "true", "--hub_model_id", "me/run", "--hub_base_model", "openai/clip-vit-base-patch16"],
     ["--preset", "mtil-order-1", "--data_dir", "/data", "--tasks", "dtd"],
+    ["--freeze_policy", "coverage", "--freeze_coverage", "0.5", "--freeze_images", "8"],
+    ["--preset", "mini", "--ddas", "true", "--ddas_feature_extractor", "alexnet", "--ddas_alexnet_weights", "/w.pth"],
+    ["--method", "condu", "--condu_fine_tune", "lora", "--rank", "4", "--condu_lora_targets", "fc1"],
 ])
 def test_options_the_run_uses_are_accepted(mtil, capsys, tmp_path, argv):
     assert recipe(mtil, capsys, [*argv, "--output_dir", str(tmp_path)])["preset"]

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 from transformers import set_seed
 
 from ..continual import ContinualResult, ContinualTrainer, ContinualTrainingArguments
-from ..continual.methods import METHODS, get_method
+from ..continual.methods import METHODS, MoEAdapters, get_method
 from ..ddas.settings import SELECTOR_OPTION_NAMES, SelectorConfig
 from ..options import check_option
 from ..tuners.moe_lora import MoELoraConfig
@@ -110,3 +110,37 @@ def run_method(method_args: MethodArguments, base, processor, tasks, args: Conti
     method, args = prepare_method(method_args, base, tasks, args, options, reference_images)
     trainer = ContinualTrainer(method=method, args=args, processing_class=processor)
     return trainer.train_tasks(tasks, resume=resume)
+
+
+def idle_options(method, ddas_args, adapter_args: AdapterArguments, moe_args, condu_args) -> dict[str, str]:
+    """Options of `method` (a registered class) that its other options leave without effect -> why: given on the
+    command line, they are refused (nothing is ignored silently). The groups are the parsed `DDASArguments`,
+    `AdapterArguments`, `MoEAdaptersArguments` and `ConDUArguments`."""
+    idle = {}
+    if not method.trains:
+        idle.update(dict.fromkeys(("rank", "use_task_learning_rates", "learning_rate", "max_steps", "warmup_steps",
+                                   "weight_decay", "task_learning_rates"), f"--method {method.name} trains nothing"))
+    condu_lora = method.name == "condu" and condu_args.condu_fine_tune == "lora"
+    if method.name == "condu" and not condu_lora:
+        idle.update(dict.fromkeys(("rank", "condu_lora_targets", "condu_lora_init_std"),
+                                  "a ConDU LoRA option, and --condu_fine_tune full trains no LoRA"))
+    elif not (issubclass(method, MoEAdapters) or method.name in ("lora", "condu")):
+        idle.setdefault("rank", f"--method {method.name} has no low-rank part")
+    if not issubclass(method, MoEAdapters):
+        return idle
+    if moe_args.shared_router:
+        idle.update(dict.fromkeys(("freeze_experts_per_task", "freeze_policy", "freeze_coverage", "freeze_images"),
+                                  "--shared_router true freezes no expert (one router learns every task)"))
+    else:
+        coverage = moe_args.freeze_policy == "coverage"
+        idle.update(dict.fromkeys(("freeze_experts_per_task",) if coverage else ("freeze_coverage", "freeze_images"),
+                                  f"an option of the other --freeze_policy than {moe_args.freeze_policy}"))
+    if not moe_args.routing_report:
+        idle["routing_report_images"] = "--routing_report false writes no routing report"
+    if not adapter_args.adapter_config().noisy_gating:
+        idle["noisy_gating_eval"] = "--noisy_gating false adds no noise, in training or evaluation"
+    if ddas_args.ddas_threshold is not None:
+        idle["ddas_quantile"] = "--ddas_threshold gives the threshold the quantile would calibrate"
+    if adapter_args.selector_config().feature_extractor != "alexnet":
+        idle["ddas_alexnet_weights"] = "the DDAS features are CLIP's (--ddas_feature_extractor alexnet reads them)"
+    return idle
