@@ -48,6 +48,16 @@ def edit_config(edit, rerecord=True):
     return damage
 
 
+def edit_adapter_config(edit):
+    """An edit of the peft LoRA config beside the triggers (no hash covers it: PeftModel.from_pretrained reads it)."""
+    def damage(folder):
+        path = folder / "adapter_config.json"
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+    return damage
+
+
 def edit_tensors(file, edit):
     def damage(folder):
         tensors = load_file(str(folder / file))
@@ -143,6 +153,16 @@ DAMAGES = {
         r"adapter_model.safetensors is not the file that was saved: its sha256 differs"),
     "an edited base record": (edit_config(lambda h: h.update(base_weights={"sha256": "0" * 16})),
                               CONFIG + r"`base_weights` must be None or \{'sha256'"),
+    "a LoRA scale edited in the peft adapter config": (
+        edit_adapter_config(lambda c: c.update(lora_alpha=50)),
+        r"adapter_config.json gives lora_alpha=50, not the LoRA the save's factors were trained with \(lora_alpha=1\): "
+        r"PeftModel.from_pretrained on the folder would build another model"),
+    "other LoRA targets in the peft adapter config": (
+        edit_adapter_config(lambda c: c.update(target_modules=["fc1"], r=4)),
+        r"adapter_config.json gives r=4, target_modules=\['fc1'\], not the LoRA .* \(r=2, "
+        r"target_modules=\['fc1', 'fc2'\]\)"),
+    "no peft adapter config": (lambda f: (f / "adapter_config.json").unlink(),
+                               r"adapter_config.json is missing or not a JSON object: the ConDU save is incomplete"),
     "no text prototypes for fused voting": (without_text_means, r"holds no text prototypes \(text_mean\) for task\(s\) "
                                                                 r"\[0\], which condu_prototypes='fused' votes with"),
 }

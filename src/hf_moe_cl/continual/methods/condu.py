@@ -21,7 +21,7 @@ from ...condu import (CONFIG_FILE, PROTOTYPE_KINDS, UNIFY_RULES, Delta, DeltaSto
                       model_fingerprint, prototype_vectors, read_header, resolve_folder, save_folder, vote)
 from ...condu.lora import (draw_factors, factor_shapes, lora_config, lora_layers, lora_model, lora_scaling,
                            trained_factors, weight_delta)
-from ...files import FIX
+from ...files import FIX, read_json_file
 from ...options import check_option, short_repr
 from ...tuners.moe_lora.base_weights import base_weights_record, check_base, record_problem
 from .base import ContinualMethod
@@ -300,6 +300,7 @@ class ConDU(ContinualMethod):
                                  f"{textless}, which condu_prototypes='fused' votes with; use "
                                  "condu_prototypes='image'.")
         if self.lora:
+            self._check_adapter_config(Path(folder))
             expected = factor_shapes(self.model, self.arguments.lora_target_list, self.rank)
             if dict(store.shapes) != expected:
                 raise ValueError(f"The LoRA factors in {folder} do not fit this model's "
@@ -307,6 +308,33 @@ class ConDU(ContinualMethod):
                                  "trained from.")
         self.store = store
         self._deltas = {}
+
+
+    def _check_adapter_config(self, folder: Path) -> None:
+        """The save's adapter_config.json describes the LoRA its factors were trained with (the one `lora_config`
+        gives), so `PeftModel.from_pretrained` on the folder builds the model this loader does."""
+        path = folder / "adapter_config.json"
+        saved = read_json_file(path) if path.is_file() else None
+        expected = self.lora_config().to_dict()
+
+        def plain(value):
+            value = getattr(value, "value", value)  # peft_type: an enum in the config, a string in the file
+            return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path} is missing or not a JSON object: the ConDU save is incomplete. {FIX}")
+        differ = [key for key in SHAPING_LORA_KEYS if key in saved and plain(saved[key]) != plain(expected.get(key))]
+        if differ:
+            given = ", ".join(f"{key}={plain(saved[key])!r}" for key in differ)
+            trained = ", ".join(f"{key}={plain(expected.get(key))!r}" for key in differ)
+            raise ValueError(f"{path} gives {given}, not the LoRA the save's factors were trained with ({trained}): "
+                             f"PeftModel.from_pretrained on the folder would build another model. {FIX}")
+
+
+# the keys of a peft LoRA config that change the model it builds
+SHAPING_LORA_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "lora_dropout", "bias",
+                     "use_dora", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "modules_to_save",
+                     "rank_pattern", "alpha_pattern")
 
 
 def _saved_settings(folder: Path, header: dict) -> tuple[ConDUArguments, int]:
