@@ -212,6 +212,8 @@ def unused_options(experiment: ExperimentArguments, method_args: MethodArguments
         unused.update(dict.fromkeys(["ddas_reference", *ddas_options],
                                     "a DDAS option, and this run has no DDAS selector: that needs --ddas true and "
                                     "--method moe-adapters"))
+    if experiment.resume:
+        unused["overwrite_output_dir"] = "--resume continues the run in output_dir, which a new run would replace"
     if not (training.push_to_hub or experiment.hub_dry_run_dir):
         unused.update(dict.fromkeys(("hub_model_id", "hub_base_model", "hub_token", "hub_private_repo"),
                                     "nothing is published: that needs --push_to_hub true or --hub_dry_run_dir"))
@@ -270,6 +272,14 @@ def check_run(experiment: ExperimentArguments, method_args: MethodArguments, dda
     if dry_run is not None and (dry_run.resolve() == output or output in dry_run.resolve().parents):
         raise ValueError(f"--hub_dry_run_dir {dry_run} is output_dir or lies inside it, where the run writes its "
                          "checkpoints and reports; choose a folder outside output_dir.")
+    try:  # missing assets are named by the data check
+        assets = None if "assets_dir" in unused else assets_dir(experiment.assets_dir)
+    except AssetsNotFoundError:
+        assets = None
+    for option, folder in (("--data_dir", experiment.data_dir), ("--assets_dir", assets)):
+        if folder is not None and (output == Path(folder).resolve() or Path(folder).resolve() in output.parents):
+            raise ValueError(f"--output_dir {training.output_dir} lies inside {folder} ({option}), which the run reads "
+                             "its data from; choose an output_dir outside it.")
 
 
 def setup_logging(training: ContinualTrainingArguments, explicit: set[str] = frozenset()) -> None:

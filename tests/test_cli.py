@@ -66,6 +66,19 @@ def test_a_dry_run_folder_in_the_output_dir_is_refused_before_any_work(mtil, cap
     assert not out.exists()
 
 
+def test_an_output_dir_inside_the_data_the_run_reads_is_refused_before_any_work(mtil, capsys, tmp_path, no_work):
+    from hf_moe_cl.assets import assets_dir
+
+    data = tmp_path / "data"
+    for argv, read in ((["--preset", "mtil-order-1", "--data_dir", str(data)], lambda: data),
+                       (["--preset", "mini"], assets_dir)):  # the assets last: without them the test skips there
+        folder = read()
+        out = folder / "dtd" / "run"
+        err = refused(mtil, capsys, [*argv, "--method", "zero-shot", "--tasks", "dtd", "--output_dir", str(out)])
+        assert f"--output_dir {out} lies inside {folder} (--" in err and "choose an output_dir outside it" in err
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("output_dir, hub_model_id, repo_id", [
     ("out", "a/b/c", "a/b/c"), ("bad name", None, "bad name"), ("out", "me/run.", "me/run.")])
 def test_a_repo_id_the_hub_refuses_is_named_before_any_work(mtil, capsys, tmp_path, no_work, output_dir,
@@ -211,6 +224,8 @@ def test_example_refuses_abbreviated_flags_and_ddas_without_a_selector(tmp_path,
      "--ddas_quantile, --ddas_threshold gives the threshold the quantile would calibrate"),
     (["--preset", "mini", "--ddas", "true", "--ddas_alexnet_weights", "/nope.pth"],
      "--ddas_alexnet_weights, the DDAS features are CLIP's"),
+    (["--resume", "--overwrite_output_dir", "true"],
+     "--overwrite_output_dir, --resume continues the run in output_dir, which a new run would replace"),
 ])
 def test_options_the_run_does_not_use_are_refused_before_any_work(mtil, capsys, tmp_path, no_work, argv, message):
     for print_recipe in ([], ["--print_recipe"]):  # the recipe refuses what the run would
