@@ -474,6 +474,17 @@ def test_frozen_state_and_growth_no_training_writes_are_refused(grown_adapter, t
         PeftModel.from_pretrained(tiny_clip(), folder)
 
 
+@pytest.mark.parametrize("num_experts, message", [
+    (3, r"gives task 0 to experts after the bank's first 3 \(`num_experts`\): the first task trains on the whole bank"),
+    (5, r"gives tasks \[0, 0, 0, 0, 1\] to the bank's first 5 experts"),
+])
+def test_a_grown_adapters_num_experts_edited_is_refused(grown_adapter, tmp_path, num_experts, message):
+    """`num_experts` sizes every later growth and is no part of the settings hash: its bank's growth record tells."""
+    folder = edited(grown_adapter, tmp_path / "edited", config={"num_experts": num_experts})
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_clip(), folder)
+
+
 def test_a_task_that_froze_no_expert_loads_with_its_router_frozen(tmp_path):
     model = moe_model(init_weights=False)
     model.base_model.freeze_most_selected(0)  # no selections counted: no expert frozen, the router is

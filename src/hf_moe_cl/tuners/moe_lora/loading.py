@@ -139,6 +139,10 @@ def value_problem(key: str, value: torch.Tensor, num_tasks: int, num_experts: Op
         if name == EXPERT_TASK and num_experts is not None and bool(value[:num_experts].any()):
             return (f"gives tasks {value[:num_experts].tolist()} to the bank's first {num_experts} experts "
                     f"(`num_experts`), which it had before any growth: every task router selects them, so they are 0")
+        if name == EXPERT_TASK and num_experts is not None and not bool(value[num_experts:].all()):
+            return (f"gives task 0 to experts after the bank's first {num_experts} (`num_experts`): the first task "
+                    "trains on the whole bank and never grows it, so an added expert belongs to a later task (was "
+                    "`num_experts` edited in adapter_config.json?)")
     if name == ROUTER_FROZEN and value.dtype != torch.bool:
         return f"has dtype {value.dtype}; it holds booleans (one per task router)"
     return None
