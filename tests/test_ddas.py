@@ -131,6 +131,21 @@ def test_folder_without_selector_loads_for_task_aware_use(tmp_path, clip_inputs)
         TaskAgnosticClassifier(loaded, None)
 
 
+def test_a_selector_with_no_trained_task_is_refused_not_sent_to_the_untouched_clip():
+    """A method asked for DDAS whose selector never fitted, or a selector with its reference alone: no image could
+    go to a task, so the classifier is refused where it would send every image to the untouched CLIP."""
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+
+    unfitted = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
+    unfitted.base_model.enable_selector(SelectorConfig(feature_dim=16))
+    reference_only = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=4, r=4))
+    reference_only.base_model.enable_selector(SelectorConfig(feature_dim=16)).trained[0] = True
+    for model in (MoEAdapters(unfitted, ddas=DDASArguments(ddas=True)), reference_only):
+        with pytest.raises(ValueError, match="needs a model that learned a task: this one's selector .* holds no "
+                                             "trained task, so every image would go to the untouched CLIP"):
+            TaskAgnosticClassifier(model, None)
+
+
 def test_selector_is_part_of_the_adapter_state_and_copies(ddas_run, clip_inputs):
     model, _, _, tmp_path = ddas_run
     selector = model.base_model.selector

@@ -116,13 +116,19 @@ def test_the_pipeline_loader_passes_the_subfolder_on(tmp_path):
 
 
 # ----- TaskAgnosticClassifier.classify checks its inputs -------------------------------------------------------------
+def selecting_model():
+    """A MoE-LoRA model whose selector (its autoencoders as drawn) has the reference and task 0 trained."""
+    model = moe_model()
+    model.base_model.enable_selector(SelectorConfig(feature_dim=model.config.projection_dim)).trained[:2] = True
+    model.base_model.set_task_info(0, "colours", ["red", "green"], ["a photo of a {}."])
+    return model
+
+
 @pytest.fixture(scope="module")
 def agnostic_classifier(module_processor):
-    from hf_moe_cl import SelectorConfig, TaskAgnosticClassifier
+    from hf_moe_cl import TaskAgnosticClassifier
 
-    model = moe_model()
-    model.base_model.enable_selector(SelectorConfig(feature_dim=model.config.projection_dim)).trained[0] = True
-    return TaskAgnosticClassifier(model, module_processor)
+    return TaskAgnosticClassifier(selecting_model(), module_processor)
 
 
 @pytest.mark.parametrize("labels, pixels, templates, message", [
@@ -152,8 +158,7 @@ def test_classify_of_an_empty_batch_is_an_empty_list(agnostic_classifier):
 @pytest.fixture(scope="module")
 def both_paths(module_processor):
     """(classifier, pipeline) over one MoE-LoRA model whose selector routes images."""
-    model = moe_model()
-    model.base_model.enable_selector(SelectorConfig(feature_dim=model.config.projection_dim)).trained[0] = True
+    model = selecting_model()
     return TaskAgnosticClassifier(model, module_processor), pipeline(TASK, model=model, processor=module_processor)
 
 
@@ -208,12 +213,31 @@ def test_a_channels_first_tensor_image_reads_as_the_same_array(both_paths):
         classifier([Image.fromarray(array)], candidate_labels=["cat", "dog"])
 
 
-def test_one_image_not_in_a_list_or_a_missing_image_is_named(both_paths):
-    classifier, _ = both_paths
-    with pytest.raises(ValueError, match=r"`images` must be a list of images, got one Image: pass \[image\]"):
-        classifier(Image.new("RGB", (8, 8)), candidate_labels=["cat"])
+def test_one_image_not_in_a_list_or_a_missing_image_is_named(both_paths, tmp_path):
+    classifier, classify = both_paths
+    for images, kind in ((Image.new("RGB", (8, 8)), "Image"), (None, "NoneType"), ((i for i in []), "generator")):
+        with pytest.raises(ValueError, match=rf"`images` must be a list of images, got {kind}: pass \[image\] for one, "
+                                             r"list\(images\) for a generator"):
+            classifier(images, candidate_labels=["cat"])
     with pytest.raises(TypeError, match=r"got NoneType: drop or replace missing images \(None\)"):
         classifier([None], candidate_labels=["cat"])
+    missing = tmp_path / "no_such.png"
+    for image in (missing, str(missing)):  # a path, given as text or as a Path
+        with pytest.raises(FileNotFoundError, match=rf"The image file {missing} does not exist: check the path"):
+            classifier([image], candidate_labels=["cat"])
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.png")
+    assert classifier([tmp_path / "red.png"], candidate_labels=["cat"]) == \
+        classifier([str(tmp_path / "red.png")], candidate_labels=["cat"])
+    with pytest.raises(ValueError, match=r"An array image of shape \(5,\) and dtype uint8 is not one PIL reads"):
+        classifier([np.zeros(5, dtype=np.uint8)], candidate_labels=["cat"])
+
+
+def test_an_empty_batch_gives_an_empty_list_with_its_labels_checked_by_both_paths(both_paths):
+    classifier, classify = both_paths
+    assert classifier([], candidate_labels=["cat"]) == classify([], candidate_labels=["cat"], batch_size=4) == []
+    for call in (classifier, classify):
+        with pytest.raises(ValueError, match="`candidate_labels` must be a list of class names"):
+            call([], candidate_labels="cat")
 
 
 def test_candidate_labels_the_tokenizer_cannot_tell_apart_are_refused(both_paths):

@@ -59,10 +59,19 @@ def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optio
     return model
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
 def read_image(image: Any, timeout: Optional[float] = None) -> Image.Image:
     """One image as the classifier and the pipeline take it (a PIL image, an array, a local path, an http(s) URL,
     base64), as 8-bit RGB with the conversion training uses (`to_rgb`: 16-bit, float, transparent images)."""
-    if isinstance(image, str) and image.startswith(("http://", "https://")):
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
+    url = isinstance(image, str) and image.startswith(("http://", "https://"))
+    if isinstance(image, str) and not url and not os.path.isfile(image) and image.lower().endswith(IMAGE_SUFFIXES):
+        raise FileNotFoundError(f"The image file {image} does not exist: check the path (relative to "
+                                f"{os.getcwd()}).")
+    if url:
         try:
             with urllib.request.urlopen(image, timeout=timeout) as response:
                 content = response.read()
@@ -98,6 +107,11 @@ class TaskAgnosticClassifier:
                              "model with a trained DDAS selector (ContinualTrainer with DDASArguments(ddas=True)) "
                              "or a trained ConDU.")
         self.tasks = method.learned_tasks()
+        if not self.tasks:
+            raise ValueError("TaskAgnosticClassifier needs a model that learned a task: this one's selector (or "
+                             "ConDU store) holds no trained task, so every image would go to the untouched CLIP. "
+                             "Train tasks first (ContinualTrainer.train_tasks) or load a trained adapter; for the "
+                             "untouched CLIP on purpose use the base CLIPModel.")
         self.method, self.processor = method, processor
         self.device = next(method.model.parameters()).device
         method.model.eval()
@@ -127,22 +141,29 @@ class TaskAgnosticClassifier:
                  templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
         """One dict per image (see `read_image`): `label`, `score` (softmax over the label set used) and `task` (None:
         zero-shot)."""
-        if isinstance(images, (str, Image.Image)):
-            raise ValueError(f"`images` must be a list of images, got one {type(images).__name__}: pass [image].")
+        if isinstance(images, (str, os.PathLike, Image.Image)) or not hasattr(images, "__len__"):
+            raise ValueError(f"`images` must be a list of images, got {type(images).__name__}: pass [image] for one, "
+                             "list(images) for a generator.")
         if len(images) == 0:
+            self.check_labels(candidate_labels, templates)
             return []
         pixels = self.processor.image_processor(images=[read_image(image) for image in images],
                                                 return_tensors="pt")["pixel_values"]
         return self.classify(pixels, candidate_labels, templates)
 
-    @torch.no_grad()
-    def classify(self, pixels: torch.Tensor, candidate_labels: Optional[Sequence[str]] = None,
-                 templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
-        """As `__call__`, for a batch of CLIP pixel values."""
+    def check_labels(self, candidate_labels: Optional[Sequence[str]] = None,
+                     templates: Sequence[str] = ("a photo of a {}.",)) -> None:
+        """The zero-shot label set of a call, checked whatever the images (an empty batch too)."""
         if candidate_labels is not None:
             check_label_space(candidate_labels, templates, "The zero-shot label set", "candidate_labels")
             check_prompt_tokens(self.processor.tokenizer, list(candidate_labels), list(templates),
                                 "The zero-shot label set")
+
+    @torch.no_grad()
+    def classify(self, pixels: torch.Tensor, candidate_labels: Optional[Sequence[str]] = None,
+                 templates: Sequence[str] = ("a photo of a {}.",)) -> list[dict]:
+        """As `__call__`, for a batch of CLIP pixel values."""
+        self.check_labels(candidate_labels, templates)
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.dtype.is_floating_point:
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"`pixels` must be a floating-point tensor (batch, channels, height, width) of CLIP pixel "

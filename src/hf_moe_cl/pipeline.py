@@ -70,6 +70,14 @@ class TaskAgnosticImageClassificationPipeline(Pipeline):
         processor = CLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
         self.classifier = TaskAgnosticClassifier(getattr(self.model, METHOD_ATTRIBUTE, self.model), processor)
 
+    def __call__(self, images, **kwargs):
+        """As `Pipeline.__call__`; an empty list gives [] (its labels checked), as the classifier does."""
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            options = {k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")}
+            self.classifier.check_labels(**self._sanitize_parameters(**options)[1])
+            return []
+        return super().__call__(images, **kwargs)
+
     def _sanitize_parameters(self, candidate_labels: Optional[Sequence[str]] = None,
                              hypothesis_template: Union[str, Sequence[str], None] = None, timeout=None):
         preprocess, forward = {}, {}

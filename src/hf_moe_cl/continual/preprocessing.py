@@ -24,6 +24,8 @@ def to_rgb(image: Any) -> Image.Image:
         image = (image.permute(1, 2, 0) if image.dim() == 3 else image).numpy(force=True)
     if isinstance(image, np.ndarray):
         try:
+            if image.ndim not in (2, 3):  # PIL would read a 1-D array as a one-row image
+                raise TypeError
             image = Image.fromarray(image)
         except TypeError:  # PIL: "Cannot handle this data type"
             raise ValueError(f"An array image of shape {image.shape} and dtype {image.dtype} is not one PIL reads: give "
