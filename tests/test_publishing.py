@@ -278,3 +278,23 @@ def test_a_card_of_another_runs_tasks_is_refused(ddas_run, tmp_path):
         assert not dry.exists()
     publishing.push_to_hub(model, "me/run", result, tasks=tasks, dataset_ids={"first": "me/data"},
                            dry_run_dir=tmp_path / "ok")
+    # the model's own tasks, in another order, a first part of them, or with other classes: still another run
+    recoloured = [tasks[0], dataclasses.replace(tasks[1], classnames=list(reversed(tasks[1].classnames)))]
+    for i, wrong in enumerate((tasks[::-1], tasks[:1], recoloured)):
+        with pytest.raises(ValueError, match=r"`tasks` \[.*\] are not the last task\(s\) this model learned, in "
+                                             r"order and with their class names"):
+            publishing.push_to_hub(model, "me/run", result, tasks=wrong, dry_run_dir=tmp_path / f"wrong{i}")
+    publishing.push_to_hub(model, "me/run", tasks=tasks[1:], dry_run_dir=tmp_path / "last")  # a continued run's
+
+
+def test_the_card_gives_each_metric_its_evaluated_cells_allow_as_all_results_does(ddas_run, tmp_path):
+    """Upper cells not evaluated: no Transfer or Average, but Last, in the card as in all_results.json."""
+    from hf_moe_cl.continual.card import model_card
+    from hf_moe_cl.continual.result import ContinualResult
+
+    model, tasks, _, _ = ddas_run
+    result = ContinualResult(["first", "second"], {"protocol": [[81.0, None], [70.0, 90.0]]})
+    assert result.all_results() == {"headline_matrix": "protocol", "protocol_last": 80.0, "protocol_bwt": -11.0}
+    card = str(model_card(model, local_dir=tmp_path, result=result, tasks=tasks))
+    assert "Headline, from the `protocol` matrix" in card and "Last 80.0." in card
+    assert "| - | - | 80.0 | -11.0 |" in card

@@ -192,7 +192,8 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
     dataset_ids = {task: checked_hub_id(dataset, f"The dataset id of {task!r}")
                    for task, dataset in (dataset_ids or {}).items()}
     moe = find_moe(method.model)
-    learned = [info["name"] for info in (moe.task_info if moe is not None else method.learned_tasks().values()) if info]
+    infos = [info for info in (moe.task_info if moe is not None else method.learned_tasks().values()) if info]
+    learned = [info["name"] for info in infos]
     known = learned or [task for task, _ in records]
     for argument, names in (("result", result.task_names if result is not None and learned else []),
                             ("tasks", [task.name for task in tasks or []] if learned else []),
@@ -201,6 +202,11 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
         if unknown:
             raise ValueError(f"`{argument}` names task(s) {unknown} that are not this model's (it learned {known}): "
                              "the card would describe another run. Pass those of this model's run.")
+    last = [(info["name"], list(info.get("classnames") or [])) for info in infos][-len(tasks):] if tasks else []
+    if learned and [(task.name, list(task.classnames)) for task in tasks or []] != last:
+        raise ValueError(f"`tasks` {[task.name for task in tasks]} are not the last task(s) this model learned, in "
+                         f"order and with their class names ({[name for name, _ in last]}): the card would describe "
+                         "another run. Pass the run's tasks as it trained them, or none (the model records them).")
     name = repo_id.split("/")[-1] if repo_id is not None else Path(local_dir).resolve().name
     license_ = base_license(base)
     # no pipeline_tag: the Hub's zero-shot-image-classification widget and pipeline would load the base CLIP alone

@@ -57,7 +57,7 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
                  route_histogram: Optional[Sequence] = None) -> dict[str, float]:
     """One matrix into `output_dir`: accuracy_matrix.{json,csv,png} and metrics.md (Transfer / Average / Last /
     BWT and the drop per task), plus route_selection.{json,png} when `route_histogram` (stage x task x route
-    counts) is given. Returns Transfer / Average / Last (empty if some cell was not evaluated)."""
+    counts) is given. Returns Transfer / Average / Last (those whose cells were evaluated)."""
     output_dir = Path(output_dir)
     names = list(names)
     metrics, lost = matrix_summary(names, matrix)
