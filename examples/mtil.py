@@ -265,6 +265,8 @@ def check_run(experiment: ExperimentArguments, method_args: MethodArguments, dda
     if training.push_to_hub or experiment.hub_dry_run_dir:
         checked_hub_id(hub_repo_id(training), "--hub_model_id (else output_dir's name)")
     dry_run = Path(experiment.hub_dry_run_dir) if experiment.hub_dry_run_dir else None
+    if dry_run is not None and dry_run.is_symlink():
+        raise ValueError(f"--hub_dry_run_dir {dry_run} is a symbolic link; give the folder itself or a new path.")
     if dry_run is not None and dry_run.exists() and (not dry_run.is_dir() or any(dry_run.iterdir())):
         raise ValueError(f"--hub_dry_run_dir {dry_run} exists and is not an empty folder; choose a new folder or "
                          "remove it first.")

@@ -55,6 +55,14 @@ def test_a_dry_run_folder_that_holds_files_is_refused_before_any_work(mtil, caps
     assert not (tmp_path / "out").exists() and [p.name for p in full.iterdir()] == ["old.txt"]
 
 
+def test_a_dry_run_folder_behind_a_symbolic_link_is_refused_before_any_work(mtil, capsys, tmp_path, no_work):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    err = refused(mtil, capsys, ["--method", "zero-shot", "--tasks", "dtd", "--output_dir", str(tmp_path / "out"),
+                                 "--hub_dry_run_dir", str(tmp_path / "link")])
+    assert f"--hub_dry_run_dir {tmp_path / 'link'} is a symbolic link; give the folder itself" in err
+
+
 @pytest.mark.parametrize("inside", [".", "task-00-dtd", "oracle/upload"])
 def test_a_dry_run_folder_in_the_output_dir_is_refused_before_any_work(mtil, capsys, tmp_path, no_work, inside):
     """The run writes its checkpoints and reports there: found after training, the upload would fail and be lost."""

@@ -47,3 +47,17 @@ def test_a_safetensors_file_of_every_common_dtype_passes_the_check(tmp_path):
                "fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
     save_file(tensors, str(tmp_path / "ok.safetensors"))
     check_safetensors_file(tmp_path / "ok.safetensors")  # no false refusal
+
+
+@pytest.mark.parametrize("target", ["real", "nowhere"])
+def test_an_atomic_folder_behind_a_symbolic_link_is_refused_and_nothing_is_left(tmp_path, target):
+    """Replacing the path would replace the link (writing nothing where it points) and fail on cleanup."""
+    from hf_moe_cl.files import atomic_folder
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / target)
+    with pytest.raises(ValueError, match=rf"link is a symbolic link \(to {tmp_path / target}\); give the folder "
+                                         r"itself or a new path"):
+        with atomic_folder(tmp_path / "link"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"] and not any((tmp_path / "real").iterdir())

@@ -92,6 +92,8 @@ def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Pat
     `path` is moved aside first and deleted after, so a crash leaves the old folder, the new one or, for an instant,
     neither, never a mixture); on failure `path` is untouched. `replace=False` refuses a `path` holding files."""
     path = Path(path)
+    if path.is_symlink():  # replacing it would replace the link, not the folder, and write nothing where it points
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); give the folder itself or a new path.")
     if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty folder; choose a new folder or remove it first.")
     path.parent.mkdir(parents=True, exist_ok=True)
