@@ -205,6 +205,17 @@ def test_the_peft_usage_code_of_a_task_aware_card_loads_the_published_adapter(tm
 INJECTION = '")\nimport os; os.system("echo PWNED")  #'
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("private", "false", "`private` must be a boolean"), ("token", 123, "token must be a Hugging Face token"),
+    ("commit_message", None, "`commit_message` must be"),
+])
+def test_upload_options_of_another_type_are_refused_in_a_dry_run_too(option, value, message, tmp_path):
+    """A dry run rehearses the upload: the string "false" would have made the repo private."""
+    with pytest.raises(ValueError, match=message):
+        publishing.push_to_hub(method_for_model(tiny_clip()), "me/x", dry_run_dir=tmp_path / "dry", **{option: value})
+    assert not (tmp_path / "dry").exists()
+
+
 @pytest.mark.parametrize("repo_id", ["a/b/c", "me/tâche", INJECTION])
 def test_a_repo_id_the_hub_refuses_is_refused_in_a_dry_run_too(repo_id, tmp_path):
     method = method_for_model(tiny_clip())

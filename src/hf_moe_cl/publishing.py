@@ -17,6 +17,7 @@ from .continual.card import as_method, model_card
 from .continual.methods import ContinualMethod
 from .continual.result import ContinualResult
 from .files import atomic_folder
+from .options import check_option
 from .legacy import moved_names
 from .tuners.moe_lora.card import hub_id
 
@@ -60,6 +61,11 @@ def push_to_hub(method_or_model, repo_id: str, result: Optional[ContinualResult]
     card and in the uploaded folder, so that loading the repo finds it; `training_args` and `dataset_ids` (task name
     -> Hub dataset id) go into the card (see `model_card`).
     """
+    check_option("private", private, bool)
+    check_option("commit_message", commit_message, str)
+    if token is not None and not isinstance(token, (str, bool)):
+        raise ValueError(f"token must be a Hugging Face token (a string), True (the saved login) or None, got "
+                         f"{type(token).__name__}.")
     if base_model is not None and hub_id(base_model) is None:
         raise ValueError(f"base_model must be the Hub id of the base model (e.g. openai/clip-vit-base-patch16), not "
                          f"{base_model!r}: a published repo is loaded on it.")
