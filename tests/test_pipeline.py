@@ -232,6 +232,12 @@ def test_one_image_not_in_a_list_or_a_missing_image_is_named(both_paths, tmp_pat
         classifier([np.zeros(5, dtype=np.uint8)], candidate_labels=["cat"])
 
 
+def test_a_hypothesis_template_that_is_no_text_is_refused(both_paths):
+    _, classify = both_paths
+    with pytest.raises(ValueError, match="hypothesis_template must be a template with {} or a list of them, got int"):
+        classify([Image.new("RGB", (8, 8))], candidate_labels=["cat"], hypothesis_template=3)
+
+
 def test_an_empty_batch_gives_an_empty_list_with_its_labels_checked_by_both_paths(both_paths):
     classifier, classify = both_paths
     assert classifier([], candidate_labels=["cat"]) == classify([], candidate_labels=["cat"], batch_size=4) == []

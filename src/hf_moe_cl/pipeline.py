@@ -86,8 +86,11 @@ class TaskAgnosticImageClassificationPipeline(Pipeline):
         if candidate_labels is not None:
             forward["candidate_labels"] = candidate_labels  # checked by the classifier: a string is refused
         if hypothesis_template is not None:
-            templates = [hypothesis_template] if isinstance(hypothesis_template, str) else list(hypothesis_template)
-            forward["templates"] = templates
+            if not isinstance(hypothesis_template, (str, list, tuple)):
+                raise ValueError(f"hypothesis_template must be a template with {{}} or a list of them, got "
+                                 f"{type(hypothesis_template).__name__}.")
+            forward["templates"] = ([hypothesis_template] if isinstance(hypothesis_template, str)
+                                    else list(hypothesis_template))  # each checked by the classifier
         return preprocess, forward, {}
 
     def preprocess(self, image, timeout=None):
