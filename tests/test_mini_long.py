@@ -37,6 +37,21 @@ def test_class_groups_cut_consecutive_labels_and_refuse_too_few_classes():
     assert [list(g) for g in class_groups(10, 5)] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     with pytest.raises(ValueError, match="3 classes cannot be cut into 5 groups"):
         class_groups(3, 5)
+    with pytest.raises(ValueError, match="`groups` must be an integer >= 1, got 0"):
+        class_groups(10, 0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rounds=0), "`rounds` must be an integer >= 1, got 0"),
+    (dict(rounds=-1), "`rounds` must be an integer >= 1, got -1"),
+    (dict(names=[]), r"mini-long has no task\(s\) \['\(none\)'\]"),
+    (dict(names=["dtd-1", "dtd-1"]), r"mini-long got the task\(s\) \['dtd-1'\] twice"),
+    (dict(names=["dtd-1"], eval_images=0), "`eval_images` must be None or an integer >= 1, got 0"),
+    (dict(names=["dtd-1"], eval_images=-1), "`eval_images` must be None or an integer >= 1, got -1"),
+])
+def test_mini_long_tasks_refuse_no_rounds_no_names_repeated_names_and_no_test_images(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mini_long_tasks(assets_dir(), **kwargs)
 
 
 def test_split_is_disjoint_relabelled_and_keeps_each_datasets_templates(long_tasks):

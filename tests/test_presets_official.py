@@ -178,3 +178,15 @@ def test_tinyimagenet_class_incremental_presets_print_the_official_recipe(name, 
     assert (preset.dataset, list(preset.class_order), preset.initial_increment, preset.increment, preset.template) == (
         "tinyimagenet", TINYIMAGENET_CLASS_ORDER, official["initial_increment"], increment, official["prompt_template"])
     assert preset.num_steps == 1 + 100 // increment  # the base task, then 5, 10 or 20 steps
+
+
+@pytest.mark.parametrize("initial_increment, increment, match", [
+    (200, 10, r"`initial_increment` must be an integer in \[1, 100\], got 200"),
+    (0, 10, r"`initial_increment` must be an integer in \[1, 100\], got 0"),
+    (10, -5, r"`increment` must be an integer >= 1, got -5"),
+    (10, 0, r"`increment` must be an integer >= 1, got 0"),
+    (10, 7, r"`increment`=7 does not divide the 90 classes"),
+])
+def test_a_class_incremental_preset_of_uneven_or_no_steps_is_refused_when_made(initial_increment, increment, match):
+    with pytest.raises(ValueError, match=match):
+        ClassIncrementalPreset("custom", initial_increment, increment)

@@ -187,3 +187,71 @@ def test_task_names_stay_text_in_metrics_md(tmp_path):
         cells = [{len(re.findall(r"(?<!\\)\|", row)) for row in table.strip().splitlines()} for table in tables]
         assert [len(counts) for counts in cells if counts] == [1, 1, 1]  # metrics, drop per task, route selection
     assert r"| \*\*bold\*\* | 0.0 | 0.0 | 0.0 | 100.0 | 100.0 |" in (tmp_path / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=-2), r"`steps` must be an integer >= 1, got -2"),
+    (dict(steps=True), r"`steps` must be an integer >= 1, got True"),
+    (dict(initial_increment=12, increment=2), r"`initial_increment` must be an integer in \[1, 10\], got 12"),
+    (dict(initial_increment=0, increment=2), r"`initial_increment` must be an integer in \[1, 10\], got 0"),
+    (dict(initial_increment=4, increment=0), r"`increment` must be an integer >= 1, got 0"),
+    (dict(initial_increment=4, increment=-1), r"`increment` must be an integer >= 1, got -1"),
+    (dict(initial_increment=4, increment=4), r"`increment`=4 does not divide the 6 classes left .* would have 2"),
+    (dict(initial_increment=4), r"`initial_increment`=4 and `increment`=None: pass both"),
+    (dict(steps=2, increment=3), r"`initial_increment`=None and `increment`=3: pass both"),
+    (dict(steps=5, initial_increment=4, increment=2), r"`steps`=5 disagrees .* into 4 steps"),
+    (dict(steps=2, seed=None), r"`seed` must be an integer, got None"),
+    (dict(steps=2, seed="1993"), r"`seed` must be an integer, got '1993'"),
+    (dict(steps=2, seed=True), r"`seed` must be an integer, got True"),
+])
+def test_class_incremental_tasks_refuse_steps_continuum_refuses(kwargs, match):
+    data = labelled([c for c in range(10) for _ in range(2)])
+    with pytest.raises(ValueError, match=match):
+        class_incremental_tasks(data, data, [f"c{i}" for i in range(10)], **kwargs)
+
+
+def test_class_incremental_tasks_take_consistent_steps_and_a_one_step_scenario():
+    data = labelled(list(range(10)))
+    names = [f"c{i}" for i in range(10)]
+    steps = class_incremental_tasks(data, data, names, steps=4, initial_increment=4, increment=2)
+    assert [len(s.train_classes) for s in steps] == [4, 2, 2, 2]
+    # continuum: (10 - 10) / increment = 0 more steps, one step of every class
+    assert [len(s.train_classes) for s in class_incremental_tasks(data, data, names, initial_increment=10,
+                                                                  increment=3)] == [10]
+
+
+def test_few_shot_subset_refuses_fractional_shots_and_a_seed_that_is_not_an_int():
+    data = labelled([0] * 4 + [1] * 4)
+    for shots in (2.5, True):
+        with pytest.raises(ValueError, match=rf"`shots` must be a positive integer \(.*\), got {shots}"):
+            few_shot_subset(data, shots, 0)
+    with pytest.raises(ValueError, match="`seed` must be an integer, got None"):
+        few_shot_subset(data, 2, None)
+
+
+@pytest.mark.parametrize("few_shot", [2.5, True, -1])
+def test_mtil_task_refuses_shots_that_are_not_a_count_before_reading_data(few_shot, tmp_path):
+    from hf_moe_cl.experiments.datasets import mtil_task
+    with pytest.raises(ValueError, match=rf"`few_shot` must be None or an integer >= 0, got {few_shot}"):
+        mtil_task("mnist", data_dir=tmp_path / "absent", few_shot=few_shot)
+
+
+def test_class_incremental_metrics_refuse_what_is_not_a_percentage():
+    from hf_moe_cl.experiments.metrics import class_incremental_metrics
+    for bad in ([150.0], [-5.0], [float("nan"), 10.0], [None, 50.0], [True]):
+        with pytest.raises(ValueError, match=r"Accuracy after step 0 is .*percentages in \[0, 100\]"):
+            class_incremental_metrics(bad)
+    with pytest.raises(ValueError, match="`step_accuracies` must be a list"):
+        class_incremental_metrics("90")
+    assert class_incremental_metrics([0, 100.0]) == {"average": 50.0, "last": 100.0}
+
+
+def test_a_preset_of_zero_shots_is_full_shot_in_its_recipe_too():
+    from hf_moe_cl.continual.methods import DDASArguments
+    from hf_moe_cl.experiments.presets import PRESETS, MTILPreset
+    from hf_moe_cl.experiments.recipes import apply_recipe
+    zero = MTILPreset("fewshot-zero", tuple(MTIL_ORDER_I), 500, shots=0, ddas_threshold=0.06)
+    [ddas] = apply_recipe(zero, [DDASArguments()], set())
+    assert (ddas.ddas_reference_shots, ddas.ddas_augment_once) == (None, False)
+    [ddas] = apply_recipe(PRESETS["fewshot-mtil-order-1"], [DDASArguments()], set())
+    assert (ddas.ddas_reference_shots, ddas.ddas_augment_once) == (5, True)

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 from datasets import Dataset
 
+from ..options import check_option
+
 
 def random_split_indices(num_examples: int, train_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """The indices `torch.utils.data.random_split(range(n), [int(f * n), n - int(f * n)], generator=
@@ -38,8 +40,9 @@ def few_shot_subset(dataset: Dataset, shots: int, seed: int = 0) -> Dataset:
     """The first `shots` examples of every class met in one pass of a seeded shuffle, as the official code keeps the
     first `shots` per class of one pass of its shuffled training loader after `seed_all(42)` (finetune.py lines
     39-50). The draw has the same law; the images differ, as torch's DataLoader shuffle cannot be replayed here."""
-    if shots < 1:
-        raise ValueError(f"shots must be a positive number of examples per class, got {shots}.")
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"`shots` must be a positive integer (examples per class), got {shots!r}.")
+    check_option("seed", seed, int)
     labels = dataset["label"]
     counts: dict[int, int] = {}
     chosen = []

@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Union
 from ..continual.tasks import ContinualTask
 from ..data.sources import load_splits
 from ..data.splits import few_shot_subset
+from ..options import check_option
 
 RECIPES = ("moe-adapters", "moe-adapters-few-shot", "condu-lora", "condu-full", "condu-lora-few-shot",
            "condu-full-few-shot")
@@ -226,11 +227,13 @@ def mtil_task(name: str, data_dir: Union[None, str, os.PathLike] = None, hub: Un
               few_shot: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None) -> ContinualTask:
     """One MTIL dataset as the official code builds it: official class names and templates, its split rule, and the
     official learning rates per recipe (with `few_shot`, the few-shot ones under each method's recipe name).
+    `few_shot` None or 0 is the whole training split, as the official `args.few_shot > 0` rule.
 
     Read from torchvision folders under `data_dir` if given, else from the Hub copy `hub` (default: the spec's).
     """
     if name not in MTIL_DATASETS:  # a public function: a caller outside the presets gets the names too
         raise ValueError(f"Unknown MTIL dataset {name!r}; choose one of {', '.join(MTIL_DATASETS)}.")
+    check_option("few_shot", few_shot, int, low=0, optional=True)
     spec = MTIL_DATASETS[name]
     train, test = load_splits(spec, data_dir=data_dir, hub=None if data_dir else hub_source(spec, hub),
                               cache_dir=cache_dir)

@@ -9,7 +9,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from datasets import ClassLabel, Dataset
 
@@ -17,6 +17,7 @@ from ..assets import MINI_MTIL, assets_dir as resolve_assets
 from ..continual.tasks import ContinualTask
 from ..data.sources import load_splits
 from ..data.splits import seeded_rows
+from ..options import check_option
 from .datasets import CIL_DATASETS, MTIL_ORDER_I, MTIL_ORDER_II, HubSource, hub_source, mtil_task
 from .mini_hub import MINI_HUB_CLIP, mini_hub_tasks
 
@@ -38,11 +39,13 @@ MINI_LONG_EVAL_IMAGES = 100
 
 def mini_long_names(rounds: int = MINI_LONG_ROUNDS) -> list[str]:
     """The mini-long task names in their order: `<dataset>-<group>`, round by round."""
+    check_option("rounds", rounds, int, low=1)
     return [f"{name}-{group}" for group in range(1, rounds + 1) for name in MINI_TASKS]
 
 
 def class_groups(num_classes: int, groups: int) -> list[range]:
     """`num_classes` labels cut into `groups` runs of consecutive labels, the last taking the remainder."""
+    check_option("groups", groups, int, low=1)
     size = num_classes // groups
     if size < 1:
         raise ValueError(f"{num_classes} classes cannot be cut into {groups} groups of at least one class.")
@@ -73,10 +76,9 @@ def mini_long_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] 
                     rounds: int = MINI_LONG_ROUNDS, eval_images: Optional[int] = MINI_LONG_EVAL_IMAGES
                     ) -> list[ContinualTask]:
     """The mini-long tasks (all, or `names` in that order): the mini-MTIL datasets cut by classes (see above)."""
-    names = list(names or mini_long_names(rounds))
-    unknown = sorted(set(names) - set(mini_long_names(rounds)))
-    if unknown:
-        raise ValueError(f"mini-long has no task(s) {unknown}; its tasks are {', '.join(mini_long_names(rounds))}.")
+    names = mini_long_names(rounds) if names is None else list(names)
+    check_names("mini-long", mini_long_names(rounds), names)
+    check_option("eval_images", eval_images, int, low=1, optional=True)
     datasets = {name.rsplit("-", 1)[0] for name in names}
     whole = dict(zip(sorted(datasets), mini_mtil_tasks(assets, sorted(datasets))))
     tasks = []
@@ -146,10 +148,26 @@ class ClassIncrementalPreset:
     top_k: int = 2
     noisy_gating_eval: bool = True  # cil/clip/model.py lines 15, 288, 398-422: noise stays on in evaluation
 
+    def __post_init__(self):
+        check_increments(len(self.class_order), self.initial_increment, self.increment)
+
     @property
     def num_steps(self) -> int:
-        rest = len(self.class_order) - self.initial_increment
-        return 1 + -(-rest // self.increment)
+        return check_increments(len(self.class_order), self.initial_increment, self.increment)
+
+
+def check_increments(num_classes: int, initial_increment: int, increment: int) -> int:
+    """The number of steps that `num_classes` classes cut into `initial_increment`, then `increment` per step, make;
+    refused as continuum's ClassIncremental (the official CIL code's scenarios) refuses it when the later steps
+    would not all have `increment` classes. `initial_increment` equal to `num_classes` is one step, as there."""
+    check_option("initial_increment", initial_increment, int, low=1, high=num_classes)
+    check_option("increment", increment, int, low=1)
+    rest = num_classes - initial_increment
+    if rest % increment:
+        raise ValueError(f"`increment`={increment} does not divide the {rest} classes left after `initial_increment`="
+                         f"{initial_increment} of {num_classes}: the last step would have {rest % increment} "
+                         f"(continuum refuses such steps too). Choose an increment that divides {rest}.")
+    return 1 + rest // increment
 
 
 PRESETS: dict[str, Union[MTILPreset, ClassIncrementalPreset]] = {preset.name: preset for preset in (
@@ -194,21 +212,32 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
                             seed: int = 1993, class_order: Optional[list[int]] = None,
                             initial_increment: Optional[int] = None, increment: Optional[int] = None,
                             templates: Optional[list[str]] = None) -> list[ContinualTask]:
-    """Split a dataset's classes into steps: `class_order` (default: shuffled with `seed`), cut into
-    `initial_increment` then `increment` classes (default: `steps` equal groups). Labels become positions in the
-    class order, as the official CIL code does; step s trains on its own classes (`train_classes`: its loss covers
-    only them) and is evaluated on the test images of every class seen so far, among all those class names."""
+    """Split a dataset's classes into steps: `class_order` (default: shuffled with `seed`, an int), cut into
+    `initial_increment` then `increment` classes (both or neither; see `check_increments`), else into `steps` equal
+    groups (`steps` with the increments must count the steps they make). Labels become positions in the class
+    order, as the official CIL code does; step s trains on its own classes (`train_classes`: its loss covers only
+    them) and is evaluated on the test images of every class seen so far, among all those class names."""
+    check_option("seed", seed, int)
     order = list(class_order) if class_order is not None else list(range(len(classnames)))
     if class_order is None:
         random.Random(seed).shuffle(order)
     if sorted(order) != list(range(len(classnames))):
         raise ValueError(f"class_order must list each of the {len(classnames)} classes once.")
+    if (initial_increment is None) != (increment is None):
+        raise ValueError(f"Got `initial_increment`={initial_increment!r} and `increment`={increment!r}: pass both (the "
+                         "first step's classes, then each later step's) or neither (`steps` equal steps).")
     if initial_increment is None:
-        if not steps or len(order) % steps:
+        check_option("steps", steps, int, low=1)
+        if len(order) % steps:
             raise ValueError(f"{len(order)} classes cannot be split into {steps} equal steps; pass `steps` that "
                              "divides them, or `initial_increment` and `increment`.")
         initial_increment = increment = len(order) // steps
-    bounds = list(range(initial_increment, len(order), increment or initial_increment)) + [len(order)]
+    count = check_increments(len(order), initial_increment, increment)
+    if steps is not None and steps != count:
+        raise ValueError(f"`steps`={steps!r} disagrees with `initial_increment`={initial_increment} and `increment`="
+                         f"{increment}, which cut the {len(order)} classes into {count} steps: pass `steps` alone "
+                         "or the increments alone.")
+    bounds = list(range(initial_increment, len(order), increment)) + [len(order)]
     position = {label: index for index, label in enumerate(order)}
     train_labels = [position[int(label)] for label in train["label"]]
     test_labels = [position[int(label)] for label in test["label"]]
@@ -228,12 +257,17 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
 
 def check_task_names(preset: MTILPreset, names: list[str]) -> None:
     """`names`, a subset/order of the preset's tasks: each known and given once."""
-    unknown = sorted(set(names) - set(preset.tasks)) or ([] if names else ["(none)"])
+    check_names(f"Preset {preset.name!r}", preset.tasks, names)
+
+
+def check_names(owner: str, tasks: Sequence[str], names: list[str]) -> None:
+    """`names`, a non-empty subset/order of `tasks`: each known and given once; `owner` starts the message."""
+    unknown = sorted(set(names) - set(tasks)) or ([] if names else ["(none)"])
     twice = sorted({name for name in names if names.count(name) > 1})
     if unknown or twice:
-        raise ValueError(f"Preset {preset.name!r} " + (f"has no task(s) {unknown}" if unknown else
-                                                         f"got the task(s) {twice} twice (give each once)") +
-                         f"; its tasks are {', '.join(preset.tasks)}.")
+        raise ValueError(f"{owner} " + (f"has no task(s) {unknown}" if unknown else
+                                        f"got the task(s) {twice} twice (give each once)") +
+                         f"; its tasks are {', '.join(tasks)}.")
 
 
 def preset_tasks(preset: Union[str, MTILPreset, ClassIncrementalPreset], data_dir: Union[None, str, os.PathLike] = None,

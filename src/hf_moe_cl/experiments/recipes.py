@@ -48,8 +48,9 @@ def preset_recipe(preset: Union[str, MTILPreset, ClassIncrementalPreset]) -> dic
         ddas.update(ddas_threshold=preset.ddas_threshold, ddas_training="official",
                     ddas_learning_rate=preset.ddas_learning_rate, ddas_weight_decay=OFFICIAL_DDAS["weight_decay"],
                     ddas_batch_size=OFFICIAL_DDAS["batch_size"], ddas_reference_steps=OFFICIAL_DDAS["reference_steps"],
-                    ddas_task_steps=OFFICIAL_DDAS["task_steps"], ddas_reference_shots=preset.shots,
-                    ddas_augment_once=preset.shots is not None)
+                    ddas_task_steps=OFFICIAL_DDAS["task_steps"],
+                    # shots 0 is full-shot, as the official `args.few_shot > 0` (main.py line 66) and `mtil_task`
+                    ddas_reference_shots=preset.shots or None, ddas_augment_once=bool(preset.shots))
     elif preset.from_assets:  # CLIP features: the library's loop, the task autoencoders given the reference's budget
         ddas.update(ddas_training="sampled", ddas_task_steps=DDASArguments.ddas_reference_steps)
     return {
