@@ -433,3 +433,24 @@ def test_a_train_template_beyond_a_tasks_templates_is_refused_not_clamped(tmp_pa
     with pytest.raises(ValueError, match=r"train_template=2 but task 'first' has 2 prompt template\(s\)"):
         run(tmp_path, clip_processor, train_template=2)
     assert not any(tmp_path.glob("task-*"))
+
+
+def test_gradient_accumulation_gives_the_update_and_loss_of_one_batch_of_the_same_size(tmp_path, clip_processor):
+    """One SGD step at rate 1 without noise, dropout or augmentation: two accumulated batches of 4 move the weights
+    as one batch of 8 and log its loss (the Trainer divided nothing before, so both were doubled)."""
+    def one_step(name, **overrides):
+        model = moe_model(noisy_gating=False, expert_dropout=0.0)
+        start = {k: v.clone() for k, v in model.state_dict().items() if "moe_lora_" in k and v.is_floating_point()}
+        args = continual_args(tmp_path / name, max_steps=1, warmup_steps=0, lr_scheduler_type="constant", optim="sgd",
+                              learning_rate=1.0, train_augmentation="none", label_smoothing_factor=0.0,
+                              logging_strategy="steps", logging_steps=1, **overrides)
+        trainer = ContinualTrainer(model=model, args=args, processing_class=clip_processor)
+        trainer.train_tasks([colour_task("first", n_train=8, n_eval=6, seed=0)])
+        end = model.state_dict()
+        update = torch.cat([(end[k] - v).flatten() for k, v in start.items()])
+        return update, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    whole, whole_loss = one_step("whole", per_device_train_batch_size=8)
+    halves, halves_loss = one_step("halves", per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    assert float(whole.norm()) > 0
+    assert torch.allclose(halves, whole, atol=1e-6) and halves_loss == pytest.approx(whole_loss, rel=1e-6)

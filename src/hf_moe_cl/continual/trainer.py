@@ -87,6 +87,9 @@ class ContinualTrainer(Trainer):
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TaskProgressCallback(self))
+        # compute_loss gives a batch mean, not one scaled by the items of the accumulated batches: the Trainer then
+        # divides it by gradient_accumulation_steps (CLIP's forward takes **kwargs, so it would assume the scaling)
+        self.model_accepts_loss_kwargs = False
         self.method = method
         self.evaluation_collator = ImageClassificationCollator(  # test images as evaluated
             image_processor, augment if args.official_cil_eval else None)
