@@ -274,6 +274,29 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(lora_run, tmp_path):
     assert all(torch.equal(saved[0].unified_tensors[n], saved[1].unified_tensors[n]) for n in a.shapes)
 
 
+def test_a_published_condu_learns_one_more_task_through_its_own_route_and_the_card_lists_every_task(lora_run,
+                                                                                                   tmp_path):
+    """The new task is stored third and evaluated through route 2, every route is counted (the histograms were
+    sized for the new run alone: a crash after training), a name it learned is refused, the card lists all."""
+    method, _, processor, path, _ = lora_run
+    continued = ConDU.from_pretrained(path / "run" / "task-01-second", base_model=tiny_clip())
+    trainer = ContinualTrainer(method=continued, args=make_args(tmp_path / "more", task_agnostic_eval=True),
+                               processing_class=processor)
+    third = colour_task("third", seed=2, offset=1)
+    result = trainer.train_tasks([third])
+    assert [info["name"] for info in continued.store.tasks] == ["first", "second", "third"]
+    assert continued.cell_route(0, 0) == 2  # the oracle cell of "third" is its own model's, not "first"'s
+    assert len(result.diagnostics["route_histogram"]["per_image"][0][0]) == 4  # zero-shot and 3 stored tasks
+    trainer.save_model(str(tmp_path / "published"))
+    card = (tmp_path / "published" / "README.md").read_text()
+    assert "trained on 3 tasks" in card and all(f"**{name}**" in card for name in ("first", "second", "third"))
+    again = ContinualTrainer(method=ConDU.from_pretrained(path / "run" / "task-01-second", base_model=tiny_clip()),
+                             args=make_args(tmp_path / "again"), processing_class=processor)
+    with pytest.raises(ValueError, match=r"This ConDU already learned \['first'\] \(stored tasks \[0\]\)"):
+        again.train_tasks([colour_task("first", seed=0)])
+    assert not (tmp_path / "again").exists() or not list((tmp_path / "again").glob("task-*"))
+
+
 def test_full_fine_tuning_trains_all_but_logit_scale_and_saves_the_weight_delta(tmp_path, clip_processor):
     base = tiny_clip()
     method = ConDU(base, ConDUArguments(condu_fine_tune="full", condu_rescaler="paper",

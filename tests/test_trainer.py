@@ -163,10 +163,13 @@ def test_continuing_a_saved_model_adds_routers_and_keeps_learned_tasks_bit_ident
 
     before = outputs(loaded)
     third = colour_task("third", seed=2, offset=1)
-    result = ContinualTrainer(model=loaded, args=make_args(tmp_path / "b"),
-                              processing_class=clip_processor).train_tasks([third])
+    trainer = ContinualTrainer(model=loaded, args=make_args(tmp_path / "b"), processing_class=clip_processor)
+    result = trainer.train_tasks([third])
     moe = loaded.base_model
     assert len(result.accuracy_matrix) == 1 and moe.num_tasks == 3
+    trainer.save_model(str(tmp_path / "republished"))  # the card describes the model, not only the last run
+    card = (tmp_path / "republished" / "README.md").read_text()
+    assert "trained on 3 tasks" in card and all(f"**{name}**" in card for name in ("first", "second", "third"))
     assert [info["name"] for info in moe.task_info] == ["first", "second", "third"]
     assert moe.frozen_routers() == [0, 1, 2]
     after = outputs(loaded)

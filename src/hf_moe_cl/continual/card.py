@@ -41,15 +41,21 @@ def base_model_of(method: ContinualMethod) -> Optional[str]:
     return getattr(model, "name_or_path", None) or None
 
 
+def recorded_tasks(method: ContinualMethod) -> list[dict]:
+    """The task records the model keeps, in order: a MoE-LoRA adapter's `task_info`, a ConDU store's tasks."""
+    moe = find_moe(method.model)
+    return [info for info in (moe.task_info if moe is not None else method.learned_tasks().values()) if info]
+
+
 def task_records(method: ContinualMethod, result: Optional[ContinualResult] = None,
                  tasks: Optional[Sequence] = None) -> list[tuple[str, Optional[list[str]]]]:
-    """(name, class names) of the learned tasks in order: from `tasks` (`ContinualTask`s), else the adapter's
-    `task_info`, else the result's task names (class names unknown)."""
+    """(name, class names) of the learned tasks in order: the model's records (every task of a continued model, not
+    only the last run's), else `tasks` (`ContinualTask`s), else the result's task names (class names unknown)."""
+    recorded = recorded_tasks(method)
+    if recorded:
+        return [(info["name"], list(info.get("classnames") or [])) for info in recorded]
     if tasks is not None:
         return [(task.name, list(task.classnames)) for task in tasks]
-    moe = find_moe(method.model)
-    if moe is not None and any(moe.task_info or []):
-        return [(info["name"], list(info.get("classnames") or [])) for info in moe.task_info if info]
     return [(name, None) for name in (result.task_names if result is not None else [])]
 
 
@@ -191,8 +197,7 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
     location = checked_hub_id(repo_id) if repo_id is not None else str(local_dir)
     dataset_ids = {task: checked_hub_id(dataset, f"The dataset id of {task!r}")
                    for task, dataset in (dataset_ids or {}).items()}
-    moe = find_moe(method.model)
-    infos = [info for info in (moe.task_info if moe is not None else method.learned_tasks().values()) if info]
+    moe, infos = find_moe(method.model), recorded_tasks(method)
     learned = [info["name"] for info in infos]
     known = learned or [task for task, _ in records]
     for argument, names in (("result", result.task_names if result is not None and learned else []),

@@ -100,6 +100,7 @@ class ConDU(ContinualMethod):
         self._training: Optional[torch.nn.Module] = None
         self._fixed: Optional[list[dict]] = None  # a few-shot task's training examples, augmented once
         self._deltas: dict[int, Delta] = {}
+        self.first_route = 0  # tasks stored before this sequence (a continued save) come first
 
     @property
     def recipe(self) -> str:
@@ -148,6 +149,19 @@ class ConDU(ContinualMethod):
     def begin_sequence(self, context, tasks) -> None:
         if self.store.num_tasks == 0:  # a store loaded from a save keeps its own origin
             self.store = self._new_store(context.seed)
+        learned = [info["name"] for info in self.store.tasks]
+        again = [task.name for task in tasks if task.name in learned]
+        if again:
+            raise ValueError(f"This ConDU already learned {again} (stored tasks {[learned.index(n) for n in again]}): "
+                             "a second task of the same name would be voted for as another. Give new tasks new "
+                             "names.")
+        self.first_route = self.store.num_tasks  # a continued save's tasks keep their routes; new ones follow
+
+    def task_route(self, index: int) -> int:
+        return self.first_route + index
+
+    def route_count(self, tasks) -> int:
+        return self.first_route + len(tasks)
 
     def lora_config(self):
         return lora_config(self.arguments.lora_target_list, self.rank, self._base_name())
