@@ -183,3 +183,18 @@ def test_trainer_saves_and_evaluations_inside_a_task_are_refused_when_the_argume
 def test_the_task_loops_own_strategies_are_accepted(tmp_path):
     args = continual_args(tmp_path, save_strategy=SaveStrategy.NO, eval_strategy=IntervalStrategy.NO, save_steps=1)
     assert args.save_strategy == "no" and args.eval_strategy == "no"
+
+
+def test_epochs_that_max_steps_leaves_unused_are_named(tmp_path, caplog):
+    """A Trainer user setting epochs alone got 1000 steps per task (the paper's max_steps) without a word."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        continual_args(tmp_path, num_train_epochs=1, max_steps=1000, warmup_steps=100)
+    assert "num_train_epochs=1 is not used: max_steps=1000 sets the steps of every task. Set max_steps=-1" in \
+        caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        continual_args(tmp_path, num_train_epochs=1, max_steps=-1)
+        continual_args(tmp_path, max_steps=1000, warmup_steps=100)
+    assert "num_train_epochs" not in caplog.text

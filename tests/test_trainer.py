@@ -184,6 +184,18 @@ def test_continuing_a_saved_model_adds_routers_and_keeps_learned_tasks_bit_ident
     assert all(torch.equal(before[t], outputs(loaded)[t]) for t in (0, 1))
 
 
+def test_an_adapter_loaded_for_inference_is_refused_before_it_is_changed(tmp_path, clip_processor):
+    from peft import PeftModel
+
+    moe_model().save_pretrained(tmp_path / "published")
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path / "published")  # is_trainable=False, peft's default
+    with pytest.raises(ValueError, match=r"loaded for inference .* PeftModel.from_pretrained\(base, path, "
+                                         r"is_trainable=True\) to teach it more tasks"):
+        ContinualTrainer(model=loaded, args=make_args(tmp_path / "more"),
+                         processing_class=clip_processor).train_tasks([colour_task("third")])
+    assert loaded.base_model.num_tasks == 2 and not list((tmp_path / "more").glob("task-*"))
+
+
 def test_train_and_evaluate_outside_a_task_sequence_point_to_train_tasks(tmp_path, clip_processor):
     trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path), processing_class=clip_processor)
     with pytest.raises(ValueError, match=r"call trainer.train_tasks\(\[ContinualTask"):

@@ -121,6 +121,10 @@ class ContinualTrainingArguments(TrainingArguments):
         check_option("task_agnostic_eval", self.task_agnostic_eval, bool, optional=True)
         check_option("train_augmentation", self.train_augmentation, str, choices=("random_resized_crop", "none"),
                      optional=True)
+        if self.max_steps >= 0 and self.num_train_epochs != TrainingArguments.num_train_epochs:
+            logger.warning("num_train_epochs=%g is not used: max_steps=%d sets the steps of every task. Set "
+                           "max_steps=-1 to train num_train_epochs epochs per task.", self.num_train_epochs,
+                           self.max_steps)
         if self.max_steps > 0 and self.warmup_steps >= max(1, self.max_steps):
             logger.warning("warmup_steps=%g is not shorter than max_steps=%d: every task trains while its learning rate "
                            "still rises and never reaches %g (the presets' warmup is 100 steps). Give fewer "

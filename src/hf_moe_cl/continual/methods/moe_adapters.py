@@ -201,6 +201,10 @@ class MoEAdapters(ContinualMethod):
 
     # ----- the task loop -------------------------------------------------------------------------------------------
     def begin_sequence(self, context, tasks) -> None:
+        if context.trains and self.moe.moe_config.inference_mode:
+            raise ValueError("This MoE-LoRA adapter was loaded for inference (PeftModel.from_pretrained's default "
+                             "is_trainable=False): its experts and routers cannot train. Load it with "
+                             "PeftModel.from_pretrained(base, path, is_trainable=True) to teach it more tasks.")
         reference = self.ddas_reference
         if self.ddas.ddas:
             if self.arguments.shared_router:
