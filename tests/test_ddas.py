@@ -146,6 +146,20 @@ def test_a_selector_with_no_trained_task_is_refused_not_sent_to_the_untouched_cl
             TaskAgnosticClassifier(model, None)
 
 
+def test_selector_settings_other_than_the_adapters_own_are_refused_when_continuing(ddas_run):
+    """The learned tasks' autoencoders were trained with the saved settings: other ones were dropped silently."""
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+
+    model = ddas_run[0]
+    own = model.base_model.selector.config
+    for selector in (SelectorConfig(hidden_dim=32), SelectorConfig(hidden_dim=own.hidden_dim, feature_layer=1)):
+        with pytest.raises(ValueError, match=r"This adapter's DDAS selector has .*; its learned tasks' autoencoders "
+                                             r"were trained with those, so it keeps them"):
+            MoEAdapters(model, ddas=DDASArguments(ddas=True), selector=selector)
+    same = SelectorConfig(hidden_dim=own.hidden_dim, feature_extractor=own.feature_extractor)
+    assert MoEAdapters(model, ddas=DDASArguments(ddas=True), selector=same).selector_settings == own
+
+
 def test_selector_is_part_of_the_adapter_state_and_copies(ddas_run, clip_inputs):
     model, _, _, tmp_path = ddas_run
     selector = model.base_model.selector

@@ -4,7 +4,7 @@ injected: `bound_to`) and how it is trained (`DDASArguments`, the options of a c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..options import check_flags, check_option, moved_options
 
@@ -80,6 +80,17 @@ class SelectorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check_kept_by(self, saved: "SelectorConfig", names: Optional[Sequence[str]] = None) -> None:
+        """Refuse these settings (`names` of them; None: all), given for an adapter whose selector already has
+        `saved` ones (its autoencoders learned tasks with them) that differ; `feature_dim` follows the model."""
+        own, wanted = saved.to_dict(), self.to_dict()
+        differ = [name for name in (names or wanted) if name != "feature_dim" and wanted[name] != own[name]]
+        if differ:
+            raise ValueError("This adapter's DDAS selector has " + ", ".join(f"{n}={own[n]!r}" for n in differ)
+                             + "; its learned tasks' autoencoders were trained with those, so it keeps them, not "
+                             + ", ".join(f"{n}={wanted[n]!r}" for n in differ) + ". Drop the selector settings, or "
+                             "start from an adapter without a selector.")
 
     def bound_to(self, model_config, owner: str = "The DDAS selector") -> "SelectorConfig":
         """These settings for a model with `model_config` (a CLIPConfig): `feature_dim` set to the width of the

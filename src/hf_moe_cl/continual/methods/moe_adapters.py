@@ -175,7 +175,10 @@ class MoEAdapters(ContinualMethod):
         if moved and selector is not None:
             raise ValueError(f"DDASArguments has {sorted(moved)} and MoEAdapters got selector=...: give the "
                              "selector's settings once, in SelectorConfig.")
-        settings = moe.selector.config if moe.selector is not None else selector or SelectorConfig(**moved)
+        given = selector or (SelectorConfig(**moved) if moved else None)
+        if moe.selector is not None and given is not None:
+            given.check_kept_by(moe.selector.config, None if selector is not None else list(moved))
+        settings = moe.selector.config if moe.selector is not None else given or SelectorConfig()
         self.selector_settings = settings.bound_to(self.model.config)
         self.ddas.check_selector(self.selector_settings)
 
