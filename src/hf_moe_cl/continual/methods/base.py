@@ -60,6 +60,7 @@ class ContinualMethod:
     def __init__(self, model: nn.Module, arguments: Any = None):
         self.model = model
         self.arguments = arguments if arguments is not None or self.arguments_class is None else self.arguments_class()
+        self.first_route = 0  # tasks a continued model learned before this sequence; its tasks come after them
 
     @staticmethod
     def pick(options: Sequence, kind: Optional[type]) -> Any:
@@ -80,8 +81,9 @@ class ContinualMethod:
         """Before the first task (and before resuming): check the tasks fit the model, prepare per-task state."""
 
     def task_seed(self, seed: int, index: int) -> int:
-        """The seed task `index` trains with."""
-        return seed + index
+        """The seed task `index` trains with: the run's plus the task's place among every task the model learned,
+        so a continued model trains a new task as one uninterrupted run would."""
+        return seed + self.first_route + index
 
     def begin_task(self, context, index: int, task) -> None:
         """Before task `index` trains: route it, reset what it starts from."""
@@ -118,7 +120,7 @@ class ContinualMethod:
 
     def task_route(self, index: int) -> int:
         """The route of the sequence's task `index` once learned."""
-        return index
+        return self.first_route + index
 
     def unseen_route(self, index: int) -> Optional[int]:
         """The route of a task not learned yet in the task-aware matrix; None: the method's own selection."""
@@ -146,7 +148,7 @@ class ContinualMethod:
 
     def route_count(self, tasks: list) -> int:
         """How many task routes there are while `tasks` run (the width of route histograms, beside route -1)."""
-        return len(tasks)
+        return self.first_route + len(tasks)
 
     def fingerprint(self) -> dict:
         """What makes two runs of this method the same run (compared before resuming): its name, options and, for a

@@ -100,7 +100,6 @@ class ConDU(ContinualMethod):
         self._training: Optional[torch.nn.Module] = None
         self._fixed: Optional[list[dict]] = None  # a few-shot task's training examples, augmented once
         self._deltas: dict[int, Delta] = {}
-        self.first_route = 0  # tasks stored before this sequence (a continued save) come first
 
     @property
     def recipe(self) -> str:
@@ -156,12 +155,6 @@ class ConDU(ContinualMethod):
                              "a second task of the same name would be voted for as another. Give new tasks new "
                              "names.")
         self.first_route = self.store.num_tasks  # a continued save's tasks keep their routes; new ones follow
-
-    def task_route(self, index: int) -> int:
-        return self.first_route + index
-
-    def route_count(self, tasks) -> int:
-        return self.first_route + len(tasks)
 
     def lora_config(self):
         return lora_config(self.arguments.lora_target_list, self.rank, self._base_name())

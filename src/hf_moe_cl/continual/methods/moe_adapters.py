@@ -139,7 +139,6 @@ class MoEAdapters(ContinualMethod):
         self._check_against_the_adapter(selector)
         self.ddas_reference = ddas_reference
         self.current_route: Optional[int] = None
-        self.first_route = 0  # routers before it were learned before this sequence (a published model continued)
         self._sequence: list = []  # the tasks of the running sequence
         self.routing_reports: list[dict] = []  # after each task: learned task -> shares of its selections
         self.trainable_experts: list[dict] = []  # after each task: tower -> share of expert slots still trainable
