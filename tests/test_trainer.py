@@ -167,6 +167,7 @@ def test_continuing_a_saved_model_adds_routers_and_keeps_learned_tasks_bit_ident
     result = trainer.train_tasks([third])
     moe = loaded.base_model
     assert len(result.accuracy_matrix) == 1 and moe.num_tasks == 3
+    assert trainer.method.task_seed(5, 0) == 5 + 2  # the third task's seed, as in one run of the three
     trainer.save_model(str(tmp_path / "republished"))  # the card describes the model, not only the last run
     card = (tmp_path / "republished" / "README.md").read_text()
     assert "trained on 3 tasks" in card and all(f"**{name}**" in card for name in ("first", "second", "third"))
