@@ -158,6 +158,10 @@ def test_selector_settings_other_than_the_adapters_own_are_refused_when_continui
             MoEAdapters(model, ddas=DDASArguments(ddas=True), selector=selector)
     same = SelectorConfig(hidden_dim=own.hidden_dim, feature_extractor=own.feature_extractor)
     assert MoEAdapters(model, ddas=DDASArguments(ddas=True), selector=same).selector_settings == own
+    with pytest.warns(FutureWarning):  # the 0.2 names: only the settings given are compared
+        moved = DDASArguments(ddas=True, ddas_hidden_dim=own.hidden_dim * 2)
+    with pytest.raises(ValueError, match=rf"has hidden_dim={own.hidden_dim}; .* not hidden_dim={own.hidden_dim * 2}\."):
+        MoEAdapters(model, ddas=moved)
 
 
 def test_selector_is_part_of_the_adapter_state_and_copies(ddas_run, clip_inputs):
