@@ -139,6 +139,14 @@ def test_trigger_files_round_trip_and_bad_files_fail_clearly(tmp_path):
         load_folder(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("targets, unknown", [("fc1,fc_2", "['fc_2']"), ("nosuch", "['nosuch']")])
+def test_lora_targets_that_name_no_layer_are_refused(targets, unknown):
+    """A misspelt target among good ones left its layers untrained, without a word."""
+    with pytest.raises(ValueError, match=rf"No Linear layer of the model is named \{unknown[:-1]}\] "
+                                         r"\(condu_lora_targets\)"):
+        ConDU(tiny_clip(), ConDUArguments(condu_lora_targets=targets), rank=4)._new_store(0)
+
+
 def test_unknown_options_are_refused():
     with pytest.raises(ValueError, match="`condu_rescaler` must be one of"):
         ConDUArguments(condu_rescaler="median")

@@ -2,6 +2,7 @@ import copy
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -550,3 +551,31 @@ def test_missing_alexnet_weights_fail_before_the_first_task(tmp_path, clip_proce
     with pytest.raises(OSError, match=r"ddas_alexnet_weights='.*no.pth'\) cannot be loaded: .*pass its path"):
         trainer.train_tasks(tasks_named("first", "second"))
     assert not any((tmp_path / "run").glob("task-*"))
+
+
+def test_a_reference_the_first_fit_could_not_train_on_is_refused_before_any_task_trains(tmp_path, clip_processor):
+    """Two reference images at least, and labels for ddas_reference_shots: both were found after task 1 trained."""
+    from conftest import colour_task, continual_args, moe_model, noise_images
+    from hf_moe_cl import ContinualTrainer
+    from hf_moe_cl.continual.methods import DDASArguments, MoEAdapters
+
+    cases = [(noise_images(1, 0), {}, r"would train on 1 image\(s\) \(of 1 reference images"),
+             (noise_images(10, 0), {"ddas_max_images": 1, "ddas_threshold": 0.1},
+              r"would train on 1 image\(s\) .*ddas_max_images=1\)"),
+             (noise_images(10, 0), {"ddas_reference_shots": 2}, "ddas_reference_shots needs a `label` column")]
+    for i, (reference, options, message) in enumerate(cases):
+        method = MoEAdapters(moe_model(), ddas=DDASArguments(ddas=True, **options), ddas_reference=reference)
+        trainer = ContinualTrainer(method=method, args=continual_args(tmp_path / str(i)),
+                                   processing_class=clip_processor)
+        with pytest.raises(ValueError, match=message):
+            trainer.train_tasks([colour_task("first")])
+        assert trainer.state.global_step == 0 and method.moe.task_info[0] is None
+
+
+@pytest.mark.parametrize("threshold, stored", [(1e39, "inf"), (1e-46, "0")])
+def test_a_ddas_threshold_float32_cannot_hold_is_refused(threshold, stored):
+    from hf_moe_cl.continual.methods import DDASArguments
+
+    with pytest.raises(ValueError, match=rf"ddas_threshold={re.escape(repr(threshold))} is {stored} as the selector "
+                                         "stores it"):
+        DDASArguments(ddas=True, ddas_threshold=threshold)

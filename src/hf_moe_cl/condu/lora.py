@@ -34,12 +34,18 @@ def lora_scaling(rank: int) -> float:
 
 
 def factor_shapes(model: nn.Module, targets: Sequence[str], rank: int) -> dict[str, torch.Size]:
-    """Shapes of the factors peft gives `model`'s Linear layers whose last name is in `targets`, by adapter key."""
-    shapes = {}
+    """Shapes of the factors peft gives `model`'s Linear layers whose last name is in `targets`, by adapter key; a
+    target that names no Linear layer is refused (a misspelt one would leave its layers untrained)."""
+    shapes, found = {}, set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            found.add(name.rsplit(".", 1)[-1])
             shapes[PEFT_PREFIX + name + _A] = torch.Size((rank, module.in_features))
             shapes[PEFT_PREFIX + name + _B] = torch.Size((module.out_features, rank))
+    unknown = [target for target in targets if target not in found]
+    if unknown:
+        raise ValueError(f"No Linear layer of the model is named {unknown} (condu_lora_targets); check the names "
+                         "(transformers' CLIP MLP layers are 'fc1,fc2').")
     return shapes
 
 

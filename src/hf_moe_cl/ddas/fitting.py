@@ -53,6 +53,24 @@ class _Mapped:
         return (self.function(batch) for batch in self.loader)
 
 
+def reference_images(options: DDASArguments, reference: Dataset, seed: int) -> Dataset:
+    """The images the reference autoencoder trains on (`ddas_reference_shots` per class, else all), with a `label`
+    column; refused (before any task trains, `MoEAdapters.begin_sequence`) when fewer than two remain."""
+    images = reference
+    if options.ddas_reference_shots is not None:
+        if "label" not in images.column_names:
+            raise ValueError("ddas_reference_shots needs a `label` column in the reference images to take that many "
+                             "per class; give a labelled reference (e.g. zh-plus/tiny-imagenet).")
+        images = few_shot_subset(images, options.ddas_reference_shots, seed)
+    used = len(images) if options.ddas_training == "official" else min(len(images), options.ddas_max_images)
+    if used < 2:
+        raise ValueError(f"The DDAS reference autoencoder would train on {used} image(s) (of {len(reference)} "
+                         f"reference images, ddas_reference_shots={options.ddas_reference_shots}, ddas_max_images="
+                         f"{options.ddas_max_images}); it needs at least two. Give more reference images, more "
+                         "ddas_reference_shots or a larger ddas_max_images.")
+    return images if "label" in images.column_names else images.add_column("label", [0] * len(images))
+
+
 class SelectorFitting:
     """Fits `selector` with `options` in a run's `context`; `features(pixels)` are the selector's features of a
     pixel batch (the model must be in evaluation mode)."""
@@ -79,14 +97,7 @@ class SelectorFitting:
         selector, options, seed = self.selector, self.options, self.context.seed
         official = options.ddas_training == "official"
         if not selector.has_reference:
-            images = reference
-            if options.ddas_reference_shots is not None:
-                if "label" not in images.column_names:
-                    raise ValueError("ddas_reference_shots needs a `label` column in the reference images to take "
-                                     "that many per class; give a labelled reference (e.g. zh-plus/tiny-imagenet).")
-                images = few_shot_subset(images, options.ddas_reference_shots, seed)
-            if "label" not in images.column_names:
-                images = images.add_column("label", [0] * len(images))
+            images = reference_images(options, reference, seed)
             label = "DDAS reference autoencoder" if self.context.show_progress else None
             if official:
                 if selector.config.standardize:  # the scale every autoencoder's inputs are standardised with

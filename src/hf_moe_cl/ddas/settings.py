@@ -3,8 +3,11 @@ injected: `bound_to`) and how it is trained (`DDASArguments`, the options of a c
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence
+
+import torch
 
 from ..options import check_flags, check_option, moved_options
 
@@ -171,6 +174,11 @@ class DDASArguments:
         check_option("ddas_quantile", self.ddas_quantile, float, low=0.0, high=1.0, low_open=True)
         # 0 would send every image to zero-shot (an autoencoder's error is never below it)
         check_option("ddas_threshold", self.ddas_threshold, float, low=0.0, low_open=True, optional=True)
+        if self.ddas_threshold is not None and not 0 < float(torch.tensor(self.ddas_threshold)) < math.inf:
+            raise ValueError(f"ddas_threshold={self.ddas_threshold!r} is {'0' if self.ddas_threshold < 1 else 'inf'} "
+                             "as the selector stores it (float32), which would send every image to "
+                             f"{'zero-shot' if self.ddas_threshold < 1 else 'a task'}: give a threshold between "
+                             "1e-38 and 3e38.")
         check_option("ddas_training", self.ddas_training, str, choices=TRAINING_SCHEDULES)
         check_option("ddas_task_draw", self.ddas_task_draw, str, choices=("own", "shared"))
         SelectorConfig(**{SELECTOR_OPTION_NAMES[name]: value for name, value in self.moved.items()})  # checked now

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from ...classification import ImageRoutes
 from ...ddas.features import load_alexnet, selector_features
-from ...ddas.fitting import SelectorFitting, check_calibration
+from ...ddas.fitting import SelectorFitting, check_calibration, reference_images
 from ...ddas.settings import SELECTOR_OPTION_NAMES, DDASArguments, SelectorConfig
 from ...options import check_flags, check_option, moved_options, short_repr
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
@@ -223,6 +223,8 @@ class MoEAdapters(ContinualMethod):
                 # loaded (downloaded) now, so a missing file or network fails before the first task trains
                 self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, context.device)
             check_calibration(self.ddas, tasks)
+            if self.moe.selector is None or not self.moe.selector.has_reference:
+                reference_images(self.ddas, reference, context.seed)  # what the first fit will train on
         self._sequence = list(tasks)
         moe = self.moe
         if self.arguments.shared_router:
