@@ -579,3 +579,15 @@ def test_a_ddas_threshold_float32_cannot_hold_is_refused(threshold, stored):
     with pytest.raises(ValueError, match=rf"ddas_threshold={re.escape(repr(threshold))} is {stored} as the selector "
                                          "stores it"):
         DDASArguments(ddas=True, ddas_threshold=threshold)
+
+
+def test_an_autoencoder_that_diverges_is_named_with_its_learning_rate():
+    """A huge ddas_learning_rate left NaN weights in the selector (fixed threshold) or a message about the threshold."""
+    from hf_moe_cl.ddas.autoencoder import fit_autoencoder
+
+    features = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError, match=r"diverged: its weights are NaN or infinite after 5 steps at learning "
+                                                 r"rate 1e\+30\. Lower ddas_learning_rate"):
+        fit_autoencoder(8, 4, False, features, steps=5, lr=1e30, weight_decay=0.0, seed=0)
+    assert all(torch.isfinite(p).all() for p in fit_autoencoder(8, 4, False, features, steps=5, lr=1e-3,
+                                                                 weight_decay=0.0, seed=0).parameters())

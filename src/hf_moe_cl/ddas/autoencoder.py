@@ -118,4 +118,7 @@ def train_autoencoder(autoencoder: FeatureAutoencoder, next_batch: Callable[[int
             loss.backward()
             optimizer.step()
     autoencoder.requires_grad_(False).eval()
+    if not all(bool(torch.isfinite(param).all()) for param in autoencoder.parameters()):
+        raise FloatingPointError(f"A DDAS autoencoder diverged: its weights are NaN or infinite after {steps} steps at "
+                                 f"learning rate {lr:g}. Lower ddas_learning_rate (official: 1e-3).")
     return float(loss.detach())
