@@ -295,6 +295,7 @@ def test_a_published_condu_learns_one_more_task_through_its_own_route_and_the_ca
     assert [info["name"] for info in continued.store.tasks] == ["first", "second", "third"]
     assert continued.cell_route(0, 0) == 2  # the oracle cell of "third" is its own model's, not "first"'s
     assert len(result.diagnostics["route_histogram"]["per_image"][0][0]) == 4  # zero-shot and 3 stored tasks
+    assert (result.diagnostics["route_names"], result.diagnostics["task_routes"]) == (["first", "second", "third"], [2])
     trainer.save_model(str(tmp_path / "published"))
     card = (tmp_path / "published" / "README.md").read_text()
     assert "trained on 3 tasks" in card and all(f"**{name}**" in card for name in ("first", "second", "third"))

@@ -42,6 +42,23 @@ HISTOGRAM = [[[2, 8, 0, 0], [10, 0, 0, 0], [9, 1, 0, 0]],
              [[2, 8, 0, 0], [0, 1, 9, 0], [0, 0, 0, 10]]]
 
 
+def test_a_route_histogram_wider_than_the_tasks_is_reported_by_route_with_each_tasks_own(tmp_path):
+    """A continued model (routes 0-1 learned before, the run's tasks on 2-3) or idle routers: the columns are named
+    by route and each task's share is read at its own route; before, the tasks' names labelled the first columns."""
+    from hf_moe_cl.experiments.reporting import selection_summary
+
+    stages = [[[1, 0, 0, 9, 0], [10, 0, 0, 0, 0]], [[1, 2, 0, 7, 0], [0, 0, 1, 0, 9]]]
+    result = ContinualResult(["c", "d"], {"per_image": [[70.0, 10.0], [60.0, 80.0]]},
+                             {"route_histogram": {"per_image": stages}, "route_names": ["a", "b", "c", "d"],
+                              "task_routes": [2, 3]})
+    write_result_report(tmp_path, result, "moe-adapters")
+    selection = json.loads((tmp_path / "per_image" / "route_selection.json").read_text())
+    assert selection["routes"] == ["zero-shot", "a", "b", "c", "d"] and selection["correct"] == {"c": 70.0, "d": 90.0}
+    assert "| images of | zero-shot | a | b | c | d | correct |" in (tmp_path / "metrics.md").read_text()
+    with pytest.raises(ValueError, match=r"The route histogram has 4 routes besides zero-shot, but 2 route names"):
+        selection_summary(stages, ["c", "d"])
+
+
 def test_result_report_writes_every_kind_protocol_first(tmp_path):
     result = ContinualResult(NAMES, {"protocol": AGNOSTIC, "per_image": AGNOSTIC, "oracle": ORACLE},
                              {"route_histogram": {"protocol": HISTOGRAM, "per_image": HISTOGRAM}})

@@ -314,8 +314,12 @@ class ContinualTrainer(Trainer):
                     prune(self.args.output_dir, self.args.save_total_limit)
                 self.accelerator.wait_for_everyone()
         diagnostics = dict(self.method.diagnostics(), image_encodings=encodings)
-        if histograms:
-            diagnostics["route_histogram"] = histograms
+        if histograms:  # columns: zero-shot, then every route (a continued model's earlier tasks, idle routers too)
+            own = [self.method.task_route(i) for i in range(len(tasks))]
+            labels = {route: info["name"] for route, info in self.method.learned_tasks().items()}
+            labels.update(zip(own, names))
+            diagnostics.update(route_histogram=histograms, task_routes=own,
+                               route_names=[labels.get(route, f"router {route}") for route in range(self.num_routes)])
         ordered = {kind: matrices[kind] for kind in MATRIX_KINDS if kind in matrices}
         return ContinualResult(task_names=names, matrices=ordered, diagnostics=diagnostics)
 

@@ -78,19 +78,22 @@ def accuracy_heatmap(matrix: Sequence[Sequence[Optional[float]]], names: Sequenc
     return figure
 
 
-def selection_heatmap(counts: Sequence[Sequence[int]], names: Sequence[str], method: str, kind: str) -> Figure:
+def selection_heatmap(counts: Sequence[Sequence[int]], names: Sequence[str], method: str, kind: str,
+                      routes: Optional[Sequence[str]] = None, own: Optional[Sequence[int]] = None) -> Figure:
     """Where the method sent each task's test images after the last task, in % of the task's images (rows: images
-    of a task; columns: zero-shot, then the tasks). The correct route of each row is framed."""
+    of a task; columns: zero-shot, then the routes, `routes` naming them: default the tasks). Each row's own route
+    (`own`, default the task's place) is framed."""
     counts = np.asarray(counts, dtype=float)
     totals = counts.sum(axis=1, keepdims=True)
     shares = 100.0 * counts / np.where(totals > 0, totals, 1.0)
-    routes = ["zero-shot", *names]
+    routes, own = ["zero-shot", *(routes or names)], list(own or range(len(names)))
     figure, axes = _heatmap(shares, names, routes, "images of", "sent to", "% of the task's test images",
                             9 if len(routes) <= 7 else 7)
     axes.axvline(0.5, color="white", linewidth=2.0)
-    for j in range(len(names)):
-        axes.add_patch(Rectangle((j + 0.5, j - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6, clip_on=False))
-    correct = [shares[j, j + 1] for j in range(len(names))]
+    for j, route in enumerate(own):
+        axes.add_patch(Rectangle((route + 0.5, j - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6,
+                                 clip_on=False))
+    correct = [shares[j, route + 1] for j, route in enumerate(own)]
     figure.suptitle(f"{method}: route selection after the last task, {kind} matrix\n"
                     f"{MATRIX_TITLES.get(kind, kind)}\nsent to their own task: {np.mean(correct):.1f} % on average "
                     "(framed)", fontsize=10)

@@ -17,14 +17,23 @@ from ..files import write_json_atomic, write_text_atomic
 from .figures import accuracy_heatmap, save_png, selection_heatmap
 
 
-def selection_summary(stages: Sequence[Sequence[Sequence[int]]], names: Sequence[str]) -> dict:
-    """From `route_histogram[kind]` (stage x task x [zero-shot, task 0, ...]): the counts after the last task, each
-    task's share sent to its own route, and the share of not-yet-learned tasks' images sent to zero-shot."""
+def selection_summary(stages: Sequence[Sequence[Sequence[int]]], names: Sequence[str],
+                      routes: Optional[Sequence[str]] = None, own: Optional[Sequence[int]] = None) -> dict:
+    """From `route_histogram[kind]` (stage x task x [zero-shot, route 0, ...]): the counts after the last task, each
+    task's share sent to its own route, and the share of not-yet-learned tasks' images sent to zero-shot. `routes`
+    names the routes and `own` gives each task's (default: the tasks, in order; a model with more routers than the
+    run's tasks, or a continued one, has others: the run's diagnostics `route_names` and `task_routes`)."""
+    routes, own = list(routes or names), list(own or range(len(names)))
     last = [list(counts) for counts in stages[-1]]
-    correct = {name: 100.0 * counts[j + 1] / max(1, sum(counts)) for j, (name, counts) in enumerate(zip(names, last))}
+    if len(routes) + 1 != len(last[0]) or len(own) != len(names):
+        raise ValueError(f"The route histogram has {len(last[0]) - 1} routes besides zero-shot, but {len(routes)} "
+                         f"route names and {len(own)} task routes were given for {len(names)} tasks: pass the run's "
+                         "diagnostics['route_names'] and ['task_routes'].")
+    correct = {name: 100.0 * counts[route + 1] / max(1, sum(counts))
+               for name, counts, route in zip(names, last, own)}
     unseen = [stages[i][j] for i in range(len(stages)) for j in range(i + 1, len(names))]
     total = sum(sum(counts) for counts in unseen)
-    return {"routes": ["zero-shot", *names], "counts_after_last_task": last, "correct": correct,
+    return {"routes": ["zero-shot", *routes], "own_routes": own, "counts_after_last_task": last, "correct": correct,
             "unseen_sent_to_zero_shot": 100.0 * sum(c[0] for c in unseen) / total if total else None,
             "route_histogram": [[list(c) for c in stage] for stage in stages]}
 
@@ -54,7 +63,8 @@ def selection_table(summary: dict, names: Sequence[str]) -> str:
 
 
 def write_report(output_dir: str | Path, method: str, names: Sequence[str], matrix, kind: str = "oracle",
-                 route_histogram: Optional[Sequence] = None) -> dict[str, float]:
+                 route_histogram: Optional[Sequence] = None, routes: Optional[Sequence[str]] = None,
+                 own: Optional[Sequence[int]] = None) -> dict[str, float]:
     """One matrix into `output_dir`: accuracy_matrix.{json,csv,png} and metrics.md (Transfer / Average / Last /
     BWT and the drop per task), plus route_selection.{json,png} when `route_histogram` (stage x task x route
     counts) is given. Returns Transfer / Average / Last (those whose cells were evaluated)."""
@@ -76,10 +86,11 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
     if route_histogram and not selection_measured(route_histogram):
         text += "\n\n" + UNMEASURED_SELECTION
     elif route_histogram:
-        summary = selection_summary(route_histogram, names)
+        summary = selection_summary(route_histogram, names, routes, own)
         write_json_atomic(output_dir / "route_selection.json",
                           {"method": method, "kind": kind, "tasks": names, **summary})
-        save_png(selection_heatmap(summary["counts_after_last_task"], names, method, kind),
+        save_png(selection_heatmap(summary["counts_after_last_task"], names, method, kind, summary["routes"][1:],
+                                   summary["own_routes"]),
                  output_dir / "route_selection.png")
         text += "\n\n## Route selection after the last task\n\n" + selection_table(summary, names)
     write_text_atomic(output_dir / "metrics.md", text + "\n")
@@ -95,9 +106,10 @@ def write_result_report(output_dir: str | Path, result: ContinualResult, method:
     kinds = [kind for kind in MATRIX_KINDS if kind in result.matrices]
     kinds += [kind for kind in result.matrices if kind not in kinds]
     histograms = result.diagnostics.get("route_histogram", {})
+    routes, own = result.diagnostics.get("route_names"), result.diagnostics.get("task_routes")
     rows, returned, sections = {}, {}, []
     for kind in kinds:
-        write_report(output_dir / kind, method, names, result.matrices[kind], kind, histograms.get(kind))
+        write_report(output_dir / kind, method, names, result.matrices[kind], kind, histograms.get(kind), routes, own)
         metrics, lost = matrix_summary(names, result.matrices[kind])
         rows[f"{kind}: {MATRIX_TITLES.get(kind, kind)}"] = (metrics, lost)
         returned[kind] = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
@@ -106,7 +118,7 @@ def write_result_report(output_dir: str | Path, result: ContinualResult, method:
             sections.append(f"### {kind}\n\n{UNMEASURED_SELECTION}")
         elif histograms.get(kind):
             sections.append(f"### Route selection after the last task, {kind}\n\n"
-                            + selection_table(selection_summary(histograms[kind], names), names)
+                            + selection_table(selection_summary(histograms[kind], names, routes, own), names)
                             + f"\n\n![{kind} route selection]({kind}/route_selection.png)")
     headline = f"Headline numbers: the {matrix_label(result.headline)}" + (
         " (the paper's protocol)." if result.headline == "protocol" else "; this run has no protocol matrix.")
