@@ -207,11 +207,12 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
         if unknown:
             raise ValueError(f"`{argument}` names task(s) {unknown} that are not this model's (it learned {known}): "
                              "the card would describe another run. Pass those of this model's run.")
-    last = [(info["name"], list(info.get("classnames") or [])) for info in infos][-len(tasks):] if tasks else []
-    if learned and [(task.name, list(task.classnames)) for task in tasks or []] != last:
-        raise ValueError(f"`tasks` {[task.name for task in tasks]} are not the last task(s) this model learned, in "
-                         f"order and with their class names ({[name for name, _ in last]}): the card would describe "
-                         "another run. Pass the run's tasks as it trained them, or none (the model records them).")
+    given = [(task.name, list(task.classnames)) for task in tasks or []]  # `records` are the model's when learned
+    if learned and given and given != records[-len(given):]:
+        raise ValueError(f"`tasks` {[name for name, _ in given]} are not the last task(s) this model learned, in "
+                         f"order and with their class names ({[name for name, _ in records[-len(given):]]}): the card "
+                         "would describe another run. Pass the run's tasks as it trained them, or none (the model "
+                         "records them).")
     name = repo_id.split("/")[-1] if repo_id is not None else Path(local_dir).resolve().name
     license_ = base_license(base)
     # no pipeline_tag: the Hub's zero-shot-image-classification widget and pipeline would load the base CLIP alone

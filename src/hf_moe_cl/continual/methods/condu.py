@@ -34,6 +34,10 @@ _CHOICES = {"condu_fine_tune": ("lora", "full"), "condu_rescaler": UNIFY_RULES, 
 # Options that shape the stored deltas: a save is loaded only with the same values.
 _TRAINING_OPTIONS = ("condu_fine_tune", "condu_rescaler")
 _LORA_OPTIONS = ("condu_lora_targets", "condu_lora_init_std", "rank")
+# The keys of a save's peft LoRA config that change the model `PeftModel.from_pretrained` builds from it.
+SHAPING_LORA_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "lora_dropout", "bias",
+                     "use_dora", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "modules_to_save",
+                     "rank_pattern", "alpha_pattern")
 
 
 @dataclass
@@ -313,7 +317,6 @@ class ConDU(ContinualMethod):
         self.store = store
         self._deltas = {}
 
-
     def _check_adapter_config(self, folder: Path) -> None:
         """The save's adapter_config.json describes the LoRA its factors were trained with (the one `lora_config`
         gives), so `PeftModel.from_pretrained` on the folder builds the model this loader does."""
@@ -333,12 +336,6 @@ class ConDU(ContinualMethod):
             trained = ", ".join(f"{key}={plain(expected.get(key))!r}" for key in differ)
             raise ValueError(f"{path} gives {given}, not the LoRA the save's factors were trained with ({trained}): "
                              f"PeftModel.from_pretrained on the folder would build another model. {FIX}")
-
-
-# the keys of a peft LoRA config that change the model it builds
-SHAPING_LORA_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "lora_dropout", "bias",
-                     "use_dora", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "modules_to_save",
-                     "rank_pattern", "alpha_pattern")
 
 
 def _saved_settings(folder: Path, header: dict) -> tuple[ConDUArguments, int]:

@@ -54,10 +54,10 @@ class ExpertBookkeeping:
         if unknown or missing:
             raise ValueError(f"{what} must be keyed by this model's MoE layer names (moe_layers()): unknown "
                              f"{unknown[:3]}, missing {missing[:3]}.")
+        kinds = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8) + (
+            () if integer else (torch.float16, torch.bfloat16, torch.float32, torch.float64))
         for name, value in counts.items():
             experts = layers[name].expert_count(adapter)
-            kinds = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8) + (
-                () if integer else (torch.float16, torch.bfloat16, torch.float32, torch.float64))
             if not (isinstance(value, torch.Tensor) and value.shape == (experts,) and value.dtype in kinds
                     and bool(torch.isfinite(value).all()) and not bool((value < 0).any())):
                 shown = type(value).__name__
