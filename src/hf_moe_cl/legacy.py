@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .ddas.selector import AUTOENCODER_TENSORS
 from .ddas.settings import SELECTOR_KEY, SelectorConfig
-from .files import atomic_path, check_safetensors_file, read_json_file
+from .files import atomic_path, check_safetensors_file, read_json_file, write_text_atomic
 
 LEGACY_PEFT_TYPE_NAMES = ("MOE_LORA (needs `import hf_moe_cl` before loading)",)
 LEGACY_SELECTOR_FILES = ("ddas_config.json", "ddas.safetensors")
@@ -52,8 +52,7 @@ def upgrade_adapter_folder(folder: str) -> None:
     tensors.update({f"base_model.{SELECTOR_KEY}.{key}": value for key, value in load_file(legacy_weights).items()})
     with atomic_path(weights_path) as temporary:
         save_file(tensors, str(temporary), metadata={"format": "pt"})
-    with atomic_path(config_path) as temporary:
-        temporary.write_text(json.dumps(adapter_config, indent=2))
+    write_text_atomic(config_path, json.dumps(adapter_config, indent=2))
     for path in (legacy_config, legacy_weights):
         os.remove(path)
 

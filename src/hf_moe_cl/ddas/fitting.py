@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from ..data.splits import few_shot_subset
+from ..data.splits import few_shot_subset, seeded_rows
 from .autoencoder import fit_autoencoder
 from .selector import DistributionSelector
 from .settings import HELDOUT_FRACTION, DDASArguments, heldout_count
@@ -84,12 +84,9 @@ class SelectorFitting:
         """Selector features of a seeded random sample of `ddas_max_images` images, gathered from every process."""
         context = self.context
         if len(dataset) > self.options.ddas_max_images:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(context.seed))
-            dataset = dataset.select(sorted(order[: self.options.ddas_max_images].tolist()))
-        features = []
-        for batch in context.progress(context.loader(dataset), f"DDAS features: {label}"):
-            features.append(context.gather(self.features(batch["pixel_values"].to(context.device))))
-        return torch.cat(features)
+            dataset = dataset.select(seeded_rows(len(dataset), self.options.ddas_max_images, context.seed))
+        return torch.cat([context.gather(self.features(batch["pixel_values"].to(context.device)))
+                          for batch in context.progress(context.loader(dataset), f"DDAS features: {label}")])
 
     def fit(self, route: int, task, reference: Dataset) -> None:
         """After task `route` trained: the reference autoencoder if the selector has none yet (on `reference`),

@@ -53,13 +53,11 @@ class SelectorConfig:
 
     def __post_init__(self):
         check_option("selector.feature_extractor", self.feature_extractor, str, choices=FEATURE_EXTRACTORS)
-        for name in ("feature_dim", "hidden_dim"):
-            check_option(f"selector.{name}", getattr(self, name), int, low=1, optional=name == "feature_dim")
-        check_option("selector.feature_layer", self.feature_layer, int, low=1, optional=True)
-        check_option("selector.include_untrained", self.include_untrained, bool)
+        for name in ("feature_dim", "hidden_dim", "feature_layer"):
+            check_option(f"selector.{name}", getattr(self, name), int, low=1, optional=name != "hidden_dim")
+        for name in ("include_untrained", "sigmoid_output", "standardize"):
+            check_option(f"selector.{name}", getattr(self, name), bool, optional=name != "include_untrained")
         alexnet = self.feature_extractor == "alexnet"
-        for name in ("sigmoid_output", "standardize"):
-            check_option(f"selector.{name}", getattr(self, name), bool, optional=True)
         if self.sigmoid_output is None:
             self.sigmoid_output = alexnet
         if self.standardize is None:

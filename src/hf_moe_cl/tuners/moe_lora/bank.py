@@ -198,8 +198,7 @@ class ExpertBank:
     def add_task(self, adapter: str) -> None:
         """Append a zero-initialised router (and its bookkeeping rows) for one more task."""
         self.sync_banks(adapter)
-        for rows in [getattr(self, name) for name in ROUTER_PARAMS] + [self.moe_lora_counts,
-                                                                       self.moe_lora_router_frozen]:
+        for rows in [getattr(self, n) for n in ROUTER_PARAMS] + [self.moe_lora_counts, self.moe_lora_router_frozen]:
             old = rows[adapter]
             rows[adapter] = torch.cat([old, old.new_zeros(1, *old.shape[1:])])
         self._rebuild(adapter)

@@ -48,7 +48,6 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         self.moe_lora_dropout = nn.ModuleDict()
         self.moe_lora_options: dict[str, MoELoraConfig] = {}
         self.balance_loss: Optional[torch.Tensor] = None
-        self.kwargs = kwargs
         self.register_state_dict_pre_hook(sync_before_save)
         self.register_state_dict_post_hook(banks_only)
         self.register_load_state_dict_post_hook(rebuild_after_load)
