@@ -144,8 +144,7 @@ class MoELoraLayer(ExpertBank, BaseTunerLayer):
         choice = noisy_top_k(
             tokens[:, 0], gate, noise, top_k=options.top_k, noisy=noisy, noise_epsilon=options.noise_epsilon,
             keep=keep, with_balance_loss=self.training and options.load_balancing_coef > 0,
-            hidden=self.hidden_experts(adapter, task if task_ids is None else task_ids),
-            first_experts=None if task_ids is None else options.num_experts)
+            hidden=self.hidden_experts(adapter, index), first_experts=None if task_ids is None else options.num_experts)
         if choice.balance_loss is not None:
             loss = options.load_balancing_coef * choice.balance_loss
             self.balance_loss = loss if self.balance_loss is None else self.balance_loss + loss
