@@ -220,7 +220,6 @@ class ExpertBank:
                              f"{int(tasks[adapter].max())}: a bank grows in task order (each task's router sees the "
                              "experts before its own).")
         self.sync_banks(adapter)
-        old_count = self.expert_count(adapter)
         for name in EXPERT_PARAMS:
             if adapter in getattr(self, name):
                 old = getattr(self, name)[adapter]
@@ -234,7 +233,7 @@ class ExpertBank:
             columns[adapter] = torch.cat([old, old.new_zeros(*old.shape[:-1], count)], dim=-1)
         frozen_by = self.moe_lora_frozen_by[adapter]
         self.moe_lora_frozen_by[adapter] = torch.cat([frozen_by, frozen_by.new_full((count,), -1)])
-        first = tasks[adapter] if adapter in tasks else frozen_by.new_zeros(old_count)
+        first = tasks[adapter] if adapter in tasks else torch.zeros_like(frozen_by)
         self.moe_lora_expert_task[adapter] = torch.cat([first, first.new_full((count,), first_task)])
         self._rebuild(adapter)
 
