@@ -68,11 +68,9 @@ def save_folder(folder, store: DeltaStore, fingerprint: dict, header: dict, lora
                          "prototypes), not a store filled by hand.")
     with atomic_files(folder) as staging:
         save_file(triggers, str(staging / TRIGGERS_FILE), metadata={"format": "pt"})
+        save_file(unified, str(staging / _unified_file(config)), metadata={"format": "pt"})
         if lora is not None:
-            save_file(unified, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             lora.save_pretrained(str(staging))
-        else:
-            save_file(unified, str(staging / DELTA_FILE), metadata={"format": "pt"})
         config["file_sha256"] = file_hashes(staging, [TRIGGERS_FILE, _unified_file(config)])
         config["tasks_sha256"] = json_sha256(tasks)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1))
@@ -200,8 +198,7 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
     if saved != [str(t) for t in range(len(tasks))]:
         raise ValueError(f"The ConDU save in {folder} is inconsistent: {CONFIG_FILE} lists {len(tasks)} task(s) but "
                          f"{TRIGGERS_FILE} holds triggers of tasks [{', '.join(saved)}]. {FIX}")
-    lora = header["fine_tune"] == "lora"
-    has_origin = lora or any(key.startswith("origin.") for key in triggers)  # LoRA deltas always have one
+    has_origin = header["fine_tune"] == "lora" or any(key.startswith("origin.") for key in triggers)  # always for LoRA
     store = DeltaStore(header["rule"], shapes,
                        {n: tensor(triggers, f"origin.{n}", s) for n, s in shapes.items()} if has_origin else None)
     store.unified_tensors = {n: tensor(unified, n, s) for n, s in shapes.items()}
