@@ -79,10 +79,10 @@ class EvaluationEngine:
         dataset = task.eval_dataset
         world, rank = accelerator.num_processes, accelerator.process_index
         if world > 1:
-            unit = args.protocol_unit
-            dataset = Subset(dataset, [i for i in range(len(dataset)) if (i // unit) % world == rank])
-        return DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=self.trainer.evaluation_collator,
-                          num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
+            dataset = Subset(dataset, [i for i in range(len(dataset)) if (i // args.protocol_unit) % world == rank])
+        return DataLoader(dataset, batch_size=args.per_device_eval_batch_size,
+                          collate_fn=self.trainer.evaluation_collator, num_workers=args.dataloader_num_workers,
+                          pin_memory=args.dataloader_pin_memory)
 
     def _batches(self, task) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(pixels, labels) of this process's share of the test set on the CPU, from the cache or read now."""
@@ -230,19 +230,18 @@ class EvaluationEngine:
         """Per kind, (batch, width, dim) image embeddings of every image under each of its routes: route -1 from
         the untouched embeddings, every other (image, route) pair encoded once for all kinds together."""
         images = torch.arange(pixels.shape[0], device=pixels.device).unsqueeze(1)
-        keys = {kind: images * PAIR + r.ids.to(pixels.device) for kind, r in routes.items()}
-        wanted = [key[r.ids.to(pixels.device) >= 0] for key, r in zip(keys.values(), routes.values())]
-        unique = torch.unique(torch.cat(wanted))
+        ids = {kind: r.ids.to(pixels.device) for kind, r in routes.items()}
+        keys = {kind: images * PAIR + kind_ids for kind, kind_ids in ids.items()}
+        unique = torch.unique(torch.cat([keys[kind][kind_ids >= 0] for kind, kind_ids in ids.items()]))
         encoded = self._routed(pixels, unique // PAIR, unique % PAIR) if unique.numel() else None
         out = {}
-        for kind, key in keys.items():
-            ids = routes[kind].ids.to(pixels.device)
-            result = torch.empty(*ids.shape, self.method.model.config.projection_dim, device=pixels.device)
-            zero_shot = ids == ZERO_SHOT
+        for kind, kind_ids in ids.items():
+            result = torch.empty(*kind_ids.shape, self.method.model.config.projection_dim, device=pixels.device)
+            zero_shot = kind_ids == ZERO_SHOT
             if bool(zero_shot.any()):
-                result[zero_shot] = untouched.unsqueeze(1).expand(*ids.shape, -1)[zero_shot].to(result.dtype)
+                result[zero_shot] = untouched.unsqueeze(1).expand(*kind_ids.shape, -1)[zero_shot].to(result.dtype)
             if not bool(zero_shot.all()):
-                result[~zero_shot] = encoded[torch.searchsorted(unique, key[~zero_shot])]
+                result[~zero_shot] = encoded[torch.searchsorted(unique, keys[kind][~zero_shot])]
             out[kind] = result
         return out
 

@@ -60,7 +60,8 @@ class ContinualTrainer(Trainer):
     def __init__(self, model=None, args: Optional[ContinualTrainingArguments] = None, processing_class=None,
                  method: Optional[ContinualMethod] = None, **kwargs):
         if processing_class is None or not hasattr(processing_class, "tokenizer"):
-            raise ValueError("ContinualTrainer needs `processing_class=CLIPProcessor(...)` (tokenizer + image processor).")
+            raise ValueError("ContinualTrainer needs `processing_class=CLIPProcessor(...)` (tokenizer + image "
+                             "processor).")
         if method is None:
             if model is None:
                 raise ValueError("ContinualTrainer needs a `model` or a `method`.")
@@ -77,7 +78,7 @@ class ContinualTrainer(Trainer):
         augment = training_augmentation(image_processor, args.train_augmentation)
         if kwargs.get("data_collator") is None:  # training batches go through the official augmentation
             kwargs["data_collator"] = ImageClassificationCollator(image_processor, augment)
-        elif args.train_augmentation not in (None, "none"):
+        elif augment is not None:
             raise ValueError("`train_augmentation` applies to the collator ContinualTrainer makes; with a "
                              "data_collator of your own (it collates the training batches) set "
                              "train_augmentation='none' and augment in your collator.")
@@ -209,10 +210,10 @@ class ContinualTrainer(Trainer):
             histograms[kind].append([cell.histogram for cell in rows[kind]])
         metrics = {}
         for kind in matrices:
-            row = matrices[kind][-1]
-            metrics.update({f"{kind}_accuracy/{task.name}": value for task, value in zip(tasks, row) if value is not None})
+            evaluated = [(task.name, value) for task, value in zip(tasks, matrices[kind][-1]) if value is not None]
+            metrics.update({f"{kind}_accuracy/{name}": value for name, value in evaluated})
             logger.info("%s, %s matrix, %s: %s", self.task_label, kind, MATRIX_TITLES.get(kind, kind),
-                        ", ".join(f"{task.name} {value:.2f}" for task, value in zip(tasks, row) if value is not None))
+                        ", ".join(f"{name} {value:.2f}" for name, value in evaluated))
         self.log(metrics)  # log_history, on_log and the integrations of `report_to`
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         counted, self._encodings_mark = self._encodings_mark, dict(engine.encodings)
@@ -309,7 +310,7 @@ class ContinualTrainer(Trainer):
             if self.args.save_task_checkpoints:
                 progress.update(evaluated=True, matrices=matrices, route_histogram=histograms,
                                 image_encodings=encodings)
-                if self.is_world_process_zero():
+                if main:
                     write_json_atomic(task_folder(self.args.output_dir, index, task.name) / PROGRESS_FILE, progress)
                     prune(self.args.output_dir, self.args.save_total_limit)
                 self.accelerator.wait_for_everyone()
