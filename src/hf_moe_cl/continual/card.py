@@ -73,11 +73,11 @@ def eval_results(result: ContinualResult, dataset_ids: dict[str, str]) -> list[E
 def base_license(base: Optional[str]) -> Optional[str]:
     """The license in the base model's card (its folder's README.md, or its Hub repo's), None when it says none or
     cannot be read."""
-    local = Path(base) / "README.md" if base and Path(base).is_dir() else None
-    if local is None and hub_id(base) is None:
+    source = Path(base) / "README.md" if base and Path(base).is_dir() else hub_id(base)
+    if source is None:
         return None
     try:
-        card = ModelCard.load(local if local is not None else hub_id(base))
+        card = ModelCard.load(source)
     except (OSError, ValueError, HfHubHTTPError):  # no card, no such repo, offline
         return None
     return card.data.get("license")
@@ -100,7 +100,6 @@ def training_hyperparameters(method: Optional[ContinualMethod] = None,
         if args.max_steps != -1:
             values.pop("num_train_epochs", None)
         values["num_processes"] = args.world_size
-
     if method is not None:  # {"method": name, "arguments": {...}, "ddas": {...}}: option names are unique
         for key, value in method.fingerprint().items():
             if key == "adapter":  # {adapter name: its config}: the settings that size and route the experts
@@ -197,8 +196,7 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
     location = checked_hub_id(repo_id) if repo_id is not None else str(local_dir)
     dataset_ids = {task: checked_hub_id(dataset, f"The dataset id of {task!r}")
                    for task, dataset in (dataset_ids or {}).items()}
-    moe, infos = find_moe(method.model), recorded_tasks(method)
-    learned = [info["name"] for info in infos]
+    learned = [info["name"] for info in recorded_tasks(method)]
     known = learned or [task for task, _ in records]
     for argument, names in (("result", result.task_names if result is not None and learned else []),
                             ("tasks", [task.name for task in tasks or []] if learned else []),
@@ -226,13 +224,13 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
     lines = [f"# {markdown_text(name)}", "",
              f"CLIP continually trained on {len(records)} tasks in order with hf-moe-cl, method "
              f"`{method.name}`, from {markdown_text(base or 'an unrecorded base model')}."]
-    if moe is not None:
+    if (moe := find_moe(method.model)) is not None:
         config = moe.moe_config
         lines[-1] += (f" {config.num_experts} experts of rank {config.r}, top-{config.top_k} routing, "
                       f"{config.num_tasks} task routers; "
                       + ("a DDAS selector, stored in the adapter's weights, picks the router of each image."
                          if moe.selector is not None else "no DDAS selector: pass the task id."))
-    if result is not None and len(result.task_names) >= 2 and result.matrices.get(result.headline):
+    if result is not None and result.matrices.get(result.headline):  # matrix_summary: no metrics of one task
         kind = result.headline
         metrics, _ = matrix_summary(list(result.task_names), result.matrices[kind])
         if metrics:

@@ -28,8 +28,8 @@ def to_rgb(image: Any) -> Image.Image:
                 raise TypeError
             image = Image.fromarray(image)
         except TypeError:  # PIL: "Cannot handle this data type"
-            raise ValueError(f"An array image of shape {image.shape} and dtype {image.dtype} is not one PIL reads: give "
-                             "(height, width) or (height, width, 3 or 4) uint8 values 0..255 (channels last: "
+            raise ValueError(f"An array image of shape {image.shape} and dtype {image.dtype} is not one PIL reads: "
+                             "give (height, width) or (height, width, 3 or 4) uint8 values 0..255 (channels last: "
                              "a.transpose(1, 2, 0); floats in 0..1: (a * 255).round().astype(np.uint8)), or a PIL "
                              "image.") from None
     if not isinstance(image, Image.Image):
@@ -47,9 +47,7 @@ def to_rgb(image: Any) -> Image.Image:
         raise ValueError(f"An image of {image.width}x{image.height} pixels has nothing to classify: drop it, or check "
                          "how it was made (a crop outside the picture?).")
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     return image.convert("RGB")
 
 
@@ -89,9 +87,7 @@ class RandomResizedCrop:
 def training_augmentation(image_processor, name: Optional[str]) -> Optional[RandomResizedCrop]:
     """The training augmentation `name` (`ContinualTrainingArguments.train_augmentation`) for this processor's input
     size: the official `RandomResizedCrop(size, scale=(0.9, 1.0))`, or None for 'none'."""
-    if name in (None, "none"):
-        return None
-    return RandomResizedCrop(image_processor.crop_size["height"], scale=(0.9, 1.0))
+    return None if name in (None, "none") else RandomResizedCrop(image_processor.crop_size["height"], scale=(0.9, 1.0))
 
 
 class ImageClassificationCollator:

@@ -37,7 +37,6 @@ RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "condu_config
 TASK_FOLDER = re.compile(r"task-(\d+)-(.+)")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-
 # What to do instead of resuming a folder of another run (`overwrite_output_dir` alone does not apply to a resume).
 START_OVER = "or start over: run without resume=True and with overwrite_output_dir=True"
 
@@ -101,9 +100,7 @@ def finished_folders(output_dir: str | Path) -> dict[int, Path]:
 def remove_temporary(output_dir: str | Path) -> None:
     """Delete what an interrupted atomic write left behind (hidden `.*.tmp-*` siblings)."""
     root = Path(output_dir)
-    if not root.is_dir():
-        return
-    for path in root.iterdir():
+    for path in root.iterdir() if root.is_dir() else []:
         if is_temporary(path):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -296,8 +293,7 @@ def _describe(holder: Any) -> str:
 def check_no_outputs(output_dir: str | Path) -> None:
     """Refuse to start a new run in a folder that holds what a run writes at its root (another run's adapter or
     model, model card and results, or a user's files of those names): the new run would replace them."""
-    root = Path(output_dir)
-    found = [name for name in RUN_OUTPUTS if (root / name).exists()]
+    found = [name for name in RUN_OUTPUTS if (Path(output_dir) / name).exists()]
     if found:
         raise ValueError(f"{output_dir} already holds {', '.join(found)}, as another run leaves them, and a new run "
                          "writes its own under these names. Write to a new output_dir, resume that run with "
@@ -310,8 +306,7 @@ def check_output_dir(output_dir: str | Path) -> None:
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise ValueError(f"output_dir {output_dir} is a file, not a folder: give a folder path for the checkpoints "
                          "(or move the file away).")
-    root = Path(output_dir).resolve()
-    for folder in root.parents:
+    for folder in Path(output_dir).resolve().parents:
         if (folder / PROGRESS_FILE).is_file():
             what = "a task checkpoint of another run"
         elif (folder / LOCK_FILE).is_file() or finished_folders(folder):

@@ -45,7 +45,9 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
         for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
             for offset, image in enumerate(batch["image"]):
                 try:
-                    to_rgb(_open_image(image))  # decodes; refuses NaN or infinite pixels and 0x0 images
+                    if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
+                        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+                    to_rgb(image)  # decodes; refuses NaN or infinite pixels and 0x0 images
                 except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
                     bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
             bar.update(len(batch["image"]))
@@ -53,12 +55,6 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
         index, error = bad[0]
         raise ValueError(f"{where}: {len(bad)} image(s) cannot be decoded, the first at index {index} ({error}). "
                          "Remove or replace them before training (e.g. dataset.select of the good indices).")
-
-
-def _open_image(image):
-    if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
-        return Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-    return image
 
 
 @dataclass
@@ -156,8 +152,7 @@ class ContinualTask:
         feature = dataset.features["label"]
         if isinstance(feature, ClassLabel):
             self._check_label_names(split, feature.names)
-        dtype = getattr(feature, "dtype", None)
-        if not isinstance(feature, ClassLabel) and dtype not in INTEGER_DTYPES:
+        elif (dtype := getattr(feature, "dtype", None)) not in INTEGER_DTYPES:
             raise ValueError(
                 f"Task {self.name!r}: the {split} labels are of type {dtype or type(feature).__name__}; labels must be "
                 "integers indexing `classnames` (map strings or floats to class indices first, e.g. with "
@@ -206,9 +201,8 @@ class ContinualTask:
         meta = read_json_file(meta_file)
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_file} should hold a JSON object with the task's name, classnames and templates.")
-        name = meta.get("name", path.name)
-        check_label_space(meta.get("classnames"), meta.get("templates", ["a photo of a {}."]),
-                          f"{meta_file} (task {name!r})")
+        name, templates = meta.get("name", path.name), meta.get("templates", ["a photo of a {}."])
+        check_label_space(meta.get("classnames"), templates, f"{meta_file} (task {name!r})")
         try:
             splits = load_from_disk(str(path))
         except Exception as error:  # datasets raises what its reader meets (IndexError, ArrowInvalid, ...)
@@ -225,7 +219,7 @@ class ContinualTask:
                                  "them (train_split=None loads an evaluation-only task).")
         return cls(name=name, train_dataset=None if train_split is None else splits[train_split],
                    eval_dataset=splits[eval_split], classnames=list(meta["classnames"]),
-                   templates=list(meta.get("templates", ["a photo of a {}."])), learning_rate=learning_rate)
+                   templates=list(templates), learning_rate=learning_rate)
 
 
 def check_prompt_tokens(tokenizer, classnames, templates, owner: str) -> None:
