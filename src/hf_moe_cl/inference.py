@@ -165,10 +165,9 @@ class TaskAgnosticClassifier:
         """As `__call__`, for a batch of CLIP pixel values."""
         self.check_labels(candidate_labels, templates)
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.dtype.is_floating_point:
-            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            got = f"{tuple(pixels.shape)} {pixels.dtype}" if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"`pixels` must be a floating-point tensor (batch, channels, height, width) of CLIP pixel "
-                             f"values (the image processor's pixel_values), got {shape}"
-                             + (f" {pixels.dtype}" if isinstance(pixels, torch.Tensor) else "") + ".")
+                             f"values (the image processor's pixel_values), got {got}.")
         if pixels.shape[0] == 0:
             return []
         if not bool(torch.isfinite(pixels).all()):

@@ -18,8 +18,6 @@ from .continual.methods import ConDU
 from .inference import TaskAgnosticClassifier, check_adapter_source, load_adapter_model, read_image
 
 TASK = "task-agnostic-image-classification"
-
-
 # The attribute of a ConDU save's CLIP that holds its method (the pipeline's model must be the CLIP itself).
 METHOD_ATTRIBUTE = "_hf_moe_cl_method"
 

@@ -65,8 +65,7 @@ def map_label_names(dataset: str, source: str, names: Sequence[str], aliases: Se
 def relabel(dataset: Dataset, label_map: LabelMap, classnames: Sequence[str]) -> Dataset:
     """`dataset` (an integer `label` column of source labels) with official labels, rows of dropped classes removed.
     The label column is replaced, not rewritten through `map`, so the images are not copied."""
-    source = list(dataset["label"])
-    official = [label_map.indices[label] for label in source]
+    official = [label_map.indices[label] for label in dataset["label"]]
     keep = [row for row, label in enumerate(official) if label is not None]
     relabelled = dataset.remove_columns("label").add_column(
         "label", [label if label is not None else -1 for label in official], feature=ClassLabel(names=list(classnames)))

@@ -32,7 +32,6 @@ from .presets import ClassIncrementalPreset, check_task_names, get_preset, mini_
 
 COLUMNS = ("dataset", "source", "split", "train", "test", "classes", "first classes", "labels")
 DOWNLOAD_COLUMNS = ("item", "source", "status")
-PROBE_TIMEOUT = 5.0  # seconds one host has to answer
 
 
 @dataclass
@@ -71,10 +70,10 @@ class DataCheckError(ValueError):
 
 @dataclass
 class _Network:
-    """Whether the hosts a run downloads from answer: one HEAD request per host per check, PROBE_TIMEOUT seconds and
-    no retry, so that an offline machine fails in seconds."""
+    """Whether the hosts a run downloads from answer: one HEAD request per host per check, `timeout` seconds and no
+    retry, so that an offline machine fails in seconds."""
 
-    timeout: float = PROBE_TIMEOUT
+    timeout: float = 5.0  # seconds one host has to answer
     _reasons: dict[str, Optional[str]] = field(default_factory=dict)
 
     def unreachable(self, url: str) -> Optional[str]:

@@ -53,8 +53,9 @@ MINI_HUB_DATASETS: dict[str, MiniHubDataset] = {spec.name: spec for spec in (
     MiniHubDataset("caltech101", _CALTECH.hub, tuple(_CALTECH_NAMES.get(i, name) for i, name in
                                                      enumerate(_CALTECH.classnames)),
                    _CALTECH.torchvision_classes, ("a photo of a {}.",), split_rule=RANDOM_SPLIT),
-    MiniHubDataset("cifar10", hub_copy("uoft-cs/cifar10", _SPLITS, "CIFAR-10's names", "parquet, config plain_text: img, "
-                                   "label (10 classes); train 50,000 / test 10,000", image="img", num_labels=10),
+    MiniHubDataset("cifar10", hub_copy("uoft-cs/cifar10", _SPLITS, "CIFAR-10's names", "parquet, config plain_text: "
+                                       "img, label (10 classes); train 50,000 / test 10,000", image="img",
+                                       num_labels=10),
                    _CIFAR10, _CIFAR10, ("a photo of a {}.",)),
     MiniHubDataset("clothing", hub_copy("samokosik/clothes", _SPLITS, "Blazer ... Undershirt", "parquet: image, label "
                                     "(16 classes, the 10 of clothing-dataset-small among them); train 4,283 / test "
@@ -82,8 +83,7 @@ def mini_hub_tasks(names: list[str], hub_ids: Optional[Mapping[str, Union[str, H
     for name in names:
         spec = MINI_HUB_DATASETS[name]
         train, test = load_splits(spec, hub=hub_source(spec, (hub_ids or {}).get(name)), cache_dir=cache_dir)
-        train = train.select(seeded_rows(len(train), MINI_TRAIN_IMAGES))
-        test = test.select(seeded_rows(len(test), MINI_TEST_IMAGES))
-        tasks.append(ContinualTask(name=name, train_dataset=train, eval_dataset=test, classnames=list(spec.classnames),
-                                   templates=list(spec.templates)))
+        tasks.append(ContinualTask(name=name, train_dataset=train.select(seeded_rows(len(train), MINI_TRAIN_IMAGES)),
+                                   eval_dataset=test.select(seeded_rows(len(test), MINI_TEST_IMAGES)),
+                                   classnames=list(spec.classnames), templates=list(spec.templates)))
     return tasks

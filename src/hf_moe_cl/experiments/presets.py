@@ -89,7 +89,6 @@ def mini_long_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] 
     return tasks
 
 
-
 @dataclass(frozen=True)
 class MTILPreset:
     """A task sequence and the official per-task recipe facts of MoE-Adapters' MTIL runs."""
@@ -239,8 +238,7 @@ def class_incremental_tasks(train: Dataset, test: Dataset, classnames: list[str]
                          "or the increments alone.")
     bounds = list(range(initial_increment, len(order), increment)) + [len(order)]
     position = {label: index for index, label in enumerate(order)}
-    train_labels = [position[int(label)] for label in train["label"]]
-    test_labels = [position[int(label)] for label in test["label"]]
+    train_labels, test_labels = ([position[int(label)] for label in split["label"]] for split in (train, test))
     train = train.remove_columns("label").add_column("label", train_labels)
     test = test.remove_columns("label").add_column("label", test_labels)
     names = [classnames[label] for label in order]

@@ -29,8 +29,7 @@ def selection_summary(stages: Sequence[Sequence[Sequence[int]]], names: Sequence
         raise ValueError(f"The route histogram has {len(last[0]) - 1} routes besides zero-shot, but {len(routes)} "
                          f"route names and {len(own)} task routes were given for {len(names)} tasks: pass the run's "
                          "diagnostics['route_names'] and ['task_routes'].")
-    correct = {name: 100.0 * counts[route + 1] / max(1, sum(counts))
-               for name, counts, route in zip(names, last, own)}
+    correct = {name: 100.0 * counts[route + 1] / max(1, sum(counts)) for name, counts, route in zip(names, last, own)}
     unseen = [stages[i][j] for i in range(len(stages)) for j in range(i + 1, len(names))]
     total = sum(sum(counts) for counts in unseen)
     return {"routes": ["zero-shot", *routes], "own_routes": own, "counts_after_last_task": last, "correct": correct,
