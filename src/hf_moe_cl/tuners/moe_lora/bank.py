@@ -270,7 +270,7 @@ class ExpertBank:
             return None
         order = torch.sort(counts, descending=True, stable=True).indices
         sources = order[:2].tolist()
-        trainable = (self.moe_lora_frozen_by[adapter] < 0).clone()
+        trainable = self.moe_lora_frozen_by[adapter] < 0  # a new tensor
         trainable[sources] = False
         if not bool(trainable.any()):
             return None

@@ -131,8 +131,8 @@ class TaskRouting:
             return None
         pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
         routes = selector.choose(self.model, pixels, lambda: self.routing(None))[0]
-        chosen = routes.unique().tolist()
-        if self._clip_call:
+        if self._clip_call:  # the text follows the images' route (a device sync only in a whole-CLIP call)
+            chosen = routes.unique().tolist()
             self._images_route = chosen[0] if len(chosen) == 1 else MIXED
         self._call_routes.append(("vision_model", self._make_route(routes)))
         return None
