@@ -32,7 +32,8 @@ from transformers import CLIPModel, CLIPProcessor, HfArgumentParser
 
 import hf_moe_cl  # noqa: F401  (registers MoE-LoRA with peft)
 from hf_moe_cl.assets import PROXY_CLIP, REFERENCE_IMAGES, AssetsNotFoundError, assets_dir
-from hf_moe_cl.experiments.experiment import AdapterArguments, MethodArguments, idle_options, prepare_method
+from hf_moe_cl.experiments.experiment import (AdapterArguments, CommandLineMoEAdaptersArguments, MethodArguments,
+                                              idle_options, prepare_method)
 from hf_moe_cl.experiments.metrics import class_incremental_metrics
 from hf_moe_cl.experiments.recipes import TINY_IMAGENET, apply_recipe
 from hf_moe_cl.experiments.reporting import write_result_report
@@ -107,8 +108,8 @@ class ExperimentArguments:
             raise ValueError(f"--hub_base_model must be a Hub model id (e.g. {HUB_CLIP}), got {self.hub_base_model!r}.")
 
 
-LIBRARY_GROUPS = (ExperimentArguments, MethodArguments, AdapterArguments, MoEAdaptersArguments, DDASArguments,
-                  LoRAArguments, ConDUArguments)
+LIBRARY_GROUPS = (ExperimentArguments, MethodArguments, AdapterArguments, CommandLineMoEAdaptersArguments,
+                  DDASArguments, LoRAArguments, ConDUArguments)
 ADAPTER_FIELDS = ("num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold")
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -545,3 +546,19 @@ def test_a_missing_base_model_path_is_named_before_any_hub_call(tmp_path, monkey
     moe_model().save_pretrained(tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match=r"nobase is neither a folder here nor a Hub repo id"):
         TaskAgnosticClassifier.from_pretrained(str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "nobase"))
+
+
+@pytest.mark.parametrize("saved_with, edit", [
+    (["visual_projection"], ["text_projection"]),
+    (["visual_projection"], ["visual_projection", "text_projection"]),
+    (None, ["visual_projection"]),
+])
+def test_an_edited_modules_to_save_is_named_before_peft_fails_to_find_its_weights(tmp_path, saved_with, edit):
+    source = moe_model(modules_to_save=saved_with).save_pretrained(tmp_path / "saved") or tmp_path / "saved"
+    folder = edited(source, tmp_path / "edited", config={"modules_to_save": edit})
+    missing = [name for name in edit if name not in (saved_with or [])]
+    message = (rf"adapter_config.json was edited in `modules_to_save`: it names {re.escape(str(missing))}, but "
+               r"adapter_model.safetensors beside it holds no trained copy of such a module \(the copies it holds: "
+               + ("base_model.model.visual_projection" if saved_with else "none") + r"\)")
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_clip(), folder)

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import pytest
@@ -236,7 +237,7 @@ def test_the_same_code_classifies_without_task_ids_with_moe_ddas_or_condu(lora_r
         return TaskAgnosticClassifier(model, processor)(images, candidate_labels=["noise"])
 
     ddas = DDASArguments(ddas=True, ddas_task_steps=20, ddas_reference_steps=20, ddas_hidden_dim=8)
-    moe = MoEAdapters(get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=2, r=2)), ddas=ddas,
+    moe = MoEAdapters(get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=3, r=2)), ddas=ddas,
                       ddas_reference=colour_task("reference", seed=9, offset=5).train_dataset)
     ContinualTrainer(method=moe, args=make_args(tmp_path, max_steps=1, task_agnostic_eval=False),
                      processing_class=processor).train_tasks(two_tasks())
@@ -423,3 +424,16 @@ def test_a_damaged_condu_save_is_named(tmp_path, damage, message):
     damage(folder)
     with pytest.raises(ValueError, match=message):
         load_folder(folder, model_fingerprint(tiny_clip()))
+
+
+def test_a_top_k_above_the_tasks_learned_votes_for_all_of_them_and_says_so_once(lora_run, caplog):
+    learned = lora_run[0].store  # two tasks
+    method = ConDU(tiny_clip(), ConDUArguments(condu_top_k=4), rank=4)
+    method.store = learned
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        for _ in range(3):  # batch after batch
+            similarity, voted = method.vote(torch.nn.functional.normalize(torch.randn(5, 16), dim=-1))
+            assert voted.shape == similarity.shape == (5, 2)
+    said = [r.getMessage() for r in caplog.records if "condu_top_k" in r.getMessage()]
+    assert said == ["ConDU votes for all 2 task(s) learned so far, not condu_top_k=4, while fewer are learned "
+                    "(logged once)."]

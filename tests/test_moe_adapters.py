@@ -54,3 +54,71 @@ def test_moe_adapters_takes_the_adapter_settings_from_the_model_and_from_base_fr
     built = MoEAdapters.from_base(tiny_clip(), [MoELoraConfig(num_experts=6, top_k=3)], num_tasks=3, rank=2)
     config = built.moe.moe_config
     assert (config.num_experts, config.top_k, config.num_tasks, config.r) == (6, 3, 3, 2)
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(freeze_coverage=0.5), r"freeze_coverage=0.5 has no effect: an option of the other freeze_policy than top_k"),
+    (dict(freeze_images=8), r"freeze_images=8 has no effect: an option of the other freeze_policy than top_k"),
+    (dict(freeze_policy="coverage", freeze_experts_per_task=2),
+     r"freeze_experts_per_task=2 has no effect: an option of the other freeze_policy than coverage"),
+    (dict(shared_router=True, freeze_images=8, freeze_policy="coverage"),
+     r"freeze_policy='coverage' has no effect: shared_router=True freezes no expert \(one router learns every task\); "
+     r"freeze_images=8 has no effect: shared_router=True freezes no expert"),
+    (dict(shared_router=True, freeze_experts_per_task=2), r"freeze_experts_per_task=2 has no effect: shared_router"),
+    (dict(routing_report=False, routing_report_images=10),
+     r"routing_report_images=10 has no effect: routing_report=False writes no routing report. Leave it at the "
+     r"default, or change the option that makes it idle; nothing is ignored silently"),
+])
+def test_options_the_other_options_leave_idle_are_refused_when_made(values, message):
+    from hf_moe_cl.continual.methods import MoEAdaptersArguments
+
+    with pytest.raises(ValueError, match=rf"^MoEAdaptersArguments: .*{message}"):
+        MoEAdaptersArguments(**values)
+
+
+@pytest.mark.parametrize("values", [
+    dict(freeze_policy="coverage", freeze_coverage=0.5, freeze_images=8),
+    dict(freeze_experts_per_task=1, freeze_coverage=1.0),  # an idle option at its default asks for nothing
+    dict(shared_router=True, freeze_experts_per_task=0),  # no freezing, as shared_router (the CIL recipe)
+    dict(routing_report=False),
+])
+def test_idle_options_at_values_that_ask_for_nothing_are_accepted(values):
+    from hf_moe_cl.continual.methods import MoEAdaptersArguments
+
+    assert MoEAdaptersArguments(**values).freeze_policy in ("top_k", "coverage")
+
+
+def test_a_freeze_of_every_expert_before_more_tasks_is_refused_before_the_first_task(tmp_path, clip_processor):
+    from hf_moe_cl import ContinualTrainer
+    from hf_moe_cl.continual.methods import MoEAdaptersArguments
+
+    from conftest import continual_args, tasks_named
+
+    method = MoEAdapters(moe_model(), MoEAdaptersArguments(freeze_experts_per_task=4))  # 4 experts per layer
+    trainer = ContinualTrainer(method=method, args=continual_args(tmp_path), processing_class=clip_processor)
+    message = (r"freeze_experts_per_task=4 freezes all 4 experts of this model's smallest bank after the first of "
+               r"these 2 tasks \(every expert it selects\): the later ones would train no expert there. Give at most "
+               r"3 \(0 disables freezing\), give the bank more experts than top_k, or let it grow")
+    with pytest.raises(ValueError, match=message):
+        trainer.train_tasks(tasks_named("first", "second"))
+    assert all(slots["trainable"] == slots["total"] for slots in method.moe.expert_slots().values())
+    assert not method.expert_slots  # no task ended
+    with pytest.raises(ValueError, match=r"freeze_experts_per_task=None \(top_k=2\) freezes all 2 experts"):
+        ContinualTrainer(method=MoEAdapters(moe_model(num_experts=2)), args=continual_args(tmp_path / "k"),
+                         processing_class=clip_processor).train_tasks(tasks_named("first", "second"))
+
+
+def test_a_merge_period_longer_than_a_task_is_refused_before_it_trains(tmp_path, clip_processor):
+    from hf_moe_cl import ContinualTrainer
+    from hf_moe_cl.continual.methods import MoEAdaptersArguments
+
+    from conftest import continual_args, tasks_named
+
+    method = MoEAdapters(moe_model(), MoEAdaptersArguments(merge_experts_every=5))
+    trainer = ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=2),
+                               processing_class=clip_processor)
+    message = (r"merge_experts_every=5 is more than this task's 2 optimizer steps: no merge would happen in it. Give "
+               r"at most 2 \(0 disables merging\), or train each task longer \(max_steps\)")
+    with pytest.raises(ValueError, match=message):
+        trainer.train_tasks(tasks_named("first"))
+    assert not method.expert_slots and int(sum(c.sum() for c in method.moe.selection_counts(0).values())) == 0

@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 from transformers import set_seed
 
 from ..continual import ContinualResult, ContinualTrainer, ContinualTrainingArguments
-from ..continual.methods import METHODS, MoEAdapters, get_method
+from ..continual.methods import METHODS, MoEAdapters, MoEAdaptersArguments, get_method
+from ..continual.methods.moe_adapters_arguments import idle_options as moe_adapters_idle_options
 from ..ddas.settings import SELECTOR_OPTION_NAMES, SelectorConfig
 from ..options import check_option
 from ..tuners.moe_lora import MoELoraConfig
@@ -86,6 +87,18 @@ class AdapterArguments:
         return self.adapter_config(), self.selector_config()
 
 
+class CommandLineMoEAdaptersArguments(MoEAdaptersArguments):
+    """`MoEAdaptersArguments` as a command line parses them: an idle option is not refused when they are made but by
+    `idle_options` with the run's other unused options (given ones, even at their defaults, all named together)."""
+
+    refuses_idle_options = False
+
+
+def cli_spelling(name: str, value=None) -> str:
+    """An option as the command line gives it: `--name`, or `--name value`."""
+    return f"--{name}" if value is None else f"--{name} {str(value).lower() if isinstance(value, bool) else value}"
+
+
 def prepare_method(method_args: MethodArguments, base, tasks, args: ContinualTrainingArguments,
                    options: Sequence = (), reference_images=None):
     """(method, training arguments) for a run of `tasks`: the method named by `method_args`, built on a private copy
@@ -128,15 +141,7 @@ def idle_options(method, ddas_args, adapter_args: AdapterArguments, moe_args, co
         idle.setdefault("rank", f"--method {method.name} has no low-rank part")
     if not issubclass(method, MoEAdapters):
         return idle
-    if moe_args.shared_router:
-        idle.update(dict.fromkeys(("freeze_experts_per_task", "freeze_policy", "freeze_coverage", "freeze_images"),
-                                  "--shared_router true freezes no expert (one router learns every task)"))
-    else:
-        coverage = moe_args.freeze_policy == "coverage"
-        idle.update(dict.fromkeys(("freeze_experts_per_task",) if coverage else ("freeze_coverage", "freeze_images"),
-                                  f"an option of the other --freeze_policy than {moe_args.freeze_policy}"))
-    if not moe_args.routing_report:
-        idle["routing_report_images"] = "--routing_report false writes no routing report"
+    idle.update(moe_adapters_idle_options(moe_args, cli_spelling))
     if not adapter_args.adapter_config().noisy_gating:
         idle["noisy_gating_eval"] = "--noisy_gating false adds no noise, in training or evaluation"
     if ddas_args.ddas_threshold is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,8 @@ from ...options import check_option, short_repr
 from ...tuners.moe_lora.base_weights import base_weights_record, check_base, record_problem
 from .base import ContinualMethod
 from .registry import register_method
+
+logger = logging.getLogger("hf_moe_cl")
 
 _CHOICES = {"condu_fine_tune": ("lora", "full"), "condu_rescaler": UNIFY_RULES, "condu_prototypes": PROTOTYPE_KINDS,
             "condu_fusion": ("logits", "probabilities"), "condu_weighting": ("uniform", "similarity"),
@@ -76,7 +79,8 @@ class ConDUArguments:
         for name, allowed in _CHOICES.items():
             check_option(name, getattr(self, name), str, choices=allowed)
         check_option("condu_top_k", self.condu_top_k, int, low=1)
-        check_option("condu_lora_init_std", self.condu_lora_init_std, float, low=0.0, low_open=True)
+        # above 1, the factors' product (std^2 per weight) is noise larger than CLIP's weights, and float32 overflows
+        check_option("condu_lora_init_std", self.condu_lora_init_std, float, low=0.0, high=1.0, low_open=True)
         check_option("condu_lora_targets", self.condu_lora_targets, str)
         if self.condu_fine_tune == "lora" and not self.lora_target_list:
             raise ValueError("condu_lora_targets names no layer; give e.g. 'fc1,fc2'.")
@@ -104,6 +108,7 @@ class ConDU(ContinualMethod):
         self._training: Optional[torch.nn.Module] = None
         self._fixed: Optional[list[dict]] = None  # a few-shot task's training examples, augmented once
         self._deltas: dict[int, Delta] = {}
+        self._vote_capped_logged = False  # condu_top_k above the tasks learned: said once
 
     @property
     def recipe(self) -> str:
@@ -246,7 +251,12 @@ class ConDU(ContinualMethod):
     def vote(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image, the top-K learned tasks by best prototype similarity and those similarities."""
         prototypes = [prototype_vectors(means, self.arguments.condu_prototypes) for means in self.store.prototypes]
-        return vote(image_features, prototypes, self.arguments.condu_top_k)
+        top_k = self.arguments.condu_top_k
+        if 0 < len(prototypes) < top_k and not self._vote_capped_logged:
+            self._vote_capped_logged = True
+            logger.warning("ConDU votes for all %d task(s) learned so far, not condu_top_k=%d, while fewer are "
+                           "learned (logged once).", len(prototypes), top_k)
+        return vote(image_features, prototypes, top_k)
 
     def choose_routes(self, classifier, pixels, untouched=None, unit=None):
         """The pretrained model and the top-K voted task models, their outputs fused (`condu_fusion`) with equal

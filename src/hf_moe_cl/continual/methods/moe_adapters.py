@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,60 +23,18 @@ from ...classification import ImageRoutes
 from ...ddas.features import load_alexnet, selector_features
 from ...ddas.fitting import SelectorFitting, check_calibration, reference_images
 from ...ddas.settings import SELECTOR_OPTION_NAMES, DDASArguments, SelectorConfig
-from ...options import check_flags, check_option, moved_options, short_repr
+from ...options import short_repr
 from ...tuners.moe_lora import MoELoraConfig, MoELoraModel
 from ...tuners.moe_lora.config import check_growth_threshold
-from ...tuners.moe_lora.experts import COVERAGE
 from ...tuners.moe_lora.model import find_moe, tower_of
 from ..run_folder import jsonable
 from ..tasks import check_image_column
 from .base import ContinualMethod
 from .expert_usage import evaluation_selections, routing_report, slots_by_tower, trainable_share
+from .moe_adapters_arguments import MoEAdaptersArguments  # also imported from here, its module before 0.3
 from .registry import register_method
 
 logger = logging.getLogger("hf_moe_cl")
-
-ADAPTER_SETTINGS = ("it is a setting of the adapter: MoELoraConfig({name}=...) (MoEAdapters.from_base takes a "
-                    "MoELoraConfig among its options; a model given to MoEAdapters keeps its own)")
-
-
-@moved_options(**{name: ADAPTER_SETTINGS.format(name=name) for name in (
-    "num_experts", "top_k", "noisy_gating", "noisy_gating_eval", "expert_growth_threshold")})
-@dataclass
-class MoEAdaptersArguments:
-    """MoE-Adapters' options around each task; the adapter's own settings are its `MoELoraConfig`'s."""
-
-    freeze_experts_per_task: Optional[int] = field(default=None, metadata={
-        "help": "Activate-freeze: experts frozen per layer after each task (default top_k; 0 disables)."})
-    freeze_policy: str = field(default="top_k", metadata={
-        "help": "Activate-freeze rule: 'top_k' (the paper: the k experts selected most in training) or 'coverage' "
-                "(the experts that carry the task's evaluation-time routing of its training images and prompts, up to "
-                "`freeze_coverage` of it; 1.0 makes the task's predictions on them final)."})
-    freeze_coverage: float = field(default=1.0, metadata={
-        "help": "freeze_policy='coverage': share of the task's selections to freeze."})
-    freeze_images: Optional[int] = field(default=None, metadata={
-        "help": "freeze_policy='coverage': training images whose routing is covered (None: all of them)."})
-    routing_report: bool = field(default=True, metadata={
-        "help": "After each task, measure for every learned task the share of its evaluation-time expert selections "
-                "that fall on experts it did not freeze (diagnostics['routing_report'])."})
-    routing_report_images: int = field(default=256, metadata={
-        "help": "Training images per learned task used by the routing report."})
-    merge_experts_every: int = field(default=0, metadata={
-        "help": "Expert merging every N steps of a task (Park, 2024: 100); 0 disables."})
-    shared_router: bool = field(default=False, metadata={
-        "help": "Route every task through router 0 and never freeze (the paper's class-incremental setup)."})
-    relearn_tasks: bool = field(default=False, metadata={
-        "help": "Continuing a trained model: a task named like one it learned gets a new router of its own (the "
-                "learned one stays frozen); by default such a task is refused."})
-
-    def __post_init__(self):
-        check_option("freeze_experts_per_task", self.freeze_experts_per_task, int, low=0, optional=True)
-        check_option("freeze_policy", self.freeze_policy, str, choices=("top_k", "coverage"))
-        check_option("freeze_coverage", self.freeze_coverage, float, **COVERAGE)
-        check_option("freeze_images", self.freeze_images, int, low=1, optional=True)
-        check_option("routing_report_images", self.routing_report_images, int, low=1)
-        check_option("merge_experts_every", self.merge_experts_every, int, low=0)
-        check_flags(self, ["routing_report", "shared_router", "relearn_tasks"])
 
 
 def global_selection_counts(moe: MoELoraModel, task: int) -> dict[str, torch.Tensor]:
@@ -104,6 +61,12 @@ class ExpertMergingCallback(TrainerCallback):
             raise ValueError(f"Expert merging needs a positive period, got {every}.")
         self.method, self.every = method, every
         self.merges = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps < self.every:
+            raise ValueError(f"merge_experts_every={self.every} is more than this task's {state.max_steps} optimizer "
+                             "steps: no merge would happen in it. Give at most "
+                             f"{state.max_steps} (0 disables merging), or train each task longer (max_steps).")
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         task = self.method.current_route
@@ -254,14 +217,25 @@ class MoEAdapters(ContinualMethod):
             self._check_room(len(tasks))
 
     def _check_room(self, count: int) -> None:
-        """With hide_frozen_experts, no growth and the top_k policy, each task freezes at least min(k, top_k) new
-        experts per layer (it selects only experts no earlier task froze): a sequence whose last task would be left
-        fewer than top_k is refused before its first task trains, not after the tasks before it."""
+        """Before the first of `count` tasks trains, refuse a sequence whose later tasks would certainly find no
+        expert left to train in some layer: with the top_k policy and no growth, freezing as many experts as a bank
+        has freezes every expert the first task selects; with hide_frozen_experts, each task freezes at least
+        min(k, top_k) new experts per layer (it selects only experts no earlier task froze), so the last one must be
+        left top_k."""
         config, arguments, adapter = self.moe.moe_config, self.arguments, self.moe._adapter()
-        if not config.hide_frozen_experts or config.expert_growth_threshold is not None \
-                or arguments.freeze_policy != "top_k" or count < 2:
+        if config.expert_growth_threshold is not None or arguments.freeze_policy != "top_k" or count < 2:
             return
         k = config.top_k if arguments.freeze_experts_per_task is None else arguments.freeze_experts_per_task
+        smallest = min(slots["total"] for slots in self.moe.expert_slots().values())
+        if k >= smallest:
+            given = arguments.freeze_experts_per_task
+            raise ValueError(f"freeze_experts_per_task={given}" + (f" (top_k={k})" if given is None else "")
+                             + f" freezes all {smallest} experts of this model's smallest bank after the first of "
+                             f"these {count} tasks (every expert it selects): the later ones would train no expert "
+                             f"there. Give at most {smallest - 1} (0 disables freezing), give the bank more experts "
+                             "than top_k, or let it grow (MoELoraConfig(expert_growth_threshold=...)).")
+        if not config.hide_frozen_experts:
+            return
         first = min(layer.selectable_experts(adapter, self.first_route) for layer in self.moe.moe_layers().values())
         left = first - (count - 1) * min(k, config.top_k)
         if left < config.top_k:

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import safe_open
 import torch
 from transformers.activations import ACT2FN
 
@@ -18,7 +19,7 @@ from ...legacy import LEGACY_SELECTOR_FILES
 from ...options import check_flags, check_option, check_task_record, refused_names, short_repr
 from .base_weights import record_problem
 from .card import tidy_peft_card
-from .peft_type import MOE_LORA
+from .peft_type import MOE_LORA, MOE_LORA_PREFIX
 
 logger = logging.getLogger("hf_moe_cl")
 # The paper's placement: one expert bank per transformer block of both CLIP towers, in parallel to the MLP.
@@ -235,8 +236,10 @@ class MoELoraConfig(PeftConfig):
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):
                 check_safetensors_file(weights)
+                with safe_open(weights, framework="pt") as handle:
+                    tensor_names = list(handle.keys())
             elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-                _check_torch_weights(os.path.join(folder, WEIGHTS_NAME))
+                tensor_names = _check_torch_weights(os.path.join(folder, WEIGHTS_NAME))
             else:
                 raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}: the adapter's "
                                         "weights are missing. Save the adapter again (save_pretrained writes both) or "
@@ -253,6 +256,7 @@ class MoELoraConfig(PeftConfig):
                                  f"records no sha256 of {loaded}, the weights file loaded, so it checks nothing: the "
                                  "file was damaged or edited. Save or download the adapter again, or set file_sha256 "
                                  "to null to load it unchecked.")
+            _check_modules_to_save(config.modules_to_save, tensor_names, where, loaded)
             if config.settings_sha256 not in (None, config.settings_hash()):
                 raise ValueError(f"{where} was edited in `task_info`, `selector`, `expert_activation` or "
                                  "`hide_frozen_experts`: the weights were trained with the saved values "
@@ -265,9 +269,22 @@ class MoELoraConfig(PeftConfig):
         return config
 
 
-def _check_torch_weights(path: str) -> None:
+def _check_modules_to_save(modules_to_save, tensor_names: list[str], where: str, weights: str) -> None:
+    """Every module `modules_to_save` names (matched as peft does, by the end of its name) has its trained copy among
+    the weights file's tensors, which peft would otherwise fail to find (a bare KeyError) when it loads them."""
+    copies = {name.rsplit(".", 1)[0] for name in tensor_names
+              if not any(part.startswith(MOE_LORA_PREFIX) for part in name.split("."))}
+    missing = [name for name in modules_to_save or () if not any(module.endswith(name) for module in copies)]
+    if missing:
+        held = ", ".join(sorted(copies)) or "none"
+        raise ValueError(f"{where} was edited in `modules_to_save`: it names {missing}, but {weights} beside it holds "
+                         f"no trained copy of such a module (the copies it holds: {held}). Set `modules_to_save` back "
+                         "to the modules saved, or save or download the adapter again.")
+
+
+def _check_torch_weights(path: str) -> list[str]:
     """An adapter_model.bin (peft's `safe_serialization=False`) must be a state dict of tensors that torch loads
-    without running code (`weights_only`), as peft reads it."""
+    without running code (`weights_only`), as peft reads it; returns the tensors' names."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for what it cannot read
@@ -277,3 +294,4 @@ def _check_torch_weights(path: str) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors. Save the adapter again "
                          "with save_pretrained (safetensors by default).")
+    return list(state)
