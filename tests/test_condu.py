@@ -237,7 +237,7 @@ def test_the_same_code_classifies_without_task_ids_with_moe_ddas_or_condu(lora_r
         return TaskAgnosticClassifier(model, processor)(images, candidate_labels=["noise"])
 
     ddas = DDASArguments(ddas=True, ddas_task_steps=20, ddas_reference_steps=20, ddas_hidden_dim=8)
-    moe = MoEAdapters(get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=3, r=2)), ddas=ddas,
+    moe = MoEAdapters(get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=2, num_experts=2, r=2)), ddas=ddas,
                       ddas_reference=colour_task("reference", seed=9, offset=5).train_dataset)
     ContinualTrainer(method=moe, args=make_args(tmp_path, max_steps=1, task_agnostic_eval=False),
                      processing_class=processor).train_tasks(two_tasks())

@@ -160,7 +160,7 @@ def test_push_to_hub_with_a_dry_run_trains_and_never_contacts_the_hub(tmp_path, 
         monkeypatch.setattr(HfApi, name, refuse)
     model_dir = tiny_model_folder(tmp_path)
     load_example().main(["--tasks", "mnist,dtd", "--model_name_or_path", str(model_dir), "--max_steps", "1",
-                         "--num_experts", "3", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu",
+                         "--num_experts", "2", "--rank", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu",
                          "--report_to", "none", "--check_images", "false", "--per_device_eval_batch_size", "500",
                          "--push_to_hub", "true", "--hub_model_id", "me/mini-run", "--hub_dry_run_dir",
                          str(tmp_path / "upload"), "--hub_base_model", "openai/clip-vit-base-patch16"])
@@ -168,7 +168,7 @@ def test_push_to_hub_with_a_dry_run_trains_and_never_contacts_the_hub(tmp_path, 
     assert card.data.base_model == "openai/clip-vit-base-patch16" and card.data.license == "unknown"
     assert json.loads((tmp_path / "upload" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         "openai/clip-vit-base-patch16"
-    assert "| max_steps | 1 |" in card.text and "| num_experts | 3 |" in card.text
+    assert "| max_steps | 1 |" in card.text and "| num_experts | 2 |" in card.text
     assert (tmp_path / "out" / "all_results.json").is_file()
     with pytest.raises(ValueError, match="--hub_base_model must be a Hub model id"):
         load_example().parse_args(["--output_dir", str(tmp_path), "--hub_base_model", str(tmp_path)])

@@ -2,6 +2,8 @@
 and its arguments and DDAS settings are checked against that model's adapter before any work; the adapter's
 settings are the model's (or, for `from_base`, its config's)."""
 
+import logging
+
 import pytest
 
 from hf_moe_cl.continual.methods import MoEAdapters
@@ -88,7 +90,7 @@ def test_idle_options_at_values_that_ask_for_nothing_are_accepted(values):
     assert MoEAdaptersArguments(**values).freeze_policy in ("top_k", "coverage")
 
 
-def test_a_freeze_of_every_expert_before_more_tasks_is_refused_before_the_first_task(tmp_path, clip_processor):
+def test_a_freeze_of_every_expert_before_more_tasks_is_refused_before_the_first_task(tmp_path, clip_processor, caplog):
     from hf_moe_cl import ContinualTrainer
     from hf_moe_cl.continual.methods import MoEAdaptersArguments
 
@@ -103,9 +105,16 @@ def test_a_freeze_of_every_expert_before_more_tasks_is_refused_before_the_first_
         trainer.train_tasks(tasks_named("first", "second"))
     assert all(slots["trainable"] == slots["total"] for slots in method.moe.expert_slots().values())
     assert not method.expert_slots  # no task ended
-    with pytest.raises(ValueError, match=r"freeze_experts_per_task=None \(top_k=2\) freezes all 2 experts"):
+
+    # the paper's rule left at top_k = num_experts does the same: said, not refused (the routers still train)
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
         ContinualTrainer(method=MoEAdapters(moe_model(num_experts=2)), args=continual_args(tmp_path / "k"),
                          processing_class=clip_processor).train_tasks(tasks_named("first", "second"))
+    said = [r.getMessage() for r in caplog.records if "freezes all" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("freeze_experts_per_task=None (top_k=2) freezes all 2 experts")
+    assert said[0].endswith("only their routers. To train experts in every task, give at most 1 (0 disables "
+                            "freezing), give the bank more experts than top_k, or let it grow "
+                            "(MoELoraConfig(expert_growth_threshold=...)).")
 
 
 def test_a_merge_period_longer_than_a_task_is_refused_before_it_trains(tmp_path, clip_processor):

@@ -218,22 +218,26 @@ class MoEAdapters(ContinualMethod):
 
     def _check_room(self, count: int) -> None:
         """Before the first of `count` tasks trains, refuse a sequence whose later tasks would certainly find no
-        expert left to train in some layer: with the top_k policy and no growth, freezing as many experts as a bank
-        has freezes every expert the first task selects; with hide_frozen_experts, each task freezes at least
-        min(k, top_k) new experts per layer (it selects only experts no earlier task froze), so the last one must be
-        left top_k."""
+        expert left to train in some layer: with the top_k policy and no growth, a `freeze_experts_per_task` as large
+        as a bank freezes every expert the first task selects (left at top_k = num_experts, the paper's rule does so
+        too: a warning, the later tasks then train their routers alone); with hide_frozen_experts, each task freezes at
+        least min(k, top_k) new experts per layer (it selects only experts no earlier task froze), so the last one
+        must be left top_k."""
         config, arguments, adapter = self.moe.moe_config, self.arguments, self.moe._adapter()
         if config.expert_growth_threshold is not None or arguments.freeze_policy != "top_k" or count < 2:
             return
-        k = config.top_k if arguments.freeze_experts_per_task is None else arguments.freeze_experts_per_task
+        given = arguments.freeze_experts_per_task
+        k = config.top_k if given is None else given
         smallest = min(slots["total"] for slots in self.moe.expert_slots().values())
         if k >= smallest:
-            given = arguments.freeze_experts_per_task
-            raise ValueError(f"freeze_experts_per_task={given}" + (f" (top_k={k})" if given is None else "")
-                             + f" freezes all {smallest} experts of this model's smallest bank after the first of "
-                             f"these {count} tasks (every expert it selects): the later ones would train no expert "
-                             f"there. Give at most {smallest - 1} (0 disables freezing), give the bank more experts "
-                             "than top_k, or let it grow (MoELoraConfig(expert_growth_threshold=...)).")
+            what = (f"freeze_experts_per_task={given}" + (f" (top_k={k})" if given is None else "")
+                    + f" freezes all {smallest} experts of this model's smallest bank after the first of these {count} "
+                    "tasks (every expert it selects): the later ones would train no expert there")
+            fix = (f"give at most {smallest - 1} (0 disables freezing), give the bank more experts than top_k, or let "
+                   "it grow (MoELoraConfig(expert_growth_threshold=...))")
+            if given is not None:
+                raise ValueError(f"{what}. {fix[0].upper()}{fix[1:]}.")
+            logger.warning("%s, only their routers. To train experts in every task, %s.", what, fix)
         if not config.hide_frozen_experts:
             return
         first = min(layer.selectable_experts(adapter, self.first_route) for layer in self.moe.moe_layers().values())
