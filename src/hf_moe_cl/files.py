@@ -132,8 +132,9 @@ def check_json_file(path: str | os.PathLike) -> None:
         raise ValueError(f"{os.fspath(path)} should hold a JSON object. {FIX}")
 
 
-def check_safetensors_file(path: str | os.PathLike) -> None:
-    """Raise ValueError if `path` is not a complete safetensors file (truncated, empty or not safetensors)."""
+def check_safetensors_file(path: str | os.PathLike) -> list[str]:
+    """Raise ValueError if `path` is not a complete safetensors file (truncated, empty or not safetensors); returns
+    the names of its tensors, read from the header checked."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
@@ -165,6 +166,7 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
     if 8 + header_size + data_end > size:
         raise ValueError(f"{path} is truncated: its tensors need {8 + header_size + data_end} bytes but the file has "
                          f"{size}. {FIX}")
+    return list(tensors)
 
 
 @contextmanager

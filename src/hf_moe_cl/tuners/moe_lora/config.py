@@ -9,7 +9,6 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from safetensors import safe_open
 import torch
 from transformers.activations import ACT2FN
 
@@ -235,9 +234,7 @@ class MoELoraConfig(PeftConfig):
                                  "or edited. Save the adapter again.")
             weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
             if os.path.isfile(weights):
-                check_safetensors_file(weights)
-                with safe_open(weights, framework="pt") as handle:
-                    tensor_names = list(handle.keys())
+                tensor_names = check_safetensors_file(weights)
             elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
                 tensor_names = _check_torch_weights(os.path.join(folder, WEIGHTS_NAME))
             else:
