@@ -35,7 +35,8 @@ def test_a_ddas_feature_layer_beyond_the_vision_tower_is_refused_when_the_method
     (dict(noisy_gating=False), r"has noisy_gating=False but the model's adapter has noisy_gating=True"),
     (dict(noisy_gating_eval=True), r"has noisy_gating_eval=True but the model's adapter has noisy_gating_eval=False"),
     (dict(freeze_experts_per_task=10), r"freeze_experts_per_task=10 is more than the 4 experts of this model's "
-                                       r"smallest bank: one task would freeze every expert it used. Give at most 4"),
+                                       r"smallest bank: one task would freeze every expert it used. Give at most 3 "
+                                       r"to leave later tasks experts to train there \(4 freezes the whole bank"),
 ])
 def test_moe_adapters_arguments_that_do_not_fit_the_model_are_refused(values, message):
     from hf_moe_cl.continual.methods import MoEAdapters, MoEAdaptersArguments

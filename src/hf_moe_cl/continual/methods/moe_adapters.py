@@ -131,7 +131,8 @@ class MoEAdapters(ContinualMethod):
         freeze = arguments.freeze_experts_per_task
         if freeze is not None and freeze > smallest:
             raise ValueError(f"freeze_experts_per_task={freeze} is more than the {smallest} experts of this model's "
-                             f"smallest bank: one task would freeze every expert it used. Give at most {smallest} (0 "
+                             f"smallest bank: one task would freeze every expert it used. Give at most {smallest - 1} "
+                             f"to leave later tasks experts to train there ({smallest} freezes the whole bank, 0 "
                              f"disables freezing, None freezes top_k={config.top_k}).")
         moved = {SELECTOR_OPTION_NAMES[name]: value for name, value in getattr(self.ddas, "moved", {}).items()}
         if moved and selector is not None:
