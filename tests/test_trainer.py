@@ -251,6 +251,43 @@ def test_evaluate_with_another_split_checks_it_as_a_task_split(tmp_path, clip_pr
     assert "eval labels range from 0 to 3 but there are 3 class names" in callback.errors[0]
 
 
+def test_a_split_whose_images_this_trainer_checked_is_not_decoded_again_for_a_check(tmp_path, clip_processor,
+                                                                                    monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from hf_moe_cl.continual import preprocessing, tasks as tasks_module
+
+    decodes = {"check": 0, "read": 0}  # images decoded by check_image_column, and read to be evaluated
+
+    def spy(kind, decode):
+        def counted(image):
+            decodes[kind] += 1
+            return decode(image)
+        return counted
+
+    monkeypatch.setattr(tasks_module, "to_rgb", spy("check", tasks_module.to_rgb))
+    monkeypatch.setattr(preprocessing, "to_rgb", spy("read", preprocessing.to_rgb))
+    first, second = two_tasks()
+    trainer = ContinualTrainer(model=moe_model(), args=make_args(tmp_path, max_steps=2),
+                               processing_class=clip_processor)
+    callback = EvaluateOtherSplit(trainer, colour_task("other", seed=2).eval_dataset)  # evaluate() at both steps
+    trainer.add_callback(callback)
+    trainer.train_tasks([first])
+    assert not callback.errors and decodes["check"] == 24 + 12 + 12  # first's splits, the other split once
+    decodes.update(check=0, read=0)
+    trainer.evaluate_task(first, 0), trainer.evaluate_task(first, -1)  # an accuracy matrix by hand after the run
+    assert decodes == {"check": 0, "read": 0}  # checked by train_tasks, read from the evaluation cache
+    trainer.evaluate_task(second), trainer.evaluate_task(second, 0)
+    assert decodes == {"check": 12, "read": 12}  # each test image checked once and read once, over both calls
+    # a changed split is another fingerprint: checked again, its damaged image named
+    nan = Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), mode="F")
+    damaged = second.eval_dataset.map(lambda row, i: {"image": nan if i == 3 else row["image"]}, with_indices=True)
+    with pytest.raises(ValueError, match=r"eval split: 1 image\(s\) cannot be decoded, the first at index 3"):
+        trainer.evaluate_task(ContinualTask("second", None, damaged, second.classnames, second.templates))
+    assert decodes["check"] == 12 + 12
+
+
 class EvaluateDuringTask(TrainerCallback):
     def __init__(self, trainer):
         self.trainer, self.seen, self.logged_steps, self.logged_keys = trainer, [], [], set()

@@ -26,9 +26,12 @@ INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"
 
 
 def check_image_column(dataset: Dataset, where: str, decode: bool, progress: bool = False,
-                       batch_size: int = 256) -> None:
+                       batch_size: int = 256, checked: Optional[set[str]] = None) -> None:
     """`dataset`'s `image` column is a `datasets.Image` feature and, with `decode`, every image decodes and converts
-    to RGB (no NaN pixels, no 0x0 image); a ValueError names the first bad one and how many there are."""
+    to RGB (no NaN pixels, no 0x0 image); a ValueError names the first bad one and how many there are.
+
+    `checked` holds the `datasets` fingerprints of datasets whose images all decoded: such a dataset is not decoded
+    again, and one that passes is added (a dataset's fingerprint changes with its data, so a changed one is decoded)."""
     feature = dataset.features.get("image")
     if not isinstance(feature, ImageFeature):
         raise ValueError(
@@ -37,7 +40,8 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
             "32-bit). Convert them once: dataset.map(lambda row: {'image': PIL.Image.fromarray(np.asarray("
             "row['image'], dtype=np.uint8))}, features=datasets.Features({**dataset.features, 'image': "
             "datasets.Image()})) (0..255 values; scale 0..1 floats by 255 first).")
-    if not decode:
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if not decode or (checked is not None and fingerprint in checked):
         return
     dataset = dataset.cast_column("image", ImageFeature(decode=False))
     bad: list[tuple[int, str]] = []
@@ -55,6 +59,8 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
         index, error = bad[0]
         raise ValueError(f"{where}: {len(bad)} image(s) cannot be decoded, the first at index {index} ({error}). "
                          "Remove or replace them before training (e.g. dataset.select of the good indices).")
+    if checked is not None and fingerprint is not None:
+        checked.add(fingerprint)
 
 
 @dataclass
@@ -88,12 +94,14 @@ class ContinualTask:
         own classes, as the official code's loss) or every class."""
         return list(range(len(self.classnames))) if self.train_classes is None else list(self.train_classes)
 
-    def validate(self, needs_training: bool = True, check_images: bool = False, progress: bool = False) -> None:
+    def validate(self, needs_training: bool = True, check_images: bool = False, progress: bool = False,
+                 checked: Optional[set[str]] = None) -> None:
         """Fail before any training starts, naming the task and what to fix.
 
         Checks class names (present, unique strings), templates, the splits' columns (`full_train_dataset` too,
         when training), that labels are integers indexing `classnames`, learning rates, and with `check_images`
-        that every image decodes.
+        that every image decodes (a split whose fingerprint is in `checked` is not decoded again: see
+        `check_image_column`).
         """
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"A task needs a non-empty name (a string), got {self.name!r}: it names the task in the "
@@ -146,7 +154,8 @@ class ContinualTask:
                     f"Task {self.name!r}: the {split} dataset lacks column(s) {sorted(missing)}; it has "
                     f"{dataset.column_names}. Rename the columns to `image` and `label`.")
             self._check_labels(split, dataset)
-            check_image_column(dataset, f"task {self.name!r}, {split} split", check_images, progress)
+            check_image_column(dataset, f"task {self.name!r}, {split} split", check_images, progress,
+                               checked=checked)
 
     def _check_labels(self, split: str, dataset: Dataset) -> None:
         feature = dataset.features["label"]
@@ -244,11 +253,13 @@ def check_prompt_tokens(tokenizer, classnames, templates, owner: str) -> None:
                        len(alike), len(templates), cut, alike[0])
 
 
-def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False, recipe: Optional[str] = None) -> None:
+def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False, recipe: Optional[str] = None,
+                checked: Optional[set[str]] = None) -> None:
     """A task sequence `ContinualTrainer` can run with `args`: a non-empty list of uniquely named tasks, each valid
-    (`ContinualTask.validate`, its prompts told apart by `tokenizer`), with the training template and one learning
-    rate per task where `args` asks for them; an official rate whose key is a misspelling of the method's `recipe`
-    is refused (the task would train at `learning_rate`)."""
+    (`ContinualTask.validate`, its prompts told apart by `tokenizer`; `checked`: the fingerprints of the datasets
+    whose images already decoded), with the training template and one learning rate per task where `args` asks for
+    them; an official rate whose key is a misspelling of the method's `recipe` is refused (the task would train at
+    `learning_rate`)."""
     if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, ContinualTask) for t in tasks):
         raise ValueError(f"train_tasks needs a non-empty list of ContinualTask (one per task, in training order), "
                          f"got {short_repr(tasks)}.")
@@ -257,7 +268,7 @@ def check_tasks(tasks, train: bool, args, tokenizer, progress: bool = False, rec
     if args.task_learning_rates is not None and len(args.task_learning_rates) != len(tasks):
         raise ValueError(f"task_learning_rates has {len(args.task_learning_rates)} entries for {len(tasks)} tasks.")
     for task in tasks:
-        task.validate(needs_training=train, check_images=args.check_images, progress=progress)
+        task.validate(needs_training=train, check_images=args.check_images, progress=progress, checked=checked)
         if train and args.train_template >= len(task.templates):
             raise ValueError(f"train_template={args.train_template} but task {task.name!r} has "
                              f"{len(task.templates)} prompt template(s): give every task that many templates or "

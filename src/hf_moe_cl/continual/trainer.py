@@ -103,6 +103,7 @@ class ContinualTrainer(Trainer):
         self._step_offset = 0  # added to the Trainer's per-task step in logs
         self.result: Optional[ContinualResult] = None  # of the last `train_tasks`: the card `save_model` writes
         self._result_tasks: Optional[list[ContinualTask]] = None  # its tasks (their class names, for the card)
+        self._checked_images: set[str] = set()  # fingerprints of the datasets whose images all decoded
 
     # ----- Trainer entry points ------------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
@@ -122,7 +123,7 @@ class ContinualTrainer(Trainer):
                              "measure a task at other times use trainer.evaluate_task(task, route).")
         if eval_dataset is not None:
             task = ContinualTask(task.name, None, eval_dataset, task.classnames, task.templates)
-            task.validate(needs_training=False, check_images=self.args.check_images)
+            task.validate(needs_training=False, check_images=self.args.check_images, checked=self._checked_images)
         current = ContinualMethod(self.model)  # the training model as it is: no routing
         classifier = RoutedClassifier(current, self.processing_class.tokenizer, self.args.device)
         cells = EvaluationEngine(self, current).evaluate(task, CellRequest(oracle=ZERO_SHOT), classifier)
@@ -182,14 +183,15 @@ class ContinualTrainer(Trainer):
 
     def evaluate_task(self, task: ContinualTask, route: int = ZERO_SHOT) -> float:
         """Top-1 accuracy (%) of the method's `route` model on the task (-1: the model for no learned task); the
-        task is checked first as `train_tasks` checks an evaluation-only task."""
+        task is checked first as `train_tasks` checks an evaluation-only task (a split whose images this trainer
+        already decoded in a check is not decoded again)."""
         index = None if isinstance(route, bool) else getattr(route, "__index__", lambda: None)()  # 1.9 is refused
         if index is None or index < ZERO_SHOT:
             raise ValueError(f"evaluate_task: `route` must be an integer, {ZERO_SHOT} (the model for no learned task) "
                              f"or a task's route (0, 1, ...), got {route!r}.")
         if not isinstance(task, ContinualTask):
             raise ValueError(f"evaluate_task needs a ContinualTask, got {type(task).__name__}.")
-        task.validate(needs_training=False, check_images=self.args.check_images)
+        task.validate(needs_training=False, check_images=self.args.check_images, checked=self._checked_images)
         return self.engine.evaluate(task, CellRequest(oracle=index), self.classifier())["oracle"].accuracy
 
     @property
@@ -238,8 +240,8 @@ class ContinualTrainer(Trainer):
                              "save_task_checkpoints=False neither writes nor reads them. Set "
                              "save_task_checkpoints=True to resume, or start the run without resume=True.")
         train = self.method.trains and self.args.max_steps != 0
-        check_tasks(tasks, train, self.args, self.processing_class.tokenizer,
-                    progress=self.is_world_process_zero() and not self.args.disable_tqdm, recipe=self.method.recipe)
+        check_tasks(tasks, train, self.args, self.processing_class.tokenizer, recipe=self.method.recipe,
+                    progress=self.is_world_process_zero() and not self.args.disable_tqdm, checked=self._checked_images)
         for name, parameter in self.method.model.named_parameters():
             if parameter.device.type != "meta" and not torch.isfinite(parameter).all():
                 raise ValueError(f"The model's {name} holds NaN or infinite values before any training: the base model "
