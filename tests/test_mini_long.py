@@ -109,6 +109,20 @@ def test_data_check_and_example_script_know_the_preset():
     assert '"preset": "mini-long"' in recipe.stdout and '"max_steps": 100' in recipe.stdout
 
 
+def test_data_check_reads_each_dataset_once_and_reports_as_one_task_at_a_time(monkeypatch):
+    from hf_moe_cl.continual import tasks as tasks_module
+
+    names = ["dtd-2", "mnist-1", "dtd-1", "mnist-3", "dtd-5"]
+    alone = [check_data("mini-long", tasks=[name]) for name in names]
+    read = []
+    load = tasks_module.load_from_disk
+    monkeypatch.setattr(tasks_module, "load_from_disk", lambda path: read.append(os.path.basename(path)) or load(path))
+    check = check_data("mini-long", tasks=names)
+    assert read == ["dtd", "mnist"]  # one read per dataset, not one per class group
+    assert check.rows == [one.rows[0] for one in alone] and check.ok
+    assert [row["dataset"] for row in check.rows] == names and {row["classes"] for row in check.rows} == {"2"}
+
+
 # ----- benchmarks/long_sequence.py's command line ---------------------------------------------------------------------
 def long_sequence(*argv):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "src"), os.environ.get("PYTHONPATH", "")]))

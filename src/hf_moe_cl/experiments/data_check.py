@@ -210,10 +210,10 @@ def _dataset_row(spec, data_dir, hub, cache_dir, network: _Network, caps=(None, 
             "labels": labels}
 
 
-def _assets_row(name: str, assets: Path, preset) -> dict[str, str]:
-    if preset.class_groups:  # mini-long: a class group of one of the assets' datasets
+def _assets_row(name: str, assets: Path, preset, loaded: dict) -> dict[str, str]:
+    if preset.class_groups:  # mini-long: a class group of one of the assets' datasets (`loaded`: read once each)
         folder = assets / MINI_MTIL / name.rsplit("-", 1)[0]
-        task = mini_long_tasks(assets, [name], preset.class_groups, preset.eval_images)[0]
+        task = mini_long_tasks(assets, [name], preset.class_groups, preset.eval_images, loaded)[0]
         split, labels = f"train / test (at most {preset.eval_images} test images)", "renumbered from 0"
     else:
         folder = assets / MINI_MTIL / name
@@ -247,9 +247,10 @@ def check_data(preset, data_dir: Union[None, str, os.PathLike] = None,
     specs, caps = CIL_DATASETS if cil else MTIL_DATASETS, (None, None)
     if not cil and preset.mini_hub:  # the mini tasks from their Hub copies, capped as the run caps them
         specs, caps, data_dir = MINI_HUB_DATASETS, (MINI_TRAIN_IMAGES, MINI_TEST_IMAGES), None
+    loaded = {}  # the assets' datasets read so far, by name
     for name in names:
         try:
-            check.rows.append(_assets_row(name, assets, preset) if assets is not None else
+            check.rows.append(_assets_row(name, assets, preset, loaded) if assets is not None else
                               _dataset_row(specs[name], data_dir, hub_ids.get(name), cache_dir, network, caps))
         except (SourceError, LabelMappingError, FileNotFoundError) as error:
             check.rows.append({"dataset": name, "source": "FAILED", "labels": "see below"})

@@ -73,14 +73,18 @@ def class_subset_task(task: ContinualTask, classes: range, name: str, eval_image
 
 
 def mini_long_tasks(assets: Union[str, os.PathLike], names: Optional[list[str]] = None,
-                    rounds: int = MINI_LONG_ROUNDS, eval_images: Optional[int] = MINI_LONG_EVAL_IMAGES
-                    ) -> list[ContinualTask]:
-    """The mini-long tasks (all, or `names` in that order): the mini-MTIL datasets cut by classes (see above)."""
+                    rounds: int = MINI_LONG_ROUNDS, eval_images: Optional[int] = MINI_LONG_EVAL_IMAGES,
+                    loaded: Optional[dict[str, ContinualTask]] = None) -> list[ContinualTask]:
+    """The mini-long tasks (all, or `names` in that order): the mini-MTIL datasets cut by classes (see above).
+    `loaded` keeps the whole mini-MTIL tasks by dataset name between calls (this call adds those it loads), so that
+    calls for one task at a time read each dataset once."""
     names = mini_long_names(rounds) if names is None else list(names)
     check_names("mini-long", mini_long_names(rounds), names)
     check_option("eval_images", eval_images, int, low=1, optional=True)
-    datasets = {name.rsplit("-", 1)[0] for name in names}
-    whole = dict(zip(sorted(datasets), mini_mtil_tasks(assets, sorted(datasets))))
+    whole = {} if loaded is None else loaded
+    datasets = sorted({name.rsplit("-", 1)[0] for name in names} - set(whole))
+    if datasets:  # none when all were loaded (mini_mtil_tasks of no names would load all six)
+        whole.update(zip(datasets, mini_mtil_tasks(assets, datasets)))
     tasks = []
     for name in names:
         dataset, group = name.rsplit("-", 1)
