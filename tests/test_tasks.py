@@ -443,3 +443,30 @@ def test_a_dataset_in_torch_or_numpy_format_trains_as_the_plain_one(tmp_path, cl
         results.append({k: v.clone() for k, v in model.state_dict().items() if "moe_lora" in k})
     for other in results[1:]:
         assert all(torch.equal(results[0][k], other[k]) for k in results[0])
+
+
+def test_an_undecoded_image_column_trains_and_scores_as_the_decoded_one(tmp_path, clip_processor):
+    """`datasets.Image(decode=False)` columns hold {"bytes", "path"} dicts: the checks accepted them, the collator
+    did not; they are opened as datasets decodes them."""
+    results = []
+    for decode in (True, False):
+        task = colour_task("first", n_eval=6)
+        if not decode:
+            task.train_dataset = task.train_dataset.cast_column("image", ImageFeature(decode=False))
+            task.eval_dataset = task.eval_dataset.cast_column("image", ImageFeature(decode=False))
+        model = moe_model()
+        result = run(tmp_path / str(decode), clip_processor, model=model, tasks=[task])
+        results.append((result.accuracy_matrix, {k: v.clone() for k, v in model.state_dict().items() if "moe_lora" in k}))
+    (matrix, weights), (other_matrix, other_weights) = results
+    assert matrix == other_matrix and all(torch.equal(weights[k], other_weights[k]) for k in weights)
+
+
+def test_to_rgb_opens_undecoded_images_from_bytes_or_path(tmp_path):
+    from io import BytesIO
+
+    image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    image.save(tmp_path / "image.png")
+    for value in ({"bytes": buffer.getvalue(), "path": None}, {"bytes": None, "path": str(tmp_path / "image.png")}):
+        assert np.array_equal(np.asarray(to_rgb(value)), np.asarray(image))

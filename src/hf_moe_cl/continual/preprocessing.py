@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from datasets import Image as ImageFeature
 from PIL import Image
 
 # Full-scale value of PIL's wide integer modes: 16-bit data (PNG, TIFF) opens as "I;16*" or, in older Pillow, "I".
@@ -15,11 +16,14 @@ WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
 
 
 def to_rgb(image: Any) -> Image.Image:
-    """Grayscale (MNIST), palette, RGBA, CMYK, 16-bit or array images as 8-bit RGB PIL images; empty ones refused.
+    """Grayscale (MNIST), palette, RGBA, CMYK, 16-bit, array or undecoded images (a `datasets.Image(decode=False)`
+    column's {"bytes", "path"}, opened as datasets decodes them) as 8-bit RGB PIL images; empty ones refused.
 
     Wide integer images are scaled by their bit depth (0..65535 -> 0..255), float images ("F") are read as 0..1;
     values are never stretched per image, so a uniform grey stays that grey.
     """
+    if isinstance(image, dict):
+        image = ImageFeature().decode_example({"bytes": image.get("bytes"), "path": image.get("path")})
     if isinstance(image, torch.Tensor):  # channels first, as datasets' torch format and torchvision give images
         image = (image.permute(1, 2, 0) if image.dim() == 3 else image).numpy(force=True)
     if isinstance(image, np.ndarray):
@@ -33,7 +37,7 @@ def to_rgb(image: Any) -> Image.Image:
                              "a.transpose(1, 2, 0); floats in 0..1: (a * 255).round().astype(np.uint8)), or a PIL "
                              "image.") from None
     if not isinstance(image, Image.Image):
-        raise TypeError(f"Expected a PIL image, a numpy array or a tensor, got {type(image).__name__}: drop or "
+        raise TypeError(f"Expected a PIL image, a numpy array, a tensor or a datasets image dict, got {type(image).__name__}: drop or "
                         "replace missing images (None).")
     if image.mode in WIDE_MODES or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)

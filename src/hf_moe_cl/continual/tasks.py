@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -12,7 +11,6 @@ from typing import Optional
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
 from datasets import Image as ImageFeature
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..classification import tokenize_prompts
@@ -49,9 +47,7 @@ def check_image_column(dataset: Dataset, where: str, decode: bool, progress: boo
         for start, batch in enumerate(dataset.select_columns(["image"]).iter(batch_size=batch_size)):
             for offset, image in enumerate(batch["image"]):
                 try:
-                    if isinstance(image, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
-                        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-                    to_rgb(image)  # decodes; refuses NaN or infinite pixels and 0x0 images
+                    to_rgb(image)  # decodes datasets' undecoded image; refuses NaN or infinite pixels and 0x0 images
                 except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
                     bad.append((start * batch_size + offset, f"{type(error).__name__}: {error}"))
             bar.update(len(batch["image"]))
