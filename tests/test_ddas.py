@@ -591,3 +591,24 @@ def test_an_autoencoder_that_diverges_is_named_with_its_learning_rate():
         fit_autoencoder(8, 4, False, features, steps=5, lr=1e30, weight_decay=0.0, seed=0)
     assert all(torch.isfinite(p).all() for p in fit_autoencoder(8, 4, False, features, steps=5, lr=1e-3,
                                                                  weight_decay=0.0, seed=0).parameters())
+
+
+@pytest.mark.parametrize("max_steps, n_train, message", [
+    (1, 5, r"Task 'more' gives DDAS 5 training images: too few to calibrate its threshold"),
+    (0, None, r"Task 'more' has no training split \(an evaluation-only task\), but DDAS learns every task's "
+              r"autoencoder from its training images, also with max_steps=0")])
+def test_continuing_a_ddas_model_refuses_a_task_its_selector_cannot_learn_before_training(
+        ddas_run, tmp_path, module_processor, max_steps, n_train, message):
+    """A continued model's selector learns the new tasks without ddas=True: its tasks are checked as DDAS's are, not
+    after the task trained (a 5-image task failed in the fit; an evaluation-only one on len(None))."""
+    folder = saved(tmp_path / "published", ddas_run[0])
+    model = PeftModel.from_pretrained(tiny_clip(), str(folder), is_trainable=True)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    task = colour_task("more", n_train=n_train or 24, seed=7, offset=1)
+    task.train_dataset = None if n_train is None else task.train_dataset
+    trainer = ContinualTrainer(model=model, args=continual_args(tmp_path / "run", max_steps=max_steps),
+                               processing_class=module_processor)
+    with pytest.raises(ValueError, match=message):
+        trainer.train_tasks([task])
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert not any((tmp_path / "run").glob("task-*"))

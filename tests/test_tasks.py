@@ -470,3 +470,33 @@ def test_to_rgb_opens_undecoded_images_from_bytes_or_path(tmp_path):
     image.save(tmp_path / "image.png")
     for value in ({"bytes": buffer.getvalue(), "path": None}, {"bytes": None, "path": str(tmp_path / "image.png")}):
         assert np.array_equal(np.asarray(to_rgb(value)), np.asarray(image))
+
+
+@pytest.mark.parametrize("method", ["moe-adapters", "condu"])
+def test_evaluation_only_tasks_run_with_max_steps_0(tmp_path, clip_processor, method):
+    """Tasks without a train split (ContinualTask.from_disk(train_split=None)) are measured, not trained: the
+    routing report reads their prompts only, ConDU's prototypes keep their text means."""
+    tasks = [colour_task("first"), colour_task("second", seed=1, offset=3)]
+    for task in tasks:
+        task.train_dataset = None
+    model = moe_model() if method == "moe-adapters" else None
+    trainer = ContinualTrainer(model=model, method=None if model else ConDU(tiny_clip(), ConDUArguments(), rank=4),
+                               args=continual_args(tmp_path, max_steps=0), processing_class=clip_processor)
+    result = trainer.train_tasks(tasks)
+    assert [len(row) for row in result.accuracy_matrix] == [2, 2]
+    if method == "moe-adapters":
+        report = result.diagnostics["routing_report"][-1]["second"]
+        assert "text" in report and "vision" not in report
+    else:
+        means = trainer.method.store.prototypes[1]
+        assert torch.equal(means["image_mean"], torch.zeros_like(means["text_mean"]))
+
+
+def test_an_evaluation_only_task_in_a_training_run_is_named_with_the_fix(tmp_path, clip_processor):
+    middle = colour_task("middle", seed=1, offset=3)
+    middle.train_dataset = None
+    tasks = [colour_task("first"), middle, colour_task("last", seed=2, offset=1)]
+    with pytest.raises(ValueError, match=r"Task 'middle' has no train dataset \(an evaluation-only task\), but the run "
+                                         r"trains every task in turn: give it a train split, or measure it apart"):
+        run(tmp_path, clip_processor, tasks=tasks)
+    assert not any(tmp_path.glob("task-*"))

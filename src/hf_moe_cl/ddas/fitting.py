@@ -28,8 +28,13 @@ from .settings import HELDOUT_FRACTION, DDASArguments, heldout_count
 
 
 def check_calibration(options: DDASArguments, tasks) -> None:
-    """Refuse, before the first task trains, a sequence with a task too small to hold out the tenth of its images
-    that calibrates its threshold."""
+    """Refuse, before the first task trains, a sequence with a task DDAS cannot learn: one without training images
+    (an evaluation-only task) or too small to hold out the tenth of its images that calibrates its threshold."""
+    for task in tasks:
+        if task.train_dataset is None:
+            raise ValueError(f"Task {task.name!r} has no training split (an evaluation-only task), but DDAS learns "
+                             "every task's autoencoder from its training images, also with max_steps=0. Give it its "
+                             "training split (ContinualTask.from_disk's train_split), or run without DDAS.")
     if options.ddas_threshold is not None:
         return
     for task in tasks:

@@ -210,17 +210,20 @@ class ConDU(ContinualMethod):
     @torch.no_grad()
     def _prototype_means(self, context, task) -> dict[str, torch.Tensor]:
         """Per class, the mean unit image feature of the pretrained CLIP over the training images
-        (`condu_prototype_images`) and the mean unit text feature over its templates."""
+        (`condu_prototype_images`) and the mean unit text feature over its templates. An evaluation-only task (no
+        training split, max_steps=0) has no images: its classes keep their text means, as classes without images do."""
         device = context.device
+        loader = self._prototype_loader(context, task) if task.train_dataset is not None else []
         gathered = [context.gather((image_embeddings(self.model, batch["pixel_values"].to(device)),
                                     batch["labels"].to(device)))
-                    for batch in context.progress(self._prototype_loader(context, task), f"prototypes of {task.name}")]
-        features, labels = torch.cat([f for f, _ in gathered]), torch.cat([lab for _, lab in gathered])
+                    for batch in context.progress(loader, f"prototypes of {task.name}")]
+        text = text_embeddings(self.model, context.tokenizer, task.classnames, task.templates, device,
+                               normalise=False)
+        features = torch.cat([f for f, _ in gathered]) if gathered else text.new_zeros(0, text.shape[-1])
+        labels = torch.cat([lab for _, lab in gathered]) if gathered else torch.zeros(0, dtype=torch.long, device=device)
         classes = len(task.classnames)
         sums = torch.zeros(classes, features.shape[-1], device=device).index_add(0, labels, features)
         counts = torch.bincount(labels, minlength=classes).clamp(min=1).unsqueeze(-1)
-        text = text_embeddings(self.model, context.tokenizer, task.classnames, task.templates, device,
-                               normalise=False)
         return {"image_mean": (sums / counts).cpu(), "text_mean": text.cpu()}
 
     # ----- classification ------------------------------------------------------------------------------------------

@@ -17,15 +17,16 @@ from ...tuners.moe_lora.model import find_moe, tower_of
 def evaluation_selections(model, context, route: int, task, max_images: Optional[int] = None
                           ) -> dict[str, torch.Tensor]:
     """Per layer, how often each expert is chosen when `route` classifies `task`'s training images (a seeded
-    sample of `max_images`, or all) and encodes its prompts, as at evaluation: no noise, no augmentation."""
+    sample of `max_images`, or all) and encodes its prompts, as at evaluation: no noise, no augmentation. An
+    evaluation-only task (no training split, max_steps=0) is measured on its prompts alone."""
     dataset = task.train_dataset
-    if max_images is not None and len(dataset) > max_images:
+    if dataset is not None and max_images is not None and len(dataset) > max_images:
         dataset = dataset.select(seeded_rows(len(dataset), max_images, context.seed))
     selections: dict = {}
     model.eval()
     moe = find_moe(model)
     with moe.routing(route, selections=selections):
-        for batch in context.progress(context.loader(dataset), f"routing of {task.name}"):
+        for batch in context.progress(context.loader(dataset) if dataset is not None else [], f"routing of {task.name}"):
             model.get_image_features(pixel_values=batch["pixel_values"].to(context.device))
         text_embeddings(model, context.tokenizer, task.classnames, task.templates, context.device)
     return moe.selection_histogram(selections)

@@ -186,9 +186,10 @@ class MoEAdapters(ContinualMethod):
             if self.selector_settings.feature_extractor == "alexnet" and self._alexnet is None:
                 # loaded (downloaded) now, so a missing file or network fails before the first task trains
                 self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, context.device)
-            check_calibration(self.ddas, tasks)
             if self.moe.selector is None or not self.moe.selector.has_reference:
                 reference_images(self.ddas, reference, context.seed)  # what the first fit will train on
+        if self.selects_routes:  # a continued model's selector learns the new tasks too, even without ddas=True
+            check_calibration(self.ddas, tasks)
         self._sequence = list(tasks)
         moe = self.moe
         if self.arguments.shared_router:
