@@ -456,7 +456,8 @@ def test_an_undecoded_image_column_trains_and_scores_as_the_decoded_one(tmp_path
             task.eval_dataset = task.eval_dataset.cast_column("image", ImageFeature(decode=False))
         model = moe_model()
         result = run(tmp_path / str(decode), clip_processor, model=model, tasks=[task])
-        results.append((result.accuracy_matrix, {k: v.clone() for k, v in model.state_dict().items() if "moe_lora" in k}))
+        weights = {k: v.clone() for k, v in model.state_dict().items() if "moe_lora" in k}
+        results.append((result.accuracy_matrix, weights))
     (matrix, weights), (other_matrix, other_weights) = results
     assert matrix == other_matrix and all(torch.equal(weights[k], other_weights[k]) for k in weights)
 

@@ -37,8 +37,8 @@ def to_rgb(image: Any) -> Image.Image:
                              "a.transpose(1, 2, 0); floats in 0..1: (a * 255).round().astype(np.uint8)), or a PIL "
                              "image.") from None
     if not isinstance(image, Image.Image):
-        raise TypeError(f"Expected a PIL image, a numpy array, a tensor or a datasets image dict, got {type(image).__name__}: drop or "
-                        "replace missing images (None).")
+        raise TypeError(f"Expected a PIL image, a numpy array, a tensor or a datasets image dict, got "
+                        f"{type(image).__name__}: drop or replace missing images (None).")
     if image.mode in WIDE_MODES or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():

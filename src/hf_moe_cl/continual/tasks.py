@@ -143,9 +143,9 @@ class ContinualTask:
                 raise ValueError(f"Task {self.name!r}: the {split} dataset is a {type(dataset).__name__}, not a "
                                  "datasets.Dataset with `image` and `label` columns.")
             if dataset is None and split == "train":
-                raise ValueError(f"Task {self.name!r} has no train dataset (an evaluation-only task), but the run trains "
-                                 "every task in turn: give it a train split, or measure it apart (a max_steps=0 run, "
-                                 "or ContinualTrainer.evaluate_task(task, route) after training).")
+                raise ValueError(f"Task {self.name!r} has no train dataset (an evaluation-only task), but the run "
+                                 "trains every task in turn: give it a train split, or measure it apart (a max_steps=0 "
+                                 "run, or ContinualTrainer.evaluate_task(task, route) after training).")
             if dataset is None or len(dataset) == 0:
                 raise ValueError(f"Task {self.name!r} has an empty {split} dataset: give it at least one example.")
             missing = {"image", "label"} - set(dataset.column_names)

@@ -220,7 +220,8 @@ class ConDU(ContinualMethod):
         text = text_embeddings(self.model, context.tokenizer, task.classnames, task.templates, device,
                                normalise=False)
         features = torch.cat([f for f, _ in gathered]) if gathered else text.new_zeros(0, text.shape[-1])
-        labels = torch.cat([lab for _, lab in gathered]) if gathered else torch.zeros(0, dtype=torch.long, device=device)
+        labels = torch.cat([lab for _, lab in gathered]) if gathered else torch.zeros(0, dtype=torch.long,
+                                                                                       device=device)
         classes = len(task.classnames)
         sums = torch.zeros(classes, features.shape[-1], device=device).index_add(0, labels, features)
         counts = torch.bincount(labels, minlength=classes).clamp(min=1).unsqueeze(-1)

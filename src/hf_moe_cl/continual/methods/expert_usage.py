@@ -26,7 +26,8 @@ def evaluation_selections(model, context, route: int, task, max_images: Optional
     model.eval()
     moe = find_moe(model)
     with moe.routing(route, selections=selections):
-        for batch in context.progress(context.loader(dataset) if dataset is not None else [], f"routing of {task.name}"):
+        images = context.loader(dataset) if dataset is not None else []
+        for batch in context.progress(images, f"routing of {task.name}"):
             model.get_image_features(pixel_values=batch["pixel_values"].to(context.device))
         text_embeddings(model, context.tokenizer, task.classnames, task.templates, context.device)
     return moe.selection_histogram(selections)
