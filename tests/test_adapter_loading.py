@@ -562,3 +562,19 @@ def test_an_edited_modules_to_save_is_named_before_peft_fails_to_find_its_weight
                + ("base_model.model.visual_projection" if saved_with else "none") + r"\)")
     with pytest.raises(ValueError, match=message):
         PeftModel.from_pretrained(tiny_clip(), folder)
+
+
+def test_a_loader_option_peft_would_drop_is_refused_and_its_options_still_pass(tmp_path, monkeypatch):
+    """peft's from_pretrained takes **kwargs and drops the ones it does not read (`base_model=` for the base CLIP)."""
+    from hf_moe_cl import TaskAgnosticClassifier
+    from hf_moe_cl.inference import load_adapter_model
+
+    moe_model().save_pretrained(tmp_path / "adapter")
+    tiny_clip().save_pretrained(tmp_path / "base")
+    message = (r"Unknown keyword argument\(s\) \['base_model'\] for loading a MoE-LoRA adapter "
+               r"\(PeftModel.from_pretrained\); the base CLIP is `base_model_name_or_path`")
+    with pytest.raises(ValueError, match=message):
+        TaskAgnosticClassifier.from_pretrained(str(tmp_path / "adapter"), base_model=str(tmp_path / "base"))
+    model = load_adapter_model(str(tmp_path / "adapter"), str(tmp_path / "base"), is_trainable=True,
+                               local_files_only=True, low_cpu_mem_usage=False)
+    assert any(parameter.requires_grad for parameter in model.parameters())

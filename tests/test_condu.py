@@ -437,3 +437,14 @@ def test_a_top_k_above_the_tasks_learned_votes_for_all_of_them_and_says_so_once(
     said = [r.getMessage() for r in caplog.records if "condu_top_k" in r.getMessage()]
     assert said == ["ConDU votes for all 2 task(s) learned so far, not condu_top_k=4, while fewer are learned "
                     "(logged once)."]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"base_model": "x"}, r"Unknown keyword argument\(s\) \['base_model'\] for loading a ConDU save; the base CLIP is "
+                          r"`base_model_name_or_path`. It takes revision, subfolder, token"),
+    ({"is_trainable": True}, r"Unknown keyword argument\(s\) \['is_trainable'\] for loading a ConDU save\. It takes"),
+])
+def test_a_loader_option_a_condu_save_would_drop_is_refused(lora_run, options, message):
+    """TaskAgnosticClassifier.from_pretrained passed a ConDU save only the Hub options: any other was dropped."""
+    with pytest.raises(ValueError, match=message):
+        TaskAgnosticClassifier.from_pretrained(str(lora_run[3] / "run" / "task-01-second"), **options)

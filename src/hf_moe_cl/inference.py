@@ -28,6 +28,32 @@ def check_adapter_source(adapter_name_or_path: str, subfolder: Optional[str] = N
                                 "a model was saved to with save_pretrained, or a repo id.")
 
 
+HUB_OPTIONS = ("subfolder", "revision", "token")  # what a ConDU save's loader takes besides the base model
+
+
+def check_loader_options(options: dict, allowed, what: str) -> None:
+    """Refuse a keyword argument of a `from_pretrained` that nothing would read (it was silently dropped)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        named_base = {"base_model", "base_model_name"} & set(unknown)
+        hint = "; the base CLIP is `base_model_name_or_path`" if named_base else ""
+        raise ValueError(f"Unknown keyword argument(s) {unknown} for loading {what}{hint}. It takes "
+                         f"{', '.join(sorted(allowed))}.")
+
+
+def _peft_options() -> set[str]:
+    """The keyword arguments `PeftModel.from_pretrained` reads (its own, `load_adapter`'s and the Hub download's)."""
+    import inspect
+
+    from huggingface_hub import hf_hub_download
+    from peft import PeftModel
+
+    names = {name for function in (PeftModel.from_pretrained, PeftModel.load_adapter, hf_hub_download)
+             for name, parameter in inspect.signature(function).parameters.items()
+             if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+    return names - {"self", "model", "model_id", "adapter_name", "repo_id", "filename"}
+
+
 def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optional[str] = None,
                        dtype: torch.dtype = torch.float32, **adapter_kwargs):
     """`PeftModel` of a MoE-LoRA adapter on its base CLIP, named by `base_model_name_or_path` or else by the adapter
@@ -37,10 +63,11 @@ def load_adapter_model(adapter_name_or_path: str, base_model_name_or_path: Optio
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from transformers import CLIPModel
 
+    check_loader_options(adapter_kwargs, _peft_options(), "a MoE-LoRA adapter (PeftModel.from_pretrained)")
     check_adapter_source(adapter_name_or_path, adapter_kwargs.get("subfolder"))
     # Read by the config class of its type, as PeftModel.from_pretrained does (PeftConfig's own reader skips the
     # checks of MoELoraConfig.from_pretrained, which name the file).
-    hub = {k: adapter_kwargs[k] for k in ("subfolder", "revision", "token") if k in adapter_kwargs}
+    hub = {k: adapter_kwargs[k] for k in HUB_OPTIONS if k in adapter_kwargs}
     try:
         config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(adapter_name_or_path, **hub)]
     except (KeyError, TypeError):
@@ -125,9 +152,10 @@ class TaskAgnosticClassifier:
         triggers). `adapter_kwargs` (revision, subfolder, token...) go to peft or the ConDU loader."""
         from transformers import CLIPModel, CLIPProcessor
 
-        hub = {k: adapter_kwargs[k] for k in ("subfolder", "revision", "token") if k in adapter_kwargs}
+        hub = {k: adapter_kwargs[k] for k in HUB_OPTIONS if k in adapter_kwargs}
         check_adapter_source(adapter_name_or_path, hub.get("subfolder"))
         if holds_condu(adapter_name_or_path, **hub):
+            check_loader_options(adapter_kwargs, HUB_OPTIONS, "a ConDU save")
             base = None
             if base_model_name_or_path is not None:
                 check_adapter_source(base_model_name_or_path)
