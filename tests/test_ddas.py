@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -612,3 +613,27 @@ def test_continuing_a_ddas_model_refuses_a_task_its_selector_cannot_learn_before
         trainer.train_tasks([task])
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     assert not any((tmp_path / "run").glob("task-*"))
+
+
+def test_continuing_a_ddas_model_with_ddas_keeps_its_reference_and_needs_no_reference_images(
+        ddas_run, tmp_path, module_processor, caplog):
+    """The reference autoencoder of a saved selector is kept when the model learns one more task with ddas=True: the
+    reference images are not asked for again, and images given anyway are said to be unused (they were refused)."""
+    folder = saved(tmp_path / "published", ddas_run[0])
+    selectors = []
+    for reference in (None, noise_images(20, 5)):
+        model = PeftModel.from_pretrained(tiny_clip(), str(folder), is_trainable=True)
+        saved_reference = model.base_model.selector.autoencoder(0).state_dict()
+        ddas = DDASArguments(ddas=True, ddas_task_steps=5, ddas_reference_steps=5, ddas_hidden_dim=16)
+        method = MoEAdapters(model, ddas=ddas, ddas_reference=reference)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+            ContinualTrainer(method=method, args=continual_args(tmp_path / f"run-{reference is None}", max_steps=1),
+                             processing_class=module_processor).train_tasks([colour_task("more", seed=7, offset=1)])
+        unused = [r.message for r in caplog.records if r.message.startswith("ddas_reference is not used")]
+        assert len(unused) == (0 if reference is None else 1)
+        selector = model.base_model.selector
+        assert selector.num_tasks == 3 and selector.task_is_trained(2)
+        assert all(torch.equal(saved_reference[k], v) for k, v in selector.autoencoder(0).state_dict().items())
+        selectors.append({k: v.clone() for k, v in selector.state_dict().items()})
+    assert all(torch.equal(selectors[0][k], selectors[1][k]) for k in selectors[0])

@@ -175,19 +175,24 @@ class MoEAdapters(ContinualMethod):
         if self.ddas.ddas:
             if self.arguments.shared_router:
                 raise ValueError("DDAS needs one router per task: it cannot be used with shared_router=True.")
-            if not isinstance(reference, Dataset) or len(reference) == 0 or "image" not in reference.column_names:
+            learned_reference = self.moe.selector is not None and self.moe.selector.has_reference
+            if learned_reference and reference is not None:  # a continued model: its reference autoencoder is kept
+                logger.warning("ddas_reference is not used: this model's DDAS selector has learned its reference "
+                               "autoencoder already (it is kept); only the new tasks' autoencoders are fitted.")
+            elif not learned_reference and (not isinstance(reference, Dataset) or len(reference) == 0
+                                            or "image" not in reference.column_names):
                 raise ValueError(
                     "DDAS needs reference images: pass `ddas_reference=` (a non-empty datasets.Dataset with an `image` "
                     "column, e.g. Tiny ImageNet; the shared assets have reference/tinyimagenet-ref) to MoEAdapters, "
                     "got " + (f"{len(reference)} rows with columns {reference.column_names}" if isinstance(
                         reference, Dataset) else short_repr(reference)) + ".")
-            check_image_column(reference, "DDAS reference images (ddas_reference)", context.check_images,
-                               context.show_progress)
+            if not learned_reference:
+                check_image_column(reference, "DDAS reference images (ddas_reference)", context.check_images,
+                                   context.show_progress)
+                reference_images(self.ddas, reference, context.seed)  # what the first fit will train on
             if self.selector_settings.feature_extractor == "alexnet" and self._alexnet is None:
                 # loaded (downloaded) now, so a missing file or network fails before the first task trains
                 self._alexnet = load_alexnet(self.ddas.ddas_alexnet_weights, context.device)
-            if self.moe.selector is None or not self.moe.selector.has_reference:
-                reference_images(self.ddas, reference, context.seed)  # what the first fit will train on
         if self.selects_routes:  # a continued model's selector learns the new tasks too, even without ddas=True
             check_calibration(self.ddas, tasks)
         self._sequence = list(tasks)
