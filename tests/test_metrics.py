@@ -1,6 +1,8 @@
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hf_moe_cl.experiments.metrics import (
@@ -145,3 +147,47 @@ def test_every_report_figure_title_fits_inside_the_figure(kind):
         figure.canvas.draw()
         title = figure._suptitle.get_window_extent(renderer)
         assert title.x0 >= 0 and title.x1 <= figure.bbox.width and title.y1 <= figure.bbox.height, (kind, title)
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 100.0, 37.5])
+def test_a_one_task_report_gives_average_and_last_as_all_results_does(tmp_path, accuracy):
+    from hf_moe_cl.continual.result import ContinualResult
+    from hf_moe_cl.experiments.reporting import write_result_report
+
+    result = ContinualResult(["mnist"], {"oracle": [[accuracy]]})
+    assert write_result_report(tmp_path, result, "moe-adapters") == {"oracle": {"average": accuracy,
+                                                                                "last": accuracy}}
+    assert result.all_results() == {"headline_matrix": "oracle", "oracle_average": accuracy, "oracle_last": accuracy}
+    row = f"| oracle: task-aware (true task ids) | - | {accuracy:.1f} | {accuracy:.1f} | - |"
+    assert row in (tmp_path / "metrics.md").read_text()
+    written = json.loads((tmp_path / "oracle" / "accuracy_matrix.json").read_text())
+    assert written["metrics"] == {"average": accuracy, "last": accuracy} and written["forgetting"] is None
+
+
+def test_a_report_of_a_numpy_matrix_is_written_as_of_the_same_list(tmp_path):
+    from hf_moe_cl.experiments.reporting import write_report
+
+    rows = [[55.0, 12.0, 70.0], [50.0, 90.0, 71.0], [40.0, 80.0, 95.0]]
+    names = ["mnist", "cifar10", "dtd"]
+    for folder, matrix in (("list", rows), ("array", np.array(rows)), ("float32", np.array(rows, dtype=np.float32)),
+                           ("array rows", [np.array(row) for row in rows])):
+        metrics = write_report(tmp_path / folder, "m", names, matrix)
+        assert metrics == {"transfer": 41.25, "average": pytest.approx(62.5555555), "last": pytest.approx(71.666666)}
+        for name in ("accuracy_matrix.json", "accuracy_matrix.csv", "metrics.md"):
+            assert (tmp_path / folder / name).read_text() == (tmp_path / "list" / name).read_text(), (folder, name)
+
+
+@pytest.mark.parametrize("metric, cells", [(transfer, r"\[\(0, 1\)\]"), (average, r"\[\(0, 1\), \(1, 0\)\]"),
+                                           (last, r"\[\(1, 0\)\]")])
+def test_a_metric_of_cells_not_evaluated_names_them(metric, cells):
+    with pytest.raises(ValueError, match=rf"cells {cells} were not evaluated \(train with evaluate_all_tasks=True\)"):
+        metric([[50.0, None], [None, 60.0]])
+
+
+def test_class_incremental_metrics_take_a_numpy_or_torch_vector():
+    import torch
+
+    for steps in (np.array([90.0, 80.0, 70.0]), torch.tensor([90.0, 80.0, 70.0])):
+        assert class_incremental_metrics(steps) == {"average": 80.0, "last": 70.0}
+    with pytest.raises(ValueError, match=r"Accuracy after step 0 is \[90.0, 80.0\]"):
+        class_incremental_metrics(np.array([[90.0, 80.0]]))

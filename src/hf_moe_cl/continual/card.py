@@ -230,7 +230,7 @@ def model_card(method_or_model, repo_id: Optional[str] = None, result: Optional[
                       f"{config.num_tasks} task routers; "
                       + ("a DDAS selector, stored in the adapter's weights, picks the router of each image."
                          if moe.selector is not None else "no DDAS selector: pass the task id."))
-    if result is not None and result.matrices.get(result.headline):  # matrix_summary: no metrics of one task
+    if result is not None and result.matrices.get(result.headline):
         kind = result.headline
         metrics, _ = matrix_summary(list(result.task_names), result.matrices[kind])
         if metrics:

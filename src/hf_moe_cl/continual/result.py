@@ -88,10 +88,10 @@ def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str] = (
 
 
 def matrix_summary(names: Sequence[str], matrix) -> tuple[dict[str, float], Optional[dict]]:
-    """Transfer / Average / Last, each where the cells it reads were evaluated (two tasks or more), as
-    `all_results` gives them, and the forgetting (`{"bwt", "drop"}`) if the diagonal and the last row were; empty /
-    None otherwise (e.g. class-incremental runs)."""
-    found = summary(matrix, names) if len(names) >= 2 else {}  # every metric the evaluated cells allow
+    """Transfer / Average / Last, each where the cells it reads were evaluated (Transfer: two tasks or more), as
+    `all_results` gives them, and the forgetting (`{"bwt", "drop"}`) if the diagonal and the last row were (two
+    tasks or more); empty / None otherwise."""
+    found = summary(matrix, names)  # every metric the evaluated cells allow
     metrics = {name: found[name] for name in ("transfer", "average", "last") if name in found}
     return metrics, ({"bwt": found["bwt"], "drop": found["drop"]} if "bwt" in found else None)
 

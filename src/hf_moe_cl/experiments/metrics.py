@@ -16,7 +16,10 @@ from ..options import short_repr
 
 def class_incremental_metrics(step_accuracies: Sequence[float]) -> dict[str, float]:
     """CIL protocol: accuracy over all classes seen so far after each step; Avg is their mean, Last the final one.
-    Accuracies are percentages in [0, 100], as in the MTIL matrix."""
+    Accuracies are percentages in [0, 100], as in the MTIL matrix; a NumPy array or torch tensor of them is read
+    as its list."""
+    if hasattr(step_accuracies, "tolist"):  # numpy arrays and torch tensors: their numbers as Python floats
+        step_accuracies = step_accuracies.tolist()
     if isinstance(step_accuracies, (str, bytes)) or not isinstance(step_accuracies, Sequence):
         raise ValueError(f"`step_accuracies` must be a list of accuracies (one per step), got "
                          f"{short_repr(step_accuracies)}.")

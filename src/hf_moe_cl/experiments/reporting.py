@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import numbers
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,6 +70,8 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
     counts) is given. Returns Transfer / Average / Last (those whose cells were evaluated)."""
     output_dir = Path(output_dir)
     names = list(names)
+    # plain floats (None where not evaluated), so a NumPy matrix or NumPy numbers are written as JSON too
+    matrix = [[float(v) if isinstance(v, numbers.Real) else v for v in row] for row in matrix]
     metrics, lost = matrix_summary(names, matrix)
     record = {"method": method, "kind": kind, "tasks": names, "accuracy_matrix": matrix, "metrics": metrics,
               "forgetting": lost}

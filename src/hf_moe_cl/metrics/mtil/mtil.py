@@ -60,9 +60,29 @@ def _check_names(names: Sequence[str], tasks: int) -> None:
         raise ValueError(f"Task names {repeated} repeat: each task needs its own name (the drops are keyed by it).")
 
 
+# The cells each metric reads, and how its refusal names them when some were not evaluated (None).
+_CELLS = {"transfer": lambda tasks: [(i, j) for j in range(1, tasks) for i in range(j)],
+          "average": lambda tasks: [(i, j) for i in range(tasks) for j in range(tasks)],
+          "last": lambda tasks: [(tasks - 1, j) for j in range(tasks)],
+          "forgetting": lambda tasks: [(j, j) for j in range(tasks)] + [(tasks - 1, j) for j in range(tasks)]}
+_NEEDS = {"transfer": "Transfer needs every cell above the diagonal (each task before it trained)",
+          "average": "Average needs every cell of the matrix", "last": "Last needs the last row of the matrix",
+          "forgetting": "Forgetting needs the diagonal and the last row of the matrix"}
+
+
+def _check_cells(matrix: Sequence[Sequence[Optional[float]]], metric: str) -> int:
+    """The number of tasks, once every cell `metric` reads is known; else a ValueError naming the missing cells."""
+    tasks = _check_matrix(matrix)
+    missing = sorted({(i, j) for i, j in _CELLS[metric](tasks) if matrix[i][j] is None})
+    if missing:
+        raise ValueError(f"{_NEEDS[metric]}; cells {missing} were not evaluated (train with "
+                         "evaluate_all_tasks=True).")
+    return tasks
+
+
 def transfer(matrix: Sequence[Sequence[float]]) -> float:
     """Zero-shot transfer: for each task j >= 2 (1-based), the mean of A[i][j] over the stages i before it."""
-    tasks = _check_matrix(matrix)
+    tasks = _check_cells(matrix, "transfer")
     if tasks < 2:
         raise ValueError("Transfer needs at least two tasks.")
     columns = [sum(matrix[i][j] for i in range(j)) / j for j in range(1, tasks)]
@@ -71,13 +91,13 @@ def transfer(matrix: Sequence[Sequence[float]]) -> float:
 
 def average(matrix: Sequence[Sequence[float]]) -> float:
     """Average: the mean over tasks of each column's mean over all stages."""
-    tasks = _check_matrix(matrix)
+    tasks = _check_cells(matrix, "average")
     return sum(sum(matrix[i][j] for i in range(tasks)) / tasks for j in range(tasks)) / tasks
 
 
 def last(matrix: Sequence[Sequence[float]]) -> float:
     """Last: the mean accuracy over all tasks after the final stage."""
-    tasks = _check_matrix(matrix)
+    tasks = _check_cells(matrix, "last")
     return sum(matrix[-1]) / tasks
 
 
@@ -88,12 +108,7 @@ def mtil_metrics(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
 def task_drops(matrix: Sequence[Sequence[Optional[float]]]) -> list[float]:
     """Per task j: A[j][j] - A[T-1][j], what the task lost between right after it trained and the end of the
     sequence (positive: forgotten; the last task's drop is 0 by definition)."""
-    tasks = _check_matrix(matrix)
-    needed = [(j, j) for j in range(tasks)] + [(tasks - 1, j) for j in range(tasks)]
-    missing = sorted({cell for cell in needed if matrix[cell[0]][cell[1]] is None})
-    if missing:
-        raise ValueError(f"Forgetting needs the diagonal and the last row of the matrix; cells {missing} were not "
-                         "evaluated (train with evaluate_all_tasks=True).")
+    tasks = _check_cells(matrix, "forgetting")
     return [matrix[j][j] - matrix[-1][j] for j in range(tasks)]
 
 
@@ -111,8 +126,8 @@ def forgetting(matrix: Sequence[Sequence[Optional[float]]], names: Sequence[str]
     return {"bwt": backward_transfer(matrix), "drop": dict(zip(names, task_drops(matrix)))}
 
 
-def _known(matrix, cells) -> bool:
-    return all(matrix[i][j] is not None for i, j in cells)
+def _known(matrix, metric: str) -> bool:
+    return all(matrix[i][j] is not None for i, j in _CELLS[metric](len(matrix)))
 
 
 def summary(matrix: Sequence[Sequence[Optional[float]]], names: Optional[Sequence[str]] = None) -> dict:
@@ -121,13 +136,13 @@ def summary(matrix: Sequence[Sequence[Optional[float]]], names: Optional[Sequenc
     if names is not None:
         _check_names(names, tasks)
     result = {}
-    if tasks >= 2 and _known(matrix, [(i, j) for j in range(1, tasks) for i in range(j)]):
+    if tasks >= 2 and _known(matrix, "transfer"):
         result["transfer"] = transfer(matrix)
-    if _known(matrix, [(i, j) for i in range(tasks) for j in range(tasks)]):
+    if _known(matrix, "average"):
         result["average"] = average(matrix)
-    if _known(matrix, [(tasks - 1, j) for j in range(tasks)]):
+    if _known(matrix, "last"):
         result["last"] = last(matrix)
-    if tasks >= 2 and _known(matrix, [(j, j) for j in range(tasks)] + [(tasks - 1, j) for j in range(tasks)]):
+    if tasks >= 2 and _known(matrix, "forgetting"):
         result.update(forgetting(matrix, list(names) if names is not None else [str(j) for j in range(tasks)]))
     return result
 
