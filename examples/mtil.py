@@ -104,6 +104,7 @@ class ExperimentArguments:
 
     def __post_init__(self):
         get_preset(self.preset)
+        self.tasks = None if self.tasks is None else ",".join(name.strip() for name in self.tasks.split(","))  # 'a, b'
         if self.hub_base_model is not None and hub_id(self.hub_base_model) is None:
             raise ValueError(f"--hub_base_model must be a Hub model id (e.g. {HUB_CLIP}), got {self.hub_base_model!r}.")
 

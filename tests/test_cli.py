@@ -356,3 +356,13 @@ def test_a_task_list_the_preset_cannot_run_is_refused_before_the_recipe_is_print
         exit_.value.code
     assert re.search(message, exit_.value.code)
     assert "{" not in capsys.readouterr().out  # no recipe printed
+
+
+@pytest.mark.parametrize("tasks", ["dtd, mnist", " dtd ,mnist "])
+def test_a_task_list_with_spaces_after_its_commas_runs_as_without(mtil, no_work, capsys, tasks, tmp_path):
+    """'dtd, mnist' (as people write lists, and YAML's `tasks: dtd, mnist`) is the tasks dtd and mnist."""
+    assert recipe(mtil, capsys, ["--preset", "mini", "--tasks", tasks, "--output_dir", str(tmp_path)])["tasks"] == \
+        "dtd,mnist"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"tasks: {tasks}\npreset: mini\n")
+    assert recipe(mtil, capsys, [str(config), "--output_dir", str(tmp_path)])["tasks"] == "dtd,mnist"
