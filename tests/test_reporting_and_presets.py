@@ -272,3 +272,20 @@ def test_a_preset_of_zero_shots_is_full_shot_in_its_recipe_too():
     assert (ddas.ddas_reference_shots, ddas.ddas_augment_once) == (None, False)
     [ddas] = apply_recipe(PRESETS["fewshot-mtil-order-1"], [DDASArguments()], set())
     assert (ddas.ddas_reference_shots, ddas.ddas_augment_once) == (5, True)
+
+
+def test_a_report_over_an_earlier_ones_folder_leaves_none_of_its_stale_files(tmp_path):
+    """A run replaced with overwrite_output_dir (a DDAS run, then one without DDAS, or with evaluate_all_tasks=False)
+    left the earlier run's protocol/ and per_image/ reports and route-selection figures beside the new report."""
+    earlier = ContinualResult(NAMES, {"protocol": AGNOSTIC, "per_image": AGNOSTIC, "oracle": ORACLE},
+                              {"route_histogram": {"protocol": HISTOGRAM, "per_image": HISTOGRAM}})
+    write_result_report(tmp_path, earlier, "moe-adapters")
+    (tmp_path / "per_image" / "notes.txt").write_text("mine")  # a file no report writes stays
+    write_result_report(tmp_path, ContinualResult(NAMES, {"oracle": ORACLE}), "lora")
+    assert not (tmp_path / "protocol").exists()
+    assert [path.name for path in (tmp_path / "per_image").iterdir()] == ["notes.txt"]
+    assert json.loads((tmp_path / "oracle" / "accuracy_matrix.json").read_text())["method"] == "lora"
+    unmeasured = [[counts if i == j else None for j, counts in enumerate(stage)] for i, stage in enumerate(HISTOGRAM)]
+    write_report(tmp_path / "per_image", "m", NAMES, AGNOSTIC, "per_image", HISTOGRAM)
+    write_report(tmp_path / "per_image", "m", NAMES, AGNOSTIC, "per_image", unmeasured)
+    assert not list((tmp_path / "per_image").glob("route_selection.*"))

@@ -44,6 +44,19 @@ def selection_measured(stages: Optional[Sequence]) -> bool:
     return bool(stages) and all(counts is not None for stage in stages for counts in stage)
 
 
+SELECTION_FILES = ("route_selection.json", "route_selection.png")
+REPORT_FILES = ("accuracy_matrix.json", "accuracy_matrix.csv", "accuracy_matrix.png", "metrics.md", *SELECTION_FILES)
+
+
+def remove_files(folder: Path, names: Sequence[str]) -> None:
+    """Delete the report files `names` an earlier report left in `folder` (e.g. a run replaced with
+    overwrite_output_dir), and `folder` itself if that empties it; other files stay."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 UNMEASURED_SELECTION = ("Route selection: not reported, since evaluate_all_tasks=False measured each stage on the "
                         "task just trained only.")
 
@@ -85,6 +98,8 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
             + metrics_markdown({method: (metrics, lost)}, names, "method"))
     figure_metrics = {**metrics, **({"bwt": lost["bwt"]} if lost else {})}
     save_png(accuracy_heatmap(matrix, names, method, kind, figure_metrics), output_dir / "accuracy_matrix.png")
+    if not (route_histogram and selection_measured(route_histogram)):  # no earlier report's figure left beside it
+        remove_files(output_dir, SELECTION_FILES)
     if route_histogram and not selection_measured(route_histogram):
         text += "\n\n" + UNMEASURED_SELECTION
     elif route_histogram:
@@ -102,11 +117,14 @@ def write_report(output_dir: str | Path, method: str, names: Sequence[str], matr
 def write_result_report(output_dir: str | Path, result: ContinualResult, method: str) -> dict[str, dict[str, float]]:
     """Every matrix of `result` into `output_dir/<kind>/` (see `write_report`; kinds with route histograms also get
     route_selection.{json,png}), and `output_dir/metrics.md` listing all kinds, protocol first, then per_image,
-    then oracle. Returns, per kind, Transfer / Average / Last / BWT (those that could be computed)."""
+    then oracle; the report folder of a kind `result` lacks, left by an earlier run in `output_dir`, is removed.
+    Returns, per kind, Transfer / Average / Last / BWT (those that could be computed)."""
     output_dir = Path(output_dir)
     names = list(result.task_names)
     kinds = [kind for kind in MATRIX_KINDS if kind in result.matrices]
     kinds += [kind for kind in result.matrices if kind not in kinds]
+    for kind in set(MATRIX_KINDS) - set(kinds):
+        remove_files(output_dir / kind, REPORT_FILES)
     histograms = result.diagnostics.get("route_histogram", {})
     routes, own = result.diagnostics.get("route_names"), result.diagnostics.get("task_routes")
     rows, returned, sections = {}, {}, []
