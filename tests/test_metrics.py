@@ -191,3 +191,12 @@ def test_class_incremental_metrics_take_a_numpy_or_torch_vector():
         assert class_incremental_metrics(steps) == {"average": 80.0, "last": 70.0}
     with pytest.raises(ValueError, match=r"Accuracy after step 0 is \[90.0, 80.0\]"):
         class_incremental_metrics(np.array([[90.0, 80.0]]))
+
+
+def test_a_matrix_with_a_zero_shot_row_first_is_refused_naming_that_row():
+    with_zero_shot = [[12.0, 30.0, 8.0]] + [[80.0, 20.0, 30.0], [70.0, 85.0, 35.0], [60.0, 75.0, 90.0]]
+    with pytest.raises(ValueError, match=r"got 4 row\(s\) of \[3\] value\(s\): drop the first row, the zero-shot"):
+        mtil_metrics(with_zero_shot)
+    assert mtil_metrics(with_zero_shot[1:])["transfer"] == 26.25
+    with pytest.raises(ValueError, match=r"square .*, got 2 row\(s\) of \[1, 2\] value\(s\)\.$"):
+        average([[1.0, 2.0], [3.0]])

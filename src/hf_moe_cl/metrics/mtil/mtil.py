@@ -43,7 +43,11 @@ and You, Yang}, booktitle={ICCV}, year={2023}}"""
 def _check_matrix(matrix: Sequence[Sequence[float]]) -> int:
     tasks = len(matrix)
     if tasks == 0 or any(len(row) != tasks for row in matrix):
-        raise ValueError("The accuracy matrix must be square (one row per trained task, one column per task).")
+        zero_shot = tasks >= 2 and all(len(row) == tasks - 1 for row in matrix)  # a table that starts with it
+        raise ValueError("The accuracy matrix must be square (one row per trained task, one column per task), got "
+                         f"{tasks} row(s) of {sorted({len(row) for row in matrix})} value(s)" + (
+                             ": drop the first row, the zero-shot accuracies before any training (Transfer reads "
+                             "them from the cells above the diagonal)." if zero_shot else "."))
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is not None and not 0 <= value <= 100:  # NaN fails every comparison
