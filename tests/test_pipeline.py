@@ -196,11 +196,27 @@ def test_a_string_as_candidate_labels_is_refused_by_the_pipeline(both_paths):
         both_paths[1](Image.new("RGB", (8, 8)), candidate_labels="cat")
 
 
+def test_float_channels_first_and_one_channel_arrays_read_as_their_uint8_image(both_paths):
+    """What transformers' image processors and torchvision give (floats in 0..1, channels first, one channel) reads
+    as the 8-bit image it stands for, through both paths (they were refused)."""
+    classifier, classify = both_paths
+    array = np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    floats = array.astype(np.float32) / 255
+    expected = classifier([Image.fromarray(array)], candidate_labels=["cat", "dog"])[0]
+    for image in (floats, floats.astype(np.float64), array.transpose(2, 0, 1), floats.transpose(2, 0, 1),
+                  torch.from_numpy(floats).permute(2, 0, 1), torch.from_numpy(array)):  # to_tensor; channels last
+        assert classifier([image], candidate_labels=["cat", "dog"])[0] == expected
+        assert classify(image, candidate_labels=["cat", "dog"])["score"] == pytest.approx(expected["score"], abs=1e-6)
+    grey = array[..., 0]
+    expected = classifier([Image.fromarray(grey)], candidate_labels=["cat", "dog"])
+    for image in (grey[..., None], grey[None], torch.from_numpy(grey)[None]):
+        assert classifier([image], candidate_labels=["cat", "dog"]) == expected
+
+
 @pytest.mark.parametrize("image, message", [
-    (np.random.default_rng(0).random((16, 16, 3), dtype=np.float32),
-     r"An array image of shape \(16, 16, 3\) and dtype float32 is not one PIL reads.*floats in 0..1: \(a \* 255\)"),
-    (np.zeros((3, 16, 16), np.uint8), r"shape \(3, 16, 16\) and dtype uint8 .*channels last: a.transpose\(1, 2, 0\)"),
-    (torch.zeros(3, 16, 16), r"shape \(16, 16, 3\) and dtype float32 is not one PIL reads"),  # channels first
+    (np.full((16, 16, 3), 200.0, np.float32), r"A float array image of shape \(16, 16, 3\) has values outside 0..1"),
+    (torch.full((3, 16, 16), math.nan), r"A float array image of shape \(16, 16, 3\) has values outside 0..1"),
+    (np.zeros((16, 16, 3), np.int64), r"shape \(16, 16, 3\) and dtype int64 is not one PIL reads: give .* uint8"),
 ])
 def test_an_array_image_pil_cannot_read_is_named_with_the_fix(both_paths, image, message):
     assert_both_paths_refuse(both_paths, image, ValueError, message)

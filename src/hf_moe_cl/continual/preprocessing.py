@@ -15,6 +15,35 @@ from PIL import Image
 WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535}
 
 
+def eight_bit(array: np.ndarray, full_scale: float) -> np.ndarray:
+    """Values 0..`full_scale` as uint8 0..255 (clipped, rounded)."""
+    return np.round(np.clip(array / full_scale, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def array_image(array: np.ndarray, channels_first: bool = False) -> Image.Image:
+    """An array image as PIL reads it: (height, width) or (height, width, 1, 3 or 4), or channels first (1, 3 or 4,
+    height, width: torch's and torchvision's layout; `channels_first` decides a shape that fits both), of uint8
+    values 0..255 or floats 0..1 (torchvision's `to_tensor`); a 2-D float array is read as PIL reads an "F" image."""
+    channels = (1, 3, 4)
+    if array.ndim == 3 and array.shape[0] in channels and (channels_first or array.shape[-1] not in channels):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.dtype.kind == "f":
+        if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise ValueError(f"A float array image of shape {array.shape} has values outside 0..1 (or NaN): give "
+                             "floats in 0..1, or uint8 values 0..255 (a.astype(np.uint8)).")
+        array = eight_bit(array, 1.0)
+    try:
+        if array.ndim not in (2, 3):  # PIL would read a 1-D array as a one-row image
+            raise TypeError
+        return Image.fromarray(array)
+    except TypeError:  # PIL: "Cannot handle this data type"
+        raise ValueError(f"An array image of shape {array.shape} and dtype {array.dtype} is not one PIL reads: "
+                         "give (height, width) or (height, width, 3 or 4) uint8 values 0..255 or floats 0..1, "
+                         "channels last or first, or a PIL image.") from None
+
+
 def to_rgb(image: Any) -> Image.Image:
     """Grayscale (MNIST), palette, RGBA, CMYK, 16-bit, array or undecoded images (a `datasets.Image(decode=False)`
     column's {"bytes", "path"}, opened as datasets decodes them) as 8-bit RGB PIL images; empty ones refused.
@@ -24,18 +53,9 @@ def to_rgb(image: Any) -> Image.Image:
     """
     if isinstance(image, dict):
         image = ImageFeature().decode_example({"bytes": image.get("bytes"), "path": image.get("path")})
-    if isinstance(image, torch.Tensor):  # channels first, as datasets' torch format and torchvision give images
-        image = (image.permute(1, 2, 0) if image.dim() == 3 else image).numpy(force=True)
-    if isinstance(image, np.ndarray):
-        try:
-            if image.ndim not in (2, 3):  # PIL would read a 1-D array as a one-row image
-                raise TypeError
-            image = Image.fromarray(image)
-        except TypeError:  # PIL: "Cannot handle this data type"
-            raise ValueError(f"An array image of shape {image.shape} and dtype {image.dtype} is not one PIL reads: "
-                             "give (height, width) or (height, width, 3 or 4) uint8 values 0..255 (channels last: "
-                             "a.transpose(1, 2, 0); floats in 0..1: (a * 255).round().astype(np.uint8)), or a PIL "
-                             "image.") from None
+    if isinstance(image, (torch.Tensor, np.ndarray)):  # tensors: channels first, as datasets and torchvision give them
+        image = array_image(image.numpy(force=True) if isinstance(image, torch.Tensor) else image,
+                            channels_first=isinstance(image, torch.Tensor))
     if not isinstance(image, Image.Image):
         raise TypeError(f"Expected a PIL image, a numpy array, a tensor or a datasets image dict, got "
                         f"{type(image).__name__}: drop or replace missing images (None).")
@@ -45,8 +65,7 @@ def to_rgb(image: Any) -> Image.Image:
             raise ValueError(f"A {image.mode} image has {int(np.isnan(array).sum())} NaN and "
                              f"{int(np.isinf(array).sum())} infinite pixel value(s); they have no colour. Replace or "
                              "drop such images (check_images=True names the first one before training).")
-        full_scale = WIDE_MODES.get(image.mode, 1.0)
-        image = Image.fromarray(np.round(np.clip(array / full_scale, 0.0, 1.0) * 255).astype(np.uint8))
+        image = Image.fromarray(eight_bit(array, WIDE_MODES.get(image.mode, 1.0)))
     if 0 in image.size:
         raise ValueError(f"An image of {image.width}x{image.height} pixels has nothing to classify: drop it, or check "
                          "how it was made (a crop outside the picture?).")
