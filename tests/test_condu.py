@@ -25,7 +25,7 @@ from hf_moe_cl.condu.lora import trained_factors, weight_delta
 from hf_moe_cl.continual import ContinualTrainer
 from hf_moe_cl.continual.methods import ConDU, ConDUArguments, DDASArguments, MoEAdapters
 
-from conftest import colour_task, continual_args, rerecord, tiny_clip
+from conftest import colour_task, continual_args, noise_images, rerecord, tiny_clip
 from test_trainer import StopAtTask
 
 
@@ -227,6 +227,22 @@ def test_lora_save_is_a_peft_adapter_of_the_unified_model_and_rebuilds_every_tas
         mine = image_embeddings(loaded.model, pixels)
     with method.acting_as(0):
         assert torch.equal(mine, image_embeddings(method.model, pixels))
+
+
+def test_the_pipeline_takes_a_trained_condu_as_its_model(lora_run):
+    """`pipeline(..., model=condu)` classifies as `TaskAgnosticClassifier(condu)` (it failed on the method's missing
+    `device`); the ConDU's bare CLIP is refused naming the ConDU itself."""
+    from transformers import pipeline
+
+    method, _, processor, _, _ = lora_run
+    images = list(colour_task("first", seed=0).eval_dataset["image"][:3]) + list(noise_images(2, 1)["image"])
+    expected = TaskAgnosticClassifier(method, processor)(images, candidate_labels=["noise"])
+    classify = pipeline("task-agnostic-image-classification", model=method, processor=processor)
+    out = classify(images, candidate_labels=["noise"], batch_size=2)
+    assert [(o["label"], o["task"]) for o in out] == [(o["label"], o["task"]) for o in expected]
+    assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-6)
+    with pytest.raises(ValueError, match=r"a trained ConDU \(the ConDU itself, not its .model\)"):
+        pipeline("task-agnostic-image-classification", model=method.model, processor=processor)
 
 
 def test_the_same_code_classifies_without_task_ids_with_moe_ddas_or_condu(lora_run, tmp_path):

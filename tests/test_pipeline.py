@@ -45,6 +45,21 @@ def test_pipeline_answers_as_the_classifier_does_in_batches(ddas_run, module_pro
         pipeline(TASK, model=model)  # a loaded tiny model names no processor to load
 
 
+def test_a_tuple_or_a_datasets_column_of_images_is_a_batch_to_the_pipeline(ddas_run, module_processor):
+    """transformers' `Pipeline` takes only a list for a batch: a tuple or `dataset["image"]` (a `datasets` Column)
+    was read as one image and refused."""
+    from datasets import Dataset
+
+    model, tasks, _, _ = ddas_run
+    images = mixed_images(tasks)[2:10]
+    expected = TaskAgnosticClassifier(model, module_processor)(images, candidate_labels=["noise", "static"])
+    classify = pipeline(TASK, model=model, processor=module_processor)
+    for batch in (tuple(images), Dataset.from_dict({"image": images})["image"]):
+        out = classify(batch, candidate_labels=["noise", "static"], batch_size=3)
+        assert [(o["label"], o["task"]) for o in out] == [(o["label"], o["task"]) for o in expected]
+        assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-6)
+
+
 def test_pipeline_refuses_a_model_without_selector(module_processor):
     model = get_peft_model(tiny_clip(), MoELoraConfig(num_tasks=1, num_experts=2, r=2))
     with pytest.raises(ValueError, match="DDAS selector"):

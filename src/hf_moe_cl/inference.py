@@ -132,7 +132,7 @@ class TaskAgnosticClassifier:
         if not method.selects_routes:
             raise ValueError("TaskAgnosticClassifier needs a model that picks a task without a task id: a MoE-LoRA "
                              "model with a trained DDAS selector (ContinualTrainer with DDASArguments(ddas=True)) "
-                             "or a trained ConDU.")
+                             "or a trained ConDU (the ConDU itself, not its .model).")
         self.tasks = method.learned_tasks()
         if not self.tasks:
             raise ValueError("TaskAgnosticClassifier needs a model that learned a task: this one's selector (or "

@@ -7,6 +7,7 @@ inputs to the model's device the transformers way; reading images (`read_image`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceType
 from typing import Optional, Sequence, Union
 
 import torch
@@ -14,7 +15,7 @@ from transformers import CLIPProcessor, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .condu import holds_condu
-from .continual.methods import ConDU
+from .continual.methods import ConDU, ContinualMethod
 from .inference import TaskAgnosticClassifier, check_adapter_source, load_adapter_model, read_image
 
 TASK = "task-agnostic-image-classification"
@@ -60,17 +61,21 @@ class TaskAgnosticImageClassificationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = None
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, *args, **kwargs):
+        method = model if isinstance(model, ContinualMethod) else getattr(model, METHOD_ATTRIBUTE, model)
+        super().__init__(method.model if isinstance(model, ContinualMethod) else model, *args, **kwargs)
         if self.tokenizer is None or self.image_processor is None:
             raise ValueError(f"The {TASK} pipeline needs CLIP's tokenizer and image processor: pass "
                              "processor=CLIPProcessor.from_pretrained(base) (or tokenizer= and image_processor=).")
         processor = CLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
-        self.classifier = TaskAgnosticClassifier(getattr(self.model, METHOD_ATTRIBUTE, self.model), processor)
+        self.classifier = TaskAgnosticClassifier(method, processor)
 
     def __call__(self, images, **kwargs):
-        """As `Pipeline.__call__`; an empty list gives [] (its labels checked), as the classifier does."""
-        if isinstance(images, (list, tuple)) and len(images) == 0:
+        """As `Pipeline.__call__`; an empty list gives [] (its labels checked), as the classifier does. A tuple or a
+        `datasets` column is a list of images (transformers' `Pipeline` would take it for one image)."""
+        if isinstance(images, SequenceType) and not isinstance(images, (str, bytes, list)):
+            images = list(images)
+        if isinstance(images, list) and len(images) == 0:
             options = {k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")}
             self.classifier.check_labels(**self._sanitize_parameters(**options)[1])
             return []
