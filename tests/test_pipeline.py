@@ -263,6 +263,32 @@ def test_one_image_not_in_a_list_or_a_missing_image_is_named(both_paths, tmp_pat
         classifier([np.zeros(5, dtype=np.uint8)], candidate_labels=["cat"])
 
 
+def test_the_bytes_of_an_image_file_read_as_the_image(both_paths):
+    """Encoded image data (bytes, bytearray, a binary file object) reads as the file would; other bytes are named
+    (they were refused as if the image were missing)."""
+    import io
+
+    classifier, classify = both_paths
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8))
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    expected = classifier([image], candidate_labels=["cat", "dog"])[0]
+    data = encoded.getvalue()
+    assert classifier([data, bytearray(data), io.BytesIO(data)], candidate_labels=["cat", "dog"]) == [expected] * 3
+    assert classify(data, candidate_labels=["cat", "dog"])["score"] == pytest.approx(expected["score"], abs=1e-6)
+    assert_both_paths_refuse(both_paths, b"not an image", ValueError,
+                             "The bytes given hold no image file PIL reads .*: give the bytes of a PNG, JPEG")
+
+
+@pytest.mark.parametrize("option", [{"top_k": 2}, {"function_to_apply": "none"}])
+def test_a_pipeline_option_it_does_not_have_is_named_with_those_it_has(both_paths, option):
+    _, classify = both_paths
+    for images in ([Image.new("RGB", (8, 8))], []):
+        with pytest.raises(ValueError, match=rf"pipeline has no option \['{next(iter(option))}'\]: it takes "
+                                             "candidate_labels, hypothesis_template, timeout, batch_size and num"):
+            classify(images, candidate_labels=["cat"], **option)
+
+
 def test_a_hypothesis_template_that_is_no_text_is_refused(both_paths):
     _, classify = both_paths
     with pytest.raises(ValueError, match="hypothesis_template must be a template with {} or a list of them, got int"):

@@ -91,7 +91,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 def read_image(image: Any, timeout: Optional[float] = None) -> Image.Image:
     """One image as the classifier and the pipeline take it (a PIL image, an array, a local path, an http(s) URL,
-    base64), as 8-bit RGB with the conversion training uses (`to_rgb`: 16-bit, float, transparent images)."""
+    base64, the bytes of an image file or a binary file object), as 8-bit RGB with the conversion training uses
+    (`to_rgb`: 16-bit, float, transparent images)."""
+    if isinstance(image, (bytes, bytearray)) or hasattr(image, "read"):
+        try:
+            image = Image.open(BytesIO(image) if isinstance(image, (bytes, bytearray)) else image)
+        except OSError as error:  # PIL's UnidentifiedImageError
+            raise ValueError(f"The {type(image).__name__} given hold no image file PIL reads ({error}): give the "
+                             "bytes of a PNG, JPEG, ... file.") from None
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
     url = isinstance(image, str) and image.startswith(("http://", "https://"))

@@ -82,7 +82,11 @@ class TaskAgnosticImageClassificationPipeline(Pipeline):
         return super().__call__(images, **kwargs)
 
     def _sanitize_parameters(self, candidate_labels: Optional[Sequence[str]] = None,
-                             hypothesis_template: Union[str, Sequence[str], None] = None, timeout=None):
+                             hypothesis_template: Union[str, Sequence[str], None] = None, timeout=None, **unknown):
+        if unknown:
+            raise ValueError(f"The {TASK} pipeline has no option {sorted(unknown)}: it takes candidate_labels, "
+                             "hypothesis_template, timeout, batch_size and num_workers, and answers one label per "
+                             "image (the best of the label space its task or candidate_labels give).")
         preprocess, forward = {}, {}
         if timeout is not None:
             preprocess["timeout"] = timeout
