@@ -130,6 +130,17 @@ def test_the_pipeline_loader_passes_the_subfolder_on(tmp_path):
     assert loaded.peft_config["default"].num_tasks == 2
 
 
+def test_a_missing_subfolder_of_a_folder_is_named(tmp_path):
+    """The subfolder is named, not the folder (which exists; it was called neither a folder nor a repo id)."""
+    from hf_moe_cl.pipeline import MoELoraCLIP
+
+    (tmp_path / "root").mkdir()
+    for load in (TaskAgnosticClassifier.from_pretrained, MoELoraCLIP.from_pretrained):
+        with pytest.raises(FileNotFoundError, match=rf"The folder {tmp_path / 'root'} has no subfolder 'adapter': "
+                                                    "give the subfolder the model was saved to"):
+            load(str(tmp_path / "root"), subfolder="adapter")
+
+
 # ----- TaskAgnosticClassifier.classify checks its inputs -------------------------------------------------------------
 def selecting_model():
     """A MoE-LoRA model whose selector (its autoencoders as drawn) has the reference and task 0 trained."""

@@ -23,6 +23,9 @@ def check_adapter_source(adapter_name_or_path: str, subfolder: Optional[str] = N
     """Refuse, before any Hub call, a local-looking path (of an adapter or a base model) that does not exist."""
     name = os.fspath(adapter_name_or_path)
     looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.sep in name.replace("/", "")
+    if looks_local and subfolder and os.path.isdir(name) and not os.path.isdir(os.path.join(name, subfolder)):
+        raise FileNotFoundError(f"The folder {name} has no subfolder {subfolder!r}: give the subfolder the model was "
+                                "saved to (relative to that folder).")
     if looks_local and not os.path.isdir(os.path.join(name, subfolder or "")):
         raise FileNotFoundError(f"{name} is neither a folder here nor a Hub repo id (namespace/name): give the folder "
                                 "a model was saved to with save_pretrained, or a repo id.")
