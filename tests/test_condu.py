@@ -323,6 +323,30 @@ def test_a_published_condu_learns_one_more_task_through_its_own_route_and_the_ca
     assert not (tmp_path / "again").exists() or not list((tmp_path / "again").glob("task-*"))
 
 
+def test_save_model_over_a_condu_save_leaves_none_of_its_files(lora_run, ddas_run, module_processor, tmp_path):
+    """A MoE-LoRA model saved with `save_model` into a folder holding a ConDU save: the ConDU files it did not
+    rewrite are removed (left, condu_config.json made the folder load as ConDU, refused as damaged)."""
+    import shutil
+
+    from hf_moe_cl.condu import holds_condu
+
+    folder = tmp_path / "published"
+    shutil.copytree(lora_run[3] / "run" / "task-01-second", folder)
+    model, tasks, _, _ = ddas_run
+    ContinualTrainer(model=model, args=make_args(tmp_path / "moe"), processing_class=module_processor).save_model(
+        str(folder))
+    assert not holds_condu(folder) and not list(folder.glob("condu_*"))
+    assert (folder / "trainer_state.json").is_file()  # files of no save stay
+    tiny_clip().save_pretrained(tmp_path / "base")
+    module_processor.save_pretrained(tmp_path / "base")
+    images = list(tasks[0].eval_dataset["image"][:3]) + list(noise_images(2, 1)["image"])
+    expected = TaskAgnosticClassifier(model, module_processor)(images, candidate_labels=["noise"])
+    loaded = TaskAgnosticClassifier.from_pretrained(str(folder), str(tmp_path / "base"))
+    out = loaded(images, candidate_labels=["noise"])
+    assert [(o["label"], o["task"]) for o in out] == [(o["label"], o["task"]) for o in expected]
+    assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-6)
+
+
 def test_full_fine_tuning_trains_all_but_logit_scale_and_saves_the_weight_delta(tmp_path, clip_processor):
     base = tiny_clip()
     method = ConDU(base, ConDUArguments(condu_fine_tune="full", condu_rescaler="paper",

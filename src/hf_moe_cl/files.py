@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .options import is_shape
 
@@ -170,18 +170,21 @@ def check_safetensors_file(path: str | os.PathLike) -> list[str]:
 
 
 @contextmanager
-def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+def atomic_files(folder: str | os.PathLike, replaces: Sequence[str] = ()) -> Iterator[Path]:
     """A staging folder inside `folder`: write files into it; when the block ends without error each one is flushed
-    and replaces its namesake in `folder` by a rename, so a crash never leaves a half-written file behind (files
-    `folder` holds besides them stay)."""
+    and replaces its namesake in `folder` by a rename, so a crash never leaves a half-written file behind. Files
+    `folder` holds besides them stay, but those named in `replaces` that the block did not write are removed."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".files.tmp-", dir=folder))
     try:
         yield staging
         fsync_tree(staging)
-        for path in sorted(staging.iterdir()):
+        written = sorted(staging.iterdir())
+        for path in written:
             os.replace(path, folder / path.name)
+        for name in set(replaces) - {path.name for path in written}:
+            (folder / name).unlink(missing_ok=True)
         _fsync_directory(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -371,7 +371,7 @@ class ContinualTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():
             folder = output_dir or self.args.output_dir
-            with atomic_files(folder) as staging:
+            with atomic_files(folder, replaces=self.method.save_files) as staging:
                 self.method.save(staging)
                 model_card(self.method, result=self.result, tasks=self._result_tasks, training_args=self.args,
                            local_dir=folder).save(staging / "README.md")

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ...classification import ZERO_SHOT, ImageRoutes
+from ...condu.folder import FILES as SAVE_FILES
 from ...files import check_safetensors_file
 from ...tuners.moe_lora.card import drop_peft_template
 from ..run_folder import jsonable
@@ -51,6 +52,9 @@ class ContinualMethod:
     batch_selection: ClassVar[bool] = False
     task_models_are_final: ClassVar[bool] = False
     untouched_is_fixed: ClassVar[bool] = False
+    # What any method's `save` may write at a folder's top: saving over another save removes those this one did not
+    # write, which would be loaded with it (a condu_config.json left over makes the folder a ConDU save).
+    save_files: ClassVar[tuple[str, ...]] = SAVE_FILES
 
     @property
     def recipe(self) -> str:
