@@ -99,6 +99,19 @@ def test_push_uploads_adapter_selector_and_a_card_with_the_results(ddas_run, fak
             in card.text
 
 
+def test_push_works_with_hfapi_replaced_by_a_bare_mock(ddas_run):
+    """A `unittest.mock` HfApi answers create_repo with a mock, not a repo id: the asked id is kept (the mock was
+    taken for the Hub's answer and refused as a repo id)."""
+    from unittest import mock
+
+    model, tasks, result, _ = ddas_run
+    with mock.patch.object(publishing, "HfApi") as api:
+        publishing.push_to_hub(model, "user/continual-clip", result, tasks=tasks)
+    upload = api.return_value.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "user/continual-clip"
+    api.return_value.create_repo.assert_called_once_with("user/continual-clip", private=False, exist_ok=True)
+
+
 def test_the_license_is_the_base_models_when_its_card_names_one(tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a CLIP\n")
     assert run_card.base_license(str(tmp_path)) == "mit"

@@ -78,8 +78,8 @@ def push_to_hub(method_or_model, repo_id: str, result: Optional[ContinualResult]
             _write_folder(method, card, folder, base_model)
         return str(dry_run_dir)
     api = HfApi(token=token)
-    created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if created != repo_id:  # the Hub added the namespace
+    created = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", None)
+    if isinstance(created, str) and created != repo_id:  # the Hub added the namespace (a stand-in HfApi may not)
         repo_id, card = created, model_card(method_or_model, created, **card_inputs)
     with tempfile.TemporaryDirectory() as folder:
         _write_folder(method, card, Path(folder), base_model)
