@@ -347,6 +347,23 @@ def test_save_model_over_a_condu_save_leaves_none_of_its_files(lora_run, ddas_ru
     assert [o["score"] for o in out] == pytest.approx([o["score"] for o in expected], abs=1e-6)
 
 
+def test_an_adapter_saved_over_a_condu_save_by_peft_is_named_with_the_stale_files(lora_run, ddas_run, tmp_path):
+    """peft's `save_pretrained` (or an upload) over a ConDU save leaves its condu_*.* files: loading names them (it
+    said the adapter weights were damaged)."""
+    import shutil
+
+    folder = tmp_path / "published"
+    shutil.copytree(lora_run[3] / "run" / "task-01-second", folder)
+    ddas_run[0].save_pretrained(folder)
+    message = (rf"{folder} holds a MOE_LORA adapter saved over a ConDU save: its condu_config.json, "
+               r"condu_triggers.safetensors are left from the earlier save. Delete them to load the adapter")
+    tiny_clip().save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=message):
+        TaskAgnosticClassifier.from_pretrained(str(folder), str(tmp_path / "base"))
+    with pytest.raises(ValueError, match=message):
+        ConDU.from_pretrained(folder, base_model=tiny_clip())
+
+
 def test_full_fine_tuning_trains_all_but_logit_scale_and_saves_the_weight_delta(tmp_path, clip_processor):
     base = tiny_clip()
     method = ConDU(base, ConDUArguments(condu_fine_tune="full", condu_rescaler="paper",

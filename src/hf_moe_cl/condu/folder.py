@@ -167,6 +167,12 @@ def load_folder(folder, fingerprint: Optional[dict] = None) -> tuple[DeltaStore,
     if fingerprint is not None and header["model"] != fingerprint:
         raise ValueError(f"The ConDU save in {folder} was made for another model ({header['model']}), not this one "
                          f"({fingerprint}); load it on the base model it was trained from.")
+    adapter = read_json_file(folder / ADAPTER_CONFIG) if (folder / ADAPTER_CONFIG).is_file() else {}
+    if header.get("fine_tune") == "lora" and isinstance(adapter, dict) and adapter.get("peft_type") not in (
+            None, "LORA"):
+        raise ValueError(f"{folder} holds a {adapter['peft_type']} adapter saved over a ConDU save: its "
+                         f"{CONFIG_FILE}, {TRIGGERS_FILE} are left from the earlier save. Delete them to load the "
+                         "adapter, or save the ConDU to a folder of its own.")
     triggers = _tensors(folder / TRIGGERS_FILE)
     unified = _tensors(folder / _unified_file(header))
     check_file_hashes(folder, header.get("file_sha256"), str(folder / CONFIG_FILE), FIX)
