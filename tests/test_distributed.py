@@ -54,6 +54,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
+def test_ddas_selector_condu_store_evaluation_shards_and_checkpoints_under_two_processes(tmp_path):
+    """docs/ddas.md: every process fits the same selector from gathered features; ConDU's prototypes are gathered
+    too. 33 training and 13 test images per task (uneven last batches and protocol units): nothing is counted twice,
+    both processes hold the same selector and ConDU store, near one process's; only process 0 writes checkpoints."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    run([sys.executable, WORKER, str(single), "8", "ddas-condu"], cwd=tmp_path)
+    run([*docs_cpu_launch(2), str(double), "8", "ddas-condu"], cwd=tmp_path)
+    one = json.loads((single / "summary.json").read_text())
+    two = json.loads((double / "summary.json").read_text())
+    assert one["world"] == 1 and two["world"] == 2
+    assert two["files"] == one["files"] and "ddas/task-01-second/adapter_model.safetensors" in one["files"]
+    for key in ("histograms", "condu_histograms"):  # every test image routed once, none twice
+        assert two[key].keys() == one[key].keys()
+        for kind in one[key]:
+            assert [[sum(cell) for cell in row] for row in two[key][kind]] == [[13, 13], [13, 13]], (key, kind)
+    for key in ("matrices", "condu_matrices"):
+        assert two[key].keys() == one[key].keys()
+        for kind, matrix in one[key].items():
+            cells = [(a, b) for row, other in zip(matrix, two[key][kind]) for a, b in zip(row, other)]
+            assert all(abs(a - b) <= 0.5 for a, b in cells), (key, kind)
+    a, b, c = (load_file(path) for path in (single / "tensors-0.safetensors", double / "tensors-0.safetensors",
+                                            double / "tensors-1.safetensors"))
+    assert a.keys() == b.keys() == c.keys() and any(k.startswith("prototypes.") for k in a)
+    assert any(".thresholds" in k for k in a)
+    for key in a:
+        assert torch.equal(b[key], c[key]), key  # both processes: the same selector, prototypes and deltas
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
 
 def test_torchrun_on_cpu_without_use_cpu_is_refused_with_the_fix(tmp_path):
     """Without a GPU and without use_cpu=True, each process of a 2-process torchrun would train alone."""
