@@ -95,6 +95,19 @@ def test_torchrun_on_cpu_without_use_cpu_is_refused_with_the_fix(tmp_path):
     assert "WORLD_SIZE=2 processes, but this run has 1" in result.stderr and "--use_cpu true" in result.stderr
 
 
+def test_split_batches_with_an_eval_batch_the_processes_do_not_divide_is_refused_before_training(tmp_path):
+    """accelerate refused it only when DDAS, ConDU or the routing report read images, after task 1 had trained."""
+    script = tmp_path / "arguments.py"
+    script.write_text("from hf_moe_cl.continual import ContinualTrainingArguments\n"
+                      f"ContinualTrainingArguments(output_dir={str(tmp_path / 'run')!r}, report_to='none', "
+                      "use_cpu=True, per_device_eval_batch_size=3, accelerator_config={'split_batches': True})\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(docs_cpu_launch(2)[:-1] + [str(script)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0
+    assert "per_device_eval_batch_size=3 does not divide by 2: give a multiple of 2" in result.stderr
+
+
 def test_accelerate_cpu_launch_of_several_processes_is_refused(tmp_path, monkeypatch):
     """`accelerate launch --cpu --num_processes 2` starts one process (it sets MASTER_ADDR, not WORLD_SIZE)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -138,6 +138,12 @@ class ContinualTrainingArguments(TrainingArguments):
                 fix = f"Without a GPU, --use_cpu true (use_cpu=True) joins them in one gloo group; {fix}"
             raise ValueError(f"The launcher announces WORLD_SIZE={announced} processes, but this run has "
                              f"{self.world_size}: each process would train alone. {fix}.")
+        split = getattr(self.accelerator_config, "split_batches", False)
+        if split and self.world_size > 1 and self.per_device_eval_batch_size % self.world_size:
+            raise ValueError(  # accelerate refuses the loader only after task 1 trained (DDAS, ConDU, routing report)
+                f"split_batches=True splits every batch over the {self.world_size} processes, but "
+                f"per_device_eval_batch_size={self.per_device_eval_batch_size} does not divide by {self.world_size}: "
+                f"give a multiple of {self.world_size}.")
         if "WORLD_SIZE" not in os.environ and {"MASTER_ADDR", "ACCELERATE_USE_CPU"} <= set(os.environ):
             raise ValueError("accelerate launch was given several processes but started this one alone (it does so "
                              "with --cpu, or without --multi_gpu): several CPU processes need torchrun with --use_cpu "
