@@ -132,3 +132,27 @@ def test_a_merge_period_longer_than_a_task_is_refused_before_it_trains(tmp_path,
     with pytest.raises(ValueError, match=message):
         trainer.train_tasks(tasks_named("first"))
     assert not method.expert_slots and int(sum(c.sum() for c in method.moe.selection_counts(0).values())) == 0
+
+
+def test_merging_that_cannot_happen_is_refused_or_named_before_the_task_trains(tmp_path, clip_processor, caplog):
+    """A merge averages a task's two most-selected experts into a third, trainable one: a bank of 2 experts is refused
+    when the method is made; with hide_frozen_experts, a task left 2 trainable experts (4 experts, top-2, the first
+    task froze 2) is named before it trains (both merged nothing, silently)."""
+    from hf_moe_cl import ContinualTrainer
+    from hf_moe_cl.continual.methods import MoEAdaptersArguments
+
+    from conftest import continual_args, tasks_named
+
+    with pytest.raises(ValueError, match=r"merge_experts_every=2 averages a task's two most-selected experts into a "
+                                         r"third, but this model's smallest bank has 2 experts: no merge would ever "
+                                         r"happen. Give the adapter at least 3"):
+        MoEAdapters(moe_model(num_experts=2), MoEAdaptersArguments(merge_experts_every=2, freeze_experts_per_task=0))
+    method = MoEAdapters(moe_model(hide_frozen_experts=True), MoEAdaptersArguments(merge_experts_every=2))
+    trainer = ContinualTrainer(method=method, args=continual_args(tmp_path, max_steps=2),
+                               processing_class=clip_processor)
+    with caplog.at_level(logging.WARNING, logger="hf_moe_cl"):
+        trainer.train_tasks(tasks_named("first", "second"))
+    named = [record.getMessage() for record in caplog.records if "merges nothing" in record.getMessage()]
+    assert len(named) == 1 and named[0].startswith(
+        "merge_experts_every: task router 1 merges nothing in 4 layer(s) (e.g. text_model.encoder.layers.0): with "
+        "hide_frozen_experts, fewer than 3 of its experts are trainable") and "hide_frozen_experts=False" in named[0]

@@ -67,6 +67,17 @@ class ExpertMergingCallback(TrainerCallback):
             raise ValueError(f"merge_experts_every={self.every} is more than this task's {state.max_steps} optimizer "
                              "steps: no merge would happen in it. Give at most "
                              f"{state.max_steps} (0 disables merging), or train each task longer (max_steps).")
+        moe = self.method.moe  # a merge writes the two most-selected experts into a third, trainable one
+        hide = moe.moe_config.hide_frozen_experts  # then the two are trainable too: three are needed
+        short = [name for name, slots in moe.expert_slots().items()
+                 if slots["total"] < 3 or slots["trainable"] < (3 if hide else 1)]
+        if short:
+            logger.warning("merge_experts_every: task router %s merges nothing in %d layer(s) (e.g. %s): %s. Give the "
+                           "bank more experts or let it grow (expert_growth_threshold of at least 3 / num_experts)%s.",
+                           self.method.current_route, len(short), short[0],
+                           "with hide_frozen_experts, fewer than 3 of its experts are trainable" if hide
+                           else "fewer than 3 experts, or none trainable", ", or set hide_frozen_experts=False" if hide
+                           else "")
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         task = self.method.current_route
@@ -134,6 +145,11 @@ class MoEAdapters(ContinualMethod):
                              f"smallest bank: one task would freeze every expert it used. Give at most {smallest - 1} "
                              f"to leave later tasks experts to train there ({smallest} freezes the whole bank, 0 "
                              f"disables freezing, None freezes top_k={config.top_k}).")
+        every = arguments.merge_experts_every
+        if every and smallest < 3 and config.expert_growth_threshold is None:
+            raise ValueError(f"merge_experts_every={every} averages a task's two most-selected experts into a third, "
+                             f"but this model's smallest bank has {smallest} experts: no merge would ever happen. Give "
+                             "the adapter at least 3 (MoELoraConfig(num_experts=...)), or merge_experts_every=0.")
         moved = {SELECTOR_OPTION_NAMES[name]: value for name, value in getattr(self.ddas, "moved", {}).items()}
         if moved and selector is not None:
             raise ValueError(f"DDASArguments has {sorted(moved)} and MoEAdapters got selector=...: give the "
