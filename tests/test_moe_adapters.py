@@ -5,6 +5,7 @@ settings are the model's (or, for `from_base`, its config's)."""
 import logging
 
 import pytest
+import torch
 
 from hf_moe_cl.continual.methods import MoEAdapters
 
@@ -156,3 +157,33 @@ def test_merging_that_cannot_happen_is_refused_or_named_before_the_task_trains(t
     assert len(named) == 1 and named[0].startswith(
         "merge_experts_every: task router 1 merges nothing in 4 layer(s) (e.g. text_model.encoder.layers.0): with "
         "hide_frozen_experts, fewer than 3 of its experts are trainable") and "hide_frozen_experts=False" in named[0]
+
+
+def test_a_shared_router_continuing_a_model_whose_router_0_froze_is_refused_before_it_trains(tmp_path, clip_processor):
+    """Router 0 froze with the first task's experts: a shared-router continuation would route the new tasks through it
+    and train no router (it ran, silently); a shared-router model continues with a shared router."""
+    from hf_moe_cl import ContinualTrainer
+    from hf_moe_cl.continual.methods import MoEAdaptersArguments
+
+    from conftest import continual_args, tasks_named
+
+    def train(model, name, **options):
+        method = MoEAdapters(model, MoEAdaptersArguments(**options))
+        folder = tmp_path / (("shared-" if options else "") + name)
+        ContinualTrainer(method=method, args=continual_args(folder, max_steps=1),
+                         processing_class=clip_processor).train_tasks(tasks_named(name))
+
+    shared = dict(shared_router=True, freeze_experts_per_task=0)
+    model = moe_model(num_tasks=1)
+    train(model, "first")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Router 0 of this model was frozen with the experts of the task it learned: "
+                                         r"with shared_router=True the new tasks would go through it, and no router "
+                                         r"would train. Continue it with shared_router=False"):
+        train(model, "second", **shared)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert not list((tmp_path / "shared-second").glob("task-*"))
+    model = moe_model(num_tasks=1)
+    train(model, "first", **shared)
+    train(model, "second", **shared)
+    assert model.base_model.frozen_routers() == []

@@ -67,17 +67,16 @@ class ExpertMergingCallback(TrainerCallback):
             raise ValueError(f"merge_experts_every={self.every} is more than this task's {state.max_steps} optimizer "
                              "steps: no merge would happen in it. Give at most "
                              f"{state.max_steps} (0 disables merging), or train each task longer (max_steps).")
-        moe = self.method.moe  # a merge writes the two most-selected experts into a third, trainable one
-        hide = moe.moe_config.hide_frozen_experts  # then the two are trainable too: three are needed
-        short = [name for name, slots in moe.expert_slots().items()
+        # a merge writes the two most-selected experts into a third, trainable one (hidden frozen ones: 3 trainable)
+        hide = self.method.moe.moe_config.hide_frozen_experts
+        short = [name for name, slots in self.method.moe.expert_slots().items()
                  if slots["total"] < 3 or slots["trainable"] < (3 if hide else 1)]
         if short:
+            why, fix = (("with hide_frozen_experts, fewer than 3 of its experts are trainable",
+                         ", or set hide_frozen_experts=False") if hide else ("none of its experts trains", ""))
             logger.warning("merge_experts_every: task router %s merges nothing in %d layer(s) (e.g. %s): %s. Give the "
                            "bank more experts or let it grow (expert_growth_threshold of at least 3 / num_experts)%s.",
-                           self.method.current_route, len(short), short[0],
-                           "with hide_frozen_experts, fewer than 3 of its experts are trainable" if hide
-                           else "fewer than 3 experts, or none trainable", ", or set hide_frozen_experts=False" if hide
-                           else "")
+                           self.method.current_route, len(short), short[0], why, fix)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         task = self.method.current_route
@@ -145,8 +144,7 @@ class MoEAdapters(ContinualMethod):
                              f"smallest bank: one task would freeze every expert it used. Give at most {smallest - 1} "
                              f"to leave later tasks experts to train there ({smallest} freezes the whole bank, 0 "
                              f"disables freezing, None freezes top_k={config.top_k}).")
-        every = arguments.merge_experts_every
-        if every and smallest < 3 and config.expert_growth_threshold is None:
+        if (every := arguments.merge_experts_every) and smallest < 3 and config.expert_growth_threshold is None:
             raise ValueError(f"merge_experts_every={every} averages a task's two most-selected experts into a third, "
                              f"but this model's smallest bank has {smallest} experts: no merge would ever happen. Give "
                              "the adapter at least 3 (MoELoraConfig(num_experts=...)), or merge_experts_every=0.")
@@ -217,6 +215,10 @@ class MoEAdapters(ContinualMethod):
             if moe.moe_config.expert_growth_threshold is not None:
                 raise ValueError("Expert growth needs one router per task (it grows before each new task's router "
                                  "trains): it cannot be used with shared_router=True.")
+            if 0 in moe.frozen_routers():  # read from its bank: the new tasks would train no router at all
+                raise ValueError("Router 0 of this model was frozen with the experts of the task it learned: with "
+                                 "shared_router=True the new tasks would go through it, and no router would train. "
+                                 "Continue it with shared_router=False (new routers of their own), or start anew.")
             return
         learned = [info["name"] if info else None for info in moe.task_info]
         while learned and learned[-1] is None:
