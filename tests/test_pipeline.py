@@ -286,7 +286,8 @@ def test_the_bytes_of_an_image_file_read_as_the_image(both_paths):
     expected = classifier([image], candidate_labels=["cat", "dog"])[0]
     data = encoded.getvalue()
     assert classifier([data, bytearray(data), io.BytesIO(data)], candidate_labels=["cat", "dog"]) == [expected] * 3
-    assert classify(data, candidate_labels=["cat", "dog"])["score"] == pytest.approx(expected["score"], abs=1e-6)
+    for one in (data, bytearray(data)):  # one image to the pipeline, not a sequence of byte values
+        assert classify(one, candidate_labels=["cat", "dog"])["score"] == pytest.approx(expected["score"], abs=1e-6)
     assert_both_paths_refuse(both_paths, b"not an image", ValueError,
                              "The bytes given hold no image file PIL reads .*: give the bytes of a PNG, JPEG")
 

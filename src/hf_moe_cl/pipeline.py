@@ -73,7 +73,7 @@ class TaskAgnosticImageClassificationPipeline(Pipeline):
     def __call__(self, images, **kwargs):
         """As `Pipeline.__call__`; an empty list gives [] (its labels checked), as the classifier does. A tuple or a
         `datasets` column is a list of images (transformers' `Pipeline` would take it for one image)."""
-        if isinstance(images, SequenceType) and not isinstance(images, (str, bytes, list)):
+        if isinstance(images, SequenceType) and not isinstance(images, (str, bytes, bytearray, list)):
             images = list(images)
         if isinstance(images, list) and len(images) == 0:
             options = {k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")}
